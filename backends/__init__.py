@@ -1,0 +1,1 @@
+"""Coordination backends: one module each, behind :mod:`backends.base`."""

@@ -1,0 +1,217 @@
+"""``dblock``: leadership as a lease row in the shared database, as Quartz clusters do.
+
+The lease row ``qc_lease('leader')`` holds the holder, a token and an expiry on the
+*database's* clock, so no two machines' wall clocks are ever compared. Every step is one
+short transaction: a row lock (``FOR UPDATE``) on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite.
+
+* acquire: take the row if it is free or expired; the token becomes
+  ``max(token, min_token) + 1``, so it only grows.
+* renew: push the expiry forward only if the row still names this holder and token and
+  has not expired.
+* release: clear the row only if it still names this holder and token.
+
+Membership is the ``qc_members`` table, with ``last_seen`` on the database clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
+from qcluster import schema
+from qcluster.db import Database
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "leader"
+
+
+class DBLockBackend(CoordinationBackend):
+    """A lease row in the shared database."""
+
+    name = "dblock"
+
+    def __init__(self, db: Database, *, lease_seconds: float, member_timeout: float) -> None:
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self.member_timeout = member_timeout
+        self._on_lost: dict[int, LossCallback] = {}
+        self._lock = threading.Lock()
+
+    # -- leadership -------------------------------------------------------------------
+
+    def try_acquire(self, holder: str, on_lost: LossCallback, min_token: int = 0) -> Lease | None:
+        t = schema.lease
+        with self.db.write() as conn:
+            now = self.db.now(conn)
+            row = conn.execute(
+                sa.select(t.c.holder, t.c.token, t.c.expires_at)
+                .where(t.c.name == LEASE_NAME)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                token = min_token + 1
+                conn.execute(
+                    t.insert().values(
+                        name=LEASE_NAME, holder=holder, token=token,
+                        expires_at=now + self.lease_seconds,
+                    )
+                )
+            else:
+                if row.holder is not None and row.expires_at is not None and row.expires_at >= now:
+                    return None
+                token = max(row.token, min_token) + 1
+                conn.execute(
+                    t.update()
+                    .where(t.c.name == LEASE_NAME)
+                    .values(holder=holder, token=token, expires_at=now + self.lease_seconds)
+                )
+        with self._lock:
+            self._on_lost = {token: on_lost}
+        return Lease(self.name, holder, token, self.lease_seconds)
+
+    def renew(self, lease: Lease) -> bool:
+        t = schema.lease
+        with self.db.write() as conn:
+            now = self.db.now(conn)
+            done = conn.execute(
+                t.update()
+                .where(
+                    t.c.name == LEASE_NAME,
+                    t.c.holder == lease.holder,
+                    t.c.token == lease.token,
+                    t.c.expires_at >= now,
+                )
+                .values(expires_at=now + self.lease_seconds)
+            ).rowcount
+        if done == 1:
+            return True
+        self._lost(lease, "the lease row expired or was taken")
+        return False
+
+    def release(self, lease: Lease) -> None:
+        t = schema.lease
+        with self.db.write() as conn:
+            conn.execute(
+                t.update()
+                .where(t.c.name == LEASE_NAME, t.c.holder == lease.holder,
+                       t.c.token == lease.token)
+                .values(holder=None, expires_at=None)
+            )
+        with self._lock:
+            self._on_lost.pop(lease.token, None)
+
+    def _lost(self, lease: Lease, reason: str) -> None:
+        with self._lock:
+            callback = self._on_lost.pop(lease.token, None)
+        if callback is not None:
+            callback(reason)
+
+    # -- leader publication ----------------------------------------------------------
+
+    def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
+        c = schema.cluster
+        with self.db.write() as conn:
+            if not self._holds(conn, lease):
+                self._lost(lease, "the lease row expired or was taken")
+                return
+            conn.execute(
+                c.update()
+                .where(c.c.id == 1)
+                .values(leader_id=info.node_id, leader_uri=info.uri, leader_since=info.since)
+            )
+
+    def read_leader(self) -> LeaderInfo | None:
+        t, c = schema.lease, schema.cluster
+        with self.db.read() as conn:
+            now = self.db.now(conn)
+            row = conn.execute(
+                sa.select(t.c.holder, t.c.expires_at, c.c.leader_id, c.c.leader_uri,
+                          c.c.epoch, c.c.leader_since)
+                .select_from(t.join(c, sa.true()))
+                .where(t.c.name == LEASE_NAME, c.c.id == 1)
+            ).one_or_none()
+        if (
+            row is None
+            or row.holder is None
+            or row.expires_at is None
+            or row.expires_at < now
+            or row.leader_id != row.holder
+        ):
+            return None
+        return LeaderInfo(row.leader_id, row.leader_uri or "", int(row.epoch),
+                          float(row.leader_since or 0.0))
+
+    def _holds(self, conn: Connection, lease: Lease) -> bool:
+        t = schema.lease
+        now = self.db.now(conn)
+        row = conn.execute(
+            sa.select(t.c.holder, t.c.token, t.c.expires_at).where(t.c.name == LEASE_NAME)
+        ).one_or_none()
+        return (
+            row is not None
+            and row.holder == lease.holder
+            and row.token == lease.token
+            and row.expires_at is not None
+            and row.expires_at >= now
+        )
+
+    # -- membership ------------------------------------------------------------------
+
+    def heartbeat_member(self, member: MemberInfo) -> None:
+        m = schema.members
+        with self.db.write() as conn:
+            values = {
+                "node_id": member.node_id,
+                "session": member.session,
+                "roles": ",".join(member.roles),
+                "uri": member.uri,
+                "capacity": member.capacity,
+                "tags": json.dumps(list(member.tags)),
+                "backends": ",".join(member.backends),
+                "config_version": member.config_version,
+                "status": member.status,
+                "last_seen": self.db.now_expr(),
+            }
+            dialect = postgresql if self.db.dialect == "postgresql" else sqlite
+            stmt = dialect.insert(m).values(**values)
+            update = {k: stmt.excluded[k] for k in values if k != "node_id"}
+            conn.execute(stmt.on_conflict_do_update(index_elements=["node_id"], set_=update))
+
+    def remove_member(self, member: MemberInfo) -> None:
+        m = schema.members
+        with self.db.write() as conn:
+            conn.execute(
+                m.delete().where(m.c.node_id == member.node_id, m.c.session == member.session)
+            )
+
+    def live_members(self) -> list[MemberInfo]:
+        m = schema.members
+        with self.db.read() as conn:
+            now = self.db.now(conn)
+            rows = conn.execute(
+                sa.select(m).where(m.c.last_seen >= now - self.member_timeout)
+                .order_by(m.c.node_id)
+            ).all()
+        return [
+            MemberInfo(
+                node_id=r.node_id,
+                session=r.session,
+                roles=tuple(x for x in r.roles.split(",") if x),
+                uri=r.uri,
+                capacity=r.capacity,
+                tags=tuple(json.loads(r.tags or "[]")),
+                backends=tuple(x for x in r.backends.split(",") if x),
+                config_version=r.config_version,
+                status=r.status,
+                last_seen=r.last_seen,
+            )
+            for r in rows
+        ]

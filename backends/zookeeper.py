@@ -1,0 +1,558 @@
+"""``zookeeper``: leadership as a small election on ephemeral sequential znodes (kazoo).
+
+Layout, inside the client's chroot::
+
+    /qcluster/<cluster>/election/<prefix>__cand__<seq>  ephemeral+sequential: contenders
+    /qcluster/<cluster>/leader                          JSON leader info (persistent)
+    /qcluster/<cluster>/members/<node_id>               ephemeral, JSON MemberInfo
+    /qcluster/<cluster>/token_base                      persistent integer, see tokens
+    /qcluster/<cluster>/clock                           touched to read the server's clock
+
+Promises, on top of :mod:`backends.base`:
+
+* ``try_acquire`` never waits for another contender. It creates this backend's contender
+  node (or reuses its own from the same session), leads if that node is the lowest, and
+  otherwise deletes it again before returning ``None``. Node names start with a random
+  per-instance prefix, so a node left by a failed attempt (kazoo issue #732: a cleanup
+  that failed while SUSPENDED) is found and deleted on the next attempt and on reconnect.
+* Token = the election node's czxid + ``token_base``. A czxid is ZooKeeper's global
+  transaction id; it only grows, even when the parent is deleted (sequence numbers reset
+  then). ``token_base`` stays 0 until a caller passes ``min_token >= czxid`` (after a
+  migration the SQL epoch can be far ahead of a young ZooKeeper); the winner then raises
+  ``token_base`` in a transaction that also checks that its election node still exists.
+  ``token_base`` never goes down and a later leader reads it after that commit, with a
+  larger czxid, so tokens still only grow and every token exceeds its ``min_token``.
+* Loss (``on_lost``, at once): SUSPENDED, LOST, or the election node deleted. After
+  SUSPENDED -> CONNECTED with the same session the node still exists; ``try_acquire`` by
+  the same holder reuses it and gets the same token back. Nobody reclaiming it within
+  ``valid_for`` means it is deleted, so that it cannot block the election.
+* ``valid_for`` = 2/3 of the session timeout: kazoo's read timeout, after which it reports
+  SUSPENDED on a dead connection, before the server may expire the session.
+* Members are ephemeral nodes (a dead process drops out when its session expires); one
+  that stops heartbeating drops out once its node's mtime is older than ``member_timeout``,
+  compared with a fresh mtime of the clock node: both are server times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    SessionExpiredError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.serialization import Auth, Connect
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent
+from kazoo.retry import KazooRetry
+from kazoo.security import CREATOR_ALL_ACL
+
+from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
+from qcluster.errors import BackendUnavailable, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+_CANDIDATE = "__cand__"
+
+
+class _HideSecrets(logging.Filter):
+    """kazoo logs every request at DEBUG, the digest ``user:password`` and the session
+    password included; drop those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(isinstance(a, Auth | Connect) for a in args)
+
+
+_kazoo_log = logging.getLogger(__name__ + ".kazoo")
+_kazoo_log.addFilter(_HideSecrets())
+
+
+@dataclasses.dataclass
+class _Claim:
+    """This backend's election node, while it backs a lease or waits to be reclaimed."""
+
+    holder: str
+    node: str
+    czxid: int
+    session: int
+    token: int
+    on_lost: LossCallback | None  # None once the loss was reported (or never to report)
+
+
+def _seq(name: str) -> int:
+    return int(name.rsplit(_CANDIDATE, 1)[1])
+
+
+def _known(cls: type[Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``cls`` has: a newer node may write more."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in fields.items() if k in names}
+
+
+class ZooKeeperBackend(CoordinationBackend):
+    """An election, leader info and members on a ZooKeeper ensemble."""
+
+    name = "zookeeper"
+
+    def __init__(
+        self,
+        hosts: list[str],
+        *,
+        cluster: str,
+        chroot: str = "",
+        session_timeout: float = 10.0,
+        auth: str | None = None,
+        member_timeout: float = 10.0,
+    ) -> None:
+        if not hosts:
+            raise ConfigError("the zookeeper backend needs at least one host")
+        if not cluster or "/" in cluster or cluster in (".", ".."):
+            raise ConfigError(f"cluster name {cluster!r} cannot be a ZooKeeper node name")
+        if chroot and not chroot.startswith("/"):
+            raise ConfigError(f"ZooKeeper chroot {chroot!r} must start with '/'")
+        self.hosts = list(hosts)
+        self.chroot = chroot.rstrip("/")
+        self.session_timeout = session_timeout
+        self.member_timeout = member_timeout
+        self._auth = auth  # a secret: never logged, never in repr
+        self.valid_for = session_timeout * 2 / 3
+        # A call that gets no answer within kazoo's read timeout fails rather than waits:
+        # kazoo queues calls while it reconnects, and try_acquire must not block for long.
+        self._op_timeout = self.valid_for
+        base = f"/qcluster/{cluster}"
+        self._election, self._leader = f"{base}/election", f"{base}/leader"
+        self._members_path, self._token_base = f"{base}/members", f"{base}/token_base"
+        self._clock = f"{base}/clock"
+        self._prefix = uuid.uuid4().hex  # this instance's contender nodes
+        self._client: KazooClient | None = None
+        self._known_session = 0  # the session of the last CONNECTED, for _after_connect
+        self._lock = threading.RLock()  # guards the fields below, never held over a call
+        self._campaign = threading.Lock()  # one acquire/renew/release at a time
+        self._claim: _Claim | None = None
+        self._members: dict[str, MemberInfo] = {}
+        self._reclaim_timer: threading.Timer | None = None
+
+    def __repr__(self) -> str:
+        auth = "digest" if self._auth else "none"
+        return f"<ZooKeeperBackend hosts={','.join(self.hosts)}{self.chroot} auth={auth}>"
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                return
+            client = KazooClient(
+                hosts=",".join(self.hosts) + self.chroot,
+                timeout=self.session_timeout,
+                auth_data=[("digest", self._auth)] if self._auth else None,
+                default_acl=CREATOR_ALL_ACL if self._auth else None,
+                # Reconnect fast: a session survives only if we are back within its timeout.
+                connection_retry=KazooRetry(max_tries=-1, delay=0.05, max_delay=1.0),
+                logger=_kazoo_log,
+            )
+            self._client = client
+        client.add_listener(self._on_state)
+        try:
+            with self._errors("connecting"):
+                client.start(timeout=max(self.session_timeout, 5.0))
+                for path in (self._election, self._members_path):
+                    client.ensure_path(path)
+                for path, value in ((self._leader, b""), (self._token_base, b"0")):
+                    self._create_if_missing(path, value)
+        except BackendUnavailable:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            if self._reclaim_timer is not None:
+                self._reclaim_timer.cancel()
+            self._members.clear()
+        if client is None:
+            return
+        # Closing ends the session: ZooKeeper deletes our ephemeral nodes (election node,
+        # members) itself. The LOST state that follows reports the loss of a held lease.
+        try:
+            client.stop()
+            client.close()
+        except Exception:  # best effort: the server drops the session on its own anyway
+            log.debug("error while closing the ZooKeeper client", exc_info=True)
+        self._report_lost("the ZooKeeper backend was stopped")
+
+    # -- leadership -------------------------------------------------------------------
+
+    def try_acquire(self, holder: str, on_lost: LossCallback, min_token: int = 0) -> Lease | None:
+        with self._campaign, self._errors("campaigning"):
+            client = self._connected()
+            session = self._live_session(client)
+            with self._lock:
+                claim = self._claim
+            if claim is not None and claim.on_lost is not None and claim.holder != holder:
+                return None  # this instance leads for another holder
+            reuse = claim is not None and claim.holder == holder and claim.session == session
+            self._sweep(keep=claim.node if reuse and claim else None)
+            children = self._wait(client.get_children_async(self._election))
+            if reuse and claim is not None and claim.node in children:
+                node, czxid = claim.node, claim.czxid
+            else:
+                path, stat = self._wait(client.create_async(
+                    f"{self._election}/{self._prefix}{_CANDIDATE}",
+                    json.dumps({"holder": holder}).encode(),
+                    ephemeral=True, sequence=True, include_data=True,
+                ))  # fmt: skip
+                node, czxid = path.rsplit("/", 1)[1], int(stat.czxid)
+                # Listed after our create: a lower node cannot appear any more.
+                children = self._wait(client.get_children_async(self._election))
+            contenders = [c for c in children if _CANDIDATE in c]
+            if min(contenders, key=_seq) != node:
+                self._delete_own(node)  # before returning: no orphan contender stays
+                with self._lock:
+                    self._claim = None
+                return None
+            token = self._fence_token(node, czxid, min_token)
+            if token is None:  # our node vanished meanwhile (session expired)
+                return None
+            new = _Claim(holder, node, czxid, session, token, on_lost)
+            with self._lock:
+                self._claim = new
+            # A deletion of our node (an operator, an expiry) reports the loss at once.
+            path = f"{self._election}/{node}"
+            if self._wait(client.exists_async(path, watch=self._node_watch(new))) is None:
+                with self._lock:
+                    self._claim = None
+                return None
+            return Lease(self.name, holder, token, self.valid_for)
+
+    def _fence_token(self, node: str, czxid: int, min_token: int) -> int | None:
+        """czxid + token_base, with token_base raised above ``min_token`` if needed, read
+        and checked in one transaction with the existence of our election node."""
+        client = self._connected()
+        for _ in range(5):
+            data, stat = self._wait(client.get_async(self._token_base))
+            base = int(data or b"0")
+            tx = client.transaction()
+            tx.check(f"{self._election}/{node}", 0)
+            if czxid + base <= min_token:
+                base = min_token - czxid + 1
+                tx.set_data(self._token_base, str(base).encode(), version=stat.version)
+            else:
+                tx.check(self._token_base, stat.version)
+            results = self._wait(tx.commit_async())
+            if not any(isinstance(r, Exception) for r in results):
+                return czxid + base
+            if isinstance(results[0], NoNodeError):
+                return None
+            # token_base changed under us (another client's bump): read it again.
+        raise BackendUnavailable("ZooKeeper token base kept changing; try again")
+
+    def renew(self, lease: Lease) -> bool:
+        with self._campaign, self._errors("renewing the lease"):
+            claim = self._claim_of(lease)
+            if claim is None or claim.on_lost is None:
+                return False  # released, replaced, or its loss was already reported
+            client = self._require_client()
+            if client.state == KazooState.SUSPENDED:
+                raise BackendUnavailable("ZooKeeper connection suspended; cannot renew")
+            if client.state == KazooState.CONNECTED and claim.session == self._live_session(client):
+                children = self._wait(client.get_children_async(self._election))
+                contenders = [c for c in children if _CANDIDATE in c]
+                if claim.node in contenders and min(contenders, key=_seq) == claim.node:
+                    return True
+            self._report_lost("the ZooKeeper election node is gone", claim)
+            return False
+
+    def release(self, lease: Lease) -> None:
+        with self._campaign:
+            claim = self._claim_of(lease)
+            if claim is None:
+                return  # not ours: never touch another holder's node
+            with self._lock:
+                self._claim = None
+            # Only our own node, by name: another holder's lease is a different node.
+            self._delete_own(claim.node)
+
+    def _claim_of(self, lease: Lease) -> _Claim | None:
+        with self._lock:
+            claim = self._claim
+        if claim is None or claim.holder != lease.holder or claim.token != lease.token:
+            return None
+        return claim
+
+    # -- leader publication ----------------------------------------------------------
+
+    def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
+        with self._errors("publishing the leader"):
+            claim = self._claim_of(lease)
+            if claim is None or claim.on_lost is None:
+                return
+            data = dataclasses.asdict(info) | {"election_node": claim.node}
+            tx = self._connected().transaction()
+            tx.check(f"{self._election}/{claim.node}", 0)  # written only while we hold it
+            tx.set_data(self._leader, json.dumps(data).encode())
+            results = self._wait(tx.commit_async())
+            if isinstance(results[0], NoNodeError):
+                self._report_lost("the ZooKeeper election node is gone", claim)
+            elif isinstance(results[1], Exception):
+                raise BackendUnavailable(f"cannot write ZooKeeper leader info: {results[1]!r}")
+
+    def read_leader(self) -> LeaderInfo | None:
+        with self._errors("reading the leader"):
+            client = self._connected()
+            try:
+                data, _ = self._wait(client.get_async(self._leader))
+            except NoNodeError:
+                return None
+            if not data:
+                return None
+            fields = json.loads(data)
+            node = fields.get("election_node", "")
+            if not node or self._wait(client.exists_async(f"{self._election}/{node}")) is None:
+                return None  # the leader that wrote it no longer holds the election
+            return LeaderInfo(**_known(LeaderInfo, fields))
+
+    # -- membership ------------------------------------------------------------------
+
+    def heartbeat_member(self, member: MemberInfo) -> None:
+        path = self._member_path(member.node_id)
+        fields = dataclasses.asdict(member)
+        fields.pop("last_seen")
+        data = json.dumps(fields).encode()
+        with self._lock:
+            self._members[member.node_id] = member  # to re-create after a session loss
+        with self._errors("registering a member"):
+            self._write_member(path, data)
+
+    def _write_member(self, path: str, data: bytes) -> None:
+        client = self._connected()
+        for _ in range(3):
+            stat = self._wait(client.exists_async(path))
+            try:
+                if stat is None:
+                    self._wait(client.create_async(path, data, ephemeral=True))
+                elif stat.ephemeralOwner == self._live_session(client):
+                    self._wait(client.set_async(path, data, stat.version))
+                else:
+                    # An earlier incarnation's node (its session not yet expired): the
+                    # running process owns its node id, so replace it.
+                    self._wait(client.delete_async(path, stat.version))
+                    continue
+                return
+            except (NoNodeError, NodeExistsError, BadVersionError):
+                continue  # raced with an expiry or another writer: look again
+        raise BackendUnavailable(f"member node {path} kept changing; try again")
+
+    def remove_member(self, member: MemberInfo) -> None:
+        path = self._member_path(member.node_id)
+        with self._lock:
+            if getattr(self._members.get(member.node_id), "session", None) == member.session:
+                del self._members[member.node_id]
+        with self._errors("removing a member"):
+            client = self._connected()
+            try:
+                data, stat = self._wait(client.get_async(path))
+                if json.loads(data).get("session") == member.session:
+                    self._wait(client.delete_async(path, stat.version))
+            except (NoNodeError, BadVersionError):
+                pass  # gone already, or another incarnation wrote it: not ours to delete
+
+    def live_members(self) -> list[MemberInfo]:
+        with self._errors("listing members"):
+            client = self._connected()
+            # The server's clock, from the mtime of a write: compared only with other
+            # mtimes, which the same ensemble stamped.
+            now = self._wait(client.set_async(self._clock, b"")).mtime / 1000.0
+            names = self._wait(client.get_children_async(self._members_path))
+            pending = [client.get_async(f"{self._members_path}/{n}") for n in names]
+            members: list[MemberInfo] = []
+            for result in pending:
+                try:
+                    data, stat = self._wait(result)
+                except NoNodeError:
+                    continue
+                last_seen = stat.mtime / 1000.0
+                if last_seen < now - self.member_timeout:
+                    continue
+                fields = _known(MemberInfo, json.loads(data))
+                for key in ("roles", "tags", "backends"):
+                    fields[key] = tuple(fields.get(key, ()))
+                fields["last_seen"] = last_seen
+                members.append(MemberInfo(**fields))
+        return sorted(members, key=lambda m: m.node_id)
+
+    def _member_path(self, node_id: str) -> str:
+        if not node_id or "/" in node_id or node_id in (".", "..") or "\0" in node_id:
+            raise InputError(f"node id {node_id!r} cannot be a ZooKeeper node name")
+        return f"{self._members_path}/{node_id}"
+
+    # -- connection state ------------------------------------------------------------
+
+    def _on_state(self, state: str) -> None:
+        """kazoo's state listener: it must not block, so ZooKeeper calls are spawned."""
+        if state == KazooState.SUSPENDED:
+            # The session may be alive, but another node may lead by now: stop at once.
+            self._report_lost("the ZooKeeper connection is suspended")
+        elif state == KazooState.LOST:
+            self._report_lost("the ZooKeeper session is lost")
+            with self._lock:
+                self._claim = None  # its ephemeral node died with the session
+        elif state == KazooState.CONNECTED:
+            client = self._client
+            if client is not None:
+                client.handler.spawn(self._after_connect)
+
+    def _after_connect(self) -> None:
+        client = self._client
+        if client is None or client.client_id is None:
+            return
+        try:
+            session = int(client.client_id[0])
+            with self._lock:
+                new_session = session != self._known_session
+                self._known_session = session
+                members = list(self._members.values())
+                claim = self._claim
+            if new_session:
+                for member in members:  # ephemeral member nodes died with the old session
+                    self.heartbeat_member(member)
+            self._sweep(keep=claim.node if claim else None)
+            if claim is not None and claim.on_lost is None:
+                self._schedule_drop(claim)
+        except NoNodeError:
+            pass  # first connect: start() has not created the paths yet
+        except Exception:  # a failing step must not kill kazoo's worker; the next try sweeps
+            log.warning("ZooKeeper reconnect cleanup failed", exc_info=True)
+
+    def _schedule_drop(self, claim: _Claim) -> None:
+        """Delete a node kept after SUSPENDED unless its holder reclaims it in time."""
+
+        def drop() -> None:
+            with self._lock:
+                if self._claim is not claim:
+                    return  # reclaimed (a new _Claim) or released meanwhile
+                self._claim = None
+            try:
+                self._delete_own(claim.node)
+            except Exception:
+                log.debug("could not drop an unclaimed election node", exc_info=True)
+
+        timer = threading.Timer(self.valid_for, drop)
+        timer.daemon = True
+        with self._lock:
+            if self._reclaim_timer is not None:
+                self._reclaim_timer.cancel()
+            self._reclaim_timer = timer
+        timer.start()
+
+    def _node_watch(self, claim: _Claim) -> Any:
+        def watch(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                self._report_lost("the ZooKeeper election node was deleted", claim)
+                with self._lock:
+                    if self._claim is claim:
+                        self._claim = None
+
+        return watch
+
+    def _report_lost(self, reason: str, claim: _Claim | None = None) -> None:
+        """Call the lease's on_lost once; keep the claim (its node may come back)."""
+        with self._lock:
+            current = self._claim
+            if current is None or (claim is not None and current is not claim):
+                return
+            callback, current.on_lost = current.on_lost, None
+        if callback is not None:
+            log.warning("leadership lost: %s", reason)
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("on_lost callback failed")
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _sweep(self, keep: str | None) -> None:
+        """Delete this instance's contender nodes other than ``keep``: left by a failed
+        attempt whose cleanup hit a dropped connection, or a create that kazoo sent after
+        we gave up waiting for it."""
+        client = self._connected()
+        for child in self._wait(client.get_children_async(self._election)):
+            if child.startswith(self._prefix) and child != keep:
+                self._delete_own(child)
+
+    def _delete_own(self, node: str) -> None:
+        """Delete one of our own election nodes, retrying on a dropped connection (kazoo's
+        own Lock swallows that error and leaks the node: issue #732)."""
+        client = self._require_client()
+        path = f"{self._election}/{node}"
+
+        def attempt() -> None:
+            try:
+                client.delete_async(path).get(timeout=self._op_timeout / 3)
+            except NoNodeError:
+                pass
+            except KazooTimeoutError as e:
+                raise ConnectionLoss() from e  # retryable, as a dropped connection is
+
+        retry = KazooRetry(max_tries=3, delay=0.05, deadline=self._op_timeout, ignore_expire=False)
+        try:
+            retry(attempt)
+        except SessionExpiredError:
+            pass  # the session, and every ephemeral node of it, is gone
+        except KazooException:
+            # Still ours on the server: the next attempt or the reconnect sweep deletes it.
+            log.info("could not delete election node %s yet; will sweep it", node)
+
+    def _create_if_missing(self, path: str, value: bytes) -> None:
+        client = self._require_client()
+        with suppress(NodeExistsError):
+            self._wait(client.create_async(path, value))
+
+    @staticmethod
+    def _live_session(client: KazooClient) -> int:
+        client_id = client.client_id
+        return int(client_id[0]) if client_id is not None else -1
+
+    def _require_client(self) -> KazooClient:
+        client = self._client
+        if client is None:
+            raise BackendUnavailable("the ZooKeeper backend is not started")
+        return client
+
+    def _connected(self) -> KazooClient:
+        client = self._require_client()
+        if client.state != KazooState.CONNECTED:
+            raise BackendUnavailable(f"ZooKeeper connection is {client.state}")
+        return client
+
+    def _wait(self, result: Any) -> Any:
+        try:
+            return result.get(timeout=self._op_timeout)
+        except KazooTimeoutError as e:
+            raise BackendUnavailable("ZooKeeper did not answer in time") from e
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Driver errors become BackendUnavailable, with a one-line message."""
+        try:
+            yield
+        except NoAuthError as e:
+            raise BackendUnavailable(
+                f"ZooKeeper refused access while {action}: check the zookeeper auth setting"
+            ) from e
+        except (KazooException, KazooTimeoutError) as e:
+            raise BackendUnavailable(f"ZooKeeper error while {action}: {type(e).__name__}") from e

@@ -1,0 +1,1 @@
+"""The job library that workers import: built-in jobs, examples, and your own."""

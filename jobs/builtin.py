@@ -1,0 +1,36 @@
+"""Built-in jobs: a shell command, a no-op, a sleep."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def shell(command: str | Sequence[str], timeout: float | None = None,
+          cwd: str | None = None) -> int:
+    """Run a command (a string is split like a POSIX shell would, but no shell runs it).
+
+    A non-zero exit status fails the run, with the command's last output line as the
+    error.
+    """
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeError(f"exit status {proc.returncode}: {tail[-1] if tail else ''}")
+    return proc.returncode
+
+
+def noop() -> None:
+    """Do nothing: the unit of the throughput benchmarks."""
+
+
+def sleep(seconds: float) -> None:
+    """Sleep, to stand in for a long job."""
+    time.sleep(seconds)

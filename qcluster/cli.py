@@ -1,0 +1,348 @@
+"""The ``qcluster`` command. Thin: parse, call one library function, print.
+
+One error funnel (:func:`main`): a :class:`~qcluster.errors.QClusterError` or a usage
+error prints one ``error: ...`` line on stderr and exits non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import click
+import typer
+
+from qcluster import admin, output
+from qcluster.config import Settings, load_settings, resolve_config_path, settings_to_public_dict
+from qcluster.errors import InputError, QClusterError
+from qcluster.jobdefs import JobDef, check_args, check_func_ref, check_job_id
+from qcluster.jobfile import load_job_file, parse_cli_value
+from qcluster.triggers import make_spec, parse_zone
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="qcluster: a clustered cron scheduler.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Add, list and change jobs.")
+runs_app = typer.Typer(no_args_is_help=True, help="The runs of jobs.")
+cluster_app = typer.Typer(no_args_is_help=True, help="The cluster's leader and members.")
+config_app = typer.Typer(no_args_is_help=True, help="Check and show the configuration.")
+db_app = typer.Typer(no_args_is_help=True, help="The shared database's schema.")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(runs_app, name="runs")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (else $QCLUSTER_CONFIG, ./qcluster.toml)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+_settings_cache: dict[str, Settings] = {}
+
+
+def settings(config: Path | None) -> Settings:
+    path = resolve_config_path(config)
+    return load_settings(path)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- start ------------------------------------------------------------------------------------
+
+
+@app.command()
+def start(
+    config: ConfigOpt = None,
+    role: Annotated[str, typer.Option(help="all, scheduler or worker.")] = "all",
+    node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
+    demo: Annotated[bool, typer.Option(help="Add the example jobs and show their runs.")] = False,
+) -> None:
+    """Start a node (by default both a scheduler and a worker)."""
+    from qcluster.node import Node
+
+    roles = {"all": ("scheduler", "worker"), "scheduler": ("scheduler",),
+             "worker": ("worker",)}.get(role)
+    if roles is None:
+        raise InputError(f"invalid --role {role!r}: use all, scheduler or worker")
+    if node_id is not None:
+        check_job_id(node_id)
+    s = settings(config)
+    _setup_logging(quiet=demo)
+    node = Node(s, node_id=node_id, roles=roles)
+
+    def _signal(signum: int, _frame: FrameType | None) -> None:
+        node._stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        if demo:
+            from qcluster.demo import run_demo
+
+            run_demo(s, node)
+        else:
+            node.start()
+            node.wait()
+    finally:
+        node.stop()
+
+
+def _setup_logging(*, quiet: bool = False) -> None:
+    level = os.environ.get("QCLUSTER_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("Pyro5").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+@jobs_app.command("add")
+def jobs_add(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job's id.")],
+    func: Annotated[str, typer.Option("--func", help="module:function to run.")],
+    cron: Annotated[str | None, typer.Option(help="Cron expression (crontab(5)).")] = None,
+    every: Annotated[str | None, typer.Option(help="Interval: 30s, 5m, 1h.")] = None,
+    at: Annotated[str | None, typer.Option(help="One run at this ISO 8601 time.")] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option("--arg", help="Positional (JSON or text).")
+    ] = None,
+    kwarg: Annotated[
+        list[str] | None, typer.Option("--kwarg", help="K=V (V: JSON or text).")
+    ] = None,
+    tz: Annotated[str | None, typer.Option(help="Time zone of the trigger.")] = None,
+    replace: Annotated[bool, typer.Option(help="Replace a job with the same id.")] = False,
+    recover: Annotated[bool, typer.Option(help="Run again if its worker dies mid-run.")] = False,
+    misfire_grace: Annotated[int | None, typer.Option(help="Seconds a fire may be late.")] = None,
+    coalesce: Annotated[bool | None, typer.Option("--coalesce/--no-coalesce")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a job."""
+    s = settings(config)
+    kwargs: dict[str, Any] = {}
+    for item in kwarg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"invalid --kwarg {item!r}: expected KEY=VALUE")
+        kwargs[key] = parse_cli_value(value)
+    args, kwargs = check_args([parse_cli_value(a) for a in arg or []], kwargs)
+    if misfire_grace is not None and misfire_grace < 1:
+        raise InputError("--misfire-grace must be at least 1")
+    jd = JobDef(
+        id=check_job_id(job_id),
+        func=check_func_ref(func, list(s.jobs.allow), import_it=True),
+        trigger=make_spec(cron=cron, every=every, at=at, tz=tz,
+                          default_tz=s.scheduler.timezone),
+        args=args, kwargs=kwargs, misfire_grace_seconds=misfire_grace, coalesce=coalesce,
+        recover=recover,
+    )
+    outcome = admin.add_jobs(s, [jd], replace=replace)
+    verb = "replaced" if outcome.result.get("updated") else (
+        "unchanged" if outcome.result.get("unchanged") else "added")
+    _done(as_json, {"id": jd.id, "status": verb, "via": outcome.via},
+          f"{verb} job {jd.id} (via {outcome.via})")
+
+
+@jobs_app.command("apply")
+def jobs_apply(
+    file: Annotated[Path, typer.Argument(metavar="FILE.toml", help="[[job]] definitions.")],
+    prune: Annotated[bool, typer.Option(help="Remove jobs the file does not name.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create and update jobs from a file (declarative)."""
+    s = settings(config)
+    defs = load_job_file(file, allow=list(s.jobs.allow), default_tz=s.scheduler.timezone)
+    outcome = admin.apply_jobs(s, defs, prune=prune)
+    r = outcome.result
+    summary = {k: len(v) for k, v in r.items()}
+    _done(as_json, {**summary, "via": outcome.via},
+          f"created {summary['created']}, updated {summary['updated']}, unchanged "
+          f"{summary['unchanged']}, removed {summary['removed']} (via {outcome.via})")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    limit: Annotated[int, typer.Option(min=0, help="At most this many (0: all).")] = 0,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs."""
+    jobs = admin.list_jobs(settings(config), limit=limit)
+    if as_json:
+        _print_json(jobs)
+    else:
+        output.jobs_table(jobs)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one job and its latest runs."""
+    job = admin.show_job(settings(config), job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        output.job_detail(job)
+
+
+def _action(name: str, doc: str) -> Callable[..., None]:
+    def command(
+        job_id: Annotated[str, typer.Argument(metavar="ID")],
+        config: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        outcome = admin.job_action(settings(config), name, job_id)
+        past = {"pause": "paused", "resume": "resumed", "remove": "removed"}[name]
+        _done(as_json, {"id": job_id, "status": past, "via": outcome.via},
+              f"{past} job {job_id} (via {outcome.via})")
+
+    command.__doc__ = doc
+    return command
+
+
+jobs_app.command("pause")(_action("pause", "Pause a job: it fires no more until resumed."))
+jobs_app.command("resume")(_action("resume", "Resume a paused job, from now on."))
+jobs_app.command("remove")(_action("remove", "Remove a job (its runs stay)."))
+
+
+@jobs_app.command("run")
+def jobs_run(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fire a job now, once."""
+    outcome = admin.run_job(settings(config), job_id)
+    note = "" if outcome.via != "database" else "; no leader is running, it runs when one is"
+    _done(as_json, {"id": job_id, "run_id": outcome.result, "via": outcome.via},
+          f"run {outcome.result} of job {job_id} recorded (via {outcome.via}){note}")
+
+
+def _done(as_json: bool, data: dict[str, Any], text: str) -> None:
+    if as_json:
+        _print_json(data)
+    else:
+        print(text)
+
+
+# -- runs, cluster, config, db -------------------------------------------------------------
+
+
+@runs_app.command("list")
+def runs_list(
+    job: Annotated[str | None, typer.Option(help="Only this job's runs.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    since: Annotated[str | None, typer.Option(help="Scheduled at or after (ISO 8601).")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many (0: all).")] = 50,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    from qcluster.schema import RUN_STATUSES
+
+    if status is not None and status not in RUN_STATUSES:
+        raise InputError(f"invalid --status {status!r}: use one of {', '.join(RUN_STATUSES)}")
+    if job is not None:
+        check_job_id(job)
+    runs = admin.list_runs(settings(config), job_id=job, status=status,
+                           since=_parse_since(since), limit=limit)
+    if as_json:
+        _print_json(runs)
+    else:
+        output.runs_table(runs)
+
+
+def _parse_since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"invalid --since {text!r}: expected an ISO 8601 time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=parse_zone("UTC"))
+    return dt.timestamp()
+
+
+@cluster_app.command("status")
+def cluster_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the leader and the live members."""
+    status = admin.cluster_status(settings(config))
+    if as_json:
+        _print_json(status)
+    else:
+        output.cluster_view(status)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the configuration and reach the database."""
+    s = settings(config)
+    where = admin.check_database(s)
+    print(f"ok: {s.source} is valid; database {where} answers")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the effective configuration (secrets hidden)."""
+    s = settings(config)
+    data = settings_to_public_dict(s)
+    if as_json:
+        _print_json(data)
+    else:
+        output.config_view(s.source, data)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Create or upgrade the qcluster tables."""
+    revision = admin.upgrade_db(settings(config))
+    print(f"database schema at revision {revision}")
+
+
+# -- the error funnel -------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="qcluster", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        raise SystemExit(2) from None
+    except click.exceptions.UsageError as e:
+        _fail(e.format_message().replace("\n", " "), 2)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except QClusterError as e:
+        _fail(str(e).replace("\n", " "))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        raise SystemExit(1) from None
+    except Exception as e:  # a bug: still one line, with the details in the log if asked
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        _fail(f"internal error: {type(e).__name__}: {e}")

@@ -1,0 +1,126 @@
+"""The control object: how the CLI changes jobs through the leader, over Pyro5.
+
+Every method takes plain data, checks it, and answers ``{"ok": True, ...}`` or
+``{"ok": False, "kind": ..., "error": "one line"}``; no exception crosses the wire.
+``kind`` is ``not_leader`` (ask again elsewhere or write directly), ``input`` (bad
+request: nothing was written) or ``unavailable``. Writes happen in one transaction
+fenced on the leader's epoch, and then the scheduler is woken so it sees them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import Pyro5.server
+from sqlalchemy.engine import Connection
+
+from qcluster import catalog
+from qcluster.db import Database
+from qcluster.errors import Fenced, InputError, QClusterError
+from qcluster.jobdefs import check_job_id, validate_job
+from qcluster.leader import LeaderRole
+
+log = logging.getLogger(__name__)
+
+MAX_JOBS_PER_CALL = 100_000
+
+
+def _ok(**data: Any) -> dict[str, Any]:
+    return {"ok": True, **data}
+
+
+def _err(kind: str, error: str) -> dict[str, Any]:
+    return {"ok": False, "kind": kind, "error": error}
+
+
+@Pyro5.server.expose
+class ControlService:
+    """Job changes, made by the leader that owns the store."""
+
+    def __init__(self, db: Database, leader: LeaderRole, allow: list[str], node_id: str) -> None:
+        self._db = db
+        self._leader = leader
+        self._allow = allow
+        self._node_id = node_id
+
+    def whoami(self) -> dict[str, Any]:
+        return _ok(node_id=self._node_id, leading=self._leader.active, epoch=self._leader.epoch)
+
+    def add_jobs(self, jobs: Any, replace: Any) -> dict[str, Any]:
+        if not isinstance(replace, bool):
+            return _err("input", "replace must be true or false")
+        return self._apply(jobs, replace=replace, prune=False)
+
+    def apply_jobs(self, jobs: Any, prune: Any) -> dict[str, Any]:
+        if not isinstance(prune, bool):
+            return _err("input", "prune must be true or false")
+        return self._apply(jobs, replace=True, prune=prune)
+
+    def pause_job(self, job_id: Any) -> dict[str, Any]:
+        return self._one(job_id, catalog.pause_job)
+
+    def resume_job(self, job_id: Any) -> dict[str, Any]:
+        return self._one(job_id, catalog.resume_job)
+
+    def remove_job(self, job_id: Any) -> dict[str, Any]:
+        return self._one(job_id, catalog.remove_job)
+
+    def run_job(self, job_id: Any) -> dict[str, Any]:
+        runs: list[dict[str, Any]] = []
+
+        def record(conn: Connection, jid: str) -> None:
+            epoch = self._leader.epoch
+            assert epoch is not None
+            runs.append(catalog.run_now(conn, jid, epoch, self._node_id))
+
+        reply = self._one(job_id, record)
+        if reply["ok"]:
+            self._leader.send(runs)
+            reply["run_id"] = runs[0]["run_id"]
+        return reply
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _apply(self, jobs: Any, *, replace: bool, prune: bool) -> dict[str, Any]:
+        if not isinstance(jobs, list) or len(jobs) > MAX_JOBS_PER_CALL:
+            return _err("input", f"jobs must be a list of at most {MAX_JOBS_PER_CALL}")
+        try:
+            defs = [validate_job(j, self._allow) for j in jobs]
+        except InputError as e:
+            return _err("input", str(e))
+
+        def write(conn: Connection) -> dict[str, Any]:
+            result = catalog.upsert_jobs(conn, defs, replace=replace)
+            if prune:
+                result.removed = catalog.prune_jobs(conn, [d.id for d in defs])
+            return result.to_wire()
+
+        return self._write(write)
+
+    def _one(self, job_id: Any, op: Callable[[Connection, str], None]) -> dict[str, Any]:
+        try:
+            jid = check_job_id(job_id)
+        except InputError as e:
+            return _err("input", str(e))
+        return self._write(lambda conn: op(conn, jid))
+
+    def _write(self, op: Callable[[Connection], Any]) -> dict[str, Any]:
+        epoch = self._leader.epoch
+        if epoch is None or not self._leader.active:
+            return _err("not_leader", f"node {self._node_id} does not lead")
+        try:
+            with self._db.fenced(epoch) as conn:
+                result = op(conn)
+        except InputError as e:
+            return _err("input", str(e))
+        except Fenced as e:
+            return _err("not_leader", str(e))
+        except QClusterError as e:
+            return _err("unavailable", str(e))
+        except Exception as e:  # never let a bug take the daemon thread's caller down
+            log.exception("control call failed")
+            return _err("internal", f"{type(e).__name__}: {e}")
+        self._leader.wakeup()
+        return _ok(result=result)

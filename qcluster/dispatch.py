@@ -1,0 +1,216 @@
+"""The leader's dispatcher: sends committed runs to workers, in batches, over Pyro5.
+
+It only ever sends runs whose rows have committed (invariant 3): the scheduler hands them
+over after its fenced transaction. Routing is round robin or least loaded (in-flight per
+capacity, as the workers report it with every reply). A worker that cannot be reached is
+set aside for a moment and its runs go to the next worker. Sends are idempotent: a worker
+refuses a run attempt it has seen, and only one worker's claim of a run can commit, so a
+resend after a timeout never runs anything twice.
+
+``stop()`` takes effect at once: no batch leaves after it returns (step down first).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import Pyro5.errors
+
+from backends.base import MemberInfo
+from qcluster.rpc import proxy
+
+log = logging.getLogger(__name__)
+
+REFRESH_WORKERS = 1.0
+DOWN_FOR = 2.0
+
+
+class Dispatcher:
+    """Sends runs to live workers; one thread owns every proxy (Pyro5's rule)."""
+
+    def __init__(
+        self,
+        *,
+        epoch: int,
+        secret: str,
+        timeout: float,
+        strategy: str,
+        batch_size: int,
+        members: Callable[[], list[MemberInfo]],
+        on_stale: Callable[[str], None],
+    ) -> None:
+        self.epoch = epoch
+        self.secret = secret
+        self.timeout = timeout
+        self.strategy = strategy
+        self.batch_size = batch_size
+        self.members = members
+        self.on_stale = on_stale
+        self.sent = 0
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._enabled = threading.Event()
+        self._enabled.set()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="qc-dispatch", daemon=True)
+        self._workers: list[MemberInfo] = []
+        self._workers_at = 0.0
+        self._down: dict[str, float] = {}
+        self._load: dict[str, float] = {}
+        self._proxies: dict[str, Any] = {}
+        self._rr = itertools.count()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sending now; runs not yet sent stay ``scheduled`` for the next leader."""
+        self._enabled.clear()
+        self._stopped.set()
+        with self._cond:
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def submit(self, runs: list[dict[str, Any]]) -> None:
+        if not self._enabled.is_set():
+            return
+        with self._cond:
+            self._queue.extend(runs)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._enabled.is_set():
+                batch = self._take()
+                if batch:
+                    self._dispatch(batch)
+        finally:
+            for p in self._proxies.values():
+                p._pyroRelease()
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(0.5)
+            n = min(len(self._queue), self.batch_size)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _dispatch(self, batch: list[dict[str, Any]]) -> None:
+        left = batch
+        while left and self._enabled.is_set():
+            workers = self._live_workers()
+            if not workers:
+                log.warning("no live worker for %d runs; waiting", len(left))
+                self._requeue(left, delay=0.5)
+                return
+            retry: list[dict[str, Any]] = []
+            for uri, chunk in self._route(left, workers).items():
+                if not self._enabled.is_set():
+                    return
+                retry.extend(self._send(uri, chunk))
+            if len(retry) == len(left) and retry:
+                self._requeue(retry, delay=0.2)
+                return
+            left = retry
+
+    def _requeue(self, runs: list[dict[str, Any]], delay: float) -> None:
+        self._stopped.wait(delay)
+        with self._cond:
+            if self._enabled.is_set():
+                self._queue.extendleft(reversed(runs))
+
+    def _live_workers(self) -> list[MemberInfo]:
+        now = time.monotonic()
+        if now - self._workers_at > REFRESH_WORKERS:
+            try:
+                self._workers = [
+                    m for m in self.members() if "worker" in m.roles and m.uri and m.capacity > 0
+                ]
+                self._workers_at = now
+            except Exception as e:  # membership reads go through a backend: keep the old list
+                log.warning("cannot list workers: %s", e)
+        return [w for w in self._workers if self._down.get(w.uri or "", 0.0) <= now]
+
+    def _route(
+        self, runs: list[dict[str, Any]], workers: list[MemberInfo]
+    ) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        if self.strategy == "least_loaded":
+            load = {w.uri or "": self._load.get(w.uri or "", 0.0) for w in workers}
+            cap = {w.uri or "": float(max(1, w.capacity)) for w in workers}
+            for run in runs:
+                uri = min(load, key=lambda u: load[u] / cap[u])
+                load[uri] += 1
+                out.setdefault(uri, []).append(run)
+            return out
+        # round robin: consecutive slices, starting at the next worker in turn
+        k = len(workers)
+        first = next(self._rr)
+        size = -(-len(runs) // k)
+        for i in range(k):
+            chunk = runs[i * size : (i + 1) * size]
+            if chunk:
+                out.setdefault(workers[(first + i) % k].uri or "", []).extend(chunk)
+        return out
+
+    def _send(self, uri: str, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send one chunk; return the runs to try elsewhere."""
+        try:
+            reply = self._call(uri, chunk)
+        except (Pyro5.errors.CommunicationError, OSError) as e:
+            log.warning("worker %s unreachable (%s); trying the next one", uri, e)
+            self._down[uri] = time.monotonic() + DOWN_FOR
+            self._drop_proxy(uri)
+            return chunk
+        except Exception as e:  # the worker refused the call as a whole
+            log.error("worker %s refused a batch: %s", uri, e)
+            self._down[uri] = time.monotonic() + DOWN_FOR
+            return chunk
+        self.sent += len(reply.get("accepted", []))
+        self._load[uri] = float(reply.get("inflight", 0))
+        again: set[int] = set()
+        for run_id, reason in reply.get("refused", []):
+            if reason == "stale epoch":
+                log.warning("worker %s has seen a newer epoch than %d", uri, self.epoch)
+                self.stop()
+                self.on_stale(f"worker {uri} has seen a newer epoch")
+                return []
+            if reason in ("busy", "shutting down"):
+                again.add(run_id)
+        if again:
+            self._down[uri] = time.monotonic() + 0.1
+        return [r for r in chunk if r["run_id"] in again]
+
+    def _call(self, uri: str, chunk: list[dict[str, Any]]) -> dict[str, Any]:
+        p = self._proxies.get(uri)
+        if p is None:
+            p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
+        try:
+            reply: dict[str, Any] = p.submit(self.epoch, chunk)
+        except Pyro5.errors.ConnectionClosedError:
+            # An idle connection closed by the worker's timeout: reconnect once. Safe to
+            # resend: the worker refuses attempts it already took.
+            self._drop_proxy(uri)
+            p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
+            reply = p.submit(self.epoch, chunk)
+        return reply
+
+    def _drop_proxy(self, uri: str) -> None:
+        p = self._proxies.pop(uri, None)
+        if p is not None:
+            try:
+                p._pyroRelease()
+            except Exception:  # releasing a broken proxy: nothing to do
+                log.debug("proxy release failed", exc_info=True)

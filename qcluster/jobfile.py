@@ -1,0 +1,105 @@
+"""``jobs apply`` files: an array of ``[[job]]`` tables, checked whole before any write.
+
+Fields: ``id``, ``func``, one of ``cron``/``every``/``at``, and optional ``tz``,
+``args``, ``kwargs``, ``recover``, ``misfire_grace_seconds``, ``coalesce``. An unknown
+field, a bad value or a duplicate id is an error that names the job; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from qcluster.errors import InputError
+from qcluster.jobdefs import JobDef, check_func_ref, validate_job
+from qcluster.triggers import make_spec
+
+_FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
+           "misfire_grace_seconds", "coalesce"}
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def parse_cli_value(text: str) -> Any:
+    """A ``--arg``/``--kwarg`` value: JSON if it parses as JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def load_job_file(path: Path, *, allow: list[str], default_tz: str) -> list[JobDef]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read job file: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError(f"{path}: job file is larger than {MAX_FILE_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
+    extra = set(data) - {"job"}
+    if extra:
+        raise InputError(f"{path}: unknown top-level key {sorted(extra)[0]!r} (expected [[job]])")
+    entries = data.get("job", [])
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: 'job' must be an array of tables ([[job]])")
+    defs: list[JobDef] = []
+    imported: set[str] = set()
+    seen: set[str] = set()
+    for n, entry in enumerate(entries, 1):
+        where = f"{path}: job #{n}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: must be a table")
+        if isinstance(entry.get("id"), str):
+            where = f"{path}: job {entry['id']!r}"
+        try:
+            jd = _one(entry, allow, default_tz)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        if jd.id in seen:
+            raise InputError(f"{where}: the id is used twice")
+        seen.add(jd.id)
+        _check_import(jd.func, allow, imported, where)
+        defs.append(jd)
+    return defs
+
+
+def _check_import(func: str, allow: list[str], imported: set[str], where: str) -> None:
+    """Import each distinct reference once: 10,000 jobs of one function import it once."""
+    if func in imported:
+        return
+    try:
+        check_func_ref(func, allow, import_it=True)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    imported.add(func)
+
+
+def _one(entry: dict[str, Any], allow: list[str], default_tz: str) -> JobDef:
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise InputError(f"unknown field {sorted(unknown)[0]!r}")
+    for key in ("cron", "every", "at", "tz"):
+        if key in entry and not isinstance(entry[key], str | int | float):
+            raise InputError(f"{key} must be a string")
+    if "every" in entry and not isinstance(entry["every"], str | int | float):
+        raise InputError("every must be a duration such as \"30s\"")
+    spec = make_spec(
+        cron=_str(entry, "cron"), every=entry.get("every"), at=_str(entry, "at"),
+        tz=_str(entry, "tz"), default_tz=default_tz,
+    )
+    wire = {k: v for k, v in entry.items() if k not in ("cron", "every", "at", "tz")}
+    wire["trigger"] = spec
+    return validate_job(wire, allow)
+
+
+def _str(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{key} must be a string")
+    return value

@@ -1,0 +1,353 @@
+"""The job store: an APScheduler 3.11 job store on SQLAlchemy, without pickle.
+
+Each ``qc_jobs`` row is readable data: a trigger spec, a ``module:function`` reference
+and JSON arguments. Rows become APScheduler :class:`Job` objects on the leader without
+importing the job's module (the leader never runs jobs; workers do).
+
+Promises, beyond APScheduler's ``BaseJobStore``:
+
+* Every write is fenced on the leader's epoch (DESIGN.md invariant 1): it commits only
+  while that epoch is the cluster's epoch.
+* :meth:`SqlJobStore.commit_fires` records a batch of run rows and advances the jobs that
+  produced them in ONE fenced transaction. A run row is unique on (job, scheduled time),
+  so a fire time that an earlier leader already recorded inserts nothing.
+* A row that fails to load is set aside (``broken`` says why) and reported; it is never
+  deleted, unlike APScheduler's own SQLAlchemy store.
+* ``get_due_jobs`` returns at most ``batch_size`` jobs, so a million due jobs never sit
+  in memory at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.triggers.base import BaseTrigger
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
+
+from qcluster import schema
+from qcluster.db import Database
+from qcluster.errors import QClusterError
+from qcluster.triggers import build_trigger
+
+log = logging.getLogger(__name__)
+
+_TRIGGER_CACHE_SIZE = 50_000
+
+
+@dataclasses.dataclass(frozen=True)
+class JobExtra:
+    """What qcluster keeps beside APScheduler's fields, for the fire transaction."""
+
+    version: int
+    args_json: str
+    kwargs_json: str
+    recover: bool
+
+
+class StoredJob(Job):  # type: ignore[misc]
+    """An APScheduler job loaded from ``qc_jobs``, with its row version."""
+
+    __slots__ = ("qc",)
+    qc: JobExtra
+
+
+@dataclasses.dataclass(frozen=True)
+class FireRow:
+    """One fire time to record: ``status`` is ``scheduled`` (to run) or ``missed``."""
+
+    job_id: str
+    func: str
+    args_json: str
+    kwargs_json: str
+    scheduled_at: float
+    status: str
+    recover: bool
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Advance:
+    """Move a job to its next fire time (``None``: no fire time left, remove it)."""
+
+    job_id: str
+    version: int
+    next_run_time: float | None
+
+
+def ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def from_ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class SqlJobStore(BaseJobStore):  # type: ignore[misc]
+    """APScheduler job store on the ``qc_jobs`` table, fenced on ``epoch_of()``."""
+
+    def __init__(
+        self,
+        db: Database,
+        epoch_of: Callable[[], int],
+        *,
+        misfire_grace_seconds: int = 30,
+        coalesce: bool = True,
+        batch_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.db = db
+        self.epoch_of = epoch_of
+        self.misfire_grace_seconds = misfire_grace_seconds
+        self.coalesce = coalesce
+        self.batch_size = batch_size
+        self._triggers: OrderedDict[tuple[str, int], BaseTrigger] = OrderedDict()
+        self._triggers_lock = threading.Lock()
+
+    # -- reads -------------------------------------------------------------------------
+
+    def lookup_job(self, job_id: str) -> StoredJob | None:
+        j = schema.jobs
+        with self.db.read() as conn:
+            row = conn.execute(sa.select(j).where(j.c.id == job_id)).one_or_none()
+        return None if row is None else self._load(row)
+
+    def get_due_jobs(self, now: datetime) -> list[StoredJob]:
+        j = schema.jobs
+        query = (
+            sa.select(j)
+            .where(j.c.next_run_time <= now.timestamp(), j.c.broken.is_(None))
+            .order_by(j.c.next_run_time)
+            .limit(self.batch_size)
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return self._load_many(rows)
+
+    def get_next_run_time(self) -> datetime | None:
+        j = schema.jobs
+        with self.db.read() as conn:
+            value = conn.execute(
+                sa.select(sa.func.min(j.c.next_run_time)).where(j.c.broken.is_(None))
+            ).scalar()
+        return from_ts(value)
+
+    def get_all_jobs(self) -> list[StoredJob]:
+        j = schema.jobs
+        with self.db.read() as conn:
+            rows = conn.execute(
+                sa.select(j).order_by(j.c.next_run_time.is_(None), j.c.next_run_time, j.c.id)
+            ).all()
+        return self._load_many(rows)
+
+    # -- APScheduler's single-job writes, fenced --------------------------------------------
+
+    def add_job(self, job: Job) -> None:
+        from qcluster.catalog import insert_job, job_from_apscheduler
+
+        with self.db.fenced(self.epoch_of()) as conn:
+            if not insert_job(conn, job_from_apscheduler(job), ts(job.next_run_time)):
+                raise ConflictingIdError(job.id)
+
+    def update_job(self, job: Job) -> None:
+        j = schema.jobs
+        with self.db.fenced(self.epoch_of()) as conn:
+            done = conn.execute(
+                j.update()
+                .where(j.c.id == job.id)
+                .values(next_run_time=ts(job.next_run_time), version=j.c.version + 1,
+                        updated_at=time.time())
+            ).rowcount
+        if not done:
+            raise JobLookupError(job.id)
+
+    def remove_job(self, job_id: str) -> None:
+        j = schema.jobs
+        with self.db.fenced(self.epoch_of()) as conn:
+            if not conn.execute(j.delete().where(j.c.id == job_id)).rowcount:
+                raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        with self.db.fenced(self.epoch_of()) as conn:
+            conn.execute(schema.jobs.delete())
+
+    # -- the batch: run rows and job advances in one fenced transaction --------------------
+
+    def commit_fires(
+        self, epoch: int, leader: str, fires: Sequence[FireRow], advances: Sequence[Advance]
+    ) -> list[dict[str, Any]]:
+        """Record ``fires`` and apply ``advances`` atomically; return the new runs to send.
+
+        A fire time already recorded (by this leader or an earlier one) inserts nothing and
+        is not returned. An advance applies only if the job's row version is unchanged, so
+        a concurrent edit of the job wins; its fire times stay unique by the run key.
+        """
+        with self.db.fenced(epoch) as conn:
+            inserted = insert_runs(conn, fires, epoch, leader)
+            apply_advances(conn, advances)
+        return inserted
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load_many(self, rows: Iterable[Row[Any]]) -> list[StoredJob]:
+        jobs: list[StoredJob] = []
+        broken: list[tuple[str, str]] = []
+        for row in rows:
+            try:
+                jobs.append(self._load(row))
+            except QClusterError as e:
+                broken.append((row.id, str(e)))
+        if broken:
+            self._set_aside(broken)
+        return jobs
+
+    def _load(self, row: Row[Any]) -> StoredJob:
+        trigger = self._trigger(row.id, row.version, row.trigger)
+        try:
+            args = json.loads(row.args)
+            kwargs = json.loads(row.kwargs)
+        except ValueError as e:
+            raise QClusterError(f"job {row.id!r} has unreadable arguments: {e}") from e
+        job = StoredJob.__new__(StoredJob)
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        job.id = row.id
+        job.name = row.id
+        # The leader never imports job code: func stays a reference, resolved on workers.
+        job.func_ref = row.func
+        job.func = row.func
+        job.trigger = trigger
+        job.executor = "default"
+        job.args = tuple(args)
+        job.kwargs = kwargs
+        job.misfire_grace_time = row.misfire_grace_seconds or self.misfire_grace_seconds
+        job.coalesce = self.coalesce if row.coalesce is None else row.coalesce
+        job.max_instances = 1
+        job.next_run_time = from_ts(row.next_run_time)
+        job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover))
+        return job
+
+    def _trigger(self, job_id: str, version: int, spec_text: str) -> BaseTrigger:
+        key = (job_id, version)
+        with self._triggers_lock:
+            trigger = self._triggers.get(key)
+            if trigger is not None:
+                self._triggers.move_to_end(key)
+                return trigger
+        try:
+            trigger = build_trigger(json.loads(spec_text))
+        except ValueError as e:
+            raise QClusterError(f"job {job_id!r} has an unreadable trigger: {e}") from e
+        with self._triggers_lock:
+            self._triggers[key] = trigger
+            if len(self._triggers) > _TRIGGER_CACHE_SIZE:
+                self._triggers.popitem(last=False)
+        return trigger
+
+    def _set_aside(self, broken: list[tuple[str, str]]) -> None:
+        j = schema.jobs
+        for job_id, reason in broken:
+            log.error("job %r cannot be loaded and is set aside (not deleted): %s", job_id, reason)
+        with self.db.fenced(self.epoch_of()) as conn:
+            for job_id, reason in broken:
+                conn.execute(
+                    j.update().where(j.c.id == job_id).values(broken=reason[:2000])
+                )
+
+
+def _insert_fn(conn: Connection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def insert_runs(
+    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
+) -> list[dict[str, Any]]:
+    """Insert run rows, skipping fire times already recorded. Returns the new ``scheduled``
+    runs as dispatch records."""
+    if not fires:
+        return []
+    r = schema.runs
+    now = time.time()
+    rows = [
+        {
+            "job_id": f.job_id,
+            "scheduled_at": f.scheduled_at,
+            "func": f.func,
+            "args": f.args_json,
+            "kwargs": f.kwargs_json,
+            "status": f.status,
+            "attempt": 1,
+            "recover": f.recover,
+            "epoch": epoch,
+            "leader": leader,
+            "created_at": now,
+            "finished_at": now if f.status == "missed" else None,
+            "error": f.error,
+        }
+        for f in fires
+    ]
+    by_key = {(f.job_id, f.scheduled_at): f for f in fires}
+    stmt = (
+        _insert_fn(conn)(r)
+        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
+        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
+    )
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(rows), 500):
+        for row in conn.execute(stmt, rows[start : start + 500]):
+            if row.status != "scheduled":
+                continue
+            f = by_key[(row.job_id, row.scheduled_at)]
+            out.append(
+                run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
+                           f.scheduled_at, 1, epoch, f.recover)
+            )
+    return out
+
+
+def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
+    j = schema.jobs
+    moves = [
+        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time}
+        for a in advances
+        if a.next_run_time is not None
+    ]
+    if moves:
+        conn.execute(
+            j.update()
+            .where(j.c.id == sa.bindparam("b_id"), j.c.version == sa.bindparam("b_version"))
+            .values(next_run_time=sa.bindparam("b_next")),
+            moves,
+        )
+    done = [(a.job_id, a.version) for a in advances if a.next_run_time is None]
+    for job_id, version in done:
+        conn.execute(j.delete().where(j.c.id == job_id, j.c.version == version))
+
+
+def run_record(
+    run_id: int, job_id: str, func: str, args_json: str, kwargs_json: str,
+    scheduled_at: float, attempt: int, epoch: int, recover: bool,
+) -> dict[str, Any]:
+    """The dispatch payload of one run: plain data, as it travels to a worker."""
+    return {
+        "run_id": int(run_id),
+        "job_id": job_id,
+        "func": func,
+        "args": args_json,
+        "kwargs": kwargs_json,
+        "scheduled_at": float(scheduled_at),
+        "attempt": int(attempt),
+        "epoch": int(epoch),
+        "recover": bool(recover),
+    }

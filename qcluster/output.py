@@ -1,0 +1,92 @@
+"""Tables for people, with rich. ``--json`` output does not come through here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+_STATUS_STYLE = {"succeeded": "green", "failed": "red", "missed": "yellow", "lost": "magenta",
+                 "running": "cyan", "dispatched": "blue", "scheduled": "white"}
+
+
+def _t(value: str | None) -> str:
+    """An ISO time, shortened for a table: date and time to the millisecond."""
+    if value is None:
+        return "-"
+    return value.replace("T", " ").replace("Z", "")[:23]
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(jobs)} jobs")
+    for col in ("id", "func", "trigger", "next run (UTC)", "state"):
+        table.add_column(col)
+    for j in jobs:
+        state = "broken" if j["broken"] else ("paused" if j["paused"] else "active")
+        table.add_row(j["id"], j["func"], j["trigger"], _t(j["next_run_time"]), state)
+    console.print(table)
+
+
+def job_detail(job: Mapping[str, Any]) -> None:
+    table = Table(show_header=False, title=f"job {job['id']}")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in ("func", "trigger", "next_run_time", "paused", "args", "kwargs", "recover",
+                "misfire_grace_seconds", "coalesce", "broken"):
+        value = job[key]
+        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+    console.print(table)
+    runs_table(job.get("recent_runs", []), title="latest runs")
+
+
+def runs_table(runs: list[dict[str, Any]], title: str | None = None) -> None:
+    table = Table(title=title or f"{len(runs)} runs")
+    for col in ("run", "job", "scheduled (UTC)", "status", "try", "worker", "took", "error"):
+        table.add_column(col)
+    for r in runs:
+        took = "-" if r.get("duration") is None else f"{r['duration'] * 1000:.0f} ms"
+        style = _STATUS_STYLE.get(r["status"], "white")
+        table.add_row(str(r["run_id"]), r["job_id"], _t(r["scheduled_at"]),
+                      f"[{style}]{r['status']}[/]", str(r["attempt"]), r["worker"] or "-", took,
+                      (r["error"] or "")[:60])
+    console.print(table)
+
+
+def cluster_view(status: Mapping[str, Any]) -> None:
+    leader = status["leader"]
+    who = "none" if leader is None else f"{leader['node_id']} since {_t(leader['since'])}"
+    console.print(f"cluster [bold]{status['cluster']}[/] on [bold]{status['backend']}[/] "
+                  f"(phase {status['phase']}), epoch {status['epoch']}, leader: {who}")
+    table = Table(title=f"{len(status['members'])} live members")
+    for col in ("node", "roles", "uri", "capacity", "status", "last seen (UTC)"):
+        table.add_column(col)
+    for m in status["members"]:
+        table.add_row(m["node_id"], ",".join(m["roles"]), m["uri"] or "-", str(m["capacity"]),
+                      m["status"], _t(m["last_seen"]))
+    console.print(table)
+
+
+def config_view(source: str, data: Mapping[str, Any]) -> None:
+    console.print(f"# effective configuration from {source}")
+    for section, values in data.items():
+        _section(section, values)
+
+
+def _section(name: str, values: Any) -> None:
+    if not isinstance(values, Mapping):
+        console.print(f"{name} = {json.dumps(values)}")
+        return
+    console.print(f"[{name}]", markup=False)
+    nested = []
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            nested.append((f"{name}.{key}", value))
+        else:
+            console.print(f"{key} = {json.dumps(value)}", markup=False)
+    for sub, value in nested:
+        _section(sub, value)

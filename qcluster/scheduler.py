@@ -1,0 +1,176 @@
+"""The leader's APScheduler: a BackgroundScheduler whose pass is batched and fenced.
+
+APScheduler 3.11's ``_process_jobs`` submits a run first and advances the job after, in
+another transaction per job; a crash between the two fires twice or loses the run. It
+also runs one more pass after ``shutdown()`` has closed the executors (upstream #285,
+#985), which advances due jobs without running them, and one exception from the store
+kills its thread while ``state`` still reads RUNNING. This subclass replaces the pass:
+
+* due jobs are read in batches; for each batch, the run rows and the job advances commit
+  in ONE transaction fenced on the leader's epoch (:meth:`FireExecutor.fire`), and only
+  then are the runs handed to the dispatcher;
+* a stopped (or stepping-down) scheduler's pass does nothing;
+* every error is caught and logged; the pass records when it last finished, so the node
+  can notice a loop that stopped turning;
+* the loop sleeps at most ``poll_seconds``, so jobs written by another process (the CLI
+  with no leader alive) are seen within that bound.
+
+Fire times are accounted for (invariant 6): each fire time between the job's stored next
+run time and now becomes a run row, ``scheduled`` if it is to run, ``missed`` if it is
+older than the job's misfire grace time or was coalesced away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
+
+from qcluster.errors import DatabaseUnavailable, Fenced
+from qcluster.jobstore import Advance, FireRow, SqlJobStore, StoredJob
+
+log = logging.getLogger(__name__)
+
+MAX_CATCH_UP = 10_000  # fire times computed per job per pass; the rest wait for the next
+
+
+class FireExecutor(BaseExecutor):  # type: ignore[misc]
+    """The qcluster executor: records runs in the shared database, then dispatches them."""
+
+    def __init__(
+        self,
+        store: SqlJobStore,
+        epoch: int,
+        leader: str,
+        send: Callable[[list[dict[str, Any]]], None],
+        *,
+        retention_seconds: float,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.epoch = epoch
+        self.leader = leader
+        self.send = send
+        self.retention_seconds = retention_seconds
+
+    def _do_submit_job(self, job: StoredJob, run_times: list[datetime]) -> None:
+        # APScheduler's own path (one job): route it through the same fenced batch.
+        self.fire([job], run_times[-1])
+
+    def fire(self, jobs: list[StoredJob], now: datetime) -> int:
+        """Record and dispatch the fire times of ``jobs`` up to ``now``; return runs sent."""
+        fires: list[FireRow] = []
+        advances: list[Advance] = []
+        for job in jobs:
+            self._plan(job, now, fires, advances)
+        runs = self.store.commit_fires(self.epoch, self.leader, fires, advances)
+        if runs:
+            self.send(runs)
+        return len(runs)
+
+    def _plan(
+        self, job: StoredJob, now: datetime, fires: list[FireRow], advances: list[Advance]
+    ) -> None:
+        run_times: list[datetime] = []
+        nxt = job.next_run_time
+        while nxt is not None and nxt <= now and len(run_times) < MAX_CATCH_UP:
+            run_times.append(nxt)
+            nxt = job.trigger.get_next_fire_time(nxt, now)
+        if not run_times:
+            return
+        grace = timedelta(seconds=job.misfire_grace_time)
+        horizon = now - timedelta(seconds=self.retention_seconds)
+        due = [t for t in run_times if now - t <= grace]
+        late = [t for t in run_times if now - t > grace]
+        if job.coalesce and len(due) > 1:
+            coalesced, due = due[:-1], due[-1:]
+        else:
+            coalesced = []
+        qc = job.qc
+
+        def row(t: datetime, status: str, error: str | None = None) -> FireRow:
+            return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
+                           status, qc.recover, error)
+
+        for t in late:
+            if t >= horizon:
+                late_by = (now - t).total_seconds()
+                fires.append(row(t, "missed", f"missed by {late_by:.3f}s (grace {grace.seconds}s)"))
+        for t in coalesced:
+            fires.append(row(t, "missed", "coalesced into a later run"))
+        for t in due:
+            fires.append(row(t, "scheduled"))
+        advances.append(Advance(job.id, qc.version, None if nxt is None else nxt.timestamp()))
+
+
+class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
+    """APScheduler's loop on the shared store, with a batched, fenced, never-dying pass."""
+
+    def __init__(
+        self,
+        store: SqlJobStore,
+        executor: FireExecutor,
+        *,
+        poll_seconds: float,
+        on_fenced: Callable[[str], None],
+    ) -> None:
+        super().__init__(timezone=UTC, daemon=True)
+        self.add_jobstore(store, "default")
+        self.add_executor(executor, "default")
+        self.store = store
+        self.executor = executor
+        self.poll_seconds = poll_seconds
+        self.on_fenced = on_fenced
+        self.enabled = threading.Event()
+        self.enabled.set()
+        self.last_pass = time.monotonic()
+        self.fired = 0
+
+    def stop_firing(self) -> None:
+        """Stop recording fires at once, without waiting for the loop thread."""
+        self.enabled.clear()
+        self.wakeup()
+
+    def _process_jobs(self) -> float | None:
+        # STOPPED or PAUSED: do nothing at all (APScheduler would still advance due jobs
+        # after shutdown, losing their runs).
+        if self.state != STATE_RUNNING or not self.enabled.is_set():
+            return None if self.state != STATE_RUNNING else self.poll_seconds
+        try:
+            wait = self._pass()
+        except Fenced as e:
+            self.enabled.clear()
+            log.warning("fire refused, this node no longer holds the epoch: %s", e)
+            self.on_fenced(str(e))
+            return self.poll_seconds
+        except DatabaseUnavailable as e:
+            log.warning("database unavailable during the scheduler pass: %s", e)
+            wait = min(0.5, self.poll_seconds)
+        except Exception:
+            log.exception("scheduler pass failed; retrying")
+            wait = self.poll_seconds
+        self.last_pass = time.monotonic()
+        return wait
+
+    def _pass(self) -> float:
+        while self.enabled.is_set():
+            now = datetime.now(UTC)
+            due = self.store.get_due_jobs(now)
+            if not due:
+                break
+            self.fired += self.executor.fire(due, now)
+            self.last_pass = time.monotonic()
+            if len(due) < self.store.batch_size:
+                break
+        nxt = self.store.get_next_run_time()
+        if nxt is None:
+            return self.poll_seconds
+        delay = (nxt - datetime.now(UTC)).total_seconds()
+        return max(0.0, min(delay, self.poll_seconds))

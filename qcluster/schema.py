@@ -1,0 +1,122 @@
+"""The shared tables, as SQLAlchemy Core objects.
+
+Alembic migrations in ``qcluster/migrations`` create and change them; this module is what
+the code queries. Every time column holds seconds since the Unix epoch, UTC, as a float:
+one type on SQLite and PostgreSQL, cheap to index and compare, and the same as the
+database clock expressions in :mod:`qcluster.db`.
+
+No column holds pickle. Job state is readable data: a trigger spec (JSON), a
+``module:function`` reference and JSON arguments.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (and so autoincrementing).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "qc_jobs",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("func", String(400), nullable=False),
+    Column("trigger", Text, nullable=False),  # JSON trigger spec, see qcluster.triggers
+    Column("args", Text, nullable=False, default="[]"),  # JSON list
+    Column("kwargs", Text, nullable=False, default="{}"),  # JSON object
+    Column("next_run_time", Float, nullable=True),  # NULL: paused or no fire time left
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("misfire_grace_seconds", Integer, nullable=True),  # NULL: the scheduler default
+    Column("coalesce", Boolean, nullable=True),  # NULL: the scheduler default
+    Column("recover", Boolean, nullable=False, default=False),
+    Column("broken", Text, nullable=True),  # why the row could not be loaded; set aside
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_qc_jobs_next_run_time", "next_run_time"),
+)
+
+cluster = Table(
+    "qc_cluster",
+    metadata,
+    Column("id", Integer, primary_key=True),  # always 1
+    Column("name", String(100), nullable=False),
+    Column("backend", String(20), nullable=False),  # the active coordination backend
+    Column("phase", String(40), nullable=False, default="stable"),
+    Column("target_backend", String(20), nullable=True),  # set during a migration
+    Column("config_version", Integer, nullable=False, default=1),
+    Column("epoch", BigInteger, nullable=False, default=0),
+    Column("leader_id", String(200), nullable=True),
+    Column("leader_uri", String(400), nullable=True),
+    Column("leader_since", Float, nullable=True),
+    Column("leader_backend", String(20), nullable=True),
+    Column("leader_token", BigInteger, nullable=False, default=0),
+)
+
+lease = Table(
+    "qc_lease",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("holder", String(200), nullable=True),
+    Column("token", BigInteger, nullable=False, default=0),
+    Column("expires_at", Float, nullable=True),  # on the database's clock
+)
+
+members = Table(
+    "qc_members",
+    metadata,
+    Column("node_id", String(200), primary_key=True),
+    Column("session", String(64), nullable=False),
+    Column("roles", String(100), nullable=False),
+    Column("uri", String(400), nullable=True),
+    Column("capacity", Integer, nullable=False, default=0),
+    Column("tags", Text, nullable=False, default="[]"),
+    Column("backends", String(100), nullable=False, default=""),
+    Column("config_version", Integer, nullable=False, default=0),
+    Column("status", Text, nullable=False, default=""),
+    Column("last_seen", Float, nullable=False),  # on the database's clock
+)
+
+runs = Table(
+    "qc_runs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", String(200), nullable=False),
+    Column("scheduled_at", Float, nullable=False),
+    Column("func", String(400), nullable=False),
+    Column("args", Text, nullable=False),
+    Column("kwargs", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("recover", Boolean, nullable=False, default=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("leader", String(200), nullable=False),
+    Column("worker", String(200), nullable=True),
+    Column("worker_session", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("dispatched_at", Float, nullable=True),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("duration", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
+    Index("ix_qc_runs_status", "status"),
+    Index("ix_qc_runs_scheduled_at", "scheduled_at"),
+)
+
+RUN_STATUSES = ("scheduled", "dispatched", "running", "succeeded", "failed", "missed", "lost")
+OPEN_STATUSES = ("scheduled", "dispatched", "running")

@@ -1,0 +1,486 @@
+"""Trigger specs: what a user types, as JSON-able data, and the APScheduler 3.11 trigger for it.
+
+Job state is stored without pickle; a :data:`TriggerSpec` (a flat dict of str and float) is
+what goes in the database. Promises:
+
+* ``validate_spec`` returns a spec's canonical form and is idempotent, so
+  ``validate_spec(json.loads(json.dumps(spec))) == spec`` for every spec made here.
+* ``build_trigger`` is a pure function of the spec: two leaders holding the same spec get
+  identical fire times (given the same tz database version on every node).
+* Every bad input raises InputError, one line quoting it; APScheduler's texts never escape.
+* Fire times are aware: in the job's zone from a trigger, in UTC from ``fire_times``.
+
+Cron dialect. 5 fields ``minute hour dom month dow``, or 6 with seconds first, crontab(5)
+numbering: dow 0 and 7 are Sunday, 1 is Monday; names sun..sat, jan..dec in any case;
+``*  a  a-b  */n  a-b/n  a/n`` (= ``a-max/n``) and comma lists. Ranges must ascend, except
+in dow, where they wrap round the week (``fri-mon`` = fri,sat,sun,mon). A step larger than
+its range keeps the first value. When dom and dow are both restricted, a day matches if
+EITHER matches (Vixie cron: a field starting with ``*``, even ``*/2``, is unrestricted).
+Macros @yearly @annually @monthly @weekly @daily @midnight @hourly; @reboot is refused.
+APScheduler's own syntax, ``second=*/10 minute=5 day_of_week=mon-fri``, passes through with
+APScheduler's meaning: day_of_week 0 is MONDAY there, and dom/dow are ANDed. A bare word
+continues the previous value (``day=last fri``).
+
+Daylight saving time, for a cron in a zone with DST (e.g. Europe/Berlin):
+
+* Spring gap (02:00-03:00 does not exist): a time in the gap fires once, shifted by the gap
+  (``30 2 * * *`` at 03:30 CEST); ``*/15`` fires at 01:45 CET, then 03:00 CEST. No day is
+  skipped; stock APScheduler 3.11.3 (issue #529) makes ``@daily`` lose the next day.
+* Autumn fold (02:00-03:00 happens twice): as in APScheduler, matching wall times fire in
+  both passes; ``30 2 * * *`` fires twice, an hourly job keeps firing every real hour.
+  A zone without DST (UTC) avoids both.
+
+Intervals fire at ``start + k * interval`` in real time, in whole microseconds, unaffected
+by DST.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from qcluster.errors import InputError
+
+TriggerSpec = dict[str, Any]  # JSON-able: {"type": ..., "tz": ..., ...}; see validate_spec
+
+_MICROSECOND = timedelta(microseconds=1)
+MIN_INTERVAL = 0.001  # seconds; a finer schedule is a busy loop, not a job
+MAX_INTERVAL = 3650 * 86400.0  # ten years; longer ones belong in a cron or a date
+
+_MACROS = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_APS_KEYS = ("year", "month", "day", "week", "day_of_week", "hour", "minute", "second")
+_APS_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # APScheduler: 0 is Monday
+_DAYS = {d: (i + 1) % 7 for i, d in enumerate(_APS_DAYS)}  # crontab: 0 is Sunday
+_MONTHS = {m: i + 1 for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"))}
+_ITEM = re.compile(r"(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?")
+_DURATION = re.compile(r"(?:(?P<d>{n})d)?(?:(?P<h>{n})h)?(?:(?P<m>{n})m(?!s))?(?:(?P<s>{n})s)?"
+                       r"(?:(?P<ms>{n})ms)?".format(n=r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"))
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
+              "date": {"type", "at", "tz"}}
+_When = datetime | None
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _small_int(digits: str) -> int:  # a huge number reads as a million: out of any range
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 6 else 10**6
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.astimezone(UTC)
+
+
+def _normalize(dt: datetime) -> datetime:
+    """The same instant, spelled as a real wall time of its zone (a gap time moves forward)."""
+    return dt.astimezone(UTC).astimezone(dt.tzinfo)
+
+
+def parse_zone(name: str) -> tzinfo:
+    """The IANA zone ``name`` (exact spelling, e.g. ``Europe/Paris``), or InputError."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError, UnicodeError):
+        raise InputError(f"unknown time zone {_quote(str(name))}") from None
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``text``: ``30s 5m 1h 1d 1h30m 250ms 2.5s``, or a plain number of seconds.
+
+    The result is rounded to whole microseconds and lies in [MIN_INTERVAL, MAX_INTERVAL].
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
+        raise InputError(f"invalid duration {text!r}")
+    if isinstance(text, str):
+        clean = "".join(text.lower().split())
+        try:
+            seconds = float(clean)
+        except ValueError:
+            match = _DURATION.fullmatch(clean)
+            if not clean or not match or not any(match.groups()):
+                hint = "use e.g. 30s, 5m, 1h30m, 250ms"
+                raise InputError(f"invalid duration {_quote(text)}: {hint}") from None
+            seconds = sum(float(v) * _UNITS[k] for k, v in match.groupdict().items() if v)
+    else:
+        seconds = float(text)
+    if not math.isfinite(seconds) or not MIN_INTERVAL <= round(seconds, 6) <= MAX_INTERVAL:
+        raise InputError(f"duration {_quote(str(text))} must be between 1ms and 3650d")
+    return round(seconds, 6)
+
+
+def _decimal(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def format_duration(seconds: float) -> str:
+    """Text that parse_duration reads back as ``seconds``: 30s, 1h30m, 250ms, 2.5s."""
+    if seconds < 1:
+        return f"{_decimal(seconds * 1000)}ms"
+    whole, frac = divmod(round(seconds, 6), 1)
+    out, rest = "", int(whole)
+    for unit in ("d", "h", "m"):
+        count, rest = divmod(rest, int(_UNITS[unit]))
+        out += f"{count}{unit}" if count else ""
+    if rest or frac:
+        out += f"{_decimal(rest + frac)}s"
+    return out
+
+
+# --- cron parsing --------------------------------------------------------------------------
+
+
+def _hint(token: str) -> str:
+    return " (Quartz L/W/#/? are not supported)" if set(token) & set("lw#?") else ""
+
+
+class _Field:
+    def __init__(self, name: str, lo: int, hi: int, names: dict[str, int] | None = None) -> None:
+        self.name, self.lo, self.hi, self.names = name, lo, hi, names or {}
+
+    def value(self, token: str) -> int:
+        if token in self.names:
+            return self.names[token]
+        if not token.isascii() or not token.isdigit():
+            raise ValueError(f"{self.name}: unknown value {_quote(token, 20)}{_hint(token)}")
+        if not self.lo <= _small_int(token) <= self.hi:
+            raise ValueError(f"{self.name} value {token[:8]} out of range {self.lo}-{self.hi}")
+        return _small_int(token)
+
+    def item(self, text: str) -> tuple[int, int, int]:
+        """(first, last, step) of one list item; ``last < first`` only for a wrapping range."""
+        match = _ITEM.fullmatch(text)
+        if not match:
+            raise ValueError(f"{self.name}: cannot read {_quote(text, 20)}{_hint(text)}")
+        base, step_text = match.groups()
+        step = 1 if step_text is None else _small_int(step_text)
+        if step < 1:
+            raise ValueError(f"{self.name}: step must be at least 1")
+        if base == "*":
+            return self.lo, self.hi, step
+        first_text, _, last_text = base.partition("-")
+        first = self.value(first_text)
+        if last_text:
+            return first, self.value(last_text), step
+        return first, (self.hi if step_text else first), step
+
+    def to_aps(self, text: str) -> str:
+        """This crontab field as an APScheduler field expression with the same meaning."""
+        out = []
+        for item in text.split(","):
+            first, last, step = self.item(item)
+            if last < first:
+                raise ValueError(f"{self.name} range {item} is reversed")
+            if step > last - first:
+                out.append(str(first))
+            elif item.startswith("*"):
+                out.append("*" if step == 1 else f"*/{step}")
+            else:
+                out.append(f"{first}-{last}" + (f"/{step}" if step > 1 else ""))
+        return ",".join(out)
+
+
+class _DayOfWeek(_Field):
+    def to_aps(self, text: str) -> str:
+        days: set[int] = set()  # crontab numbering, Sunday = 0
+        for item in text.split(","):
+            first, last, step = self.item(item)
+            span = [(first + i) % 7 for i in range((last - first) % 7 + 1)]
+            if last - first == 7:  # 0-7: the whole week, Sunday twice
+                span = [0, 1, 2, 3, 4, 5, 6, 0]
+            days.update(span[::step])
+        if len(days) == 7:
+            return "*"
+        return ",".join(_APS_DAYS[(d - 1) % 7] for d in sorted(days, key=lambda d: (d - 1) % 7))
+
+
+_CRON_FIELDS = (
+    _Field("second", 0, 59), _Field("minute", 0, 59), _Field("hour", 0, 23),
+    _Field("day-of-month", 1, 31), _Field("month", 1, 12, _MONTHS),
+    _DayOfWeek("day-of-week", 0, 7, _DAYS),
+)
+
+
+def _crontab_fields(expr: str) -> list[dict[str, str]]:
+    """CronTrigger keyword sets for a crontab line; two sets mean 'fire when either fires'."""
+    if expr.startswith("@"):
+        if expr.lower() == "@reboot":
+            raise ValueError("@reboot is not supported (a cluster has no boot)")
+        if expr.lower() not in _MACROS:
+            raise ValueError(f"unknown macro (expected one of {', '.join(_MACROS)})")
+        expr = _MACROS[expr.lower()]
+    parts = expr.lower().split()
+    if len(parts) == 5:
+        parts.insert(0, "0")
+    if len(parts) != 6:
+        raise ValueError(f"expected 5 fields, or 6 with seconds first, got {len(parts)}")
+    aps = [field.to_aps(part) for field, part in zip(_CRON_FIELDS, parts, strict=True)]
+    second, minute, hour, day, month, dow = aps
+    common = {"second": second, "minute": minute, "hour": hour, "month": month}
+    if parts[3].startswith("*") or parts[5].startswith("*"):
+        return [{**common, "day": day, "day_of_week": dow}]
+    return [{**common, "day": day, "day_of_week": "*"}, {**common, "day": "*", "day_of_week": dow}]
+
+
+def _keyword_fields(expr: str) -> list[dict[str, str]]:
+    """``key=value`` words, APScheduler's own field syntax, checked field by field."""
+    fields: dict[str, str] = {}
+    key = ""
+    for word in expr.split():
+        if "=" not in word:
+            if not key:
+                raise ValueError(f"expected key=value, got {_quote(word, 20)}")
+            fields[key] += " " + word
+            continue
+        key, _, value = word.partition("=")
+        if key not in _APS_KEYS:
+            raise ValueError(f"unknown field {_quote(key, 20)} (expected {', '.join(_APS_KEYS)})")
+        if key in fields:
+            raise ValueError(f"{key} given twice")
+        fields[key] = value
+    for key, value in fields.items():
+        try:
+            CronTrigger.FIELDS_MAP[key](key, value)
+        except (ValueError, TypeError, LookupError, OverflowError):
+            raise ValueError(f"{key}={_quote(value, 20)} is not a valid APScheduler "
+                             f"expression") from None
+    return [fields]
+
+
+def _cron_fields(expr: str) -> list[dict[str, str]]:
+    if not expr:
+        raise InputError("invalid cron expression '': it is empty")
+    try:
+        return _keyword_fields(expr) if "=" in expr else _crontab_fields(expr)
+    except ValueError as e:
+        raise InputError(f"invalid cron expression {_quote(expr)}: {e}") from None
+
+
+# --- triggers ------------------------------------------------------------------------------
+
+
+class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
+    """APScheduler's CronTrigger, which never skips a day after a spring-forward change.
+
+    Returned times are normalized (a gap time comes back as the real wall time after the gap).
+    Relies on ``CronTrigger._increment_field_value``; pyproject pins APScheduler < 3.12 and
+    tests/test_triggers.py guards it.
+    """
+
+    __slots__ = ()
+
+    def _increment_field_value(self, dateval: datetime, fieldnum: int) -> tuple[datetime, int]:
+        candidate, fieldnum = super()._increment_field_value(dateval, fieldnum)
+        # APScheduler adds the wall-clock difference in UTC. Across a spring-forward gap that
+        # lands one gap-length past the wall time it aimed at (00:00 becomes 01:00), and a cron
+        # at hour 0 then rolls over to the next day (issue #529). Aim at the wall time itself.
+        target = dateval.replace(tzinfo=None) + (_utc(candidate) - _utc(dateval))
+        exact = _normalize(target.replace(tzinfo=self.timezone))
+        if _utc(dateval) < _utc(exact) < _utc(candidate):
+            return exact, fieldnum
+        return candidate, fieldnum
+
+    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
+        try:
+            found = super().get_next_fire_time(previous_fire_time, now)
+        except OverflowError:  # walked off year 9999
+            return None
+        return None if found is None else _normalize(found)
+
+
+class EitherCronTrigger(OrTrigger):  # type: ignore[misc]
+    """Fires when any child fires: crontab's dom-OR-dow rule.
+
+    Unlike OrTrigger it compares UTC instants (datetimes sharing a tzinfo compare by wall
+    time, which is wrong in the autumn fold); on a tie the first child's time wins.
+    """
+
+    __slots__ = ("timezone",)
+
+    def __init__(self, triggers: list[BaseTrigger], timezone: tzinfo) -> None:
+        super().__init__(triggers)
+        self.timezone = timezone
+
+    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
+        times: list[_When] = [t.get_next_fire_time(previous_fire_time, now) for t in self.triggers]
+        found = [t for t in times if t is not None]
+        return min(found, key=_utc) if found else None
+
+
+class AlignedIntervalTrigger(IntervalTrigger):  # type: ignore[misc]
+    """Fires at ``start_date + k * interval`` (k >= 0) in real time, in whole microseconds.
+
+    The next time is the first such time after ``previous_fire_time``, or at/after ``now``
+    when there is none, so a misaligned previous time is pulled back onto the grid.
+    """
+
+    __slots__ = ()
+
+    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
+        start = _utc(self.start_date)
+        if previous_fire_time is not None:
+            base = _utc(previous_fire_time) + _MICROSECOND
+        else:
+            base = max(_utc(now), start)
+        interval: timedelta = self.interval
+        steps = max(0, -((start - base) // interval))  # ceil, in integer microseconds
+        try:
+            found: datetime = (start + interval * steps).astimezone(self.timezone)
+        except OverflowError:
+            return None
+        return found
+
+
+def _parse_at(text: str, zone: tzinfo, *, need_offset: bool) -> datetime:
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except (ValueError, TypeError, AttributeError):
+        hint = "use ISO 8601, e.g. 2026-12-01T09:00 or 2026-12-01T09:00+01:00"
+        raise InputError(f"invalid date {_quote(str(text))}: {hint}") from None
+    if at.tzinfo is None and need_offset:
+        raise InputError(f"date {_quote(text)} has no UTC offset")
+    try:
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=zone)  # fold=0: an ambiguous autumn time is the first one
+            if _normalize(at).replace(tzinfo=None) != at.replace(tzinfo=None):
+                raise InputError(f"{_quote(text)} does not exist in {zone} (skipped by DST)")
+        return at.astimezone(zone)
+    except OverflowError:
+        raise InputError(f"date {_quote(text)} is out of range") from None
+
+
+def _string(spec: dict[Any, Any], key: str) -> str:
+    value = spec[key]
+    if not isinstance(value, str):
+        raise InputError(f"trigger spec: {key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def validate_spec(spec: object) -> TriggerSpec:
+    """The canonical form of ``spec`` (from a file, an RPC or the database), or InputError.
+
+    Canonical: cron ``expr`` with single spaces, interval ``seconds`` a float and ``start`` in
+    UTC, date ``at`` in the job's zone, both ISO 8601 with an offset. Unknown keys are errors.
+    """
+    if not isinstance(spec, dict):
+        raise InputError(f"trigger spec must be an object, got {type(spec).__name__}")
+    kind = spec.get("type")
+    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
+        raise InputError(f"unknown trigger type {kind!r} (expected cron, interval or date)")
+    if set(spec) != _SPEC_KEYS[kind]:
+        raise InputError(f"a {kind} trigger spec has exactly the keys "
+                         f"{', '.join(sorted(_SPEC_KEYS[kind]))}")
+    tz = _string(spec, "tz")
+    zone = parse_zone(tz)
+    if kind == "cron":
+        expr = " ".join(_string(spec, "expr").split())
+        _cron_fields(expr)
+        return {"type": "cron", "expr": expr, "tz": tz}
+    if kind == "interval":
+        seconds = spec["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise InputError("trigger spec: seconds must be a number")
+        start = _parse_at(_string(spec, "start"), UTC, need_offset=True)
+        return {"type": "interval", "seconds": parse_duration(seconds),
+                "start": start.isoformat(), "tz": tz}
+    at = _parse_at(_string(spec, "at"), zone, need_offset=True)
+    return {"type": "date", "at": at.isoformat(), "tz": tz}
+
+
+def build_trigger(spec: TriggerSpec) -> BaseTrigger:
+    """The APScheduler trigger for ``spec`` (validated first), in the spec's zone."""
+    spec = validate_spec(spec)
+    zone = parse_zone(spec["tz"])
+    if spec["type"] == "cron":
+        triggers = [WallClockCronTrigger(**fields, timezone=zone)
+                    for fields in _cron_fields(spec["expr"])]
+        return triggers[0] if len(triggers) == 1 else EitherCronTrigger(triggers, zone)
+    if spec["type"] == "interval":
+        start = datetime.fromisoformat(spec["start"]).astimezone(zone)
+        return AlignedIntervalTrigger(seconds=spec["seconds"], start_date=start, timezone=zone)
+    return DateTrigger(run_date=datetime.fromisoformat(spec["at"]), timezone=zone)
+
+
+def make_spec(*, cron: str | None = None, every: str | float | None = None,
+              at: str | None = None, tz: str | None = None, default_tz: str = "UTC",
+              now: datetime | None = None) -> TriggerSpec:
+    """A canonical spec from what a user typed (exactly one of cron, every, at).
+
+    ``tz`` (default ``default_tz``) is the job's zone: crons run on its wall clock and an
+    ``at`` without an offset is read in it. An interval starts at ``now`` truncated to the
+    whole second, so every node's 1 s job fires on whole seconds. A cron that can never fire
+    after ``now`` (``0 0 31 2 *``) is refused. A date in the past is allowed; the scheduler's
+    misfire policy deals with it.
+    """
+    if sum(x is not None for x in (cron, every, at)) != 1:
+        raise InputError("give exactly one of --cron, --every, --at")
+    if now is None:
+        now = datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    zone_name = (default_tz if tz is None else tz).strip()
+    zone = parse_zone(zone_name)
+    if cron is not None:
+        spec = validate_spec({"type": "cron", "expr": cron, "tz": zone_name})
+        if build_trigger(spec).get_next_fire_time(None, now) is None:
+            raise InputError(f"invalid cron expression {_quote(spec['expr'])}: it never fires")
+        return spec
+    if every is not None:
+        start = _utc(now).replace(microsecond=0)
+        return validate_spec({"type": "interval", "seconds": parse_duration(every),
+                              "start": start.isoformat(), "tz": zone_name})
+    assert at is not None
+    when = _parse_at(at, zone, need_offset=False)
+    return validate_spec({"type": "date", "at": when.isoformat(), "tz": zone_name})
+
+
+def describe(spec: TriggerSpec) -> str:
+    """Short text: ``cron 0 9 * * 1 (Europe/Paris)``, ``every 30s``, ``at 2026-...+00:00``."""
+    spec = validate_spec(spec)
+    if spec["type"] == "cron":
+        return f"cron {spec['expr']} ({spec['tz']})"
+    if spec["type"] == "interval":
+        return f"every {format_duration(spec['seconds'])}"
+    return f"at {spec['at']}"
+
+
+def fire_times(
+    spec_or_trigger: TriggerSpec | BaseTrigger, start: datetime, end: datetime, limit: int
+) -> list[datetime]:
+    """Up to ``limit`` fire times in [start, end], ascending, as aware UTC datetimes.
+
+    Walks the trigger the way APScheduler enumerates missed runs (each call given the
+    previous fire time); stops early if a trigger fails to move forward.
+    """
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    given = spec_or_trigger
+    trigger = build_trigger(given) if isinstance(given, dict) else given
+    times: list[datetime] = []
+    previous: datetime | None = None
+    while len(times) < limit:
+        found = trigger.get_next_fire_time(previous, start if previous is None else previous)
+        if found is None or _utc(found) > _utc(end):
+            break
+        if previous is not None and _utc(found) <= _utc(previous):
+            break
+        if _utc(found) >= _utc(start):
+            times.append(_utc(found))
+        previous = found
+    return times

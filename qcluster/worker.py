@@ -1,0 +1,329 @@
+"""The worker: a Pyro5 object that accepts runs, and a bounded pool that runs them.
+
+Promises:
+
+* A worker refuses a batch whose epoch is older than the newest epoch it has seen, and
+  a second copy of a run attempt it already took (DESIGN.md invariant 4).
+* Across workers, a run attempt starts at most once: a worker claims it in the database
+  (``scheduled`` -> ``dispatched``, naming itself) before running it, and only the one
+  claim that commits runs it.
+* Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
+  with the reason.
+* Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
+  duration) are written in batches by one writer thread, and only over this worker's own
+  claim, so a run that the leader has meanwhile declared ``lost`` is not overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import Pyro5.server
+import sqlalchemy as sa
+
+from qcluster import schema
+from qcluster.context import RunContext, enter_run, leave_run
+from qcluster.db import Database
+from qcluster.errors import InputError, QClusterError
+from qcluster.jobdefs import check_func_ref, resolve_func
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 5000
+_RUN_KEYS = {"run_id": int, "job_id": str, "func": str, "args": str, "kwargs": str,
+             "scheduled_at": float, "attempt": int, "epoch": int, "recover": bool}
+_SEEN = 200_000
+
+
+def check_batch(epoch: object, runs: object) -> list[dict[str, Any]]:
+    """Validate a dispatch payload from the wire. InputError on anything malformed."""
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise InputError("epoch must be a non-negative integer")
+    if not isinstance(runs, list) or len(runs) > MAX_BATCH:
+        raise InputError(f"runs must be a list of at most {MAX_BATCH}")
+    out = []
+    for run in runs:
+        if not isinstance(run, dict) or set(run) != set(_RUN_KEYS):
+            raise InputError("malformed run record")
+        for key, kind in _RUN_KEYS.items():
+            value = run[key]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = run[key] = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise InputError(f"malformed run record: {key}")
+        if len(run["args"]) > 65536 or len(run["kwargs"]) > 65536 or len(run["func"]) > 400:
+            raise InputError("run record too large")
+        out.append(run)
+    return out
+
+
+class OutcomeWriter:
+    """Writes run outcomes in batches, from one thread."""
+
+    def __init__(self, db: Database, session: str, interval: float = 0.05) -> None:
+        self.db = db
+        self.session = session
+        self.interval = interval
+        self._started: dict[tuple[int, int], float] = {}
+        self._finished: dict[tuple[int, int], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="qc-outcomes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def started(self, run_id: int, attempt: int, at: float) -> None:
+        with self._lock:
+            self._started[(run_id, attempt)] = at
+
+    def finished(self, run_id: int, attempt: int, status: str, started: float,
+                 finished: float, error: str | None) -> None:
+        with self._lock:
+            self._finished[(run_id, attempt)] = {
+                "b_id": run_id, "b_attempt": attempt, "b_status": status,
+                "b_started": started, "b_finished": finished,
+                "b_duration": finished - started, "b_error": error,
+            }
+        if len(self._finished) >= 500:
+            self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._started) + len(self._finished)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush what is pending (within ``timeout``) and stop. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            try:
+                self.flush()
+            except QClusterError as e:
+                log.warning("could not write run outcomes yet (will retry): %s", e)
+                if stopping:
+                    return
+                self._stop.wait(0.5)
+                continue
+            if stopping and not self.pending():
+                return
+
+    def flush(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, {}
+            started = {k: v for k, v in self._started.items() if k not in finished}
+            self._started = {}
+        if not finished and not started:
+            return
+        r = schema.runs
+        mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
+                r.c.worker_session == self.session)
+        try:
+            with self.db.write() as conn:
+                if started:
+                    conn.execute(
+                        r.update().where(*mine, r.c.status == "dispatched")
+                        .values(status="running", started_at=sa.bindparam("b_started")),
+                        [{"b_id": k[0], "b_attempt": k[1], "b_started": v}
+                         for k, v in started.items()],
+                    )
+                if finished:
+                    conn.execute(
+                        r.update()
+                        .where(*mine, sa.or_(r.c.status == "dispatched", r.c.status == "running"))
+                        .values(status=sa.bindparam("b_status"),
+                                started_at=sa.bindparam("b_started"),
+                                finished_at=sa.bindparam("b_finished"),
+                                duration=sa.bindparam("b_duration"),
+                                error=sa.bindparam("b_error")),
+                        list(finished.values()),
+                    )
+        except QClusterError:
+            with self._lock:  # put them back, newer entries win
+                self._finished = {**finished, **self._finished}
+                self._started = {**started, **self._started}
+            raise
+
+
+@Pyro5.server.expose
+class WorkerService:
+    """The object a leader calls. Every argument is checked; bad calls are refused."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def submit(self, epoch: Any, runs: Any) -> dict[str, Any]:
+        try:
+            batch = check_batch(epoch, runs)
+        except InputError as e:
+            raise ValueError(f"refused: {e}") from None
+        return self._worker.accept(epoch, batch)
+
+    def ping(self) -> dict[str, Any]:
+        return self._worker.load()
+
+
+class Worker:
+    """Accepts runs over RPC and runs them in a bounded pool."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        node_id: str,
+        session: str,
+        concurrency: int,
+        allow: Sequence[str],
+        max_queue: int | None = None,
+    ) -> None:
+        self.db = db
+        self.node_id = node_id
+        self.session = session
+        self.concurrency = concurrency
+        self.allow = list(allow)
+        self.max_queue = max_queue or max(1000, concurrency * 100)
+        self.writer = OutcomeWriter(db, session)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qc-job")
+        self._lock = threading.Lock()
+        self._max_epoch = 0
+        self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._inflight = 0
+        self._accepting = True
+        self._funcs: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def stop(self, grace: float) -> None:
+        """Refuse new runs, let running ones finish (up to ``grace`` s), flush outcomes."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + grace
+        while self.inflight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.writer.stop()
+
+    def inflight(self) -> int:
+        with self._lock:
+            return self._inflight
+
+    def load(self) -> dict[str, Any]:
+        return {"inflight": self.inflight(), "capacity": self.concurrency,
+                "max_queue": self.max_queue, "epoch": self._max_epoch}
+
+    def accept(self, epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        refused: list[list[Any]] = []
+        fresh: list[dict[str, Any]] = []
+        with self._lock:
+            if not self._accepting:
+                return {"accepted": [], "refused": [[r["run_id"], "shutting down"] for r in runs],
+                        **self.load()}
+            if epoch < self._max_epoch:
+                return {"accepted": [],
+                        "refused": [[r["run_id"], "stale epoch"] for r in runs], **self.load()}
+            self._max_epoch = epoch
+            room = self.max_queue - self._inflight
+            for run in runs:
+                key = (run["run_id"], run["attempt"])
+                if key in self._seen:
+                    refused.append([run["run_id"], "duplicate"])
+                elif room <= 0:
+                    refused.append([run["run_id"], "busy"])
+                else:
+                    room -= 1
+                    self._seen[key] = None
+                    fresh.append(run)
+            while len(self._seen) > _SEEN:
+                self._seen.popitem(last=False)
+            self._inflight += len(fresh)
+        claimed = self._claim(fresh)
+        accepted = []
+        for run in fresh:
+            if run["run_id"] in claimed:
+                accepted.append(run["run_id"])
+                self._pool.submit(self._execute, run)
+            else:
+                refused.append([run["run_id"], "already claimed"])
+        with self._lock:
+            self._inflight -= len(fresh) - len(accepted)
+        return {"accepted": accepted, "refused": refused, **self.load()}
+
+    def _claim(self, runs: list[dict[str, Any]]) -> set[int]:
+        """Take the runs in the database: only the claim that commits may run them."""
+        if not runs:
+            return set()
+        r = schema.runs
+        by_attempt: dict[int, list[int]] = {}
+        for run in runs:
+            by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
+        claimed: set[int] = set()
+        try:
+            with self.db.write() as conn:
+                now = self.db.now_expr()
+                for attempt, ids in by_attempt.items():
+                    rows = conn.execute(
+                        r.update()
+                        .where(r.c.id.in_(ids), r.c.attempt == attempt,
+                               r.c.status == "scheduled")
+                        .values(status="dispatched", worker=self.node_id,
+                                worker_session=self.session, dispatched_at=now)
+                        .returning(r.c.id)
+                    )
+                    claimed.update(int(x) for x in rows.scalars())
+        except QClusterError as e:
+            log.warning("could not claim %d runs: %s", len(runs), e)
+            with self._lock:  # let them be sent again once the database answers
+                for run in runs:
+                    self._seen.pop((run["run_id"], run["attempt"]), None)
+            return set()
+        return claimed
+
+    def _execute(self, run: dict[str, Any]) -> None:
+        started = time.time()
+        self.writer.started(run["run_id"], run["attempt"], started)
+        ctx = RunContext(
+            job_id=run["job_id"], run_id=run["run_id"],
+            scheduled_at=datetime.fromtimestamp(run["scheduled_at"], UTC),
+            attempt=run["attempt"], epoch=run["epoch"], worker_id=self.node_id,
+        )
+        token = enter_run(ctx)
+        status, error = "succeeded", None
+        try:
+            func = self._resolve(run["func"])
+            func(*json.loads(run["args"]), **json.loads(run["kwargs"]))
+        except QClusterError as e:
+            status, error = "failed", f"refused: {e}"
+        except BaseException as e:  # a job's failure is data, never the worker's crash
+            status, error = "failed", f"{type(e).__name__}: {e}"[:4000]
+            if not isinstance(e, Exception):
+                log.warning("job %s raised %s", run["job_id"], type(e).__name__)
+        finally:
+            leave_run(token)
+            finished = time.time()
+            self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error)
+            with self._lock:
+                self._inflight -= 1
+
+    def _resolve(self, ref: str) -> Any:
+        func = self._funcs.get(ref)
+        if func is None:
+            check_func_ref(ref, self.allow)
+            func = self._funcs[ref] = resolve_func(ref)
+        return func

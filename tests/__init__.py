@@ -1,0 +1,2 @@
+"""qcluster's tests. A package, so that ``from tests.servers import ...`` works under
+both ``pytest`` and ``python -m pytest``."""

@@ -1,0 +1,286 @@
+"""Shared fixtures: real PostgreSQL, ZooKeeper and Redis servers on loopback.
+
+The shared servers start once per session, on first use, unless an environment variable
+names servers that already run:
+
+- ``QCLUSTER_TEST_PG_URL``: SQLAlchemy URL of a PostgreSQL database whose user may
+  CREATE DATABASE (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``);
+- ``QCLUSTER_TEST_ZK_HOSTS``: ``host:port[,host:port...]``;
+- ``QCLUSTER_TEST_REDIS_URLS``: comma-separated ``redis://`` URLs, one per Redlock master.
+
+Each test gets a namespace of its own on them (a database, a ZooKeeper chroot, a Redis key
+prefix) that is removed after it. A test that must stop, kill or pause a server uses a
+private one (``private_pg``, ``private_zk``, ``private_redis``, ``server_factory``).
+
+When a server cannot be had, a test that needs it fails in CI (``CI=true``) and is skipped
+elsewhere, so a laptop without ZooKeeper still runs the rest.
+
+This file stays generic: it imports nothing from qcluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests import servers
+from tests.servers import (
+    PostgresServer,
+    RedisServer,
+    Server,
+    ServerError,
+    ZooKeeperServer,
+    create_database,
+    drop_database,
+)
+
+IN_CI = os.environ.get("CI") == "true"
+REDIS_MASTERS = 3
+
+S = TypeVar("S", bound=Server)
+
+
+def unavailable(message: str) -> NoReturn:
+    """A server the test needs cannot be had: fail in CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing server is a failure)", pytrace=False)
+    pytest.skip(f"{message} (skipped outside CI; with CI=true this fails)")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def start_server(make: Callable[..., S], **kwargs: Any) -> S:
+    """Construct and start a server, or call :func:`unavailable`."""
+    try:
+        server = make(**kwargs)
+    except ServerError as e:
+        unavailable(str(e))
+    try:
+        return server.start()
+    except ServerError as e:
+        server.close()
+        unavailable(str(e))
+
+
+def unique(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:12]}"
+
+
+# -- SQL databases
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """SQLAlchemy URL of the shared PostgreSQL server's maintenance database."""
+    if env := os.environ.get("QCLUSTER_TEST_PG_URL"):
+        yield env
+        return
+    server = start_server(PostgresServer)
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL database (qct_<random>), dropped after the test."""
+    name = unique("qct", sep="_")
+    try:
+        url = create_database(pg_admin_url, name)
+    except Exception as e:
+        unavailable(f"cannot create a database on {redact(pg_admin_url)}: {e}")
+    yield url
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """SQLAlchemy URL of an SQLite file in the test's tmp_path."""
+    return f"sqlite:///{tmp_path / 'qcluster.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The test runs twice: on an SQLite file and on a fresh PostgreSQL database."""
+    # getfixturevalue: an SQLite-only run never starts PostgreSQL.
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+# -- ZooKeeper
+
+
+@dataclass(frozen=True)
+class ZkNamespace:
+    """A ZooKeeper chroot of one test: ``hosts`` plus ``chroot`` (e.g. "/qct-1a2b...")."""
+
+    hosts: list[str]
+    chroot: str
+
+    @property
+    def connect_string(self) -> str:
+        """The kazoo ``hosts`` argument that roots the client at ``chroot``."""
+        return ",".join(self.hosts) + self.chroot
+
+
+@pytest.fixture(scope="session")
+def zk_hosts() -> Iterator[list[str]]:
+    """The shared ZooKeeper's "host:port" entries."""
+    if env := os.environ.get("QCLUSTER_TEST_ZK_HOSTS"):
+        yield [host.strip() for host in env.split(",") if host.strip()]
+        return
+    server = start_server(ZooKeeperServer)
+    try:
+        yield [server.hosts]
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def zk_admin(zk_hosts: list[str]) -> Iterator[Any]:
+    """A kazoo client at the shared ZooKeeper's root, to make and remove chroots."""
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=",".join(zk_hosts), timeout=10.0)
+    try:
+        client.start(timeout=15)
+    except Exception as e:
+        client.close()
+        unavailable(f"cannot connect to ZooKeeper at {','.join(zk_hosts)}: {e}")
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
+def zk(zk_hosts: list[str], zk_admin: Any) -> Iterator[ZkNamespace]:
+    """A fresh chroot on the shared ZooKeeper, deleted (recursively) after the test."""
+    from kazoo.exceptions import NoNodeError, NotEmptyError
+
+    chroot = unique("/qct")
+    zk_admin.ensure_path(chroot)
+    yield ZkNamespace(hosts=list(zk_hosts), chroot=chroot)
+    # A session the test left open may still add ephemeral nodes while we delete.
+    for _ in range(5):
+        try:
+            zk_admin.delete(chroot, recursive=True)
+            return
+        except NoNodeError:
+            return
+        except NotEmptyError:
+            time.sleep(0.2)
+    warnings.warn(f"could not delete ZooKeeper chroot {chroot}", stacklevel=1)
+
+
+# -- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server_urls() -> Iterator[list[str]]:
+    """URLs of the shared Redis servers: three independent masters, for Redlock."""
+    if env := os.environ.get("QCLUSTER_TEST_REDIS_URLS"):
+        yield [url.strip() for url in env.split(",") if url.strip()]
+        return
+    started: list[RedisServer] = []
+    try:
+        for _ in range(REDIS_MASTERS):
+            started.append(start_server(RedisServer))
+        yield [server.url for server in started]
+    finally:
+        for server in started:
+            server.close()
+
+
+@pytest.fixture
+def redis_urls(redis_server_urls: list[str]) -> list[str]:
+    """The shared Redis URLs (three, unless QCLUSTER_TEST_REDIS_URLS says otherwise)."""
+    return list(redis_server_urls)
+
+
+@pytest.fixture
+def redis_prefix(redis_urls: list[str]) -> Iterator[str]:
+    """A key prefix of this test ("qct-<random>"); its keys are deleted on every server after."""
+    import redis
+
+    prefix = unique("qct")
+    yield prefix
+    for url in redis_urls:
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+
+
+# -- private servers, which a test may stop, kill or pause
+
+
+class ServerFactory:
+    """Starts private servers for one test; closes them all after it."""
+
+    def __init__(self) -> None:
+        self._servers: list[Server] = []
+
+    def start(self, kind: type[S], **kwargs: Any) -> S:
+        """Start ``kind(**kwargs)``, e.g. ``start(RedisServer, persist=True)``."""
+        server = start_server(kind, **kwargs)
+        self._servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in reversed(self._servers):
+            server.close()
+        self._servers.clear()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[ServerFactory]:
+    """A :class:`ServerFactory`: ``server_factory.start(RedisServer)`` and so on."""
+    factory = ServerFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def private_pg(server_factory: ServerFactory) -> PostgresServer:
+    """A started PostgreSQL of this test alone (closed after it)."""
+    return server_factory.start(PostgresServer)
+
+
+@pytest.fixture
+def private_zk(server_factory: ServerFactory) -> ZooKeeperServer:
+    """A started ZooKeeper of this test alone (closed after it)."""
+    return server_factory.start(ZooKeeperServer)
+
+
+@pytest.fixture
+def private_redis(server_factory: ServerFactory) -> RedisServer:
+    """A started Redis of this test alone, without persistence (closed after it)."""
+    return server_factory.start(RedisServer)
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """``free_port()`` gives a loopback TCP port that nothing listens on now."""
+    return servers.free_port

@@ -1,0 +1,41 @@
+"""Small helpers of the contract suite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class LossRecorder:
+    """An ``on_lost`` callback that remembers its calls."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.at: float | None = None
+        self._event = threading.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.at = time.monotonic()
+        self._event.set()
+
+    @property
+    def calls(self) -> int:
+        return len(self.reasons)
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
