@@ -168,7 +168,7 @@ class RedisBackend(CoordinationBackend):
         self._ttl_ms = int(lease_seconds * 1000)
         self._drift = 0.01 * lease_seconds + 0.002
         # Small next to the TTL (Redlock): a dead master must not eat the validity.
-        self._socket_timeout = min(max(lease_seconds / 20, 0.05), 1.0)
+        self._socket_timeout = min(max(lease_seconds / 20, 0.1), 0.5)
         self.quorum = len(urls) // 2 + 1
         base = f"{key_prefix}:{cluster}"
         self._lease_key, self._token_key = f"{base}:leader", f"{base}:token"
@@ -178,6 +178,7 @@ class RedisBackend(CoordinationBackend):
         self._clients: list[redis.Redis[bytes]] = []
         self._scripts: dict[str, Any] = {}
         self._held: dict[tuple[str, int], _Held] = {}
+        self._members: dict[str, MemberInfo] = {}  # removed on stop
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -217,11 +218,15 @@ class RedisBackend(CoordinationBackend):
     def stop(self) -> None:
         with self._lock:
             held, self._held = dict(self._held), {}
+            members, self._members = list(self._members.values()), {}
             clients, self._clients = self._clients, []
+        # Leave now rather than after the TTLs: the lease is free at once for another node.
         for (holder, token), h in held.items():
-            # Dropping the lease frees it now, rather than after the TTL.
             self._run_all(clients, "release", [self._lease_key, self._info_key], [h.owner])
             log.info("released the Redis lease of %s (token %s) on stop", holder, token)
+        for m in members:
+            keys = [self._member_prefix + m.node_id, self._index_key]
+            self._run_all(clients, "remove_member", keys, [m.session, m.node_id])
         for client in clients:
             client.close()
 
@@ -303,7 +308,10 @@ class RedisBackend(CoordinationBackend):
                 held.on_lost = None
         if callback is not None:
             log.warning("leadership lost: %s", reason)
-            callback(reason)
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("on_lost callback failed")
 
     # -- leader publication ----------------------------------------------------------
 
@@ -352,11 +360,16 @@ class RedisBackend(CoordinationBackend):
         keys = [self._member_prefix + member.node_id, self._index_key]
         args = [json.dumps(fields), member.session, int(self.member_timeout * 1000),
                 member.node_id]  # fmt: skip
+        with self._lock:
+            self._members[member.node_id] = member
         results = self._run_all(self._started(), "heartbeat", keys, args)
         if not any(_ok(r) for r in results):
             raise BackendUnavailable("no Redis master answered the member heartbeat")
 
     def remove_member(self, member: MemberInfo) -> None:
+        with self._lock:
+            if getattr(self._members.get(member.node_id), "session", None) == member.session:
+                del self._members[member.node_id]
         keys = [self._member_prefix + member.node_id, self._index_key]
         results = self._run_all(
             self._started(), "remove_member", keys, [member.session, member.node_id]

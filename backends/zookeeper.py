@@ -24,8 +24,8 @@ Promises, on top of :mod:`backends.base`:
   larger czxid, so tokens still only grow and every token exceeds its ``min_token``.
 * Loss (``on_lost``, at once): SUSPENDED, LOST, or the election node deleted. After
   SUSPENDED -> CONNECTED with the same session the node still exists; ``try_acquire`` by
-  the same holder reuses it and gets the same token back. Nobody reclaiming it within
-  ``valid_for`` means it is deleted, so that it cannot block the election.
+  the same holder reuses it (same token, unless ``min_token`` asks for more). Nobody
+  reclaiming it within ``valid_for`` means it is deleted, so that it cannot block others.
 * ``valid_for`` = 2/3 of the session timeout: kazoo's read timeout, after which it reports
   SUSPENDED on a dead connection, before the server may expire the session.
 * Members are ephemeral nodes (a dead process drops out when its session expires); one
@@ -69,12 +69,13 @@ _CANDIDATE = "__cand__"
 
 
 class _HideSecrets(logging.Filter):
-    """kazoo logs every request at DEBUG, the digest ``user:password`` and the session
-    password included; drop those records."""
+    """kazoo logs each request at DEBUG, the digest ``user:password`` and the session
+    password included (which would let a reader take over the session): drop those."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not any(isinstance(a, Auth | Connect) for a in args)
+        secret = any(isinstance(a, Auth | Connect) for a in args)
+        return not (secret or "passwd" in str(record.msg))
 
 
 _kazoo_log = logging.getLogger(__name__ + ".kazoo")
@@ -83,22 +84,25 @@ _kazoo_log.addFilter(_HideSecrets())
 
 @dataclasses.dataclass
 class _Claim:
-    """This backend's election node, while it backs a lease or waits to be reclaimed."""
+    """Our election node, while it backs a lease or waits to be reclaimed."""
 
     holder: str
     node: str
-    czxid: int
     session: int
     token: int
-    on_lost: LossCallback | None  # None once the loss was reported (or never to report)
+    on_lost: LossCallback | None  # None once the loss is reported
 
 
 def _seq(name: str) -> int:
     return int(name.rsplit(_CANDIDATE, 1)[1])
 
 
+def _lowest(children: list[str]) -> str | None:
+    return min((c for c in children if _CANDIDATE in c), key=_seq, default=None)
+
+
 def _known(cls: type[Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields ``cls`` has: a newer node may write more."""
+    """The fields ``cls`` has (a newer node may write more)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in fields.items() if k in names}
 
@@ -124,27 +128,24 @@ class ZooKeeperBackend(CoordinationBackend):
             raise ConfigError(f"cluster name {cluster!r} cannot be a ZooKeeper node name")
         if chroot and not chroot.startswith("/"):
             raise ConfigError(f"ZooKeeper chroot {chroot!r} must start with '/'")
-        self.hosts = list(hosts)
-        self.chroot = chroot.rstrip("/")
-        self.session_timeout = session_timeout
-        self.member_timeout = member_timeout
-        self._auth = auth  # a secret: never logged, never in repr
+        self.hosts, self.chroot = list(hosts), chroot.rstrip("/")
+        self.session_timeout, self.member_timeout = session_timeout, member_timeout
+        self._auth = auth  # "user:password", a secret: never logged, never in repr
+        # kazoo's read timeout. Also the longest we wait for an answer: kazoo queues calls
+        # while it reconnects, and try_acquire must not block for long.
         self.valid_for = session_timeout * 2 / 3
-        # A call that gets no answer within kazoo's read timeout fails rather than waits:
-        # kazoo queues calls while it reconnects, and try_acquire must not block for long.
-        self._op_timeout = self.valid_for
         base = f"/qcluster/{cluster}"
         self._election, self._leader = f"{base}/election", f"{base}/leader"
         self._members_path, self._token_base = f"{base}/members", f"{base}/token_base"
         self._clock = f"{base}/clock"
-        self._prefix = uuid.uuid4().hex  # this instance's contender nodes
+        self._prefix = uuid.uuid4().hex  # names this instance's contender nodes
         self._client: KazooClient | None = None
-        self._known_session = 0  # the session of the last CONNECTED, for _after_connect
-        self._lock = threading.RLock()  # guards the fields below, never held over a call
-        self._campaign = threading.Lock()  # one acquire/renew/release at a time
+        self._stopped = threading.Event()
+        self._lock = threading.RLock()  # guards the fields below; never held over a call
+        self._campaign = threading.Lock()  # one acquire/renew/release/drop at a time
         self._claim: _Claim | None = None
-        self._members: dict[str, MemberInfo] = {}
-        self._reclaim_timer: threading.Timer | None = None
+        self._members: dict[str, MemberInfo] = {}  # re-created after a session loss
+        self._known_session = 0
 
     def __repr__(self) -> str:
         auth = "digest" if self._auth else "none"
@@ -156,7 +157,8 @@ class ZooKeeperBackend(CoordinationBackend):
         with self._lock:
             if self._client is not None:
                 return
-            client = KazooClient(
+            self._stopped.clear()
+            self._client = client = KazooClient(
                 hosts=",".join(self.hosts) + self.chroot,
                 timeout=self.session_timeout,
                 auth_data=[("digest", self._auth)] if self._auth else None,
@@ -165,15 +167,17 @@ class ZooKeeperBackend(CoordinationBackend):
                 connection_retry=KazooRetry(max_tries=-1, delay=0.05, max_delay=1.0),
                 logger=_kazoo_log,
             )
-            self._client = client
         client.add_listener(self._on_state)
         try:
-            with self._errors("connecting"):
+            with self._errors(f"connecting to {','.join(self.hosts)}"):
                 client.start(timeout=max(self.session_timeout, 5.0))
-                for path in (self._election, self._members_path):
-                    client.ensure_path(path)
+                client.ensure_path(self._election)
+                client.ensure_path(self._members_path)
                 for path, value in ((self._leader, b""), (self._token_base, b"0")):
-                    self._create_if_missing(path, value)
+                    with suppress(NodeExistsError):
+                        client.create(path, value)
+                with suppress(NodeExistsError):
+                    client.create(self._clock, b"")
         except BackendUnavailable:
             self.stop()
             raise
@@ -181,13 +185,12 @@ class ZooKeeperBackend(CoordinationBackend):
     def stop(self) -> None:
         with self._lock:
             client, self._client = self._client, None
-            if self._reclaim_timer is not None:
-                self._reclaim_timer.cancel()
             self._members.clear()
+        self._stopped.set()
         if client is None:
             return
         # Closing ends the session: ZooKeeper deletes our ephemeral nodes (election node,
-        # members) itself. The LOST state that follows reports the loss of a held lease.
+        # members) itself. The LOST state that follows reports a held lease as lost.
         try:
             client.stop()
             client.close()
@@ -200,48 +203,47 @@ class ZooKeeperBackend(CoordinationBackend):
     def try_acquire(self, holder: str, on_lost: LossCallback, min_token: int = 0) -> Lease | None:
         with self._campaign, self._errors("campaigning"):
             client = self._connected()
-            session = self._live_session(client)
+            session = self._session(client)
             with self._lock:
-                claim = self._claim
-            if claim is not None and claim.on_lost is not None and claim.holder != holder:
+                old = self._claim
+            if old is not None and old.on_lost is not None and old.holder != holder:
                 return None  # this instance leads for another holder
-            reuse = claim is not None and claim.holder == holder and claim.session == session
-            self._sweep(keep=claim.node if reuse and claim else None)
-            children = self._wait(client.get_children_async(self._election))
-            if reuse and claim is not None and claim.node in children:
-                node, czxid = claim.node, claim.czxid
+            keep = old.node if old and (old.holder, old.session) == (holder, session) else None
+            self._sweep(keep)
+            if keep is not None and keep in self._wait(client.get_children_async(self._election)):
+                node = keep  # ours from this session: kept after SUSPENDED, or still leading
             else:
-                path, stat = self._wait(client.create_async(
+                path = self._wait(client.create_async(
                     f"{self._election}/{self._prefix}{_CANDIDATE}",
-                    json.dumps({"holder": holder}).encode(),
-                    ephemeral=True, sequence=True, include_data=True,
+                    json.dumps({"holder": holder}).encode(), ephemeral=True, sequence=True,
                 ))  # fmt: skip
-                node, czxid = path.rsplit("/", 1)[1], int(stat.czxid)
-                # Listed after our create: a lower node cannot appear any more.
-                children = self._wait(client.get_children_async(self._election))
-            contenders = [c for c in children if _CANDIDATE in c]
-            if min(contenders, key=_seq) != node:
-                self._delete_own(node)  # before returning: no orphan contender stays
+                node = path.rsplit("/", 1)[1]
+            token: int | None = None
+            try:
+                # Listed after our create: no lower node can appear any more.
+                if _lowest(self._wait(client.get_children_async(self._election))) == node:
+                    # The watch reports a deletion (an operator, an expiry) at once.
+                    path = f"{self._election}/{node}"
+                    stat = self._wait(client.exists_async(path, watch=self._watch(node)))
+                    if stat is not None:
+                        token = self._fence_token(node, int(stat.czxid), min_token)
+            finally:
                 with self._lock:
-                    self._claim = None
-                return None
-            token = self._fence_token(node, czxid, min_token)
-            if token is None:  # our node vanished meanwhile (session expired)
-                return None
-            new = _Claim(holder, node, czxid, session, token, on_lost)
-            with self._lock:
-                self._claim = new
-            # A deletion of our node (an operator, an expiry) reports the loss at once.
-            path = f"{self._election}/{node}"
-            if self._wait(client.exists_async(path, watch=self._node_watch(new))) is None:
-                with self._lock:
-                    self._claim = None
-                return None
-            return Lease(self.name, holder, token, self.valid_for)
+                    self._claim = _Claim(holder, node, session, token, on_lost) if token else None
+                if token is None:
+                    self._delete_own(node)  # before returning: no orphan contender may stay
+            return Lease(self.name, holder, token, self.valid_for) if token else None
+
+    def _watch(self, node: str) -> Any:
+        def watch(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                self._report_lost("the ZooKeeper election node was deleted", node, drop=True)
+
+        return watch
 
     def _fence_token(self, node: str, czxid: int, min_token: int) -> int | None:
-        """czxid + token_base, with token_base raised above ``min_token`` if needed, read
-        and checked in one transaction with the existence of our election node."""
+        """czxid + token_base (raised above ``min_token`` if need be), read and committed
+        in one transaction with a check that our election node still exists."""
         client = self._connected()
         for _ in range(5):
             data, stat = self._wait(client.get_async(self._token_base))
@@ -258,39 +260,40 @@ class ZooKeeperBackend(CoordinationBackend):
                 return czxid + base
             if isinstance(results[0], NoNodeError):
                 return None
-            # token_base changed under us (another client's bump): read it again.
-        raise BackendUnavailable("ZooKeeper token base kept changing; try again")
+            # token_base changed under us (another leader's bump): read it again.
+        raise BackendUnavailable("the ZooKeeper token base kept changing; try again")
 
     def renew(self, lease: Lease) -> bool:
         with self._campaign, self._errors("renewing the lease"):
+            client = self._require_client()
             claim = self._claim_of(lease)
+            if claim is not None and client.state == KazooState.SUSPENDED:
+                # Whether the session (and our node) survives is unknown until reconnect.
+                raise BackendUnavailable("ZooKeeper connection suspended; cannot renew")
             if claim is None or claim.on_lost is None:
                 return False  # released, replaced, or its loss was already reported
-            client = self._require_client()
-            if client.state == KazooState.SUSPENDED:
-                raise BackendUnavailable("ZooKeeper connection suspended; cannot renew")
-            if client.state == KazooState.CONNECTED and claim.session == self._live_session(client):
-                children = self._wait(client.get_children_async(self._election))
-                contenders = [c for c in children if _CANDIDATE in c]
-                if claim.node in contenders and min(contenders, key=_seq) == claim.node:
-                    return True
-            self._report_lost("the ZooKeeper election node is gone", claim)
+            if (
+                client.state == KazooState.CONNECTED
+                and claim.session == self._session(client)
+                and _lowest(self._wait(client.get_children_async(self._election))) == claim.node
+            ):
+                return True
+            self._report_lost("the ZooKeeper election node is gone", claim.node)
             return False
 
     def release(self, lease: Lease) -> None:
         with self._campaign:
             claim = self._claim_of(lease)
             if claim is None:
-                return  # not ours: never touch another holder's node
+                return  # not ours: another holder's lease is another node, never touched
             with self._lock:
                 self._claim = None
-            # Only our own node, by name: another holder's lease is a different node.
             self._delete_own(claim.node)
 
     def _claim_of(self, lease: Lease) -> _Claim | None:
         with self._lock:
             claim = self._claim
-        if claim is None or claim.holder != lease.holder or claim.token != lease.token:
+        if claim is None or (claim.holder, claim.token) != (lease.holder, lease.token):
             return None
         return claim
 
@@ -307,9 +310,9 @@ class ZooKeeperBackend(CoordinationBackend):
             tx.set_data(self._leader, json.dumps(data).encode())
             results = self._wait(tx.commit_async())
             if isinstance(results[0], NoNodeError):
-                self._report_lost("the ZooKeeper election node is gone", claim)
+                self._report_lost("the ZooKeeper election node is gone", claim.node)
             elif isinstance(results[1], Exception):
-                raise BackendUnavailable(f"cannot write ZooKeeper leader info: {results[1]!r}")
+                raise BackendUnavailable(f"cannot write the leader info: {results[1]!r}")
 
     def read_leader(self) -> LeaderInfo | None:
         with self._errors("reading the leader"):
@@ -318,81 +321,67 @@ class ZooKeeperBackend(CoordinationBackend):
                 data, _ = self._wait(client.get_async(self._leader))
             except NoNodeError:
                 return None
-            if not data:
-                return None
-            fields = json.loads(data)
-            node = fields.get("election_node", "")
+            fields = json.loads(data) if data else {}
+            node = fields.get("election_node")
             if not node or self._wait(client.exists_async(f"{self._election}/{node}")) is None:
-                return None  # the leader that wrote it no longer holds the election
+                return None  # nobody published, or that leader no longer holds the election
             return LeaderInfo(**_known(LeaderInfo, fields))
 
     # -- membership ------------------------------------------------------------------
 
     def heartbeat_member(self, member: MemberInfo) -> None:
         path = self._member_path(member.node_id)
-        fields = dataclasses.asdict(member)
-        fields.pop("last_seen")
-        data = json.dumps(fields).encode()
+        data = json.dumps(dataclasses.asdict(member) | {"last_seen": None}).encode()
         with self._lock:
-            self._members[member.node_id] = member  # to re-create after a session loss
+            self._members[member.node_id] = member
         with self._errors("registering a member"):
-            self._write_member(path, data)
-
-    def _write_member(self, path: str, data: bytes) -> None:
-        client = self._connected()
-        for _ in range(3):
-            stat = self._wait(client.exists_async(path))
-            try:
-                if stat is None:
-                    self._wait(client.create_async(path, data, ephemeral=True))
-                elif stat.ephemeralOwner == self._live_session(client):
-                    self._wait(client.set_async(path, data, stat.version))
-                else:
-                    # An earlier incarnation's node (its session not yet expired): the
-                    # running process owns its node id, so replace it.
-                    self._wait(client.delete_async(path, stat.version))
-                    continue
-                return
-            except (NoNodeError, NodeExistsError, BadVersionError):
-                continue  # raced with an expiry or another writer: look again
-        raise BackendUnavailable(f"member node {path} kept changing; try again")
+            client = self._connected()
+            for _ in range(3):
+                stat = self._wait(client.exists_async(path))
+                try:
+                    if stat is None:
+                        self._wait(client.create_async(path, data, ephemeral=True))
+                    elif stat.ephemeralOwner == self._session(client):
+                        self._wait(client.set_async(path, data, stat.version))
+                    else:
+                        # An earlier incarnation's node, its session not yet expired: the
+                        # running process owns its node id, so replace it.
+                        self._wait(client.delete_async(path, stat.version))
+                        continue
+                    return
+                except (NoNodeError, NodeExistsError, BadVersionError):
+                    continue  # raced with an expiry or another writer: look again
+            raise BackendUnavailable(f"member node {member.node_id} kept changing; try again")
 
     def remove_member(self, member: MemberInfo) -> None:
         path = self._member_path(member.node_id)
         with self._lock:
             if getattr(self._members.get(member.node_id), "session", None) == member.session:
                 del self._members[member.node_id]
-        with self._errors("removing a member"):
-            client = self._connected()
-            try:
-                data, stat = self._wait(client.get_async(path))
-                if json.loads(data).get("session") == member.session:
-                    self._wait(client.delete_async(path, stat.version))
-            except (NoNodeError, BadVersionError):
-                pass  # gone already, or another incarnation wrote it: not ours to delete
+        with self._errors("removing a member"), suppress(NoNodeError, BadVersionError):
+            # Gone already, or another incarnation's: then not ours to delete.
+            data, stat = self._wait(self._connected().get_async(path))
+            if json.loads(data).get("session") == member.session:
+                self._wait(self._connected().delete_async(path, stat.version))
 
     def live_members(self) -> list[MemberInfo]:
         with self._errors("listing members"):
             client = self._connected()
-            # The server's clock, from the mtime of a write: compared only with other
-            # mtimes, which the same ensemble stamped.
+            # The server's clock, as the mtime of a write: compared only with other mtimes,
+            # which the same ensemble stamped.
             now = self._wait(client.set_async(self._clock, b"")).mtime / 1000.0
             names = self._wait(client.get_children_async(self._members_path))
             pending = [client.get_async(f"{self._members_path}/{n}") for n in names]
             members: list[MemberInfo] = []
             for result in pending:
-                try:
+                with suppress(NoNodeError):
                     data, stat = self._wait(result)
-                except NoNodeError:
-                    continue
-                last_seen = stat.mtime / 1000.0
-                if last_seen < now - self.member_timeout:
-                    continue
-                fields = _known(MemberInfo, json.loads(data))
-                for key in ("roles", "tags", "backends"):
-                    fields[key] = tuple(fields.get(key, ()))
-                fields["last_seen"] = last_seen
-                members.append(MemberInfo(**fields))
+                    if stat.mtime / 1000.0 >= now - self.member_timeout:
+                        fields = _known(MemberInfo, json.loads(data))
+                        for key in ("roles", "tags", "backends"):
+                            fields[key] = tuple(fields.get(key, ()))
+                        fields["last_seen"] = stat.mtime / 1000.0
+                        members.append(MemberInfo(**fields))
         return sorted(members, key=lambda m: m.node_id)
 
     def _member_path(self, node_id: str) -> str:
@@ -403,79 +392,52 @@ class ZooKeeperBackend(CoordinationBackend):
     # -- connection state ------------------------------------------------------------
 
     def _on_state(self, state: str) -> None:
-        """kazoo's state listener: it must not block, so ZooKeeper calls are spawned."""
+        """kazoo's state listener. It must not block: ZooKeeper calls go to a new thread."""
         if state == KazooState.SUSPENDED:
-            # The session may be alive, but another node may lead by now: stop at once.
+            # The session may live on, but another node may lead by now: stop at once.
             self._report_lost("the ZooKeeper connection is suspended")
         elif state == KazooState.LOST:
-            self._report_lost("the ZooKeeper session is lost")
-            with self._lock:
-                self._claim = None  # its ephemeral node died with the session
-        elif state == KazooState.CONNECTED:
-            client = self._client
-            if client is not None:
-                client.handler.spawn(self._after_connect)
+            # The session is gone, and every ephemeral node of it.
+            self._report_lost("the ZooKeeper session is lost", drop=True)
+        elif state == KazooState.CONNECTED and (client := self._client) is not None:
+            client.handler.spawn(self._after_connect, client)
 
-    def _after_connect(self) -> None:
-        client = self._client
-        if client is None or client.client_id is None:
-            return
+    def _after_connect(self, client: KazooClient) -> None:
         try:
-            session = int(client.client_id[0])
+            session = self._session(client)
             with self._lock:
-                new_session = session != self._known_session
-                self._known_session = session
-                members = list(self._members.values())
-                claim = self._claim
+                new_session, self._known_session = session != self._known_session, session
+                members, claim = list(self._members.values()), self._claim
             if new_session:
-                for member in members:  # ephemeral member nodes died with the old session
+                for member in members:  # their nodes died with the old session
                     self.heartbeat_member(member)
-            self._sweep(keep=claim.node if claim else None)
-            if claim is not None and claim.on_lost is None:
-                self._schedule_drop(claim)
-        except NoNodeError:
-            pass  # first connect: start() has not created the paths yet
-        except Exception:  # a failing step must not kill kazoo's worker; the next try sweeps
+            self._sweep(claim.node if claim else None)
+            if claim is None or claim.on_lost is not None:
+                return
+            # A node kept after SUSPENDED: its holder may reclaim it (same token). If it
+            # does not in time, delete it, so that it cannot block the election.
+            if not self._stopped.wait(self.valid_for):
+                with self._campaign, self._lock:
+                    if self._claim is not claim:
+                        return  # reclaimed (a new claim) or released meanwhile
+                    self._claim = None
+                self._delete_own(claim.node)
+        except (NoNodeError, BackendUnavailable):
+            pass  # not set up yet (first connect), or connection gone again: next time
+        except Exception:  # a failing step must not kill kazoo's worker thread
             log.warning("ZooKeeper reconnect cleanup failed", exc_info=True)
 
-    def _schedule_drop(self, claim: _Claim) -> None:
-        """Delete a node kept after SUSPENDED unless its holder reclaims it in time."""
-
-        def drop() -> None:
-            with self._lock:
-                if self._claim is not claim:
-                    return  # reclaimed (a new _Claim) or released meanwhile
-                self._claim = None
-            try:
-                self._delete_own(claim.node)
-            except Exception:
-                log.debug("could not drop an unclaimed election node", exc_info=True)
-
-        timer = threading.Timer(self.valid_for, drop)
-        timer.daemon = True
-        with self._lock:
-            if self._reclaim_timer is not None:
-                self._reclaim_timer.cancel()
-            self._reclaim_timer = timer
-        timer.start()
-
-    def _node_watch(self, claim: _Claim) -> Any:
-        def watch(event: WatchedEvent) -> None:
-            if event.type == EventType.DELETED:
-                self._report_lost("the ZooKeeper election node was deleted", claim)
-                with self._lock:
-                    if self._claim is claim:
-                        self._claim = None
-
-        return watch
-
-    def _report_lost(self, reason: str, claim: _Claim | None = None) -> None:
-        """Call the lease's on_lost once; keep the claim (its node may come back)."""
+    def _report_lost(self, reason: str, node: str | None = None, drop: bool = False) -> None:
+        """Call the lease's ``on_lost``, once (if ``node`` is given: only if it backs the
+        lease). Keep the claim unless ``drop`` (its node is gone for sure): after SUSPENDED
+        its holder may reclaim it."""
         with self._lock:
             current = self._claim
-            if current is None or (claim is not None and current is not claim):
+            if current is None or (node is not None and current.node != node):
                 return
             callback, current.on_lost = current.on_lost, None
+            if drop:
+                self._claim = None
         if callback is not None:
             log.warning("leadership lost: %s", reason)
             try:
@@ -486,62 +448,56 @@ class ZooKeeperBackend(CoordinationBackend):
     # -- helpers ---------------------------------------------------------------------
 
     def _sweep(self, keep: str | None) -> None:
-        """Delete this instance's contender nodes other than ``keep``: left by a failed
-        attempt whose cleanup hit a dropped connection, or a create that kazoo sent after
-        we gave up waiting for it."""
+        """Delete our contender nodes other than ``keep``: left by a failed attempt, or
+        created by a call that kazoo sent on reconnect after we gave up waiting for it."""
         client = self._connected()
         for child in self._wait(client.get_children_async(self._election)):
             if child.startswith(self._prefix) and child != keep:
                 self._delete_own(child)
 
     def _delete_own(self, node: str) -> None:
-        """Delete one of our own election nodes, retrying on a dropped connection (kazoo's
-        own Lock swallows that error and leaks the node: issue #732)."""
+        """Delete one of our election nodes, retrying on a dropped connection (kazoo's own
+        Lock swallows that error and leaks the node: issue #732)."""
         client = self._require_client()
         path = f"{self._election}/{node}"
 
         def attempt() -> None:
             try:
-                client.delete_async(path).get(timeout=self._op_timeout / 3)
+                client.delete_async(path).get(timeout=self.valid_for / 3)
             except NoNodeError:
                 pass
             except KazooTimeoutError as e:
                 raise ConnectionLoss() from e  # retryable, as a dropped connection is
 
-        retry = KazooRetry(max_tries=3, delay=0.05, deadline=self._op_timeout, ignore_expire=False)
         try:
-            retry(attempt)
+            KazooRetry(max_tries=3, delay=0.05, deadline=self.valid_for, ignore_expire=False)(
+                attempt
+            )
         except SessionExpiredError:
             pass  # the session, and every ephemeral node of it, is gone
         except KazooException:
             # Still ours on the server: the next attempt or the reconnect sweep deletes it.
             log.info("could not delete election node %s yet; will sweep it", node)
 
-    def _create_if_missing(self, path: str, value: bytes) -> None:
-        client = self._require_client()
-        with suppress(NodeExistsError):
-            self._wait(client.create_async(path, value))
-
     @staticmethod
-    def _live_session(client: KazooClient) -> int:
+    def _session(client: KazooClient) -> int:
         client_id = client.client_id
         return int(client_id[0]) if client_id is not None else -1
 
     def _require_client(self) -> KazooClient:
-        client = self._client
-        if client is None:
+        if (client := self._client) is None:
             raise BackendUnavailable("the ZooKeeper backend is not started")
         return client
 
     def _connected(self) -> KazooClient:
         client = self._require_client()
         if client.state != KazooState.CONNECTED:
-            raise BackendUnavailable(f"ZooKeeper connection is {client.state}")
+            raise BackendUnavailable(f"the ZooKeeper connection is {client.state}")
         return client
 
     def _wait(self, result: Any) -> Any:
         try:
-            return result.get(timeout=self._op_timeout)
+            return result.get(timeout=self.valid_for)
         except KazooTimeoutError as e:
             raise BackendUnavailable("ZooKeeper did not answer in time") from e
 

@@ -100,6 +100,8 @@ def upsert_jobs(
     for jd in defs:
         values = _row_values(jd)
         found = existing.get(jd.id)
+        if found is not None and _same_schedule(found.trigger, jd.trigger):
+            values["trigger"] = found.trigger  # keep the stored interval's anchor
         if found is None:
             inserts.append(
                 {"id": jd.id, "next_run_time": first_fire(jd, now), "paused": False,
@@ -122,6 +124,18 @@ def upsert_jobs(
     for start in range(0, len(inserts), _CHUNK):
         conn.execute(j.insert(), inserts[start : start + _CHUNK])
     return result
+
+
+def _same_schedule(stored: str, new: dict[str, Any]) -> bool:
+    """Whether ``new`` fires at the same times as the stored spec.
+
+    An interval typed again (``every = "30s"``) gets a new start, anchored at the moment it
+    was parsed; that is the same schedule, and re-applying it must not move the job.
+    """
+    old = json.loads(stored)
+    if old.get("type") == "interval" and new.get("type") == "interval":
+        return bool(old["seconds"] == new["seconds"] and old["tz"] == new["tz"])
+    return bool(old == new)
 
 
 def prune_jobs(conn: Connection, keep: Sequence[str]) -> list[str]:

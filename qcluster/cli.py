@@ -17,8 +17,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
+
+try:  # typer 0.2x vendors its own click; older releases use click itself
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from qcluster import admin, output
 from qcluster.config import Settings, load_settings, resolve_config_path, settings_to_public_dict
@@ -329,13 +333,15 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="qcluster", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError:
+    except click_exc.NoArgsIsHelpError:
         raise SystemExit(2) from None
-    except click.exceptions.UsageError as e:
+    except click_exc.UsageError as e:
         _fail(e.format_message().replace("\n", " "), 2)
-    except click.exceptions.Abort:
+    except click_exc.ClickException as e:
+        _fail(e.format_message().replace("\n", " "), e.exit_code or 1)
+    except typer.Abort:
         _fail("aborted", 130)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         raise SystemExit(e.exit_code) from None
     except QClusterError as e:
         _fail(str(e).replace("\n", " "))
@@ -345,4 +351,4 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except Exception as e:  # a bug: still one line, with the details in the log if asked
         logging.getLogger(__name__).debug("internal error", exc_info=True)
-        _fail(f"internal error: {type(e).__name__}: {e}")
+        _fail(f"internal error: {type(e).__name__}: {e}".replace("\n", " "))

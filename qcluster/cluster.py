@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from backends.base import Lease
 from qcluster import schema
@@ -58,14 +59,15 @@ def read_cluster(db: Database) -> ClusterState | None:
 def ensure_cluster(db: Database, name: str, backend: str) -> ClusterState:
     """The cluster row; a new cluster takes its name and backend from this node's config."""
     c = schema.cluster
+    insert = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
     with db.write() as conn:
-        row = conn.execute(sa.select(c).where(c.c.id == 1)).one_or_none()
-        if row is None:
-            conn.execute(
-                c.insert().values(id=1, name=name, backend=backend, phase="stable",
-                                  config_version=1, epoch=0, leader_token=0)
-            )
-            row = conn.execute(sa.select(c).where(c.c.id == 1)).one()
+        # Two nodes starting at once on a new database: one insert wins, neither fails.
+        conn.execute(
+            insert(c).values(id=1, name=name, backend=backend, phase="stable",
+                             config_version=1, epoch=0, leader_token=0)
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        row = conn.execute(sa.select(c).where(c.c.id == 1)).one()
     return _state(row)
 
 

@@ -78,7 +78,7 @@ class ControlService:
         reply = self._one(job_id, record)
         if reply["ok"]:
             self._leader.send(runs)
-            reply["run_id"] = runs[0]["run_id"]
+            reply["run_id"] = reply["result"] = runs[0]["run_id"]
         return reply
 
     # -- plumbing ------------------------------------------------------------------------

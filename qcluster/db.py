@@ -131,7 +131,12 @@ class Database:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
-        with _translate(self.display_url), self.engine.begin() as conn:
+        with self.write() as conn:
+            # Nodes that start together must not migrate together: the first takes the
+            # lock (the write lock on SQLite, an advisory lock on PostgreSQL), the others
+            # then find the schema current.
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7373001)"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

@@ -36,6 +36,7 @@ by DST.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -119,7 +120,7 @@ def parse_duration(text: str | float) -> float:
                 raise InputError(f"invalid duration {_quote(text)}: {hint}") from None
             seconds = sum(float(v) * _UNITS[k] for k, v in match.groupdict().items() if v)
     else:
-        seconds = float(text)
+        seconds = float(min(text, MAX_INTERVAL + 1))  # a huge int would overflow float()
     if not math.isfinite(seconds) or not MIN_INTERVAL <= round(seconds, 6) <= MAX_INTERVAL:
         raise InputError(f"duration {_quote(str(text))} must be between 1ms and 3650d")
     return round(seconds, 6)
@@ -264,6 +265,12 @@ def _keyword_fields(expr: str) -> list[dict[str, str]]:
 
 
 def _cron_fields(expr: str) -> list[dict[str, str]]:
+    # Parsed once per distinct expression: a file of 10,000 jobs has few distinct crons.
+    return [dict(fields) for fields in _parse_cron(expr)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cron(expr: str) -> list[dict[str, str]]:
     if not expr:
         raise InputError("invalid cron expression '': it is empty")
     try:
@@ -297,6 +304,10 @@ class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
         return candidate, fieldnum
 
     def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
+        if previous_fire_time is not None:
+            # Same tzinfo as our own times: an aware time in a fold never equals one in
+            # another zone (PEP 495), which would defeat CronTrigger's "same as previous" step.
+            previous_fire_time = previous_fire_time.astimezone(self.timezone)
         try:
             found = super().get_next_fire_time(previous_fire_time, now)
         except OverflowError:  # walked off year 9999
@@ -475,7 +486,8 @@ def fire_times(
     times: list[datetime] = []
     previous: datetime | None = None
     while len(times) < limit:
-        found = trigger.get_next_fire_time(previous, start if previous is None else previous)
+        now = start if previous is None else _utc(previous) + _MICROSECOND
+        found = trigger.get_next_fire_time(previous, now)
         if found is None or _utc(found) > _utc(end):
             break
         if previous is not None and _utc(found) <= _utc(previous):

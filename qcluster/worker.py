@@ -200,7 +200,7 @@ class Worker:
         self.max_queue = max_queue or max(1000, concurrency * 100)
         self.writer = OutcomeWriter(db, session)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qc-job")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._max_epoch = 0
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._inflight = 0

@@ -67,15 +67,19 @@ def redact(url: str) -> str:
 
 def start_server(make: Callable[..., S], **kwargs: Any) -> S:
     """Construct and start a server, or call :func:`unavailable`."""
+    # unavailable() is called outside the except blocks: the error text says it all, and a
+    # chained traceback would only repeat it.
     try:
         server = make(**kwargs)
     except ServerError as e:
-        unavailable(str(e))
-    try:
-        return server.start()
-    except ServerError as e:
-        server.close()
-        unavailable(str(e))
+        error = str(e)
+    else:
+        try:
+            return server.start()
+        except ServerError as e:
+            server.close()
+            error = str(e)
+    unavailable(error)
 
 
 def unique(prefix: str, sep: str = "-") -> str:
@@ -141,30 +145,49 @@ class ZkNamespace:
         return ",".join(self.hosts) + self.chroot
 
 
+@dataclass(frozen=True)
+class ZkEndpoint:
+    """The shared ZooKeeper: its hosts, and the kazoo auth_data that passes every ACL."""
+
+    hosts: list[str]
+    admin_auth: list[tuple[str, str]]
+
+
 @pytest.fixture(scope="session")
-def zk_hosts() -> Iterator[list[str]]:
-    """The shared ZooKeeper's "host:port" entries."""
+def zk_endpoint() -> Iterator[ZkEndpoint]:
+    """The shared ZooKeeper, started on first use unless QCLUSTER_TEST_ZK_HOSTS names one."""
     if env := os.environ.get("QCLUSTER_TEST_ZK_HOSTS"):
-        yield [host.strip() for host in env.split(",") if host.strip()]
+        yield ZkEndpoint([host.strip() for host in env.split(",") if host.strip()], [])
         return
     server = start_server(ZooKeeperServer)
     try:
-        yield [server.hosts]
+        yield ZkEndpoint([server.hosts], [server.super_auth])
     finally:
         server.close()
 
 
 @pytest.fixture(scope="session")
-def zk_admin(zk_hosts: list[str]) -> Iterator[Any]:
-    """A kazoo client at the shared ZooKeeper's root, to make and remove chroots."""
+def zk_hosts(zk_endpoint: ZkEndpoint) -> list[str]:
+    """The shared ZooKeeper's "host:port" entries."""
+    return list(zk_endpoint.hosts)
+
+
+@pytest.fixture(scope="session")
+def zk_admin(zk_endpoint: ZkEndpoint) -> Iterator[Any]:
+    """A kazoo client at the shared ZooKeeper's root, to make and remove chroots.
+
+    On a server that the tests started it is ZooKeeper's super user, so that it can remove
+    nodes whatever their ACLs.
+    """
     from kazoo.client import KazooClient
 
-    client = KazooClient(hosts=",".join(zk_hosts), timeout=10.0)
+    hosts = ",".join(zk_endpoint.hosts)
+    client = KazooClient(hosts=hosts, timeout=10.0, auth_data=zk_endpoint.admin_auth or None)
     try:
         client.start(timeout=15)
     except Exception as e:
         client.close()
-        unavailable(f"cannot connect to ZooKeeper at {','.join(zk_hosts)}: {e}")
+        unavailable(f"cannot connect to ZooKeeper at {hosts}: {e}")
     try:
         yield client
     finally:
@@ -175,21 +198,26 @@ def zk_admin(zk_hosts: list[str]) -> Iterator[Any]:
 @pytest.fixture
 def zk(zk_hosts: list[str], zk_admin: Any) -> Iterator[ZkNamespace]:
     """A fresh chroot on the shared ZooKeeper, deleted (recursively) after the test."""
-    from kazoo.exceptions import NoNodeError, NotEmptyError
+    from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError
 
     chroot = unique("/qct")
     zk_admin.ensure_path(chroot)
     yield ZkNamespace(hosts=list(zk_hosts), chroot=chroot)
     # A session the test left open may still add ephemeral nodes while we delete.
+    problem: Exception | None = None
     for _ in range(5):
         try:
             zk_admin.delete(chroot, recursive=True)
             return
         except NoNodeError:
             return
-        except NotEmptyError:
+        except NotEmptyError as e:
+            problem = e
             time.sleep(0.2)
-    warnings.warn(f"could not delete ZooKeeper chroot {chroot}", stacklevel=1)
+        except KazooException as e:  # e.g. NoAuthError on an external server
+            problem = e
+            break
+    warnings.warn(f"could not delete ZooKeeper chroot {chroot}: {problem!r}", stacklevel=1)
 
 
 # -- Redis

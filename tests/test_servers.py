@@ -21,9 +21,11 @@ import pytest
 import redis
 import sqlalchemy as sa
 from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import NoAuthError
+from kazoo.security import make_digest_acl
 
 from tests import servers
-from tests.conftest import ServerFactory, ZkNamespace
+from tests.conftest import ServerFactory, ZkEndpoint, ZkNamespace
 from tests.servers import (
     PostgresServer,
     RedisServer,
@@ -98,6 +100,31 @@ def test_zk_chroot_holds_the_test_nodes(zk: ZkNamespace, zk_admin: Any) -> None:
         client.close()
     assert zk.chroot.startswith("/qct-")
     assert zk_admin.get(f"{zk.chroot}/leader")[0] == b"node-1"
+
+
+def test_zk_admin_removes_nodes_whatever_their_acl(
+    zk: ZkNamespace, zk_admin: Any, zk_endpoint: ZkEndpoint
+) -> None:
+    if not zk_endpoint.admin_auth:
+        pytest.skip("QCLUSTER_TEST_ZK_HOSTS names a server whose super user we do not know")
+    owner = KazooClient(hosts=zk.connect_string, timeout=5.0, auth_data=[("digest", "owner:pw")])
+    owner.start(timeout=10)
+    try:
+        owner.create("/locked", acl=[make_digest_acl("owner", "pw", all=True)])
+        owner.create("/locked/child", acl=[make_digest_acl("owner", "pw", all=True)])
+    finally:
+        owner.stop()
+        owner.close()
+    stranger = KazooClient(hosts=zk.connect_string, timeout=5.0)
+    stranger.start(timeout=10)
+    try:
+        with pytest.raises(NoAuthError):
+            stranger.delete("/locked/child")
+    finally:
+        stranger.stop()
+        stranger.close()
+    zk_admin.delete(f"{zk.chroot}/locked", recursive=True)
+    assert zk_admin.exists(f"{zk.chroot}/locked") is None
 
 
 def test_redis_masters_are_three_independent_servers(
@@ -256,7 +283,7 @@ def test_start_on_a_taken_port_raises_with_the_server_log(free_port: Callable[[]
 
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
 def test_servers_do_not_outlive_the_test_process(ending: str) -> None:
-    if ending == "sigkill" and servers._setpriv() is None:
+    if ending == "sigkill" and servers.base._setpriv() is None:
         pytest.skip("no setpriv with --pdeathsig here")
     script = textwrap.dedent(f"""
         import os, signal

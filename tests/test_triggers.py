@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -117,7 +119,7 @@ def test_reboot_and_unknown_macros_are_refused(macro: str) -> None:
 
 def test_six_fields_put_seconds_first() -> None:
     times = cron_times("*/20 * * * * *", n=4)
-    assert [t.strftime("%H:%M:%S") for t in times] == ["12:00:00", "12:00:20", "12:00:40", "12:01:00"]
+    assert [t.strftime("%M:%S") for t in times] == ["00:00", "00:20", "00:40", "01:00"]
     times = cron_times("15 30 9 * * mon-fri", n=2)
     assert walls(times) == ["Thu 2026-03-26 09:30:15+0000", "Fri 2026-03-27 09:30:15+0000"]
 
@@ -187,7 +189,8 @@ def test_minute_steps_lists_and_ranges(expr: str, minutes: list[int]) -> None:
 
 
 def test_hour_and_month_steps_and_month_names() -> None:
-    assert [t.hour for t in cron_times("0 1-5/2 * * *", n=3, start=datetime(2026, 3, 25, tzinfo=UTC))] == [1, 3, 5]
+    midnight = datetime(2026, 3, 25, tzinfo=UTC)
+    assert [t.hour for t in cron_times("0 1-5/2 * * *", n=3, start=midnight)] == [1, 3, 5]
     assert [t.month for t in cron_times("0 0 1 */3 *", n=4)] == [4, 7, 10, 1]
     assert [t.month for t in cron_times("0 0 1 JAN-mar,dec *", n=4)] == [12, 1, 2, 3]
 
@@ -220,14 +223,15 @@ def test_leap_day_fires_only_in_leap_years() -> None:
 def test_malformed_cron_says_what_is_wrong_in_one_line(expr: str, reason: str) -> None:
     with pytest.raises(InputError) as info:
         make_spec(cron=expr, now=NOW)
-    assert str(info.value) == f"invalid cron expression {expr!r}: {reason}" or reason in str(info.value)
-    assert "\n" not in str(info.value) and repr(expr) in str(info.value)
+    assert str(info.value).startswith(f"invalid cron expression {expr!r}: ")
+    assert reason in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_briefs_example_message() -> None:
     with pytest.raises(InputError) as info:
         make_spec(cron="61 * * * *")
-    assert str(info.value) == "invalid cron expression '61 * * * *': minute value 61 out of range 0-59"
+    message = "invalid cron expression '61 * * * *': minute value 61 out of range 0-59"
+    assert str(info.value) == message
 
 
 # --- cron against a brute-force crontab(5) matcher ----------------------------------------
@@ -243,8 +247,9 @@ def _render(values: list[int], names: list[str] | None, draw: Any) -> str:
 def crontab_lines(draw: Any) -> tuple[str, list[set[int]], bool, bool]:
     """A 5-field line drawn from value sets, the sets (Sunday = 0), and the two star flags."""
     limits = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 6)]
-    month_names = [""] + "jan feb mar apr may jun jul aug sep oct nov dec".split()
-    day_names = "sun mon tue wed thu fri sat".split()
+    month_names = ["", "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                   "dec"]
+    day_names = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
     parts, sets, stars = [], [], []
     for i, (lo, hi) in enumerate(limits):
         star = draw(st.booleans()) if i in (2, 4) else draw(st.integers(0, 3)) == 0
@@ -317,13 +322,13 @@ def test_interval_pulls_a_misaligned_previous_time_back_onto_the_grid() -> None:
     odd = datetime(2026, 1, 1, 0, 0, 13, 123, tzinfo=UTC)
     assert trigger.get_next_fire_time(odd, odd) == datetime(2026, 1, 1, 0, 0, 20, tzinfo=UTC)
     on_grid = datetime(2026, 1, 1, 0, 0, 20, tzinfo=UTC)
-    assert trigger.get_next_fire_time(on_grid, on_grid) == datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    assert trigger.get_next_fire_time(on_grid, on_grid) == on_grid + timedelta(seconds=10)
 
 
 def test_interval_counts_real_time_across_dst() -> None:
     spec = make_spec(every="1h", tz="Europe/Berlin", now=datetime(2026, 3, 28, 22, tzinfo=UTC))
     times = fire_times(spec, datetime(2026, 3, 28, 22, tzinfo=UTC), FAR, 6)
-    assert all(b - a == timedelta(hours=1) for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(times))
     trigger_time = build_trigger(spec).get_next_fire_time(None, times[2])
     assert trigger_time.tzinfo == BERLIN and trigger_time.utcoffset() == timedelta(hours=1)
 
@@ -431,7 +436,16 @@ def test_berlin_autumn_fold_fires_a_fixed_time_in_both_passes() -> None:
 def test_berlin_autumn_fold_hourly_job_fires_every_real_hour() -> None:
     times = fire_times(make_spec(cron="0 * * * *", tz="Europe/Berlin", now=BERLIN_AUTUMN),
                        BERLIN_AUTUMN, FAR, 6)
-    assert all(b - a == timedelta(hours=1) for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(times))
+
+
+def test_a_utc_previous_time_inside_the_fold_still_moves_forward() -> None:
+    trigger = build_trigger(make_spec(cron="30 2 * * *", tz="Europe/Berlin", now=NOW))
+    first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST, as a job store returns it
+    second = trigger.get_next_fire_time(first, first)
+    assert second.astimezone(UTC) == datetime(2026, 10, 25, 1, 30, tzinfo=UTC)  # 02:30 CET
+    stock = CronTrigger(hour=2, minute=30, timezone=BERLIN)
+    assert stock.get_next_fire_time(first, first).astimezone(UTC) == first  # stuck
 
 
 def test_either_trigger_orders_fold_times_by_instant_not_wall_clock() -> None:
@@ -440,9 +454,11 @@ def test_either_trigger_orders_fold_times_by_instant_not_wall_clock() -> None:
     now = datetime(2026, 10, 25, 0, 20, tzinfo=UTC)  # 02:20 CEST, first pass
     right = datetime(2026, 10, 25, 0, 45, tzinfo=UTC)  # 02:45 CEST, before 02:15 CET
     # Compare in UTC: an aware time inside a fold never equals a time in another zone (PEP 495).
-    assert EitherCronTrigger([a, b], BERLIN).get_next_fire_time(None, now).astimezone(UTC) == right
-    stock = OrTrigger([a, b]).get_next_fire_time(None, now).astimezone(UTC)
-    assert stock == datetime(2026, 10, 25, 1, 15, tzinfo=UTC)  # 02:15 CET: 02:45 CEST was lost
+    ours = EitherCronTrigger([a, b], BERLIN).get_next_fire_time(None, now)
+    assert ours is not None and ours.astimezone(UTC) == right
+    stock = OrTrigger([a, b]).get_next_fire_time(None, now)
+    # The stock OrTrigger compares wall times and picks 02:15 CET, losing 02:45 CEST.
+    assert stock.astimezone(UTC) == datetime(2026, 10, 25, 1, 15, tzinfo=UTC)
 
 
 # --- specs: validation, round trips, descriptions ------------------------------------------
@@ -560,7 +576,7 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "0", "-5", "0s", "5x", "m", "1m1h", "nan", "inf", "0.0001",
-                                  "9999d", True, "1.5.5s", "1e400"])
+                                  "9999d", True, "1.5.5s", "1e400", 10**400, None, [1]])
 def test_parse_duration_refuses(text: Any) -> None:
     with pytest.raises(InputError):
         parse_duration(text)
@@ -577,7 +593,7 @@ def test_format_duration_reads_back(seconds: float) -> None:
 CRON_WORDS = ["*", "*/0", "*/5", "0", "7", "60", "1-5", "5-1", "mon", "fri-mon", "jan", "L", "?",
               "#", ",", "-", "/", "=", "second=", "day=", "day_of_week=", "last", "1st", "@daily",
               "@reboot", "@", "year=", "2020", "99999999999999999999", "\u0663", "\u00b2", "\x00"]
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -596,10 +612,8 @@ def test_random_cron_text_only_ever_raises_input_error(text: str) -> None:
 @given(st.text(), st.text(max_size=12))
 def test_random_every_at_and_zone_only_ever_raise_input_error(text: str, zone: str) -> None:
     for kwargs in ({"every": text}, {"at": text}, {"cron": "@daily", "tz": zone}):
-        try:
+        with suppress(InputError):
             make_spec(**kwargs, now=NOW)
-        except InputError:
-            pass
 
 
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -614,7 +628,5 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
               "seconds": JSONISH, "start": JSONISH | st.just("2026-01-01T00:00:00+00:00"),
               "at": JSONISH}) | JSONISH)
 def test_random_specs_only_ever_raise_input_error(spec: object) -> None:
-    try:
+    with suppress(InputError):
         validate_spec(spec)
-    except InputError:
-        pass

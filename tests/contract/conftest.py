@@ -65,7 +65,11 @@ def _dblock_kit(request: pytest.FixtureRequest, url_fixture: str, kind: str) -> 
     def epoch(lease: Lease, node_id: str) -> int:
         return take_epoch(admin, node_id=node_id, uri="", lease=lease)
 
-    request.addfinalizer(lambda: [db.engine.dispose() for db in engines])
+    def dispose() -> None:
+        for db in engines:
+            db.engine.dispose()
+
+    request.addfinalizer(dispose)
     return Kit(kind, make, epoch)
 
 

@@ -1,0 +1,222 @@
+"""Workers and dispatch over real Pyro5 daemons, on SQLite and PostgreSQL: invariant 4
+(workers fence too), the claim that lets a run start once, outcomes, routing, fail-over,
+authentication."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import Pyro5.errors
+import pytest
+import sqlalchemy as sa
+
+from backends.base import MemberInfo
+from qcluster import schema
+from qcluster.cluster import ensure_cluster
+from qcluster.db import Database
+from qcluster.dispatch import Dispatcher
+from qcluster.jobstore import FireRow, insert_runs
+from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
+from qcluster.worker import Worker, WorkerService
+
+SECRET = "test-secret-for-workers"
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    configure_pyro(serializer="msgpack", timeout=5.0, max_message_bytes=1 << 20)
+    d = Database(db_url)
+    d.upgrade()
+    ensure_cluster(d, "test", "dblock")
+    yield d
+    d.dispose()
+
+
+class RunningWorker:
+    def __init__(self, db: Database, node_id: str, allow: list[str] | None = None) -> None:
+        self.worker = Worker(db, node_id=node_id, session=f"s-{node_id}", concurrency=4,
+                             allow=allow or ["jobs.*"])
+        self.worker.start()
+        daemon = AuthDaemon(SECRET, host="127.0.0.1")
+        self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker"))
+        self.thread = DaemonThread(daemon, f"rpc-{node_id}")
+        self.thread.start()
+        self.member = MemberInfo(node_id, f"s-{node_id}", ("worker",), self.uri, 4)
+
+    def stop(self) -> None:
+        self.thread.stop()
+        self.worker.stop(grace=5)
+
+
+@pytest.fixture
+def workers(db: Database) -> Iterator[list[RunningWorker]]:
+    made = [RunningWorker(db, "w1"), RunningWorker(db, "w2")]
+    yield made
+    for w in made:
+        w.stop()
+
+
+def record(db: Database, n: int, func: str = "jobs.examples:record_run",
+           args: str = "[]", kwargs: str = "{}", epoch: int = 1,
+           prefix: str = "job") -> list[dict[str, Any]]:
+    fires = [FireRow(f"{prefix}{i}", func, args, kwargs, 1000.0 + i, "scheduled", False)
+             for i in range(n)]
+    with db.write() as conn:
+        return insert_runs(conn, fires, epoch, "leader")
+
+
+def wait_runs(db: Database, n: int, timeout: float = 20.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with db.read() as conn:
+            rows = conn.execute(
+                sa.select(schema.runs).where(schema.runs.c.finished_at.is_not(None))
+                .order_by(schema.runs.c.id)
+            ).all()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_worker_runs_a_run_and_records_its_outcome(db: Database, workers: list[Any],
+                                                   tmp_path: Any) -> None:
+    path = tmp_path / "runs.jsonl"
+    runs = record(db, 1, kwargs=f'{{"path": "{path}"}}', epoch=7)
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        reply = p.submit(7, runs)
+    assert reply["accepted"] == [runs[0]["run_id"]]
+    (row,) = wait_runs(db, 1)
+    assert row.status == "succeeded" and row.worker == "w1" and row.error is None
+    assert row.started_at <= row.finished_at and row.duration >= 0
+    import json
+
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert line == {**line, "job_id": "job0", "run_id": row.id, "attempt": 1,
+                    "scheduled_at": 1000.0, "epoch": 7, "worker": "w1"}
+
+
+def test_failed_job_is_recorded_with_its_error(db: Database, workers: list[Any]) -> None:
+    runs = record(db, 1, func="jobs.builtin:shell", args='["false"]')
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        p.submit(1, runs)
+    (row,) = wait_runs(db, 1)
+    assert row.status == "failed" and "exit status 1" in row.error
+
+
+def test_worker_refuses_a_stale_epoch(db: Database, workers: list[Any]) -> None:
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        p.submit(5, record(db, 1, func="jobs.builtin:noop", epoch=5))
+        old = record(db, 1, func="jobs.builtin:noop", epoch=4, prefix="old")
+        reply = p.submit(4, old)
+    assert reply["accepted"] == [] and reply["refused"][0][1] == "stale epoch"
+
+
+def test_worker_refuses_a_second_copy_of_a_run(db: Database, workers: list[Any]) -> None:
+    runs = record(db, 1, func="jobs.builtin:noop")
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        assert p.submit(1, runs)["accepted"]
+        assert p.submit(1, runs)["refused"] == [[runs[0]["run_id"], "duplicate"]]
+
+
+def test_only_one_worker_claims_a_run_sent_to_two(db: Database, workers: list[Any],
+                                                  tmp_path: Any) -> None:
+    path = tmp_path / "runs.jsonl"
+    runs = record(db, 20, kwargs=f'{{"path": "{path}"}}')
+    with proxy(workers[0].uri, SECRET, 5.0) as p1, proxy(workers[1].uri, SECRET, 5.0) as p2:
+        a = p1.submit(1, runs)
+        b = p2.submit(1, runs)
+    assert sorted(a["accepted"] + b["accepted"]) == [r["run_id"] for r in runs]
+    wait_runs(db, 20)
+    assert len(path.read_text().splitlines()) == 20
+
+
+def test_reference_outside_the_allow_list_fails_with_the_reason(db: Database) -> None:
+    w = RunningWorker(db, "strict", allow=["jobs.builtin"])
+    try:
+        runs = record(db, 1, func="jobs.examples:flaky")
+        with proxy(w.uri, SECRET, 5.0) as p:
+            p.submit(1, runs)
+        (row,) = wait_runs(db, 1)
+        assert row.status == "failed" and "not allowed" in row.error
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("payload", [
+    "x", None, [1], [{"run_id": 1}], [{"run_id": "1", "job_id": "j"}],
+    [{k: 1 for k in ("run_id", "job_id", "func", "args", "kwargs", "scheduled_at",
+                     "attempt", "epoch", "recover")}],
+])
+def test_malformed_dispatch_is_refused(db: Database, workers: list[Any], payload: Any) -> None:
+    with proxy(workers[0].uri, SECRET, 5.0) as p, pytest.raises(ValueError, match="refused"):
+        p.submit(1, payload)
+    with proxy(workers[0].uri, SECRET, 5.0) as p:  # the daemon still serves
+        assert p.ping()["capacity"] == 4
+
+
+@pytest.mark.parametrize("handshake", ["hello", None, {"v": 1}, "wrong-secret"])
+def test_unauthenticated_connection_is_refused(db: Database, workers: list[Any],
+                                               handshake: Any) -> None:
+    p = Pyro5.api.Proxy(workers[0].uri)
+    p._pyroHandshake = make_proof("not-the-secret") if handshake == "wrong-secret" else handshake
+    p._pyroTimeout = 5.0
+    with p, pytest.raises(Pyro5.errors.CommunicationError):
+        p.ping()
+
+
+def _dispatcher(strategy: str, members: list[MemberInfo], stale: list[str]) -> Dispatcher:
+    return Dispatcher(epoch=1, secret=SECRET, timeout=2.0, strategy=strategy, batch_size=100,
+                      members=lambda: members, on_stale=stale.append)
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_loaded"])
+def test_dispatcher_spreads_runs_over_workers(db: Database, workers: list[Any],
+                                              strategy: str) -> None:
+    stale: list[str] = []
+    d = _dispatcher(strategy, [w.member for w in workers], stale)
+    d.start()
+    try:
+        d.submit(record(db, 40, func="jobs.examples:slow", kwargs='{"seconds": 0.05}'))
+        rows = wait_runs(db, 40)
+    finally:
+        d.stop()
+    assert len(rows) == 40 and {r.status for r in rows} == {"succeeded"}
+    per_worker = {w: sum(r.worker == w for r in rows) for w in ("w1", "w2")}
+    assert min(per_worker.values()) >= 10, per_worker
+    assert stale == []
+
+
+def test_dispatcher_fails_over_to_the_next_worker(db: Database, workers: list[Any]) -> None:
+    dead = MemberInfo("dead", "s", ("worker",), "PYRO:qcluster.worker@127.0.0.1:1", 4)
+    d = _dispatcher("round_robin", [dead, workers[1].member], [])
+    d.start()
+    try:
+        d.submit(record(db, 10, func="jobs.builtin:noop"))
+        rows = wait_runs(db, 10)
+    finally:
+        d.stop()
+    assert [r.worker for r in rows] == ["w2"] * 10
+
+
+def test_dispatcher_stops_when_a_worker_has_seen_a_newer_epoch(
+    db: Database, workers: list[Any]
+) -> None:
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        p.submit(9, record(db, 1, func="jobs.builtin:noop", epoch=9))
+    stale: list[str] = []
+    d = _dispatcher("round_robin", [workers[0].member], stale)
+    d.start()
+    with db.write() as conn:
+        runs = insert_runs(conn, [FireRow("late", "jobs.builtin:noop", "[]", "{}", 5.0,
+                                          "scheduled", False)], 1, "old-leader")
+    d.submit(runs)
+    deadline = time.monotonic() + 10
+    while not stale and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stale and "newer epoch" in stale[0]
+    with db.read() as conn:
+        status = conn.execute(sa.select(schema.runs.c.status)
+                              .where(schema.runs.c.job_id == "late")).scalar_one()
+    assert status == "scheduled"
