@@ -60,6 +60,7 @@ class LeaderRole:
         self.dispatcher: Dispatcher | None = None
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
+        self._db_ok = time.monotonic()
         self._lock = threading.Lock()
 
     @property
@@ -69,6 +70,7 @@ class LeaderRole:
     def start(self, lease: Lease) -> None:
         s = self.settings
         self._stop = threading.Event()
+        self._db_ok = time.monotonic()
         epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease)
         self.backend.publish_leader(
             lease, LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
@@ -149,7 +151,7 @@ class LeaderRole:
         last_prune = 0.0
         while not self._stop.wait(RECOVERY_INTERVAL):
             self._recover()
-            problem = self.healthy()
+            problem = self.healthy() or self._database_problem()
             if problem:
                 self.revoke(problem)
                 return
@@ -162,6 +164,14 @@ class LeaderRole:
                         log.info("pruned %d runs older than the retention window", n)
                 except QClusterError as e:
                     log.warning("run pruning failed: %s", e)
+
+    def _database_problem(self) -> str | None:
+        # Invariant 5: a leader that cannot reach the shared database steps down, even
+        # when its ZooKeeper session or Redis lease is fine.
+        silent = time.monotonic() - self._db_ok
+        if silent > self.settings.scheduler.database_timeout_seconds:
+            return f"the shared database has not answered for {silent:.0f}s"
+        return None
 
     def _recover(self) -> None:
         epoch = self.epoch
@@ -177,6 +187,7 @@ class LeaderRole:
         except QClusterError as e:
             log.warning("run recovery failed (will retry): %s", e)
             return
+        self._db_ok = time.monotonic()
         if result.resend:
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)

@@ -49,7 +49,7 @@ TEST_SECRET = "test-secret-3f9a1c7e5b2d4068"
 #: Settings that make a test cluster react in about a second instead of ten.
 TEST_SETTINGS: dict[str, Any] = {
     "rpc": {"secret": TEST_SECRET},
-    "scheduler": {"poll_seconds": 0.2},
+    "scheduler": {"poll_seconds": 0.2, "database_timeout_seconds": 3},
     "coordination": {"dblock": {"lease_seconds": 2}},
     "cluster": {"member_timeout_seconds": 3},
     "worker": {"heartbeat_seconds": 0.5},

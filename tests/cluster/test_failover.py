@@ -1,0 +1,192 @@
+"""Cluster correctness with real processes: every fire runs exactly once or is recorded as
+missed, across leader crashes (SIGKILL), pauses (SIGSTOP), worker deaths, a database
+outage and a graceful hand-over (SIGTERM), on every backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of
+from tests.helpers import run_cli, wait_for, write_config
+
+pytestmark = pytest.mark.cluster
+
+BACKENDS = ["dblock-sqlite", "dblock-postgresql", "zookeeper", "redis"]
+
+
+def make_config(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> tuple[Path, str]:
+    if kind == "dblock-sqlite":
+        url = request.getfixturevalue("sqlite_url")
+        return write_config(tmp_path, url), url
+    url = request.getfixturevalue("pg_url")
+    if kind == "dblock-postgresql":
+        return write_config(tmp_path, url), url
+    if kind == "zookeeper":
+        zk = request.getfixturevalue("zk")
+        coordination = {"backend": "zookeeper", "zookeeper": {
+            "hosts": list(zk.hosts), "chroot": zk.chroot, "session_timeout": 3.0}}
+        return write_config(tmp_path, url, coordination=coordination), url
+    coordination = {"backend": "redis", "redis": {
+        "urls": request.getfixturevalue("redis_urls"), "lease_seconds": 2,
+        "key_prefix": request.getfixturevalue("redis_prefix")}}
+    return write_config(tmp_path, url, coordination=coordination), url
+
+
+@pytest.fixture(params=BACKENDS)
+def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    config, url = make_config(request, request.param, tmp_path)
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, url) as c:
+        yield c
+
+
+def _finish(c: Cluster, job_ids: list[str], start: float, end: float) -> dict[str, int]:
+    rows = c.wait_settled(end)
+    statuses = check_exactly_once(rows, records_of(c), job_ids, start, end)
+    assert statuses["succeeded"] > 0
+    return dict(statuses)
+
+
+def _first_fire(c: Cluster) -> float:
+    found = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
+                     timeout=30, what="the first fire")
+    assert isinstance(found, float)
+    return found
+
+
+def test_leader_killed_twice_every_fire_runs_exactly_once(any_cluster: Cluster) -> None:
+    c = any_cluster
+    for s in ("s1", "s2", "s3"):
+        c.start(s, "scheduler")
+    for w in ("w1", "w2"):
+        c.start(w, "worker")
+    first = c.wait_leader()
+    jobs = c.add_second_jobs(5)
+    start = _first_fire(c)
+    leader = first
+    for _ in range(2):
+        time.sleep(20)
+        killed = leader.leader_id
+        assert killed is not None
+        c.nodes[killed].kill()
+        leader = c.wait_leader(other_than=killed, after_epoch=leader.epoch)
+        c.start(killed, "scheduler")  # the node comes back as a follower
+    time.sleep(22)
+    end = time.time() - 3
+    statuses = _finish(c, jobs, start, end)
+    assert end - start >= 60
+    assert leader.epoch >= first.epoch + 2
+    print(f"statuses over {end - start:.0f}s: {statuses}")
+
+
+def test_paused_leader_commits_nothing_after_takeover(any_cluster: Cluster) -> None:
+    c = any_cluster
+    for s in ("s1", "s2"):
+        c.start(s, "scheduler")
+    c.start("w1", "worker")
+    old = c.wait_leader()
+    jobs = c.add_second_jobs(3)
+    start = _first_fire(c)
+    time.sleep(2)
+    assert old.leader_id is not None
+    c.nodes[old.leader_id].pause()
+    new = c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+    time.sleep(2)
+    c.nodes[old.leader_id].resume()
+    time.sleep(6)
+    end = time.time() - 3
+    _finish(c, jobs, start, end)
+    took_over = new.leader_since
+    assert took_over is not None
+    late = [r for r in c.runs() if r.epoch == old.epoch and r.created_at > took_over]
+    assert late == [], "the paused ex-leader committed runs after the takeover"
+    assert c.nodes[old.leader_id].running
+    assert "stepping down" in c.nodes[old.leader_id].log()
+    assert c.state().epoch == new.epoch, "the woken ex-leader took the cluster back"
+
+
+@pytest.mark.parametrize("recover", [True, False], ids=["recover", "no-recover"])
+def test_worker_killed_mid_run(any_cluster: Cluster, recover: bool) -> None:
+    c = any_cluster
+    c.start("s1", "scheduler")
+    c.start("w1", "worker")
+    c.start("w2", "worker")
+    c.wait_leader()
+    flags = ["--recover"] if recover else []
+    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
+            "--kwarg", f"path={c.records}", "--kwarg", "sleep=5", *flags, config=c.config)
+    run_cli("jobs", "run", "long", config=c.config)
+    first = wait_for(lambda: records_of(c) or None, timeout=30, what="the long run to start")
+    victim = first[0]["worker"]
+    c.nodes[victim].kill()
+    survivor = "w2" if victim == "w1" else "w1"
+
+    def final() -> Any:
+        rows = [r for r in c.runs() if r.job_id == "long"]
+        return rows[0] if rows and rows[0].status in ("succeeded", "lost") else None
+
+    row = wait_for(final, timeout=40, what="the killed run to end")
+    if recover:
+        assert row.status == "succeeded" and row.attempt == 2 and row.worker == survivor
+        attempts = [(r["attempt"], r["worker"]) for r in records_of(c)]
+        assert attempts == [(1, victim), (2, survivor)]
+    else:
+        assert row.status == "lost" and row.attempt == 1 and victim in row.error
+        assert len(records_of(c)) == 1
+
+
+def test_sigterm_hands_leadership_over(any_cluster: Cluster) -> None:
+    c = any_cluster
+    for s in ("s1", "s2"):
+        c.start(s, "scheduler")
+    c.start("w1", "worker")
+    old = c.wait_leader()
+    jobs = c.add_second_jobs(2)
+    start = _first_fire(c)
+    time.sleep(2)
+    assert old.leader_id is not None
+    c.nodes[old.leader_id].terminate()
+    assert c.nodes[old.leader_id].wait() == 0
+    c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch, timeout=10)
+    time.sleep(4)
+    end = time.time() - 2
+    _finish(c, jobs, start, end)
+
+
+@pytest.mark.parametrize("kind", ["dblock-postgresql", "zookeeper"])
+def test_leader_steps_down_when_the_database_stops(request: pytest.FixtureRequest,
+                                                   tmp_path: Path, kind: str) -> None:
+    pg = request.getfixturevalue("private_pg")
+    url = pg.create_database("qcluster")
+    extra: dict[str, Any] = {}
+    if kind == "zookeeper":
+        zk = request.getfixturevalue("zk")
+        extra["coordination"] = {"backend": "zookeeper", "zookeeper": {
+            "hosts": list(zk.hosts), "chroot": zk.chroot, "session_timeout": 3.0}}
+    config = write_config(tmp_path, url, **extra)
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        jobs = c.add_second_jobs(2)
+        start = _first_fire(c)
+        time.sleep(2)
+        pg.stop()
+        time.sleep(12)  # longer than the lease and the database health timeout
+        assert old.leader_id is not None
+        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
+                 what="the leader to step down")
+        pg.start()
+        back = c.wait_leader(after_epoch=old.epoch, timeout=40)
+        time.sleep(5)
+        end = time.time() - 2
+        statuses = _finish(c, jobs, start, end)
+        assert statuses.get("missed", 0) > 0, "fires during the outage must be recorded"
+        assert back.epoch > old.epoch
