@@ -1,0 +1,89 @@
+"""Each backend's server going away, and a node whose config names another backend."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import check_exactly_once, cluster, records_of
+from tests.helpers import run_cli, wait_for, write_config
+
+pytestmark = pytest.mark.cluster
+
+
+def _run_outage(tmp_path: Path, pg_url: str, coordination: dict[str, Any],
+                stop: Any, start: Any, outage: float) -> None:
+    config = write_config(tmp_path, pg_url, coordination=coordination)
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        jobs = c.add_second_jobs(2)
+        first = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
+                         timeout=30, what="the first fire")
+        time.sleep(2)
+        stop()
+        assert old.leader_id is not None
+        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
+                 what="the leader to step down when its backend went away")
+        time.sleep(outage)
+        start()
+        back = c.wait_leader(after_epoch=old.epoch, timeout=60)
+        time.sleep(5)
+        end = time.time() - 2
+        rows = c.wait_settled(end)
+        statuses = check_exactly_once(rows, records_of(c), jobs, first, end)
+        assert statuses["succeeded"] > 0
+        assert back.epoch > old.epoch
+
+
+def test_zookeeper_stopped_longer_than_the_session_timeout(
+    tmp_path: Path, pg_url: str, private_zk: Any
+) -> None:
+    coordination = {"backend": "zookeeper", "zookeeper": {
+        "hosts": [private_zk.hosts], "session_timeout": 3.0}}
+    _run_outage(tmp_path, pg_url, coordination, private_zk.stop, private_zk.start, outage=5)
+
+
+def test_redis_masters_restarted(tmp_path: Path, pg_url: str, server_factory: Any) -> None:
+    from tests.servers import RedisServer
+
+    masters = [server_factory.start(RedisServer) for _ in range(3)]
+    coordination = {"backend": "redis", "redis": {
+        "urls": [m.url for m in masters], "lease_seconds": 2}}
+
+    def stop() -> None:
+        for m in masters:
+            m.stop()
+
+    def start() -> None:
+        for m in masters:
+            m.start()
+
+    _run_outage(tmp_path, pg_url, coordination, stop, start, outage=3)
+
+
+def test_node_configured_for_another_backend_does_not_campaign(
+    tmp_path: Path, pg_url: str, zk: Any
+) -> None:
+    config = write_config(tmp_path, pg_url)
+    other = write_config(tmp_path, pg_url, name="zk.toml", coordination={
+        "backend": "zookeeper", "zookeeper": {"hosts": list(zk.hosts), "chroot": zk.chroot}})
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, pg_url) as c:
+        c.start("s1", "scheduler")
+        first = c.wait_leader()
+        c.config = other
+        stranger = c.start("s2", "scheduler")
+        wait_for(lambda: "qcluster backend migrate" in stranger.log(), timeout=20,
+                 what="s2 to say why it does not campaign")
+        c.nodes["s1"].kill()
+        time.sleep(6)  # three dblock leases
+        state = c.state()
+        assert state.leader_id == "s1" and state.epoch == first.epoch
+        assert "the cluster runs the 'dblock' backend" in stranger.log()
