@@ -20,7 +20,15 @@ import sqlalchemy as sa
 from qcluster import schema
 from qcluster.cluster import ClusterState, read_cluster
 from qcluster.db import Database
-from tests.helpers import NodeProcess, read_records, run_cli, start_node, wait_for, write_job_file
+from tests.helpers import (
+    NodeProcess,
+    read_records,
+    run_cli,
+    start_node,
+    wait_for,
+    write_config,
+    write_job_file,
+)
 
 SETTLED = ("succeeded", "failed", "missed", "lost")
 
@@ -140,3 +148,34 @@ def cluster(tmp_path: Path, config: Path, db_url: str) -> Iterator[Cluster]:
 
 def records_of(c: Cluster) -> list[dict[str, Any]]:
     return read_records(c.records) if c.records.exists() else []
+
+
+def run_outage(tmp_path: Path, db_url: str, overrides: dict[str, Any],
+               stop: Any, start: Any, outage: float) -> dict[str, int]:
+    """Two schedulers and a worker; ``stop()`` a server, see the leader step down, wait
+    ``outage`` s, ``start()`` it again, see a newer leader, and check exactly-once."""
+    config = write_config(tmp_path, db_url, **overrides)
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, db_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        jobs = c.add_second_jobs(2)
+        first = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
+                         timeout=30, what="the first fire")
+        time.sleep(2)
+        stop()
+        assert old.leader_id is not None
+        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
+                 what="the leader to step down when its backend went away")
+        time.sleep(outage)
+        start()
+        back = c.wait_leader(after_epoch=old.epoch, timeout=60)
+        time.sleep(5)
+        end = time.time() - 2
+        rows = c.wait_settled(end)
+        statuses = check_exactly_once(rows, records_of(c), jobs, first, end)
+        assert statuses["succeeded"] > 0
+        assert back.epoch > old.epoch
+        return dict(statuses)

@@ -8,38 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import check_exactly_once, cluster, records_of
+from tests.cluster.harness import cluster, run_outage
 from tests.helpers import run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
-
-
-def _run_outage(tmp_path: Path, pg_url: str, coordination: dict[str, Any],
-                stop: Any, start: Any, outage: float) -> None:
-    config = write_config(tmp_path, pg_url, coordination=coordination)
-    run_cli("db", "upgrade", config=config)
-    with cluster(tmp_path, config, pg_url) as c:
-        for s in ("s1", "s2"):
-            c.start(s, "scheduler")
-        c.start("w1", "worker")
-        old = c.wait_leader()
-        jobs = c.add_second_jobs(2)
-        first = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
-                         timeout=30, what="the first fire")
-        time.sleep(2)
-        stop()
-        assert old.leader_id is not None
-        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
-                 what="the leader to step down when its backend went away")
-        time.sleep(outage)
-        start()
-        back = c.wait_leader(after_epoch=old.epoch, timeout=60)
-        time.sleep(5)
-        end = time.time() - 2
-        rows = c.wait_settled(end)
-        statuses = check_exactly_once(rows, records_of(c), jobs, first, end)
-        assert statuses["succeeded"] > 0
-        assert back.epoch > old.epoch
 
 
 def test_zookeeper_stopped_longer_than_the_session_timeout(
@@ -47,7 +19,8 @@ def test_zookeeper_stopped_longer_than_the_session_timeout(
 ) -> None:
     coordination = {"backend": "zookeeper", "zookeeper": {
         "hosts": [private_zk.hosts], "session_timeout": 3.0}}
-    _run_outage(tmp_path, pg_url, coordination, private_zk.stop, private_zk.start, outage=5)
+    run_outage(tmp_path, pg_url, {"coordination": coordination}, private_zk.stop,
+               private_zk.start, outage=5)
 
 
 def test_redis_masters_restarted(tmp_path: Path, pg_url: str, server_factory: Any) -> None:
@@ -65,7 +38,7 @@ def test_redis_masters_restarted(tmp_path: Path, pg_url: str, server_factory: An
         for m in masters:
             m.start()
 
-    _run_outage(tmp_path, pg_url, coordination, stop, start, outage=3)
+    run_outage(tmp_path, pg_url, {"coordination": coordination}, stop, start, outage=3)
 
 
 def test_node_configured_for_another_backend_does_not_campaign(

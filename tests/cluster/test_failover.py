@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of
+from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of, run_outage
 from tests.helpers import run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
@@ -163,30 +163,11 @@ def test_leader_steps_down_when_the_database_stops(request: pytest.FixtureReques
                                                    tmp_path: Path, kind: str) -> None:
     pg = request.getfixturevalue("private_pg")
     url = pg.create_database("qcluster")
-    extra: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     if kind == "zookeeper":
         zk = request.getfixturevalue("zk")
-        extra["coordination"] = {"backend": "zookeeper", "zookeeper": {
+        overrides["coordination"] = {"backend": "zookeeper", "zookeeper": {
             "hosts": list(zk.hosts), "chroot": zk.chroot, "session_timeout": 3.0}}
-    config = write_config(tmp_path, url, **extra)
-    run_cli("db", "upgrade", config=config)
-    with cluster(tmp_path, config, url) as c:
-        for s in ("s1", "s2"):
-            c.start(s, "scheduler")
-        c.start("w1", "worker")
-        old = c.wait_leader()
-        jobs = c.add_second_jobs(2)
-        start = _first_fire(c)
-        time.sleep(2)
-        pg.stop()
-        time.sleep(12)  # longer than the lease and the database health timeout
-        assert old.leader_id is not None
-        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
-                 what="the leader to step down")
-        pg.start()
-        back = c.wait_leader(after_epoch=old.epoch, timeout=40)
-        time.sleep(5)
-        end = time.time() - 2
-        statuses = _finish(c, jobs, start, end)
-        assert statuses.get("missed", 0) > 0, "fires during the outage must be recorded"
-        assert back.epoch > old.epoch
+    # longer than the lease and the database health timeout
+    statuses = run_outage(tmp_path, url, overrides, pg.stop, pg.start, outage=8)
+    assert statuses.get("missed", 0) > 0, "fires during the outage must be recorded"
