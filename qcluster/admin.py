@@ -66,7 +66,7 @@ def _leader_alive(settings: Settings, db: Database) -> LeaderInfo | None:
 def _call_leader(settings: Settings, uri: str, method: str, args: tuple[Any, ...]) -> Any:
     s = settings
     configure_pyro(serializer=s.rpc.serializer, timeout=s.rpc.timeout_seconds,
-                   max_message_bytes=s.rpc.max_message_bytes)
+                   max_message_bytes=s.rpc.max_message_bytes, tls=s.rpc.tls)
     with proxy(uri, cluster_secret(settings), min(5.0, s.rpc.timeout_seconds)) as p:
         return getattr(p, method)(*args)
 

@@ -34,6 +34,9 @@ from qcluster.worker import Worker, WorkerService
 log = logging.getLogger(__name__)
 
 
+EXAMPLE_SECRETS = frozenset({"change-me"})  # the value config.example.toml shows
+
+
 def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -41,6 +44,10 @@ def default_node_id() -> str:
 def cluster_secret(settings: Settings) -> str:
     """The RPC secret: from config, or for an embedded cluster a file beside its database."""
     secret = settings.rpc_secret()
+    if secret in EXAMPLE_SECRETS:
+        raise ConfigError(
+            f"{settings.source}: [rpc] secret is the example value; set a secret of your own"
+        )
     if secret:
         return secret
     if settings.is_embedded:
@@ -108,10 +115,10 @@ class Node:
 
     def start(self) -> None:
         s = self.settings
-        self._started = True
         secret = cluster_secret(s)
+        self._started = True
         configure_pyro(serializer=s.rpc.serializer, timeout=s.rpc.timeout_seconds,
-                       max_message_bytes=s.rpc.max_message_bytes,
+                       max_message_bytes=s.rpc.max_message_bytes, tls=s.rpc.tls,
                        threads=max(16, s.worker.concurrency + 8))
         self.db = db = Database(s.database_url())
         if not db.is_current():
@@ -232,7 +239,8 @@ class Node:
             self.backend.stop()
         if self.db is not None:
             self.db.dispose()
-        log.info("node %s stopped", self.node_id)
+        if self._daemon is not None:
+            log.info("node %s stopped", self.node_id)
 
     def wait(self) -> None:
         """Block until :meth:`stop` is called (from a signal handler, say)."""

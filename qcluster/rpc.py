@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import Pyro5.api
 import Pyro5.errors
@@ -30,15 +30,42 @@ import Pyro5.server
 
 log = logging.getLogger(__name__)
 
+
+class TlsFiles(Protocol):
+    """What :func:`configure_pyro` needs of ``[rpc.tls]``."""
+
+    @property
+    def cert(self) -> Path: ...
+    @property
+    def key(self) -> Path: ...
+    @property
+    def ca(self) -> Path: ...
+    @property
+    def require_client_cert(self) -> bool: ...
+
+
 PROOF_WINDOW = 300.0  # seconds a handshake proof stays valid
 _REPLAY_CACHE = 100_000
 
 
 def configure_pyro(
-    *, serializer: str, timeout: float, max_message_bytes: int, threads: int = 64
+    *, serializer: str, timeout: float, max_message_bytes: int, threads: int = 64,
+    tls: TlsFiles | None = None,
 ) -> None:
-    """Set Pyro5's process-wide settings. Call once, before any daemon or proxy exists."""
+    """Set Pyro5's process-wide settings. Call once, before any daemon or proxy exists.
+
+    With ``tls``, every daemon and proxy of the process speaks TLS with the node's
+    certificate, verified against the cluster CA; with ``require_client_cert`` a daemon
+    refuses any client that does not present a certificate of that CA (mutual TLS).
+    Pyro5 caches its SSL contexts per process, so one process has one identity.
+    """
     cfg = Pyro5.config
+    cfg.SSL = tls is not None
+    if tls is not None:
+        cfg.SSL_SERVERCERT = cfg.SSL_CLIENTCERT = str(tls.cert)
+        cfg.SSL_SERVERKEY = cfg.SSL_CLIENTKEY = str(tls.key)
+        cfg.SSL_CACERTS = str(tls.ca)
+        cfg.SSL_REQUIRECLIENTCERT = tls.require_client_cert
     cfg.SERIALIZER = serializer
     cfg.COMMTIMEOUT = timeout
     cfg.MAX_MESSAGE_SIZE = max_message_bytes
