@@ -74,8 +74,36 @@ def configure_pyro(
     cfg.THREADPOOL_SIZE = threads
     cfg.THREADPOOL_SIZE_MIN = 4
     cfg.DETAILED_TRACEBACK = False
+    _accept_only({"json", "msgpack"})
     cfg.SOCK_NODELAY = True
     cfg.POLLTIMEOUT = 0.5
+
+
+class _DumpOnly:
+    """A serializer that may answer (Pyro5 replies to a refused handshake with marshal) but
+    never reads: a peer cannot make a daemon parse serpent or marshal, whose parsers can be
+    pushed into deep recursion or large allocations before any authentication."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.serializer_id = inner.serializer_id
+
+    def loads(self, data: bytes) -> Any:
+        raise Pyro5.errors.SecurityError("serializer not accepted")
+
+    loadsCall = loads  # Pyro5 reads calls with this one
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _accept_only(names: set[str]) -> None:
+    """Let daemons of this process read only the ``names`` serializers."""
+    import Pyro5.serializers as ser
+
+    for name, inner in ser.serializers.items():
+        if name not in names and not isinstance(inner, _DumpOnly):
+            ser.serializers_by_id[inner.serializer_id] = _DumpOnly(inner)
 
 
 def make_proof(secret: str) -> dict[str, Any]:

@@ -220,3 +220,18 @@ def test_dispatcher_stops_when_a_worker_has_seen_a_newer_epoch(
         status = conn.execute(sa.select(schema.runs.c.status)
                               .where(schema.runs.c.job_id == "late")).scalar_one()
     assert status == "scheduled"
+
+
+@pytest.mark.parametrize("serializer", ["serpent", "marshal"])
+def test_daemon_refuses_to_parse_serpent_and_marshal(db: Database, workers: list[Any],
+                                                     serializer: str) -> None:
+    """Their parsers can be driven into deep recursion or large allocations; a daemon reads
+    only msgpack and json, so even a client with the secret cannot make it parse them."""
+    p = Pyro5.api.Proxy(workers[0].uri)
+    p._pyroSerializer = serializer
+    p._pyroHandshake = make_proof(SECRET)
+    p._pyroTimeout = 5.0
+    with p, pytest.raises(Pyro5.errors.PyroError, match="serializer not accepted"):
+        p.ping()
+    with proxy(workers[0].uri, SECRET, 5.0) as ok:
+        assert ok.ping()["capacity"] == 4
