@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)  # let the leader settle into its steady state
             killed_at = time.time()
             nodes[state.leader_id].send_signal(sig)
-            first = wait_for(lambda s=state: _first_fire_after(db, s.epoch), timeout=60,
-                             what="the next leader's first fire")
+            old_epoch: int = state.epoch
+            first: float = wait_for(lambda: _first_fire_after(db, old_epoch), timeout=60,
+                                    what="the next leader's first fire")
             new = read_cluster(db)
             assert new is not None and new.leader_since is not None
             took = first - killed_at
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leading(db: Database, nodes: dict[str, Any]) -> Any:
     state = read_cluster(db)
-    if state and state.leader_id in nodes and nodes[state.leader_id].running \
+    if state and state.leader_id in nodes and nodes[state.leader_id].running() \
             and state.leader_uri:
         return state
     return None

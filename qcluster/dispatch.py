@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import Pyro5.errors
@@ -65,6 +66,8 @@ class Dispatcher:
         self._load: dict[str, float] = {}
         self._proxies: dict[str, Any] = {}
         self._rr = itertools.count()
+        self._proxies_lock = threading.Lock()
+        self._senders = ThreadPoolExecutor(8, thread_name_prefix="qc-send")
 
     def start(self) -> None:
         self._thread.start()
@@ -97,7 +100,11 @@ class Dispatcher:
                 if batch:
                     self._dispatch(batch)
         finally:
-            for p in self._proxies.values():
+            self._senders.shutdown(wait=True)
+            with self._proxies_lock:
+                proxies, self._proxies = list(self._proxies.values()), {}
+            for p in proxies:
+                p._pyroClaimOwnership()
                 p._pyroRelease()
 
     def _take(self) -> list[dict[str, Any]]:
@@ -116,10 +123,15 @@ class Dispatcher:
                 self._requeue(left, delay=0.5)
                 return
             retry: list[dict[str, Any]] = []
-            for uri, chunk in self._route(left, workers).items():
-                if not self._enabled.is_set():
-                    return
-                retry.extend(self._send(uri, chunk))
+            routes = self._route(left, workers)
+            # Send to every worker at once: each call waits for that worker's claim in the
+            # database, and those waits should overlap, not add up.
+            futures = [self._senders.submit(self._send, uri, chunk)
+                       for uri, chunk in routes.items()]
+            for future in futures:
+                retry.extend(future.result())
+            if not self._enabled.is_set():
+                return
             if len(retry) == len(left) and retry:
                 self._requeue(retry, delay=0.2)
                 return
@@ -167,6 +179,8 @@ class Dispatcher:
 
     def _send(self, uri: str, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send one chunk; return the runs to try elsewhere."""
+        if not self._enabled.is_set():
+            return []  # stepped down meanwhile: the next leader sends what is left
         try:
             reply = self._call(uri, chunk)
         except (Pyro5.errors.CommunicationError, OSError) as e:
@@ -178,7 +192,8 @@ class Dispatcher:
             log.error("worker %s refused a batch: %s", uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
             return chunk
-        self.sent += len(reply.get("accepted", []))
+        with self._proxies_lock:
+            self.sent += len(reply.get("accepted", []))
         self._load[uri] = float(reply.get("inflight", 0))
         again: set[int] = set()
         for run_id, reason in reply.get("refused", []):
@@ -193,24 +208,32 @@ class Dispatcher:
             self._down[uri] = time.monotonic() + 0.1
         return [r for r in chunk if r["run_id"] in again]
 
+    def _proxy(self, uri: str) -> Any:
+        # One proxy per worker; a send thread claims it for its call (Pyro5 wants one
+        # owner at a time, and only one call per worker is under way at once).
+        with self._proxies_lock:
+            p = self._proxies.get(uri)
+            if p is None:
+                p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
+        p._pyroClaimOwnership()
+        return p
+
     def _call(self, uri: str, chunk: list[dict[str, Any]]) -> dict[str, Any]:
-        p = self._proxies.get(uri)
-        if p is None:
-            p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
         try:
-            reply: dict[str, Any] = p.submit(self.epoch, chunk)
+            reply: dict[str, Any] = self._proxy(uri).submit(self.epoch, chunk)
         except Pyro5.errors.ConnectionClosedError:
             # An idle connection closed by the worker's timeout: reconnect once. Safe to
             # resend: the worker refuses attempts it already took.
             self._drop_proxy(uri)
-            p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
-            reply = p.submit(self.epoch, chunk)
+            reply = self._proxy(uri).submit(self.epoch, chunk)
         return reply
 
     def _drop_proxy(self, uri: str) -> None:
-        p = self._proxies.pop(uri, None)
+        with self._proxies_lock:
+            p = self._proxies.pop(uri, None)
         if p is not None:
             try:
+                p._pyroClaimOwnership()
                 p._pyroRelease()
             except Exception:  # releasing a broken proxy: nothing to do
                 log.debug("proxy release failed", exc_info=True)

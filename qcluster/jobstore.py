@@ -112,7 +112,9 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         self.misfire_grace_seconds = misfire_grace_seconds
         self.coalesce = coalesce
         self.batch_size = batch_size
-        self._triggers: OrderedDict[tuple[str, int], BaseTrigger] = OrderedDict()
+        # Keyed by the spec's text: a trigger holds no per-job state, so jobs with the same
+        # spec share one, and a job removed and added again can never get a stale one.
+        self._triggers: OrderedDict[str, BaseTrigger] = OrderedDict()
         self._triggers_lock = threading.Lock()
 
     # -- reads -------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         return jobs
 
     def _load(self, row: Row[Any]) -> StoredJob:
-        trigger = self._trigger(row.id, row.version, row.trigger)
+        trigger = self._trigger(row.id, row.trigger)
         try:
             args = json.loads(row.args)
             kwargs = json.loads(row.kwargs)
@@ -238,8 +240,8 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover))
         return job
 
-    def _trigger(self, job_id: str, version: int, spec_text: str) -> BaseTrigger:
-        key = (job_id, version)
+    def _trigger(self, job_id: str, spec_text: str) -> BaseTrigger:
+        key = spec_text
         with self._triggers_lock:
             trigger = self._triggers.get(key)
             if trigger is not None:
@@ -330,9 +332,14 @@ def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
             .values(next_run_time=sa.bindparam("b_next")),
             moves,
         )
-    done = [(a.job_id, a.version) for a in advances if a.next_run_time is None]
-    for job_id, version in done:
-        conn.execute(j.delete().where(j.c.id == job_id, j.c.version == version))
+    done = [{"b_id": a.job_id, "b_version": a.version}
+            for a in advances if a.next_run_time is None]
+    if done:  # one statement for a burst of one-off jobs, not one per job
+        conn.execute(
+            j.delete().where(j.c.id == sa.bindparam("b_id"),
+                             j.c.version == sa.bindparam("b_version")),
+            done,
+        )
 
 
 def run_record(

@@ -28,6 +28,7 @@ from typing import Any
 
 import Pyro5.server
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from qcluster import schema
 from qcluster.context import RunContext, enter_run, leave_run
@@ -41,6 +42,15 @@ MAX_BATCH = 5000
 _RUN_KEYS = {"run_id": int, "job_id": str, "func": str, "args": str, "kwargs": str,
              "scheduled_at": float, "attempt": int, "epoch": int, "recover": bool}
 _SEEN = 200_000
+
+
+def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
+    """``id IN ids``; on PostgreSQL as ``id = ANY(:array)``, one parameter whatever the
+    batch size, so the driver prepares the statement once."""
+    r = schema.runs
+    if db.dialect == "postgresql":
+        return r.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger())))
+    return r.c.id.in_(ids)
 
 
 def check_batch(epoch: object, runs: object) -> list[dict[str, Any]]:
@@ -280,7 +290,7 @@ class Worker:
                 for attempt, ids in by_attempt.items():
                     rows = conn.execute(
                         r.update()
-                        .where(r.c.id.in_(ids), r.c.attempt == attempt,
+                        .where(_id_in(self.db, ids), r.c.attempt == attempt,
                                r.c.status == "scheduled")
                         .values(status="dispatched", worker=self.node_id,
                                 worker_session=self.session, dispatched_at=now)

@@ -134,7 +134,7 @@ def test_mutual_tls_cluster_runs_jobs_and_refuses_clients_without_a_valid_certif
         plain = write_config(tmp_path, pg_url, name="plain.toml")
         result = run_cli("jobs", "pause", "t", config=plain, check=False)
         assert_cli_error(result, "did not answer")
-        assert node.running
+        assert node.running()
         assert "Traceback" not in node.log()
 
 

@@ -75,7 +75,7 @@ class Cluster:
                 return None
             node = self.nodes.get(s.leader_id or "")
             if (s.epoch > after_epoch and s.leader_id != other_than and node is not None
-                    and node.running and s.leader_uri):
+                    and node.running() and s.leader_uri):
                 return s
             return None
 

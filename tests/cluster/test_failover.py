@@ -105,7 +105,7 @@ def test_paused_leader_commits_nothing_after_takeover(any_cluster: Cluster) -> N
     assert took_over is not None
     late = [r for r in c.runs() if r.epoch == old.epoch and r.created_at > took_over]
     assert late == [], "the paused ex-leader committed runs after the takeover"
-    assert c.nodes[old.leader_id].running
+    assert c.nodes[old.leader_id].running()
     assert "stepping down" in c.nodes[old.leader_id].log()
     assert c.state().epoch == new.epoch, "the woken ex-leader took the cluster back"
 

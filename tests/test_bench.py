@@ -1,0 +1,63 @@
+"""Smoke test of ``python -m bench``: the whole benchmark, tiny, end to end.
+
+It runs every scenario on qcluster and on bare APScheduler against a fresh PostgreSQL
+database and checks only that the report is complete and well formed: figures measured
+on a shared test machine say nothing, so there is no timing assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--quick", "--jobs", "50", "--duration", "3", "--burst", "200", "--scale", "2000",
+        "--lease", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_quick_benchmark_reports_every_scenario_on_both_systems(
+    pg_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "all", "--db-url", pg_url, "--out", str(out), *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
+    )
+    where = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, where
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().count("\n| ") >= 7, where
+
+    assert report["machine"]["cores"] >= 1
+    assert report["options"]["jobs"] == 50
+    found = {(r["scenario"], r["system"].split()[0]): r for r in report["results"]}
+    expected = {(s, sys_) for s in ("steady", "burst", "failover") for sys_ in
+                ("qcluster", "apscheduler")} | {("scale", "qcluster")}
+    assert set(found) == expected, where
+
+    for (scenario, system), r in found.items():
+        label = f"{scenario} on {system}: {r}"
+        assert r["error"] is None, label
+        lateness = r["lateness"]
+        assert lateness is not None and lateness["n"] > 0, label
+        assert 0 <= lateness["p50"] <= lateness["p95"] <= lateness["p99"] <= lateness["max"]
+        assert len(lateness["percentiles"]) == 101, label
+        assert r["peak_rss_mb"] is not None and r["peak_rss_mb"] > 0, label
+        if scenario != "scale":
+            assert r["fires_per_s"] is not None and r["fires_per_s"] > 0, label
+        if scenario in ("steady", "failover"):
+            extra = r["extra"]
+            assert extra["expected"] > 0 and extra["ran"] > 0, label
+            assert extra["duplicates"] >= 0 and extra["absent"] >= 0, label
+
+    scale = found[("scale", "qcluster")]["extra"]
+    assert scale["jobs"] == 2000
+    assert scale["first_fire_after_win_s"] is not None
+    assert len(scale["jobs_list_cli_s"]) == 3
