@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import signal
 import statistics
@@ -101,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)  # let the leader settle into its steady state
             killed_at = time.time()
             nodes[state.leader_id].send_signal(sig)
-            old_epoch: int = state.epoch
-            first: float = wait_for(lambda: _first_fire_after(db, old_epoch), timeout=60,
-                                    what="the next leader's first fire")
+            found = wait_for(functools.partial(_first_fire_after, db, state.epoch),
+                             timeout=60, what="the next leader's first fire")
+            assert isinstance(found, float)
+            first = found
             new = read_cluster(db)
             assert new is not None and new.leader_since is not None
             took = first - killed_at
