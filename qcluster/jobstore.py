@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Row
 
 from qcluster import schema
@@ -268,10 +268,6 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
                 )
 
 
-def _insert_fn(conn: Connection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
 def insert_runs(
     conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
 ) -> list[dict[str, Any]]:
@@ -279,7 +275,6 @@ def insert_runs(
     runs as dispatch records."""
     if not fires:
         return []
-    r = schema.runs
     now = time.time()
     rows = [
         {
@@ -300,14 +295,9 @@ def insert_runs(
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
-    stmt = (
-        _insert_fn(conn)(r)
-        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
-        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
-    )
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), 500):
-        for row in conn.execute(stmt, rows[start : start + 500]):
+        for row in _insert_returning(conn, rows[start : start + 500]):
             if row.status != "scheduled":
                 continue
             f = by_key[(row.job_id, row.scheduled_at)]
@@ -316,6 +306,38 @@ def insert_runs(
                            f.scheduled_at, 1, epoch, f.recover)
             )
     return out
+
+
+_RUN_COLUMNS = (
+    ("job_id", "text"), ("scheduled_at", "float8"), ("func", "text"), ("args", "text"),
+    ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
+    ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
+    ("finished_at", "float8"), ("error", "text"),
+)
+_UNNEST_INSERT = sa.text(
+    f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
+    "ON CONFLICT (job_id, scheduled_at) DO NOTHING "
+    "RETURNING id, job_id, scheduled_at, status"
+)
+
+
+def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
+    """Insert ``rows``, skipping recorded fire times; the inserted rows come back.
+
+    On PostgreSQL one column array per parameter (``unnest``): 13 parameters whatever the
+    batch size, so the driver prepares the statement once, where a multi-row VALUES list
+    of 6,500 parameters is parsed again for every batch.
+    """
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
+    r = schema.runs
+    stmt = (
+        sqlite.insert(r)
+        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
+        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
+    )
+    return conn.execute(stmt, rows)
 
 
 def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
