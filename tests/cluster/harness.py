@@ -93,6 +93,21 @@ class Cluster:
                 config=self.config)
         return ids
 
+    def start_small(self, jobs: int) -> tuple[ClusterState, list[str], float]:
+        """Two schedulers and a worker with ``jobs`` one-second jobs, two seconds into
+        their runs: (the leader's state, the job ids, the first fire time)."""
+        for s in ("s1", "s2"):
+            self.start(s, "scheduler")
+        self.start("w1", "worker")
+        leader = self.wait_leader()
+        ids = self.add_second_jobs(jobs)
+        first = wait_for(lambda: min((r.scheduled_at for r in self.runs()), default=None),
+                         timeout=30, what="the first fire")
+        assert isinstance(first, float)
+        time.sleep(2)
+        assert leader.leader_id is not None
+        return leader, ids, first
+
     def runs(self) -> list[Any]:
         with self.db.read() as conn:
             return list(conn.execute(sa.select(schema.runs).order_by(schema.runs.c.id)))
@@ -157,16 +172,8 @@ def run_outage(tmp_path: Path, db_url: str, overrides: dict[str, Any],
     config = write_config(tmp_path, db_url, **overrides)
     run_cli("db", "upgrade", config=config)
     with cluster(tmp_path, config, db_url) as c:
-        for s in ("s1", "s2"):
-            c.start(s, "scheduler")
-        c.start("w1", "worker")
-        old = c.wait_leader()
-        jobs = c.add_second_jobs(2)
-        first = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
-                         timeout=30, what="the first fire")
-        time.sleep(2)
+        old, jobs, first = c.start_small(2)
         stop()
-        assert old.leader_id is not None
         wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
                  what="the leader to step down when its backend went away")
         time.sleep(outage)

@@ -86,13 +86,7 @@ def test_leader_killed_twice_every_fire_runs_exactly_once(any_cluster: Cluster) 
 
 def test_paused_leader_commits_nothing_after_takeover(any_cluster: Cluster) -> None:
     c = any_cluster
-    for s in ("s1", "s2"):
-        c.start(s, "scheduler")
-    c.start("w1", "worker")
-    old = c.wait_leader()
-    jobs = c.add_second_jobs(3)
-    start = _first_fire(c)
-    time.sleep(2)
+    old, jobs, start = c.start_small(3)
     assert old.leader_id is not None
     c.nodes[old.leader_id].pause()
     new = c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
@@ -142,13 +136,7 @@ def test_worker_killed_mid_run(any_cluster: Cluster, recover: bool) -> None:
 
 def test_sigterm_hands_leadership_over(any_cluster: Cluster) -> None:
     c = any_cluster
-    for s in ("s1", "s2"):
-        c.start(s, "scheduler")
-    c.start("w1", "worker")
-    old = c.wait_leader()
-    jobs = c.add_second_jobs(2)
-    start = _first_fire(c)
-    time.sleep(2)
+    old, jobs, start = c.start_small(2)
     assert old.leader_id is not None
     c.nodes[old.leader_id].terminate()
     assert c.nodes[old.leader_id].wait() == 0
