@@ -144,8 +144,8 @@ def jobs_add(
             raise InputError(f"invalid --kwarg {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_cli_value(value)
     args, kwargs = check_args([parse_cli_value(a) for a in arg or []], kwargs)
-    if misfire_grace is not None and misfire_grace < 1:
-        raise InputError("--misfire-grace must be at least 1")
+    if misfire_grace is not None and not 1 <= misfire_grace <= 2**31 - 1:
+        raise InputError("--misfire-grace must be between 1 and 2147483647 (seconds)")
     jd = JobDef(
         id=check_job_id(job_id),
         func=check_func_ref(func, list(s.jobs.allow), import_it=True),
@@ -181,7 +181,8 @@ def jobs_apply(
 
 @jobs_app.command("list")
 def jobs_list(
-    limit: Annotated[int, typer.Option(min=0, help="At most this many (0: all).")] = 0,
+    limit: Annotated[int, typer.Option(min=0, max=2**31 - 1,
+                                       help="At most this many (0: all).")] = 0,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -255,7 +256,8 @@ def runs_list(
     job: Annotated[str | None, typer.Option(help="Only this job's runs.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
     since: Annotated[str | None, typer.Option(help="Scheduled at or after (ISO 8601).")] = None,
-    limit: Annotated[int, typer.Option(min=0, help="At most this many (0: all).")] = 50,
+    limit: Annotated[int, typer.Option(min=0, max=2**31 - 1,
+                                       help="At most this many (0: all).")] = 50,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -326,6 +328,7 @@ def db_upgrade(config: ConfigOpt = None) -> None:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
+    message = " ".join(message.splitlines())  # \r, \x0b, \u2028... as well as \n
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 

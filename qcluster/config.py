@@ -283,7 +283,7 @@ class CoordinationSettings(_Section):
 
 class SchedulerSettings(_Section):
     timezone: Annotated[str, AfterValidator(_known_zone)] = "UTC"
-    misfire_grace_seconds: int = Field(default=30, ge=1)
+    misfire_grace_seconds: int = Field(default=30, ge=1, le=2**31 - 1)  # timedelta, int4
     coalesce: bool = True
     poll_seconds: float = Field(default=1.0, ge=0.05, le=60)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
@@ -344,7 +344,7 @@ class JobsSettings(_Section):
 
 
 class RunsSettings(_Section):
-    retention_days: float = Field(default=7.0, gt=0)
+    retention_days: float = Field(default=7.0, gt=0, le=36500)  # now - it: past year 1
 
 
 class Settings(_Section):
@@ -469,7 +469,7 @@ def load_settings_from_text(
     """Parse TOML ``text``; ``source`` names it in error messages."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, RecursionError) as e:  # RecursionError: deep nesting
         msg = str(e)
         m = re.search(r" \(at line (\d+), column (\d+)\)$", msg)
         where = f"line {m.group(1)}: " if m else ""

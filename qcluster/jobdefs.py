@@ -67,7 +67,7 @@ def check_func_ref(ref: object, allow: Sequence[str], *, import_it: bool = False
     """Check a ``module:function`` reference against the allow list (and import it)."""
     from qcluster.config import is_allowed
 
-    if not isinstance(ref, str) or not FUNC_RE.match(ref):
+    if not isinstance(ref, str) or len(ref) > 400 or not FUNC_RE.match(ref):  # the column
         raise InputError(f"invalid job reference {_short(ref)}: expected module:function")
     if not is_allowed(ref, list(allow)):
         raise NotAllowed(f"job reference {ref!r} is not allowed by [jobs] allow")
@@ -143,8 +143,10 @@ def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False)
     trigger = validate_spec(data.get("trigger"))
     args, kwargs = check_args(data.get("args", []), data.get("kwargs", {}))
     grace = data.get("misfire_grace_seconds")
-    if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool) or grace < 1):
-        raise InputError(f"job {job_id!r}: misfire_grace_seconds must be a whole number >= 1")
+    if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool)
+                              or not 1 <= grace <= 2**31 - 1):  # an int4 column; timedelta
+        raise InputError(f"job {job_id!r}: misfire_grace_seconds must be a whole number "
+                         "between 1 and 2147483647")
     coalesce = data.get("coalesce")
     if coalesce is not None and not isinstance(coalesce, bool):
         raise InputError(f"job {job_id!r}: coalesce must be true or false")

@@ -27,18 +27,21 @@ def parse_cli_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise InputError(f"value {text[:20]!r}... is nested too deeply") from None
 
 
 def load_job_file(path: Path, *, allow: list[str], default_tz: str) -> list[JobDef]:
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:  # at most one byte past the limit: /dev/zero ends too
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise InputError(f"{path}: cannot read job file: {e.strerror or e}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise InputError(f"{path}: job file is larger than {MAX_FILE_BYTES} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{path}: invalid TOML: {str(e).splitlines()[0]}") from None
     extra = set(data) - {"job"}
     if extra:

@@ -102,7 +102,8 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         for t in late:
             if t >= horizon:
                 late_by = (now - t).total_seconds()
-                fires.append(row(t, "missed", f"missed by {late_by:.3f}s (grace {grace.seconds}s)"))
+                fires.append(row(t, "missed", f"missed by {late_by:.3f}s "
+                                              f"(grace {job.misfire_grace_time}s)"))
         for t in coalesced:
             fires.append(row(t, "missed", "coalesced into a later run"))
         for t in due:

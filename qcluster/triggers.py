@@ -408,6 +408,7 @@ def validate_spec(spec: object) -> TriggerSpec:
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
             raise InputError("trigger spec: seconds must be a number")
         start = _parse_at(_string(spec, "start"), UTC, need_offset=True)
+        _parse_at(spec["start"], zone, need_offset=True)  # build_trigger moves it into tz
         return {"type": "interval", "seconds": parse_duration(seconds),
                 "start": start.isoformat(), "tz": tz}
     at = _parse_at(_string(spec, "at"), zone, need_offset=True)

@@ -55,8 +55,8 @@ def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
 
 def check_batch(epoch: object, runs: object) -> list[dict[str, Any]]:
     """Validate a dispatch payload from the wire. InputError on anything malformed."""
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise InputError("epoch must be a non-negative integer")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**63:
+        raise InputError("epoch must be an integer from 0 to 2**63 - 1")
     if not isinstance(runs, list) or len(runs) > MAX_BATCH:
         raise InputError(f"runs must be a list of at most {MAX_BATCH}")
     out = []
@@ -248,7 +248,8 @@ class Worker:
             if epoch < self._max_epoch:
                 return {"accepted": [],
                         "refused": [[r["run_id"], "stale epoch"] for r in runs], **self.load()}
-            self._max_epoch = epoch
+            if runs:  # an empty batch proves nothing: it must not fence the real leader
+                self._max_epoch = epoch
             room = self.max_queue - self._inflight
             for run in runs:
                 key = (run["run_id"], run["attempt"])

@@ -1,32 +1,35 @@
 """Bad input, everywhere (issue 7, point 6): hypothesis and raw bytes against every edge.
 
-Targets, and what each must do with anything it is given:
+What each edge must do with anything it is given:
 
-- the CLI (``qcluster.cli.main`` in this process): succeed, or print exactly one line
-  ``error: ...`` on stderr and exit non-zero, with no traceback; a failed command leaves
-  the jobs, runs and cluster tables as they were;
-- the config loader: raise only ConfigError, one line (``test_config.py`` fuzzes random
-  documents; here: every real key given random values, and deep nesting);
+- the CLI (``qcluster.cli.main``, in this process): succeed, or print exactly one line
+  ``error: ...`` on stderr and exit non-zero, never a traceback nor an "internal error";
+  a failed command leaves the jobs, runs and cluster tables as they were;
+- the config loader: raise only ConfigError, on one line (``test_config.py`` fuzzes random
+  documents; here every real key gets random values, plus deep nesting and values too
+  large for the clock);
 - ``jobs apply`` files: ``load_job_file`` raises only InputError; a bad file applied
   through the CLI writes nothing;
-- the worker's RPC payloads: ``check_batch`` raises only InputError; over a real daemon,
-  every ``submit`` is refused or answered, the daemon keeps serving and the runs table
-  does not change (no run here is claimable);
-- the control object: every junk call is answered ``{"ok": False, ...}``, never raised,
-  and writes nothing;
-- raw bytes to a real worker node's Pyro5 port (``qcluster start --role worker`` in a
-  subprocess, so that a crash of the interpreter shows as a dead node, not a dead test
-  run): the node survives and keeps serving authenticated clients, a silent connection is
-  closed within the communication timeout, oversized and unauthenticated calls are
-  refused (points 1 and 4).
+- the worker's payloads: ``check_batch`` raises only InputError; over a real daemon every
+  ``submit`` is refused or answered, the daemon keeps serving, and the runs table does
+  not change (no run in it is claimable);
+- the control object: junk is answered ``{"ok": False, ...}``, never raised, and a
+  refused call writes nothing;
+- raw bytes to a worker node's Pyro5 port, a real ``qcluster start --role worker`` in a
+  subprocess (a crash of its interpreter shows as a dead node, not a dead test run): the
+  node keeps serving authenticated clients; silent, unauthenticated and oversized
+  connections are dropped (points 1 and 4).
 
-Every hypothesis test counts the cases it ran; the totals are printed at the end of the
-module (and written to ``fuzz-counts.json`` in pytest's base temp directory).
+Known gaps are strict xfails: each turns into a failure once fixed, to be unmarked.
+The number of cases run per target is printed at the end of the module (and written to
+``fuzz-counts.json`` in pytest's base temp directory).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import json
 import math
@@ -36,6 +39,7 @@ import socket
 import struct
 import subprocess
 import time
+import tomllib
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -51,7 +55,24 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from Pyro5.serializers import serializers_by_id
 
+from qcluster import catalog, schema
+from qcluster.admin import upgrade_db
+from qcluster.cli import main as cli_main
+from qcluster.cluster import read_cluster
+from qcluster.config import config_keys, load_settings_from_mapping, load_settings_from_text
+from qcluster.control import ControlService
+from qcluster.db import Database
+from qcluster.errors import ConfigError, InputError
+from qcluster.jobdefs import JOB_ID_RE, JobDef
+from qcluster.jobfile import load_job_file
+from qcluster.jobstore import FireRow, SqlJobStore, insert_runs
+from qcluster.leader import LeaderRole
+from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
+from qcluster.scheduler import FireExecutor
+from qcluster.triggers import make_spec
+from qcluster.worker import Worker, WorkerService, check_batch
 from tests.helpers import (
     TEST_SECRET,
     NodeProcess,
@@ -63,59 +84,60 @@ from tests.helpers import (
     write_private,
 )
 
-# -- counting ---------------------------------------------------------------------------------
+# -- running and counting cases ----------------------------------------------------------------
 
 CASES: Counter[str] = Counter()
-
-FUZZ = settings(deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                       HealthCheck.function_scoped_fixture,
-                                       HealthCheck.data_too_large])
+_SETTINGS = settings(deadline=None, database=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
-def fuzz(max_examples: int) -> settings:
-    """Hypothesis settings of a fuzz target: ``max_examples`` cases, no deadline."""
-    return settings(FUZZ, max_examples=max_examples)
+def fuzz(target: str, max_examples: int, **strategies: st.SearchStrategy[Any],
+         ) -> Callable[[Callable[..., str]], Counter[str]]:
+    """Run the decorated body at once on ``max_examples`` generated cases; it returns its
+    outcome ("ok", "refused"...). The result counts the outcomes, so that a test can check
+    its generator reached both sides of the edge."""
 
+    def run(body: Callable[..., str]) -> Counter[str]:
+        outcomes: Counter[str] = Counter()
 
-@pytest.fixture(scope="module", autouse=True)
-def _fuzz_case_report(request: pytest.FixtureRequest,
-                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    yield
-    total = sum(CASES.values())
-    lines = [f"fuzz cases run: {total}"] + [f"  {k}: {v}" for k, v in sorted(CASES.items())]
-    (tmp_path_factory.getbasetemp() / "fuzz-counts.json").write_text(
-        json.dumps({"total": total, **CASES}, indent=2))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(line)
-    else:  # pragma: no cover - e.g. under -p no:terminal
-        print("\n".join(lines))
+        @given(**strategies)
+        @settings(_SETTINGS, max_examples=max_examples)
+        def case(**kwargs: Any) -> None:
+            outcomes[body(**kwargs)] += 1
+            CASES[target] += 1
 
+        case()
+        return outcomes
 
-def count(target: str) -> None:
-    CASES[target] += 1
+    return run
 
 
 def examples(db_url: str, sqlite: int, postgresql: int) -> int:
-    """Fewer examples on PostgreSQL: each call there is a network round trip."""
+    """Fewer cases on PostgreSQL: every call there is a round trip to a server."""
     return sqlite if db_url.startswith("sqlite") else postgresql
 
 
-# -- Pyro5 settings are process-wide: set them per test, and put them back ----------------
-
-_PYRO_KEYS = ("SERIALIZER", "COMMTIMEOUT", "MAX_MESSAGE_SIZE", "MAX_RETRIES", "SERVERTYPE",
-              "THREADPOOL_SIZE", "THREADPOOL_SIZE_MIN", "DETAILED_TRACEBACK", "SOCK_NODELAY",
-              "POLLTIMEOUT")
+@pytest.fixture(scope="module", autouse=True)
+def _report_case_counts(request: pytest.FixtureRequest,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield
+    total = sum(CASES.values())
+    lines = [f"fuzz cases run: {total}", *(f"  {k}: {v}" for k, v in sorted(CASES.items()))]
+    (tmp_path_factory.getbasetemp() / "fuzz-counts.json").write_text(
+        json.dumps({"total": total, **CASES}, indent=2))
+    # Output capture is on during a fixture's teardown: suspend it, or the lines vanish.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + "\n".join(lines), flush=True)
 
 
 @contextlib.contextmanager
 def pyro_settings(*, timeout: float, max_message_bytes: int) -> Iterator[None]:
-    from qcluster.rpc import configure_pyro
-
-    saved = {k: getattr(Pyro5.config, k) for k in _PYRO_KEYS}
+    """configure_pyro for a test; Pyro5's settings are process-wide, so put them back."""
+    keys = ("SSL", "SERIALIZER", "COMMTIMEOUT", "MAX_MESSAGE_SIZE", "MAX_RETRIES",
+            "SERVERTYPE", "THREADPOOL_SIZE", "THREADPOOL_SIZE_MIN", "DETAILED_TRACEBACK",
+            "SOCK_NODELAY", "POLLTIMEOUT")
+    saved = {k: getattr(Pyro5.config, k) for k in keys}
     configure_pyro(serializer="msgpack", timeout=timeout, max_message_bytes=max_message_bytes)
     try:
         yield
@@ -124,35 +146,27 @@ def pyro_settings(*, timeout: float, max_message_bytes: int) -> Iterator[None]:
             setattr(Pyro5.config, k, v)
 
 
-# -- strategies -------------------------------------------------------------------------------
+# -- values ------------------------------------------------------------------------------------
 
 _scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(min_value=-(2**64), max_value=2**64),
+    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64),
     st.integers(min_value=2**63 - 2, max_value=2**200),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30), st.binary(max_size=30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30), st.binary(max_size=30),
 )
 #: Nested data of every type msgpack carries: what a peer can put on the wire.
-wire_junk = st.recursive(
-    _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=10,
-)
-_toml_scalars = st.one_of(
-    st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
-    st.datetimes(timezones=st.none() | st.just(UTC)),
-)
+wire_junk = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
 #: Any TOML value.
 toml_junk = st.recursive(
-    _toml_scalars,
+    st.one_of(st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+              st.datetimes(timezones=st.none() | st.just(UTC))),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=3),
     max_leaves=6,
 )
 
+# Valid values and near misses; ``pick`` mixes them with anything at all.
 FUNCS = ["jobs.examples:hello", "jobs.builtin:noop", "jobs.examples:nope", "jobs.nope:x",
          "os:system", "jobs.examples:_private", "jobs:x", "jobs.examples.hello", ""]
 CRONS = ["*/5 * * * *", "0 9 * * mon-fri", "@hourly", "second=*/10", "0 0 29 2 *",
@@ -167,17 +181,45 @@ IDS = ["seed-interval", "seed-cron", "seed-date", "new-1", "new.2:x@y/z", "-dash
 
 
 def pick(pool: list[str], other: st.SearchStrategy[Any] | None = None) -> st.SearchStrategy[Any]:
-    """Mostly a value from ``pool`` (valid or near misses), sometimes anything."""
     return st.sampled_from(pool) | (st.text(max_size=20) if other is None else other)
 
 
-# -- the database, before and after -------------------------------------------------------------
+def _toml_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{_toml_str(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def toml_document(doc: dict[str, Any]) -> str:
+    """TOML text that tomllib reads back as ``doc`` (tables inline)."""
+    return "".join(f"{_toml_str(k)} = {toml_value(v)}\n" for k, v in doc.items())
+
+
+def test_the_toml_writer_writes_what_tomllib_reads() -> None:
+    doc = {"job": [{"id": "x", "at": datetime(2030, 1, 1, tzinfo=UTC), "n": -math.inf,
+                    "k": {"a": [1, "\x7f\n"], "b": 2**63 - 1, "c": 1.5}}]}
+    assert tomllib.loads(toml_document(doc)) == doc
+
+
+# -- the database, before and after ------------------------------------------------------------
 
 
 def snapshot(url: str) -> tuple[list[Any], ...]:
     """Every row of the jobs, runs and cluster tables, in a stable order."""
-    from qcluster import schema
-
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
@@ -190,42 +232,32 @@ def snapshot(url: str) -> tuple[list[Any], ...]:
 
 
 def seed(url: str) -> None:
-    """Three jobs, and runs in every status but ``scheduled`` (so no worker can claim one)."""
-    from qcluster import catalog, schema
-    from qcluster.admin import upgrade_db
-    from qcluster.cluster import read_cluster
-    from qcluster.config import load_settings_from_mapping
-    from qcluster.db import Database
-    from qcluster.jobdefs import JobDef
-    from qcluster.jobstore import FireRow, insert_runs
-    from qcluster.triggers import make_spec
-
+    """Three jobs, and runs that no worker may claim (none is ``scheduled``)."""
     upgrade_db(load_settings_from_mapping({"database": {"url": url}}, "seed", {}))
     db = Database(url)
     try:
         defs = [
             JobDef("seed-interval", "jobs.examples:hello", make_spec(every="30s"),
                    kwargs={"name": "seed"}),
-            JobDef("seed-cron", "jobs.builtin:noop", make_spec(cron="0 9 * * mon-fri",
-                                                               tz="Europe/Paris")),
+            JobDef("seed-cron", "jobs.builtin:noop",
+                   make_spec(cron="0 9 * * mon-fri", tz="Europe/Paris")),
             JobDef("seed-date", "jobs.examples:hello", make_spec(at="2030-01-01T00:00")),
         ]
         state = read_cluster(db)
         assert state is not None
         fires = [FireRow(d.id, d.func, "[]", "{}", 1000.0 + i, "missed", False, "seeded")
                  for i, d in enumerate(defs)]
+        r = schema.runs
         with db.fenced(state.epoch) as conn:
             catalog.upsert_jobs(conn, defs, replace=False)
-            runs = insert_runs(conn, fires, state.epoch, "seed")
-            assert runs == []  # missed runs are not for dispatch
-            r = schema.runs
+            assert insert_runs(conn, fires, state.epoch, "seed") == []  # missed: not for sending
             for status, job in (("succeeded", "seed-cron"), ("failed", "seed-date")):
                 conn.execute(r.update().where(r.c.job_id == job).values(status=status))
     finally:
         db.dispose()
 
 
-# -- the CLI, in this process ------------------------------------------------------------------
+# -- the CLI -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -236,319 +268,291 @@ class CliResult:
 
 
 def call_cli(argv: list[str]) -> CliResult:
-    from qcluster.cli import main
-
     out, err = io.StringIO(), io.StringIO()
     code: Any = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main(argv)
+            cli_main(argv)
         except SystemExit as e:
             code = e.code
     return CliResult(0 if code is None else int(code), out.getvalue(), err.getvalue())
 
 
-def check_cli_contract(argv: list[str], result: CliResult) -> None:
-    """Success, or one ``error: ...`` line and a non-zero exit; never a traceback."""
-    shown = f"argv={argv!r}\nexit {result.code}\nstdout={result.out[-500:]!r}\n" \
-            f"stderr={result.err[-2000:]!r}"
+def check_cli_contract(argv: list[str], result: CliResult) -> str:
+    """Success, or one ``error: ...`` line with a non-zero exit; never a traceback or an
+    internal error. Returns "ok" or "refused"."""
+    shown = (f"argv={argv!r}\nexit {result.code}\nstdout={result.out[-500:]!r}\n"
+             f"stderr={result.err[-2000:]!r}")
     assert "Traceback" not in result.out + result.err, shown
     if result.code == 0:
-        return
-    if not result.err and "Usage" in result.out:  # a command group without a subcommand
-        return
+        return "ok"
+    if not result.err and "Usage" in result.out:  # a command group without its subcommand
+        return "refused"
     lines = result.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), shown
     assert not lines[0].startswith("error: internal error"), f"a bug, not bad input\n{shown}"
+    return "refused"
 
 
 @pytest.fixture
-def cli_db(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A seeded database, $QCLUSTER_CONFIG naming a config for it, cwd a scratch dir."""
+def cli_db(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A seeded database; $QCLUSTER_CONFIG names its config; the cwd is a scratch
+    directory; ``tmp_path/files`` holds config and job files good and bad."""
     seed(db_url)
-    config = write_config(tmp_path, db_url)
     for key in [k for k in os.environ if k.startswith("QCLUSTER_")]:
         monkeypatch.delenv(key)
-    monkeypatch.setenv("QCLUSTER_CONFIG", str(config))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
+    monkeypatch.setenv("QCLUSTER_CONFIG", str(write_config(tmp_path, db_url)))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # an empty config means ./qcluster.db: here
     files = tmp_path / "files"
     files.mkdir()
-    (files / "empty.toml").write_text("")
-    write_private(files / "bad.toml", "[database\nurl = 1")
-    write_private(files / "typo.toml", "[databse]\nurl = 'sqlite:///x.db'\n")
-    (files / "jobs-ok.toml").write_text('[[job]]\nid = "from-file"\nfunc = "jobs.builtin:noop"\n'
-                                        'every = "1m"\n')
-    (files / "jobs-half.toml").write_text(
-        '[[job]]\nid = "half-1"\nfunc = "jobs.builtin:noop"\nevery = "1m"\n'
-        '[[job]]\nid = "half-2"\nfunc = "jobs.builtin:noop"\nevery = "never"\n')
-    (files / "jobs-deep.toml").write_text("[[job]]\nid = 'deep'\nargs = " + "[" * 2000 + "\n")
+    for name, text in {"empty.toml": "", "bad.toml": "[database\nurl = 1",
+                       "typo.toml": "[databse]\nurl = 'sqlite:///x.db'\n"}.items():
+        write_private(files / name, text)
+    job = '[[job]]\nid = "{}"\nfunc = "jobs.builtin:noop"\nevery = "{}"\n'
+    (files / "jobs-ok.toml").write_text(job.format("from-file", "1m"))
+    (files / "jobs-half.toml").write_text(job.format("half-1", "1m") + job.format("half-2", "x"))
+    (files / "jobs-deep.toml").write_text("[[job]]\nid = 'deep'\nargs = " + "[" * 2000)
     (files / "binary.toml").write_bytes(b"\xff\xfe\x00[[job]]")
-    yield db_url
+    return db_url
 
 
-def _cli_paths(root: Path) -> list[str]:
-    files = root / "files"
-    return [str(files / n) for n in ("empty.toml", "bad.toml", "typo.toml", "jobs-ok.toml",
-                                     "jobs-half.toml", "jobs-deep.toml", "binary.toml")] + [
-        str(root / "missing.toml"), str(root), "", "-"]
+def _paths(root: Path) -> list[str]:
+    return [*map(str, sorted((root / "files").iterdir())), str(root / "missing.toml"),
+            str(root), "", "-"]
 
 
-_VALUES = st.one_of(
-    st.sampled_from(["[1, 2]", '{"a": 1}', "NaN", "1e400", "9" * 5000, "[" * 3000,
-                     '"x"', "true", "null", "x=1", "=1", "a=", "k=[1,{\"b\":null}]"]),
-    st.text(max_size=30),
-)
-_NUMBERS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70).map(str),
-                     st.sampled_from(["0", "1", "-1", "2147483648", "9223372036854775808",
-                                      "1e3", "", "ten"]))
+_CLI_VALUES = st.sampled_from(["[1, 2]", '{"a": 1}', "NaN", "1e400", "9" * 5000, "[" * 3000,
+                               '"x"', "null", "x=1", "=1", "a=", 'k=[1,{"b":null}]']) | st.text(
+    max_size=30)
+_CLI_NUMBERS = st.integers(min_value=-(2**70), max_value=2**70).map(str) | st.sampled_from(
+    ["0", "-1", "2147483648", "9223372036854775808", "1e3", "", "ten"])
 _SINCE = st.sampled_from(["2026-01-01", "2026-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00",
-                          "9999-12-31T23:59:59-23:59", "+999999999-01-01", "yesterday", ""])
-
-
-def _opt(name: str, values: st.SearchStrategy[str] | None) -> st.SearchStrategy[list[str]]:
-    if values is None:
-        return st.just([name])
-    return values.map(lambda v: [name, v])
+                          "9999-12-31T23:59:59-23:59", "+999999999-01-01", ""]) | st.text(
+    max_size=20)
 
 
 def _command(words: list[str], positional: st.SearchStrategy[str] | None,
              options: dict[str, st.SearchStrategy[str] | None],
              paths: list[str]) -> st.SearchStrategy[list[str]]:
+    """``words``, up to two positionals, up to seven options (flags have None) with values,
+    and now and then a stray word."""
     opts = {**options, "--config": st.sampled_from(paths), "--json": None}
+
+    def option(name: str) -> st.SearchStrategy[list[str]]:
+        values = opts[name]
+        return st.just([name]) if values is None else values.map(lambda v: [name, v])
+
     chosen = st.lists(st.sampled_from(sorted(opts)), max_size=7).flatmap(
-        lambda names: st.tuples(*[_opt(n, opts[n]) for n in names]))
-    pos = st.just([]) if positional is None else st.lists(positional, min_size=0, max_size=2)
-    extra = st.lists(st.text(max_size=12) | st.sampled_from(["--", "-x", "--help", "--nope"]),
+        lambda names: st.tuples(*map(option, names)))
+    pos = st.just([]) if positional is None else st.lists(positional, max_size=2)
+    stray = st.lists(st.text(max_size=12) | st.sampled_from(["--", "-x", "--help", "--nope"]),
                      max_size=1)
-    return st.tuples(pos, chosen, extra).map(
-        lambda t: [*words, *t[0], *[w for pair in t[1] for w in pair], *t[2]])
+    return st.tuples(pos, chosen, stray).map(
+        lambda t: [*words, *t[0], *(w for pair in t[1] for w in pair), *t[2]])
 
 
 def command_lines(root: Path) -> st.SearchStrategy[list[str]]:
-    paths = _cli_paths(root)
-    ids = pick(IDS)
+    paths, ids = _paths(root), pick(IDS)
     add = {"--func": pick(FUNCS), "--cron": pick(CRONS), "--every": pick(EVERY),
-           "--at": pick(ATS), "--tz": pick(ZONES), "--arg": _VALUES, "--kwarg": _VALUES,
-           "--misfire-grace": _NUMBERS, "--replace": None, "--recover": None,
-           "--coalesce": None, "--no-coalesce": None}
-    one = [_command(["jobs", verb], ids, {}, paths)
-           for verb in ("show", "pause", "resume", "remove", "run")]
+           "--at": pick(ATS), "--tz": pick(ZONES), "--arg": _CLI_VALUES,
+           "--kwarg": _CLI_VALUES, "--misfire-grace": _CLI_NUMBERS, "--replace": None,
+           "--recover": None, "--coalesce": None, "--no-coalesce": None}
     return st.one_of(
         _command(["jobs", "add"], ids, add, paths),
-        _command(["jobs", "apply"], st.sampled_from(paths) | st.text(max_size=10),
-                 {"--prune": None}, paths),
-        _command(["jobs", "list"], None, {"--limit": _NUMBERS}, paths),
-        *one,
-        _command(["runs", "list"], None,
-                 {"--job": ids, "--status": pick(["failed", "missed", "FAILED", ""]),
-                  "--since": _SINCE | st.text(max_size=20), "--limit": _NUMBERS}, paths),
-        _command(["cluster", "status"], None, {}, paths),
-        _command(["config", "show"], None, {}, paths),
-        _command(["config", "check"], None, {}, paths),
-        _command(["db", "upgrade"], None, {}, paths),
+        _command(["jobs", "apply"], pick(paths), {"--prune": None}, paths),
+        _command(["jobs", "list"], None, {"--limit": _CLI_NUMBERS}, paths),
+        *(_command(["jobs", verb], ids, {}, paths)
+          for verb in ("show", "pause", "resume", "remove", "run")),
+        _command(["runs", "list"], None, {"--job": ids, "--status": pick(["failed", "FAILED"]),
+                                          "--since": _SINCE, "--limit": _CLI_NUMBERS}, paths),
+        *(_command(words, None, {}, paths) for words in (
+            ["cluster", "status"], ["config", "show"], ["config", "check"], ["db", "upgrade"])),
         st.lists(st.text(max_size=10) | st.sampled_from(["jobs", "runs", "--json", "-c"]),
-                 max_size=3),
+                 max_size=3).filter(lambda argv: argv[:1] != ["start"]),  # it would run
     )
-
-
-_ROLES = ("all", "scheduler", "worker")
-
-
-@given(role=pick(list(_ROLES) + ["both", "", "ALL"]), node_id=pick(IDS + ["ok-node"]),
-       demo=st.booleans())
-@fuzz(40)
-def test_start_with_bad_role_or_node_id_fails_with_one_error_line(role: str, node_id: str,
-                                                                   demo: bool) -> None:
-    from qcluster.jobdefs import JOB_ID_RE
-
-    assume(role not in _ROLES or not JOB_ID_RE.match(node_id))  # never start a real node
-    argv = ["start", "--role", role, "--node-id", node_id] + (["--demo"] if demo else [])
-    result = call_cli(argv)
-    count("cli start")
-    assert result.code != 0
-    check_cli_contract(argv, result)
 
 
 def test_random_command_lines_fail_with_one_error_line_and_write_nothing(
     cli_db: str, tmp_path: Path
 ) -> None:
-    @given(argv=command_lines(tmp_path))
-    @fuzz(examples(cli_db, 160, 50))
-    def run(argv: list[str]) -> None:
+    @fuzz("cli: command lines", examples(cli_db, 200, 50), argv=command_lines(tmp_path))
+    def outcomes(argv: list[str]) -> str:
         before = snapshot(cli_db)
-        result = call_cli(argv)
-        count("cli command lines")
-        check_cli_contract(argv, result)
-        if result.code != 0:
+        outcome = check_cli_contract(argv, call_cli(argv))
+        if outcome != "ok":
             assert snapshot(cli_db) == before, f"failed command {argv!r} changed the database"
+        return outcome
 
-    run()
-
-
-def test_deep_json_argument_is_an_input_error(cli_db: str) -> None:
-    argv = ["jobs", "add", "deep", "--func", "jobs.builtin:noop", "--every", "1m",
-            "--arg", "[" * 5000 + "]" * 5000]
-    before = snapshot(cli_db)
-    result = call_cli(argv)
-    check_cli_contract(argv, result)
-    assert result.code != 0 and snapshot(cli_db) == before
+    assert outcomes["ok"] and outcomes["refused"], outcomes
 
 
-@pytest.mark.parametrize("flag", ["--misfire-grace", "--limit"])
-def test_huge_numbers_are_refused_before_they_reach_the_database(cli_db: str,
-                                                                 flag: str) -> None:
-    base = (["jobs", "add", "huge", "--func", "jobs.builtin:noop", "--every", "1m"]
-            if flag == "--misfire-grace" else ["runs", "list"])
-    for value in (str(2**31), str(10**15), str(10**20)):
+_ROLES = ("all", "scheduler", "worker")
+
+
+def test_start_with_a_bad_role_or_node_id_fails_with_one_error_line() -> None:
+    @fuzz("cli: start", 40, role=pick([*_ROLES, "both", "", "ALL"]),
+          node_id=pick([*IDS, "ok-node"]), demo=st.booleans())
+    def outcomes(role: str, node_id: str, demo: bool) -> str:
+        assume(role not in _ROLES or not JOB_ID_RE.match(node_id))  # never start a node
+        argv = ["start", "--role", role, "--node-id", node_id, *(["--demo"] * demo)]
+        return check_cli_contract(argv, call_cli(argv))
+
+    assert set(outcomes) == {"refused"}
+
+
+_ADD = ["jobs", "add", "edge", "--func", "jobs.builtin:noop", "--every", "1m"]
+#: (argv, must it fail?): what the fuzzers found, kept as plain cases.
+EDGE_CASES = [
+    ([*_ADD, "--arg", "[" * 5000 + "]" * 5000], True),  # was json.loads' RecursionError
+    # 2**31 does not fit PostgreSQL's integer column; 10**15 s is past timedelta's range,
+    # where the leader's pass failed for every job due with this one.
+    *[([*_ADD, "--misfire-grace", str(n)], True) for n in (2**31, 10**15, 10**20)],
+    *[([*c, "--limit", str(n)], False) for c in (["runs", "list"], ["jobs", "list"])
+      for n in (2**31, 2**63, 10**20)],  # were SQLite's OverflowError
+    (["jobs", "apply", "bad\rname.toml"], True),  # a carriage return made two lines
+    (["jobs", "show", "x\u2028y"], True),
+]
+
+
+def test_extreme_values_on_the_command_line_fail_cleanly_and_write_nothing(cli_db: str) -> None:
+    for argv, must_fail in EDGE_CASES:
         before = snapshot(cli_db)
-        result = call_cli([*base, flag, value])
-        check_cli_contract([*base, flag, value], result)
-        assert result.code != 0 and snapshot(cli_db) == before
+        if check_cli_contract(argv, result := call_cli(argv)) == "refused" or must_fail:
+            assert result.code != 0 and snapshot(cli_db) == before, argv
 
 
-# -- the config loader ---------------------------------------------------------------------------
+# -- the config loader -------------------------------------------------------------------------
 
 
-def _config_keys() -> list[str]:
-    from qcluster.config import config_keys
-
-    return list(config_keys())
-
-
-def _nest(path: str, value: Any) -> dict[str, Any]:
+def _nested(path: str, value: Any) -> dict[str, Any]:
     head, _, rest = path.partition(".")
-    return {head: _nest(rest, value) if rest else value}
+    return {head: _nested(rest, value) if rest else value}
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-@given(data=st.lists(st.tuples(st.sampled_from(_config_keys()), toml_junk), min_size=1,
-                     max_size=4))
-@fuzz(200)
-def test_every_config_key_given_random_values_raises_only_config_error(
-    data: list[tuple[str, Any]]
-) -> None:
-    from qcluster.config import load_settings_from_text
-    from qcluster.errors import ConfigError
+def test_every_config_key_given_random_values_raises_only_config_error() -> None:
+    plausible = st.one_of(st.booleans(), st.integers(0, 100), st.floats(0.05, 60),
+                          st.sampled_from(["UTC", "dblock", "msgpack", "127.0.0.1", "jobs.*"]),
+                          st.lists(st.sampled_from(["jobs.*", "scheduler", "a:2181"]),
+                                   max_size=2))
 
-    doc: dict[str, Any] = {}
-    for key, value in data:
-        doc = _merge(doc, _nest(key, value))
-    text = toml_document(doc)
-    count("config keys")
-    try:
-        s = load_settings_from_text(text, "fuzz.toml", {})
-    except ConfigError as e:
-        assert "\n" not in str(e) and str(e).startswith("fuzz.toml")
-        return
-    assert repr(s).count("\n") == 0
+    @fuzz("config: real keys, random values", 200, pairs=st.lists(
+        st.tuples(st.sampled_from(config_keys()), plausible | toml_junk), min_size=1,
+        max_size=4))
+    def outcomes(pairs: list[tuple[str, Any]]) -> str:
+        doc: dict[str, Any] = {}
+        for key, value in pairs:
+            doc = _merged(doc, _nested(key, value))
+        try:
+            load_settings_from_text(toml_document(doc), "fuzz.toml", {})
+        except ConfigError as e:
+            assert "\n" not in str(e) and str(e).startswith("fuzz.toml: "), str(e)
+            return "refused"
+        return "ok"
+
+    assert outcomes["ok"] and outcomes["refused"], outcomes
 
 
 @pytest.mark.parametrize("text", [
     "a = " + "[" * 3000, "a = " + "[" * 3000 + "]" * 3000, "a = " + "{b = " * 3000,
-    "[" + "a." * 3000 + "b]",
-], ids=["array", "closed-array", "inline-table", "dotted-table"])
+], ids=["array", "closed-array", "inline-table"])
 def test_deeply_nested_config_raises_config_error(text: str) -> None:
-    from qcluster.config import load_settings_from_text
-    from qcluster.errors import ConfigError
-
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError, match=r"^deep\.toml: invalid TOML") as info:
         load_settings_from_text(text, "deep.toml", {})
     assert "\n" not in str(info.value)
 
 
-# -- job files -------------------------------------------------------------------------------------
+def _overflows_later(where: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                             reason=f"accepted, then too large for the clock: {where}")
 
 
-def _toml_key(key: str) -> str:
-    return json.dumps(key, ensure_ascii=False).replace("\x7f", "\\u007f")
+@pytest.mark.parametrize("table", [
+    {"scheduler": {"misfire_grace_seconds": 10**15}},  # timedelta() in every leader pass
+    {"runs": {"retention_days": 1e6}},  # now - timedelta(): before year 1, every pass
+    pytest.param({"rpc": {"timeout_seconds": 1e12}}, marks=_overflows_later(
+        "socket.settimeout in Pyro5's accept loop; `qcluster start` ends with 'error: internal "
+        "error: OverflowError: timestamp out of range for platform time_t'")),
+    pytest.param({"worker": {"heartbeat_seconds": 1e11},
+                  "cluster": {"member_timeout_seconds": 1e12}}, marks=_overflows_later(
+        "Event.wait in qcluster/node.py _heartbeat_loop: the heartbeat thread dies")),
+    pytest.param({"coordination": {"dblock": {"lease_seconds": 1e11}}}, marks=_overflows_later(
+        "Event.wait(valid_for / 3) in qcluster/leadership.py _hold")),
+], ids=["misfire-grace", "retention", "rpc-timeout", "heartbeat", "lease"])
+def test_time_settings_too_large_for_the_clock_are_refused(table: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="must be at most"):
+        load_settings_from_text(toml_document(table), "big.toml", {})
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return _toml_key(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(type(value))
+# -- job files ---------------------------------------------------------------------------------
 
-
-def toml_document(doc: dict[str, Any]) -> str:
-    """TOML text whose tomllib parse is ``doc``: every top-level key as ``key = value``."""
-    return "\n".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in doc.items()) + "\n"
-
-
+_good_ids = st.sampled_from(["seed-interval", "new-1", "new.2:x@y/z", "z" * 200])
+_good_funcs = st.sampled_from(["jobs.examples:hello", "jobs.builtin:noop"])
+#: A job that may well be valid: the file as a whole then stands or falls with the others.
+_good_job_entry = st.one_of(*(
+    st.fixed_dictionaries(
+        {"id": _good_ids, "func": _good_funcs, kind: st.sampled_from(pool[:3])},
+        optional={"tz": st.sampled_from(ZONES[:5]), "recover": st.booleans(),
+                  "coalesce": st.booleans(), "args": st.lists(st.integers() | st.text()),
+                  "misfire_grace_seconds": st.integers(min_value=-1, max_value=2**63 - 1)})
+    for kind, pool in (("cron", CRONS), ("every", EVERY), ("at", ATS))))
 _job_entry = st.fixed_dictionaries(
     {"id": pick(IDS, toml_junk)},
     optional={
         "func": pick(FUNCS[:3], toml_junk), "cron": pick(CRONS, toml_junk),
-        "every": pick(EVERY, toml_junk), "at": pick(ATS, toml_junk),
-        "tz": pick(ZONES, toml_junk),
+        "every": pick(EVERY, toml_junk), "at": pick(ATS, toml_junk), "tz": pick(ZONES, toml_junk),
         "args": st.lists(toml_junk, max_size=3) | toml_junk,
         "kwargs": st.dictionaries(st.text(max_size=5), toml_junk, max_size=3) | toml_junk,
-        "recover": st.booleans() | toml_junk,
+        "recover": st.booleans() | toml_junk, "coalesce": st.booleans() | toml_junk,
         "misfire_grace_seconds": st.integers(min_value=-(2**63), max_value=2**63 - 1)
         | toml_junk,
-        "coalesce": st.booleans() | toml_junk,
         "bogus": toml_junk,
     },
 )
 job_documents = st.one_of(
-    st.fixed_dictionaries({"job": st.lists(_job_entry | toml_junk, max_size=4)}),
+    st.fixed_dictionaries({"job": st.lists(_good_job_entry, max_size=3, unique_by=lambda j: j[
+        "id"])}),
+    st.fixed_dictionaries({"job": st.lists(_good_job_entry | _job_entry | toml_junk,
+                                           max_size=4)}),
     st.fixed_dictionaries({"job": st.lists(_job_entry, min_size=1, max_size=3)},
-                          optional={"jobs": toml_junk, "job2": toml_junk}),
+                          optional={"jobs": toml_junk}),
     st.dictionaries(st.text(max_size=6), toml_junk, max_size=3),
 )
 
 
-def check_job_file(path: Path) -> list[Any] | None:
-    """Load ``path``; only InputError may escape, as one line that names the file."""
-    from qcluster.errors import InputError
-    from qcluster.jobfile import load_job_file
-
+def check_job_file(path: Path) -> str:
+    """Load ``path``; only InputError may escape, one line that names the file."""
     try:
-        return load_job_file(path, allow=["jobs.*"], default_tz="UTC")
+        defs = load_job_file(path, allow=["jobs.*"], default_tz="UTC")
     except InputError as e:
-        assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
-        return None
+        assert "\n" not in str(e) and str(e).startswith(f"{path}: "), str(e)
+        return "refused"
+    assert len({d.id for d in defs}) == len(defs)
+    return "ok"
 
 
-@given(doc=job_documents)
-@fuzz(300)
-def test_random_job_files_raise_only_input_error(tmp_path: Path, doc: dict[str, Any]) -> None:
+def test_random_job_files_raise_only_input_error(tmp_path: Path) -> None:
     path = tmp_path / "jobs.toml"
-    path.write_text(toml_document(doc), encoding="utf-8")
-    count("job files (documents)")
-    defs = check_job_file(path)
-    if defs is not None:
-        assert len({d.id for d in defs}) == len(defs) == len(doc.get("job", []))
 
+    @fuzz("job files: documents", 300, doc=job_documents)
+    def documents(doc: dict[str, Any]) -> str:
+        path.write_text(toml_document(doc), encoding="utf-8")
+        return check_job_file(path)
 
-@given(raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
-@fuzz(150)
-def test_random_bytes_as_a_job_file_raise_only_input_error(tmp_path: Path, raw: bytes) -> None:
-    path = tmp_path / "jobs.toml"
-    path.write_bytes(raw)
-    count("job files (bytes)")
-    check_job_file(path)
+    @fuzz("job files: bytes", 150, raw=st.binary(max_size=300) | st.text(max_size=300).map(
+        str.encode))
+    def raw_bytes(raw: bytes) -> str:
+        path.write_bytes(raw)
+        return check_job_file(path)
+
+    assert documents["ok"] and documents["refused"] and raw_bytes["refused"]
 
 
 @pytest.mark.parametrize("text", [
@@ -557,57 +561,54 @@ def test_random_bytes_as_a_job_file_raise_only_input_error(tmp_path: Path, raw: 
     + "]" * 100,
 ], ids=["array", "inline-table", "args-100-deep"])
 def test_deeply_nested_job_file_raises_input_error(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "deep.toml"
-    path.write_text(text)
-    assert check_job_file(path) is None
+    (tmp_path / "deep.toml").write_text(text)
+    assert check_job_file(tmp_path / "deep.toml") == "refused"
 
 
 def test_bad_job_files_applied_through_the_cli_write_nothing(cli_db: str,
                                                             tmp_path: Path) -> None:
-    @given(doc=job_documents, prune=st.booleans())
-    @fuzz(examples(cli_db, 80, 30))
-    def run(doc: dict[str, Any], prune: bool) -> None:
-        path = tmp_path / "apply.toml"
+    path = tmp_path / "apply.toml"
+
+    @fuzz("cli: jobs apply", examples(cli_db, 100, 30), doc=job_documents, prune=st.booleans())
+    def outcomes(doc: dict[str, Any], prune: bool) -> str:
         path.write_text(toml_document(doc), encoding="utf-8")
-        argv = ["jobs", "apply", str(path), "--json"] + (["--prune"] if prune else [])
+        argv = ["jobs", "apply", str(path), "--json", *(["--prune"] * prune)]
         before = snapshot(cli_db)
-        result = call_cli(argv)
-        count("jobs apply (cli)")
-        check_cli_contract(argv, result)
-        if result.code != 0:
+        if check_cli_contract(argv, call_cli(argv)) == "refused":
             assert snapshot(cli_db) == before, f"a refused file changed the database: {doc!r}"
-            return
-        ids = {row[0] for row in snapshot(cli_db)[0]}
-        assert {j["id"] for j in doc["job"]} <= ids
+            return "refused"
+        named, stored = {j["id"] for j in doc.get("job", [])}, {r[0] for r in snapshot(cli_db)[0]}
+        assert named == stored if prune else named <= stored, (doc, stored)
+        return "ok"
 
-    run()
-
-
-def _limited(mem_bytes: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-
-    return apply
+    assert outcomes["ok"] and outcomes["refused"], outcomes
 
 
-@pytest.mark.parametrize("argv", [["jobs", "apply", "/dev/zero"],
-                                  ["config", "show", "--config", "/dev/zero"]],
-                         ids=["job-file", "config"])
+def _memory_limit(limit: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.parametrize("argv", [
+    ["jobs", "apply", "/dev/zero"],
+    pytest.param(["config", "show", "--config", "/dev/zero"], marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="qcluster/config.py load_settings reads "
+        "the whole file (f.read()) before any check: MemoryError here, the OOM killer without "
+        "a memory limit")),
+], ids=["job-file", "config"])
 def test_an_endless_input_file_is_refused_without_reading_it_all(tmp_path: Path,
                                                                  argv: list[str]) -> None:
     config = write_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
-    # The memory cap turns "reads until the machine runs out" into a quick MemoryError.
-    result = subprocess.run(qcluster_command(*argv), capture_output=True, text=True,
-                            timeout=60, env=cli_env(config), cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, preexec_fn=_limited(1 << 30),
-                            check=False)
-    check_cli_contract(argv, CliResult(result.returncode, result.stdout, result.stderr))
-    assert result.returncode != 0
+    # A subprocess with a memory limit: reading until the host runs out is a MemoryError.
+    done = subprocess.run(qcluster_command(*argv), capture_output=True, text=True, timeout=60,
+                          env=cli_env(config), cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          preexec_fn=_memory_limit(1 << 30), check=False)
+    assert check_cli_contract(argv, CliResult(done.returncode, done.stdout, done.stderr)) \
+        == "refused"
 
 
-# -- the worker's payloads ----------------------------------------------------------------------
+# -- the worker's payloads and the control object, on an in-process daemon --------------------
 
-_GOOD_RUN: dict[str, st.SearchStrategy[Any]] = {
+_RUN: dict[str, st.SearchStrategy[Any]] = {
     "run_id": st.integers(min_value=-5, max_value=2**70), "job_id": pick(IDS),
     "func": st.sampled_from(FUNCS), "args": st.sampled_from(["[]", "[1]", "{", "x" * 70000]),
     "kwargs": st.sampled_from(["{}", '{"name": "z"}', "[]"]),
@@ -615,112 +616,99 @@ _GOOD_RUN: dict[str, st.SearchStrategy[Any]] = {
     "attempt": st.integers(min_value=-1, max_value=2**64), "epoch": st.integers(),
     "recover": st.booleans(),
 }
-run_records = st.one_of(
-    st.fixed_dictionaries({k: v | wire_junk for k, v in _GOOD_RUN.items()}),
-    st.fixed_dictionaries(_GOOD_RUN),
-    st.fixed_dictionaries(_GOOD_RUN, optional={"extra": wire_junk}),
-    st.dictionaries(st.sampled_from(sorted(_GOOD_RUN)), wire_junk),
-    wire_junk,
+_run_records = st.one_of(
+    st.fixed_dictionaries(_RUN), st.fixed_dictionaries(_RUN, optional={"extra": wire_junk}),
+    st.fixed_dictionaries({k: v | wire_junk for k, v in _RUN.items()}),
+    st.dictionaries(st.sampled_from(sorted(_RUN)), wire_junk), wire_junk,
 )
 epochs = st.integers(min_value=-1, max_value=3) | st.integers() | wire_junk
-batches = st.lists(run_records, max_size=4) | wire_junk
+batches = st.lists(_run_records, max_size=4) | wire_junk
 
 
-@given(epoch=epochs, runs=batches)
-@fuzz(500)
-def test_check_batch_raises_only_input_error(epoch: Any, runs: Any) -> None:
-    from qcluster.errors import InputError
-    from qcluster.worker import check_batch
+def test_check_batch_raises_only_input_error() -> None:
+    @fuzz("worker: check_batch", 500, epoch=epochs, runs=batches)
+    def outcomes(epoch: Any, runs: Any) -> str:
+        try:
+            checked = check_batch(epoch, runs)
+        except InputError as e:
+            assert "\n" not in str(e)
+            return "refused"
+        assert isinstance(epoch, int) and epoch >= 0
+        assert all(isinstance(r["scheduled_at"], float) for r in checked)
+        return "ok"
 
-    count("check_batch")
-    try:
-        out = check_batch(epoch, runs)
-    except InputError as e:
-        assert "\n" not in str(e)
-        return
-    assert isinstance(epoch, int) and epoch >= 0
-    assert all(isinstance(r["scheduled_at"], float) for r in out)
+    assert outcomes["ok"] and outcomes["refused"], outcomes
+
+
+def leading_role(db: Database) -> LeaderRole:
+    """A LeaderRole that leads at the cluster's epoch, with no scheduler or dispatcher:
+    the control object's writes really run, fenced, and nothing is sent anywhere."""
+    role = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, None,  # type: ignore[arg-type]
+                      node_id="fuzz", control_uri="PYRO:x@127.0.0.1:1", secret=TEST_SECRET,
+                      revoke=lambda reason: None)
+    state = read_cluster(db)
+    assert state is not None
+    role.epoch = state.epoch
+    return role
 
 
 @dataclass
-class InProcessWorker:
-    uri: str
+class InProcessDaemon:
     url: str
+    worker_uri: str
     control_uri: str
 
 
 @pytest.fixture
-def in_process_daemon(sqlite_url: str) -> Iterator[InProcessWorker]:
-    """A Worker and a control object (of a leading LeaderRole) on one AuthDaemon."""
-    from qcluster.config import load_settings_from_mapping
-    from qcluster.control import ControlService
-    from qcluster.db import Database
-    from qcluster.rpc import AuthDaemon, DaemonThread
-    from qcluster.worker import Worker, WorkerService
-
+def daemon(sqlite_url: str) -> Iterator[InProcessDaemon]:
+    """A Worker and the control object of a leading node on one AuthDaemon."""
     seed(sqlite_url)
     with pyro_settings(timeout=5.0, max_message_bytes=1 << 20):
         db = Database(sqlite_url)
         worker = Worker(db, node_id="fuzz", session="s-fuzz", concurrency=2, allow=["jobs.*"])
         worker.start()
-        daemon = AuthDaemon(TEST_SECRET, host="127.0.0.1")
-        uri = str(daemon.register(WorkerService(worker), "qcluster.worker"))
-        leader = leading_role(load_settings_from_mapping({}, "fuzz", {}), db)
-        control_uri = str(daemon.register(
-            ControlService(db, leader, ["jobs.*"], "fuzz"), "qcluster.control"))
-        thread = DaemonThread(daemon, "fuzz-rpc")
+        d = AuthDaemon(TEST_SECRET, host="127.0.0.1")
+        worker_uri = str(d.register(WorkerService(worker), "qcluster.worker"))
+        control = ControlService(db, leading_role(db), ["jobs.*"], "fuzz")
+        control_uri = str(d.register(control, "qcluster.control"))
+        thread = DaemonThread(d, "fuzz-rpc")
         thread.start()
         try:
-            yield InProcessWorker(uri, sqlite_url, control_uri)
+            yield InProcessDaemon(sqlite_url, worker_uri, control_uri)
         finally:
             thread.stop()
             worker.stop(grace=5)
             db.dispose()
 
 
+_REFUSED_RUN = {"stale epoch", "duplicate", "busy", "already claimed", "shutting down"}
+
+
 def test_worker_refuses_or_answers_every_submit_and_keeps_serving(
-    in_process_daemon: InProcessWorker,
+    daemon: InProcessDaemon,
 ) -> None:
-    from qcluster.rpc import proxy
+    before = snapshot(daemon.url)
 
-    d = in_process_daemon
-    before = snapshot(d.url)
-
-    @given(epoch=epochs, runs=batches)
-    @fuzz(200)
-    def run(epoch: Any, runs: Any) -> None:
-        count("worker submit over RPC")
-        with proxy(d.uri, TEST_SECRET, 5.0) as p:
+    @fuzz("worker: submit over RPC", 200, epoch=epochs, runs=batches)
+    def outcomes(epoch: Any, runs: Any) -> str:
+        outcome = "answered"
+        with proxy(daemon.worker_uri, TEST_SECRET, 5.0) as p:
             try:
                 reply = p.submit(epoch, runs)
-            except (ValueError, Pyro5.errors.PyroError, TypeError, OverflowError):
-                pass  # refused (or not even serializable on our side)
+            except ValueError as e:  # the worker's own refusal, re-raised here by Pyro5
+                assert str(e).startswith("refused: "), repr(e)
+                outcome = "refused"
+            except Pyro5.errors.PyroError:
+                outcome = "unreadable"  # e.g. an int of 5,000 digits: Pyro5 cannot load it
             else:
-                assert reply["accepted"] == [], reply  # nothing here may be claimed
-                assert {r[1] for r in reply["refused"]} <= {
-                    "stale epoch", "duplicate", "busy", "already claimed", "shutting down"}
-        with proxy(d.uri, TEST_SECRET, 5.0) as p:
+                assert reply["accepted"] == [], reply  # no run here may be claimed
+                assert {why for _, why in reply["refused"]} <= _REFUSED_RUN, reply
+        with proxy(daemon.worker_uri, TEST_SECRET, 5.0) as p:  # a new connection
             assert p.ping()["capacity"] == 2
-        assert snapshot(d.url) == before
+        assert snapshot(daemon.url) == before
+        return outcome
 
-    run()
-
-
-# -- the control object --------------------------------------------------------------------------
-
-
-def leading_role(settings_: Any, db: Any) -> Any:
-    """A LeaderRole that leads at the cluster's epoch, without a scheduler or dispatcher:
-    the control object's writes really run, fenced, and nothing is sent."""
-    from qcluster.cluster import read_cluster
-    from qcluster.leader import LeaderRole
-
-    role = LeaderRole(settings_, db, None, node_id="fuzz", control_uri="PYRO:x@127.0.0.1:1",  # type: ignore[arg-type]
-                      secret=TEST_SECRET, revoke=lambda reason: None)
-    state = read_cluster(db)
-    assert state is not None
-    role.epoch = state.epoch
-    return role
+    assert outcomes["answered"] and outcomes["refused"], outcomes
 
 
 _SPECS = [
@@ -732,97 +720,119 @@ _SPECS = [
     {"type": "date", "at": "2030-01-01T00:00:00", "tz": "UTC"},
     {"type": "cron", "expr": "0 0 29 2 *", "tz": "Europe/Paris"},
 ]
-_trigger_specs = st.one_of(
+_triggers = st.one_of(
     st.sampled_from(_SPECS),
     st.fixed_dictionaries({"type": pick(["cron", "interval", "date"], wire_junk)},
                           optional={k: wire_junk | st.sampled_from(ZONES + CRONS + ATS)
                                     for k in ("expr", "seconds", "start", "at", "tz")}),
     wire_junk,
 )
-_control_jobs = st.one_of(
-    st.lists(st.fixed_dictionaries(
-        {"id": pick(IDS, wire_junk), "func": pick(FUNCS, wire_junk), "trigger": _trigger_specs},
-        optional={"args": wire_junk, "kwargs": wire_junk, "recover": wire_junk,
-                  "misfire_grace_seconds": st.integers() | wire_junk, "coalesce": wire_junk,
-                  "nope": wire_junk}) | wire_junk, max_size=3),
-    wire_junk,
-)
+#: Jobs that may well pass validate_job: the write path (fenced upsert, first fire time)
+#: then runs on whatever values the trigger spec and the fields hold.
+_likely_jobs = st.lists(st.fixed_dictionaries(
+    {"id": _good_ids, "func": st.sampled_from(["jobs.builtin:noop", f"jobs.{'a' * 400}:f"]),
+     "trigger": st.sampled_from(_SPECS)},
+    optional={"args": st.lists(st.integers() | st.text(max_size=5), max_size=2),
+              "misfire_grace_seconds": st.integers(min_value=-1, max_value=2**63),
+              "coalesce": st.booleans(), "recover": st.booleans()},
+), min_size=1, max_size=2, unique_by=lambda j: j["id"])
+_junk_jobs = st.lists(st.fixed_dictionaries(
+    {"id": pick(IDS, wire_junk), "func": pick(FUNCS, wire_junk), "trigger": _triggers},
+    optional={"args": wire_junk, "kwargs": wire_junk, "recover": wire_junk,
+              "misfire_grace_seconds": wire_junk, "coalesce": wire_junk, "nope": wire_junk},
+) | wire_junk, max_size=3) | wire_junk
 control_calls = st.one_of(
-    st.tuples(st.sampled_from(["add_jobs", "apply_jobs"]), st.tuples(_control_jobs,
-                                                                     st.booleans() | wire_junk)),
+    st.tuples(st.sampled_from(["add_jobs", "apply_jobs"]),
+              st.tuples(_likely_jobs | _junk_jobs, st.booleans() | wire_junk)),
     st.tuples(st.sampled_from(["pause_job", "resume_job", "remove_job", "run_job"]),
-              st.tuples(pick(IDS, wire_junk))),
+              st.tuples(_good_ids | pick(IDS, wire_junk))),
     st.just(("whoami", ())),
 )
-_REFUSALS = {"input", "not_leader", "unavailable"}
 
 
-def check_control_reply(call: Any, reply: Any, *, leading: bool) -> None:
+def check_control_reply(call: Any, reply: Any, *, leading: bool) -> str:
     assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), (call, reply)
     if reply["ok"]:
         assert leading or call[0] == "whoami", (call, reply)
-        return
-    assert reply["kind"] in _REFUSALS, f"{call!r} -> {reply!r}"
+        return "ok"
+    assert reply["kind"] in {"input", "not_leader", "unavailable"}, f"{call!r} -> {reply!r}"
     assert isinstance(reply["error"], str) and "\n" not in reply["error"], reply
+    return "refused"
 
 
-def test_control_object_answers_junk_and_writes_nothing_when_it_refuses(sqlite_url: str) -> None:
-    from qcluster.config import load_settings_from_mapping
-    from qcluster.control import ControlService
-    from qcluster.db import Database
-    from qcluster.leader import LeaderRole
-
-    seed(sqlite_url)
-    db = Database(sqlite_url)
-    s = load_settings_from_mapping({}, "fuzz", {})
-    follower = LeaderRole(s, db, None, node_id="f", control_uri="u", secret="s",  # type: ignore[arg-type]
-                          revoke=lambda reason: None)
-    services = {True: ControlService(db, leading_role(s, db), ["jobs.*"], "fuzz"),
+def test_control_object_answers_junk_and_writes_nothing_when_it_refuses(db_url: str) -> None:
+    seed(db_url)
+    db = Database(db_url)
+    follower = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, None,  # type: ignore[arg-type]
+                          node_id="f", control_uri="u", secret="s", revoke=lambda reason: None)
+    services = {True: ControlService(db, leading_role(db), ["jobs.*"], "fuzz"),
                 False: ControlService(db, follower, ["jobs.*"], "fuzz")}
 
-    @given(call=control_calls, leading=st.booleans())
-    @fuzz(300)
-    def run(call: tuple[str, tuple[Any, ...]], leading: bool) -> None:
-        count("control object (direct)")
-        before = snapshot(sqlite_url)
-        reply = getattr(services[leading], call[0])(*call[1])
-        check_control_reply(call, reply, leading=leading)
-        if not reply["ok"]:
-            assert snapshot(sqlite_url) == before, f"refused {call!r} changed the database"
+    @fuzz("control: direct calls", examples(db_url, 300, 100), call=control_calls,
+          leading=st.booleans())
+    def outcomes(call: tuple[str, tuple[Any, ...]], leading: bool) -> str:
+        before = snapshot(db_url)
+        outcome = check_control_reply(call, getattr(services[leading], call[0])(*call[1]),
+                                      leading=leading)
+        if outcome == "refused":
+            assert snapshot(db_url) == before, f"refused {call!r} changed the database"
+        return outcome
 
     try:
-        run()
+        assert outcomes["ok"] and outcomes["refused"], outcomes
     finally:
         db.dispose()
 
 
-def test_control_object_over_rpc_answers_junk(in_process_daemon: InProcessWorker) -> None:
-    from qcluster.rpc import proxy
-
-    d = in_process_daemon
-
-    @given(call=control_calls)
-    @fuzz(100)
-    def run(call: tuple[str, tuple[Any, ...]]) -> None:
-        count("control object over RPC")
-        before = snapshot(d.url)
-        with proxy(d.control_uri, TEST_SECRET, 5.0) as p:
+def test_control_object_over_rpc_answers_junk(daemon: InProcessDaemon) -> None:
+    @fuzz("control: calls over RPC", 100, call=control_calls)
+    def outcomes(call: tuple[str, tuple[Any, ...]]) -> str:
+        before = snapshot(daemon.url)
+        with proxy(daemon.control_uri, TEST_SECRET, 5.0) as p:
             try:
                 reply = getattr(p, call[0])(*call[1])
-            except (Pyro5.errors.SerializeError, TypeError, ValueError, OverflowError):
-                return  # not serializable on our side: nothing was sent
-        check_control_reply(call, reply, leading=True)
-        if not reply["ok"]:
-            assert snapshot(d.url) == before, f"refused {call!r} changed the database"
+            except Pyro5.errors.PyroError:
+                return "unreadable"  # Pyro5 could not carry it; the method never ran
+        outcome = check_control_reply(call, reply, leading=True)
+        if outcome == "refused":
+            assert snapshot(daemon.url) == before, f"refused {call!r} changed the database"
+        return outcome
 
-    run()
+    assert outcomes["ok"] and outcomes["refused"], outcomes
 
 
-# -- a real worker node, and raw bytes to its port ---------------------------------------------
+@pytest.mark.xfail(strict=True, raises=OverflowError, reason="qcluster/scheduler.py _plan: "
+                   "timedelta(seconds=misfire_grace_time) overflows and the whole batch fails, "
+                   "every pass again; the edges now refuse such a value, but a row already "
+                   "stored stops every job")
+def test_a_stored_job_that_cannot_be_planned_does_not_stop_the_others(sqlite_url: str) -> None:
+    seed(sqlite_url)
+    db = Database(sqlite_url)
+    try:
+        j = schema.jobs
+        with db.write() as conn:  # as an older version, or a hand edit, could have left it
+            conn.execute(j.update().where(j.c.id == "seed-cron")
+                         .values(misfire_grace_seconds=10**15))
+            conn.execute(j.update().values(next_run_time=time.time() - 5))
+        state = read_cluster(db)
+        assert state is not None
+        store = SqlJobStore(db, lambda: state.epoch)
+        sent: list[dict[str, Any]] = []
+        executor = FireExecutor(store, state.epoch, "fuzz", sent.extend, retention_seconds=86400)
+        now = datetime.now(UTC)
+        executor.fire(store.get_due_jobs(now), now)
+        assert {r["job_id"] for r in sent} >= {"seed-interval", "seed-date"}
+    finally:
+        db.dispose()
 
-NODE_TIMEOUT = 2.0  # [rpc] timeout_seconds of the node: a silent client is dropped after it
+
+# -- a worker node, and raw bytes to its port --------------------------------------------------
+
+NODE_TIMEOUT = 2.0  # its [rpc] timeout_seconds: a silent client is dropped after this
 NODE_MAX_MESSAGE = 1 << 20
-NODE_MEMORY_CAP = 1536 << 20  # RLIMIT_AS of the node: a runaway allocation fails, not the host
+NODE_MEMORY_CAP = 1536 << 20  # its RLIMIT_AS: a runaway allocation fails, not the host
+MSG_CONNECT, MSG_CONNECTFAIL, MSG_INVOKE, MSG_PING = 1, 3, 4, 6
+SERPENT, MARSHAL, JSON, MSGPACK = 1, 2, 3, 4
 
 
 @dataclass
@@ -831,33 +841,31 @@ class WorkerNode:
     uri: str
     host: str
     port: int
-    url: str
 
-    def vm_hwm_kib(self) -> int:
-        """Peak resident memory of the node so far."""
-        for line in Path(f"/proc/{self.node.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+    def reset_peak_memory(self) -> int:
+        """Start measuring the node's peak resident memory afresh; return the current KiB."""
+        Path(f"/proc/{self.node.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        return self.peak_memory()
+
+    def peak_memory(self) -> int:
+        """The node's peak resident memory (KiB) since the last reset."""
+        status = Path(f"/proc/{self.node.pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0])
 
     def assert_serving(self, what: str = "") -> None:
-        from qcluster.rpc import proxy
-
         assert self.node.running(), f"the node died {what}\n{self.node.log_tail()}"
         with proxy(self.uri, TEST_SECRET, 5.0) as p:
             assert p.ping()["capacity"] == 2, what
 
 
 def _member_uri(url: str, node_id: str) -> str | None:
-    from qcluster import schema
-
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.select(schema.members.c.uri)
-                                .where(schema.members.c.node_id == node_id)).scalar()
+            m = schema.members
+            return conn.execute(sa.select(m.c.uri).where(m.c.node_id == node_id)).scalar()
     except sa.exc.OperationalError:
-        return None  # the node has not created the tables yet
+        return None  # no tables yet
     finally:
         engine.dispose()
 
@@ -866,9 +874,8 @@ def _member_uri(url: str, node_id: str) -> str | None:
 def worker_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerNode]:
     tmp = tmp_path_factory.mktemp("fuzz-node")
     url = f"sqlite:///{tmp / 'qcluster.db'}"
-    config = write_config(tmp, url, worker={"concurrency": 2},
-                          rpc={"timeout_seconds": NODE_TIMEOUT,
-                               "max_message_bytes": NODE_MAX_MESSAGE})
+    config = write_config(tmp, url, worker={"concurrency": 2}, rpc={
+        "timeout_seconds": NODE_TIMEOUT, "max_message_bytes": NODE_MAX_MESSAGE})
     with start_node(config, node_id="fuzz-worker", role="worker", log_path=tmp / "node.log",
                     env={"MALLOC_ARENA_MAX": "2"}) as node:
 
@@ -879,36 +886,40 @@ def worker_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerNode
         found = wait_for(uri, 30, what="the worker node's URI", details=node.log_tail)
         resource.prlimit(node.pid, resource.RLIMIT_AS, (NODE_MEMORY_CAP, NODE_MEMORY_CAP))
         host, _, port = found.rpartition("@")[2].rpartition(":")
+        # our side may send more than the node accepts: the oversized case
         with pyro_settings(timeout=5.0, max_message_bytes=64 << 20):
-            yield WorkerNode(node, found, host, int(port), url)
-        log = node.log()
-        assert TEST_SECRET not in log, "the RPC secret appears in the node's log"
+            yield WorkerNode(node, found, host, int(port))
+        assert TEST_SECRET not in node.log(), "the RPC secret is in the node's log"
 
 
-def exchange(node: WorkerNode, data: bytes, *, wait: float = 5.0) -> tuple[bytes, float]:
-    """Send ``data``, close our side, read until the node closes. Returns what it sent
-    back and how long it took to close; fails if it keeps the connection open."""
-    start = time.monotonic()
+def exchange(node: WorkerNode, data: bytes, *, wait: float = 5.0) -> bytes:
+    """Send ``data``, close our side, and read until the node hangs up; fail if it keeps
+    the connection open."""
     with socket.create_connection((node.host, node.port), timeout=wait) as s:
         with contextlib.suppress(OSError):  # the node may hang up before reading it all
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            raise AssertionError(f"the node kept the connection open {wait}s after the client"
-                                 f" closed its side (sent {data[:60]!r})") from None
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks), time.monotonic() - start
+        return _until_closed(s)[0]
+
+
+def _until_closed(s: socket.socket) -> tuple[bytes, float]:
+    """What the node sends until it closes the connection, and how long that took."""
+    start, got = time.monotonic(), b""
+    try:
+        while chunk := s.recv(65536):
+            got += chunk
+    except TimeoutError:
+        raise AssertionError(f"the node kept the connection open (sent back {got[:80]!r})"
+                             ) from None
+    except ConnectionResetError:
+        pass
+    return got, time.monotonic() - start
 
 
 def frame(msgtype: int, serializer: int, payload: bytes, *, flags: int = 0,
           annotations: bytes = b"", data_size: int | None = None,
           annotations_size: int | None = None) -> bytes:
-    """A Pyro5 wire message: the 40-byte header, annotations, payload."""
+    """A Pyro5 wire message: the 40-byte header, then annotations and payload."""
     header = struct.pack("!4sHBBHHII16sHH", b"PYRO", 502, msgtype, serializer, flags, 0,
                          len(payload) if data_size is None else data_size,
                          len(annotations) if annotations_size is None else annotations_size,
@@ -916,144 +927,136 @@ def frame(msgtype: int, serializer: int, payload: bytes, *, flags: int = 0,
     return header + annotations + payload
 
 
-MSG_CONNECT, MSG_INVOKE, MSG_PING = 1, 4, 6
-SERPENT, MARSHAL, JSON, MSGPACK = 1, 2, 3, 4
+def refused(reply: bytes) -> bool:
+    """Nothing, or a MSG_CONNECTFAIL: what an unauthenticated client may get back."""
+    return reply == b"" or (reply[:4] == b"PYRO" and reply[6] == MSG_CONNECTFAIL)
 
 
-def handshake_payload(serializer: int, handshake: Any) -> bytes:
-    from Pyro5.serializers import serializers_by_id
-
-    return bytes(serializers_by_id[serializer].dumps(
-        {"handshake": handshake, "object": "qcluster.worker"}))
+def handshake(serializer: int, proof: Any) -> bytes:
+    """A client's MSG_CONNECT; its data in msgpack when ``serializer`` cannot carry it."""
+    data = {"handshake": proof, "object": "qcluster.worker"}
+    try:
+        payload = serializers_by_id[serializer].dumps(data)
+    except (Pyro5.errors.SerializeError, TypeError, ValueError):
+        payload = serializers_by_id[MSGPACK].dumps(data)
+    return frame(MSG_CONNECT, serializer, bytes(payload))
 
 
 _frames = st.builds(
     frame,
     msgtype=st.sampled_from([MSG_CONNECT, MSG_INVOKE, MSG_PING]) | st.integers(0, 255),
     serializer=st.sampled_from([SERPENT, MARSHAL, JSON, MSGPACK]) | st.integers(0, 255),
-    payload=st.binary(max_size=200),
-    flags=st.sampled_from([0, 1 << 1]) | st.integers(0, 0xFFFF),
-    annotations=st.binary(max_size=24),
-    data_size=st.none() | st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=200), flags=st.sampled_from([0, 2]) | st.integers(0, 0xFFFF),
+    annotations=st.binary(max_size=24), data_size=st.none() | st.integers(0, 2**32 - 1),
     annotations_size=st.none() | st.integers(0, 300),
 )
-_handshakes = st.builds(
-    lambda ser, hs: frame(MSG_CONNECT, ser, handshake_payload(ser, hs)),
-    st.sampled_from([JSON, MSGPACK]),
-    wire_junk | st.fixed_dictionaries({"v": wire_junk, "ts": st.text(max_size=40)
-                                       | wire_junk, "nonce": wire_junk,
-                                       "mac": st.text(max_size=130) | wire_junk}),
-)
+_proof_junk = wire_junk | st.fixed_dictionaries(
+    {"v": wire_junk, "ts": st.text(max_size=40) | wire_junk, "nonce": wire_junk,
+     "mac": st.text(max_size=130) | wire_junk})
+_handshakes = st.builds(handshake, st.sampled_from([JSON, MSGPACK]), _proof_junk)
 
 
 def test_random_bytes_to_the_worker_port_leave_it_serving(worker_node: WorkerNode) -> None:
-    @given(data=st.binary(max_size=400) | _frames | _handshakes)
-    @fuzz(150)
-    def run(data: bytes) -> None:
-        count("raw bytes to the worker port")
-        exchange(worker_node, data)
+    @fuzz("node: raw bytes to the RPC port", 200,
+          data=st.binary(max_size=400) | _frames | _handshakes)
+    def outcomes(data: bytes) -> str:
+        reply = exchange(worker_node, data)
+        assert refused(reply), f"{data[:80]!r} got {reply[:80]!r}"
         worker_node.assert_serving(f"after {data[:80]!r}")
+        return "answered" if reply else "dropped"
 
-    run()
-
-
-def _crafted() -> dict[str, bytes]:
-    nest = 200_000
-    return {
-        "huge-size-field": frame(MSG_CONNECT, MSGPACK, b"x", data_size=2**32 - 1),
-        "size-larger-than-sent": frame(MSG_CONNECT, MSGPACK, b"x" * 10, data_size=100_000),
-        "annotation-overrun": frame(MSG_CONNECT, MSGPACK, b"", annotations=b"CORR\xff\xff\xff\xff",
-                                    annotations_size=8),
-        "bad-magic": frame(MSG_CONNECT, MSGPACK, b"x")[:38] + b"\0\0",
-        "old-protocol": b"PYRO\x01\xf4" + bytes(34),
-        "unknown-serializer": frame(MSG_CONNECT, 99, b"{}"),
-        "serpent-deep-list": frame(MSG_CONNECT, SERPENT, b"[" * nest + b"]" * nest),
-        "serpent-deep-binop": frame(MSG_CONNECT, SERPENT, b"1" + b"+1" * nest),
-        "serpent-deep-unary": frame(MSG_CONNECT, SERPENT, b"-" * nest + b"1"),
-        "serpent-deep-dict": frame(MSG_CONNECT, SERPENT, b"{'handshake':" + b"{1:" * 5000
-                                   + b"1" + b"}" * 5001),
-        "json-deep": frame(MSG_CONNECT, JSON, b'{"handshake":' + b"[" * nest + b"]" * nest + b"}"),
-        "msgpack-deep": frame(MSG_CONNECT, MSGPACK, b"\x91" * nest + b"\xc0"),
-        "msgpack-huge-array-header": frame(MSG_CONNECT, MSGPACK, b"\xdd\xff\xff\xff\xff"),
-        "marshal-deep": frame(MSG_CONNECT, MARSHAL, b"[\x01\x00\x00\x00" * 5000 + b"N"),
-        "marshal-huge-tuple": frame(MSG_CONNECT, MARSHAL, b"(\xff\xff\xff\x7f"),
-        "compressed-garbage": frame(MSG_CONNECT, MSGPACK, b"not zlib", flags=1 << 1),
-        "invoke-before-handshake": frame(MSG_INVOKE, MSGPACK, b"\x94\xa1a\xa1b\x90\x80"),
-        "ping-before-handshake": frame(MSG_PING, 42, b"ping"),
-        "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        "tls-client-hello": bytes.fromhex("160301002a010000260303") + bytes(32),
-    }
+    assert outcomes["answered"] and outcomes["dropped"], outcomes
 
 
-@pytest.mark.parametrize("name", sorted(_crafted()))
+_NEST = 200_000
+CRAFTED = {
+    "huge-size-field": frame(MSG_CONNECT, MSGPACK, b"x", data_size=2**32 - 1),
+    "size-larger-than-sent": frame(MSG_CONNECT, MSGPACK, b"x" * 10, data_size=100_000),
+    "annotation-overrun": frame(MSG_CONNECT, MSGPACK, b"", annotations=b"CORR\xff\xff\xff\xff",
+                                annotations_size=8),
+    "bad-magic": frame(MSG_CONNECT, MSGPACK, b"x")[:38] + b"\0\0",
+    "old-protocol": b"PYRO\x01\xf4" + bytes(34),
+    "unknown-serializer": frame(MSG_CONNECT, 99, b"{}"),
+    "serpent-deep-list": frame(MSG_CONNECT, SERPENT, b"[" * _NEST + b"]" * _NEST),
+    "serpent-deep-sum": frame(MSG_CONNECT, SERPENT, b"1" + b"+1" * _NEST),
+    "serpent-deep-unary": frame(MSG_CONNECT, SERPENT, b"-" * _NEST + b"1"),
+    "json-deep": frame(MSG_CONNECT, JSON, b'{"handshake":' + b"[" * _NEST + b"]" * _NEST + b"}"),
+    "msgpack-deep": frame(MSG_CONNECT, MSGPACK, b"\x91" * _NEST + b"\xc0"),
+    "msgpack-huge-array-header": frame(MSG_CONNECT, MSGPACK, b"\xdd\xff\xff\xff\xff"),
+    "marshal-deep": frame(MSG_CONNECT, MARSHAL, b"[\x01\x00\x00\x00" * 5000 + b"N"),
+    "marshal-huge-tuple": frame(MSG_CONNECT, MARSHAL, b"(\xff\xff\xff\x7f"),
+    "compressed-garbage": frame(MSG_CONNECT, MSGPACK, b"not zlib", flags=2),
+    "invoke-before-handshake": frame(MSG_INVOKE, MSGPACK, b"\x94\xa1a\xa1b\x90\x80"),
+    "ping-before-handshake": frame(MSG_PING, 42, b"ping"),
+    "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "tls-client-hello": bytes.fromhex("160301002a010000260303") + bytes(32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
 def test_crafted_frames_are_refused_and_the_node_keeps_serving(worker_node: WorkerNode,
                                                                name: str) -> None:
-    reply, _ = exchange(worker_node, _crafted()[name])
-    assert not reply or reply[6] == 3, f"{name}: expected MSG_CONNECTFAIL or nothing: {reply!r}"
+    reply = exchange(worker_node, CRAFTED[name])
+    assert refused(reply), f"{name} got {reply[:80]!r}"
     worker_node.assert_serving(f"after {name}")
 
 
+@pytest.mark.parametrize("serializer", [MARSHAL, SERPENT], ids=["marshal", "serpent"])
+def test_marshal_and_serpent_are_refused_before_they_are_parsed(worker_node: WorkerNode,
+                                                                serializer: int) -> None:
+    # marshal would build a tuple of 2**25 slots (256 MiB) for these 5 bytes
+    payload = b"(" + struct.pack("<i", 1 << 25) if serializer == MARSHAL else b"1" + b"+1" * 9999
+    before = worker_node.reset_peak_memory()
+    reply = exchange(worker_node, frame(MSG_CONNECT, serializer, payload))
+    grown = worker_node.peak_memory() - before
+    assert refused(reply) and b"serializer not accepted" in reply, reply
+    assert grown < 64 << 10, f"peak memory grew by {grown >> 10} MiB for {len(payload)} bytes"
+    worker_node.assert_serving()
+
+
+@pytest.mark.parametrize("first", [b"", b"PYRO", frame(MSG_CONNECT, MSGPACK, b"")[:39]],
+                         ids=["nothing", "partial-header", "header-but-one-byte"])
 def test_silent_connection_is_closed_within_the_communication_timeout(
-    worker_node: WorkerNode,
+    worker_node: WorkerNode, first: bytes
 ) -> None:
     with socket.create_connection((worker_node.host, worker_node.port), timeout=10) as s:
-        start = time.monotonic()
-        s.sendall(b"PYRO")  # a partial header, then nothing
-        try:
-            rest = s.recv(65536)
-        except ConnectionResetError:
-            rest = b""
-        waited = time.monotonic() - start
-    assert rest == b"" or rest[6] == 3, rest
+        s.sendall(first)  # then nothing, our side left open
+        reply, waited = _until_closed(s)
+    assert refused(reply), reply
     assert NODE_TIMEOUT * 0.5 < waited < NODE_TIMEOUT * 2 + 1, waited
-    with socket.create_connection((worker_node.host, worker_node.port), timeout=10) as s:
-        start = time.monotonic()
-        assert s.recv(65536) == b""  # a client that sends nothing at all
-        assert time.monotonic() - start < NODE_TIMEOUT * 2 + 1
     worker_node.assert_serving()
 
 
 def test_oversized_message_is_refused_and_the_node_survives(worker_node: WorkerNode) -> None:
-    from qcluster.rpc import proxy
-
-    big = [{"run_id": 1, "job_id": "j", "func": "jobs.builtin:noop", "args": "x" * 60_000,
-            "kwargs": "{}", "scheduled_at": 1.0, "attempt": 1, "epoch": 1, "recover": False}
-           ] * (2 * NODE_MAX_MESSAGE // 60_000)
+    run = {"run_id": 1, "job_id": "j", "func": "jobs.builtin:noop", "args": "x" * 60_000,
+           "kwargs": "{}", "scheduled_at": 1.0, "attempt": 1, "epoch": 1, "recover": False}
     with proxy(worker_node.uri, TEST_SECRET, 5.0) as p, \
             pytest.raises(Pyro5.errors.CommunicationError):
-        p.submit(1, big)
-    # and announced but not sent: the header alone is refused
-    reply, _ = exchange(worker_node, frame(MSG_CONNECT, MSGPACK, b"", data_size=NODE_MAX_MESSAGE))
-    assert reply[6:7] == b"\x03", reply
+        p.submit(1, [run] * (2 * NODE_MAX_MESSAGE // 60_000))
+    # A header that announces too much is refused before anything is read after it.
+    reply = exchange(worker_node, frame(MSG_CONNECT, MSGPACK, b"", data_size=NODE_MAX_MESSAGE + 1))
+    assert reply and refused(reply) and b"too large" in reply, reply
     worker_node.assert_serving()
     with proxy(worker_node.uri, TEST_SECRET, 5.0) as p:
         assert p.submit(1, []) == {"accepted": [], "refused": [], **p.ping()}
 
 
-def _proof_variants() -> dict[str, Any]:
-    from qcluster.rpc import make_proof
-
-    good = make_proof(TEST_SECRET)
-    stale = make_proof(TEST_SECRET)
-    import hashlib
-    import hmac
-
+def _proofs() -> dict[str, Any]:
+    good, stale = make_proof(TEST_SECRET), make_proof(TEST_SECRET)
     old = f"{time.time() - 3600:.6f}"
     stale.update(ts=old, mac=hmac.new(TEST_SECRET.encode(), f"{old}:{stale['nonce']}".encode(),
                                       hashlib.sha256).hexdigest())
-    return {
-        "none": None, "text": "hello", "empty": {}, "wrong-secret": make_proof("not-it"),
-        "mac-of-other-nonce": {**good, "nonce": "0" * 32},
-        "huge-fields": {**good, "mac": "0" * 10_000}, "stale": stale,
-        "secret-itself": TEST_SECRET, "numbers": {"ts": 1, "nonce": 2, "mac": 3},
-    }
+    return {"none": None, "text": "hello", "empty": {}, "wrong-secret": make_proof("not-it"),
+            "mac-of-another-nonce": {**good, "nonce": "0" * 32}, "stale": stale,
+            "huge-mac": {**good, "mac": "0" * 10_000}, "the-secret-itself": TEST_SECRET,
+            "numbers": {"ts": 1, "nonce": 2, "mac": 3}}
 
 
-@pytest.mark.parametrize("variant", sorted(_proof_variants()))
+@pytest.mark.parametrize("variant", sorted(_proofs()))
 def test_unauthenticated_calls_to_the_node_are_refused(worker_node: WorkerNode,
                                                        variant: str) -> None:
     p = Pyro5.api.Proxy(worker_node.uri)
-    p._pyroHandshake = _proof_variants()[variant]
+    p._pyroHandshake = _proofs()[variant]
     p._pyroTimeout = 5.0
     with p, pytest.raises(Pyro5.errors.CommunicationError):
         p.submit(1, [])
@@ -1061,76 +1064,50 @@ def test_unauthenticated_calls_to_the_node_are_refused(worker_node: WorkerNode,
 
 
 def test_a_replayed_proof_is_refused(worker_node: WorkerNode) -> None:
-    from qcluster.rpc import make_proof
-
     proof = make_proof(TEST_SECRET)
-    first = Pyro5.api.Proxy(worker_node.uri)
-    first._pyroHandshake = proof
-    with first:
-        assert first.ping()["capacity"] == 2
-    again = Pyro5.api.Proxy(worker_node.uri)
-    again._pyroHandshake = dict(proof)
-    with again, pytest.raises(Pyro5.errors.CommunicationError, match="replayed"):
-        again.ping()
+    for attempt in range(2):
+        p = Pyro5.api.Proxy(worker_node.uri)
+        p._pyroHandshake = dict(proof)
+        p._pyroTimeout = 5.0
+        with p:
+            if attempt == 0:
+                assert p.ping()["capacity"] == 2
+            else:
+                with pytest.raises(Pyro5.errors.CommunicationError, match="replayed"):
+                    p.ping()
 
 
-# -- known gaps, shown (strict xfail: each turns into a failure once it is fixed) ----------------
-
-
-@pytest.mark.xfail(strict=True, reason="Pyro5 deserializes the handshake with whatever "
-                   "serializer the client names, marshal included: a 45-byte unauthenticated "
-                   "message makes the daemon build a tuple of 2**N slots")
-def test_an_unauthenticated_message_cannot_make_the_node_allocate_much(
-    worker_node: WorkerNode,
-) -> None:
-    before = worker_node.vm_hwm_kib()
-    exchange(worker_node, frame(MSG_CONNECT, MARSHAL, b"(" + struct.pack("<i", 1 << 25)))
-    grown = worker_node.vm_hwm_kib() - before
-    worker_node.assert_serving()
-    assert grown < 64 << 10, f"peak memory grew by {grown >> 10} MiB from a 45-byte message"
-
-
-@pytest.mark.xfail(strict=True, reason="Pyro5 inflates a compressed message before any "
-                   "check: max_message_bytes bounds the compressed size only")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="Pyro5 inflates a compressed "
+                   "message (protocol.py add_payload: zlib.decompress) before the handshake is "
+                   "checked: max_message_bytes bounds the compressed size only")
 def test_a_compressed_handshake_cannot_expand_past_the_message_limit(
     worker_node: WorkerNode,
 ) -> None:
-    bomb = zlib.compress(bytes(256 << 20), 9)  # 256 MiB of zeros, about 250 KiB compressed
+    bomb = zlib.compress(bytes(128 << 20), 9)  # 128 MiB of zeros in about 130 KB
     assert len(bomb) < NODE_MAX_MESSAGE
-    before = worker_node.vm_hwm_kib()
-    exchange(worker_node, frame(MSG_CONNECT, MSGPACK, bomb, flags=1 << 1))
-    grown = worker_node.vm_hwm_kib() - before
+    before = worker_node.reset_peak_memory()
+    exchange(worker_node, frame(MSG_CONNECT, MSGPACK, bomb, flags=2))
+    grown = worker_node.peak_memory() - before
     worker_node.assert_serving()
     assert grown < 64 << 10, f"peak memory grew by {grown >> 10} MiB from {len(bomb)} bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="the communication timeout is per read: a client that "
-                   "sends a byte now and then holds a daemon thread for as long as it likes")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the communication timeout is "
+                   "per read (Pyro5 socketutil.receive_data): a client that sends a byte now "
+                   "and then holds a daemon thread as long as it likes, unauthenticated")
 def test_a_client_dripping_bytes_is_dropped_within_the_timeout(worker_node: WorkerNode) -> None:
-    message = frame(MSG_CONNECT, MSGPACK, b"\x80")
     with socket.create_connection((worker_node.host, worker_node.port), timeout=10) as s:
         deadline = time.monotonic() + NODE_TIMEOUT * 2.5
-        for byte in message:
+        for byte in frame(MSG_CONNECT, MSGPACK, b"\x80"):
             if time.monotonic() > deadline:
                 break
             try:
                 s.sendall(bytes([byte]))
             except OSError:
-                return  # dropped: the behaviour we want
+                return  # dropped, as it should be
             time.sleep(NODE_TIMEOUT / 2)
         s.settimeout(0.1)
         with contextlib.suppress(TimeoutError):
             if s.recv(1) == b"":
                 return
     raise AssertionError(f"still connected after {NODE_TIMEOUT * 2.5}s of dripping")
-
-
-# -- sanity of the generators themselves -------------------------------------------------------
-
-
-def test_the_job_file_generator_writes_what_tomllib_reads(tmp_path: Path) -> None:
-    import tomllib
-
-    doc = {"job": [{"id": "x", "at": datetime(2030, 1, 1, tzinfo=UTC), "n": math.inf,
-                    "k": {"a": [1, "\x7f"]}}]}
-    assert tomllib.loads(toml_document(doc)) == doc
