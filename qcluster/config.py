@@ -190,7 +190,7 @@ class ClusterSettings(_Section):
     """``[cluster]``: the name scopes election and membership; the member timeout."""
 
     name: Annotated[str, _like(r"[\w-]{1,64}", "1-64 letters, digits, '-' or '_'")] = "qcluster"
-    member_timeout_seconds: float = Field(default=10.0, gt=0)
+    member_timeout_seconds: float = Field(default=10.0, gt=0, le=86400)
 
 
 class NodeSettings(_Section):
@@ -245,19 +245,19 @@ class DatabaseSettings(_Section):
 
 
 class DblockSettings(_Section):
-    lease_seconds: float = Field(default=10.0, ge=1)
+    lease_seconds: float = Field(default=10.0, ge=1, le=3600)
 
 
 class ZookeeperSettings(_Section):
     hosts: Annotated[tuple[_ZkHost, ...], _Tuple] = ()
     chroot: Annotated[str, _like(r"(/.*)?", "empty or a path starting with '/'")] = ""
-    session_timeout: float = Field(default=10.0, gt=0)
+    session_timeout: float = Field(default=10.0, gt=0, le=3600)
     auth: Annotated[SecretStr, AfterValidator(_user_password)] | None = None
 
 
 class RedisSettings(_Section):
     urls: Annotated[tuple[Annotated[SecretURL, AfterValidator(_redis_url)], ...], _Tuple] = ()
-    lease_seconds: float = Field(default=10.0, ge=1)
+    lease_seconds: float = Field(default=10.0, ge=1, le=3600)
     key_prefix: _Word = "qcluster"
 
 
@@ -297,8 +297,8 @@ class WorkerSettings(_Section):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535)
     concurrency: int = Field(default=8, ge=1, le=1024)
-    heartbeat_seconds: float = Field(default=1.0, gt=0)
-    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    heartbeat_seconds: float = Field(default=1.0, gt=0, le=3600)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=86400)
     tags: Annotated[tuple[_Word, ...], _Tuple] = ()
 
 
@@ -322,7 +322,7 @@ class RpcSettings(_Section):
     secret: SecretStr | None = Field(default=None, min_length=1)
     secret_file: _FilePath | None = None
     serializer: Literal["msgpack", "json"] = "msgpack"
-    timeout_seconds: float = Field(default=10.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     tls: TlsSettings | None = None
 
