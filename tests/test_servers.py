@@ -25,7 +25,7 @@ from kazoo.exceptions import NoAuthError
 from kazoo.security import make_digest_acl
 
 from tests import servers
-from tests.conftest import ServerFactory, ZkEndpoint, ZkNamespace
+from tests.conftest import ServerFactory, ZkEndpoint, ZkNamespace, unavailable
 from tests.servers import (
     PostgresServer,
     RedisServer,
@@ -284,7 +284,7 @@ def test_start_on_a_taken_port_raises_with_the_server_log(free_port: Callable[[]
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
 def test_servers_do_not_outlive_the_test_process(ending: str) -> None:
     if ending == "sigkill" and servers.base._setpriv() is None:
-        pytest.skip("no setpriv with --pdeathsig here")
+        unavailable("no setpriv with --pdeathsig here")
     script = textwrap.dedent(f"""
         import os, signal
         from tests.servers import RedisServer

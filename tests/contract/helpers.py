@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tests.helpers import wait_for
+
 
 class LossRecorder:
     """An ``on_lost`` callback that remembers its calls."""
@@ -31,11 +33,5 @@ class LossRecorder:
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    return wait_for(predicate, timeout=timeout, interval=interval,
+                    what="the contract condition")
