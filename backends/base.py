@@ -51,6 +51,25 @@ class Lease:
     holder: str
     token: int
     valid_for: float
+    parts: tuple[Lease, ...] = ()  # a joint lease (backends.joint): one lease per backend
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends this lease holds a claim on, in the order they were taken."""
+        return tuple(p.backend for p in self.parts) if self.parts else (self.backend,)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Each backend's token."""
+        if self.parts:
+            return {p.backend: p.token for p in self.parts}
+        return {self.backend: self.token}
+
+    def part(self, backend: str) -> Lease | None:
+        """This lease's claim on ``backend``, if it holds one."""
+        if not self.parts:
+            return self if self.backend == backend else None
+        return next((p for p in self.parts if p.backend == backend), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +92,10 @@ class MemberInfo:
     uri: str | None = None  # the worker's Pyro5 URI, if it runs jobs
     capacity: int = 0
     tags: tuple[str, ...] = ()
-    backends: tuple[str, ...] = ()  # the backends this node's config can use
-    config_version: int = 0
+    # the backends this node's config can use; the first is the one its config names
+    backends: tuple[str, ...] = ()
+    config_version: int = 0  # the cluster config version (phase) this node honours; 0: none
+    started_version: int = 0  # the cluster config version when this process started
     status: str = ""  # a one-line status, e.g. why a node does not campaign
     last_seen: float | None = None  # filled in by the backend on read
 

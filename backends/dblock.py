@@ -177,6 +177,7 @@ class DBLockBackend(CoordinationBackend):
                 "tags": json.dumps(list(member.tags)),
                 "backends": ",".join(member.backends),
                 "config_version": member.config_version,
+                "started_version": member.started_version,
                 "status": member.status,
                 "last_seen": self.db.now_expr(),
             }
@@ -210,6 +211,7 @@ class DBLockBackend(CoordinationBackend):
                 tags=tuple(json.loads(r.tags or "[]")),
                 backends=tuple(x for x in r.backends.split(",") if x),
                 config_version=r.config_version,
+                started_version=r.started_version,
                 status=r.status,
                 last_seen=r.last_seen,
             )

@@ -9,21 +9,30 @@ between, the write is refused rather than racing it. The leader re-reads the sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import Pyro5.errors
 from sqlalchemy.engine import Connection
 
-from backends.base import LeaderInfo
-from backends.loader import load_backend
-from qcluster import catalog
+from backends.base import CoordinationBackend, LeaderInfo, MemberInfo
+from backends.joint import merge_members
+from backends.loader import BACKENDS, load_backend_by_name
+from qcluster import catalog, migration
 from qcluster.cluster import ClusterState, ensure_cluster, read_cluster
 from qcluster.config import Settings
 from qcluster.db import Database
-from qcluster.errors import DatabaseUnavailable, Fenced, InputError, QClusterError
+from qcluster.errors import (
+    BackendUnavailable,
+    DatabaseUnavailable,
+    Fenced,
+    InputError,
+    QClusterError,
+)
 from qcluster.jobdefs import JobDef, check_job_id
 from qcluster.node import cluster_secret
 from qcluster.rpc import configure_pyro, proxy
@@ -54,13 +63,51 @@ def open_db(settings: Settings, *, create: bool | None = None) -> Database:
     return db
 
 
-def _leader_alive(settings: Settings, db: Database) -> LeaderInfo | None:
-    backend = load_backend(settings, db)
-    backend.start()
+@contextlib.contextmanager
+def cluster_backends(settings: Settings, db: Database,
+                     state: ClusterState) -> Iterator[list[CoordinationBackend]]:
+    """The backends the cluster's phase uses that this config can reach, connected, with
+    ``dblock`` (the member list every node keeps in the database) first."""
+    capable = settings.coordination.capabilities()
+    names = ["dblock", *(b for b in state.required if b != "dblock" and b in capable)]
+    started: list[CoordinationBackend] = []
     try:
-        return backend.read_leader()
+        for name in names:
+            backend = load_backend_by_name(name, settings, db)
+            backend.start()
+            started.append(backend)
+        yield started
     finally:
-        backend.stop()
+        for backend in started:
+            backend.stop()
+
+
+def _leader_alive(settings: Settings, db: Database) -> LeaderInfo | None:
+    return _snapshot(settings, db)[1]
+
+
+def _snapshot(settings: Settings,
+              db: Database) -> tuple[ClusterState, LeaderInfo | None, list[MemberInfo]]:
+    """The cluster row, the live leader (as the phase's backends tell) and live members."""
+    state = _read(db)
+    info = None
+    with cluster_backends(settings, db, state) as backends:
+        for backend in backends:
+            if backend.name in state.required:
+                info = info or backend.read_leader()
+        members = live_members(backends)
+    return state, info, members
+
+
+def live_members(backends: list[CoordinationBackend]) -> list[MemberInfo]:
+    listings = []
+    for backend in backends:
+        try:
+            listings.append(backend.live_members())
+        except QClusterError:
+            if backend.name == "dblock":
+                raise
+    return merge_members(listings)
 
 
 def _call_leader(settings: Settings, uri: str, method: str, args: tuple[Any, ...]) -> Any:
@@ -210,15 +257,7 @@ def list_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
 def cluster_status(settings: Settings) -> dict[str, Any]:
     db = open_db(settings)
     try:
-        state = read_cluster(db)
-        assert state is not None
-        backend = load_backend(settings, db)
-        backend.start()
-        try:
-            info = backend.read_leader()
-            members = backend.live_members()
-        finally:
-            backend.stop()
+        state, info, members = _snapshot(settings, db)
     finally:
         db.dispose()
     leader = None
@@ -229,14 +268,166 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         "cluster": state.name,
         "backend": state.backend,
         "phase": state.phase,
+        "target_backend": state.target_backend,
+        "config_version": state.config_version,
         "epoch": state.epoch,
         "leader": leader,
-        "members": [
-            {"node_id": m.node_id, "roles": list(m.roles), "uri": m.uri,
-             "capacity": m.capacity, "status": m.status, "last_seen": catalog.iso(m.last_seen)}
-            for m in members
-        ],
+        "members": [_member_view(m) for m in members],
     }
+
+
+def _member_view(m: MemberInfo) -> dict[str, Any]:
+    return {"node_id": m.node_id, "roles": list(m.roles), "uri": m.uri,
+            "capacity": m.capacity, "backends": list(m.backends),
+            "config_version": m.config_version, "status": m.status,
+            "last_seen": catalog.iso(m.last_seen)}
+
+
+# -- backend migration ----------------------------------------------------------------------
+
+
+def backend_status(settings: Settings) -> dict[str, Any]:
+    """The cluster's backend and migration phase, and which scheduler nodes honour it."""
+    db = open_db(settings)
+    try:
+        state, _info, members = _snapshot(settings, db)
+    finally:
+        db.dispose()
+    return _backend_view(state, members)
+
+
+def _backend_view(state: ClusterState, members: list[MemberInfo]) -> dict[str, Any]:
+    p = migration.progress(state, members)
+    return {
+        "backend": state.backend,
+        "phase": state.phase,
+        "target_backend": state.target_backend,
+        "config_version": state.config_version,
+        "phase_since": catalog.iso(state.phase_since),
+        "epoch": state.epoch,
+        "leader": state.leader_id if state.leader_uri else None,
+        "leader_lease": state.leader_backend,
+        "joined": p.joined,
+        "waiting": [{"node_id": n, "why": why} for n, why in p.waiting],
+        "schedulers": [_member_view(m) for m in migration.schedulers(members)],
+    }
+
+
+def migrate_backend(
+    settings: Settings,
+    to: str,
+    *,
+    dry_run: bool = False,
+    timeout: float = 120.0,
+    poll: float = 0.5,
+    report: Callable[[str], None] = lambda _line: None,
+) -> dict[str, Any]:
+    """Move the cluster to the backend ``to`` (see :mod:`qcluster.migration`): check,
+    start (or resume, or roll back) the move, and wait until the leader has finished it."""
+    if to not in BACKENDS:
+        raise InputError(f"unknown backend {to!r}; choose one of {', '.join(BACKENDS)}")
+    db = open_db(settings)
+    try:
+        state, _info, members = _snapshot(settings, db)
+        rollback = state.phase == "joint" and state.backend == to
+        if not rollback and not (state.phase == "stable" and state.backend == to):
+            _check_move(settings, db, state, to, members)
+        if dry_run:
+            return {"dry_run": True, "plan": migration.plan(state, to, members),
+                    **_backend_view(state, members)}
+        started = time.monotonic()
+        move, state = migration.request_move(db, to)
+        report(f"{move.value}: {migration.plan(state, to, members)[0]}"
+               if move is migration.Move.RESUMED else _moved_line(move, state, to))
+        last = ""
+        progress = migration.progress(state, members)
+        while state.phase == "joint":
+            if time.monotonic() - started > timeout:
+                who = ", ".join(n for n, _ in progress.waiting) or "the leader"
+                raise QClusterError(
+                    f"the move to {to} is not done after {timeout:g}s (waiting for {who}); "
+                    f"it goes on: run the command again to wait, `qcluster backend status` "
+                    f"to watch, or `--to {state.backend}` to roll back"
+                )
+            time.sleep(poll)
+            state, _info, now_live = _snapshot(settings, db)
+            progress = migration.progress(state, now_live)
+            line = _progress_line(progress)
+            if line != last:
+                report(line)
+                last = line
+        if state.backend != to:
+            raise QClusterError(
+                f"the move was rolled back meanwhile: the cluster runs {state.backend}"
+            )
+        elapsed = time.monotonic() - started
+        if move is not migration.Move.NOTHING:
+            report(f"done: the cluster runs {to} (config version {state.config_version}) "
+                   f"after {elapsed:.1f}s")
+        return {"dry_run": False, "move": move.value, "seconds": round(elapsed, 3),
+                **_backend_view(state, members)}
+    finally:
+        db.dispose()
+
+
+def _read(db: Database) -> ClusterState:
+    state = read_cluster(db)
+    assert state is not None
+    return state
+
+
+def _moved_line(move: migration.Move, state: ClusterState, to: str) -> str:
+    if move is migration.Move.NOTHING:
+        return f"nothing to do: the cluster already runs {to}"
+    if move is migration.Move.ROLLED_BACK:
+        return (f"rolled back: the cluster runs {state.backend} alone "
+                f"(config version {state.config_version})")
+    return (f"joint phase (config version {state.config_version}): leaders hold "
+            f"{state.backend} and {state.target_backend}")
+
+
+def _progress_line(p: migration.Progress) -> str:
+    if p.done:
+        return f"phase stable on {p.state.backend} (config version {p.state.config_version})"
+    joined = ", ".join(p.joined) or "none yet"
+    waiting = "; ".join(f"{n}: {why}" for n, why in p.waiting)
+    line = f"joint phase: joined {joined}"
+    if waiting:
+        line += f"; waiting for {waiting}"
+    if not p.state.leader_uri:
+        line += "; no leader at the moment (the next leader finishes the move)"
+    return line
+
+
+def _check_move(settings: Settings, db: Database, state: ClusterState, to: str,
+                members: list[MemberInfo]) -> None:
+    """Refuse a move that cannot finish: no settings for ``to`` here, ``to`` unreachable,
+    or a live scheduler node whose config cannot use both backends."""
+    if state.phase == "joint" and state.target_backend != to:
+        raise InputError(
+            f"the cluster is moving from {state.backend} to {state.target_backend}; finish "
+            f"that (--to {state.target_backend}) or roll it back (--to {state.backend}) first"
+        )
+    if to not in settings.coordination.capabilities():
+        raise InputError(
+            f"{settings.source}: no [coordination.{to}] servers; the command checks that it "
+            f"can reach {to} before moving the cluster there"
+        )
+    target = load_backend_by_name(to, settings, db)
+    try:
+        target.start()
+        target.live_members()
+    except QClusterError as e:
+        raise BackendUnavailable(f"cannot reach {to}: {e}") from None
+    finally:
+        target.stop()
+    lacking = [m.node_id for m in migration.schedulers(members)
+               if to not in m.backends or state.backend not in m.backends]
+    if lacking:
+        raise InputError(
+            f"scheduler node(s) {', '.join(lacking)} have no [coordination.{to}] servers in "
+            f"their config; add them and restart those nodes (or stop them) first"
+        )
 
 
 def upgrade_db(settings: Settings) -> str:

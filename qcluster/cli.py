@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, NoReturn
@@ -38,11 +39,14 @@ runs_app = typer.Typer(no_args_is_help=True, help="The runs of jobs.")
 cluster_app = typer.Typer(no_args_is_help=True, help="The cluster's leader and members.")
 config_app = typer.Typer(no_args_is_help=True, help="Check and show the configuration.")
 db_app = typer.Typer(no_args_is_help=True, help="The shared database's schema.")
+backend_app = typer.Typer(no_args_is_help=True,
+                          help="The coordination backend: status, and moving to another.")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(runs_app, name="runs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(backend_app, name="backend")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -296,6 +300,51 @@ def cluster_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         _print_json(status)
     else:
         output.cluster_view(status)
+
+
+class BackendName(StrEnum):
+    dblock = "dblock"
+    zookeeper = "zookeeper"
+    redis = "redis"
+
+
+@backend_app.command("status")
+def backend_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the active backend, the migration phase, and which nodes honour it."""
+    status = admin.backend_status(settings(config))
+    if as_json:
+        _print_json(status)
+    else:
+        output.backend_view(status)
+
+
+@backend_app.command("migrate")
+def backend_migrate(
+    to: Annotated[BackendName, typer.Option("--to", help="The backend to move to.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")]
+    = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1, max=86400, help="Seconds to wait for the move to finish.")] = 120.0,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move the running cluster to another backend, through a joint phase (or roll back)."""
+    s = settings(config)
+    result = admin.migrate_backend(
+        s, to.value, dry_run=dry_run, timeout=timeout,
+        report=(lambda _line: None) if as_json else _report,
+    )
+    if as_json:
+        _print_json(result)
+    elif dry_run:
+        print(f"plan (dry run, nothing changed): the cluster runs {result['backend']} "
+              f"(phase {result['phase']}, config version {result['config_version']})")
+        for line in result["plan"]:
+            print(f"  {line}")
+
+
+def _report(line: str) -> None:
+    print(line, flush=True)
 
 
 @config_app.command("check")

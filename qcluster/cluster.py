@@ -1,19 +1,26 @@
-"""The cluster row: the active backend, the fencing epoch, and who leads.
+"""The cluster row: the active backend and migration phase, the fencing epoch, who leads.
 
 Epochs only grow (DESIGN.md invariant 2). A node takes a new epoch only right after it
-won a lease, and only if its lease token is not older than the token of the last epoch
-taken on the same backend: a paused ex-leader that wakes up with its old lease cannot
-fence out the leader that followed it. On ``dblock`` the lease row itself is checked in
-the same transaction, on the database clock.
+won a lease, only if that lease covers every backend the current phase requires, and only
+if each of its tokens is not older than the newest token taken on that backend before: a
+paused ex-leader that wakes up with its old lease cannot fence out the leader that
+followed it. When the lease includes ``dblock``, the lease row itself is checked in the
+same transaction, on the database clock.
+
+Phases (see :mod:`qcluster.migration`): ``stable`` on ``backend``; or ``joint``, moving
+from ``backend`` to ``target_backend``, when a leader must hold both. Every phase change
+adds one to ``config_version``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from backends.base import Lease
 from qcluster import schema
@@ -34,18 +41,45 @@ class ClusterState:
     leader_since: float | None
     leader_backend: str | None
     leader_token: int
+    leader_tokens: str | None = None
+    phase_since: float | None = None
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The backends a leader must hold a claim on in this phase, in the order to take
+        them (the one the cluster runs first)."""
+        if self.phase == "joint" and self.target_backend:
+            return (self.backend, self.target_backend)
+        return (self.backend,)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """The newest token each backend's leaders have taken an epoch with."""
+        if self.leader_tokens:
+            return {str(k): int(v) for k, v in json.loads(self.leader_tokens).items()}
+        if self.leader_backend:
+            return {self.leader_backend: self.leader_token}
+        return {}
+
+    @property
+    def min_token(self) -> int:
+        """A floor for the next lease's tokens, on whatever backend: above every token
+        seen, so tokens keep growing across migrations (and a backend that lost its data,
+        a Redis restarted empty or a new ZooKeeper, cannot go backwards)."""
+        return max([self.leader_token, *self.tokens.values()])
 
 
 class WrongBackend(QClusterError):
     """This node's config cannot honour the cluster's active backend."""
 
 
-def _state(row: Any) -> ClusterState:
+def from_row(row: Any) -> ClusterState:
     return ClusterState(
         name=row.name, backend=row.backend, phase=row.phase, target_backend=row.target_backend,
         config_version=row.config_version, epoch=int(row.epoch), leader_id=row.leader_id,
         leader_uri=row.leader_uri, leader_since=row.leader_since,
         leader_backend=row.leader_backend, leader_token=int(row.leader_token),
+        leader_tokens=row.leader_tokens, phase_since=row.phase_since,
     )
 
 
@@ -53,7 +87,7 @@ def read_cluster(db: Database) -> ClusterState | None:
     c = schema.cluster
     with db.read() as conn:
         row = conn.execute(sa.select(c).where(c.c.id == 1)).one_or_none()
-    return None if row is None else _state(row)
+    return None if row is None else from_row(row)
 
 
 def ensure_cluster(db: Database, name: str, backend: str) -> ClusterState:
@@ -68,47 +102,84 @@ def ensure_cluster(db: Database, name: str, backend: str) -> ClusterState:
             .on_conflict_do_nothing(index_elements=["id"])
         )
         row = conn.execute(sa.select(c).where(c.c.id == 1)).one()
-    return _state(row)
+    return from_row(row)
 
 
 def take_epoch(db: Database, *, node_id: str, uri: str, lease: Lease) -> int:
     """Take the next epoch for ``lease``'s holder, or raise Fenced / WrongBackend."""
-    c, t = schema.cluster, schema.lease
+    c = schema.cluster
     with db.write() as conn:
-        row = conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one()
-        if row.backend != lease.backend:
-            raise WrongBackend(
-                f"the cluster runs the {row.backend!r} backend; this node leads on "
-                f"{lease.backend!r}"
-            )
-        if row.leader_backend == lease.backend and (
-            lease.token < row.leader_token
-            or (lease.token == row.leader_token and row.leader_id != node_id)
-        ):
-            raise Fenced(
-                f"lease token {lease.token} is older than the last leader's {row.leader_token}"
-            )
+        state = from_row(conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one())
+        _check_lease(state, lease, node_id)
         now = db.now(conn)
-        if lease.backend == "dblock":
-            held = conn.execute(
-                sa.select(t.c.holder, t.c.token, t.c.expires_at).where(t.c.name == "leader")
-            ).one_or_none()
-            if (
-                held is None
-                or held.holder != node_id
-                or held.token != lease.token
-                or held.expires_at is None
-                or held.expires_at < now
-            ):
-                raise Fenced("the lease expired before the epoch could be taken")
-        epoch = int(row.epoch) + 1
+        _check_dblock_claim(db, conn, lease, now)
+        epoch = state.epoch + 1
         conn.execute(
             c.update().where(c.c.id == 1).values(
                 epoch=epoch, leader_id=node_id, leader_uri=uri, leader_since=now,
-                leader_backend=lease.backend, leader_token=lease.token,
+                **_lease_values(state, lease),
             )
         )
     return epoch
+
+
+def record_lease(db: Database, *, node_id: str, epoch: int, lease: Lease) -> None:
+    """Record that the leader at ``epoch`` now holds ``lease`` (a migration widened or
+    narrowed it). Fenced: raises :class:`Fenced` if another epoch was taken since."""
+    c = schema.cluster
+    with db.write() as conn:
+        state = from_row(conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one())
+        if state.epoch != epoch or state.leader_id != node_id:
+            raise Fenced(f"epoch {epoch} is no longer current (now {state.epoch})")
+        _check_dblock_claim(db, conn, lease, db.now(conn))
+        conn.execute(c.update().where(c.c.id == 1).values(**_lease_values(state, lease)))
+
+
+def _check_lease(state: ClusterState, lease: Lease, node_id: str) -> None:
+    missing = [b for b in state.required if b not in lease.backends]
+    if missing:
+        if state.phase == "joint":
+            need = f"a claim on both {state.backend!r} and {state.target_backend!r}"
+            where = f"is moving from {state.backend!r} to {state.target_backend!r}"
+        else:
+            need, where = f"the {state.backend!r} lease", f"runs the {state.backend!r} backend"
+        raise WrongBackend(
+            f"the cluster {where} and needs {need}; this node holds {lease.backend!r}"
+        )
+    last = state.tokens
+    for backend, token in lease.tokens.items():
+        seen = last.get(backend)
+        if seen is not None and (
+            token < seen or (token == seen and state.leader_id != node_id)
+        ):
+            raise Fenced(f"{backend} lease token {token} is older than the newest, {seen}")
+
+
+def _check_dblock_claim(db: Database, conn: Connection, lease: Lease, now: float) -> None:
+    claim = lease.part("dblock")
+    if claim is None:
+        return
+    t = schema.lease
+    held = conn.execute(
+        sa.select(t.c.holder, t.c.token, t.c.expires_at).where(t.c.name == "leader")
+    ).one_or_none()
+    if (
+        held is None
+        or held.holder != claim.holder
+        or held.token != claim.token
+        or held.expires_at is None
+        or held.expires_at < now
+    ):
+        raise Fenced("the dblock lease expired before the epoch could be taken")
+
+
+def _lease_values(state: ClusterState, lease: Lease) -> dict[str, Any]:
+    tokens = state.tokens | lease.tokens
+    return {
+        "leader_backend": lease.backend,
+        "leader_token": lease.token,
+        "leader_tokens": json.dumps(tokens, sort_keys=True),
+    }
 
 
 def clear_leader(db: Database, *, node_id: str, epoch: int) -> None:

@@ -280,6 +280,17 @@ class CoordinationSettings(_Section):
             )
         return self
 
+    def capabilities(self) -> tuple[str, ...]:
+        """The backends this config can use: the one it names first, then every other
+        one it has servers for (``dblock`` needs only the shared database). A migration
+        needs nodes that can use both its backends."""
+        usable = ["dblock"]
+        if self.zookeeper.hosts:
+            usable.append("zookeeper")
+        if self.redis.urls:
+            usable.append("redis")
+        return (self.backend, *(b for b in usable if b != self.backend))
+
 
 class SchedulerSettings(_Section):
     timezone: Annotated[str, AfterValidator(_known_zone)] = "UTC"

@@ -18,7 +18,7 @@ from typing import Any
 
 from apscheduler.schedulers import SchedulerNotRunningError
 
-from backends.base import CoordinationBackend, LeaderInfo, Lease
+from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
 from qcluster.cluster import take_epoch
 from qcluster.config import Settings
 from qcluster.db import Database
@@ -41,16 +41,18 @@ class LeaderRole:
         self,
         settings: Settings,
         db: Database,
-        backend: CoordinationBackend,
         *,
+        members: Callable[[], list[MemberInfo]],
         node_id: str,
         control_uri: str,
         secret: str,
         revoke: Callable[[str], None],
+        drive: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
-        self.backend = backend
+        self.members = members
+        self.drive = drive
         self.node_id = node_id
         self.control_uri = control_uri
         self.secret = secret
@@ -67,19 +69,20 @@ class LeaderRole:
     def active(self) -> bool:
         return self.epoch is not None and not self._stop.is_set()
 
-    def start(self, lease: Lease) -> None:
+    def start(self, lease: Lease, backend: CoordinationBackend) -> None:
+        """Lead with ``lease``, taken on ``backend``."""
         s = self.settings
         self._stop = threading.Event()
         self._db_ok = time.monotonic()
         epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease)
-        self.backend.publish_leader(
+        backend.publish_leader(
             lease, LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
         )
         log.info("leading the cluster at epoch %d", epoch)
         dispatcher = Dispatcher(
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
             strategy=s.dispatch.strategy, batch_size=s.dispatch.batch_size,
-            members=self.backend.live_members, on_stale=self.revoke,
+            members=self.members, on_stale=self.revoke,
         )
         store = SqlJobStore(
             self.db, lambda: epoch,
@@ -155,6 +158,7 @@ class LeaderRole:
             if problem:
                 self.revoke(problem)
                 return
+            self._drive()
             if time.monotonic() - last_prune > PRUNE_INTERVAL and self.epoch is not None:
                 last_prune = time.monotonic()
                 try:
@@ -164,6 +168,17 @@ class LeaderRole:
                         log.info("pruned %d runs older than the retention window", n)
                 except QClusterError as e:
                     log.warning("run pruning failed: %s", e)
+
+    def _drive(self) -> None:
+        epoch = self.epoch
+        if self.drive is None or epoch is None or self._stop.is_set():
+            return
+        try:
+            self.drive(epoch)
+        except Fenced as e:
+            self.revoke(f"a migration step was fenced: {e}")
+        except QClusterError as e:
+            log.warning("migration step failed (will retry): %s", e)
 
     def _database_problem(self) -> str | None:
         # Invariant 5: a leader that cannot reach the shared database steps down, even
@@ -178,7 +193,7 @@ class LeaderRole:
         if epoch is None or self._stop.is_set():
             return
         try:
-            live = {(m.node_id, m.session) for m in self.backend.live_members()}
+            live = {(m.node_id, m.session) for m in self.members()}
             result = recover_runs(self.db, epoch, live_workers=live,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds)
         except Fenced as e:

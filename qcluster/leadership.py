@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from backends.base import CoordinationBackend, Lease
+from backends.joint import combine
 from qcluster.errors import QClusterError
 
 log = logging.getLogger(__name__)
@@ -38,32 +39,35 @@ class Leadership:
 
     def __init__(
         self,
-        backend: CoordinationBackend,
         node_id: str,
         *,
+        plan: Callable[[], CoordinationBackend | str],
         on_elected: Callable[[Lease], None],
         on_revoked: Callable[[str], None],
         halt: Callable[[], None],
-        may_campaign: Callable[[], str | None],
         min_token: Callable[[], int],
+        on_reshaped: Callable[[Lease], None] | None = None,
         campaign_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backend = backend
         self.node_id = node_id
+        self.plan = plan
         self.on_elected = on_elected
         self.on_revoked = on_revoked
+        self.on_reshaped = on_reshaped
         self.halt = halt
-        self.may_campaign = may_campaign
         self.min_token = min_token
         self.campaign_interval = campaign_interval
         self.clock = clock
         self.status = "starting"
+        self.backend: CoordinationBackend | None = None  # what the lease was taken on
         self.lease: Lease | None = None
         self._deadline = 0.0
         self._renewed_at = 0.0
         self._lost_reason: str | None = None
         self._lost = threading.Event()
+        self._poke = threading.Event()  # wakes the holding loop: lost, or a reshape asked
+        self._reshape_to: CoordinationBackend | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._renewer = ThreadPoolExecutor(1, thread_name_prefix="qc-renew")
@@ -80,6 +84,7 @@ class Leadership:
         """Step down (releasing the lease) and stop campaigning."""
         self._stop.set()
         self._lost.set()
+        self._poke.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._renewer.shutdown(wait=False, cancel_futures=True)
@@ -95,6 +100,15 @@ class Leadership:
                 self._lost_reason = reason
         self.halt()
         self._lost.set()
+        self._poke.set()
+
+    def reshape(self, backend: CoordinationBackend) -> None:
+        """Ask the loop to hold the lease on ``backend`` instead (a migration widens a
+        lease to a joint one, or narrows a joint one). Non-blocking; the loop takes the
+        missing claims, gives back the others, and calls ``on_reshaped``."""
+        with self._lock:
+            self._reshape_to = backend
+        self._poke.set()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -112,16 +126,16 @@ class Leadership:
             self._step_down("stopping")
 
     def _campaign(self) -> None:
-        reason = self.may_campaign()
-        if reason is not None:
-            if reason != self.status:
-                log.warning("not campaigning: %s", reason)
-            self.status = reason
+        backend = self.plan()
+        if isinstance(backend, str):
+            if backend != self.status:
+                log.warning("not campaigning: %s", backend)
+            self.status = backend
             self._stop.wait(self.campaign_interval * 4)
             return
         sent = self.clock()
         try:
-            lease = self.backend.try_acquire(self.node_id, self._on_lost, self.min_token())
+            lease = backend.try_acquire(self.node_id, self._on_lost, self.min_token())
         except QClusterError as e:
             self.status = f"cannot campaign: {e}"
             log.warning("campaign failed: %s", e)
@@ -134,7 +148,9 @@ class Leadership:
         with self._lock:
             self._lost_reason = None
         self._lost.clear()
-        self.lease = lease
+        with self._lock:
+            self._reshape_to = None
+        self.backend, self.lease = backend, lease
         self._renewed_at = sent
         self._deadline = sent + lease.valid_for - self._margin(lease)
         log.info("won the %s lease (token %d)", lease.backend, lease.token)
@@ -148,18 +164,26 @@ class Leadership:
         self.status = "leader"
 
     def _hold(self) -> None:
-        lease = self.lease
-        assert lease is not None
+        lease, backend = self.lease, self.backend
+        assert lease is not None and backend is not None
         renew_at = self._renewed_at + lease.valid_for / 3
         wait = max(0.0, min(renew_at, self._deadline) - self.clock())
-        if self._lost.wait(wait):
+        poked = self._poke.wait(wait)
+        self._poke.clear()
+        if self._lost.is_set():
             self._step_down(self._lost_reason or "stopping")
             return
         if self.clock() >= self._deadline:
             self._step_down("the lease was not renewed before its deadline")
             return
+        if poked:
+            self._reshape()
+            if self.clock() < self._renewed_at + (self.lease or lease).valid_for / 3:
+                return
+        lease, backend = self.lease, self.backend
+        assert lease is not None and backend is not None
         sent = self.clock()
-        future: Future[bool] = self._renewer.submit(self.backend.renew, lease)
+        future: Future[bool] = self._renewer.submit(backend.renew, lease)
         try:
             ok = future.result(timeout=max(0.0, self._deadline - self.clock()))
         except FutureTimeout:
@@ -176,12 +200,70 @@ class Leadership:
         self._renewed_at = sent
         self._deadline = sent + lease.valid_for - self._margin(lease)
 
+    def _reshape(self) -> None:
+        """Hold the lease on the backend :meth:`reshape` asked for: take the claims that
+        are missing (in that backend's order), then give back those it does not need."""
+        with self._lock:
+            target, self._reshape_to = self._reshape_to, None
+        lease = self.lease
+        if target is None or lease is None or target is self.backend:
+            return
+        parts = getattr(target, "parts", (target,))
+        claims: list[Lease] = []
+        taken: list[Lease] = []
+        sent = self.clock()
+        try:
+            for part in parts:
+                claim = lease.part(part.name)
+                if claim is None:
+                    floor = max([self.min_token(), *(c.token for c in claims)])
+                    claim = self._call(part.try_acquire, self.node_id, self._on_lost, floor)
+                    if claim is None:
+                        raise QClusterError(f"the {part.name} lock is held by another node")
+                    taken.append(claim)
+                claims.append(claim)
+        except (QClusterError, FutureTimeout) as e:
+            log.warning("could not take the %s lease as well: %s",
+                        "+".join(p.name for p in parts), e or "no answer")
+            for claim in taken:
+                self._give_back(_part_of(parts, claim.backend), claim)
+            return
+        wanted = {c.backend for c in claims}
+        current = self.backend
+        for claim in lease.parts or (lease,):
+            if claim.backend not in wanted and current is not None:
+                self._give_back(_part_of(getattr(current, "parts", (current,)), claim.backend),
+                                claim)
+        new = combine(claims)
+        self.backend, self.lease = target, new
+        if taken:
+            fresh = sent + min(c.valid_for for c in taken) - self._margin(new)
+            self._deadline = min(self._deadline, fresh)
+        log.info("now holding the %s lease (token %d)", new.backend, new.token)
+        if self.on_reshaped is not None:
+            try:
+                self.on_reshaped(new)
+            except Exception as e:
+                self._step_down(f"could not record the {new.backend} lease: {e}")
+
+    def _call(self, fn: Callable[..., Lease | None], *args: object) -> Lease | None:
+        """A backend call on the renewer thread, bounded by the lease's deadline."""
+        future: Future[Lease | None] = self._renewer.submit(fn, *args)
+        return future.result(timeout=max(0.0, self._deadline - self.clock()))
+
+    def _give_back(self, backend: CoordinationBackend, claim: Lease) -> None:
+        future = self._renewer.submit(backend.release, claim)
+        try:
+            future.result(timeout=5.0)
+        except Exception as e:  # best effort: the claim expires on its own anyway
+            log.info("could not release the %s lease: %s", claim.backend, e)
+
     @staticmethod
     def _margin(lease: Lease) -> float:
         return lease.valid_for * 0.05 + 0.05
 
     def _step_down(self, reason: str) -> None:
-        lease = self.lease
+        lease, backend = self.lease, self.backend
         self.halt()  # step down first: nothing is fired or sent after this line
         self.lease = None
         self._lost.set()
@@ -194,11 +276,13 @@ class Leadership:
             self.on_revoked(reason)
         except Exception:
             log.exception("error while stepping down")
-        if lease is not None:
-            future = self._renewer.submit(self.backend.release, lease)
-            try:
-                future.result(timeout=5.0)
-            except Exception as e:  # best effort: the lease expires on its own anyway
-                log.info("could not release the lease: %s", e)
+        if lease is not None and backend is not None:
+            self._give_back(backend, lease)
+        self.backend = None
         if not self._stop.is_set():
             self._lost.clear()
+            self._poke.clear()
+
+
+def _part_of(parts: tuple[CoordinationBackend, ...], name: str) -> CoordinationBackend:
+    return next(p for p in parts if p.name == name)

@@ -20,12 +20,14 @@ from pathlib import Path
 from types import TracebackType
 
 from backends.base import CoordinationBackend, Lease, MemberInfo
-from backends.loader import load_backend
-from qcluster.cluster import WrongBackend, ensure_cluster, read_cluster
+from backends.joint import JointBackend, merge_members
+from backends.loader import load_backend_by_name
+from qcluster import migration
+from qcluster.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
 from qcluster.config import Settings
 from qcluster.control import ControlService
 from qcluster.db import Database
-from qcluster.errors import ConfigError, QClusterError
+from qcluster.errors import ConfigError, Fenced, QClusterError
 from qcluster.leader import LeaderRole
 from qcluster.leadership import Leadership
 from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
@@ -84,7 +86,17 @@ class Node:
         self.roles = tuple(roles or settings.node.roles)
         self.session = secrets.token_hex(8)
         self.db: Database | None = None
-        self.backend: CoordinationBackend | None = None
+        # Every backend this node has connected to, by name: "dblock" always (members are
+        # always listed in the shared database, so every node sees every other), the
+        # others when the cluster's phase needs them.
+        self.backends: dict[str, CoordinationBackend] = {}
+        self.capabilities = settings.coordination.capabilities()
+        self._backends_lock = threading.Lock()
+        self._joints: dict[tuple[str, ...], JointBackend] = {}
+        self._state: ClusterState | None = None  # the cluster row as last read
+        self._honoured = 0  # the config version this node honours (0: it cannot)
+        self._started_version = 0
+        self._preference_noted = False
         self.worker: Worker | None = None
         self.leader: LeaderRole | None = None
         self.leadership: Leadership | None = None
@@ -124,9 +136,13 @@ class Node:
         if not db.is_current():
             log.info("creating or upgrading the schema of %s", db.display_url)
             db.upgrade()
-        ensure_cluster(db, s.cluster.name, s.coordination.backend)
-        self.backend = backend = load_backend(s, db)
-        backend.start()
+        state = ensure_cluster(db, s.cluster.name, s.coordination.backend)
+        self._state, self._started_version = state, state.config_version
+        self._backend("dblock")
+        if s.coordination.backend in state.required or not self.is_scheduler:
+            # The backend the config names is connected at start (a wrong address is a
+            # startup error), unless the cluster does not use it and this node campaigns.
+            self._backend(s.coordination.backend)
         daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
         self._daemon = DaemonThread(daemon, "qc-rpc")
         if self.is_worker:
@@ -136,9 +152,9 @@ class Node:
             self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker"))
         if self.is_scheduler:
             control_uri = str(daemon.uriFor("qcluster.control"))
-            self.leader = LeaderRole(s, db, backend, node_id=self.node_id,
+            self.leader = LeaderRole(s, db, members=self.live_members, node_id=self.node_id,
                                      control_uri=control_uri, secret=secret,
-                                     revoke=self._revoke)
+                                     revoke=self._revoke, drive=self._drive)
             daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id),
                             "qcluster.control")
         self._daemon.start()
@@ -148,8 +164,9 @@ class Node:
         self._heartbeat.start()
         if self.is_scheduler:
             self.leadership = Leadership(
-                backend, self.node_id, on_elected=self._elected, on_revoked=self._revoked,
-                halt=self._halt, may_campaign=self._may_campaign, min_token=self._min_token,
+                self.node_id, plan=self._plan, on_elected=self._elected,
+                on_revoked=self._revoked, halt=self._halt, min_token=self._min_token,
+                on_reshaped=self._reshaped,
             )
             self.leadership.start()
         log.info("node %s started (roles: %s, rpc: %s)", self.node_id, ",".join(self.roles),
@@ -158,8 +175,9 @@ class Node:
     # -- leadership hooks -----------------------------------------------------------------------
 
     def _elected(self, lease: Lease) -> None:
-        assert self.leader is not None
-        self.leader.start(lease)
+        assert self.leader is not None and self.leadership is not None
+        assert self.leadership.backend is not None
+        self.leader.start(lease, self.leadership.backend)
 
     def _halt(self) -> None:
         if self.leader is not None:
@@ -173,44 +191,158 @@ class Node:
         if self.leadership is not None:
             self.leadership.revoke(reason)
 
-    def _may_campaign(self) -> str | None:
+    def _plan(self) -> CoordinationBackend | str:
+        """What to campaign on in the cluster's current phase, or why not to campaign."""
         assert self.db is not None
         try:
             state = read_cluster(self.db)
         except QClusterError as e:
             return f"cannot read the cluster row: {e}"
+        if state is None:
+            return "the cluster row is missing; run `qcluster db upgrade`"
+        self._state = state
+        why = migration.cannot_use(state, self.capabilities)
+        if why is None:
+            try:
+                backend = self._backend_for(state.required)
+            except QClusterError as e:
+                why = (f"the cluster's phase needs {'+'.join(state.required)} and this node "
+                       f"cannot reach it: {e}")
+        if why is not None:
+            self._honoured = 0
+            return why
+        self._honoured = state.config_version
+        self._note_preference(state)
+        return backend
+
+    def _note_preference(self, state: ClusterState) -> None:
         wanted = self.settings.coordination.backend
-        if state is not None and state.backend != wanted:
-            return str(WrongBackend(
-                f"the cluster runs the {state.backend!r} backend but this node's config says "
-                f"{wanted!r}; run `qcluster backend migrate --to {wanted}` (or fix the config)"
-            ))
-        return None
+        if state.phase == "stable" and state.backend != wanted and not self._preference_noted:
+            self._preference_noted = True
+            log.warning(
+                "this node's config names the %s backend and the cluster runs %s: the "
+                "cluster moves once every scheduler node's config names %s (or run "
+                "`qcluster backend migrate --to %s`); until then this node campaigns on %s",
+                wanted, state.backend, wanted, wanted, state.backend,
+            )
 
     def _min_token(self) -> int:
         assert self.db is not None
         state = read_cluster(self.db)
-        if state is None or state.leader_backend != self.settings.coordination.backend:
-            return 0
-        return state.leader_token
+        return 0 if state is None else state.min_token
+
+    def _reshaped(self, lease: Lease) -> None:
+        """The leadership loop now holds ``lease`` (widened or narrowed by a migration)."""
+        assert self.db is not None and self.leader is not None
+        epoch = self.leader.epoch
+        if epoch is None:
+            raise Fenced("not leading any more")
+        record_lease(self.db, node_id=self.node_id, epoch=epoch, lease=lease)
+
+    def _drive(self, epoch: int) -> None:
+        """The leader's part of a migration, once a second (see :mod:`qcluster.migration`)."""
+        assert self.db is not None
+        leadership = self.leadership
+        lease = leadership.lease if leadership is not None else None
+        if leadership is None or lease is None:
+            return
+        state = read_cluster(self.db)
+        if state is None or state.epoch != epoch:
+            return  # fenced: the next write steps this leader down
+        self._state = state
+        why = migration.cannot_use(state, self.capabilities)
+        if why is not None:
+            self._revoke(why)
+            return
+        if set(lease.backends) != set(state.required):
+            try:
+                leadership.reshape(self._backend_for(state.required))
+            except QClusterError as e:
+                self._honoured = 0
+                log.warning("cannot take part in the %s phase yet: %s", state.phase, e)
+            return
+        self._honoured = state.config_version
+        members = self.live_members()
+        if state.phase == "joint":
+            others = [m for m in members if m.node_id != self.node_id]
+            waiting = migration.progress(state, others).waiting
+            if not waiting:
+                done = migration.complete_move(self.db, epoch=epoch,
+                                               version=state.config_version)
+                if done is not None:
+                    log.warning("every scheduler node honours the joint phase: the cluster "
+                                "now runs %s alone (config version %d)", done.backend,
+                                done.config_version)
+            return
+        to = migration.config_vote(state, members)
+        if to is not None:
+            log.warning("every scheduler node's config names %s: moving the cluster from %s "
+                        "to %s", to, state.backend, to)
+            migration.request_move(self.db, to, epoch=epoch)
+
+    # -- backends ---------------------------------------------------------------------------
+
+    def _backend(self, name: str) -> CoordinationBackend:
+        """The backend ``name``, connected on first use."""
+        assert self.db is not None
+        with self._backends_lock:
+            backend = self.backends.get(name)
+            if backend is None:
+                backend = load_backend_by_name(name, self.settings, self.db)
+                backend.start()
+                self.backends[name] = backend
+            return backend
+
+    def _backend_for(self, names: tuple[str, ...]) -> CoordinationBackend:
+        if len(names) == 1:
+            return self._backend(names[0])
+        joint = self._joints.get(names)
+        if joint is None:
+            joint = self._joints[names] = JointBackend([self._backend(n) for n in names])
+        return joint
+
+    def _started_backends(self) -> list[CoordinationBackend]:
+        with self._backends_lock:
+            return list(self.backends.values())
+
+    def live_members(self) -> list[MemberInfo]:
+        """Live members, as every backend this node uses lists them (the database first:
+        every node registers there, whatever the cluster's backend)."""
+        listings: list[list[MemberInfo]] = []
+        for backend in self._started_backends():
+            try:
+                listings.append(backend.live_members())
+            except QClusterError as e:
+                if backend.name == "dblock":
+                    raise
+                log.debug("the %s backend did not list members: %s", backend.name, e)
+        return merge_members(listings)
 
     # -- membership -------------------------------------------------------------------------
 
     def member_info(self) -> MemberInfo:
         s = self.settings
         status = self.leadership.status if self.leadership is not None else "worker"
+        state = self._state
+        if (self.is_scheduler and state is not None and state.phase == "stable"
+                and state.backend != s.coordination.backend and self._honoured):
+            status += f" (its config names {s.coordination.backend}; the cluster runs " \
+                      f"{state.backend})"
         return MemberInfo(
             node_id=self.node_id, session=self.session, roles=self.roles, uri=self.uri,
             capacity=s.worker.concurrency if self.is_worker else 0, tags=tuple(s.worker.tags),
-            backends=(s.coordination.backend,), config_version=0, status=status,
+            backends=self.capabilities,
+            config_version=self._honoured if self.is_scheduler else 0,
+            started_version=self._started_version, status=status,
         )
 
     def _beat(self) -> None:
-        assert self.backend is not None
-        try:
-            self.backend.heartbeat_member(self.member_info())
-        except QClusterError as e:
-            log.warning("membership heartbeat failed: %s", e)
+        info = self.member_info()
+        for backend in self._started_backends():
+            try:
+                backend.heartbeat_member(info)
+            except QClusterError as e:
+                log.warning("membership heartbeat to %s failed: %s", backend.name, e)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.worker.heartbeat_seconds):
@@ -228,15 +360,16 @@ class Node:
             self.leadership.stop()
         if self.worker is not None:
             self.worker.stop(self.settings.worker.shutdown_grace_seconds)
-        if self.backend is not None:
+        info = self.member_info()
+        for backend in self._started_backends():
             try:
-                self.backend.remove_member(self.member_info())
+                backend.remove_member(info)
             except QClusterError as e:
-                log.info("could not leave the member list: %s", e)
+                log.info("could not leave the %s member list: %s", backend.name, e)
         if self._daemon is not None:
             self._daemon.stop()
-        if self.backend is not None:
-            self.backend.stop()
+        for backend in self._started_backends():
+            backend.stop()
         if self.db is not None:
             self.db.dispose()
         if self._daemon is not None:

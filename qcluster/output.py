@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -66,9 +67,29 @@ def cluster_view(status: Mapping[str, Any]) -> None:
     for col in ("node", "roles", "uri", "capacity", "status", "last seen (UTC)"):
         table.add_column(col)
     for m in status["members"]:
-        table.add_row(m["node_id"], ",".join(m["roles"]), m["uri"] or "-", str(m["capacity"]),
-                      m["status"], _t(m["last_seen"]))
+        table.add_row(escape(m["node_id"]), ",".join(m["roles"]), escape(m["uri"] or "-"),
+                      str(m["capacity"]), escape(m["status"]), _t(m["last_seen"]))
     console.print(table)
+
+
+def backend_view(status: Mapping[str, Any]) -> None:
+    moving = (f", moving to [bold]{status['target_backend']}[/]"
+              if status["phase"] == "joint" else "")
+    console.print(
+        f"backend [bold]{status['backend']}[/]{moving}: phase {status['phase']} since "
+        f"{_t(status['phase_since'])}, config version {status['config_version']}, epoch "
+        f"{status['epoch']}, leader {escape(str(status['leader'] or 'none'))} "
+        f"(lease on {status['leader_lease'] or '-'})"
+    )
+    table = Table(title=f"{len(status['schedulers'])} live scheduler nodes")
+    for col in ("node", "config can use", "honours version", "status"):
+        table.add_column(col)
+    for m in status["schedulers"]:
+        table.add_row(escape(m["node_id"]), ",".join(m["backends"]),
+                      str(m["config_version"] or "-"), escape(m["status"]))
+    console.print(table)
+    for w in status["waiting"]:
+        console.print(f"waiting for {escape(w['node_id'])}: {escape(w['why'])}")
 
 
 def config_view(source: str, data: Mapping[str, Any]) -> None:

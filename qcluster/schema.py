@@ -65,6 +65,10 @@ cluster = Table(
     Column("leader_since", Float, nullable=True),
     Column("leader_backend", String(20), nullable=True),
     Column("leader_token", BigInteger, nullable=False, default=0),
+    # JSON {backend: token}: the newest token each backend's leaders have used, so that a
+    # lease on any backend (or a joint lease on two) is checked against its own history.
+    Column("leader_tokens", Text, nullable=True),
+    Column("phase_since", Float, nullable=True),  # when the current phase began (DB clock)
 )
 
 lease = Table(
@@ -86,7 +90,8 @@ members = Table(
     Column("capacity", Integer, nullable=False, default=0),
     Column("tags", Text, nullable=False, default="[]"),
     Column("backends", String(100), nullable=False, default=""),
-    Column("config_version", Integer, nullable=False, default=0),
+    Column("config_version", Integer, nullable=False, default=0),  # the phase it honours
+    Column("started_version", Integer, nullable=False, default=0),  # the phase at its start
     Column("status", Text, nullable=False, default=""),
     Column("last_seen", Float, nullable=False),  # on the database's clock
 )

@@ -36,7 +36,7 @@ from tests.helpers import (
 
 HELLO = "jobs.examples:hello"
 CLOSED_PASSWORD = "pw-closed-5b1e"
-COMMANDS = ("start", "jobs", "runs", "cluster", "config", "db")
+COMMANDS = ("start", "jobs", "runs", "cluster", "config", "db", "backend")
 
 
 @pytest.fixture
