@@ -67,14 +67,22 @@ def open_db(settings: Settings, *, create: bool | None = None) -> Database:
 def cluster_backends(settings: Settings, db: Database,
                      state: ClusterState) -> Iterator[list[CoordinationBackend]]:
     """The backends the cluster's phase uses that this config can reach, connected, with
-    ``dblock`` (the member list every node keeps in the database) first."""
+    ``dblock`` (the member list every node keeps in the database) first. One that cannot
+    be reached is left out: every member is listed in the database anyway, and a rollback
+    must work precisely when the new backend does not answer."""
     capable = settings.coordination.capabilities()
     names = ["dblock", *(b for b in state.required if b != "dblock" and b in capable)]
     started: list[CoordinationBackend] = []
     try:
         for name in names:
             backend = load_backend_by_name(name, settings, db)
-            backend.start()
+            try:
+                backend.start()
+            except QClusterError as e:
+                if name == "dblock":
+                    raise
+                log.info("cannot reach %s: %s", name, e)
+                continue
             started.append(backend)
         yield started
     finally:

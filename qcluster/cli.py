@@ -112,7 +112,11 @@ def _setup_logging(*, quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("Pyro5").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("kazoo").setLevel(logging.WARNING)
+    for name in _DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_DRIVER_LOGGERS = ("kazoo", "backends.zookeeper.kazoo")  # the second: kazoo, through a filter
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -383,6 +387,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A command prints one line per problem: a driver's own connection chatter (kazoo
+    # retrying an unreachable server) stays out of it. `start` sets up real logging.
+    for name in _DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         app(args=argv, prog_name="qcluster", standalone_mode=False)
     except click_exc.NoArgsIsHelpError:
