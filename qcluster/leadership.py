@@ -16,6 +16,13 @@ steps down when:
 Stepping down calls ``halt()`` (stop firing and dispatching, non-blocking), then
 ``on_revoked(reason)`` (tear the leader's parts down), then releases the lease, which the
 backend checks against the owner.
+
+What to campaign on comes from ``plan()`` on every attempt: the backend that the
+cluster's current phase needs (a joint one while a migration is under way), or the reason
+not to campaign. A leader whose phase changes is *reshaped* in place (:meth:`reshape`):
+the loop takes the claims it lacks, gives back those it no longer needs, and reports the
+new lease through ``on_reshaped``, between two renewals, so a lease is never renewed and
+changed at once.
 """
 
 from __future__ import annotations

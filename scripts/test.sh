@@ -83,7 +83,7 @@ fi
 # -- 4. Tests -------------------------------------------------------------------------
 
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider "$@" || status=$?
+"$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
 if ((status == 5)); then
     say "pytest collected no tests: that is a failure"
     exit 1
