@@ -54,6 +54,7 @@ CONFIG_ENV = "QCLUSTER_CONFIG"
 RPC_SECRET_ENV = "QCLUSTER_RPC_SECRET"
 DEFAULT_FILE = "qcluster.toml"
 _MAX_SECRET_FILE = 64 * 1024
+_MAX_CONFIG_FILE = 1024 * 1024  # a config is a page of TOML; /dev/zero is not
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
 _REF_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*", re.ASCII)
@@ -455,7 +456,9 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         return load_settings_from_mapping({}, DEFAULTS_SOURCE, env)
     try:
         with open(path, "rb") as f:
-            raw, mode = f.read(), os.fstat(f.fileno()).st_mode
+            raw, mode = f.read(_MAX_CONFIG_FILE + 1), os.fstat(f.fileno()).st_mode
+        if len(raw) > _MAX_CONFIG_FILE:
+            raise ConfigError(f"{path}: cannot read config: larger than {_MAX_CONFIG_FILE} bytes")
         text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None

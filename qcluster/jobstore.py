@@ -211,7 +211,7 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
             except QClusterError as e:
                 broken.append((row.id, str(e)))
         if broken:
-            self._set_aside(broken)
+            self.set_aside(broken)
         return jobs
 
     def _load(self, row: Row[Any]) -> StoredJob:
@@ -257,10 +257,11 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
                 self._triggers.popitem(last=False)
         return trigger
 
-    def _set_aside(self, broken: list[tuple[str, str]]) -> None:
+    def set_aside(self, broken: list[tuple[str, str]]) -> None:
+        """Stop firing these jobs (``broken`` says why; the rows are kept). Fenced."""
         j = schema.jobs
         for job_id, reason in broken:
-            log.error("job %r cannot be loaded and is set aside (not deleted): %s", job_id, reason)
+            log.error("job %r is set aside (not deleted): %s", job_id, reason)
         with self.db.fenced(self.epoch_of()) as conn:
             for job_id, reason in broken:
                 conn.execute(

@@ -68,8 +68,18 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         """Record and dispatch the fire times of ``jobs`` up to ``now``; return runs sent."""
         fires: list[FireRow] = []
         advances: list[Advance] = []
+        unplannable: list[tuple[str, str]] = []
         for job in jobs:
-            self._plan(job, now, fires, advances)
+            planned = len(fires), len(advances)
+            try:
+                self._plan(job, now, fires, advances)
+            except (ArithmeticError, ValueError) as e:
+                # A stored value no edge would accept today (a grace of 10**15 s, say)
+                # must not stop the other jobs: set this one aside and say why.
+                del fires[planned[0]:], advances[planned[1]:]
+                unplannable.append((job.id, f"cannot plan its fire times: {e}"))
+        if unplannable:
+            self.store.set_aside(unplannable)
         runs = self.store.commit_fires(self.epoch, self.leader, fires, advances)
         if runs:
             self.send(runs)
