@@ -13,11 +13,13 @@ retry ourselves, idempotently), and a bounded message size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 import Pyro5.api
 import Pyro5.errors
+import Pyro5.protocol
 import Pyro5.server
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,24 @@ def configure_pyro(
     cfg.THREADPOOL_SIZE_MIN = 4
     cfg.DETAILED_TRACEBACK = False
     _accept_only({"json", "msgpack"})
+    Pyro5.protocol.ReceivingMessage = _UncompressedMessage
     cfg.SOCK_NODELAY = True
     cfg.POLLTIMEOUT = 0.5
+
+
+class _UncompressedMessage(Pyro5.protocol.ReceivingMessage):  # type: ignore[misc]
+    """A received message that may not be compressed. Pyro5 inflates a compressed payload
+    before anything else looks at it (the handshake included), so ``max_message_bytes``
+    would bound only the compressed size: 130 KB of zlib is 128 MiB of memory. qcluster
+    never compresses (``COMPRESSION`` stays off), so a compressed message is refused from
+    its header, before its payload is read."""
+
+    def __init__(self, header: bytes, payload: bytes | None = None) -> None:
+        super().__init__(header, None)
+        if self.flags & Pyro5.protocol.FLAGS_COMPRESSED:
+            raise Pyro5.errors.ProtocolError("compressed messages are refused")
+        if payload is not None:
+            self.add_payload(payload)
 
 
 class _DumpOnly:
@@ -154,6 +173,18 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
         super().__init__(host=host, port=port)
         self._checker = ProofChecker(secret)
 
+    def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
+        # Pyro5's timeout applies to each read: a client sending a byte now and then would
+        # hold a daemon thread for ever, unauthenticated. The whole handshake gets one
+        # deadline instead; past it the socket is shut down under the reading thread.
+        timer = threading.Timer(max(0.1, Pyro5.config.COMMTIMEOUT or 10.0), _drop, (conn,))
+        timer.daemon = True
+        timer.start()
+        try:
+            return bool(super()._handshake(conn, denied_reason))
+        finally:
+            timer.cancel()
+
     def validateHandshake(self, conn: Any, data: Any) -> str:
         try:
             self._checker.check(data)
@@ -161,6 +192,12 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
             log.warning("refused RPC connection from %s: %s", _peer(conn), e)
             raise
         return "ok"
+
+
+def _drop(conn: Any) -> None:
+    log.warning("dropped RPC connection from %s: no handshake within the timeout", _peer(conn))
+    with contextlib.suppress(OSError, AttributeError):
+        conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _peer(conn: Any) -> str:

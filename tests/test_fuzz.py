@@ -20,7 +20,7 @@ What each edge must do with anything it is given:
   node keeps serving authenticated clients; silent, unauthenticated and oversized
   connections are dropped (points 1 and 4).
 
-Known gaps are strict xfails: each turns into a failure once fixed, to be unmarked.
+A gap found and not yet fixed is pinned as a strict xfail (none at present).
 The number of cases run per target is printed at the end of the module (and written to
 ``fuzz-counts.json`` in pytest's base temp directory).
 """
@@ -1063,9 +1063,6 @@ def test_a_replayed_proof_is_refused(worker_node: WorkerNode) -> None:
                     p.ping()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="Pyro5 inflates a compressed "
-                   "message (protocol.py add_payload: zlib.decompress) before the handshake is "
-                   "checked: max_message_bytes bounds the compressed size only")
 def test_a_compressed_handshake_cannot_expand_past_the_message_limit(
     worker_node: WorkerNode,
 ) -> None:
@@ -1078,9 +1075,6 @@ def test_a_compressed_handshake_cannot_expand_past_the_message_limit(
     assert grown < 64 << 10, f"peak memory grew by {grown >> 10} MiB from {len(bomb)} bytes"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the communication timeout is "
-                   "per read (Pyro5 socketutil.receive_data): a client that sends a byte now "
-                   "and then holds a daemon thread as long as it likes, unauthenticated")
 def test_a_client_dripping_bytes_is_dropped_within_the_timeout(worker_node: WorkerNode) -> None:
     with socket.create_connection((worker_node.host, worker_node.port), timeout=10) as s:
         deadline = time.monotonic() + NODE_TIMEOUT * 2.5
