@@ -131,16 +131,13 @@ def combine(claims: Sequence[Lease]) -> Lease:
 
 
 def merge_members(listings: Iterable[Iterable[MemberInfo]]) -> list[MemberInfo]:
-    """The union of several member listings. A node listed twice keeps its first entry,
-    unless another entry is a different (newer) incarnation of it."""
-    found: dict[str, MemberInfo] = {}
+    """The union of several member listings, one entry per incarnation (node id and
+    session), the first listing's entry first. Two incarnations of one node may both be
+    listed for a while (a restart, one backend slower to forget the old one): each is
+    live as long as some backend says so. Their ``last_seen`` come from different clocks
+    and are never compared."""
+    found: dict[tuple[str, str], MemberInfo] = {}
     for listing in listings:
         for m in listing:
-            old = found.get(m.node_id)
-            if old is None or (old.session != m.session and _fresher(m, old)):
-                found[m.node_id] = m
-    return sorted(found.values(), key=lambda m: m.node_id)
-
-
-def _fresher(a: MemberInfo, b: MemberInfo) -> bool:
-    return (a.last_seen or 0.0) > (b.last_seen or 0.0)
+            found.setdefault((m.node_id, m.session), m)
+    return sorted(found.values(), key=lambda m: (m.node_id, m.session))

@@ -344,7 +344,7 @@ def migrate_backend(
             return {"dry_run": True, "plan": migration.plan(state, to, members),
                     **_backend_view(state, members)}
         started = time.monotonic()
-        move, state = migration.request_move(db, to)
+        move, state = migration.request_move(db, to, expect_version=state.config_version)
         report(f"{move.value}: {migration.plan(state, to, members)[0]}"
                if move is migration.Move.RESUMED else _moved_line(move, state, to))
         last = ""

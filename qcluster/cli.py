@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -333,6 +334,8 @@ def backend_migrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Move the running cluster to another backend, through a joint phase (or roll back)."""
+    if not math.isfinite(timeout):
+        raise InputError(f"invalid --timeout {timeout}: expected a number of seconds")
     s = settings(config)
     result = admin.migrate_backend(
         s, to.value, dry_run=dry_run, timeout=timeout,

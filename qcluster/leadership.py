@@ -27,6 +27,7 @@ changed at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -140,6 +141,11 @@ class Leadership:
             self.status = backend
             self._stop.wait(self.campaign_interval * 4)
             return
+        # A loss reported while the acquire is under way (a joint lease takes seconds to
+        # gather) must count: clear the previous one before, never after.
+        with self._lock:
+            self._lost_reason = None
+        self._lost.clear()
         sent = self.clock()
         try:
             lease = backend.try_acquire(self.node_id, self._on_lost, self.min_token())
@@ -152,9 +158,11 @@ class Leadership:
             self.status = "follower"
             self._stop.wait(self.campaign_interval)
             return
-        with self._lock:
-            self._lost_reason = None
-        self._lost.clear()
+        if self._lost.is_set():  # lost while being acquired (or stopping): do not lead
+            self.status = f"follower ({self._lost_reason or 'stopping'} while campaigning)"
+            self._give_back(backend, lease)
+            self._stop.wait(self.campaign_interval)
+            return
         with self._lock:
             self._reshape_to = None
         self.backend, self.lease = backend, lease
@@ -185,7 +193,9 @@ class Leadership:
             return
         if poked:
             self._reshape()
-            if self.clock() < self._renewed_at + (self.lease or lease).valid_for / 3:
+            if self.lease is None:  # it stepped down
+                return
+            if self.clock() < self._renewed_at + self.lease.valid_for / 3:
                 return
         lease, backend = self.lease, self.backend
         assert lease is not None and backend is not None
@@ -224,7 +234,7 @@ class Leadership:
                 claim = lease.part(part.name)
                 if claim is None:
                     floor = max([self.min_token(), *(c.token for c in claims)])
-                    claim = self._call(part.try_acquire, self.node_id, self._on_lost, floor)
+                    claim = self._acquire(part, floor)
                     if claim is None:
                         raise QClusterError(f"the {part.name} lock is held by another node")
                     taken.append(claim)
@@ -253,10 +263,21 @@ class Leadership:
             except Exception as e:
                 self._step_down(f"could not record the {new.backend} lease: {e}")
 
-    def _call(self, fn: Callable[..., Lease | None], *args: object) -> Lease | None:
-        """A backend call on the renewer thread, bounded by the lease's deadline."""
-        future: Future[Lease | None] = self._renewer.submit(fn, *args)
-        return future.result(timeout=max(0.0, self._deadline - self.clock()))
+    def _acquire(self, part: CoordinationBackend, floor: int) -> Lease | None:
+        """``part.try_acquire`` on the renewer thread, bounded by the lease's deadline. A
+        claim that arrives after the deadline gave up on it is released, not leaked."""
+        future: Future[Lease | None] = self._renewer.submit(
+            part.try_acquire, self.node_id, self._on_lost, floor)
+        try:
+            return future.result(timeout=max(0.0, self._deadline - self.clock()))
+        except FutureTimeout:
+            def release_late(done: Future[Lease | None]) -> None:
+                with contextlib.suppress(Exception):
+                    claim = done.result()
+                    if claim is not None:
+                        part.release(claim)
+            future.add_done_callback(release_late)
+            raise
 
     def _give_back(self, backend: CoordinationBackend, claim: Lease) -> None:
         future = self._renewer.submit(backend.release, claim)

@@ -61,11 +61,15 @@ class Progress:
         return self.state.phase == "stable"
 
 
-def request_move(db: Database, to: str, *, epoch: int | None = None) -> tuple[Move, ClusterState]:
+def request_move(
+    db: Database, to: str, *, epoch: int | None = None, expect_version: int | None = None
+) -> tuple[Move, ClusterState]:
     """Start a move to ``to``, resume the one under way, or roll it back.
 
     ``epoch``: the leader's epoch, when the leader makes the move (fenced); the CLI passes
     ``None`` and relies on the row lock alone (it never leads, so it fences nobody out).
+    ``expect_version``: the config version the caller's checks were made on; if the
+    phase changed since, nothing is written (InputError).
     """
     if to not in BACKENDS:
         raise InputError(f"unknown backend {to!r}; choose one of {', '.join(BACKENDS)}")
@@ -74,6 +78,11 @@ def request_move(db: Database, to: str, *, epoch: int | None = None) -> tuple[Mo
         state = from_row(conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one())
         if epoch is not None and state.epoch != epoch:
             raise Fenced(f"epoch {epoch} is no longer current (now {state.epoch})")
+        if expect_version is not None and state.config_version != expect_version:
+            raise InputError(
+                f"the cluster's phase changed while the command checked it (config version "
+                f"{expect_version} -> {state.config_version}); run it again"
+            )
         if state.phase == "joint":
             if state.target_backend == to:
                 return Move.RESUMED, state

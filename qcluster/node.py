@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -27,7 +28,7 @@ from qcluster.cluster import ClusterState, ensure_cluster, read_cluster, record_
 from qcluster.config import Settings
 from qcluster.control import ControlService
 from qcluster.db import Database
-from qcluster.errors import ConfigError, Fenced, QClusterError
+from qcluster.errors import BackendUnavailable, ConfigError, Fenced, QClusterError
 from qcluster.leader import LeaderRole
 from qcluster.leadership import Leadership
 from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 EXAMPLE_SECRETS = frozenset({"change-me"})  # the value config.example.toml shows
+CONNECT_RETRY = 5.0  # seconds between two attempts to connect a backend that failed
 
 
 def default_node_id() -> str:
@@ -92,6 +94,8 @@ class Node:
         self.backends: dict[str, CoordinationBackend] = {}
         self.capabilities = settings.coordination.capabilities()
         self._backends_lock = threading.Lock()
+        self._connecting: dict[str, threading.Thread] = {}
+        self._connect_failed: dict[str, tuple[float, str]] = {}  # when, why
         self._joints: dict[tuple[str, ...], JointBackend] = {}
         self._state: ClusterState | None = None  # the cluster row as last read
         self._honoured = 0  # the config version this node honours (0: it cannot)
@@ -282,23 +286,64 @@ class Node:
 
     # -- backends ---------------------------------------------------------------------------
 
-    def _backend(self, name: str) -> CoordinationBackend:
-        """The backend ``name``, connected on first use."""
+    def _backend(self, name: str, *, wait: bool = True) -> CoordinationBackend:
+        """The backend ``name``, connected on first use. With ``wait=False`` (the
+        leadership and maintenance loops), a backend not connected yet is connected on a
+        thread of its own, and this raises BackendUnavailable meanwhile: a server that
+        does not answer must not hold the loops, nor the membership heartbeat."""
         assert self.db is not None
         with self._backends_lock:
             backend = self.backends.get(name)
-            if backend is None:
-                backend = load_backend_by_name(name, self.settings, self.db)
-                backend.start()
+            if backend is not None:
+                return backend
+            if not wait:
+                pending = self._connecting.get(name)
+                failed = self._connect_failed.get(name)
+                if pending is None and (failed is None
+                                        or time.monotonic() - failed[0] > CONNECT_RETRY):
+                    pending = threading.Thread(target=self._connect, args=(name, True),
+                                               name=f"qc-connect-{name}", daemon=True)
+                    self._connecting[name] = pending
+                    pending.start()
+                if failed is not None:
+                    raise BackendUnavailable(f"cannot reach {name}: {failed[1]}")
+                raise BackendUnavailable(f"connecting to {name}")
+        self._connect(name, False)
+        with self._backends_lock:
+            backend = self.backends.get(name)
+        if backend is None:
+            raise BackendUnavailable(f"the node is stopping; {name} was not kept")
+        return backend
+
+    def _connect(self, name: str, quiet: bool) -> None:
+        assert self.db is not None
+        try:
+            backend = load_backend_by_name(name, self.settings, self.db)
+            backend.start()
+        except QClusterError as e:
+            log.warning("cannot reach the %s backend: %s", name, e)
+            with self._backends_lock:
+                self._connect_failed[name] = (time.monotonic(), str(e))
+                self._connecting.pop(name, None)
+            if not quiet:
+                raise
+            return
+        with self._backends_lock:
+            if name in self.backends or self._stop.is_set():
+                backend.stop()
+            else:
                 self.backends[name] = backend
-            return backend
+            self._connect_failed.pop(name, None)
+            self._connecting.pop(name, None)
 
     def _backend_for(self, names: tuple[str, ...]) -> CoordinationBackend:
+        """The backend for a phase (joint for two names); never waits for a connection."""
         if len(names) == 1:
-            return self._backend(names[0])
+            return self._backend(names[0], wait=False)
         joint = self._joints.get(names)
         if joint is None:
-            joint = self._joints[names] = JointBackend([self._backend(n) for n in names])
+            parts = [self._backend(n, wait=False) for n in names]
+            joint = self._joints[names] = JointBackend(parts)
         return joint
 
     def _started_backends(self) -> list[CoordinationBackend]:

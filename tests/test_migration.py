@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 
 import qcluster.migrations
-from backends.base import CoordinationBackend, Lease, MemberInfo
+from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
 from backends.dblock import DBLockBackend
 from backends.joint import JointBackend, combine, merge_members
 from backends.loader import load_backend_by_name
@@ -39,6 +40,7 @@ from qcluster.cluster import (
 from qcluster.config import Settings, load_settings
 from qcluster.db import Database
 from qcluster.errors import Fenced, InputError
+from qcluster.leadership import Leadership
 from qcluster.migration import (
     Move,
     cannot_use,
@@ -566,13 +568,16 @@ def test_cluster_state_tokens_and_floor() -> None:
     assert both.min_token == 120, "the floor is above every backend's newest token"
 
 
-def test_merge_members_keeps_the_newer_incarnation() -> None:
-    old = dataclasses.replace(member("a", session="1"), last_seen=10.0)
-    new = dataclasses.replace(member("a", session="2"), last_seen=20.0)
+def test_merge_members_keeps_every_incarnation_and_never_compares_clocks() -> None:
+    # Each listing's last_seen is on its own server's clock: a ZooKeeper clock ahead of the
+    # database's must not hide the live incarnation (its runs would be declared lost).
+    old = dataclasses.replace(member("a", session="1"), last_seen=50.0)  # ZooKeeper clock
+    new = dataclasses.replace(member("a", session="2"), last_seen=20.0)  # database clock
     same = dataclasses.replace(member("a", session="1"), last_seen=30.0)
     b = member("b")
-    assert merge_members([[old, b], [new]]) == [new, b]
-    assert merge_members([[new], [old]]) == [new]
+    assert merge_members([[new, b], [old]]) == [old, new, b]
+    assert {(m.node_id, m.session) for m in merge_members([[old], [new]])} == {
+        ("a", "1"), ("a", "2")}
     assert merge_members([[old], [same]]) == [old], "the same incarnation keeps its first"
 
 
@@ -821,3 +826,79 @@ def test_a_0001_database_upgrades_and_keeps_its_cluster(db_url: str) -> None:
     finally:
         db.dispose()
 
+
+
+def test_a_move_checked_on_an_older_phase_writes_nothing(db_url: str) -> None:
+    db = Database(db_url)
+    try:
+        db.upgrade()
+        ensure_cluster(db, "t", "dblock")
+        before = current(db)
+        request_move(db, "zookeeper")  # someone else moved first
+        moved = current(db)
+        with pytest.raises(InputError, match="changed while the command checked"):
+            request_move(db, "dblock", expect_version=before.config_version)
+        assert current(db) == moved
+    finally:
+        db.dispose()
+
+
+def test_migrate_refuses_a_timeout_that_is_not_a_number(tmp_path: Path, pg_url: str) -> None:
+    config = write_config(tmp_path, pg_url)
+    for bad in ("nan", "inf", "0", "-1", "soon"):
+        result = run_cli("backend", "migrate", "--to", "zookeeper", "--timeout", bad,
+                         config=config, check=False)
+        assert_cli_error(result, "timeout")
+
+
+class _LosingWhileAcquiring(CoordinationBackend):
+    """A backend whose lease is reported lost while ``try_acquire`` is still running (a
+    joint lease's first part, lost while its second part is being taken)."""
+
+    name = "dblock"
+
+    def __init__(self) -> None:
+        self.released: list[Lease] = []
+
+    def try_acquire(self, holder: str, on_lost: LossCallback, min_token: int = 0) -> Lease:
+        on_lost("session suspended")
+        return Lease("dblock", holder, min_token + 1, 5.0)
+
+    def renew(self, lease: Lease) -> bool:
+        return True
+
+    def release(self, lease: Lease) -> None:
+        self.released.append(lease)
+
+    def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
+        pass
+
+    def read_leader(self) -> LeaderInfo | None:
+        return None
+
+    def heartbeat_member(self, member: MemberInfo) -> None:
+        pass
+
+    def remove_member(self, member: MemberInfo) -> None:
+        pass
+
+    def live_members(self) -> list[MemberInfo]:
+        return []
+
+
+def test_a_lease_lost_while_it_is_being_acquired_is_not_led_on() -> None:
+    backend = _LosingWhileAcquiring()
+    elected: list[Lease] = []
+    leadership = Leadership(
+        "n1", plan=lambda: backend, on_elected=elected.append, on_revoked=lambda r: None,
+        halt=lambda: None, min_token=lambda: 0, campaign_interval=0.05,
+    )
+    leadership.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(backend.released) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        leadership.stop()
+    assert elected == [], "led on a lease that was lost while being acquired"
+    assert len(backend.released) >= 2, "each lost claim must be given back"
