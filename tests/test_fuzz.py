@@ -630,7 +630,7 @@ def test_check_batch_raises_only_input_error() -> None:
 def leading_role(db: Database) -> LeaderRole:
     """A LeaderRole that leads at the cluster's epoch, with no scheduler or dispatcher:
     the control object's writes really run, fenced, and nothing is sent anywhere."""
-    role = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, None,  # type: ignore[arg-type]
+    role = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, members=list,
                       node_id="fuzz", control_uri="PYRO:x@127.0.0.1:1", secret=TEST_SECRET,
                       revoke=lambda reason: None)
     state = read_cluster(db)
@@ -750,7 +750,7 @@ def check_control_reply(call: Any, reply: Any, *, leading: bool) -> str:
 def test_control_object_answers_junk_and_writes_nothing_when_it_refuses(db_url: str) -> None:
     seed(db_url)
     db = Database(db_url)
-    follower = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, None,  # type: ignore[arg-type]
+    follower = LeaderRole(load_settings_from_mapping({}, "fuzz", {}), db, members=list,
                           node_id="f", control_uri="u", secret="s", revoke=lambda reason: None)
     services = {True: ControlService(db, leading_role(db), ["jobs.*"], "fuzz"),
                 False: ControlService(db, follower, ["jobs.*"], "fuzz")}
