@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="private PostgreSQL without fsync (as the tests run it)")
     p.add_argument("--lease", type=float, default=5.0, help="dblock lease seconds (5)")
     p.add_argument("--concurrency", type=int, default=16, help="threads per worker (16)")
+    p.add_argument("--aps-jobs", type=int, default=0,
+                   help="steady on APScheduler: jobs every second (default: --jobs); a "
+                        "lower rate shows the rate APScheduler keeps up with")
+    p.add_argument("--fire-ahead", type=float, default=0.0,
+                   help="qcluster's [scheduler] fire_ahead_seconds (default 0: off)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated: qcluster, apscheduler")
     p.add_argument("--profile", action="store_true",
@@ -93,7 +98,7 @@ def parse_args(argv: list[str] | None) -> Options:
         jobs=a.jobs or int(sizes["jobs"]), duration=a.duration or sizes["duration"],
         burst=a.burst or int(sizes["burst"]), scale=a.scale or int(sizes["scale"]),
         spread=a.spread, no_fsync=a.no_fsync, lease=a.lease, concurrency=a.concurrency,
-        profile=a.profile,
+        profile=a.profile, fire_ahead=a.fire_ahead, aps_jobs=a.aps_jobs,
     )
 
 

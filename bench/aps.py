@@ -226,14 +226,15 @@ def _starts(n: int, spread: bool, t0: float) -> list[tuple[str, float]]:
 
 def steady(opts: Options, db_url: str, tmp: Path, sampler: RssSampler) -> Result:
     records = tmp / "aps-steady.txt"
+    n = opts.aps_jobs or opts.jobs
     child = _Child(opts, db_url, "steady", records, opts.out / "logs" / "aps-steady.log",
-                   n=opts.jobs)
+                   n=n)
     sampler.track("aps", child.proc.pid)
     try:
         t0 = _wait_first(records, "T")
         w0 = t0 + opts.warmup
         w1 = w0 + opts.duration
-        expected = expected_keys(_starts(opts.jobs, opts.spread, t0), w0, w1)
+        expected = expected_keys(_starts(n, opts.spread, t0), w0, w1)
         sleep_until(w0)
         sampler.reset()
         sleep_until(w1)
@@ -243,11 +244,11 @@ def steady(opts: Options, db_url: str, tmp: Path, sampler: RssSampler) -> Result
         child.stop()
     acc = account(outcomes(records), expected, w0, w1)
     result = Result("steady", SYSTEM, acc.fires_per_s, acc.lateness, peak)
-    result.notes = [f"{opts.jobs} jobs every 1s{' spread' if opts.spread else ''}",
+    result.notes = [f"{n} jobs every 1s{' spread' if opts.spread else ''}",
                     *acc.notes()]
     if not drained:
         result.notes.append("did not catch up within the drain time")
-    result.extra.update(acc.to_json(), offered_per_s=opts.jobs, window_s=opts.duration)
+    result.extra.update(acc.to_json(), offered_per_s=n, window_s=opts.duration)
     return result
 
 

@@ -44,6 +44,8 @@ class Options:
     lease: float  # dblock lease seconds: bounds the failover gap
     concurrency: int  # threads per qcluster worker
     profile: bool
+    fire_ahead: float = 0.0  # qcluster's scheduler.fire_ahead_seconds
+    aps_jobs: int = 0  # steady on APScheduler: jobs every second (0: as many as qcluster)
 
     @property
     def warmup(self) -> float:

@@ -75,7 +75,8 @@ class QcCluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.config = write_config(
             tmp, db_url,
-            scheduler={"poll_seconds": 1.0, "database_timeout_seconds": 10.0},
+            scheduler={"poll_seconds": 1.0, "database_timeout_seconds": 10.0,
+                       "fire_ahead_seconds": opts.fire_ahead},
             coordination={"dblock": {"lease_seconds": opts.lease}},
             cluster={"member_timeout_seconds": 10.0},
             worker={"heartbeat_seconds": 1.0, "concurrency": opts.concurrency},

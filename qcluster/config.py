@@ -300,6 +300,7 @@ class SchedulerSettings(_Section):
     poll_seconds: float = Field(default=1.0, ge=0.05, le=60)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
+    fire_ahead_seconds: float = Field(default=0.0, ge=0, le=5)
 
     def tzinfo(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)

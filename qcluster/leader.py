@@ -92,7 +92,8 @@ class LeaderRole:
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_days * 86400)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
-                                    on_fenced=self.revoke)
+                                    on_fenced=self.revoke,
+                                    fire_ahead_seconds=s.scheduler.fire_ahead_seconds)
         with self._lock:
             self.epoch, self.dispatcher, self.scheduler = epoch, dispatcher, scheduler
         dispatcher.start()

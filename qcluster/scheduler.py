@@ -64,15 +64,17 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         # APScheduler's own path (one job): route it through the same fenced batch.
         self.fire([job], run_times[-1])
 
-    def fire(self, jobs: list[StoredJob], now: datetime) -> int:
-        """Record and dispatch the fire times of ``jobs`` up to ``now``; return runs sent."""
+    def fire(self, jobs: list[StoredJob], now: datetime, until: datetime | None = None) -> int:
+        """Record and dispatch the fire times of ``jobs`` up to ``until`` (default ``now``;
+        later with a fire-ahead window: the worker waits for each one's time); return the
+        number of runs sent. Lateness and misfires are judged at ``now``."""
         fires: list[FireRow] = []
         advances: list[Advance] = []
         unplannable: list[tuple[str, str]] = []
         for job in jobs:
             planned = len(fires), len(advances)
             try:
-                self._plan(job, now, fires, advances)
+                self._plan(job, now, fires, advances, until or now)
             except (ArithmeticError, ValueError) as e:
                 # A stored value no edge would accept today (a grace of 10**15 s, say)
                 # must not stop the other jobs: set this one aside and say why.
@@ -86,23 +88,26 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         return len(runs)
 
     def _plan(
-        self, job: StoredJob, now: datetime, fires: list[FireRow], advances: list[Advance]
+        self, job: StoredJob, now: datetime, fires: list[FireRow], advances: list[Advance],
+        until: datetime,
     ) -> None:
         run_times: list[datetime] = []
         nxt = job.next_run_time
-        while nxt is not None and nxt <= now and len(run_times) < MAX_CATCH_UP:
+        while nxt is not None and nxt <= until and len(run_times) < MAX_CATCH_UP:
             run_times.append(nxt)
-            nxt = job.trigger.get_next_fire_time(nxt, now)
+            nxt = job.trigger.get_next_fire_time(nxt, max(nxt, now))
         if not run_times:
             return
         grace = timedelta(seconds=job.misfire_grace_time)
         horizon = now - timedelta(seconds=self.retention_seconds)
-        due = [t for t in run_times if now - t <= grace]
+        ahead = [t for t in run_times if t > now]  # inside the fire-ahead window
+        due = [t for t in run_times if t <= now and now - t <= grace]
         late = [t for t in run_times if now - t > grace]
-        if job.coalesce and len(due) > 1:
+        if job.coalesce and len(due) > 1:  # only fire times that have passed coalesce
             coalesced, due = due[:-1], due[-1:]
         else:
             coalesced = []
+        due += ahead
         qc = job.qc
 
         def row(t: datetime, status: str, error: str | None = None) -> FireRow:
@@ -131,6 +136,7 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         *,
         poll_seconds: float,
         on_fenced: Callable[[str], None],
+        fire_ahead_seconds: float = 0.0,
     ) -> None:
         super().__init__(timezone=UTC, daemon=True)
         self.add_jobstore(store, "default")
@@ -138,6 +144,7 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         self.store = store
         self.executor = executor
         self.poll_seconds = poll_seconds
+        self.ahead = timedelta(seconds=fire_ahead_seconds)
         self.on_fenced = on_fenced
         self.enabled = threading.Event()
         self.enabled.set()
@@ -173,15 +180,15 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
     def _pass(self) -> float:
         while self.enabled.is_set():
             now = datetime.now(UTC)
-            due = self.store.get_due_jobs(now)
+            due = self.store.get_due_jobs(now + self.ahead)
             if not due:
                 break
-            self.fired += self.executor.fire(due, now)
+            self.fired += self.executor.fire(due, now, now + self.ahead)
             self.last_pass = time.monotonic()
             if len(due) < self.store.batch_size:
                 break
         nxt = self.store.get_next_run_time()
         if nxt is None:
             return self.poll_seconds
-        delay = (nxt - datetime.now(UTC)).total_seconds()
+        delay = (nxt - self.ahead - datetime.now(UTC)).total_seconds()
         return max(0.0, min(delay, self.poll_seconds))

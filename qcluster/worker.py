@@ -16,12 +16,13 @@ Promises:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,7 @@ MAX_BATCH = 5000
 _RUN_KEYS = {"run_id": int, "job_id": str, "func": str, "args": str, "kwargs": str,
              "scheduled_at": float, "attempt": int, "epoch": int, "recover": bool}
 _SEEN = 200_000
+_ON_TIME = 0.002  # a run due this close is started at once
 
 
 def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
@@ -189,6 +191,58 @@ class WorkerService:
         return self._worker.load()
 
 
+class _StartTimer:
+    """Holds runs that arrived before their fire time (the leader's fire-ahead window) and
+    hands each to the pool at its time: one thread and a heap, whatever their number."""
+
+    def __init__(self, start: Callable[[dict[str, Any]], object]) -> None:
+        self._start = start
+        self._heap: list[tuple[float, int, dict[str, Any]]] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="qc-start-timer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, run: dict[str, Any]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (run["scheduled_at"], run["run_id"], run))
+            if self._heap[0][2] is run:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Start what is still waiting now (the worker's grace covers it), then stop."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (
+                    not self._heap or self._heap[0][0] > time.time()
+                ):
+                    wait = self._heap[0][0] - time.time() if self._heap else None
+                    self._cond.wait(wait)
+                if self._stopped:
+                    due, self._heap = [r for _, _, r in self._heap], []
+                else:
+                    due = []
+                    now = time.time()
+                    while self._heap and self._heap[0][0] <= now:
+                        due.append(heapq.heappop(self._heap)[2])
+            for run in due:
+                try:
+                    self._start(run)
+                except RuntimeError:  # the pool is shutting down: the run is left open
+                    return
+            if self._stopped:
+                return
+
+
 class Worker:
     """Accepts runs over RPC and runs them in a bounded pool."""
 
@@ -210,6 +264,7 @@ class Worker:
         self.max_queue = max_queue or max(1000, concurrency * 100)
         self.writer = OutcomeWriter(db, session)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qc-job")
+        self._timer = _StartTimer(lambda run: self._pool.submit(self._execute, run))
         self._lock = threading.RLock()
         self._max_epoch = 0
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -219,6 +274,7 @@ class Worker:
 
     def start(self) -> None:
         self.writer.start()
+        self._timer.start()
 
     def stop(self, grace: float) -> None:
         """Refuse new runs, let running ones finish (up to ``grace`` s), flush outcomes."""
@@ -227,6 +283,7 @@ class Worker:
         deadline = time.monotonic() + grace
         while self.inflight() and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._timer.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.writer.stop()
 
@@ -266,10 +323,14 @@ class Worker:
             self._inflight += len(fresh)
         claimed = self._claim(fresh)
         accepted = []
+        now = time.time()
         for run in fresh:
             if run["run_id"] in claimed:
                 accepted.append(run["run_id"])
-                self._pool.submit(self._execute, run)
+                if run["scheduled_at"] > now + _ON_TIME:  # sent ahead: start it on time
+                    self._timer.add(run)
+                else:
+                    self._pool.submit(self._execute, run)
             else:
                 refused.append([run["run_id"], "already claimed"])
         with self._lock:

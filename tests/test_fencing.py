@@ -227,3 +227,34 @@ def test_stopped_scheduler_does_not_advance_due_jobs(db: Database) -> None:
     assert run_rows(db) == []
     with db.read() as conn:
         assert conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one() < time.time()
+
+
+@pytest.mark.parametrize("every", ["1s", "200ms"])
+def test_fire_ahead_records_coming_fires_and_coalesces_only_passed_ones(
+    db: Database, every: str
+) -> None:
+    """With a fire-ahead window, fire times up to ``until`` are recorded as ``scheduled``
+    (each its own run, never coalesced or missed); passed ones keep the misfire rules."""
+    backend = DBLockBackend(db, lease_seconds=30.0, member_timeout=3.0)
+    _, epoch = lead(db, backend, "a")
+    add_job(db, "j", every)
+    step = 1.0 if every == "1s" else 0.2
+    with db.read() as conn:
+        nrt = conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one()
+    now = datetime.fromtimestamp(nrt, UTC) + timedelta(seconds=3 * step)  # 4 passed times
+    until = now + timedelta(seconds=0.5)
+    sent: list[dict[str, Any]] = []
+    store = SqlJobStore(db, lambda: epoch, misfire_grace_seconds=30, coalesce=True)
+    executor = FireExecutor(store, epoch, "a", sent.extend, retention_seconds=86400)
+    executor.fire(store.get_due_jobs(until), now, until)
+    ahead = int(0.5 // step + 1e-9)  # fire times in (now, until]
+    rows = run_rows(db)
+    assert [r.scheduled_at for r in rows] == pytest.approx(
+        [nrt + i * step for i in range(4 + ahead)])
+    assert [r.status for r in rows] == ["missed"] * 3 + ["scheduled"] * (1 + ahead)
+    assert [r["scheduled_at"] for r in sent] == pytest.approx(
+        [nrt + i * step for i in range(3, 4 + ahead)])
+    with db.read() as conn:
+        nxt = conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one()
+    assert nxt == pytest.approx(nrt + (4 + ahead) * step)
+    assert nxt > until.timestamp()

@@ -235,3 +235,23 @@ def test_daemon_refuses_to_parse_serpent_and_marshal(db: Database, workers: list
         p.ping()
     with proxy(workers[0].uri, SECRET, 5.0) as ok:
         assert ok.ping()["capacity"] == 4
+
+
+def test_a_run_sent_ahead_is_claimed_at_once_and_started_on_time(
+    db: Database, workers: list[Any]
+) -> None:
+    """The leader's fire-ahead window: a run that arrives before its fire time is taken
+    (claimed) at once, and started at its time, not before."""
+    due = time.time() + 1.0
+    fires = [FireRow("ahead", "jobs.builtin:noop", "[]", "{}", due, "scheduled", False)]
+    with db.write() as conn:
+        runs = insert_runs(conn, fires, 3, "leader")
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        reply = p.submit(3, runs)
+    assert reply["accepted"] == [runs[0]["run_id"]]
+    with db.read() as conn:
+        row = conn.execute(sa.select(schema.runs)).one()
+    assert row.status == "dispatched" and row.worker == "w1"  # claimed, not started
+    (row,) = wait_runs(db, 1)
+    assert row.status == "succeeded"
+    assert due <= row.started_at < due + 0.5, (row.started_at, due)
