@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import Pyro5.errors
 from sqlalchemy.engine import Connection
 
 from backends.base import CoordinationBackend, LeaderInfo, MemberInfo
@@ -34,8 +33,6 @@ from qcluster.errors import (
     QClusterError,
 )
 from qcluster.jobdefs import JobDef, check_job_id
-from qcluster.node import cluster_secret
-from qcluster.rpc import configure_pyro, proxy
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +116,11 @@ def live_members(backends: list[CoordinationBackend]) -> list[MemberInfo]:
 
 
 def _call_leader(settings: Settings, uri: str, method: str, args: tuple[Any, ...]) -> Any:
+    # Imported here: read-only commands (`jobs list`, `runs list`) never load Pyro5 or
+    # the node's machinery, which is most of a command's start-up time.
+    from qcluster.node import cluster_secret
+    from qcluster.rpc import configure_pyro, proxy
+
     s = settings
     configure_pyro(serializer=s.rpc.serializer, timeout=s.rpc.timeout_seconds,
                    max_message_bytes=s.rpc.max_message_bytes, tls=s.rpc.tls)
@@ -164,6 +166,8 @@ def _try_leader(settings: Settings, state: ClusterState, method: str,
                 args: tuple[Any, ...]) -> Outcome | None:
     if not state.leader_uri:
         return None
+    import Pyro5.errors
+
     try:
         reply = _call_leader(settings, state.leader_uri, method, args)
     except Pyro5.errors.CommunicationError as e:

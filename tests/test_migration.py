@@ -902,3 +902,12 @@ def test_a_lease_lost_while_it_is_being_acquired_is_not_led_on() -> None:
         leadership.stop()
     assert elected == [], "led on a lease that was lost while being acquired"
     assert len(backend.released) >= 2, "each lost claim must be given back"
+
+
+def test_schema_head_names_the_newest_alembic_revision() -> None:
+    from alembic.script import ScriptDirectory
+
+    from qcluster.db import SCHEMA_HEAD
+
+    script = ScriptDirectory(str(Path(qcluster.migrations.__file__).parent))
+    assert script.get_current_head() == SCHEMA_HEAD
