@@ -191,20 +191,37 @@ def test_rolling_restart_with_edited_configs_then_a_stale_node(
         print(f"statuses {statuses}")
 
 
-def test_migrate_dblock_to_redis_and_back(
+def test_migrate_dblock_to_redis_and_back_with_the_command_killed(
     tmp_path: Path, pg_url: str, redis_urls: list[str], redis_prefix: str
 ) -> None:
+    """dblock -> redis with the migrate command killed (SIGKILL) during the joint phase:
+    the leader finishes the move on its own, and running the command again finds it
+    done. Then back to dblock."""
     redis = {"urls": redis_urls, "lease_seconds": 2, "key_prefix": redis_prefix}
     config = write_config(tmp_path, pg_url, coordination={"backend": "dblock", "redis": redis})
     run_cli("db", "upgrade", config=config)
     with cluster(tmp_path, config, pg_url) as c:
         _, jobs, start = c.start_small(3)
-        there = _migrate(config, "redis")
-        assert (c.state().backend, c.state().phase) == ("redis", "stable")
+        command = subprocess.Popen(
+            [sys.executable, "-m", "qcluster", "backend", "migrate", "--to", "redis",
+             "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: c.state().phase == "joint", timeout=30, interval=0.02,
+                     what="the joint phase")
+        finally:
+            command.kill()
+            command.wait()
+        moved = wait_for(lambda: ((s := c.state()).backend == "redis" and s) or None,
+                         timeout=30, what="the leader to finish the move on its own")
+        assert moved.phase == "stable"
+        again = _migrate(config, "redis")
+        assert again["move"] == "nothing to do" and again["backend"] == "redis"
         wait_for(lambda: c.state().leader_backend == "redis", timeout=10,
                  what="the leader to give its dblock lease back")
         time.sleep(3)
         back = _migrate(config, "dblock")
         assert (c.state().backend, c.state().phase) == ("dblock", "stable")
         statuses = _finish(c, jobs, start)
-        print(f"to redis {there['seconds']}s, back {back['seconds']}s, statuses {statuses}")
+        print(f"back to dblock {back['seconds']}s, statuses {statuses}")
