@@ -30,6 +30,7 @@ from typing import Any
 import Pyro5.server
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
 
 from qcluster import schema
 from qcluster.context import RunContext, enter_run, leave_run
@@ -143,34 +144,77 @@ class OutcomeWriter:
             self._started = {}
         if not finished and not started:
             return
-        r = schema.runs
-        mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
-                r.c.worker_session == self.session)
         try:
             with self.db.write() as conn:
-                if started:
-                    conn.execute(
-                        r.update().where(*mine, r.c.status == "dispatched")
-                        .values(status="running", started_at=sa.bindparam("b_started")),
-                        [{"b_id": k[0], "b_attempt": k[1], "b_started": v}
-                         for k, v in started.items()],
-                    )
-                if finished:
-                    conn.execute(
-                        r.update()
-                        .where(*mine, sa.or_(r.c.status == "dispatched", r.c.status == "running"))
-                        .values(status=sa.bindparam("b_status"),
-                                started_at=sa.bindparam("b_started"),
-                                finished_at=sa.bindparam("b_finished"),
-                                duration=sa.bindparam("b_duration"),
-                                error=sa.bindparam("b_error")),
-                        list(finished.values()),
-                    )
+                if self.db.dialect == "postgresql":
+                    self._write_unnest(conn, started, finished)
+                else:
+                    self._write_many(conn, started, finished)
         except QClusterError:
             with self._lock:  # put them back, newer entries win
                 self._finished = {**finished, **self._finished}
                 self._started = {**started, **self._started}
             raise
+
+
+    def _write_many(self, conn: Connection, started: dict[tuple[int, int], float],
+                    finished: dict[tuple[int, int], dict[str, Any]]) -> None:
+        r = schema.runs
+        mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
+                r.c.worker_session == self.session)
+        if started:
+            conn.execute(
+                r.update().where(*mine, r.c.status == "dispatched")
+                .values(status="running", started_at=sa.bindparam("b_started")),
+                [{"b_id": k[0], "b_attempt": k[1], "b_started": v} for k, v in started.items()],
+            )
+        if finished:
+            conn.execute(
+                r.update()
+                .where(*mine, sa.or_(r.c.status == "dispatched", r.c.status == "running"))
+                .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
+                        finished_at=sa.bindparam("b_finished"),
+                        duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
+                list(finished.values()),
+            )
+
+    def _write_unnest(self, conn: Connection, started: dict[tuple[int, int], float],
+                      finished: dict[tuple[int, int], dict[str, Any]]) -> None:
+        """The same updates as one statement each, with one array per column: building
+        per-row parameters was a third of a busy worker's CPU."""
+        if started:
+            conn.execute(_UNNEST_STARTED, {
+                "ids": [k[0] for k in started], "attempts": [k[1] for k in started],
+                "started": list(started.values()), "session": self.session,
+            })
+        if finished:
+            rows = list(finished.values())
+            conn.execute(_UNNEST_FINISHED, {
+                "ids": [x["b_id"] for x in rows], "attempts": [x["b_attempt"] for x in rows],
+                "statuses": [x["b_status"] for x in rows],
+                "started": [x["b_started"] for x in rows],
+                "finished": [x["b_finished"] for x in rows],
+                "durations": [x["b_duration"] for x in rows],
+                "errors": [x["b_error"] for x in rows], "session": self.session,
+            })
+
+
+_UNNEST_STARTED = sa.text(
+    "UPDATE qc_runs AS r SET status = 'running', started_at = v.started "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), "
+    "CAST(:started AS float8[])) AS v(id, attempt, started) "
+    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
+    "AND r.status = 'dispatched'"
+)
+_UNNEST_FINISHED = sa.text(
+    "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
+    "finished_at = v.finished, duration = v.duration, error = v.error "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]), "
+    "CAST(:started AS float8[]), CAST(:finished AS float8[]), CAST(:durations AS float8[]), "
+    "CAST(:errors AS text[])) AS v(id, attempt, status, started, finished, duration, error) "
+    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
+    "AND r.status IN ('dispatched', 'running')"
+)
 
 
 @Pyro5.server.expose
