@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -62,16 +62,16 @@ def open_db(settings: Settings, *, create: bool | None = None) -> Database:
 
 @contextlib.contextmanager
 def cluster_backends(settings: Settings, db: Database,
-                     state: ClusterState) -> Iterator[list[CoordinationBackend]]:
-    """The backends the cluster's phase uses that this config can reach, connected, with
-    ``dblock`` (the member list every node keeps in the database) first. One that cannot
-    be reached is left out: every member is listed in the database anyway, and a rollback
-    must work precisely when the new backend does not answer."""
+                     names: Iterable[str]) -> Iterator[list[CoordinationBackend]]:
+    """The backends ``names`` that this config can reach, connected, with ``dblock`` (the
+    member list every node keeps in the database) first. One that cannot be reached is
+    left out: every member is listed in the database anyway, and a rollback must work
+    precisely when the new backend does not answer."""
     capable = settings.coordination.capabilities()
-    names = ["dblock", *(b for b in state.required if b != "dblock" and b in capable)]
+    wanted = ["dblock", *(b for b in dict.fromkeys(names) if b != "dblock" and b in capable)]
     started: list[CoordinationBackend] = []
     try:
-        for name in names:
+        for name in wanted:
             backend = load_backend_by_name(name, settings, db)
             try:
                 backend.start()
@@ -88,20 +88,27 @@ def cluster_backends(settings: Settings, db: Database,
 
 
 def _leader_alive(settings: Settings, db: Database) -> LeaderInfo | None:
-    return _snapshot(settings, db)[1]
+    state = _read(db)
+    with cluster_backends(settings, db, state.required) as backends:
+        return _live_leader(state, backends)
 
 
 def _snapshot(settings: Settings,
               db: Database) -> tuple[ClusterState, LeaderInfo | None, list[MemberInfo]]:
     """The cluster row, the live leader (as the phase's backends tell) and live members."""
     state = _read(db)
-    info = None
-    with cluster_backends(settings, db, state) as backends:
-        for backend in backends:
-            if backend.name in state.required:
-                info = info or backend.read_leader()
-        members = live_members(backends)
-    return state, info, members
+    with cluster_backends(settings, db, state.required) as backends:
+        return state, _live_leader(state, backends), live_members(backends)
+
+
+def _live_leader(state: ClusterState,
+                 backends: list[CoordinationBackend]) -> LeaderInfo | None:
+    for backend in backends:
+        if backend.name in state.required:
+            info = backend.read_leader()
+            if info is not None:
+                return info
+    return None
 
 
 def live_members(backends: list[CoordinationBackend]) -> list[MemberInfo]:
@@ -353,21 +360,23 @@ def migrate_backend(
                if move is migration.Move.RESUMED else _moved_line(move, state, to))
         last = ""
         progress = migration.progress(state, members)
-        while state.phase == "joint":
-            if time.monotonic() - started > timeout:
-                who = ", ".join(n for n, _ in progress.waiting) or "the leader"
-                raise QClusterError(
-                    f"the move to {to} is not done after {timeout:g}s (waiting for {who}); "
-                    f"it goes on: run the command again to wait, `qcluster backend status` "
-                    f"to watch, or `--to {state.backend}` to roll back"
-                )
-            time.sleep(poll)
-            state, _info, now_live = _snapshot(settings, db)
-            progress = migration.progress(state, now_live)
-            line = _progress_line(progress)
-            if line != last:
-                report(line)
-                last = line
+        # Connected once for the whole wait: both backends of the move (and the database).
+        with cluster_backends(settings, db, (state.backend, to)) as backends:
+            while state.phase == "joint":
+                if time.monotonic() - started > timeout:
+                    who = ", ".join(n for n, _ in progress.waiting) or "the leader"
+                    raise QClusterError(
+                        f"the move to {to} is not done after {timeout:g}s (waiting for "
+                        f"{who}); it goes on: run the command again to wait, `qcluster "
+                        f"backend status` to watch, or `--to {state.backend}` to roll back"
+                    )
+                time.sleep(poll)
+                state, members = _read(db), live_members(backends)
+                progress = migration.progress(state, members)
+                line = _progress_line(progress)
+                if line != last:
+                    report(line)
+                    last = line
         if state.backend != to:
             raise QClusterError(
                 f"the move was rolled back meanwhile: the cluster runs {state.backend}"

@@ -47,7 +47,7 @@ class LeaderRole:
         control_uri: str,
         secret: str,
         revoke: Callable[[str], None],
-        drive: Callable[[int], None] | None = None,
+        drive: Callable[[int, list[MemberInfo]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -154,12 +154,13 @@ class LeaderRole:
     def _maintain(self) -> None:
         last_prune = 0.0
         while not self._stop.wait(RECOVERY_INTERVAL):
-            self._recover()
+            members = self._recover()
             problem = self.healthy() or self._database_problem()
             if problem:
                 self.revoke(problem)
                 return
-            self._drive()
+            if members is not None:
+                self._drive(members)
             if time.monotonic() - last_prune > PRUNE_INTERVAL and self.epoch is not None:
                 last_prune = time.monotonic()
                 try:
@@ -170,12 +171,12 @@ class LeaderRole:
                 except QClusterError as e:
                     log.warning("run pruning failed: %s", e)
 
-    def _drive(self) -> None:
+    def _drive(self, members: list[MemberInfo]) -> None:
         epoch = self.epoch
         if self.drive is None or epoch is None or self._stop.is_set():
             return
         try:
-            self.drive(epoch)
+            self.drive(epoch, members)
         except Fenced as e:
             self.revoke(f"a migration step was fenced: {e}")
         except QClusterError as e:
@@ -189,24 +190,28 @@ class LeaderRole:
             return f"the shared database has not answered for {silent:.0f}s"
         return None
 
-    def _recover(self) -> None:
+    def _recover(self) -> list[MemberInfo] | None:
+        """One recovery pass; the live members it read (the migration step uses them too),
+        or None if it could not run."""
         epoch = self.epoch
         if epoch is None or self._stop.is_set():
-            return
+            return None
         try:
-            live = {(m.node_id, m.session) for m in self.members()}
+            members = self.members()
+            live = {(m.node_id, m.session) for m in members}
             result = recover_runs(self.db, epoch, live_workers=live,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds)
         except Fenced as e:
             self.revoke(f"recovery was fenced: {e}")
-            return
+            return None
         except QClusterError as e:
             log.warning("run recovery failed (will retry): %s", e)
-            return
+            return None
         self._db_ok = time.monotonic()
         if result.resend:
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)
+        return members
 
 
 def _shutdown(scheduler: LeaderScheduler) -> None:

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from backends.base import CoordinationBackend, Lease
-from backends.joint import combine
+from backends.joint import JointBackend, combine
 from qcluster.errors import QClusterError
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Leadership:
         lease = self.lease
         if target is None or lease is None or target is self.backend:
             return
-        parts = getattr(target, "parts", (target,))
+        parts = _parts_of(target)
         claims: list[Lease] = []
         taken: list[Lease] = []
         sent = self.clock()
@@ -249,8 +249,7 @@ class Leadership:
         current = self.backend
         for claim in lease.parts or (lease,):
             if claim.backend not in wanted and current is not None:
-                self._give_back(_part_of(getattr(current, "parts", (current,)), claim.backend),
-                                claim)
+                self._give_back(_part_of(_parts_of(current), claim.backend), claim)
         new = combine(claims)
         self.backend, self.lease = target, new
         if taken:
@@ -310,6 +309,11 @@ class Leadership:
         if not self._stop.is_set():
             self._lost.clear()
             self._poke.clear()
+
+
+def _parts_of(backend: CoordinationBackend) -> tuple[CoordinationBackend, ...]:
+    """The single backends a (joint or single) backend is made of."""
+    return backend.parts if isinstance(backend, JointBackend) else (backend,)
 
 
 def _part_of(parts: tuple[CoordinationBackend, ...], name: str) -> CoordinationBackend:

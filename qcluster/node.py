@@ -231,8 +231,9 @@ class Node:
             )
 
     def _min_token(self) -> int:
-        assert self.db is not None
-        state = read_cluster(self.db)
+        # The row _plan() (or _drive) has just read: a floor a moment old is still a floor
+        # (tokens only grow, and take_epoch checks the fresh row under its lock).
+        state = self._state
         return 0 if state is None else state.min_token
 
     def _reshaped(self, lease: Lease) -> None:
@@ -243,8 +244,9 @@ class Node:
             raise Fenced("not leading any more")
         record_lease(self.db, node_id=self.node_id, epoch=epoch, lease=lease)
 
-    def _drive(self, epoch: int) -> None:
-        """The leader's part of a migration, once a second (see :mod:`qcluster.migration`)."""
+    def _drive(self, epoch: int, members: list[MemberInfo]) -> None:
+        """The leader's part of a migration, once a second (see :mod:`qcluster.migration`),
+        with the live members its recovery pass has just read."""
         assert self.db is not None
         leadership = self.leadership
         lease = leadership.lease if leadership is not None else None
@@ -266,7 +268,6 @@ class Node:
                 log.warning("cannot take part in the %s phase yet: %s", state.phase, e)
             return
         self._honoured = state.config_version
-        members = self.live_members()
         if state.phase == "joint":
             others = [m for m in members if m.node_id != self.node_id]
             waiting = migration.progress(state, others).waiting
@@ -340,11 +341,9 @@ class Node:
         """The backend for a phase (joint for two names); never waits for a connection."""
         if len(names) == 1:
             return self._backend(names[0], wait=False)
-        joint = self._joints.get(names)
-        if joint is None:
-            parts = [self._backend(n, wait=False) for n in names]
-            joint = self._joints[names] = JointBackend(parts)
-        return joint
+        parts = [self._backend(n, wait=False) for n in names]
+        with self._backends_lock:  # one object per phase: the leadership loop compares them
+            return self._joints.setdefault(names, JointBackend(parts))
 
     def _started_backends(self) -> list[CoordinationBackend]:
         with self._backends_lock:
