@@ -203,6 +203,13 @@ class Server(ABC):
         self._closed = False
         _UNCLOSED.add(self)
 
+    def _run_as(self) -> dict[str, Any]:
+        """subprocess keyword arguments that run the server as ``os_user`` (if any)."""
+        if self.os_user is None:
+            return {}
+        return {"user": self.os_user.pw_uid, "group": self.os_user.pw_gid,
+                "extra_groups": []}
+
     # -- what each kind of server defines
 
     @abstractmethod
@@ -247,13 +254,7 @@ class Server(ABC):
         setpriv = _setpriv()
         if setpriv is not None:
             command = [setpriv, "--pdeathsig", "KILL", "--", *command]
-        user: dict[str, Any] = {}
-        if self.os_user is not None:
-            user = {
-                "user": self.os_user.pw_uid,
-                "group": self.os_user.pw_gid,
-                "extra_groups": [],
-            }
+        user = self._run_as()
         with open(self.log_path, "ab") as logfile:
             logfile.write(f"--- qcluster tests: start {' '.join(command)}\n".encode())
             logfile.flush()

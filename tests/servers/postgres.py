@@ -9,7 +9,6 @@ import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tests.servers.base import (
@@ -123,13 +122,7 @@ class PostgresServer(Server):
             str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
             "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync",
         ]  # fmt: skip
-        user: dict[str, Any] = {}
-        if self.os_user is not None:
-            user = {
-                "user": self.os_user.pw_uid,
-                "group": self.os_user.pw_gid,
-                "extra_groups": [],
-            }
+        user = self._run_as()
         with open(self.log_path, "ab") as logfile:
             done = subprocess.run(
                 command, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
