@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of, run_outage
-from tests.helpers import run_cli, wait_for, write_config
+from tests.helpers import TEST_SETTINGS, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 
@@ -159,3 +159,26 @@ def test_leader_steps_down_when_the_database_stops(request: pytest.FixtureReques
     # longer than the lease and the database health timeout
     statuses = run_outage(tmp_path, url, overrides, pg.stop, pg.start, outage=8)
     assert statuses.get("missed", 0) > 0, "fires during the outage must be recorded"
+
+
+def test_fire_ahead_leader_killed_every_fire_runs_once_and_never_early(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """With a fire-ahead window, runs are recorded and sent before their time: a leader
+    killed with runs already sent ahead loses none and doubles none, and no job starts
+    before its scheduled time."""
+    config = write_config(tmp_path, pg_url, scheduler={
+        **TEST_SETTINGS["scheduler"], "fire_ahead_seconds": 0.8})
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, pg_url) as c:
+        old, jobs, start = c.start_small(4)
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        time.sleep(5)
+        end = time.time() - 3
+        _finish(c, jobs, start, end)
+        early = [r for r in records_of(c) if r["started"] < r["scheduled_at"] - 0.005]
+        assert early == [], f"runs started before their time: {early[:3]}"
+        ahead = [r for r in c.runs() if r.created_at < r.scheduled_at]
+        assert ahead, "no run was recorded ahead of its time: fire-ahead is not in effect"
