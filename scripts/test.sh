@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# The test command: bash scripts/test.sh [pytest arguments...]
+# The test command: bash scripts/test.sh [--fuzz] [pytest arguments...]
 #
 # 1. Installs the Debian packages of the test servers (postgresql, zookeeper, redis-server)
 #    when one is missing and we are root; apt-get update runs only then. Not root: says
 #    what is missing and goes on (those tests skip, or fail when CI=true).
-# 2. pip install -e '.[test]', skipped while pyproject.toml and this checkout are unchanged
-#    since the last install (QCLUSTER_FORCE_INSTALL=1 forces it).
+# 2. Brings the Python environment it runs in ($PYTHON, else python on PATH) to the lock:
+#    pip install -r requirements/test.txt (exact versions of every tool and library the
+#    tests use), then pip install --no-deps -e . (this checkout). Every run: pip changes
+#    only what differs from the lock, so a stale environment cannot pass for a fresh one.
+#    QCLUSTER_LOCK=requirements/lowest.txt tests the lowest versions pyproject.toml admits.
 # 3. ruff and mypy; QCLUSTER_SKIP_LINT=1 skips them.
 # 4. pytest, whose exit status is the script's; "no tests collected" (5) is a failure.
+#    Hypothesis is derandomized under CI=true (profile "ci", a red run reproduces);
+#    --fuzz runs only tests/test_fuzz.py, randomized, with many times more examples.
 #
 # The tests start their own servers on free loopback ports (tests/servers.py); nothing
 # here starts a system service.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-repo=$(pwd -P)
 
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
+
+fuzz=0
+if [[ ${1:-} == --fuzz ]]; then
+    fuzz=1
+    shift
+fi
 
 # -- 1. Debian packages ---------------------------------------------------------------
 
@@ -46,28 +56,12 @@ fi
 
 # -- 2. Python packages ---------------------------------------------------------------
 
-# The stamp records what was installed: the interpreter, this checkout, pyproject.toml.
-stamp_dir=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/qcluster
-stamp_file=$stamp_dir/test-install-$(printf '%s' "$repo" | sha256sum | cut -c1-16)
-want_stamp=$(printf '%s\n%s\n%s\n' "$PYTHON" "$("$PYTHON" -c 'import sys; print(sys.prefix)')" \
-    "$(sha256sum pyproject.toml | cut -d' ' -f1)")
-installed_here() {
-    # The editable install must point at this checkout, not at another clone.
-    # find_spec locates the package without running its code, which may be mid-change.
-    "$PYTHON" - "$repo" <<'EOF' 2>/dev/null
-import importlib.util, pathlib, sys
-spec = importlib.util.find_spec("qcluster")
-found = spec is not None and spec.origin is not None
-sys.exit(not found or pathlib.Path(spec.origin).resolve().parents[1] != pathlib.Path(sys.argv[1]))
-EOF
-}
-if [[ ${QCLUSTER_FORCE_INSTALL:-0} == 1 || ! -f $stamp_file || $(cat "$stamp_file") != "$want_stamp" ]] ||
-    ! (cd / && installed_here); then
-    say "pip install -e '.[test]'"
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e '.[test]' </dev/null
-    mkdir -p "$stamp_dir"
-    printf '%s' "$want_stamp" >"$stamp_file"
-fi
+lock=${QCLUSTER_LOCK:-requirements/test.txt}
+[[ -f $lock ]] || { say "no lock file $lock"; exit 2; }
+pip_quiet=(--quiet --disable-pip-version-check)
+say "pip install -r $lock; pip install --no-deps -e ."
+"$PYTHON" -m pip install "${pip_quiet[@]}" -r "$lock" </dev/null
+"$PYTHON" -m pip install "${pip_quiet[@]}" --no-deps -e . </dev/null
 
 # -- 3. Lint and types ----------------------------------------------------------------
 
@@ -83,7 +77,12 @@ fi
 # -- 4. Tests -------------------------------------------------------------------------
 
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
+if ((fuzz)); then
+    export QCLUSTER_HYPOTHESIS_PROFILE=fuzz
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fuzz.py "$@" || status=$?
+else
+    "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
+fi
 if ((status == 5)); then
     say "pytest collected no tests: that is a failure"
     exit 1
