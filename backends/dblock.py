@@ -50,32 +50,51 @@ class DBLockBackend(CoordinationBackend):
     def try_acquire(self, holder: str, on_lost: LossCallback, min_token: int = 0) -> Lease | None:
         t = schema.lease
         with self.db.write() as conn:
+            held_by, held_token, expires_at = self._lock_lease_row(conn)
             now = self.db.now(conn)
-            row = conn.execute(
-                sa.select(t.c.holder, t.c.token, t.c.expires_at)
+            if held_by is not None and expires_at is not None and expires_at >= now:
+                return None
+            token = max(held_token, min_token) + 1
+            conn.execute(
+                t.update()
                 .where(t.c.name == LEASE_NAME)
-                .with_for_update()
-            ).one_or_none()
-            if row is None:
-                token = min_token + 1
-                conn.execute(
-                    t.insert().values(
-                        name=LEASE_NAME, holder=holder, token=token,
-                        expires_at=now + self.lease_seconds,
-                    )
-                )
-            else:
-                if row.holder is not None and row.expires_at is not None and row.expires_at >= now:
-                    return None
-                token = max(row.token, min_token) + 1
-                conn.execute(
-                    t.update()
-                    .where(t.c.name == LEASE_NAME)
-                    .values(holder=holder, token=token, expires_at=now + self.lease_seconds)
-                )
+                .values(holder=holder, token=token, expires_at=now + self.lease_seconds)
+            )
         with self._lock:
             self._on_lost = {token: on_lost}
         return Lease(self.name, holder, token, self.lease_seconds)
+
+    def _lock_lease_row(self, conn: Connection) -> tuple[str | None, int, float | None]:
+        """The lease row's (holder, token, expires_at), the row locked for this
+        transaction; made (free, token 0) if missing.
+
+        Nodes that start together on a new database campaign together: a row lock cannot
+        order them while there is no row to lock, and two plain INSERTs would collide on
+        the primary key (one node failing with a UniqueViolation). ``ON CONFLICT DO
+        NOTHING`` cannot fail that way: on PostgreSQL a second insert waits for the first
+        one's transaction and then inserts nothing. The ``FOR UPDATE`` that follows then
+        sees the committed row (READ COMMITTED takes a new snapshot per statement) and
+        queues the campaigns behind one another as usual, so exactly one of them takes
+        the row. On SQLite the write transaction's ``BEGIN IMMEDIATE`` already runs them
+        one at a time. A free row with token 0 changes nothing for the first campaign:
+        its token is still ``max(0, min_token) + 1``.
+        """
+        t = schema.lease
+        query = (
+            sa.select(t.c.holder, t.c.token, t.c.expires_at)
+            .where(t.c.name == LEASE_NAME)
+            .with_for_update()
+        )
+        row = conn.execute(query).one_or_none()
+        if row is None:  # only on a new database: no INSERT on every campaign
+            dialect = postgresql if self.db.dialect == "postgresql" else sqlite
+            conn.execute(
+                dialect.insert(t)
+                .values(name=LEASE_NAME, holder=None, token=0, expires_at=None)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            row = conn.execute(query).one()
+        return row.holder, int(row.token), row.expires_at
 
     def renew(self, lease: Lease) -> bool:
         t = schema.lease

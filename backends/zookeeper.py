@@ -124,6 +124,14 @@ class ZooKeeperBackend(CoordinationBackend):
     ) -> None:
         if not hosts:
             raise ConfigError("the zookeeper backend needs at least one host")
+        for host in hosts:
+            # kazoo gets one string, the servers joined by "," and then the chroot: a
+            # host that holds a "," or a "/" would silently add servers or a chroot.
+            if not host or any(c in ",/" or c.isspace() for c in host):
+                raise ConfigError(
+                    f"ZooKeeper server {host!r} must be one 'host' or 'host:port' (the chroot "
+                    "is given apart)"
+                )
         if not cluster or "/" in cluster or cluster in (".", ".."):
             raise ConfigError(f"cluster name {cluster!r} cannot be a ZooKeeper node name")
         if chroot and not chroot.startswith("/"):
