@@ -13,7 +13,8 @@ Promises:
   ``str``, ``model_dump``, logs or error messages. The real values are reached only through
   :meth:`Settings.database_url`, :meth:`Settings.rpc_secret` and ``get_secret_value()``.
 - Relative paths (sqlite files, ``url_file``, ``secret_file``, TLS files) are relative to
-  the current directory of the process, as SQLAlchemy treats sqlite paths.
+  the current directory of the process, as SQLAlchemy treats sqlite paths. ``[jobs] paths``
+  are the exception: relative to the directory of the config file that names them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -58,6 +60,7 @@ _MAX_CONFIG_FILE = 1024 * 1024  # a config is a page of TOML; /dev/zero is not
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _QUERY_PASSWORD_RE = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
 _REF_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z]\w*", re.ASCII)
+_SOURCE_CONTEXT = "source"  # validation context: the config file, for [jobs] paths
 _warned: set[str] = set()
 
 
@@ -180,7 +183,78 @@ _Tuple = Field(strict=False)
 _FilePath = Annotated[Path, Field(strict=False)]
 _Word = Annotated[str, _like(r"[A-Za-z0-9][\w.:-]{0,63}", "letters, digits, '.', ':', '-', '_'")]
 _Pattern = Annotated[str, _like(r"[\w.*?\[\]!-]+(:[\w*?\[\]!-]+)?", "a glob of module[:function]")]
-_ZkHost = Annotated[str, _like(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+)(:\d{1,5})?", "'host' or 'host:port'")]
+_ZK_SERVER_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+)(?::(.*))?", re.ASCII | re.DOTALL)
+_ZK_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+
+
+def _zk_server(server: str) -> str:
+    """One ZooKeeper server: "host" (kazoo's default port 2181) or "host:port"."""
+    if "," in server or "/" in server:
+        raise ValueError(
+            f"must be one 'host' or 'host:port' (got {_show(server)}): list the servers one "
+            "by one and the chroot as chroot, or give hosts as one string "
+            "'host:port,host:port/chroot'"
+        )
+    m = _ZK_SERVER_RE.fullmatch(server)
+    if m is None:
+        raise ValueError(f"must be 'host' or 'host:port' (got {_show(server)})")
+    port = m.group(2)
+    # Checked here, not left to kazoo: it reads port 0 as "no port" (2181), and fails on
+    # a port out of range only when it connects.
+    if port is not None and not (_ZK_PORT_RE.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"port must be a number from 1 to 65535 (got {_show(server)})")
+    return server
+
+
+def _zk_chroot(path: str) -> str:
+    """A ZooKeeper chroot: "" (the root) or an absolute path such as "/qcluster/prod",
+    returned without a trailing "/" ("/" is the root, "")."""
+    if path in ("", "/"):
+        return ""
+    if not path.startswith("/"):
+        raise ValueError(f"must be empty or a path starting with '/' (got {_show(path)})")
+    if any(c.isspace() or not c.isprintable() for c in path):
+        raise ValueError(f"must not contain whitespace or control characters (got {_show(path)})")
+    parts = path[1:].removesuffix("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        # kazoo would normalise these away, to a path that is not the one written.
+        raise ValueError(
+            f"must be an absolute path such as '/qcluster', with no empty, '.' or '..' "
+            f"part (got {_show(path)})"
+        )
+    return "/" + "/".join(parts)
+
+
+def _zk_connect_string(text: str) -> tuple[list[str], str | None]:
+    """kazoo's one-string form "host:port,host:port/chroot": (the servers, the chroot,
+    or None when the string names none)."""
+    if not text:
+        raise ValueError(
+            "must not be empty: give 'host:port[,host:port...][/chroot]' or a list of servers"
+        )
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"must not contain whitespace or control characters (got {_show(text)})")
+    servers, slash, rest = text.partition("/")
+    if not servers:
+        raise ValueError(f"names no server before its chroot (got {_show(text)})")
+    chroot: str | None = None
+    if slash:
+        try:
+            chroot = _zk_chroot("/" + rest)
+        except ValueError as e:
+            raise ValueError(f"chroot {e}") from None
+    hosts = servers.split(",")
+    for i, host in enumerate(hosts, 1):
+        if not host:
+            raise ValueError(f"server {i} of {_show(text)} is empty")
+        try:
+            _zk_server(host)
+        except ValueError as e:
+            raise ValueError(f"server {i} of {_show(text)}: {e}") from None
+    return hosts, chroot
+
+
+_ZkHost = Annotated[str, AfterValidator(_zk_server)]
 
 
 class _Section(BaseModel):
@@ -250,10 +324,51 @@ class DblockSettings(_Section):
 
 
 class ZookeeperSettings(_Section):
+    """``[coordination.zookeeper]``: ``hosts`` is a list of "host:port", or kazoo's own
+    form, one string "zk1:2181,zk2:2181/chroot"; either way it is kept as the list of
+    servers, and a chroot at the end of the string becomes ``chroot``."""
+
     hosts: Annotated[tuple[_ZkHost, ...], _Tuple] = ()
-    chroot: Annotated[str, _like(r"(/.*)?", "empty or a path starting with '/'")] = ""
+    chroot: Annotated[str, AfterValidator(_zk_chroot)] = ""
     session_timeout: float = Field(default=10.0, gt=0, le=3600)
     auth: Annotated[SecretStr, AfterValidator(_user_password)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_connect_string(cls, data: Any) -> Any:
+        # Split here, before the fields are checked, so that everything after the loader
+        # (the backends, `config show`) sees one shape: the servers and the chroot.
+        key = "coordination.zookeeper"
+        if not isinstance(data, dict) or isinstance(data.get("hosts", ()), list | tuple):
+            return data
+        if not isinstance(data["hosts"], str):
+            raise _KeyedProblem(
+                f"{key}.hosts",
+                "must be an array of 'host:port' or one string 'host:port,host:port/chroot'"
+                f" (got {_toml_type(data['hosts'])})",
+            )
+        try:
+            hosts, chroot = _zk_connect_string(data["hosts"])
+        except ValueError as e:
+            raise _KeyedProblem(f"{key}.hosts", str(e)) from None
+        out = {**data, "hosts": hosts}
+        if chroot is None:
+            return out
+        if "chroot" not in data:
+            out["chroot"] = chroot
+            return out
+        given = data["chroot"]
+        try:
+            same = not isinstance(given, str) or _zk_chroot(given) == chroot
+        except ValueError:
+            same = True  # not a chroot at all: the chroot key's own check reports that
+        if not same:
+            raise _KeyedProblem(
+                f"{key}.chroot",
+                f"is {_show(given)} but {key}.hosts ends in the chroot {_show(chroot or '/')};"
+                " give the chroot in one place",
+            )
+        return out
 
 
 class RedisSettings(_Section):
@@ -347,13 +462,55 @@ class RpcSettings(_Section):
 
 
 class JobsSettings(_Section):
-    """``[jobs]``: ``allow`` holds glob patterns, see :func:`is_allowed`."""
+    """``[jobs]``: ``allow`` holds glob patterns, see :func:`is_allowed`. ``paths`` are
+    directories that every process importing job code puts first on its import path
+    (:func:`qcluster.jobdefs.extend_import_path`): relative ones are resolved against the
+    directory of the config file (``Settings.source``; the current directory when the
+    settings come from no file), and each must be an existing directory."""
 
     allow: Annotated[tuple[_Pattern, ...], _Tuple] = ("jobs.*",)
+    paths: Annotated[tuple[_FilePath, ...], _Tuple] = ()
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any) -> Any:
+        # Path("") would silently be the config file's directory.
+        if isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                if item == "":
+                    raise _KeyedProblem(f"jobs.paths[{i}]", "must not be empty")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _resolve_paths(cls, paths: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        context = info.context if isinstance(info.context, Mapping) else {}
+        source = context.get(_SOURCE_CONTEXT)
+        base = Path(source).parent if isinstance(source, str) else Path()
+        return tuple(_job_dir(i, path, base) for i, path in enumerate(paths))
 
     def allows(self, ref: str) -> bool:
         """Whether workers may run ``ref``; see :func:`is_allowed`."""
         return is_allowed(ref, self.allow)
+
+
+def _job_dir(index: int, path: Path, base: Path) -> Path:
+    """``path`` (relative: to ``base``) as an absolute path; it must be a directory."""
+    key = f"jobs.paths[{index}]"
+    given = "" if path.is_absolute() else f" ({_show(str(path))}, relative to the config file)"
+    try:
+        full = (path if path.is_absolute() else base / path).resolve()
+        is_dir = full.is_dir()
+        exists = is_dir or full.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a loop
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _KeyedProblem(key, f"cannot use {_show(str(path))}: {_one_line(reason)[:100]}"
+                            ) from None
+    if not exists:
+        raise _KeyedProblem(key, f"{_show(str(full))} does not exist{given}")
+    if not is_dir:
+        raise _KeyedProblem(key, f"{_show(str(full))} is not a directory{given}")
+    return full
 
 
 class RunsSettings(_Section):
@@ -499,7 +656,7 @@ def load_settings_from_mapping(
     """Validate already-parsed TOML data, then apply ``QCLUSTER_RPC_SECRET`` from ``env``
     (default ``os.environ``): when set, it replaces ``rpc.secret`` and ``rpc.secret_file``."""
     try:
-        settings = Settings.model_validate(dict(data))
+        settings = Settings.model_validate(dict(data), context={_SOURCE_CONTEXT: source})
     except ValidationError as e:
         # "from None": pydantic's text carries input values, which may be secrets.
         raise ConfigError(_one_line(f"{source}: {_describe(e)}")) from None

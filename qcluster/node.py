@@ -29,6 +29,7 @@ from qcluster.config import Settings
 from qcluster.control import ControlService
 from qcluster.db import Database
 from qcluster.errors import BackendUnavailable, ConfigError, Fenced, QClusterError
+from qcluster.jobdefs import extend_import_path
 from qcluster.leader import LeaderRole
 from qcluster.leadership import Leadership
 from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
@@ -84,6 +85,9 @@ class Node:
         roles: tuple[str, ...] | None = None,
     ) -> None:
         self.settings = settings
+        # Job modules in [jobs] paths are found before anything imports one (the worker, a
+        # demo's job check), whatever the current directory.
+        extend_import_path(settings.jobs.paths)
         self.node_id = node_id or settings.node.id or default_node_id()
         self.roles = tuple(roles or settings.node.roles)
         self.session = secrets.token_hex(8)

@@ -277,6 +277,132 @@ def test_zookeeper_values_are_checked() -> None:
     assert "hunter2" not in message
 
 
+def _zk(text: str) -> Settings:
+    return load(f"[coordination]\nbackend = 'zookeeper'\n[coordination.zookeeper]\n{text}\n")
+
+
+@pytest.mark.parametrize(
+    ("hosts", "servers", "chroot"),
+    [
+        ("zk1:2181,zk2:2181/chroot", ("zk1:2181", "zk2:2181"), "/chroot"),
+        ("zk1:2181,zk2:2181", ("zk1:2181", "zk2:2181"), ""),
+        ("zk1", ("zk1",), ""),
+        ("[::1]:2181,zk-2.example:65535/apps/qc/", ("[::1]:2181", "zk-2.example:65535"),
+         "/apps/qc"),
+        ("zk1:2181/", ("zk1:2181",), ""),
+    ],
+)
+def test_zookeeper_hosts_may_be_kazoos_one_string(
+    hosts: str, servers: tuple[str, ...], chroot: str
+) -> None:
+    zk = _zk(f"hosts = {json.dumps(hosts)}").coordination.zookeeper
+    assert (zk.hosts, zk.chroot) == (servers, chroot)
+    shown = settings_to_public_dict(_zk(f"hosts = {json.dumps(hosts)}"))
+    assert shown["coordination"]["zookeeper"]["hosts"] == list(servers)
+
+
+def test_zookeeper_hosts_list_and_string_give_the_same_settings() -> None:
+    as_list = _zk("hosts = ['zk1:2181', 'zk2:2181']\nchroot = '/qc'").coordination.zookeeper
+    as_string = _zk("hosts = 'zk1:2181,zk2:2181/qc'").coordination.zookeeper
+    assert as_list == as_string
+
+
+def test_a_chroot_in_the_hosts_string_may_repeat_the_chroot_key() -> None:
+    zk = _zk("hosts = 'zk1:2181/qc'\nchroot = '/qc/'").coordination.zookeeper
+    assert zk.chroot == "/qc"
+    # a string without a chroot leaves the chroot key alone
+    assert _zk("hosts = 'zk1:2181'\nchroot = '/qc'").coordination.zookeeper.chroot == "/qc"
+
+
+@pytest.mark.parametrize("chroot", ["/other", ""])
+def test_a_chroot_in_the_hosts_string_that_disagrees_with_the_chroot_key_is_an_error(
+    chroot: str,
+) -> None:
+    message = error_of(f"[coordination.zookeeper]\nhosts = 'zk1:2181/qc'\nchroot = '{chroot}'\n")
+    assert message == (
+        f"qcluster.toml: coordination.zookeeper.chroot: is '{chroot}' but "
+        "coordination.zookeeper.hosts ends in the chroot '/qc'; give the chroot in one place"
+    )
+
+
+@pytest.mark.parametrize(
+    ("hosts", "problem"),
+    [
+        ("", "must not be empty"),
+        ("zk1:2181,,zk2:2181", "server 2 of 'zk1:2181,,zk2:2181' is empty"),
+        (",zk1:2181", "server 1 of ',zk1:2181' is empty"),
+        ("zk1:2181,", "server 2 of 'zk1:2181,' is empty"),
+        ("/qc", "names no server before its chroot"),
+        ("zk1:abc", "server 1 of 'zk1:abc': port must be a number from 1 to 65535"),
+        ("zk1:", "port must be a number from 1 to 65535"),
+        ("zk1:0", "port must be a number from 1 to 65535"),
+        ("zk1:2181,zk2:65536", "server 2 of 'zk1:2181,zk2:65536': port must be a number"),
+        ("zk1:123456", "port must be a number from 1 to 65535"),
+        ("zk1:2181:2182", "port must be a number from 1 to 65535"),
+        ("zk!:2181", "server 1 of 'zk!:2181': must be 'host' or 'host:port'"),
+        ("zk1:2181//qc", "chroot must be an absolute path"),
+        ("zk1:2181/qc//x", "chroot must be an absolute path"),
+        ("zk1:2181/qc/../x", "chroot must be an absolute path"),
+        ("zk1:2181/./qc", "chroot must be an absolute path"),
+        ("zk1:2181, zk2:2181", "must not contain whitespace"),
+        (" zk1:2181", "must not contain whitespace"),
+        ("zk1:2181 ", "must not contain whitespace"),
+        ("zk1:2181/q c", "must not contain whitespace"),
+        ("zk1:2181\\t", "must not contain whitespace"),
+    ],
+)
+def test_a_malformed_hosts_string_is_a_one_line_error_naming_the_key(
+    hosts: str, problem: str
+) -> None:
+    message = error_of(f"[coordination.zookeeper]\nhosts = \"{hosts}\"\n")
+    assert message.startswith("qcluster.toml: coordination.zookeeper.hosts: "), message
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    ("item", "problem"),
+    [
+        ("zk1:0", "port must be a number from 1 to 65535"),
+        ("zk1:65536", "port must be a number from 1 to 65535"),
+        ("zk1:x", "port must be a number from 1 to 65535"),
+        ("", "must be 'host' or 'host:port'"),
+        ("zk1:2181/qc", "must be one 'host' or 'host:port'"),
+        ("zk1:2181,zk2:2181", "must be one 'host' or 'host:port'"),
+    ],
+)
+def test_every_item_of_a_hosts_list_is_one_server(item: str, problem: str) -> None:
+    message = error_of(f"[coordination.zookeeper]\nhosts = ['zk0:2181', '{item}']\n")
+    assert message.startswith("qcluster.toml: coordination.zookeeper.hosts[1]: "), message
+    assert problem in message
+
+
+def test_hosts_must_be_a_list_or_a_string() -> None:
+    assert error_of("[coordination.zookeeper]\nhosts = 2181\n") == (
+        "qcluster.toml: coordination.zookeeper.hosts: must be an array of 'host:port' or one "
+        "string 'host:port,host:port/chroot' (got integer)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("chroot", "problem"),
+    [
+        ("qc", "must be empty or a path starting with '/'"),
+        ("/qc//x", "must be an absolute path"),
+        ("/qc/..", "must be an absolute path"),
+        ("/q c", "must not contain whitespace"),
+    ],
+)
+def test_a_malformed_chroot_is_an_error(chroot: str, problem: str) -> None:
+    message = error_of(f"[coordination.zookeeper]\nchroot = '{chroot}'\n")
+    assert message.startswith("qcluster.toml: coordination.zookeeper.chroot: "), message
+    assert problem in message
+
+
+def test_a_chroot_keeps_no_trailing_slash() -> None:
+    assert _zk("hosts = ['zk1']\nchroot = '/qc/'").coordination.zookeeper.chroot == "/qc"
+    assert _zk("hosts = ['zk1']\nchroot = '/'").coordination.zookeeper.chroot == ""
+
+
 def test_roles_are_a_non_empty_subset() -> None:
     assert "node.roles[0]: must be 'scheduler' or 'worker' (got 'cook')" in error_of(
         "[node]\nroles = ['cook']\n"
@@ -657,3 +783,57 @@ def test_random_text_raises_only_config_error(text: str) -> None:
         load(text)
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+# --- [jobs] paths -------------------------------------------------------------------------
+
+
+def _jobs_paths_config(directory: Path, paths: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "qcluster.toml"
+    config.write_text(f"[jobs]\npaths = {json.dumps(paths)}\n")
+    return config
+
+
+def test_jobs_paths_default_to_none() -> None:
+    assert load("").jobs.paths == ()
+
+
+def test_relative_jobs_paths_are_relative_to_the_config_file_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for d in ("tasks", "more", "elsewhere/tasks"):
+        (tmp_path / d).mkdir(parents=True)
+    config = _jobs_paths_config(tmp_path / "etc", ["../tasks", str(tmp_path / "more"), "../tasks"])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    expected = (tmp_path / "tasks", tmp_path / "more", tmp_path / "tasks")  # order as given
+    assert load_settings(config, NO_ENV).jobs.paths == expected
+    # A config named by a relative path: relative to where that file is, still.
+    assert load_settings(Path("../etc/qcluster.toml"), NO_ENV).jobs.paths == expected
+    shown = settings_to_public_dict(load_settings(config, NO_ENV))["jobs"]["paths"]
+    assert shown == [str(p) for p in expected]
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ("../nope", "does not exist ('../nope', relative to the config file)"),
+    ("../a-file", "is not a directory ('../a-file', relative to the config file)"),
+    ("", "must not be empty"),
+])  # fmt: skip
+def test_a_jobs_path_that_is_no_directory_is_a_one_line_error_naming_the_key(
+    tmp_path: Path, entry: str, problem: str
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "tasks").mkdir()
+    config = _jobs_paths_config(tmp_path / "etc", [str(tmp_path / "tasks"), entry])
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, NO_ENV)
+    message = str(info.value)
+    assert message.startswith(f"{config}: jobs.paths[1]: "), message
+    assert message.endswith(problem) and "\n" not in message, message
+
+
+def test_jobs_paths_must_be_an_array_of_strings() -> None:
+    assert error_of("[jobs]\npaths = '/tmp'\n") == (
+        "qcluster.toml: jobs.paths: must be an array (got string)")
+    assert "jobs.paths[0]: must be a path string (got integer)" in error_of("[jobs]\npaths = [1]\n")
+    assert "jobs.paths[0]: cannot use" in error_of('[jobs]\npaths = ["a\\u0000b"]\n')
