@@ -141,32 +141,50 @@ def change(
     args: tuple[Any, ...],
     direct: Callable[[Connection, int], Any],
 ) -> Outcome:
-    """Make a job change through the leader, or directly when no leader is alive."""
+    """Make a job change through the leader, or directly when no leader is alive.
+
+    A leader that wins the election between our read of the cluster row and our fenced
+    write makes the write fail with nothing written; that race is expected (a node
+    starting as the command runs), so the change is made again, now through the new
+    leader, up to :data:`CHANGE_ATTEMPTS` times in all."""
     db = open_db(settings)
     try:
-        state = read_cluster(db)
-        assert state is not None
-        reply = _try_leader(settings, state, method, args)
-        if reply is not None:
-            return reply
-        info = _leader_alive(settings, db)
-        if info is not None:
-            reply = _try_leader(settings, dataclasses.replace(state, leader_uri=info.uri),
-                                method, args)
-            if reply is not None:
-                return reply
-            raise QClusterError(
-                f"leader {info.node_id} is alive but its control API at {info.uri} did not "
-                "answer; try again"
-            )
-        try:
-            with db.fenced(state.epoch) as conn:
-                result = direct(conn, state.epoch)
-        except Fenced:
-            raise QClusterError("a leader took over during the change; try again") from None
-        return Outcome(result, "database")
+        for _ in range(CHANGE_ATTEMPTS):
+            outcome = _change_once(settings, db, method, args, direct)
+            if outcome is not None:
+                return outcome
+        raise QClusterError("leaders kept taking over during the change; try again")
     finally:
         db.dispose()
+
+
+CHANGE_ATTEMPTS = 3
+
+
+def _change_once(settings: Settings, db: Database, method: str, args: tuple[Any, ...],
+                 direct: Callable[[Connection, int], Any]) -> Outcome | None:
+    """One try of :func:`change`; None if a leader took over before the direct write."""
+    state = read_cluster(db)
+    assert state is not None
+    reply = _try_leader(settings, state, method, args)
+    if reply is not None:
+        return reply
+    info = _leader_alive(settings, db)
+    if info is not None:
+        reply = _try_leader(settings, dataclasses.replace(state, leader_uri=info.uri),
+                            method, args)
+        if reply is not None:
+            return reply
+        raise QClusterError(
+            f"leader {info.node_id} is alive but its control API at {info.uri} did not "
+            "answer; try again"
+        )
+    try:
+        with db.fenced(state.epoch) as conn:
+            return Outcome(direct(conn, state.epoch), "database")
+    except Fenced:
+        log.info("a leader took over during the change (epoch %s); trying again", state.epoch)
+        return None
 
 
 def _try_leader(settings: Settings, state: ClusterState, method: str,

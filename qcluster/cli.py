@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
@@ -21,19 +21,28 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-try:  # typer 0.2x vendors its own click; older releases use click itself
-    from typer._click import exceptions as click_exc
-except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exc  # type: ignore[no-redef]
-
-from qcluster import admin, output
-from qcluster.config import Settings, load_settings, resolve_config_path, settings_to_public_dict
+from qcluster import __version__, admin, output
+from qcluster.client import Change, Client
+from qcluster.config import Settings, settings_to_public_dict
 from qcluster.errors import InputError, QClusterError
-from qcluster.jobdefs import JobDef, check_args, check_func_ref, check_job_id
-from qcluster.jobfile import load_job_file, parse_cli_value
-from qcluster.triggers import make_spec, parse_zone
+from qcluster.jobdefs import check_job_id
+from qcluster.jobfile import parse_cli_value
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _click_exception(name: str) -> type[Exception]:
+    """Click's exception class ``name``, found through what typer exports: typer 0.2x
+    raises its vendored copy of click's exceptions, older releases click's own, and
+    ``typer.BadParameter`` derives from ``UsageError`` and ``ClickException`` in both."""
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == name and issubclass(cls, Exception):
+            return cls
+    raise ImportError(f"typer.BadParameter does not derive from {name}")  # pragma: no cover
+
+
+_UsageError = _click_exception("UsageError")
+_ClickException = _click_exception("ClickException")
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qcluster: a clustered cron scheduler.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Add, list and change jobs.")
 runs_app = typer.Typer(no_args_is_help=True, help="The runs of jobs.")
@@ -55,12 +64,39 @@ ConfigOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
-_settings_cache: dict[str, Settings] = {}
+# `qcluster --config PATH <command>`: set by the root callback for this invocation.
+_root_config: ContextVar[Path | None] = ContextVar("qcluster_root_config", default=None)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"qcluster {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    config: ConfigOpt = None,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version,
+        help="Print the version and exit.")] = False,
+) -> None:
+    """qcluster: a clustered cron scheduler."""
+    _root_config.set(config)
+
+
+def client(config: Path | None) -> Client:
+    """The command's client: ``--config`` given after the command, or before it (both only
+    if they agree), else ``$QCLUSTER_CONFIG``, ``./qcluster.toml``, the defaults."""
+    root = _root_config.get()
+    if root is not None and config is not None and root != config:
+        raise InputError(f"--config is given twice ({root} before the command, {config} "
+                         "after it): give one")
+    return Client(config if config is not None else root)
 
 
 def settings(config: Path | None) -> Settings:
-    path = resolve_config_path(config)
-    return load_settings(path)
+    return client(config).settings
 
 
 def _print_json(data: Any) -> None:
@@ -73,20 +109,24 @@ def _print_json(data: Any) -> None:
 @app.command()
 def start(
     config: ConfigOpt = None,
-    role: Annotated[str, typer.Option(help="all, scheduler or worker.")] = "all",
+    role: Annotated[str | None, typer.Option(
+        help="all, scheduler or worker (default: [node] roles, both).")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
     demo: Annotated[bool, typer.Option(help="Add the example jobs and show their runs.")] = False,
 ) -> None:
     """Start a node (by default both a scheduler and a worker)."""
     from qcluster.node import Node
 
-    roles = {"all": ("scheduler", "worker"), "scheduler": ("scheduler",),
-             "worker": ("worker",)}.get(role)
-    if roles is None:
+    roles = None if role is None else {"all": ("scheduler", "worker"),
+                                         "scheduler": ("scheduler",),
+                                         "worker": ("worker",)}.get(role)
+    if role is not None and roles is None:
         raise InputError(f"invalid --role {role!r}: use all, scheduler or worker")
     if node_id is not None:
         check_job_id(node_id)
     s = settings(config)
+    if roles is None:
+        roles = s.node.roles
     _setup_logging(quiet=demo)
     node = Node(s, node_id=node_id, roles=roles)
 
@@ -145,29 +185,19 @@ def jobs_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a job."""
-    s = settings(config)
+    c = client(config)
     kwargs: dict[str, Any] = {}
     for item in kwarg or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"invalid --kwarg {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_cli_value(value)
-    args, kwargs = check_args([parse_cli_value(a) for a in arg or []], kwargs)
-    if misfire_grace is not None and not 1 <= misfire_grace <= 2**31 - 1:
-        raise InputError("--misfire-grace must be between 1 and 2147483647 (seconds)")
-    jd = JobDef(
-        id=check_job_id(job_id),
-        func=check_func_ref(func, list(s.jobs.allow), import_it=True),
-        trigger=make_spec(cron=cron, every=every, at=at, tz=tz,
-                          default_tz=s.scheduler.timezone),
-        args=args, kwargs=kwargs, misfire_grace_seconds=misfire_grace, coalesce=coalesce,
-        recover=recover,
-    )
-    outcome = admin.add_jobs(s, [jd], replace=replace)
-    verb = "replaced" if outcome.result.get("updated") else (
-        "unchanged" if outcome.result.get("unchanged") else "added")
-    _done(as_json, {"id": jd.id, "status": verb, "via": outcome.via},
-          f"{verb} job {jd.id} (via {outcome.via})")
+    done = c.add(job_id, func, cron=cron, every=every, at=at, tz=tz,
+                 args=[parse_cli_value(a) for a in arg or []], kwargs=kwargs,
+                 replace=replace, recover=recover, misfire_grace=misfire_grace,
+                 coalesce=coalesce)
+    _done(as_json, {"id": done.job_id, "status": done.status, "via": done.via},
+          f"{done.status} job {done.job_id} (via {done.via})")
 
 
 @jobs_app.command("apply")
@@ -178,14 +208,12 @@ def jobs_apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Create and update jobs from a file (declarative)."""
-    s = settings(config)
-    defs = load_job_file(file, allow=list(s.jobs.allow), default_tz=s.scheduler.timezone)
-    outcome = admin.apply_jobs(s, defs, prune=prune)
-    r = outcome.result
-    summary = {k: len(v) for k, v in r.items()}
-    _done(as_json, {**summary, "via": outcome.via},
+    r = client(config).apply(file, prune=prune)
+    summary = {"created": len(r.created), "updated": len(r.updated),
+               "unchanged": len(r.unchanged), "removed": len(r.removed)}
+    _done(as_json, {**summary, "via": r.via},
           f"created {summary['created']}, updated {summary['updated']}, unchanged "
-          f"{summary['unchanged']}, removed {summary['removed']} (via {outcome.via})")
+          f"{summary['unchanged']}, removed {summary['removed']} (via {r.via})")
 
 
 @jobs_app.command("list")
@@ -196,7 +224,7 @@ def jobs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs."""
-    jobs = admin.list_jobs(settings(config), limit=limit)
+    jobs = client(config).list(limit=limit)
     if as_json:
         _print_json(jobs)
     else:
@@ -210,7 +238,7 @@ def jobs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one job and its latest runs."""
-    job = admin.show_job(settings(config), job_id)
+    job = client(config).show(job_id)
     if as_json:
         _print_json(job)
     else:
@@ -223,10 +251,9 @@ def _action(name: str, doc: str) -> Callable[..., None]:
         config: ConfigOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        outcome = admin.job_action(settings(config), name, job_id)
-        past = {"pause": "paused", "resume": "resumed", "remove": "removed"}[name]
-        _done(as_json, {"id": job_id, "status": past, "via": outcome.via},
-              f"{past} job {job_id} (via {outcome.via})")
+        done: Change = getattr(client(config), name)(job_id)
+        _done(as_json, {"id": job_id, "status": done.status, "via": done.via},
+              f"{done.status} job {job_id} (via {done.via})")
 
     command.__doc__ = doc
     return command
@@ -244,10 +271,10 @@ def jobs_run(
     as_json: JsonOpt = False,
 ) -> None:
     """Fire a job now, once."""
-    outcome = admin.run_job(settings(config), job_id)
-    note = "" if outcome.via != "database" else "; no leader is running, it runs when one is"
-    _done(as_json, {"id": job_id, "run_id": outcome.result, "via": outcome.via},
-          f"run {outcome.result} of job {job_id} recorded (via {outcome.via}){note}")
+    r = client(config).run(job_id)
+    note = "" if r.via != "database" else "; no leader is running, it runs when one is"
+    _done(as_json, {"id": job_id, "run_id": r.run_id, "via": r.via},
+          f"run {r.run_id} of job {job_id} recorded (via {r.via}){note}")
 
 
 def _done(as_json: bool, data: dict[str, Any], text: str) -> None:
@@ -271,36 +298,17 @@ def runs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
-    from qcluster.schema import RUN_STATUSES
-
-    if status is not None and status not in RUN_STATUSES:
-        raise InputError(f"invalid --status {status!r}: use one of {', '.join(RUN_STATUSES)}")
-    if job is not None:
-        check_job_id(job)
-    runs = admin.list_runs(settings(config), job_id=job, status=status,
-                           since=_parse_since(since), limit=limit)
+    runs = client(config).runs(job=job, status=status, since=since, limit=limit)
     if as_json:
         _print_json(runs)
     else:
         output.runs_table(runs)
 
 
-def _parse_since(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise InputError(f"invalid --since {text!r}: expected an ISO 8601 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=parse_zone("UTC"))
-    return dt.timestamp()
-
-
 @cluster_app.command("status")
 def cluster_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show the leader and the live members."""
-    status = admin.cluster_status(settings(config))
+    status = client(config).cluster_status()
     if as_json:
         _print_json(status)
     else:
@@ -316,7 +324,7 @@ class BackendName(StrEnum):
 @backend_app.command("status")
 def backend_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show the active backend, the migration phase, and which nodes honour it."""
-    status = admin.backend_status(settings(config))
+    status = client(config).backend_status()
     if as_json:
         _print_json(status)
     else:
@@ -389,6 +397,11 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def _click_message(e: Exception) -> str:
+    format_message = getattr(e, "format_message", None)
+    return str(format_message() if callable(format_message) else e).replace("\n", " ")
+
+
 def main(argv: list[str] | None = None) -> None:
     # A command prints one line per problem: a driver's own connection chatter (kazoo
     # retrying an unreachable server) stays out of it. `start` sets up real logging.
@@ -396,12 +409,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         app(args=argv, prog_name="qcluster", standalone_mode=False)
-    except click_exc.NoArgsIsHelpError:
-        raise SystemExit(2) from None
-    except click_exc.UsageError as e:
-        _fail(e.format_message().replace("\n", " "), 2)
-    except click_exc.ClickException as e:
-        _fail(e.format_message().replace("\n", " "), e.exit_code or 1)
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help is printed: not an error
+            raise SystemExit(2) from None
+        _fail(_click_message(e), 2)
+    except _ClickException as e:
+        _fail(_click_message(e), getattr(e, "exit_code", 1) or 1)
     except typer.Abort:
         _fail("aborted", 130)
     except typer.Exit as e:

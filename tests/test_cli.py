@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from tests.helpers import (
     TEST_SECRET,
+    NodeProcess,
     assert_cli_error,
     jobs_json,
     parse_time,
@@ -438,8 +439,11 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
         Case("malformed job file", ["jobs", "apply", str(malformed)], ("invalid TOML",)),
         Case("job file with one bad job among good ones", ["jobs", "apply", str(one_bad)],
              ("the-bad-one", "cron")),
-        Case("bad --since", ["runs", "list", "--since", "yesterday"], ("--since",)),
-        Case("bad --status", ["runs", "list", "--status", "finished"], ("--status",)),
+        Case("bad --since", ["runs", "list", "--since", "yesterday"], ("since", "yesterday")),
+        Case("bad --status", ["runs", "list", "--status", "finished"], ("status", "finished")),
+        Case("--config before and after the command, different",
+             ["--config", str(bad_key), "jobs", "list", "--config", str(bad_toml)],
+             ("--config", "twice")),
         Case("bad --role", ["start", "--role", "boss"], ("--role",)),
     ]
 
@@ -502,3 +506,72 @@ def test_usage_error_is_one_error_line_with_exit_status_2(
     line = assert_cli_error(result)
     assert "internal error" not in line
     assert result.returncode == 2
+
+
+# -- CLI conventions -------------------------------------------------------------------------
+
+
+def test_config_before_the_command_works_as_after_it(config: Path, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "elsewhere"  # no qcluster.toml here
+    tmp_path.mkdir()
+    run_cli("--config", str(config), "jobs", "add", "early", "--func", HELLO, "--every", "1h",
+            config=None, cwd=tmp_path)
+    run_cli("-c", str(config), "jobs", "add", "short", "--func", HELLO, "--every", "1h",
+            config=None, cwd=tmp_path)
+    run_cli("--config", str(config), "jobs", "add", "both", "--func", HELLO, "--every", "1h",
+            "--config", str(config), config=None, cwd=tmp_path)  # the same file twice: fine
+    listed = run_json("jobs", "list", "--json", "--config", str(config), config=None)
+    assert sorted(j["id"] for j in listed) == ["both", "early", "short"]
+    # Without any --config the command in tmp_path sees the embedded default database,
+    # which these jobs are not in: the global option really chose the file.
+    default = run_cli("jobs", "list", "--json", config=None, cwd=tmp_path)
+    assert json.loads(default.stdout) == []
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    import qcluster
+
+    result = run_cli("--version", config=None)
+    assert result.stdout == f"qcluster {version('qcluster')}\n"
+    assert version("qcluster") == qcluster.__version__
+    assert result.stderr == ""
+
+
+def test_shell_completion_is_offered_and_completes_commands(tmp_path: Path) -> None:
+    help_text = run_cli("--help", config=None).stdout
+    assert "--install-completion" in help_text and "--show-completion" in help_text
+    script = run_cli("--show-completion", "bash", config=None, cwd=tmp_path,
+                     env={"SHELL": "/bin/bash"})
+    assert "_QCLUSTER_COMPLETE" in script.stdout, script.stdout
+    # What bash asks when the user types `qcluster jo<TAB>` and `qcluster jobs pa<TAB>`.
+    for words, cword, expected in (("qcluster jo", "1", "jobs"),
+                                   ("qcluster jobs pa", "2", "pause")):
+        done = run_cli(config=None, cwd=tmp_path, env={
+            "_QCLUSTER_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword})
+        assert done.stdout.split() == [expected], done.stdout
+
+
+def test_start_takes_its_roles_from_config_unless_role_is_given(
+    tmp_path: Path, db_url: str
+) -> None:
+    config_with_tables(tmp_path, db_url)
+    worker_only = write_config(tmp_path, db_url, name="worker.toml", node={"roles": ["worker"]})
+
+    def roles_of(node_id: str) -> list[str]:
+        members = run_json("cluster", "status", "--json", config=worker_only)["members"]
+        return next((m["roles"] for m in members if m["node_id"] == node_id), [])
+
+    with NodeProcess(["start", "--node-id", "from-config"], config=worker_only,
+                     log_path=tmp_path / "from-config.log") as node:
+        wait_for(lambda: roles_of("from-config") != [], timeout=30, what="the member record")
+        assert roles_of("from-config") == ["worker"], node.log_tail()
+        node.terminate()
+        assert node.wait() == 0, node.log_tail()
+    with NodeProcess(["start", "--node-id", "from-flag", "--role", "all"], config=worker_only,
+                     log_path=tmp_path / "from-flag.log") as node:
+        wait_for(lambda: roles_of("from-flag") != [], timeout=30, what="the member record")
+        assert sorted(roles_of("from-flag")) == ["scheduler", "worker"], node.log_tail()
+        node.terminate()
+        assert node.wait() == 0, node.log_tail()

@@ -1,0 +1,253 @@
+"""The Python API: the operations of the ``qcluster`` command, from code.
+
+>>> from qcluster import Client
+>>> client = Client("prod.toml")  # or Client(settings=...), or Client() for the defaults
+>>> client.add("tick", "jobs.examples:hello", every="30s", kwargs={"name": "ops"})
+Change(job_id='tick', status='added', via='leader s1')
+
+Every method validates its input as the CLI does (the CLI is a thin layer over this
+class), raises a :class:`~qcluster.errors.QClusterError` subclass with a one-line message
+when it refuses (:class:`~qcluster.errors.InputError` for bad input, ``JobNotFound``,
+``NotAllowed``, ``DatabaseUnavailable``...), and writes nothing when it raises. Job
+changes go through the leader's control API while a leader is alive, else directly to the
+database, fenced (see :mod:`qcluster.admin`). A client holds no connection between calls:
+each call opens the database and closes it again, so a client is cheap to keep and safe to
+share between threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from qcluster import admin
+from qcluster.config import Settings, load_settings, resolve_config_path
+from qcluster.errors import InputError
+from qcluster.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
+from qcluster.jobfile import load_job_file
+from qcluster.triggers import make_spec
+
+MAX_LIMIT = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What a job change did: ``status`` is added, replaced, unchanged, paused, resumed or
+    removed; ``via`` is ``"leader <node id>"`` or ``"database"`` (no leader was alive)."""
+
+    job_id: str
+    status: str
+    via: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What ``apply`` did, job ids by outcome."""
+
+    created: list[str]
+    updated: list[str]
+    unchanged: list[str]
+    removed: list[str]
+    via: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequested:
+    """A run recorded by :meth:`Client.run`; with ``via == "database"`` no leader was alive
+    and the next leader sends it."""
+
+    job_id: str
+    run_id: int
+    via: str
+
+
+class Client:
+    """Add, apply, list, show, pause, resume, remove and run jobs; list runs; read the
+    cluster's status.
+
+    ``config`` is a config file path; with neither it nor ``settings``, the file is
+    ``$QCLUSTER_CONFIG``, else ``./qcluster.toml``, else the embedded defaults, as for the
+    CLI. The config's ``[jobs] paths`` are added to this process's import path, so that
+    references are checked (imported) here as the workers will import them.
+    """
+
+    def __init__(self, config: str | Path | None = None, *,
+                 settings: Settings | None = None) -> None:
+        if settings is not None and config is not None:
+            raise InputError("give a config path or settings, not both")
+        if settings is None:
+            settings = load_settings(resolve_config_path(None if config is None
+                                                         else Path(config)))
+        self.settings = settings
+        extend_import_path(settings.jobs.paths)
+
+    def __repr__(self) -> str:
+        return f"<Client config={self.settings.source}>"
+
+    # -- job changes ------------------------------------------------------------------------
+
+    def add(
+        self,
+        job_id: str,
+        func: str,
+        *,
+        cron: str | None = None,
+        every: str | float | timedelta | None = None,
+        at: str | datetime | None = None,
+        tz: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        replace: bool = False,
+        recover: bool = False,
+        misfire_grace: int | None = None,
+        coalesce: bool | None = None,
+    ) -> Change:
+        """Add one job, with exactly one of ``cron``, ``every`` (``"30s"``, seconds or a
+        timedelta) and ``at`` (an ISO 8601 time or an aware datetime). With ``replace``, a
+        job of the same id is replaced (its schedule kept if the trigger is unchanged);
+        without, an existing id is refused."""
+        jd = self.job(job_id, func, cron=cron, every=every, at=at, tz=tz, args=args,
+                      kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
+                      coalesce=coalesce)
+        outcome = admin.add_jobs(self.settings, [jd], replace=replace)
+        result = outcome.result if isinstance(outcome.result, dict) else {}
+        status = ("replaced" if result.get("updated") else
+                  "unchanged" if result.get("unchanged") else "added")
+        return Change(jd.id, status, outcome.via)
+
+    def job(
+        self,
+        job_id: str,
+        func: str,
+        *,
+        cron: str | None = None,
+        every: str | float | timedelta | None = None,
+        at: str | datetime | None = None,
+        tz: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        recover: bool = False,
+        misfire_grace: int | None = None,
+        coalesce: bool | None = None,
+    ) -> JobDef:
+        """The validated definition :meth:`add` would write (nothing is written): the
+        reference is checked against ``[jobs] allow`` and imported."""
+        if isinstance(every, timedelta):
+            every = every.total_seconds()
+        if isinstance(at, datetime):
+            at = at.isoformat()
+        trigger = make_spec(cron=cron, every=every, at=at, tz=tz,
+                            default_tz=self.settings.scheduler.timezone)
+        wire = {"id": job_id, "func": func, "trigger": trigger,
+                "args": list(args) if isinstance(args, list | tuple) else args,
+                "kwargs": {} if kwargs is None else kwargs,
+                "misfire_grace_seconds": misfire_grace, "coalesce": coalesce,
+                "recover": recover}
+        return validate_job(wire, self.settings.jobs.allow, import_it=True)
+
+    def apply(self, source: str | Path | Iterable[JobDef], *, prune: bool = False) -> Applied:
+        """Create and update jobs declaratively from a ``[[job]]`` TOML file (a path) or
+        from definitions built with :meth:`job`; unchanged jobs keep their schedule. With
+        ``prune``, jobs not named are removed. All are checked before anything is written."""
+        if isinstance(source, str | Path):
+            defs = load_job_file(Path(source), allow=list(self.settings.jobs.allow),
+                                 default_tz=self.settings.scheduler.timezone)
+        else:
+            defs = list(source)
+            if not all(isinstance(d, JobDef) for d in defs):
+                raise InputError("apply takes a job file path or JobDef objects")
+            seen: set[str] = set()
+            for d in defs:
+                if d.id in seen:
+                    raise InputError(f"job {d.id!r}: the id is used twice")
+                seen.add(d.id)
+        outcome = admin.apply_jobs(self.settings, defs, prune=prune)
+        r = outcome.result if isinstance(outcome.result, dict) else {}
+        return Applied(created=list(r.get("created", [])), updated=list(r.get("updated", [])),
+                       unchanged=list(r.get("unchanged", [])),
+                       removed=list(r.get("removed", [])), via=outcome.via)
+
+    def pause(self, job_id: str) -> Change:
+        """Pause a job: it fires no more until resumed."""
+        return self._action("pause", job_id, "paused")
+
+    def resume(self, job_id: str) -> Change:
+        """Resume a paused job, from now on."""
+        return self._action("resume", job_id, "resumed")
+
+    def remove(self, job_id: str) -> Change:
+        """Remove a job; its runs stay."""
+        return self._action("remove", job_id, "removed")
+
+    def run(self, job_id: str) -> RunRequested:
+        """Fire a job now, once."""
+        outcome = admin.run_job(self.settings, check_job_id(job_id))
+        return RunRequested(job_id, int(outcome.result), outcome.via)
+
+    def _action(self, action: str, job_id: str, past: str) -> Change:
+        outcome = admin.job_action(self.settings, action, check_job_id(job_id))
+        return Change(job_id, past, outcome.via)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def show(self, job_id: str) -> dict[str, Any]:
+        """One job and its latest runs; ``JobNotFound`` if there is none."""
+        return admin.show_job(self.settings, check_job_id(job_id))
+
+    def runs(self, *, job: str | None = None, status: str | None = None,
+             since: str | datetime | float | None = None,
+             limit: int = 50) -> list[dict[str, Any]]:
+        """Runs, newest scheduled time first, optionally of one job, with one status,
+        scheduled at or after ``since`` (ISO 8601 text, a datetime, or a Unix time; a time
+        without a zone is UTC). ``limit=0`` lists them all."""
+        from qcluster.schema import RUN_STATUSES
+
+        if status is not None and status not in RUN_STATUSES:
+            raise InputError(f"invalid status {status!r}: use one of {', '.join(RUN_STATUSES)}")
+        if job is not None:
+            check_job_id(job)
+        return admin.list_runs(self.settings, job_id=job, status=status,
+                               since=_since(since), limit=_limit(limit))
+
+    def cluster_status(self) -> dict[str, Any]:
+        """The cluster row, the live leader (or None) and the live members."""
+        return admin.cluster_status(self.settings)
+
+    def backend_status(self) -> dict[str, Any]:
+        """The coordination backend, the migration phase and which nodes honour it."""
+        return admin.backend_status(self.settings)
+
+
+    # Last: inside the class body, later annotations would take `list` for this method.
+    def list(self, *, limit: int = 0) -> list[dict[str, Any]]:
+        """Jobs, by id; ``limit=0`` lists them all."""
+        return admin.list_jobs(self.settings, limit=_limit(limit))
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT:
+        raise InputError(f"invalid limit {limit!r}: expected 0 (all) to {MAX_LIMIT}")
+    return limit
+
+
+def _since(value: str | datetime | float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise InputError(f"invalid since {value!r}: expected a time")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InputError(f"invalid since {value!r}: expected an ISO 8601 time") from None
+    if not isinstance(value, datetime):
+        raise InputError(f"invalid since {value!r}: expected an ISO 8601 time")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()

@@ -1,0 +1,180 @@
+"""The Python API, ``qcluster.Client``, on SQLite and on PostgreSQL.
+
+No node runs here, so every change goes "via database" (the leader path is the CLI's,
+shown in ``test_process.py``). The CLI is a thin layer over this class: the same bad
+input gives the same message from both, and neither writes anything.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import qcluster
+from qcluster import Client
+from qcluster.config import load_settings
+from qcluster.errors import InputError, JobExists, JobNotFound, NotAllowed, QClusterError
+from tests.helpers import assert_cli_error, run_cli, run_json, write_config, write_job_file
+from tests.test_cli import config_with_tables, table_rows
+
+HELLO = "jobs.examples:hello"
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str) -> Path:
+    return config_with_tables(tmp_path, db_url)
+
+
+def test_client_is_exported_from_the_package_and_loads_its_config(config: Path) -> None:
+    assert qcluster.Client is Client
+    assert Client(config).settings == load_settings(config)
+    assert Client(settings=load_settings(config)).settings.source == str(config)
+    with pytest.raises(InputError, match="not both"):
+        Client(config, settings=load_settings(config))
+
+
+def test_every_job_operation_from_python(config: Path) -> None:
+    c = Client(str(config))
+    added = c.add("tick", HELLO, every="30s", kwargs={"name": "ops"})
+    assert (added.job_id, added.status, added.via) == ("tick", "added", "database")
+    assert c.add("daily", HELLO, cron="0 2 * * mon-fri", tz="Europe/Paris",
+                 args=["x"], recover=True, misfire_grace=60).status == "added"
+    when = datetime.now(UTC) + timedelta(days=1)
+    assert c.add("once", HELLO, at=when).status == "added"
+    assert c.add("delta", HELLO, every=timedelta(minutes=5)).status == "added"
+    assert c.add("tick", HELLO, every="30s", kwargs={"name": "ops"},
+                 replace=True).status == "unchanged"
+    assert c.add("tick", HELLO, every="1m", replace=True).status == "replaced"
+
+    jobs = {j["id"]: j for j in c.list()}
+    assert sorted(jobs) == ["daily", "delta", "once", "tick"]
+    assert len(c.list(limit=2)) == 2
+    # What Python wrote is what the CLI reads, field for field.
+    assert run_json("jobs", "list", "--json", config=config) == c.list()
+    assert jobs["daily"]["recover"] is True and jobs["daily"]["args"] == ["x"]
+
+    assert c.pause("tick").status == "paused"
+    assert c.show("tick")["paused"] is True
+    assert c.resume("tick").status == "resumed"
+    assert c.show("tick")["paused"] is False
+    run = c.run("tick")
+    assert run.via == "database" and run.run_id > 0
+    runs = c.runs(job="tick")
+    assert [r["run_id"] for r in runs] == [run.run_id]
+    assert c.runs(status="scheduled", since=datetime.now(UTC) - timedelta(hours=1))
+    assert c.runs(job="tick", since="2999-01-01T00:00:00Z") == []
+    assert c.remove("once").status == "removed"
+    with pytest.raises(JobNotFound):
+        c.show("once")
+
+
+def test_apply_from_a_file_and_from_definitions(config: Path, tmp_path: Path) -> None:
+    c = Client(config)
+    file = write_job_file(tmp_path / "jobs.toml", [
+        {"id": "a", "func": HELLO, "every": "10s"},
+        {"id": "b", "func": HELLO, "cron": "0 3 * * *"},
+    ])
+    first = c.apply(file)
+    assert (sorted(first.created), first.updated, first.via) == (["a", "b"], [], "database")
+    again = c.apply(tmp_path / "jobs.toml")
+    assert sorted(again.unchanged) == ["a", "b"]
+    pruned = c.apply([c.job("a", HELLO, every="20s")], prune=True)
+    assert (pruned.updated, pruned.removed) == (["a"], ["b"])
+    assert [j["id"] for j in c.list()] == ["a"]
+    with pytest.raises(InputError, match="twice"):
+        c.apply([c.job("x", HELLO, every="1s"), c.job("x", HELLO, every="2s")])
+    with pytest.raises(InputError, match="JobDef"):
+        c.apply(["not a job"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("cli", "call", "error"), [
+    pytest.param(["jobs", "add", "bad id", "--func", HELLO, "--every", "1s"],
+                 lambda c: c.add("bad id", HELLO, every="1s"), InputError, id="bad-id"),
+    pytest.param(["jobs", "add", "x", "--func", "os:system", "--every", "1s"],
+                 lambda c: c.add("x", "os:system", every="1s"), NotAllowed, id="not-allowed"),
+    pytest.param(["jobs", "add", "x", "--func", "jobs.examples:nothing", "--every", "1s"],
+                 lambda c: c.add("x", "jobs.examples:nothing", every="1s"), InputError,
+                 id="no-such-function"),
+    pytest.param(["jobs", "add", "x", "--func", HELLO], lambda c: c.add("x", HELLO),
+                 InputError, id="no-trigger"),
+    pytest.param(["jobs", "add", "x", "--func", HELLO, "--every", "1s", "--misfire-grace", "0"],
+                 lambda c: c.add("x", HELLO, every="1s", misfire_grace=0), InputError,
+                 id="misfire-grace"),
+    pytest.param(["jobs", "add", "x", "--func", HELLO, "--cron", "0 0 31 2 *"],
+                 lambda c: c.add("x", HELLO, cron="0 0 31 2 *"), InputError, id="never-fires"),
+    pytest.param(["jobs", "add", "seed", "--func", HELLO, "--every", "1s"],
+                 lambda c: c.add("seed", HELLO, every="1s"), JobExists, id="exists"),
+    pytest.param(["jobs", "pause", "ghost"], lambda c: c.pause("ghost"), JobNotFound,
+                 id="unknown-job"),
+    pytest.param(["runs", "list", "--status", "finished"],
+                 lambda c: c.runs(status="finished"), InputError, id="bad-status"),
+    pytest.param(["runs", "list", "--since", "yesterday"],
+                 lambda c: c.runs(since="yesterday"), InputError, id="bad-since"),
+])  # fmt: skip
+def test_python_and_cli_refuse_the_same_input_with_the_same_message(
+    config: Path, db_url: str, cli: list[str], call: object, error: type[QClusterError]
+) -> None:
+    c = Client(config)
+    c.add("seed", HELLO, every="1h")
+    before = table_rows(db_url)
+    with pytest.raises(error) as raised:
+        call(c)  # type: ignore[operator]
+    line = assert_cli_error(run_cli(*cli, config=config, check=False))
+    assert line == f"error: {raised.value}"
+    assert table_rows(db_url) == before
+
+
+def test_python_only_inputs_are_checked_too(config: Path, db_url: str) -> None:
+    c = Client(config)
+    before = table_rows(db_url)
+    for call, fragment in [
+        (lambda: c.add("x", HELLO, every="1s", args="not a list"), "must be a list"),  # type: ignore[arg-type]
+        (lambda: c.add("x", HELLO, every="1s", kwargs={1: "v"}), "string keys"),  # type: ignore[dict-item]
+        (lambda: c.add("x", HELLO, every="1s", args=[object()]), "JSON data"),
+        (lambda: c.add("x", HELLO, every="1s", recover="yes"), "recover"),  # type: ignore[arg-type]
+        (lambda: c.list(limit=-1), "limit"),
+        (lambda: c.runs(limit=2**31), "limit"),
+        (lambda: c.runs(since=float("nan")), "since"),
+        (lambda: c.runs(since=object()), "since"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(InputError, match=fragment):
+            call()
+    assert table_rows(db_url) == before
+
+
+def test_client_reads_the_config_as_the_cli_does(tmp_path: Path, sqlite_url: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_config(tmp_path, sqlite_url, name="elsewhere.toml")
+    monkeypatch.setenv("QCLUSTER_CONFIG", str(config))
+    assert Client().settings.source == str(config)
+
+
+def test_a_leader_winning_during_a_change_makes_it_try_again_not_fail(
+    config: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of a node starting as the command runs: a new epoch is taken between the
+    client's read of the cluster row and its fenced write. The write is refused (nothing
+    written) and the change is made again, once."""
+    import sqlalchemy as sa
+
+    from qcluster import admin
+
+    real = admin._leader_alive
+    calls: list[int] = []
+
+    def leader_wins_once(settings: object, db: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            engine = sa.create_engine(db_url)
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE qc_cluster SET epoch = epoch + 1"))
+            engine.dispose()
+        return real(settings, db)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(admin, "_leader_alive", leader_wins_once)
+    c = Client(config)
+    assert c.add("raced", HELLO, every="1h").status == "added"
+    assert len(calls) == 2
+    assert [j["id"] for j in c.list()] == ["raced"]
