@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from backends.base import CoordinationBackend, LeaderInfo, MemberInfo
 from backends.joint import merge_members
@@ -184,6 +185,12 @@ def _change_once(settings: Settings, db: Database, method: str, args: tuple[Any,
             return Outcome(direct(conn, state.epoch), "database")
     except Fenced:
         log.info("a leader took over during the change (epoch %s); trying again", state.epoch)
+        return None
+    except IntegrityError:
+        # Another direct change inserted the same job id between our read and our insert
+        # (PostgreSQL: fenced writers share the cluster row lock). Made again, the change
+        # sees that job: `add` reports that it exists, `apply` updates it.
+        log.info("a concurrent change wrote the same job; trying again")
         return None
 
 

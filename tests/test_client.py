@@ -178,3 +178,31 @@ def test_a_leader_winning_during_a_change_makes_it_try_again_not_fail(
     assert c.add("raced", HELLO, every="1h").status == "added"
     assert len(calls) == 2
     assert [j["id"] for j in c.list()] == ["raced"]
+
+
+def test_a_concurrent_add_of_the_same_id_is_reported_as_existing_not_crashed(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two direct changes of one new id at once (no leader), on PostgreSQL, where fenced
+    writers share the cluster row's lock (SQLite runs one writer at a time): the other
+    one's row is committed between this change's read and its insert. The unique
+    violation makes the change try again, and it then refuses the existing id, as it
+    would have if it had come second."""
+    from qcluster import catalog
+
+    config = config_with_tables(tmp_path, pg_url)
+    real = catalog.first_fire
+    raced: list[bool] = []
+
+    def other_adds_it_first(jd: object, now: float) -> object:
+        if not raced:
+            raced.append(True)
+            Client(config).add("same", HELLO, every="1h")  # its own connection, committed
+        return real(jd, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(catalog, "first_fire", other_adds_it_first)
+    with pytest.raises(JobExists):
+        Client(config).add("same", HELLO, every="2h")
+    assert raced
+    jobs = Client(config).list()
+    assert [(j["id"], j["trigger"]) for j in jobs] == [("same", "every 1h")]
