@@ -5,6 +5,14 @@ Every method takes plain data, checks it, and answers ``{"ok": True, ...}`` or
 ``kind`` is ``not_leader`` (ask again elsewhere or write directly), ``input`` (bad
 request: nothing was written) or ``unavailable``. Writes happen in one transaction
 fenced on the leader's epoch, and then the scheduler is woken so it sees them at once.
+
+Numbers from the caller: the only one stored in an integer column is a job's
+``misfire_grace_seconds`` (``qc_jobs``, int4), refused by ``validate_job`` outside 1 to
+2**31 - 1; a trigger's ``seconds`` is bounded by the trigger checks, and integers inside
+``args``/``kwargs`` are stored as JSON text. Run ids and epochs are made by the leader,
+never taken from the caller. A value that cannot even be shown in the refusal (an
+integer of more than 4300 digits, which only an in-process caller can pass: neither
+msgpack nor JSON over Pyro5 decodes one) is refused as ``input`` too, not raised.
 """
 
 from __future__ import annotations
@@ -33,6 +41,17 @@ def _ok(**data: Any) -> dict[str, Any]:
 
 def _err(kind: str, error: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": error}
+
+
+#: What checking a value can raise when the value cannot be shown in the InputError:
+#: ValueError from str() of an integer past Python's 4300 digits, RecursionError from the
+#: repr of a very deeply nested list.
+_UNSHOWABLE = (ValueError, RecursionError)
+
+
+def _unshowable(e: BaseException) -> dict[str, Any]:
+    what = "too deeply nested" if isinstance(e, RecursionError) else "too large"
+    return _err("input", f"malformed request: a value {what} to check")
 
 
 @Pyro5.server.expose
@@ -90,6 +109,8 @@ class ControlService:
             defs = [validate_job(j, self._allow) for j in jobs]
         except InputError as e:
             return _err("input", str(e))
+        except _UNSHOWABLE as e:
+            return _unshowable(e)
 
         def write(conn: Connection) -> dict[str, Any]:
             result = catalog.upsert_jobs(conn, defs, replace=replace)
@@ -104,6 +125,8 @@ class ControlService:
             jid = check_job_id(job_id)
         except InputError as e:
             return _err("input", str(e))
+        except _UNSHOWABLE as e:
+            return _unshowable(e)
         return self._write(lambda conn: op(conn, jid))
 
     def _write(self, op: Callable[[Connection], Any]) -> dict[str, Any]:

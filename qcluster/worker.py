@@ -9,6 +9,11 @@ Promises:
   claim that commits runs it.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason.
+* A dispatch is checked before anything is taken or written: every number in it must fit
+  the column it is bound to (:mod:`qcluster.bounds`: a run id from 1 to 2**63 - 1, an
+  attempt from 1 to 2**31 - 1, an epoch from 0 to 2**63 - 1, a fire time within the years
+  1 to 9999); ``bool`` is not a number. Anything else refuses the whole call with one line
+  (``refused: ...``), and the worker goes on serving with its state unchanged.
 * Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
   duration) are written in batches by one writer thread, and only over this worker's own
   claim, so a run that the leader has meanwhile declared ``lost`` is not overwritten.
@@ -32,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
-from qcluster import schema
+from qcluster import bounds, schema
 from qcluster.context import RunContext, enter_run, leave_run
 from qcluster.db import Database
 from qcluster.errors import InputError, QClusterError
@@ -43,6 +48,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 5000
 _RUN_KEYS = {"run_id": int, "job_id": str, "func": str, "args": str, "kwargs": str,
              "scheduled_at": float, "attempt": int, "epoch": int, "recover": bool}
+#: The bound of each integer of a run record: the qc_runs column it is stored in or
+#: compared with (the run's ``epoch`` is only shown to the job, but it is an epoch).
+_RUN_INTS = {"run_id": bounds.RUN_ID, "attempt": bounds.ATTEMPT, "epoch": bounds.EPOCH}
+_MAX_TEXT = {"job_id": 200, "func": 400, "args": 65536, "kwargs": 65536}
 _SEEN = 200_000
 _ON_TIME = 0.002  # a run due this close is started at once
 
@@ -57,25 +66,31 @@ def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
 
 
 def check_batch(epoch: object, runs: object) -> list[dict[str, Any]]:
-    """Validate a dispatch payload from the wire. InputError on anything malformed."""
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**63:
-        raise InputError("epoch must be an integer from 0 to 2**63 - 1")
+    """Validate a dispatch payload from the wire; return its runs, ``scheduled_at`` as a
+    float. InputError (one line) on anything malformed or out of its column's range."""
+    bounds.check_int(epoch, "epoch", bounds.EPOCH)
     if not isinstance(runs, list) or len(runs) > MAX_BATCH:
         raise InputError(f"runs must be a list of at most {MAX_BATCH}")
-    out = []
-    for run in runs:
-        if not isinstance(run, dict) or set(run) != set(_RUN_KEYS):
-            raise InputError("malformed run record")
-        for key, kind in _RUN_KEYS.items():
-            value = run[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = run[key] = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise InputError(f"malformed run record: {key}")
-        if len(run["args"]) > 65536 or len(run["kwargs"]) > 65536 or len(run["func"]) > 400:
-            raise InputError("run record too large")
-        out.append(run)
-    return out
+    return [_check_run(run) for run in runs]
+
+
+def _check_run(run: object) -> dict[str, Any]:
+    """One run record of :func:`check_batch`: exactly the keys of ``_RUN_KEYS``, each of
+    its type, the numbers within their columns' ranges, the texts within theirs."""
+    if not isinstance(run, dict) or set(run) != set(_RUN_KEYS):
+        raise InputError("malformed run record")
+    try:
+        for key, allowed in _RUN_INTS.items():
+            bounds.check_int(run[key], key, allowed)
+        run["scheduled_at"] = bounds.check_timestamp(run["scheduled_at"], "scheduled_at")
+    except InputError as e:
+        raise InputError(f"malformed run record: {e}") from None
+    for key, kind in _RUN_KEYS.items():
+        if not isinstance(run[key], kind):
+            raise InputError(f"malformed run record: {key}")
+    if any(len(run[key]) > limit for key, limit in _MAX_TEXT.items()):
+        raise InputError("run record too large")
+    return run
 
 
 class OutcomeWriter:
@@ -365,7 +380,7 @@ class Worker:
             while len(self._seen) > _SEEN:
                 self._seen.popitem(last=False)
             self._inflight += len(fresh)
-        claimed = self._claim(fresh)
+        claimed = self._claim_or_give_back(fresh)
         accepted = []
         now = time.time()
         for run in fresh:
@@ -380,6 +395,18 @@ class Worker:
         with self._lock:
             self._inflight -= len(fresh) - len(accepted)
         return {"accepted": accepted, "refused": refused, **self.load()}
+
+    def _claim_or_give_back(self, runs: list[dict[str, Any]]) -> set[int]:
+        """:meth:`_claim`; if it raises, the runs were not taken: their queue places are
+        given back and they are forgotten (so they may come again), then it re-raises."""
+        try:
+            return self._claim(runs)
+        except BaseException:
+            with self._lock:
+                self._inflight -= len(runs)
+                for run in runs:
+                    self._seen.pop((run["run_id"], run["attempt"]), None)
+            raise
 
     def _claim(self, runs: list[dict[str, Any]]) -> set[int]:
         """Take the runs in the database: only the claim that commits may run them."""

@@ -15,6 +15,19 @@ private one (``private_pg``, ``private_zk``, ``private_redis``, ``server_factory
 When a server cannot be had, a test that needs it fails in CI (``CI=true``) and is skipped
 elsewhere, so a laptop without ZooKeeper still runs the rest.
 
+Hypothesis runs under one of three profiles, registered here and nowhere else:
+
+- ``ci``: derandomized (the examples follow from the test's code alone, so a red run in CI
+  is the same run on any machine), ``print_blob``, no deadline and no too_slow health
+  check (a shared, noisy machine), no example database, the counts the tests name;
+- ``dev``: randomized as Hypothesis is by default, with ``print_blob``;
+- ``fuzz``: randomized, no deadline, every count times ``$QCLUSTER_FUZZ_SCALE`` (20 unless
+  set; see ``tests/fuzzing.py``), and the per-test timeout times the same.
+
+``$QCLUSTER_HYPOTHESIS_PROFILE`` chooses one (any other name is a usage error), else
+``ci`` when ``CI=true``, else ``dev``; Hypothesis's own ``--hypothesis-profile`` wins over
+both. The pytest header names the profile in use.
+
 This file stays generic: it imports nothing from qcluster.
 """
 
@@ -31,8 +44,10 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests import servers
+from tests.fuzzing import example_scale
 from tests.servers import (
     PostgresServer,
     RedisServer,
@@ -47,6 +62,112 @@ IN_CI = os.environ.get("CI") == "true"
 REDIS_MASTERS = 3
 
 S = TypeVar("S", bound=Server)
+
+
+# -- hypothesis profiles
+
+PROFILE_ENV = "QCLUSTER_HYPOTHESIS_PROFILE"
+FUZZ_SCALE_ENV = "QCLUSTER_FUZZ_SCALE"
+FUZZ_SCALE = 20
+PROFILES = ("ci", "dev", "fuzz")
+_PROFILE_REASON = pytest.StashKey[str]()
+
+
+def _fuzz_scale() -> tuple[int, str | None]:
+    """The fuzz profile's scale, and the usage error if ``$QCLUSTER_FUZZ_SCALE`` is bad."""
+    raw = os.environ.get(FUZZ_SCALE_ENV, "").strip()
+    if not raw:
+        return FUZZ_SCALE, None
+    if raw.isdigit() and 1 <= int(raw) <= 10_000:
+        return int(raw), None
+    return FUZZ_SCALE, f"{FUZZ_SCALE_ENV}={raw!r}: must be a whole number from 1 to 10000"
+
+
+# Registered when this file is imported, before any pytest_configure: Hypothesis's own
+# --hypothesis-profile may load one of them. Each names its parent, Hypothesis's default:
+# without it a profile would inherit whatever profile is active now (Hypothesis loads its
+# built-in "ci" by itself when it sees a CI variable).
+_FUZZ_SCALE, _FUZZ_SCALE_ERROR = _fuzz_scale()
+_DEFAULT = settings.get_profile("default")
+settings.register_profile(
+    "ci", _DEFAULT, derandomize=True, print_blob=True, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", _DEFAULT, print_blob=True)
+settings.register_profile(
+    "fuzz", _DEFAULT, print_blob=True, deadline=None,
+    max_examples=_DEFAULT.max_examples * _FUZZ_SCALE,
+    suppress_health_check=[HealthCheck.too_slow])
+
+
+def choose_profile() -> tuple[str, str]:
+    """The profile to load and why: ``$QCLUSTER_HYPOTHESIS_PROFILE``, else "ci" under
+    ``CI=true``, else "dev". pytest.UsageError if the variable names another profile."""
+    name = os.environ.get(PROFILE_ENV, "").strip()
+    if name:
+        if name not in PROFILES:
+            raise pytest.UsageError(f"{PROFILE_ENV}={name!r} names no hypothesis profile; "
+                                    f"use one of {', '.join(PROFILES)}")
+        return name, f"{PROFILE_ENV}={name}"
+    if IN_CI:
+        return "ci", "CI=true"
+    return "dev", f"outside CI and {PROFILE_ENV} unset"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the chosen profile before any test module (and its @settings) is imported."""
+    if _FUZZ_SCALE_ERROR:
+        raise pytest.UsageError(_FUZZ_SCALE_ERROR)
+    name, reason = choose_profile()
+    if config.getoption("--hypothesis-profile", default=None):
+        reason = "--hypothesis-profile"  # Hypothesis's plugin loads it
+    else:
+        settings.load_profile(name)
+    config.stash[_PROFILE_REASON] = reason
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The profile line in pytest's header (shown unless -q)."""
+    return [profile_line(config)]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under -q (as scripts/test.sh runs) pytest shows no header: print the profile line
+    alone, so that every log says which profile ran."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(profile_line(session.config))
+
+
+def profile_line(config: pytest.Config) -> str:
+    """One line for the log: the profile, why, and what it does differently."""
+    name = settings.get_current_profile_name()
+    active = settings.get_profile(name)
+    traits = ["derandomized: the same examples on every machine" if active.derandomize
+              else "randomized"]
+    if (scale := example_scale()) != 1:
+        traits.append(f"{scale:g}x the examples and the test timeouts")
+    if active.deadline is None:
+        traits.append("no deadline")
+    if active.print_blob:
+        traits.append("print_blob")
+    reason = config.stash.get(_PROFILE_REASON, "loaded elsewhere")
+    return f"hypothesis profile: {name} ({reason}); {', '.join(traits)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under a scaled profile a test runs many times the examples: its timeout (the ini's,
+    unless the test sets its own or --timeout / $PYTEST_TIMEOUT gives one) grows as much."""
+    scale = example_scale()
+    if (scale <= 1 or not config.pluginmanager.hasplugin("timeout")
+            or config.getoption("--timeout", default=None) is not None
+            or os.environ.get("PYTEST_TIMEOUT")):
+        return
+    base = float(config.getini("timeout") or 0)
+    if base <= 0:
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(base * scale))
 
 
 def unavailable(message: str) -> NoReturn:

@@ -10,9 +10,10 @@ What each edge must do with anything it is given:
   large for the clock);
 - ``jobs apply`` files: ``load_job_file`` raises only InputError; a bad file applied
   through the CLI writes nothing;
-- the worker's payloads: ``check_batch`` raises only InputError; over a real daemon every
-  ``submit`` is refused or answered, the daemon keeps serving, and the runs table does
-  not change (no run in it is claimable);
+- the worker's payloads: ``check_batch`` raises only InputError and passes only integers
+  that fit their columns (integers of any size are drawn on purpose, with the edges of
+  int4 and int8); over a real daemon every ``submit`` is refused or answered, the daemon
+  keeps serving, and the runs table does not change (no run in it is claimable);
 - the control object: junk is answered ``{"ok": False, ...}``, never raised, and a
   refused call writes nothing;
 - raw bytes to a worker node's Pyro5 port, a real ``qcluster start --role worker`` in a
@@ -22,7 +23,8 @@ What each edge must do with anything it is given:
 
 A gap found and not yet fixed is pinned as a strict xfail (none at present).
 The number of cases run per target is printed at the end of the module (and written to
-``fuzz-counts.json`` in pytest's base temp directory).
+``fuzz-counts.json`` in pytest's base temp directory). Each target names its count for the
+"ci" and "dev" hypothesis profiles; "fuzz" multiplies them (``tests/fuzzing.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from Pyro5.serializers import serializers_by_id
 
-from qcluster import catalog, schema
+from qcluster import bounds, catalog, schema
 from qcluster.admin import upgrade_db
 from qcluster.cli import main as cli_main
 from qcluster.cluster import read_cluster
@@ -73,6 +75,7 @@ from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, make_proof, p
 from qcluster.scheduler import FireExecutor
 from qcluster.triggers import make_spec
 from qcluster.worker import Worker, WorkerService, check_batch
+from tests.fuzzing import max_examples as scaled
 from tests.helpers import (
     TEST_SECRET,
     NodeProcess,
@@ -93,15 +96,15 @@ _SETTINGS = settings(deadline=None, database=None, suppress_health_check=[
 
 def fuzz(target: str, max_examples: int, **strategies: st.SearchStrategy[Any],
          ) -> Callable[[Callable[..., str]], Counter[str]]:
-    """Run the decorated body at once on ``max_examples`` generated cases; it returns its
-    outcome ("ok", "refused"...). The result counts the outcomes, so that a test can check
-    its generator reached both sides of the edge."""
+    """Run the decorated body at once on ``max_examples`` generated cases (scaled by the
+    hypothesis profile); it returns its outcome ("ok", "refused"...). The result counts
+    the outcomes, so that a test can check its generator reached both sides of the edge."""
 
     def run(body: Callable[..., str]) -> Counter[str]:
         outcomes: Counter[str] = Counter()
 
         @given(**strategies)
-        @settings(_SETTINGS, max_examples=max_examples)
+        @settings(_SETTINGS, max_examples=scaled(max_examples))
         def case(**kwargs: Any) -> None:
             outcomes[body(**kwargs)] += 1
             CASES[target] += 1
@@ -147,6 +150,14 @@ def pyro_settings(*, timeout: float, max_message_bytes: int) -> Iterator[None]:
 
 
 # -- values ------------------------------------------------------------------------------------
+
+#: The edges of the integer columns (int4, int8), of msgpack's native integers (uint64) and
+#: of a float, with their neighbours: where a value stops fitting.
+EDGE_INTS = sorted({n + d for n in (0, 2**31, 2**53, 2**63, 2**64) for d in (-1, 0, 1)}
+                   | {-n + d for n in (2**31, 2**63, 2**64) for d in (-1, 0, 1)}
+                   | {2**200, -(2**200), 10**400})
+#: Integers of any size: Hypothesis's unbounded ones, and the edges on purpose.
+any_ints = st.integers() | st.sampled_from(EDGE_INTS)
 
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64),
@@ -602,12 +613,13 @@ def _oversized() -> str:
 
 
 _RUN: dict[str, st.SearchStrategy[Any]] = {
-    "run_id": st.integers(min_value=-5, max_value=2**70), "job_id": pick(IDS),
+    "run_id": st.integers(min_value=-5, max_value=2**70) | any_ints, "job_id": pick(IDS),
     "func": st.sampled_from(FUNCS),
     "args": st.sampled_from(["[]", "[1]", "{"]) | st.builds(_oversized),
     "kwargs": st.sampled_from(["{}", '{"name": "z"}', "[]"]),
-    "scheduled_at": st.floats(allow_nan=True, allow_infinity=True) | st.integers(),
-    "attempt": st.integers(min_value=-1, max_value=2**64), "epoch": st.integers(),
+    "scheduled_at": st.floats(allow_nan=True, allow_infinity=True) | any_ints
+    | st.sampled_from([*bounds.TIMESTAMPS, 253402300800, -62135596801, 1e300]),
+    "attempt": st.integers(min_value=-1, max_value=2**64) | any_ints, "epoch": any_ints,
     "recover": st.booleans(),
 }
 _run_records = st.one_of(
@@ -615,7 +627,7 @@ _run_records = st.one_of(
     st.fixed_dictionaries({k: v | wire_junk for k, v in _RUN.items()}),
     st.dictionaries(st.sampled_from(sorted(_RUN)), wire_junk), wire_junk,
 )
-epochs = st.integers(min_value=-1, max_value=3) | st.integers() | wire_junk
+epochs = st.integers(min_value=-1, max_value=3) | any_ints | wire_junk
 batches = st.lists(_run_records, max_size=4) | wire_junk
 
 
@@ -627,8 +639,12 @@ def test_check_batch_raises_only_input_error() -> None:
         except InputError as e:
             assert "\n" not in str(e)
             return "refused"
-        assert isinstance(epoch, int) and epoch >= 0
-        assert all(isinstance(r["scheduled_at"], float) for r in checked)
+        assert epoch in bounds.EPOCH
+        for r in checked:
+            assert r["run_id"] in bounds.RUN_ID and r["attempt"] in bounds.ATTEMPT, r
+            assert r["epoch"] in bounds.EPOCH, r
+            assert isinstance(r["scheduled_at"], float), r
+            datetime.fromtimestamp(r["scheduled_at"], UTC)  # what the worker does with it
         return "ok"
 
     assert outcomes["ok"] and outcomes["refused"], outcomes
@@ -793,6 +809,39 @@ def test_control_object_over_rpc_answers_junk(daemon: InProcessDaemon) -> None:
         return outcome
 
     assert outcomes["ok"] and outcomes["refused"], outcomes
+
+
+_UNPRINTABLE = 10**5000  # past Python's 4300 digits: str() of it raises ValueError
+_NOOP_JOB: dict[str, Any] = {"id": "big", "func": "jobs.builtin:noop", "trigger": _SPECS[1]}
+
+
+@pytest.mark.parametrize("call", [
+    ("pause_job", (_UNPRINTABLE,)), ("run_job", (_UNPRINTABLE,)),
+    ("add_jobs", ([{**_NOOP_JOB, "id": _UNPRINTABLE}], False)),
+    ("apply_jobs", ([{**_NOOP_JOB, "trigger": {**_NOOP_JOB["trigger"],
+                                                "seconds": _UNPRINTABLE}}], True)),
+    ("add_jobs", ([{**_NOOP_JOB, "misfire_grace_seconds": 2**31}], False)),
+    ("add_jobs", ([{**_NOOP_JOB, "misfire_grace_seconds": 2**63}], False)),
+    ("add_jobs", ([{**_NOOP_JOB, "misfire_grace_seconds": True}], False)),
+], ids=["pause-huge-id", "run-huge-id", "add-huge-id", "apply-huge-seconds",
+        "grace-2**31", "grace-2**63", "grace-bool"])
+def test_control_object_refuses_integers_out_of_range_in_one_line(
+    sqlite_url: str, call: tuple[str, tuple[Any, ...]]
+) -> None:
+    """Integers too large for their column, or even to print, are refused calls: answered
+    ``input`` in one line (they were a ValueError raised through the daemon), nothing
+    written."""
+    seed(sqlite_url)
+    db = Database(sqlite_url)
+    try:
+        control = ControlService(db, leading_role(db), ["jobs.*"], "fuzz")
+        before = snapshot(sqlite_url)
+        reply = getattr(control, call[0])(*call[1])
+        assert reply["ok"] is False and reply["kind"] == "input", reply
+        assert "\n" not in reply["error"] and len(reply["error"]) < 200, reply
+        assert snapshot(sqlite_url) == before
+    finally:
+        db.dispose()
 
 
 def test_a_stored_job_that_cannot_be_planned_does_not_stop_the_others(sqlite_url: str) -> None:

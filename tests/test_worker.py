@@ -4,6 +4,7 @@ authentication."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -154,6 +155,110 @@ def test_malformed_dispatch_is_refused(db: Database, workers: list[Any], payload
         p.submit(1, payload)
     with proxy(workers[0].uri, SECRET, 5.0) as p:  # the daemon still serves
         assert p.ping()["capacity"] == 4
+
+
+def all_runs(db: Database) -> list[tuple[Any, ...]]:
+    with db.read() as conn:
+        return [tuple(r) for r in conn.execute(
+            sa.select(schema.runs).order_by(schema.runs.c.id))]
+
+
+#: (field, value, what the refusal names): each past its qc_runs column, or not an int.
+OUT_OF_RANGE = [
+    ("run_id", 2**63, "run_id must be an integer from 1 to 2**63 - 1"),  # was OverflowError
+    ("run_id", 2**64, "run_id must be an integer from 1 to 2**63 - 1"),
+    ("run_id", 2**200, "run_id must be an integer from 1 to 2**63 - 1"),
+    ("run_id", -1, "run_id must be an integer from 1 to 2**63 - 1"),
+    ("run_id", 0, "run_id must be an integer from 1 to 2**63 - 1"),
+    ("run_id", True, "run_id must be an integer from 1 to 2**63 - 1"),
+    ("attempt", 2**31, "attempt must be an integer from 1 to 2**31 - 1"),  # int4 column
+    ("attempt", 2**63, "attempt must be an integer from 1 to 2**31 - 1"),
+    ("attempt", 0, "attempt must be an integer from 1 to 2**31 - 1"),
+    ("attempt", -1, "attempt must be an integer from 1 to 2**31 - 1"),
+    ("attempt", True, "attempt must be an integer from 1 to 2**31 - 1"),
+    ("epoch", 2**63, "epoch must be an integer from 0 to 2**63 - 1"),
+    ("epoch", -1, "epoch must be an integer from 0 to 2**63 - 1"),
+    ("scheduled_at", 10**400, "scheduled_at must be a number of seconds"),  # float() fails
+    ("scheduled_at", float("nan"), "scheduled_at must be a number of seconds"),
+    ("scheduled_at", float("inf"), "scheduled_at must be a number of seconds"),
+    ("scheduled_at", 1e300, "scheduled_at must be a number of seconds"),
+]
+
+
+def _label(value: Any) -> str:
+    """``2**63``, ``-1``, ``10**400``, ``nan``: a test id people can read."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**16:
+        for base in (2, 10):
+            power = round(math.log(abs(value), base))
+            if base**power == abs(value):
+                return f"{'-' if value < 0 else ''}{base}**{power}"
+    return repr(value)
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), OUT_OF_RANGE,
+                         ids=[f"{f}={_label(v)}" for f, v, _ in OUT_OF_RANGE])
+def test_a_number_out_of_its_column_range_refuses_the_call_and_changes_nothing(
+    db: Database, workers: list[Any], field: str, value: Any, reason: str
+) -> None:
+    good = record(db, 1, func="jobs.builtin:noop")
+    bad = {**good[0], "job_id": "bad", field: value}
+    before = all_runs(db)
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        with pytest.raises(ValueError, match=r"^refused: malformed run record: ") as info:
+            p.submit(1, [*good, bad])
+        assert reason in str(info.value) and "\n" not in str(info.value), info.value
+        assert p.ping()["inflight"] == 0  # the daemon serves, and holds no place for them
+    assert all_runs(db) == before  # nothing claimed, the good run of the batch included
+    with proxy(workers[0].uri, SECRET, 5.0) as p:  # nor did it remember the good one
+        assert p.submit(1, good)["accepted"] == [good[0]["run_id"]]
+    assert wait_runs(db, 1)[0].status == "succeeded"
+
+
+@pytest.mark.parametrize("epoch", [2**63, 2**64, -1, True], ids=_label)
+def test_a_batch_epoch_out_of_range_is_refused(db: Database, workers: list[Any],
+                                               epoch: Any) -> None:
+    runs = record(db, 1, func="jobs.builtin:noop")
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        with pytest.raises(ValueError, match=r"^refused: epoch must be an integer from 0 to "
+                                             r"2\*\*63 - 1"):
+            p.submit(epoch, runs)
+        assert p.ping()["epoch"] == 0  # not fenced by it either
+        assert p.submit(1, runs)["accepted"] == [runs[0]["run_id"]]
+
+
+def test_the_largest_numbers_the_columns_hold_are_answered(db: Database,
+                                                           workers: list[Any]) -> None:
+    """The edges themselves pass the check and the database takes them in the claim: the
+    run (which does not exist) is answered "already claimed", not refused or raised."""
+    top = {"run_id": 2**63 - 1, "job_id": "top", "func": "jobs.builtin:noop", "args": "[]",
+           "kwargs": "{}", "scheduled_at": 253402300799.0, "attempt": 2**31 - 1,
+           "epoch": 2**63 - 1, "recover": False}
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        reply = p.submit(2**63 - 1, [top])
+        assert reply["refused"] == [[2**63 - 1, "already claimed"]], reply
+        assert p.ping() == {**p.ping(), "inflight": 0, "epoch": 2**63 - 1}
+
+
+def test_a_claim_that_raises_gives_back_the_places_it_took(db: Database,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Whatever goes wrong in the claim, the worker does not keep a queue place for, or
+    remember, a run it did not take (before, each such call leaked one place for ever)."""
+    w = RunningWorker(db, "claim")
+    try:
+        runs = record(db, 1, func="jobs.builtin:noop")
+
+        def broken(batch: list[dict[str, Any]]) -> set[int]:
+            raise RuntimeError("claim failed")
+
+        monkeypatch.setattr(w.worker, "_claim", broken)
+        with pytest.raises(RuntimeError):
+            w.worker.accept(1, runs)
+        assert w.worker.inflight() == 0
+        monkeypatch.undo()
+        assert w.worker.accept(1, runs)["accepted"] == [runs[0]["run_id"]]
+    finally:
+        w.stop()
 
 
 @pytest.mark.parametrize("handshake", ["hello", None, {"v": 1}, "wrong-secret"])
