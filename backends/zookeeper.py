@@ -8,6 +8,9 @@ Layout, inside the client's chroot::
     /qcluster/<cluster>/token_base                      persistent integer, see tokens
     /qcluster/<cluster>/clock                           touched to read the server's clock
 
+A chroot that does not exist yet is created at start (with the parents it lacks, and the
+ACL of our nodes), as Curator creates its namespace.
+
 Promises, on top of :mod:`backends.base`:
 
 * ``try_acquire`` never waits for another contender. It creates this backend's contender
@@ -166,19 +169,19 @@ class ZooKeeperBackend(CoordinationBackend):
             if self._client is not None:
                 return
             self._stopped.clear()
-            self._client = client = KazooClient(
-                hosts=",".join(self.hosts) + self.chroot,
-                timeout=self.session_timeout,
-                auth_data=[("digest", self._auth)] if self._auth else None,
-                default_acl=CREATOR_ALL_ACL if self._auth else None,
+            self._client = client = self._new_client(
+                self.chroot,
                 # Reconnect fast: a session survives only if we are back within its timeout.
-                connection_retry=KazooRetry(max_tries=-1, delay=0.05, max_delay=1.0),
-                logger=_kazoo_log,
+                KazooRetry(max_tries=-1, delay=0.05, max_delay=1.0),
             )
         client.add_listener(self._on_state)
         try:
             with self._errors(f"connecting to {','.join(self.hosts)}"):
-                client.start(timeout=max(self.session_timeout, 5.0))
+                self._start_client(client)
+                if self.chroot and client.exists("/") is None:
+                    # kazoo leaves a missing chroot to us; create it, as Curator does its
+                    # namespace. Checked once per start: one cheap exists on the way.
+                    self._create_chroot()
                 client.ensure_path(self._election)
                 client.ensure_path(self._members_path)
                 for path, value in ((self._leader, b""), (self._token_base, b"0")):
@@ -186,9 +189,48 @@ class ZooKeeperBackend(CoordinationBackend):
                         client.create(path, value)
                 with suppress(NodeExistsError):
                     client.create(self._clock, b"")
-        except BackendUnavailable:
+        except BaseException:
             self.stop()
             raise
+
+    def _new_client(self, chroot: str, retry: KazooRetry) -> KazooClient:
+        """A client of our servers at ``chroot``, with our auth and our nodes' ACL."""
+        return KazooClient(
+            hosts=",".join(self.hosts) + chroot,
+            timeout=self.session_timeout,
+            auth_data=[("digest", self._auth)] if self._auth else None,
+            default_acl=CREATOR_ALL_ACL if self._auth else None,
+            connection_retry=retry,
+            logger=_kazoo_log,
+        )
+
+    def _start_client(self, client: KazooClient) -> None:
+        """``client.start()``, without its check of the chroot: that one prints a
+        UserWarning ("No chroot path exists ...") on stderr, where we create it instead."""
+        client.start_async().wait(timeout=max(self.session_timeout, 5.0))
+        if not client.connected:
+            raise KazooTimeoutError("Connection time-out")  # stop() closes the client
+
+    def _create_chroot(self) -> None:
+        """Create the chroot and its missing parents, through a short-lived client on the
+        servers' root with the auth and ACL of our own nodes. A concurrent creation (another
+        node starting) is fine: ensure_path takes NodeExistsError as success."""
+        root = self._new_client("", KazooRetry(max_tries=3, delay=0.05, max_delay=1.0))
+        try:
+            self._start_client(root)
+            try:
+                root.ensure_path(self.chroot)
+            except NoAuthError:
+                raise BackendUnavailable(
+                    f"ZooKeeper refused to create the chroot {self.chroot} (no permission "
+                    f"on a parent node): create it beforehand, or set "
+                    f"[coordination.zookeeper] auth to a user that may"
+                ) from None
+            log.info("created the ZooKeeper chroot %s", self.chroot)
+        finally:
+            with suppress(Exception):  # best effort: a short session ends on its own
+                root.stop()
+                root.close()
 
     def stop(self) -> None:
         with self._lock:

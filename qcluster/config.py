@@ -268,10 +268,13 @@ class ClusterSettings(_Section):
     member_timeout_seconds: float = Field(default=10.0, gt=0, le=86400)
 
 
+NODE_ID_PATTERN = r"[A-Za-z0-9][\w.-]{0,127}"
+
+
 class NodeSettings(_Section):
     """``[node]``: ``id`` None means "<hostname>-<pid>", chosen at start, not here."""
 
-    id: Annotated[str, _like(r"[A-Za-z0-9][\w.-]{0,127}", "a hostname-like id")] | None = None
+    id: Annotated[str, _like(NODE_ID_PATTERN, "a hostname-like id")] | None = None
     roles: Annotated[
         tuple[Literal["scheduler", "worker"], ...],
         Field(strict=False, min_length=1),
@@ -428,6 +431,31 @@ class WorkerSettings(_Section):
     heartbeat_seconds: float = Field(default=1.0, gt=0, le=3600)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=86400)
     tags: Annotated[tuple[_Word, ...], _Tuple] = ()
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        """An IP address or an RFC 1123 host name, so that a typo is a config error here
+        and not a failure to resolve when the node binds. Whether this machine has that
+        address is known only then (start reports it)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        name = v.removesuffix(".")  # a fully qualified "node1.example.com."
+        labels = name.split(".")
+        label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        # An all-digit last label is no host name: "10.0.0.256" is a mistyped address.
+        if (len(name) > 253 or labels[-1].isdigit()
+                or not all(re.fullmatch(label, part) for part in labels)):
+            raise ValueError(
+                f"must be an IP address or a host name such as 'node1.example.com' "
+                f"(got {_show(v)})"
+            )
+        return v
 
 
 class DispatchSettings(_Section):

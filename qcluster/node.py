@@ -114,6 +114,7 @@ class Node:
         self._stop = threading.Event()
         self._stopped = False
         self._started = False
+        self._up = False  # every part started
 
     @property
     def is_scheduler(self) -> bool:
@@ -134,12 +135,25 @@ class Node:
     # -- start ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start every part; if one fails, stop what was started (a lease released, the
+        member records removed, the port and the connections closed) and raise."""
         s = self.settings
         secret = cluster_secret(s)
         self._started = True
+        try:
+            self._start(s, secret)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, s: Settings, secret: str) -> None:
         configure_pyro(serializer=s.rpc.serializer, timeout=s.rpc.timeout_seconds,
                        max_message_bytes=s.rpc.max_message_bytes, tls=s.rpc.tls,
                        threads=max(16, s.worker.concurrency + 8))
+        # Listen first: a port in use, or an address this machine does not have, is an
+        # error (ConfigError) before the node touches the database or a backend.
+        daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
+        self._daemon = DaemonThread(daemon, "qc-rpc")
         self.db = db = Database(s.database_url())
         if not db.is_current():
             log.info("creating or upgrading the schema of %s", db.display_url)
@@ -151,8 +165,6 @@ class Node:
             # The backend the config names is connected at start (a wrong address is a
             # startup error), unless the cluster does not use it and this node campaigns.
             self._backend(s.coordination.backend)
-        daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
-        self._daemon = DaemonThread(daemon, "qc-rpc")
         if self.is_worker:
             self.worker = Worker(db, node_id=self.node_id, session=self.session,
                                  concurrency=s.worker.concurrency, allow=list(s.jobs.allow))
@@ -177,6 +189,7 @@ class Node:
                 on_reshaped=self._reshaped,
             )
             self.leadership.start()
+        self._up = True
         log.info("node %s started (roles: %s, rpc: %s)", self.node_id, ",".join(self.roles),
                  daemon.locationStr)
 
@@ -420,7 +433,7 @@ class Node:
             backend.stop()
         if self.db is not None:
             self.db.dispose()
-        if self._daemon is not None:
+        if self._up:
             log.info("node %s stopped", self.node_id)
 
     def wait(self) -> None:

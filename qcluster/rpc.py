@@ -14,12 +14,14 @@ retry ourselves, idempotently), and a bounded message size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +32,8 @@ import Pyro5.api
 import Pyro5.errors
 import Pyro5.protocol
 import Pyro5.server
+
+from qcluster.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,10 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
     """A Pyro5 daemon that refuses connections without a valid secret proof."""
 
     def __init__(self, secret: str, *, host: str, port: int = 0) -> None:
-        super().__init__(host=host, port=port)
+        try:
+            super().__init__(host=host, port=port)  # binds and listens
+        except OSError as e:  # socket.gaierror and ssl.SSLError included
+            raise ConfigError(_listen_error(host, port, e)) from None
         self._checker = ProofChecker(secret)
 
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
@@ -192,6 +199,19 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
             log.warning("refused RPC connection from %s: %s", _peer(conn), e)
             raise
         return "ok"
+
+
+def _listen_error(host: str, port: int, e: OSError) -> str:
+    """One line for a daemon that cannot listen: the address, the keys, the reason."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = e.strerror or str(e) or type(e).__name__
+    if isinstance(e, socket.gaierror):
+        return f"cannot listen on {where}: cannot resolve [worker] host {host!r} ({reason})"
+    tls_files = isinstance(e, ssl.SSLError) or e.errno in (errno.ENOENT, errno.EISDIR)
+    if Pyro5.config.SSL and tls_files:
+        # Pyro5 loads the certificates as it sets up the listening socket.
+        return f"cannot load the [rpc.tls] cert, key or ca for the RPC daemon: {reason}"
+    return f"cannot listen on {where} ([worker] host/port): {reason}"
 
 
 def _drop(conn: Any) -> None:

@@ -837,3 +837,26 @@ def test_jobs_paths_must_be_an_array_of_strings() -> None:
         "qcluster.toml: jobs.paths: must be an array (got string)")
     assert "jobs.paths[0]: must be a path string (got integer)" in error_of("[jobs]\npaths = [1]\n")
     assert "jobs.paths[0]: cannot use" in error_of('[jobs]\npaths = ["a\\u0000b"]\n')
+
+
+# --- [worker] host ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "0.0.0.0", "10.0.0.5", "::1", "::", "fe80::1%eth0", "localhost",
+    "node1", "node-1.example.com", "node1.example.com.", "1node.example", "a" * 63,
+    ".".join(["a" * 63] * 3 + ["b" * 61]),
+])  # fmt: skip
+def test_worker_host_takes_an_ip_address_or_a_host_name(host: str) -> None:
+    assert load(f"[worker]\nhost = {json.dumps(host)}\n").worker.host == host
+
+
+@pytest.mark.parametrize("host", [
+    "not a host!", "node_1", "-node", "node-", "a..b", ".", "node/1", "node:1",
+    "10.0.0.256", "1.2.3", "1234", "a" * 64, ".".join(["a" * 63] * 4), "nöde",
+    "127.0.0.1 ", "[::1]",
+])  # fmt: skip
+def test_worker_host_that_is_no_address_nor_host_name_is_a_one_line_error(host: str) -> None:
+    message = error_of(f"[worker]\nhost = {json.dumps(host)}\n")
+    assert message.startswith("qcluster.toml: worker.host: must be an IP address or a host "
+                              "name such as 'node1.example.com' (got "), message
