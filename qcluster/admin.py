@@ -27,6 +27,7 @@ from qcluster.cluster import ClusterState, ensure_cluster, read_cluster
 from qcluster.config import Settings
 from qcluster.db import Database
 from qcluster.errors import (
+    INPUT_KINDS,
     BackendUnavailable,
     DatabaseUnavailable,
     Fenced,
@@ -216,6 +217,8 @@ def _try_leader(settings: Settings, state: ClusterState, method: str,
         return None
     if kind == "input":
         raise InputError(error)
+    if kind in INPUT_KINDS:
+        raise INPUT_KINDS[kind](error)
     if kind == "unavailable":
         raise DatabaseUnavailable(error)
     raise QClusterError(error)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -23,9 +24,8 @@ import typer
 
 from qcluster import __version__, admin, output
 from qcluster.client import Change, Client
-from qcluster.config import Settings, settings_to_public_dict
+from qcluster.config import NODE_ID_PATTERN, Settings, settings_to_public_dict
 from qcluster.errors import InputError, QClusterError
-from qcluster.jobdefs import check_job_id
 from qcluster.jobfile import parse_cli_value
 
 
@@ -89,10 +89,18 @@ def client(config: Path | None) -> Client:
     """The command's client: ``--config`` given after the command, or before it (both only
     if they agree), else ``$QCLUSTER_CONFIG``, ``./qcluster.toml``, the defaults."""
     root = _root_config.get()
-    if root is not None and config is not None and root != config:
+    if root is not None and config is not None and _same_file(root, config) is False:
         raise InputError(f"--config is given twice ({root} before the command, {config} "
                          "after it): give one")
     return Client(config if config is not None else root)
+
+
+def _same_file(a: Path, b: Path) -> bool | None:
+    """Whether ``a`` and ``b`` name one file however spelt (None: neither can be read)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return None if a == b else False
 
 
 def settings(config: Path | None) -> Settings:
@@ -122,8 +130,9 @@ def start(
                                          "worker": ("worker",)}.get(role)
     if role is not None and roles is None:
         raise InputError(f"invalid --role {role!r}: use all, scheduler or worker")
-    if node_id is not None:
-        check_job_id(node_id)
+    if node_id is not None and not re.fullmatch(NODE_ID_PATTERN, node_id):
+        raise InputError(f"invalid --node-id {node_id!r}: use 1-128 letters, digits, "
+                         "'_', '.' or '-', starting with a letter or digit")
     s = settings(config)
     if roles is None:
         roles = s.node.roles
@@ -153,6 +162,7 @@ def _setup_logging(*, quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("Pyro5").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ...", per start
     for name in _DRIVER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

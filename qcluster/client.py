@@ -79,6 +79,10 @@ class Client:
                  settings: Settings | None = None) -> None:
         if settings is not None and config is not None:
             raise InputError("give a config path or settings, not both")
+        if config is not None and not isinstance(config, str | Path):
+            raise InputError(f"config must be a path, not {type(config).__name__}")
+        if settings is not None and not isinstance(settings, Settings):
+            raise InputError(f"settings must be Settings, not {type(settings).__name__}")
         if settings is None:
             settings = load_settings(resolve_config_path(None if config is None
                                                          else Path(config)))
@@ -136,8 +140,17 @@ class Client:
     ) -> JobDef:
         """The validated definition :meth:`add` would write (nothing is written): the
         reference is checked against ``[jobs] allow`` and imported."""
+        kinds: tuple[tuple[str, object, type | tuple[type, ...]], ...] = (
+            ("cron", cron, str), ("at", at, (str, datetime)), ("tz", tz, str))
+        for name, value, kind in kinds:
+            if value is not None and not isinstance(value, kind):
+                raise InputError(f"{name} must be a string, not {type(value).__name__}")
         if isinstance(every, timedelta):
             every = every.total_seconds()
+        elif every is not None and (isinstance(every, bool)
+                                    or not isinstance(every, str | int | float)):
+            raise InputError(f"every must be a duration such as \"30s\", seconds or a "
+                             f"timedelta, not {type(every).__name__}")
         if isinstance(at, datetime):
             at = at.isoformat()
         trigger = make_spec(cron=cron, every=every, at=at, tz=tz,
@@ -157,19 +170,33 @@ class Client:
             defs = load_job_file(Path(source), allow=list(self.settings.jobs.allow),
                                  default_tz=self.settings.scheduler.timezone)
         else:
-            defs = list(source)
-            if not all(isinstance(d, JobDef) for d in defs):
-                raise InputError("apply takes a job file path or JobDef objects")
-            seen: set[str] = set()
-            for d in defs:
-                if d.id in seen:
-                    raise InputError(f"job {d.id!r}: the id is used twice")
-                seen.add(d.id)
+            defs = self._checked(source)
         outcome = admin.apply_jobs(self.settings, defs, prune=prune)
         r = outcome.result if isinstance(outcome.result, dict) else {}
         return Applied(created=list(r.get("created", [])), updated=list(r.get("updated", [])),
                        unchanged=list(r.get("unchanged", [])),
                        removed=list(r.get("removed", [])), via=outcome.via)
+
+    def _checked(self, source: object) -> list[JobDef]:
+        """Definitions given as objects are checked again as the leader checks them (a
+        JobDef can be built by hand, or changed with ``dataclasses.replace``)."""
+        if isinstance(source, str | bytes) or not isinstance(source, Iterable):
+            raise InputError("apply takes a job file path or JobDef objects")
+        defs: list[JobDef] = []
+        seen: set[str] = set()
+        for d in source:
+            if not isinstance(d, JobDef):
+                raise InputError("apply takes a job file path or JobDef objects")
+            try:
+                wire = d.to_wire()
+            except (TypeError, ValueError):
+                raise InputError(f"job {d.id!r}: malformed definition") from None
+            checked = validate_job(wire, self.settings.jobs.allow, import_it=True)
+            if checked.id in seen:
+                raise InputError(f"job {checked.id!r}: the id is used twice")
+            seen.add(checked.id)
+            defs.append(checked)
+        return defs
 
     def pause(self, job_id: str) -> Change:
         """Pause a job: it fires no more until resumed."""
@@ -238,9 +265,13 @@ def _since(value: str | datetime | float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise InputError(f"invalid since {value!r}: expected a time")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise InputError("invalid since: expected a time")
+        return seconds
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -3,7 +3,9 @@
 Every method takes plain data, checks it, and answers ``{"ok": True, ...}`` or
 ``{"ok": False, "kind": ..., "error": "one line"}``; no exception crosses the wire.
 ``kind`` is ``not_leader`` (ask again elsewhere or write directly), ``input`` (bad
-request: nothing was written) or ``unavailable``. Writes happen in one transaction
+request: nothing was written; ``not_found``, ``exists`` and ``not_allowed`` are the kinds
+of it that have an exception class of their own, see :data:`INPUT_KINDS`) or
+``unavailable``. Writes happen in one transaction
 fenced on the leader's epoch, and then the scheduler is woken so it sees them at once.
 
 Numbers from the caller: the only one stored in an integer column is a job's
@@ -26,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from qcluster import catalog
 from qcluster.db import Database
-from qcluster.errors import Fenced, InputError, QClusterError
+from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.jobdefs import check_job_id, validate_job
 from qcluster.leader import LeaderRole
 
@@ -41,6 +43,11 @@ def _ok(**data: Any) -> dict[str, Any]:
 
 def _err(kind: str, error: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": error}
+
+
+def _refused(e: InputError) -> dict[str, Any]:
+    kind = next((k for k, cls in INPUT_KINDS.items() if isinstance(e, cls)), "input")
+    return _err(kind, str(e))
 
 
 #: What checking a value can raise when the value cannot be shown in the InputError:
@@ -108,7 +115,7 @@ class ControlService:
         try:
             defs = [validate_job(j, self._allow) for j in jobs]
         except InputError as e:
-            return _err("input", str(e))
+            return _refused(e)
         except _UNSHOWABLE as e:
             return _unshowable(e)
 
@@ -124,7 +131,7 @@ class ControlService:
         try:
             jid = check_job_id(job_id)
         except InputError as e:
-            return _err("input", str(e))
+            return _refused(e)
         except _UNSHOWABLE as e:
             return _unshowable(e)
         return self._write(lambda conn: op(conn, jid))
@@ -137,7 +144,7 @@ class ControlService:
             with self._db.fenced(epoch) as conn:
                 result = op(conn)
         except InputError as e:
-            return _err("input", str(e))
+            return _refused(e)
         except Fenced as e:
             return _err("not_leader", str(e))
         except QClusterError as e:

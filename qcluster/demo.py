@@ -32,7 +32,8 @@ def demo_jobs(settings: Settings) -> list[JobDef]:
 
 
 def run_demo(settings: Settings, node: Node) -> None:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # a piped line is not cut at 80
+    admin.upgrade_db(settings)  # a new PostgreSQL database too, not only the embedded one
     admin.apply_jobs(settings, demo_jobs(settings), prune=False)
     t0 = time.monotonic()
     node.start()

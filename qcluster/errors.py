@@ -50,3 +50,10 @@ class NotLeader(QClusterError):
 
 class RpcRefused(QClusterError):
     """A peer refused an RPC call (bad secret, bad payload, stale epoch)."""
+
+
+#: The refusals that have a class of their own, by the ``kind`` the control API answers
+#: with: a caller raises the same class whether its change went through the leader or
+#: straight to the database.
+INPUT_KINDS: dict[str, type[InputError]] = {
+    "not_found": JobNotFound, "exists": JobExists, "not_allowed": NotAllowed}

@@ -371,9 +371,13 @@ def _parse_at(text: str, zone: tzinfo, *, need_offset: bool) -> datetime:
             at = at.replace(tzinfo=zone)  # fold=0: an ambiguous autumn time is the first one
             if _normalize(at).replace(tzinfo=None) != at.replace(tzinfo=None):
                 raise InputError(f"{_quote(text)} does not exist in {zone} (skipped by DST)")
-        return at.astimezone(zone)
-    except OverflowError:
+        at = at.astimezone(zone)
+        # Stored and compared as a float timestamp: it must come back as a datetime
+        # (9999-12-31T23:59:59.99999 rounds to year 10000).
+        datetime.fromtimestamp(at.timestamp(), UTC)
+    except (OverflowError, ValueError, OSError):
         raise InputError(f"date {_quote(text)} is out of range") from None
+    return at
 
 
 def _string(spec: dict[Any, Any], key: str) -> str:

@@ -445,6 +445,10 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
              ["--config", str(bad_key), "jobs", "list", "--config", str(bad_toml)],
              ("--config", "twice")),
         Case("bad --role", ["start", "--role", "boss"], ("--role",)),
+        Case("empty --node-id", ["start", "--node-id", ""], ("--node-id",)),
+        Case("the same config spelt two ways is one config, a missing one is refused",
+             ["-c", bad_key, "jobs", "list", "-c", str(tmp_path / "." / "bad-key.toml")],
+             ("scheduler.poll_secs",)),
     ]
 
 

@@ -138,6 +138,16 @@ def test_python_only_inputs_are_checked_too(config: Path, db_url: str) -> None:
         (lambda: c.runs(limit=2**31), "limit"),
         (lambda: c.runs(since=float("nan")), "since"),
         (lambda: c.runs(since=object()), "since"),  # type: ignore[arg-type]
+        (lambda: c.runs(since=10**400), "since"),
+        (lambda: c.add("x", HELLO, every="1s", tz=5), "tz must be a string"),  # type: ignore[arg-type]
+        (lambda: c.add("x", HELLO, cron=5), "cron must be a string"),  # type: ignore[arg-type]
+        (lambda: c.add("x", HELLO, every=True), "every must be"),
+        (lambda: c.add("x", HELLO, every=object()), "every must be"),  # type: ignore[arg-type]
+        (lambda: c.add("x", HELLO, at="9999-12-31T23:59:59.99999"), "out of range"),
+        (lambda: c.apply(None), "apply takes"),  # type: ignore[arg-type]
+        (lambda: c.apply(5), "apply takes"),  # type: ignore[arg-type]
+        (lambda: Client(5), "config must be a path"),  # type: ignore[arg-type]
+        (lambda: Client(settings=5), "settings must be Settings"),  # type: ignore[arg-type]
     ]:
         with pytest.raises(InputError, match=fragment):
             call()
@@ -206,3 +216,52 @@ def test_a_concurrent_add_of_the_same_id_is_reported_as_existing_not_crashed(
     assert raced
     jobs = Client(config).list()
     assert [(j["id"], j["trigger"]) for j in jobs] == [("same", "every 1h")]
+
+
+def test_definitions_built_by_hand_are_checked_again_before_apply(config: Path,
+                                                                  db_url: str) -> None:
+    """A JobDef can be made without :meth:`Client.job` (or changed with
+    ``dataclasses.replace``): apply checks each one as the leader would, and a bad one
+    writes nothing, the good ones beside it included."""
+    import dataclasses
+
+    c = Client(config)
+    good = c.job("good", HELLO, every="1s")
+    before = table_rows(db_url)
+    for bad, error, fragment in [
+        (dataclasses.replace(good, id="bad", func="os:system"), NotAllowed, "not allowed"),
+        (dataclasses.replace(good, id="a b"), InputError, "invalid job id"),
+        (dataclasses.replace(good, id="bad", misfire_grace_seconds=-5), InputError,
+         "misfire_grace_seconds"),
+        (dataclasses.replace(good, id="bad", misfire_grace_seconds=2**40), InputError,
+         "misfire_grace_seconds"),
+        (dataclasses.replace(good, id="bad", args=(object(),)), InputError, "JSON data"),
+        (dataclasses.replace(good, id="bad", trigger={"type": "date", "at": "never"}),  # type: ignore[arg-type]
+         InputError, "trigger"),
+    ]:
+        with pytest.raises(error, match=fragment):
+            c.apply([good, bad])
+    assert table_rows(db_url) == before
+
+
+def test_refusals_raise_the_same_class_through_a_running_leader(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """With a leader the change goes over the control API; the refusal must still be
+    ``JobExists`` / ``JobNotFound`` / ``NotAllowed``, not a bare InputError."""
+    from tests.helpers import start_node, wait_for
+
+    config = config_with_tables(tmp_path, sqlite_url)
+    c = Client(config)
+    with start_node(config, node_id="n1", log_path=tmp_path / "n1.log") as node:
+        wait_for(lambda: c.cluster_status()["leader"], timeout=30, what="a leader",
+                 details=node.log_tail)
+        assert c.add("seed", HELLO, every="1h").via == "leader n1"
+        with pytest.raises(JobExists):
+            c.add("seed", HELLO, every="1h")
+        with pytest.raises(JobNotFound):
+            c.pause("ghost")
+        with pytest.raises(JobNotFound):
+            c.run("ghost")
+        node.terminate()
+        node.wait()
