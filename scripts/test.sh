@@ -4,10 +4,13 @@
 # 1. Installs the Debian packages of the test servers (postgresql, zookeeper, redis-server)
 #    when one is missing and we are root; apt-get update runs only then. Not root: says
 #    what is missing and goes on (those tests skip, or fail when CI=true).
-# 2. Brings the Python environment it runs in ($PYTHON, else python on PATH) to the lock:
-#    pip install -r requirements/test.txt (exact versions of every tool and library the
-#    tests use), then pip install --no-deps -e . (this checkout). Every run: pip changes
-#    only what differs from the lock, so a stale environment cannot pass for a fresh one.
+# 2. Brings the Python environment to the lock: pip install -r requirements/test.txt
+#    (exact versions of every tool and library the tests use, the build backend included),
+#    then pip install --no-deps --no-build-isolation -e . (this checkout). The environment
+#    is $PYTHON's, else the active virtualenv's; with neither, ./.venv (made on first use),
+#    so that a system or Debian-managed Python is never changed. Every run pip changes what
+#    differs from the lock; a package that the lock does not have is named in a warning (it
+#    could hide a missing dependency: CI's fresh virtualenv has none).
 #    QCLUSTER_LOCK=requirements/lowest.txt tests the lowest versions pyproject.toml admits.
 # 3. ruff and mypy; QCLUSTER_SKIP_LINT=1 skips them.
 # 4. pytest, whose exit status is the script's; "no tests collected" (5) is a failure.
@@ -20,7 +23,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+if [[ -z ${PYTHON:-} && -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then
+    PYTHON=$VIRTUAL_ENV/bin/python
+fi
 
 say() { printf 'test.sh: %s\n' "$*" >&2; }
 
@@ -56,12 +61,21 @@ fi
 
 # -- 2. Python packages ---------------------------------------------------------------
 
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ ! -x .venv/bin/python ]]; then
+        say "no virtualenv active and no \$PYTHON: making ./.venv"
+        "$(command -v python3 || command -v python)" -m venv .venv
+    fi
+    PYTHON=$(pwd)/.venv/bin/python
+fi
 lock=${QCLUSTER_LOCK:-requirements/test.txt}
 [[ -f $lock ]] || { say "no lock file $lock"; exit 2; }
 pip_quiet=(--quiet --disable-pip-version-check)
-say "pip install -r $lock; pip install --no-deps -e ."
+say "$PYTHON: pip install -r $lock; pip install --no-deps --no-build-isolation -e ."
 "$PYTHON" -m pip install "${pip_quiet[@]}" -r "$lock" </dev/null
-"$PYTHON" -m pip install "${pip_quiet[@]}" --no-deps -e . </dev/null
+"$PYTHON" -m pip install "${pip_quiet[@]}" --no-deps --no-build-isolation -e . </dev/null
+extra=$("$PYTHON" scripts/unlocked.py "$lock")
+[[ -z $extra ]] || say "warning: installed here but not in $lock (a fresh machine lacks them): $extra"
 
 # -- 3. Lint and types ----------------------------------------------------------------
 
