@@ -66,7 +66,7 @@ from qcluster.cluster import read_cluster
 from qcluster.config import config_keys, load_settings_from_mapping, load_settings_from_text
 from qcluster.control import ControlService
 from qcluster.db import Database
-from qcluster.errors import ConfigError, InputError
+from qcluster.errors import INPUT_KINDS, ConfigError, InputError
 from qcluster.jobdefs import JOB_ID_RE, JobDef
 from qcluster.jobfile import load_job_file
 from qcluster.jobstore import FireRow, SqlJobStore, insert_runs
@@ -765,7 +765,8 @@ def check_control_reply(call: Any, reply: Any, *, leading: bool) -> str:
     if reply["ok"]:
         assert leading or call[0] == "whoami", (call, reply)
         return "ok"
-    assert reply["kind"] in {"input", "not_leader", "unavailable"}, f"{call!r} -> {reply!r}"
+    refusals = {"input", *INPUT_KINDS, "not_leader", "unavailable"}
+    assert reply["kind"] in refusals, f"{call!r} -> {reply!r}"
     assert isinstance(reply["error"], str) and "\n" not in reply["error"], reply
     return "refused"
 
