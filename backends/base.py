@@ -2,7 +2,7 @@
 
 A backend settles which scheduler node leads, and keeps the list of live members. It is
 built from a few atomic operations; the leadership loop (campaign, renew, step down) is
-written once, in :mod:`qcluster.leadership`, on top of them.
+written once, in :mod:`qcluster.leader.election`, on top of them.
 
 Rules every backend keeps (the contract suite in ``tests/contract`` checks each one on a
 real server):

@@ -25,8 +25,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
-from qcluster import schema
-from qcluster.db import Database
+from qcluster.store import schema
+from qcluster.store.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from backends.base import CoordinationBackend
 from qcluster.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
-    from qcluster.config import Settings
-    from qcluster.db import Database
+    from qcluster.settings.config import Settings
+    from qcluster.store.db import Database
 
 BACKENDS = ("dblock", "zookeeper", "redis")
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster import schema
-from qcluster.cluster import read_cluster
-from qcluster.db import Database
+from qcluster.store import schema
+from qcluster.store.cluster import read_cluster
+from qcluster.store.db import Database
 from tests.helpers import run_cli, start_node, wait_for, write_config
 
 

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qcluster.cluster import read_cluster
-from qcluster.db import Database
+from qcluster.store.cluster import read_cluster
+from qcluster.store.db import Database
 from tests.cluster.harness import Cluster, check_exactly_once, records_of
 from tests.helpers import run_cli, wait_for, write_config
 

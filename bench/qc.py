@@ -7,8 +7,8 @@ the RPC secret, the worker's concurrency and the dblock lease (``--lease``, whic
 how long a failover takes). Node logs go to ``<out>/logs``.
 
 Jobs are written straight into ``qc_jobs`` with PostgreSQL ``COPY``: the same columns and
-values that ``qcluster.catalog.upsert_jobs`` writes (a canonical trigger spec from
-:func:`qcluster.triggers.validate_spec`, JSON arguments, version 1), but fast enough to
+values that ``qcluster.store.catalog.upsert_jobs`` writes (a canonical trigger spec from
+:func:`qcluster.definitions.triggers.validate_spec`, JSON arguments, version 1), but fast enough to
 store a million jobs. The leader re-reads the store at least every ``poll_seconds``, so it
 sees them as it sees jobs that the CLI wrote while no leader was alive.
 """
@@ -28,10 +28,10 @@ import sqlalchemy as sa
 
 from bench.common import Options, RssSampler, percentile
 from bench.fires import Fire
-from qcluster import schema
-from qcluster.cluster import ClusterState, read_cluster
-from qcluster.db import Database
-from qcluster.triggers import validate_spec
+from qcluster.definitions.triggers import validate_spec
+from qcluster.store import schema
+from qcluster.store.cluster import ClusterState, read_cluster
+from qcluster.store.db import Database
 from tests.helpers import NodeProcess, run_cli, start_node, wait_for, write_config
 
 JOB_COLUMNS = ("id", "func", "trigger", "args", "kwargs", "next_run_time", "paused",

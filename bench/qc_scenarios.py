@@ -58,7 +58,7 @@ from bench.common import (
 )
 from bench.fires import Key, account, expected_keys, undone
 from bench.qc import QcCluster, date_spec, interval_spec, job_row
-from qcluster import catalog
+from qcluster.store import catalog
 from tests.helpers import read_records, run_cli, wait_for
 
 Profile = Callable[[str, float], None]

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from qcluster.cli import main
+from qcluster.cli.main import main
 
 main()

@@ -1,7 +1,7 @@
 """A node: one ``qcluster start`` process, with the roles ``scheduler``, ``worker`` or both.
 
 A scheduler node campaigns through the coordination backend and, while it leads, runs
-the :class:`~qcluster.leader.LeaderRole`. A worker node serves runs over Pyro5. Every
+the :class:`~qcluster.leader.role.LeaderRole`. A worker node serves runs over Pyro5. Every
 node keeps its membership alive with a heartbeat. One authenticated Pyro5 daemon per node
 hosts the worker object and the control object.
 
@@ -23,17 +23,17 @@ from types import TracebackType
 from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend, merge_members
 from backends.loader import load_backend_by_name
-from qcluster import migration
-from qcluster.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
-from qcluster.config import Settings
-from qcluster.control import ControlService
-from qcluster.db import Database
+from qcluster.definitions.jobdefs import extend_import_path
 from qcluster.errors import BackendUnavailable, ConfigError, Fenced, QClusterError
-from qcluster.jobdefs import extend_import_path
-from qcluster.leader import LeaderRole
-from qcluster.leadership import Leadership
-from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
-from qcluster.worker import Worker, WorkerService
+from qcluster.leader import migration
+from qcluster.leader.control import ControlService
+from qcluster.leader.election import Leadership
+from qcluster.leader.role import LeaderRole
+from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
+from qcluster.settings.config import Settings
+from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
+from qcluster.store.db import Database
+from qcluster.worker.runner import Worker, WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +169,14 @@ class Node:
             self.worker = Worker(db, node_id=self.node_id, session=self.session,
                                  concurrency=s.worker.concurrency, allow=list(s.jobs.allow))
             self.worker.start()
-            self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker"))
+            self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker.runner"))
         if self.is_scheduler:
-            control_uri = str(daemon.uriFor("qcluster.control"))
+            control_uri = str(daemon.uriFor("qcluster.leader.control"))
             self.leader = LeaderRole(s, db, members=self.live_members, node_id=self.node_id,
                                      control_uri=control_uri, secret=secret,
                                      revoke=self._revoke, drive=self._drive)
             daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id),
-                            "qcluster.control")
+                            "qcluster.leader.control")
         self._daemon.start()
         self._beat()  # be a member before anything depends on it
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="qc-heartbeat",
@@ -262,7 +262,7 @@ class Node:
         record_lease(self.db, node_id=self.node_id, epoch=epoch, lease=lease)
 
     def _drive(self, epoch: int, members: list[MemberInfo]) -> None:
-        """The leader's part of a migration, once a second (see :mod:`qcluster.migration`),
+        """The leader's part of a migration, once a second (see :mod:`qcluster.leader.migration`),
         with the live members its recovery pass has just read."""
         assert self.db is not None
         leadership = self.leadership

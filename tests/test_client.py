@@ -14,8 +14,8 @@ import pytest
 
 import qcluster
 from qcluster import Client
-from qcluster.config import load_settings
 from qcluster.errors import InputError, JobExists, JobNotFound, NotAllowed, QClusterError
+from qcluster.settings.config import load_settings
 from tests.helpers import assert_cli_error, run_cli, run_json, write_config, write_job_file
 from tests.test_cli import config_with_tables, table_rows
 
@@ -169,7 +169,7 @@ def test_a_leader_winning_during_a_change_makes_it_try_again_not_fail(
     written) and the change is made again, once."""
     import sqlalchemy as sa
 
-    from qcluster import admin
+    from qcluster.client import admin
 
     real = admin._leader_alive
     calls: list[int] = []
@@ -198,7 +198,7 @@ def test_a_concurrent_add_of_the_same_id_is_reported_as_existing_not_crashed(
     one's row is committed between this change's read and its insert. The unique
     violation makes the change try again, and it then refuses the existing id, as it
     would have if it had come second."""
-    from qcluster import catalog
+    from qcluster.store import catalog
 
     config = config_with_tables(tmp_path, pg_url)
     real = catalog.first_fire

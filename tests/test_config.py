@@ -1,4 +1,5 @@
-"""Unit tests of qcluster.config: resolution, defaults, errors, secrets, the example file."""
+"""Unit tests of qcluster.settings.config: resolution, defaults, errors, secrets, the
+example file."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcluster.config import (
+from qcluster.errors import ConfigError
+from qcluster.settings.config import (
     DEFAULTS_SOURCE,
     Settings,
     config_keys,
@@ -27,7 +29,6 @@ from qcluster.config import (
     resolve_config_path,
     settings_to_public_dict,
 )
-from qcluster.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 NO_ENV: Mapping[str, str] = {}
@@ -610,7 +611,7 @@ def test_world_readable_file_with_a_secret_warns_once(
     path = tmp_path / "q.toml"
     path.write_text("[rpc]\nsecret = 'hunter2'\n")
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="qcluster.config"):
+    with caplog.at_level(logging.WARNING, logger="qcluster.settings.config"):
         load_settings(path, NO_ENV)
         load_settings(path, NO_ENV)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -629,7 +630,7 @@ def test_private_file_or_file_without_secrets_does_not_warn(
     public = tmp_path / "public.toml"
     public.write_text("[database]\nurl = 'postgresql://user@host/db'\n")
     public.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="qcluster.config"):
+    with caplog.at_level(logging.WARNING, logger="qcluster.settings.config"):
         load_settings(private, NO_ENV)
         load_settings(public, NO_ENV)
     assert not caplog.records

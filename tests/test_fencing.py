@@ -14,14 +14,14 @@ import sqlalchemy as sa
 
 from backends.base import Lease
 from backends.dblock import DBLockBackend
-from qcluster import catalog, schema
-from qcluster.cluster import ensure_cluster, take_epoch
-from qcluster.db import Database
+from qcluster.definitions.jobdefs import JobDef
+from qcluster.definitions.triggers import make_spec
 from qcluster.errors import Fenced
-from qcluster.jobdefs import JobDef
-from qcluster.jobstore import Advance, FireRow, SqlJobStore
-from qcluster.scheduler import FireExecutor, LeaderScheduler
-from qcluster.triggers import make_spec
+from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
+from qcluster.store import catalog, schema
+from qcluster.store.cluster import ensure_cluster, take_epoch
+from qcluster.store.db import Database
+from qcluster.store.jobstore import Advance, FireRow, SqlJobStore
 
 
 @pytest.fixture

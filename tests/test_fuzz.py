@@ -2,7 +2,7 @@
 
 What each edge must do with anything it is given:
 
-- the CLI (``qcluster.cli.main``, in this process): succeed, or print exactly one line
+- the CLI (``qcluster.cli.main.main``, in this process): succeed, or print exactly one line
   ``error: ...`` on stderr and exit non-zero, never a traceback nor an "internal error";
   a failed command leaves the jobs, runs and cluster tables as they were;
 - the config loader: raise only ConfigError, on one line (``test_config.py`` fuzzes random
@@ -59,22 +59,26 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from Pyro5.serializers import serializers_by_id
 
-from qcluster import bounds, catalog, schema
-from qcluster.admin import upgrade_db
-from qcluster.cli import main as cli_main
-from qcluster.cluster import read_cluster
-from qcluster.config import config_keys, load_settings_from_mapping, load_settings_from_text
-from qcluster.control import ControlService
-from qcluster.db import Database
+from qcluster.cli.main import main as cli_main
+from qcluster.client.admin import upgrade_db
+from qcluster.definitions.jobdefs import JOB_ID_RE, JobDef
+from qcluster.definitions.jobfile import load_job_file
+from qcluster.definitions.triggers import make_spec
 from qcluster.errors import INPUT_KINDS, ConfigError, InputError
-from qcluster.jobdefs import JOB_ID_RE, JobDef
-from qcluster.jobfile import load_job_file
-from qcluster.jobstore import FireRow, SqlJobStore, insert_runs
-from qcluster.leader import LeaderRole
-from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
-from qcluster.scheduler import FireExecutor
-from qcluster.triggers import make_spec
-from qcluster.worker import Worker, WorkerService, check_batch
+from qcluster.leader.control import ControlService
+from qcluster.leader.role import LeaderRole
+from qcluster.leader.scheduler import FireExecutor
+from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
+from qcluster.settings.config import (
+    config_keys,
+    load_settings_from_mapping,
+    load_settings_from_text,
+)
+from qcluster.store import bounds, catalog, schema
+from qcluster.store.cluster import read_cluster
+from qcluster.store.db import Database
+from qcluster.store.jobstore import FireRow, SqlJobStore, insert_runs
+from qcluster.worker.runner import Worker, WorkerService, check_batch
 from tests.fuzzing import max_examples as scaled
 from tests.helpers import (
     TEST_SECRET,
@@ -678,9 +682,9 @@ def daemon(sqlite_url: str) -> Iterator[InProcessDaemon]:
         worker = Worker(db, node_id="fuzz", session="s-fuzz", concurrency=2, allow=["jobs.*"])
         worker.start()
         d = AuthDaemon(TEST_SECRET, host="127.0.0.1")
-        worker_uri = str(d.register(WorkerService(worker), "qcluster.worker"))
+        worker_uri = str(d.register(WorkerService(worker), "qcluster.worker.runner"))
         control = ControlService(db, leading_role(db), ["jobs.*"], "fuzz")
-        control_uri = str(d.register(control, "qcluster.control"))
+        control_uri = str(d.register(control, "qcluster.leader.control"))
         thread = DaemonThread(d, "fuzz-rpc")
         thread.start()
         try:
@@ -977,7 +981,7 @@ def refused(reply: bytes) -> bool:
 
 def handshake(serializer: int, proof: Any) -> bytes:
     """A client's MSG_CONNECT; its data in msgpack when ``serializer`` cannot carry it."""
-    data = {"handshake": proof, "object": "qcluster.worker"}
+    data = {"handshake": proof, "object": "qcluster.worker.runner"}
     try:
         payload = serializers_by_id[serializer].dumps(data)
     except (Pyro5.errors.SerializeError, TypeError, ValueError):

@@ -1,7 +1,7 @@
 """Live migration between coordination backends (DESIGN.md, "Migration between backends").
 
-The phase transitions of the cluster row (:mod:`qcluster.migration`), the epoch rules of
-each phase (:func:`qcluster.cluster.take_epoch`, ``record_lease``), the joint lease
+The phase transitions of the cluster row (:mod:`qcluster.leader.migration`), the epoch rules of
+each phase (:func:`qcluster.store.cluster.take_epoch`, ``record_lease``), the joint lease
 (:mod:`backends.joint`), the pure decisions (``config_vote``, ``progress``,
 ``cannot_use``, ``plan``), the ``qcluster backend`` commands and the 0001 -> 0002 schema
 upgrade. Real servers, no ``qcluster start``: the row is driven by calling the library
@@ -23,25 +23,14 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-import qcluster.migrations
+import qcluster.store.migrations
 from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
 from backends.dblock import DBLockBackend
 from backends.joint import JointBackend, combine, merge_members
 from backends.loader import load_backend_by_name
-from qcluster import schema
-from qcluster.cluster import (
-    ClusterState,
-    WrongBackend,
-    ensure_cluster,
-    read_cluster,
-    record_lease,
-    take_epoch,
-)
-from qcluster.config import Settings, load_settings
-from qcluster.db import Database
 from qcluster.errors import Fenced, InputError
-from qcluster.leadership import Leadership
-from qcluster.migration import (
+from qcluster.leader.election import Leadership
+from qcluster.leader.migration import (
     Move,
     cannot_use,
     complete_move,
@@ -50,6 +39,17 @@ from qcluster.migration import (
     progress,
     request_move,
 )
+from qcluster.settings.config import Settings, load_settings
+from qcluster.store import schema
+from qcluster.store.cluster import (
+    ClusterState,
+    WrongBackend,
+    ensure_cluster,
+    read_cluster,
+    record_lease,
+    take_epoch,
+)
+from qcluster.store.db import Database
 from tests.conftest import ZkNamespace
 from tests.helpers import assert_cli_error, run_cli, run_cli_many, run_json, write_config
 
@@ -767,7 +767,7 @@ def test_cli_rolls_back_while_the_target_is_unreachable(
 def upgrade_to(db: Database, revision: str) -> None:
     """``alembic upgrade <revision>``, configured as :meth:`Database.upgrade` does."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(qcluster.migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(Path(qcluster.store.migrations.__file__).parent))
     with db.write() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
@@ -907,7 +907,7 @@ def test_a_lease_lost_while_it_is_being_acquired_is_not_led_on() -> None:
 def test_schema_head_names_the_newest_alembic_revision() -> None:
     from alembic.script import ScriptDirectory
 
-    from qcluster.db import SCHEMA_HEAD
+    from qcluster.store.db import SCHEMA_HEAD
 
-    script = ScriptDirectory(str(Path(qcluster.migrations.__file__).parent))
+    script = ScriptDirectory(str(Path(qcluster.store.migrations.__file__).parent))
     assert script.get_current_head() == SCHEMA_HEAD

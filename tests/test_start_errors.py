@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from qcluster.config import load_settings
 from qcluster.errors import ConfigError, QClusterError
-from qcluster.leadership import Leadership
+from qcluster.leader.election import Leadership
 from qcluster.node import Node
+from qcluster.settings.config import load_settings
 from tests.helpers import (
     assert_cli_error,
     run_cli,

@@ -1,4 +1,4 @@
-"""Unit tests for qcluster.triggers: crontab dialect, specs, zones, DST, round trips."""
+"""Unit tests for qcluster.definitions.triggers: crontab dialect, specs, zones, DST, round trips."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from apscheduler.triggers.cron import CronTrigger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcluster.errors import InputError
-from qcluster.triggers import (
+from qcluster.definitions.triggers import (
     AlignedIntervalTrigger,
     EitherCronTrigger,
     WallClockCronTrigger,
@@ -29,6 +28,7 @@ from qcluster.triggers import (
     parse_zone,
     validate_spec,
 )
+from qcluster.errors import InputError
 
 NOW = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)  # a Wednesday
 FAR = datetime(2100, 1, 1, tzinfo=UTC)

@@ -1,14 +1,13 @@
 """A user's own job package, found through ``[jobs] paths``, with a normal install.
 
-The unit tests drive :func:`~qcluster.jobdefs.extend_import_path` and the import errors of
-:func:`~qcluster.jobdefs.resolve_func` in this process. The process test builds a wheel of
-this project once per session, installs it (not editable) with ``pip install --target``,
-and runs that installed qcluster from an unrelated current directory, with a config in
-another directory whose ``[jobs] paths = ["../tasks"]`` names the directory of the user's
-package ``acme_tasks``: ``jobs add`` checks it, a real node runs it, the example jobs of
-qcluster's own ``jobs`` package still resolve beside it, and a reference that cannot be
-imported is one ``error:`` line that says where it was looked for.
-"""
+The unit tests drive :func:`~qcluster.definitions.jobdefs.extend_import_path` and the import
+errors of :func:`~qcluster.definitions.jobdefs.resolve_func` in this process. The process
+test builds a wheel of this project once per session, installs it (not editable) with ``pip
+install --target``, and runs that installed qcluster from an unrelated current directory,
+with a config in another directory whose ``[jobs] paths = ["../tasks"]`` names the directory
+of the user's package ``acme_tasks``: ``jobs add`` checks it, a real node runs it, the
+example jobs of qcluster's own ``jobs`` package still resolve beside it, and a reference
+that cannot be imported is one ``error:`` line that says where it was looked for."""
 
 from __future__ import annotations
 
@@ -29,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from qcluster import jobdefs
+from qcluster.definitions import jobdefs
+from qcluster.definitions.jobdefs import check_func_ref, extend_import_path, resolve_func
 from qcluster.errors import InputError, NotAllowed
-from qcluster.jobdefs import check_func_ref, extend_import_path, resolve_func
 from tests.conftest import unavailable
 from tests.helpers import (
     STOP_TIMEOUT,
@@ -178,8 +177,8 @@ def test_the_allow_list_and_the_defined_here_checks_stay_as_strict(tmp_path: Pat
 
 @pytest.mark.usefixtures("clean_import_state")
 def test_a_node_puts_its_jobs_paths_on_the_import_path_when_built(tmp_path: Path) -> None:
-    from qcluster.config import load_settings
     from qcluster.node import Node
+    from qcluster.settings.config import load_settings
 
     (tmp_path / "tasks").mkdir()
     (tmp_path / "etc").mkdir()

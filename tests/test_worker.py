@@ -14,13 +14,13 @@ import pytest
 import sqlalchemy as sa
 
 from backends.base import MemberInfo
-from qcluster import schema
-from qcluster.cluster import ensure_cluster
-from qcluster.db import Database
-from qcluster.dispatch import Dispatcher
-from qcluster.jobstore import FireRow, insert_runs
-from qcluster.rpc import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
-from qcluster.worker import Worker, WorkerService
+from qcluster.leader.dispatch import Dispatcher
+from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
+from qcluster.store import schema
+from qcluster.store.cluster import ensure_cluster
+from qcluster.store.db import Database
+from qcluster.store.jobstore import FireRow, insert_runs
+from qcluster.worker.runner import Worker, WorkerService
 
 SECRET = "test-secret-for-workers"
 
@@ -41,7 +41,7 @@ class RunningWorker:
                              allow=allow or ["jobs.*"])
         self.worker.start()
         daemon = AuthDaemon(SECRET, host="127.0.0.1")
-        self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker"))
+        self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker.runner"))
         self.thread = DaemonThread(daemon, f"rpc-{node_id}")
         self.thread.start()
         self.member = MemberInfo(node_id, f"s-{node_id}", ("worker",), self.uri, 4)
@@ -294,7 +294,7 @@ def test_dispatcher_spreads_runs_over_workers(db: Database, workers: list[Any],
 
 
 def test_dispatcher_fails_over_to_the_next_worker(db: Database, workers: list[Any]) -> None:
-    dead = MemberInfo("dead", "s", ("worker",), "PYRO:qcluster.worker@127.0.0.1:1", 4)
+    dead = MemberInfo("dead", "s", ("worker",), "PYRO:qcluster.worker.runner@127.0.0.1:1", 4)
     d = _dispatcher("round_robin", [dead, workers[1].member], [])
     d.start()
     try:

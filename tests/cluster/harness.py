@@ -17,9 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster import schema
-from qcluster.cluster import ClusterState, read_cluster
-from qcluster.db import Database
+from qcluster.store import schema
+from qcluster.store.cluster import ClusterState, read_cluster
+from qcluster.store.db import Database
 from tests.helpers import (
     NodeProcess,
     read_records,

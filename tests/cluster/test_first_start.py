@@ -21,9 +21,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-from qcluster import schema
-from qcluster.cluster import read_cluster
-from qcluster.db import SCHEMA_HEAD
+from qcluster.store import schema
+from qcluster.store.cluster import read_cluster
+from qcluster.store.db import SCHEMA_HEAD
 from tests.cluster.harness import Cluster, cluster
 from tests.helpers import TEST_SETTINGS, wait_for, write_config
 

@@ -48,8 +48,8 @@ class Kit:
 
 def _dblock_kit(request: pytest.FixtureRequest, url_fixture: str, kind: str) -> Kit:
     from backends.dblock import DBLockBackend
-    from qcluster.cluster import ensure_cluster, take_epoch
-    from qcluster.db import Database
+    from qcluster.store.cluster import ensure_cluster, take_epoch
+    from qcluster.store.db import Database
 
     url: str = request.getfixturevalue(url_fixture)
     admin = Database(url)

@@ -10,9 +10,9 @@ import pytest
 
 from backends.dblock import DBLockBackend
 from backends.loader import load_backend, load_backend_by_name
-from qcluster.config import Settings, load_settings_from_mapping
-from qcluster.db import Database
 from qcluster.errors import BackendUnavailable, ConfigError
+from qcluster.settings.config import Settings, load_settings_from_mapping
+from qcluster.store.db import Database
 
 ZK_SECRET = "zk-Secret-1"
 REDIS_SECRET = "redis-Secret-2"

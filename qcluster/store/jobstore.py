@@ -36,10 +36,10 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Row
 
-from qcluster import schema
-from qcluster.db import Database
+from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import QClusterError
-from qcluster.triggers import build_trigger
+from qcluster.store import schema
+from qcluster.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
     # -- APScheduler's single-job writes, fenced --------------------------------------------
 
     def add_job(self, job: Job) -> None:
-        from qcluster.catalog import insert_job, job_from_apscheduler
+        from qcluster.store.catalog import insert_job, job_from_apscheduler
 
         with self.db.fenced(self.epoch_of()) as conn:
             if not insert_job(conn, job_from_apscheduler(job), ts(job.next_run_time)):

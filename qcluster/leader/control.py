@@ -26,11 +26,11 @@ from typing import Any
 import Pyro5.server
 from sqlalchemy.engine import Connection
 
-from qcluster import catalog
-from qcluster.db import Database
+from qcluster.definitions.jobdefs import check_job_id, validate_job
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
-from qcluster.jobdefs import check_job_id, validate_job
-from qcluster.leader import LeaderRole
+from qcluster.leader.role import LeaderRole
+from qcluster.store import catalog
+from qcluster.store.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Promises:
   given :class:`IntRange`; anything else raises :class:`~qcluster.errors.InputError` with
   one line that names the field and the range. It never raises anything else, whatever the
   value (an integer too long to print included).
-* :func:`column_range` derives a range from an integer column of :mod:`qcluster.schema`, so
+* :func:`column_range` derives a range from an integer column of :mod:`qcluster.store.schema`, so
   a value that passes fits that column on every supported database: ``BigInteger`` holds
   -2**63 .. 2**63 - 1, ``Integer`` -2**31 .. 2**31 - 1 (PostgreSQL's ``int8`` and
   ``int4``; SQLite's INTEGER holds 64 bits whatever the declared type). A column's range
@@ -27,8 +27,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster import schema
 from qcluster.errors import InputError
+from qcluster.store import schema
 
 #: The widest value of each integer type, by the bits of its magnitude; a subclass first
 #: (BigInteger and SmallInteger derive from Integer).

@@ -10,7 +10,7 @@ Promises:
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason.
 * A dispatch is checked before anything is taken or written: every number in it must fit
-  the column it is bound to (:mod:`qcluster.bounds`: a run id from 1 to 2**63 - 1, an
+  the column it is bound to (:mod:`qcluster.store.bounds`: a run id from 1 to 2**63 - 1, an
   attempt from 1 to 2**31 - 1, an epoch from 0 to 2**63 - 1, a fire time within the years
   1 to 9999); ``bool`` is not a number. Anything else refuses the whole call with one line
   (``refused: ...``), and the worker goes on serving with its state unchanged.
@@ -37,11 +37,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
-from qcluster import bounds, schema
-from qcluster.context import RunContext, enter_run, leave_run
-from qcluster.db import Database
+from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import InputError, QClusterError
-from qcluster.jobdefs import check_func_ref, resolve_func
+from qcluster.store import bounds, schema
+from qcluster.store.db import Database
+from qcluster.worker.context import RunContext, enter_run, leave_run
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qcluster.definitions.triggers import TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
-from qcluster.triggers import TriggerSpec, validate_spec
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 FUNC_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -71,7 +71,7 @@ def check_job_id(job_id: object) -> str:
 
 def check_func_ref(ref: object, allow: Sequence[str], *, import_it: bool = False) -> str:
     """Check a ``module:function`` reference against the allow list (and import it)."""
-    from qcluster.config import is_allowed
+    from qcluster.settings.config import is_allowed
 
     if not isinstance(ref, str) or len(ref) > 400 or not FUNC_RE.match(ref):  # the column
         raise InputError(f"invalid job reference {_short(ref)}: expected module:function")

@@ -35,10 +35,10 @@ import sqlalchemy as sa
 
 from backends.base import MemberInfo
 from backends.loader import BACKENDS
-from qcluster import schema
-from qcluster.cluster import ClusterState, from_row
-from qcluster.db import Database
 from qcluster.errors import Fenced, InputError
+from qcluster.store import schema
+from qcluster.store.cluster import ClusterState, from_row
+from qcluster.store.db import Database
 
 
 class Move(enum.Enum):

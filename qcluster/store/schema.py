@@ -1,9 +1,9 @@
 """The shared tables, as SQLAlchemy Core objects.
 
-Alembic migrations in ``qcluster/migrations`` create and change them; this module is what
+Alembic migrations in ``qcluster/store/migrations`` create and change them; this module is what
 the code queries. Every time column holds seconds since the Unix epoch, UTC, as a float:
 one type on SQLite and PostgreSQL, cheap to index and compare, and the same as the
-database clock expressions in :mod:`qcluster.db`.
+database clock expressions in :mod:`qcluster.store.db`.
 
 No column holds pickle. Job state is readable data: a trigger spec (JSON), a
 ``module:function`` reference and JSON arguments.
@@ -35,7 +35,7 @@ jobs = Table(
     metadata,
     Column("id", String(200), primary_key=True),
     Column("func", String(400), nullable=False),
-    Column("trigger", Text, nullable=False),  # JSON trigger spec, see qcluster.triggers
+    Column("trigger", Text, nullable=False),  # JSON trigger spec, see qcluster.definitions.triggers
     Column("args", Text, nullable=False, default="[]"),  # JSON list
     Column("kwargs", Text, nullable=False, default="{}"),  # JSON object
     Column("next_run_time", Float, nullable=True),  # NULL: paused or no fire time left

@@ -22,10 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from backends.base import CoordinationBackend, LeaderInfo, MemberInfo
 from backends.joint import merge_members
 from backends.loader import BACKENDS, load_backend_by_name
-from qcluster import catalog, migration
-from qcluster.cluster import ClusterState, ensure_cluster, read_cluster
-from qcluster.config import Settings
-from qcluster.db import Database
+from qcluster.definitions.jobdefs import JobDef, check_job_id
 from qcluster.errors import (
     INPUT_KINDS,
     BackendUnavailable,
@@ -34,7 +31,11 @@ from qcluster.errors import (
     InputError,
     QClusterError,
 )
-from qcluster.jobdefs import JobDef, check_job_id
+from qcluster.leader import migration
+from qcluster.settings.config import Settings
+from qcluster.store import catalog
+from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster
+from qcluster.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _call_leader(settings: Settings, uri: str, method: str, args: tuple[Any, ...
     # Imported here: read-only commands (`jobs list`, `runs list`) never load Pyro5 or
     # the node's machinery, which is most of a command's start-up time.
     from qcluster.node import cluster_secret
-    from qcluster.rpc import configure_pyro, proxy
+    from qcluster.rpc.pyro import configure_pyro, proxy
 
     s = settings
     configure_pyro(serializer=s.rpc.serializer, timeout=s.rpc.timeout_seconds,
@@ -369,7 +370,7 @@ def migrate_backend(
     poll: float = 0.5,
     report: Callable[[str], None] = lambda _line: None,
 ) -> dict[str, Any]:
-    """Move the cluster to the backend ``to`` (see :mod:`qcluster.migration`): check,
+    """Move the cluster to the backend ``to`` (see :mod:`qcluster.leader.migration`): check,
     start (or resume, or roll back) the move, and wait until the leader has finished it."""
     if to not in BACKENDS:
         raise InputError(f"unknown backend {to!r}; choose one of {', '.join(BACKENDS)}")

@@ -492,8 +492,8 @@ class RpcSettings(_Section):
 class JobsSettings(_Section):
     """``[jobs]``: ``allow`` holds glob patterns, see :func:`is_allowed`. ``paths`` are
     directories that every process importing job code puts first on its import path
-    (:func:`qcluster.jobdefs.extend_import_path`): relative ones are resolved against the
-    directory of the config file (``Settings.source``; the current directory when the
+    (:func:`~qcluster.definitions.jobdefs.extend_import_path`): relative ones are resolved
+    against the directory of the config file (``Settings.source``; the current directory when the
     settings come from no file), and each must be an existing directory."""
 
     allow: Annotated[tuple[_Pattern, ...], _Tuple] = ("jobs.*",)

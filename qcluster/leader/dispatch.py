@@ -24,7 +24,7 @@ from typing import Any
 import Pyro5.errors
 
 from backends.base import MemberInfo
-from qcluster.rpc import proxy
+from qcluster.rpc.pyro import proxy
 
 log = logging.getLogger(__name__)
 

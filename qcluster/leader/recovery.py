@@ -17,9 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster import schema
-from qcluster.db import Database
-from qcluster.jobstore import run_record
+from qcluster.store import schema
+from qcluster.store.db import Database
+from qcluster.store.jobstore import run_record
 
 log = logging.getLogger(__name__)
 

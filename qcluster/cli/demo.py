@@ -8,11 +8,12 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from qcluster import admin, catalog, schema
-from qcluster.config import Settings
-from qcluster.jobdefs import JobDef
+from qcluster.client import admin
+from qcluster.definitions.jobdefs import JobDef
+from qcluster.definitions.triggers import make_spec
 from qcluster.node import Node
-from qcluster.triggers import make_spec
+from qcluster.settings.config import Settings
+from qcluster.store import catalog, schema
 
 DEMO_JOBS: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
     ("demo-hello", "jobs.examples:hello", {"every": "2s"}, {"name": "qcluster"}),

@@ -22,11 +22,13 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from qcluster import __version__, admin, output
-from qcluster.client import Change, Client
-from qcluster.config import NODE_ID_PATTERN, Settings, settings_to_public_dict
+from qcluster import __version__
+from qcluster.cli import output
+from qcluster.client import admin
+from qcluster.client.api import Change, Client
+from qcluster.definitions.jobfile import parse_cli_value
 from qcluster.errors import InputError, QClusterError
-from qcluster.jobfile import parse_cli_value
+from qcluster.settings.config import NODE_ID_PATTERN, Settings, settings_to_public_dict
 
 
 def _click_exception(name: str) -> type[Exception]:
@@ -146,7 +148,7 @@ def start(
     signal.signal(signal.SIGINT, _signal)
     try:
         if demo:
-            from qcluster.demo import run_demo
+            from qcluster.cli.demo import run_demo
 
             run_demo(s, node)
         else:

@@ -10,7 +10,7 @@ class), raises a :class:`~qcluster.errors.QClusterError` subclass with a one-lin
 when it refuses (:class:`~qcluster.errors.InputError` for bad input, ``JobNotFound``,
 ``NotAllowed``, ``DatabaseUnavailable``...), and writes nothing when it raises. Job
 changes go through the leader's control API while a leader is alive, else directly to the
-database, fenced (see :mod:`qcluster.admin`). A client holds no connection between calls:
+database, fenced (see :mod:`qcluster.client.admin`). A client holds no connection between calls:
 each call opens the database and closes it again, so a client is cheap to keep and safe to
 share between threads.
 """
@@ -24,12 +24,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from qcluster import admin
-from qcluster.config import Settings, load_settings, resolve_config_path
+from qcluster.client import admin
+from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
+from qcluster.definitions.jobfile import load_job_file
+from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
-from qcluster.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
-from qcluster.jobfile import load_job_file
-from qcluster.triggers import make_spec
+from qcluster.settings.config import Settings, load_settings, resolve_config_path
 
 MAX_LIMIT = 2**31 - 1
 
@@ -231,7 +231,7 @@ class Client:
         """Runs, newest scheduled time first, optionally of one job, with one status,
         scheduled at or after ``since`` (ISO 8601 text, a datetime, or a Unix time; a time
         without a zone is UTC). ``limit=0`` lists them all."""
-        from qcluster.schema import RUN_STATUSES
+        from qcluster.store.schema import RUN_STATUSES
 
         if status is not None and status not in RUN_STATUSES:
             raise InputError(f"invalid status {status!r}: use one of {', '.join(RUN_STATUSES)}")

@@ -19,14 +19,14 @@ from typing import Any
 from apscheduler.schedulers import SchedulerNotRunningError
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
-from qcluster.cluster import take_epoch
-from qcluster.config import Settings
-from qcluster.db import Database
-from qcluster.dispatch import Dispatcher
 from qcluster.errors import Fenced, QClusterError
-from qcluster.jobstore import SqlJobStore
-from qcluster.recovery import prune_runs, recover_runs
-from qcluster.scheduler import FireExecutor, LeaderScheduler
+from qcluster.leader.dispatch import Dispatcher
+from qcluster.leader.recovery import prune_runs, recover_runs
+from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
+from qcluster.settings.config import Settings
+from qcluster.store.cluster import take_epoch
+from qcluster.store.db import Database
+from qcluster.store.jobstore import SqlJobStore
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from qcluster import schema
 from qcluster.errors import DatabaseUnavailable, Fenced
+from qcluster.store import schema
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from qcluster.schema import metadata
+from qcluster.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - qcluster always passes its connection

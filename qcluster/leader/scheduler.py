@@ -34,7 +34,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
 from qcluster.errors import DatabaseUnavailable, Fenced
-from qcluster.jobstore import Advance, FireRow, SqlJobStore, StoredJob
+from qcluster.store.jobstore import Advance, FireRow, SqlJobStore, StoredJob
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
+from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
-from qcluster.jobdefs import JobDef, check_func_ref, validate_job
-from qcluster.triggers import make_spec
 
 _FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
            "misfire_grace_seconds", "coalesce"}

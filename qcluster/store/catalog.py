@@ -22,11 +22,11 @@ import sqlalchemy as sa
 from apscheduler.job import Job
 from sqlalchemy.engine import Connection, Row
 
-from qcluster import schema
+from qcluster.definitions.jobdefs import JobDef
+from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
-from qcluster.jobdefs import JobDef
-from qcluster.jobstore import FireRow, insert_runs
-from qcluster.triggers import build_trigger, describe
+from qcluster.store import schema
+from qcluster.store.jobstore import FireRow, insert_runs
 
 _CHUNK = 500
 

@@ -7,7 +7,7 @@ paused ex-leader that wakes up with its old lease cannot fence out the leader th
 followed it. When the lease includes ``dblock``, the lease row itself is checked in the
 same transaction, on the database clock.
 
-Phases (see :mod:`qcluster.migration`): ``stable`` on ``backend``; or ``joint``, moving
+Phases (see :mod:`qcluster.leader.migration`): ``stable`` on ``backend``; or ``joint``, moving
 from ``backend`` to ``target_backend``, when a leader must hold both. Every phase change
 adds one to ``config_version``.
 """
@@ -23,9 +23,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from backends.base import Lease
-from qcluster import schema
-from qcluster.db import Database
 from qcluster.errors import Fenced, QClusterError
+from qcluster.store import schema
+from qcluster.store.db import Database
 
 
 @dataclasses.dataclass(frozen=True)

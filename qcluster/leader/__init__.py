@@ -1,0 +1,1 @@
+"""The leader: election, the scheduler pass, dispatch, recovery, migration, the control API."""

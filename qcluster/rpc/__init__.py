@@ -1,0 +1,1 @@
+"""Authenticated Pyro5 transport between the leader, the workers and the CLI."""

@@ -1,0 +1,1 @@
+"""Settings: the config model, parsed and validated once at the edge."""

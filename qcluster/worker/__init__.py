@@ -1,0 +1,1 @@
+"""The worker: checks, claims and runs what the leader sends, and writes the outcomes."""
