@@ -1,7 +1,7 @@
 """``joint``: leadership on two backends at once, for the joint phase of a migration.
 
 While a cluster moves from one backend to another, a leader must hold a claim on both
-(DESIGN.md, "Migration between backends"). Then any two nodes that could lead contend on
+(docs/DESIGN.md invariant 9). Then any two nodes that could lead contend on
 at least one common lock: a node that still campaigns on the old backend alone meets the
 joint leader there, and so does a node that already campaigns on the new one alone.
 

@@ -1,4 +1,4 @@
-"""Live migration between coordination backends (DESIGN.md, "Migration between backends").
+"""Live migration between coordination backends (docs/DESIGN.md invariant 9).
 
 The phase transitions of the cluster row (:mod:`qcluster.leader.migration`), the epoch rules of
 each phase (:func:`qcluster.store.cluster.take_epoch`, ``record_lease``), the joint lease

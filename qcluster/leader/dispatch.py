@@ -1,11 +1,11 @@
 """The leader's dispatcher: sends committed runs to workers, in batches, over Pyro5.
 
-It only ever sends runs whose rows have committed (invariant 3): the scheduler hands them
-over after its fenced transaction. Routing is round robin or least loaded (in-flight per
-capacity, as the workers report it with every reply). A worker that cannot be reached is
-set aside for a moment and its runs go to the next worker. Sends are idempotent: a worker
-refuses a run attempt it has seen, and only one worker's claim of a run can commit, so a
-resend after a timeout never runs anything twice.
+It only ever sends runs whose rows have committed (docs/DESIGN.md invariant 3): the
+scheduler hands them over after its fenced transaction. Routing is round robin or least
+loaded (in-flight per capacity, as the workers report it with every reply). A worker that
+cannot be reached is set aside for a moment and its runs go to the next worker. Sends are
+idempotent: a worker refuses a run attempt it has seen, and only one worker's claim of a run
+can commit, so a resend after a timeout never runs anything twice.
 
 ``stop()`` takes effect at once: no batch leaves after it returns (step down first).
 """

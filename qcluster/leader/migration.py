@@ -1,7 +1,7 @@
 """Moving a running cluster from one coordination backend to another.
 
-The cluster row says which phase the cluster is in (DESIGN.md, "Migration between
-backends"):
+The cluster row says which phase the cluster is in (docs/DESIGN.md invariant 9,
+"Migration between backends"):
 
 ``stable`` on A
     Leaders hold A.

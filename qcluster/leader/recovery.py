@@ -1,7 +1,7 @@
 """What a leader does besides firing: recover runs, and prune old ones.
 
-Invariant 7: a run on a worker that died becomes ``lost``; if its job asked for recovery,
-the same run row gets a new attempt (``attempt + 1``) and is sent again, as Quartz
+docs/DESIGN.md invariant 7: a run on a worker that died becomes ``lost``; if its job asked
+for recovery, the same run row gets a new attempt (``attempt + 1``) and is sent again, as Quartz
 re-fires jobs that request recovery. Runs recorded but never sent (the leader died in
 between) are sent by the next leader, or recorded ``missed`` when they are older than
 their misfire grace time. Every change here is fenced on the leader's epoch.

@@ -183,8 +183,8 @@ class LeaderRole:
             log.warning("migration step failed (will retry): %s", e)
 
     def _database_problem(self) -> str | None:
-        # Invariant 5: a leader that cannot reach the shared database steps down, even
-        # when its ZooKeeper session or Redis lease is fine.
+        # docs/DESIGN.md invariant 5: a leader that cannot reach the shared database steps
+        # down, even when its ZooKeeper session or Redis lease is fine.
         silent = time.monotonic() - self._db_ok
         if silent > self.settings.scheduler.database_timeout_seconds:
             return f"the shared database has not answered for {silent:.0f}s"

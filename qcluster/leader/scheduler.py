@@ -15,10 +15,9 @@ kills its thread while ``state`` still reads RUNNING. This subclass replaces the
 * the loop sleeps at most ``poll_seconds``, so jobs written by another process (the CLI
   with no leader alive) are seen within that bound.
 
-Fire times are accounted for (invariant 6): each fire time between the job's stored next
-run time and now becomes a run row, ``scheduled`` if it is to run, ``missed`` if it is
-older than the job's misfire grace time or was coalesced away.
-"""
+Fire times are accounted for (docs/DESIGN.md invariant 6): each fire time between the job's
+stored next run time and now becomes a run row, ``scheduled`` if it is to run, ``missed`` if
+it is older than the job's misfire grace time or was coalesced away."""
 
 from __future__ import annotations
 

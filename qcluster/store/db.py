@@ -7,7 +7,7 @@ Three kinds of transaction, and every write goes through one of them:
   ``BEGIN IMMEDIATE``, so it holds the database's write lock from its first statement and
   two processes never interleave their check-then-write steps.
 * :meth:`Database.fenced` — a write that commits only if the writer's epoch is still the
-  cluster's epoch (DESIGN.md invariant 1). The epoch is read under ``FOR SHARE`` on
+  cluster's epoch (docs/DESIGN.md invariant 1). The epoch is read under ``FOR SHARE`` on
   PostgreSQL (a new leader's ``UPDATE`` of the epoch waits for us, and we for it), and
   under the write lock on SQLite. A stale leader's write raises :class:`Fenced` and rolls
   back.

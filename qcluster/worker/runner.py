@@ -3,7 +3,7 @@
 Promises:
 
 * A worker refuses a batch whose epoch is older than the newest epoch it has seen, and
-  a second copy of a run attempt it already took (DESIGN.md invariant 4).
+  a second copy of a run attempt it already took (docs/DESIGN.md invariant 4).
 * Across workers, a run attempt starts at most once: a worker claims it in the database
   (``scheduled`` -> ``dispatched``, naming itself) before running it, and only the one
   claim that commits runs it.
