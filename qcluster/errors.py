@@ -44,14 +44,6 @@ class Fenced(QClusterError):
     """A write was refused because the writer's epoch is no longer the cluster's epoch."""
 
 
-class NotLeader(QClusterError):
-    """The call needs the leader, and this node does not lead."""
-
-
-class RpcRefused(QClusterError):
-    """A peer refused an RPC call (bad secret, bad payload, stale epoch)."""
-
-
 #: The refusals that have a class of their own, by the ``kind`` the control API answers
 #: with: a caller raises the same class whether its change went through the leader or
 #: straight to the database.

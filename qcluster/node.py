@@ -436,7 +436,18 @@ class Node:
         if self._up:
             log.info("node %s stopped", self.node_id)
 
-    def wait(self) -> None:
-        """Block until :meth:`stop` is called (from a signal handler, say)."""
-        while not self._stop.wait(1.0):
-            pass
+    def request_stop(self) -> None:
+        """Ask the node to stop: :meth:`wait` returns, and the caller runs :meth:`stop`.
+        Safe from a signal handler (it only sets an event)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`request_stop` or :meth:`stop` is called (from a signal
+        handler, say), or ``timeout`` seconds pass; True if a stop was asked for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # in slices of a second, so that the main thread sees its signals
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            if self._stop.wait(left):
+                return True

@@ -12,7 +12,7 @@
 #    differs from the lock; a package that the lock does not have is named in a warning (it
 #    could hide a missing dependency: CI's fresh virtualenv has none).
 #    QCLUSTER_LOCK=requirements/lowest.txt tests the lowest versions pyproject.toml admits.
-# 3. ruff and mypy; QCLUSTER_SKIP_LINT=1 skips them.
+# 3. ruff, mypy and import-linter; QCLUSTER_SKIP_LINT=1 skips them.
 # 4. pytest, whose exit status is the script's; "no tests collected" (5) is a failure.
 #    Hypothesis is derandomized under CI=true (profile "ci", a red run reproduces);
 #    --fuzz runs only tests/test_fuzz.py, randomized, with many times more examples.
@@ -86,6 +86,8 @@ else
     "$PYTHON" -m ruff check qcluster backends jobs tests bench
     say "mypy"
     "$PYTHON" -m mypy
+    say "lint-imports (the layers of docs/DESIGN.md, no import cycles)"
+    "$(dirname "$PYTHON")/lint-imports" --no-cache
 fi
 
 # -- 4. Tests -------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def run_demo(settings: Settings, node: Node) -> None:
     r = schema.runs
     seen = time.time() - 1
     first = True
-    while not node._stop.wait(0.5):
+    while not node.wait(0.5):
         with node.db.read() as conn:
             rows = conn.execute(
                 sa.select(r).where(r.c.finished_at > seen).order_by(r.c.finished_at)

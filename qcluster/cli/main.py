@@ -142,7 +142,7 @@ def start(
     node = Node(s, node_id=node_id, roles=roles)
 
     def _signal(signum: int, _frame: FrameType | None) -> None:
-        node._stop.set()
+        node.request_stop()
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)

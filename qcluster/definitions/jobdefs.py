@@ -57,9 +57,6 @@ class JobDef:
             "recover": self.recover,
         }
 
-    def same_schedule(self, other: JobDef) -> bool:
-        return self.trigger == other.trigger
-
 
 def check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):

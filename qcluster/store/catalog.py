@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from apscheduler.job import Job
 from sqlalchemy.engine import Connection, Row
 
 from qcluster.definitions.jobdefs import JobDef
@@ -42,12 +41,6 @@ class ApplyResult:
         return dataclasses.asdict(self)
 
 
-def job_from_apscheduler(job: Job) -> JobDef:
-    raise InputError(
-        "jobs are added through qcluster (CLI or control API), not APScheduler's add_job"
-    )
-
-
 def first_fire(jd: JobDef, now: float) -> float | None:
     nxt = build_trigger(jd.trigger).get_next_fire_time(None, datetime.fromtimestamp(now, UTC))
     return None if nxt is None else float(nxt.timestamp())
@@ -63,20 +56,6 @@ def _row_values(jd: JobDef) -> dict[str, Any]:
         "coalesce": jd.coalesce,
         "recover": jd.recover,
     }
-
-
-def insert_job(conn: Connection, jd: JobDef, next_run_time: float | None) -> bool:
-    j = schema.jobs
-    if conn.execute(sa.select(j.c.id).where(j.c.id == jd.id)).first() is not None:
-        return False
-    now = time.time()
-    conn.execute(
-        j.insert().values(
-            id=jd.id, next_run_time=next_run_time, paused=False, broken=None, version=1,
-            created_at=now, updated_at=now, **_row_values(jd),
-        )
-    )
-    return True
 
 
 def upsert_jobs(

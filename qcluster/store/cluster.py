@@ -1,6 +1,6 @@
 """The cluster row: the active backend and migration phase, the fencing epoch, who leads.
 
-Epochs only grow (DESIGN.md invariant 2). A node takes a new epoch only right after it
+Epochs only grow (docs/DESIGN.md invariant 2). A node takes a new epoch only right after it
 won a lease, only if that lease covers every backend the current phase requires, and only
 if each of its tokens is not older than the newest token taken on that backend before: a
 paused ex-leader that wakes up with its old lease cannot fence out the leader that
@@ -181,13 +181,3 @@ def _lease_values(state: ClusterState, lease: Lease) -> dict[str, Any]:
         "leader_tokens": json.dumps(tokens, sort_keys=True),
     }
 
-
-def clear_leader(db: Database, *, node_id: str, epoch: int) -> None:
-    """Forget the published leader, if it is still us at ``epoch`` (graceful stop)."""
-    c = schema.cluster
-    with db.write() as conn:
-        conn.execute(
-            c.update()
-            .where(c.c.id == 1, c.c.leader_id == node_id, c.c.epoch == epoch)
-            .values(leader_uri=None)
-        )

@@ -6,7 +6,7 @@ importing the job's module (the leader never runs jobs; workers do).
 
 Promises, beyond APScheduler's ``BaseJobStore``:
 
-* Every write is fenced on the leader's epoch (DESIGN.md invariant 1): it commits only
+* Every write is fenced on the leader's epoch (docs/DESIGN.md invariant 1): it commits only
   while that epoch is the cluster's epoch.
 * :meth:`SqlJobStore.commit_fires` records a batch of run rows and advances the jobs that
   produced them in ONE fenced transaction. A run row is unique on (job, scheduled time),
@@ -31,13 +31,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from apscheduler.job import Job
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Row
 
 from qcluster.definitions.triggers import build_trigger
-from qcluster.errors import QClusterError
+from qcluster.errors import InputError, QClusterError
 from qcluster.store import schema
 from qcluster.store.db import Database
 
@@ -156,11 +156,12 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
     # -- APScheduler's single-job writes, fenced --------------------------------------------
 
     def add_job(self, job: Job) -> None:
-        from qcluster.store.catalog import insert_job, job_from_apscheduler
-
-        with self.db.fenced(self.epoch_of()) as conn:
-            if not insert_job(conn, job_from_apscheduler(job), ts(job.next_run_time)):
-                raise ConflictingIdError(job.id)
+        """Refused, nothing written: jobs are added through qcluster (the CLI, the Client or
+        the control API), which validates them, never through APScheduler's ``add_job``."""
+        raise InputError(
+            "jobs are added through qcluster (CLI, Client or control API), not APScheduler's "
+            f"add_job (job {job.id!r})"
+        )
 
     def update_job(self, job: Job) -> None:
         j = schema.jobs
