@@ -194,7 +194,16 @@ class QcCluster:
             return conn.execute(sa.text(sql), params)
 
     def remove_jobs(self, prefix: str) -> None:
-        self.execute("DELETE FROM qc_jobs WHERE id LIKE :p", p=f"{prefix}%")
+        # A bulk DELETE beside a running leader that advances the same rows can deadlock
+        # with it; PostgreSQL then aborts one of the two, and the remedy is to run it again.
+        for attempt in range(5):
+            try:
+                self.execute("DELETE FROM qc_jobs WHERE id LIKE :p", p=f"{prefix}%")
+                return
+            except sa.exc.OperationalError as e:
+                if type(e.orig).__name__ != "DeadlockDetected" or attempt == 4:
+                    raise
+                time.sleep(0.2)
 
     def caught_up(self, prefix: str, until: float) -> bool:
         """Whether every fire time before ``until`` of the ``prefix`` jobs has a run row,
