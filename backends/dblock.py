@@ -19,12 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, RowMapping
 
-from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
+from backends.base import (
+    CoordinationBackend,
+    LeaderInfo,
+    Lease,
+    LossCallback,
+    LossReport,
+    MemberInfo,
+    member_from_dict,
+    member_to_dict,
+)
 from qcluster.store import schema
 from qcluster.store.db import Database
 
@@ -42,7 +52,8 @@ class DBLockBackend(CoordinationBackend):
         self.db = db
         self.lease_seconds = lease_seconds
         self.member_timeout = member_timeout
-        self._on_lost: dict[int, LossCallback] = {}
+        # The newest lease's loss report, by token: a lease row has one holder at a time.
+        self._losses: dict[int, LossReport] = {}
         self._lock = threading.Lock()
 
     # -- leadership -------------------------------------------------------------------
@@ -61,7 +72,7 @@ class DBLockBackend(CoordinationBackend):
                 .values(holder=holder, token=token, expires_at=now + self.lease_seconds)
             )
         with self._lock:
-            self._on_lost = {token: on_lost}
+            self._losses = {token: LossReport(on_lost)}
         return Lease(self.name, holder, token, self.lease_seconds)
 
     def _lock_lease_row(self, conn: Connection) -> tuple[str | None, int, float | None]:
@@ -125,13 +136,15 @@ class DBLockBackend(CoordinationBackend):
                 .values(holder=None, expires_at=None)
             )
         with self._lock:
-            self._on_lost.pop(lease.token, None)
+            loss = self._losses.pop(lease.token, None)
+        if loss is not None:
+            loss.cancel()
 
     def _lost(self, lease: Lease, reason: str) -> None:
         with self._lock:
-            callback = self._on_lost.pop(lease.token, None)
-        if callback is not None:
-            callback(reason)
+            loss = self._losses.pop(lease.token, None)
+        if loss is not None:
+            loss.report(reason)
 
     # -- leader publication ----------------------------------------------------------
 
@@ -186,20 +199,15 @@ class DBLockBackend(CoordinationBackend):
 
     def heartbeat_member(self, member: MemberInfo) -> None:
         m = schema.members
+        fields = member_to_dict(member)
+        values = fields | {
+            # The columns' own forms (store/schema.py): comma lists, and tags as JSON.
+            "roles": ",".join(member.roles),
+            "tags": json.dumps(fields["tags"]),
+            "backends": ",".join(member.backends),
+            "last_seen": self.db.now_expr(),
+        }
         with self.db.write() as conn:
-            values = {
-                "node_id": member.node_id,
-                "session": member.session,
-                "roles": ",".join(member.roles),
-                "uri": member.uri,
-                "capacity": member.capacity,
-                "tags": json.dumps(list(member.tags)),
-                "backends": ",".join(member.backends),
-                "config_version": member.config_version,
-                "started_version": member.started_version,
-                "status": member.status,
-                "last_seen": self.db.now_expr(),
-            }
             dialect = postgresql if self.db.dialect == "postgresql" else sqlite
             stmt = dialect.insert(m).values(**values)
             update = {k: stmt.excluded[k] for k in values if k != "node_id"}
@@ -220,19 +228,14 @@ class DBLockBackend(CoordinationBackend):
                 sa.select(m).where(m.c.last_seen >= now - self.member_timeout)
                 .order_by(m.c.node_id)
             ).all()
-        return [
-            MemberInfo(
-                node_id=r.node_id,
-                session=r.session,
-                roles=tuple(x for x in r.roles.split(",") if x),
-                uri=r.uri,
-                capacity=r.capacity,
-                tags=tuple(json.loads(r.tags or "[]")),
-                backends=tuple(x for x in r.backends.split(",") if x),
-                config_version=r.config_version,
-                started_version=r.started_version,
-                status=r.status,
-                last_seen=r.last_seen,
-            )
-            for r in rows
-        ]
+        return [_member(r._mapping) for r in rows]
+
+
+def _member(row: RowMapping) -> MemberInfo:
+    """A ``qc_members`` row read back: the columns' own forms undone, then the codec."""
+    fields: dict[str, Any] = dict(row) | {
+        "roles": [x for x in (row["roles"] or "").split(",") if x],
+        "tags": json.loads(row["tags"] or "[]"),
+        "backends": [x for x in (row["backends"] or "").split(",") if x],
+    }
+    return member_from_dict(fields, row["last_seen"])

@@ -5,6 +5,10 @@ redis-py, both optional extras: a missing one raises
 :class:`~qcluster.errors.BackendUnavailable` with a message that names the extra to install.
 Settings are read here, once; the backends take plain values (secrets unwrapped only at
 this edge, straight into the constructor).
+
+The names a config may choose are :data:`backends.names.BACKENDS` (re-exported here).
+``memory`` is not one of them: it lives in one process (:mod:`backends.memory`), and a
+config cannot promise that no other process shares its database.
 """
 
 from __future__ import annotations
@@ -12,13 +16,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from backends.base import CoordinationBackend
+from backends.names import BACKENDS as BACKENDS
 from qcluster.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
-    from qcluster.settings.config import Settings
+    from qcluster.settings import Settings
     from qcluster.store.db import Database
-
-BACKENDS = ("dblock", "zookeeper", "redis")
 
 
 def load_backend(settings: Settings, db: Database) -> CoordinationBackend:
@@ -68,6 +71,12 @@ def load_backend_by_name(name: str, settings: Settings, db: Database) -> Coordin
             lease_seconds=rs.lease_seconds,
             key_prefix=rs.key_prefix,
             member_timeout=member_timeout,
+        )
+    if name == "memory":
+        raise ConfigError(
+            "the memory backend is for tests inside one process and cannot be chosen by "
+            f"name (another process would see another, empty one); choose one of "
+            f"{', '.join(BACKENDS)}"
         )
     raise ConfigError(f"unknown coordination backend {name!r}; choose one of {', '.join(BACKENDS)}")
 

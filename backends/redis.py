@@ -37,7 +37,6 @@ import secrets
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -45,8 +44,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
+from backends.base import (
+    CoordinationBackend,
+    LeaderInfo,
+    Lease,
+    LossCallback,
+    LossReport,
+    MemberInfo,
+    leader_from_dict,
+    leader_to_dict,
+    member_from_dict,
+    member_to_dict,
+)
 from qcluster.errors import BackendUnavailable, ConfigError
+from qcluster.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +136,10 @@ return out
 """
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable Redis URL>"
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Held:
-    owner: str
-    on_lost: LossCallback | None
+    owner: str  # the random value that this acquire set the lease key to
+    loss: LossReport
 
 
 class RedisBackend(CoordinationBackend):
@@ -162,7 +159,7 @@ class RedisBackend(CoordinationBackend):
         if not urls:
             raise ConfigError("the redis backend needs at least one URL")
         self._urls = list(urls)  # secrets: they may carry passwords
-        self.display_urls = [redact(u) for u in urls]
+        self.display_urls = [redact_url(u) for u in urls]
         self.lease_seconds = lease_seconds
         self.member_timeout = member_timeout
         self._ttl_ms = int(lease_seconds * 1000)
@@ -252,7 +249,7 @@ class RedisBackend(CoordinationBackend):
                 rest = [c for c in clients if id(c) not in held]
                 self._run_all(rest, "release", [self._lease_key, self._info_key], [owner])
             with self._lock:
-                self._held[(holder, token)] = _Held(owner, on_lost)
+                self._held[(holder, token)] = _Held(owner, LossReport(on_lost))
             return Lease(self.name, holder, token, validity)
         # Failed: undo on every master, including those that did not answer in time.
         self._run_all(clients, "release", [self._lease_key, self._info_key], [owner])
@@ -265,7 +262,7 @@ class RedisBackend(CoordinationBackend):
 
     def renew(self, lease: Lease) -> bool:
         held = self._held_of(lease)
-        if held is None or held.on_lost is None:
+        if held is None or held.loss.done:
             return False
         clients = self._started()
         t0 = time.monotonic()
@@ -292,6 +289,7 @@ class RedisBackend(CoordinationBackend):
             held = self._held.pop((lease.holder, lease.token), None)
         if held is None:
             return  # not ours: the owner value of another holder's lease is unknown here
+        held.loss.cancel()
         # Compare-and-del on every master: a lease taken over meanwhile stays untouched.
         self._run_all(self._started(), "release", [self._lease_key, self._info_key], [held.owner])
 
@@ -300,26 +298,16 @@ class RedisBackend(CoordinationBackend):
             return self._held.get((lease.holder, lease.token))
 
     def _lost(self, lease: Lease, reason: str) -> None:
-        """Call on_lost at most once per lease."""
-        with self._lock:
-            held = self._held.get((lease.holder, lease.token))
-            callback = held.on_lost if held is not None else None
-            if held is not None:
-                held.on_lost = None
-        if callback is not None:
-            log.warning("leadership lost: %s", reason)
-            try:
-                callback(reason)
-            except Exception:
-                log.exception("on_lost callback failed")
+        if (held := self._held_of(lease)) is not None:
+            held.loss.report(reason)
 
     # -- leader publication ----------------------------------------------------------
 
     def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
         held = self._held_of(lease)
-        if held is None or held.on_lost is None:
+        if held is None or held.loss.done:
             return
-        data = json.dumps(dataclasses.asdict(info))
+        data = json.dumps(leader_to_dict(info))
         clients = self._started()
         results = self._run_all(
             clients, "publish", [self._lease_key, self._info_key], [held.owner, data]
@@ -347,18 +335,15 @@ class RedisBackend(CoordinationBackend):
                 continue
             for _, info_owner, data in answers:
                 if info_owner == lease_owner and data:
-                    fields = json.loads(data)
-                    return LeaderInfo(**{f.name: fields[f.name] for f in _INFO_FIELDS})
+                    return leader_from_dict(json.loads(data))
             return None
         return None
 
     # -- membership ------------------------------------------------------------------
 
     def heartbeat_member(self, member: MemberInfo) -> None:
-        fields = dataclasses.asdict(member)
-        fields.pop("last_seen")
         keys = [self._member_prefix + member.node_id, self._index_key]
-        args = [json.dumps(fields), member.session, int(self.member_timeout * 1000),
+        args = [json.dumps(member_to_dict(member)), member.session, int(self.member_timeout * 1000),
                 member.node_id]  # fmt: skip
         with self._lock:
             self._members[member.node_id] = member
@@ -389,7 +374,7 @@ class RedisBackend(CoordinationBackend):
         found: dict[str, MemberInfo] = {}
         for flat in answers:
             for data, seen in zip(flat[0::2], flat[1::2], strict=True):
-                m = _member(json.loads(data), float(seen))
+                m = member_from_dict(json.loads(data), float(seen))
                 old = found.get(m.node_id)
                 if old is None or (old.last_seen or 0.0) < (m.last_seen or 0.0):
                     found[m.node_id] = m
@@ -416,17 +401,6 @@ class RedisBackend(CoordinationBackend):
                 log.debug("Redis master failed on %s: %s", script, type(e).__name__)
                 results.append(_Failed(e))
         return results
-
-
-_INFO_FIELDS = dataclasses.fields(LeaderInfo)
-_MEMBER_FIELDS = [f.name for f in dataclasses.fields(MemberInfo) if f.name != "last_seen"]
-
-
-def _member(fields: dict[str, Any], last_seen: float) -> MemberInfo:
-    known: dict[str, Any] = {k: fields[k] for k in _MEMBER_FIELDS if k in fields}
-    for key in ("roles", "tags", "backends"):
-        known[key] = tuple(known.get(key, ()))
-    return MemberInfo(**known, last_seen=last_seen)
 
 
 class _Failed:

@@ -63,7 +63,18 @@ from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.retry import KazooRetry
 from kazoo.security import CREATOR_ALL_ACL
 
-from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, MemberInfo
+from backends.base import (
+    CoordinationBackend,
+    LeaderInfo,
+    Lease,
+    LossCallback,
+    LossReport,
+    MemberInfo,
+    leader_from_dict,
+    leader_to_dict,
+    member_from_dict,
+    member_to_dict,
+)
 from qcluster.errors import BackendUnavailable, ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -93,7 +104,7 @@ class _Claim:
     node: str
     session: int
     token: int
-    on_lost: LossCallback | None  # None once the loss is reported
+    loss: LossReport  # done once the loss is reported: then it is only kept to reclaim
 
 
 def _seq(name: str) -> int:
@@ -102,12 +113,6 @@ def _seq(name: str) -> int:
 
 def _lowest(children: list[str]) -> str | None:
     return min((c for c in children if _CANDIDATE in c), key=_seq, default=None)
-
-
-def _known(cls: type[Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields ``cls`` has (a newer node may write more)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in fields.items() if k in names}
 
 
 class ZooKeeperBackend(CoordinationBackend):
@@ -256,7 +261,7 @@ class ZooKeeperBackend(CoordinationBackend):
             session = self._session(client)
             with self._lock:
                 old = self._claim
-            if old is not None and old.on_lost is not None and old.holder != holder:
+            if old is not None and not old.loss.done and old.holder != holder:
                 return None  # this instance leads for another holder
             keep = old.node if old and (old.holder, old.session) == (holder, session) else None
             self._sweep(keep)
@@ -279,7 +284,9 @@ class ZooKeeperBackend(CoordinationBackend):
                         token = self._fence_token(node, int(stat.czxid), min_token)
             finally:
                 with self._lock:
-                    self._claim = _Claim(holder, node, session, token, on_lost) if token else None
+                    self._claim = (
+                        _Claim(holder, node, session, token, LossReport(on_lost)) if token else None
+                    )
                 if token is None:
                     self._delete_own(node)  # before returning: no orphan contender may stay
             return Lease(self.name, holder, token, self.valid_for) if token else None
@@ -320,7 +327,7 @@ class ZooKeeperBackend(CoordinationBackend):
             if claim is not None and client.state == KazooState.SUSPENDED:
                 # Whether the session (and our node) survives is unknown until reconnect.
                 raise BackendUnavailable("ZooKeeper connection suspended; cannot renew")
-            if claim is None or claim.on_lost is None:
+            if claim is None or claim.loss.done:
                 return False  # released, replaced, or its loss was already reported
             if (
                 client.state == KazooState.CONNECTED
@@ -338,6 +345,7 @@ class ZooKeeperBackend(CoordinationBackend):
                 return  # not ours: another holder's lease is another node, never touched
             with self._lock:
                 self._claim = None
+            claim.loss.cancel()
             self._delete_own(claim.node)
 
     def _claim_of(self, lease: Lease) -> _Claim | None:
@@ -352,9 +360,9 @@ class ZooKeeperBackend(CoordinationBackend):
     def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
         with self._errors("publishing the leader"):
             claim = self._claim_of(lease)
-            if claim is None or claim.on_lost is None:
+            if claim is None or claim.loss.done:
                 return
-            data = dataclasses.asdict(info) | {"election_node": claim.node}
+            data = leader_to_dict(info) | {"election_node": claim.node}
             tx = self._connected().transaction()
             tx.check(f"{self._election}/{claim.node}", 0)  # written only while we hold it
             tx.set_data(self._leader, json.dumps(data).encode())
@@ -375,13 +383,13 @@ class ZooKeeperBackend(CoordinationBackend):
             node = fields.get("election_node")
             if not node or self._wait(client.exists_async(f"{self._election}/{node}")) is None:
                 return None  # nobody published, or that leader no longer holds the election
-            return LeaderInfo(**_known(LeaderInfo, fields))
+            return leader_from_dict(fields)
 
     # -- membership ------------------------------------------------------------------
 
     def heartbeat_member(self, member: MemberInfo) -> None:
         path = self._member_path(member.node_id)
-        data = json.dumps(dataclasses.asdict(member) | {"last_seen": None}).encode()
+        data = json.dumps(member_to_dict(member)).encode()
         with self._lock:
             self._members[member.node_id] = member
         with self._errors("registering a member"):
@@ -427,11 +435,7 @@ class ZooKeeperBackend(CoordinationBackend):
                 with suppress(NoNodeError):
                     data, stat = self._wait(result)
                     if stat.mtime / 1000.0 >= now - self.member_timeout:
-                        fields = _known(MemberInfo, json.loads(data))
-                        for key in ("roles", "tags", "backends"):
-                            fields[key] = tuple(fields.get(key, ()))
-                        fields["last_seen"] = stat.mtime / 1000.0
-                        members.append(MemberInfo(**fields))
+                        members.append(member_from_dict(json.loads(data), stat.mtime / 1000.0))
         return sorted(members, key=lambda m: m.node_id)
 
     def _member_path(self, node_id: str) -> str:
@@ -462,7 +466,7 @@ class ZooKeeperBackend(CoordinationBackend):
                 for member in members:  # their nodes died with the old session
                     self.heartbeat_member(member)
             self._sweep(claim.node if claim else None)
-            if claim is None or claim.on_lost is not None:
+            if claim is None or not claim.loss.done:
                 return
             # A node kept after SUSPENDED: its holder may reclaim it (same token). If it
             # does not in time, delete it, so that it cannot block the election.
@@ -485,15 +489,9 @@ class ZooKeeperBackend(CoordinationBackend):
             current = self._claim
             if current is None or (node is not None and current.node != node):
                 return
-            callback, current.on_lost = current.on_lost, None
             if drop:
                 self._claim = None
-        if callback is not None:
-            log.warning("leadership lost: %s", reason)
-            try:
-                callback(reason)
-            except Exception:
-                log.exception("on_lost callback failed")
+        current.loss.report(reason)
 
     # -- helpers ---------------------------------------------------------------------
 

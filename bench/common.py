@@ -112,7 +112,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def redact(url: str) -> str:
-    from qcluster.store.db import redact_url
+    from qcluster.settings import redact_url
 
     return redact_url(url)
 

@@ -30,7 +30,7 @@ from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
-from qcluster.settings.config import Settings
+from qcluster.settings import Settings
 from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
 from qcluster.store.db import Database
 from qcluster.worker.runner import Worker, WorkerService

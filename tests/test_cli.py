@@ -55,7 +55,7 @@ def config(tmp_path: Path, db_url: str) -> Path:
 
 def config_with_tables(tmp_path: Path, db_url: str) -> Path:
     from qcluster.client.admin import upgrade_db
-    from qcluster.settings.config import load_settings
+    from qcluster.settings import load_settings
 
     path = write_config(tmp_path, db_url)
     upgrade_db(load_settings(path, env={}))

@@ -15,7 +15,7 @@ import pytest
 import qcluster
 from qcluster import Client
 from qcluster.errors import InputError, JobExists, JobNotFound, NotAllowed, QClusterError
-from qcluster.settings.config import load_settings
+from qcluster.settings import load_settings
 from tests.helpers import assert_cli_error, run_cli, run_json, write_config, write_job_file
 from tests.test_cli import config_with_tables, table_rows
 

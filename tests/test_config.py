@@ -1,4 +1,4 @@
-"""Unit tests of qcluster.settings.config: resolution, defaults, errors, secrets, the
+"""Unit tests of qcluster.settings: resolution, defaults, errors, secrets, the
 example file."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcluster.errors import ConfigError
-from qcluster.settings.config import (
+from qcluster.settings import (
     DEFAULTS_SOURCE,
     Settings,
     config_keys,
@@ -611,7 +611,7 @@ def test_world_readable_file_with_a_secret_warns_once(
     path = tmp_path / "q.toml"
     path.write_text("[rpc]\nsecret = 'hunter2'\n")
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="qcluster.settings.config"):
+    with caplog.at_level(logging.WARNING, logger="qcluster.settings.loading"):
         load_settings(path, NO_ENV)
         load_settings(path, NO_ENV)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -630,7 +630,7 @@ def test_private_file_or_file_without_secrets_does_not_warn(
     public = tmp_path / "public.toml"
     public.write_text("[database]\nurl = 'postgresql://user@host/db'\n")
     public.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="qcluster.settings.config"):
+    with caplog.at_level(logging.WARNING, logger="qcluster.settings.loading"):
         load_settings(private, NO_ENV)
         load_settings(public, NO_ENV)
     assert not caplog.records

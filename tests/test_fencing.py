@@ -21,7 +21,8 @@ from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.store import catalog, schema
 from qcluster.store.cluster import ensure_cluster, take_epoch
 from qcluster.store.db import Database
-from qcluster.store.jobstore import Advance, FireRow, SqlJobStore
+from qcluster.store.jobstore import Advance, SqlJobStore
+from qcluster.store.runs import FireRow, RunRecord, RunStatus
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def run_rows(db: Database) -> list[Any]:
         return list(conn.execute(sa.select(schema.runs).order_by(schema.runs.c.scheduled_at)))
 
 
-def fire(job_id: str, at: float, status: str = "scheduled") -> FireRow:
+def fire(job_id: str, at: float, status: RunStatus = RunStatus.SCHEDULED) -> FireRow:
     return FireRow(job_id, "jobs.builtin:noop", "[]", "{}", at, status, False)
 
 
@@ -142,7 +143,7 @@ def test_run_rows_and_job_advances_commit_together(db: Database) -> None:
     with db.read() as conn:
         nrt = conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one()
     store = SqlJobStore(db, lambda: epoch)
-    broken = FireRow("j", None, "[]", "{}", nrt + 1, "scheduled", False)  # type: ignore[arg-type]
+    broken = FireRow("j", None, "[]", "{}", nrt + 1, RunStatus.SCHEDULED, False)  # type: ignore[arg-type]
     with pytest.raises(sa.exc.IntegrityError):
         store.commit_fires(epoch, "a", [fire("j", nrt), broken], [Advance("j", 1, nrt + 2)])
     assert run_rows(db) == []
@@ -179,8 +180,8 @@ def test_unloadable_job_is_set_aside_not_deleted(db: Database) -> None:
     assert rows["bad"].broken and "99" in rows["bad"].broken
 
 
-def _leader_pass(db: Database, epoch: int, now: datetime, **kw: Any) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
+def _leader_pass(db: Database, epoch: int, now: datetime, **kw: Any) -> list[RunRecord]:
+    sent: list[RunRecord] = []
     store = SqlJobStore(db, lambda: epoch, **kw)
     executor = FireExecutor(store, epoch, "a", sent.extend, retention_seconds=86400)
     executor.fire(store.get_due_jobs(now), now)
@@ -243,7 +244,7 @@ def test_fire_ahead_records_coming_fires_and_coalesces_only_passed_ones(
         nrt = conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one()
     now = datetime.fromtimestamp(nrt, UTC) + timedelta(seconds=3 * step)  # 4 passed times
     until = now + timedelta(seconds=0.5)
-    sent: list[dict[str, Any]] = []
+    sent: list[RunRecord] = []
     store = SqlJobStore(db, lambda: epoch, misfire_grace_seconds=30, coalesce=True)
     executor = FireExecutor(store, epoch, "a", sent.extend, retention_seconds=86400)
     executor.fire(store.get_due_jobs(until), now, until)

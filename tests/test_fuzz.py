@@ -69,7 +69,7 @@ from qcluster.leader.control import ControlService
 from qcluster.leader.role import LeaderRole
 from qcluster.leader.scheduler import FireExecutor
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
-from qcluster.settings.config import (
+from qcluster.settings import (
     config_keys,
     load_settings_from_mapping,
     load_settings_from_text,

@@ -39,7 +39,7 @@ from qcluster.leader.migration import (
     progress,
     request_move,
 )
-from qcluster.settings.config import Settings, load_settings
+from qcluster.settings import Settings, load_settings
 from qcluster.store import schema
 from qcluster.store.cluster import (
     ClusterState,

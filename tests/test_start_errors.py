@@ -19,7 +19,7 @@ import pytest
 from qcluster.errors import ConfigError, QClusterError
 from qcluster.leader.election import Leadership
 from qcluster.node import Node
-from qcluster.settings.config import load_settings
+from qcluster.settings import load_settings
 from tests.helpers import (
     assert_cli_error,
     run_cli,

@@ -178,7 +178,7 @@ def test_the_allow_list_and_the_defined_here_checks_stay_as_strict(tmp_path: Pat
 @pytest.mark.usefixtures("clean_import_state")
 def test_a_node_puts_its_jobs_paths_on_the_import_path_when_built(tmp_path: Path) -> None:
     from qcluster.node import Node
-    from qcluster.settings.config import load_settings
+    from qcluster.settings import load_settings
 
     (tmp_path / "tasks").mkdir()
     (tmp_path / "etc").mkdir()

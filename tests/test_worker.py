@@ -19,7 +19,7 @@ from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, make_pro
 from qcluster.store import schema
 from qcluster.store.cluster import ensure_cluster
 from qcluster.store.db import Database
-from qcluster.store.jobstore import FireRow, insert_runs
+from qcluster.store.runs import FireRow, RunRecord, RunStatus, insert_runs
 from qcluster.worker.runner import Worker, WorkerService
 
 SECRET = "test-secret-for-workers"
@@ -61,8 +61,8 @@ def workers(db: Database) -> Iterator[list[RunningWorker]]:
 
 def record(db: Database, n: int, func: str = "jobs.examples:record_run",
            args: str = "[]", kwargs: str = "{}", epoch: int = 1,
-           prefix: str = "job") -> list[dict[str, Any]]:
-    fires = [FireRow(f"{prefix}{i}", func, args, kwargs, 1000.0 + i, "scheduled", False)
+           prefix: str = "job") -> list[RunRecord]:
+    fires = [FireRow(f"{prefix}{i}", func, args, kwargs, 1000.0 + i, RunStatus.SCHEDULED, False)
              for i in range(n)]
     with db.write() as conn:
         return insert_runs(conn, fires, epoch, "leader")
@@ -248,7 +248,7 @@ def test_a_claim_that_raises_gives_back_the_places_it_took(db: Database,
     try:
         runs = record(db, 1, func="jobs.builtin:noop")
 
-        def broken(batch: list[dict[str, Any]]) -> set[int]:
+        def broken(batch: list[RunRecord]) -> set[int]:
             raise RuntimeError("claim failed")
 
         monkeypatch.setattr(w.worker, "_claim", broken)
@@ -315,7 +315,7 @@ def test_dispatcher_stops_when_a_worker_has_seen_a_newer_epoch(
     d.start()
     with db.write() as conn:
         runs = insert_runs(conn, [FireRow("late", "jobs.builtin:noop", "[]", "{}", 5.0,
-                                          "scheduled", False)], 1, "old-leader")
+                                          RunStatus.SCHEDULED, False)], 1, "old-leader")
     d.submit(runs)
     deadline = time.monotonic() + 10
     while not stale and time.monotonic() < deadline:
@@ -348,7 +348,7 @@ def test_a_run_sent_ahead_is_claimed_at_once_and_started_on_time(
     """The leader's fire-ahead window: a run that arrives before its fire time is taken
     (claimed) at once, and started at its time, not before."""
     due = time.time() + 1.0
-    fires = [FireRow("ahead", "jobs.builtin:noop", "[]", "{}", due, "scheduled", False)]
+    fires = [FireRow("ahead", "jobs.builtin:noop", "[]", "{}", due, RunStatus.SCHEDULED, False)]
     with db.write() as conn:
         runs = insert_runs(conn, fires, 3, "leader")
     with proxy(workers[0].uri, SECRET, 5.0) as p:

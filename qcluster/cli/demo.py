@@ -12,7 +12,7 @@ from qcluster.client import admin
 from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import make_spec
 from qcluster.node import Node
-from qcluster.settings.config import Settings
+from qcluster.settings import Settings
 from qcluster.store import catalog, schema
 
 DEMO_JOBS: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [

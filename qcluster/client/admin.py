@@ -32,7 +32,7 @@ from qcluster.errors import (
     QClusterError,
 )
 from qcluster.leader import migration
-from qcluster.settings.config import Settings
+from qcluster.settings import Settings
 from qcluster.store import catalog
 from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster
 from qcluster.store.db import Database

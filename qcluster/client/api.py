@@ -29,7 +29,7 @@ from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_pat
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
-from qcluster.settings.config import Settings, load_settings, resolve_config_path
+from qcluster.settings import Settings, load_settings, resolve_config_path
 
 MAX_LIMIT = 2**31 - 1
 
@@ -231,10 +231,10 @@ class Client:
         """Runs, newest scheduled time first, optionally of one job, with one status,
         scheduled at or after ``since`` (ISO 8601 text, a datetime, or a Unix time; a time
         without a zone is UTC). ``limit=0`` lists them all."""
-        from qcluster.store.schema import RUN_STATUSES
+        from qcluster.store.runs import RunStatus
 
-        if status is not None and status not in RUN_STATUSES:
-            raise InputError(f"invalid status {status!r}: use one of {', '.join(RUN_STATUSES)}")
+        if status is not None and status not in tuple(RunStatus):
+            raise InputError(f"invalid status {status!r}: use one of {', '.join(RunStatus)}")
         if job is not None:
             check_job_id(job)
         return admin.list_runs(self.settings, job_id=job, status=status,

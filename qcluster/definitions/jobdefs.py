@@ -21,9 +21,9 @@ from typing import Any
 
 from qcluster.definitions.triggers import TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
+from qcluster.settings import is_allowed, is_func_ref, ref_problem
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
-FUNC_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 MAX_ARGS_BYTES = 64 * 1024
 MAX_ARGS_DEPTH = 16
 MAX_WHERE_CHARS = 400  # each list of directories in an import error, at most
@@ -67,11 +67,10 @@ def check_job_id(job_id: object) -> str:
 
 
 def check_func_ref(ref: object, allow: Sequence[str], *, import_it: bool = False) -> str:
-    """Check a ``module:function`` reference against the allow list (and import it)."""
-    from qcluster.settings.config import is_allowed
-
-    if not isinstance(ref, str) or len(ref) > 400 or not FUNC_RE.match(ref):  # the column
-        raise InputError(f"invalid job reference {_short(ref)}: expected module:function")
+    """Check a ``module:function`` reference (its shape: ``settings/refs.py``) against the
+    allow list (and import it)."""
+    if not is_func_ref(ref):
+        raise InputError(f"invalid job reference {_short(ref)}: {ref_problem(ref)}")
     if not is_allowed(ref, list(allow)):
         raise NotAllowed(f"job reference {ref!r} is not allowed by [jobs] allow")
     if import_it:

@@ -15,6 +15,7 @@ from typing import Any
 from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
+from qcluster.settings import read_bounded
 
 _FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
            "misfire_grace_seconds", "coalesce"}
@@ -32,13 +33,8 @@ def parse_cli_value(text: str) -> Any:
 
 
 def load_job_file(path: Path, *, allow: list[str], default_tz: str) -> list[JobDef]:
-    try:
-        with path.open("rb") as f:  # at most one byte past the limit: /dev/zero ends too
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read job file: {e.strerror or e}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise InputError(f"{path}: job file is larger than {MAX_FILE_BYTES} bytes")
+    # Bytes: a file that is not UTF-8 is "invalid TOML", with the decoder's reason.
+    raw = read_bounded(path, MAX_FILE_BYTES, "job file", error=InputError, text=False)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:

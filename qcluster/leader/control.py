@@ -31,6 +31,7 @@ from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.store import catalog
 from qcluster.store.db import Database
+from qcluster.store.runs import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ControlService:
         return self._one(job_id, catalog.remove_job)
 
     def run_job(self, job_id: Any) -> dict[str, Any]:
-        runs: list[dict[str, Any]] = []
+        runs: list[RunRecord] = []
 
         def record(conn: Connection, jid: str) -> None:
             epoch = self._leader.epoch

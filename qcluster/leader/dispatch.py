@@ -25,6 +25,7 @@ import Pyro5.errors
 
 from backends.base import MemberInfo
 from qcluster.rpc.pyro import proxy
+from qcluster.store.runs import RunRecord, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Dispatcher:
         self.members = members
         self.on_stale = on_stale
         self.sent = 0
-        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._queue: collections.deque[RunRecord] = collections.deque()
         self._cond = threading.Condition()
         self._enabled = threading.Event()
         self._enabled.set()
@@ -80,7 +81,7 @@ class Dispatcher:
             self._queue.clear()
             self._cond.notify_all()
 
-    def submit(self, runs: list[dict[str, Any]]) -> None:
+    def submit(self, runs: list[RunRecord]) -> None:
         if not self._enabled.is_set():
             return
         with self._cond:
@@ -107,14 +108,14 @@ class Dispatcher:
                 p._pyroClaimOwnership()
                 p._pyroRelease()
 
-    def _take(self) -> list[dict[str, Any]]:
+    def _take(self) -> list[RunRecord]:
         with self._cond:
             if not self._queue:
                 self._cond.wait(0.5)
             n = min(len(self._queue), self.batch_size)
             return [self._queue.popleft() for _ in range(n)]
 
-    def _dispatch(self, batch: list[dict[str, Any]]) -> None:
+    def _dispatch(self, batch: list[RunRecord]) -> None:
         left = batch
         while left and self._enabled.is_set():
             workers = self._live_workers()
@@ -122,7 +123,7 @@ class Dispatcher:
                 log.warning("no live worker for %d runs; waiting", len(left))
                 self._requeue(left, delay=0.5)
                 return
-            retry: list[dict[str, Any]] = []
+            retry: list[RunRecord] = []
             routes = self._route(left, workers)
             # Send to every worker at once: each call waits for that worker's claim in the
             # database, and those waits should overlap, not add up.
@@ -137,7 +138,7 @@ class Dispatcher:
                 return
             left = retry
 
-    def _requeue(self, runs: list[dict[str, Any]], delay: float) -> None:
+    def _requeue(self, runs: list[RunRecord], delay: float) -> None:
         self._stopped.wait(delay)
         with self._cond:
             if self._enabled.is_set():
@@ -156,9 +157,9 @@ class Dispatcher:
         return [w for w in self._workers if self._down.get(w.uri or "", 0.0) <= now]
 
     def _route(
-        self, runs: list[dict[str, Any]], workers: list[MemberInfo]
-    ) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
+        self, runs: list[RunRecord], workers: list[MemberInfo]
+    ) -> dict[str, list[RunRecord]]:
+        out: dict[str, list[RunRecord]] = {}
         if self.strategy == "least_loaded":
             load = {w.uri or "": self._load.get(w.uri or "", 0.0) for w in workers}
             cap = {w.uri or "": float(max(1, w.capacity)) for w in workers}
@@ -177,7 +178,7 @@ class Dispatcher:
                 out.setdefault(workers[(first + i) % k].uri or "", []).extend(chunk)
         return out
 
-    def _send(self, uri: str, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _send(self, uri: str, chunk: list[RunRecord]) -> list[RunRecord]:
         """Send one chunk; return the runs to try elsewhere."""
         if not self._enabled.is_set():
             return []  # stepped down meanwhile: the next leader sends what is left
@@ -218,14 +219,15 @@ class Dispatcher:
         p._pyroClaimOwnership()
         return p
 
-    def _call(self, uri: str, chunk: list[dict[str, Any]]) -> dict[str, Any]:
+    def _call(self, uri: str, chunk: list[RunRecord]) -> dict[str, Any]:
+        wire = [to_wire(run) for run in chunk]
         try:
-            reply: dict[str, Any] = self._proxy(uri).submit(self.epoch, chunk)
+            reply: dict[str, Any] = self._proxy(uri).submit(self.epoch, wire)
         except Pyro5.errors.ConnectionClosedError:
             # An idle connection closed by the worker's timeout: reconnect once. Safe to
             # resend: the worker refuses attempts it already took.
             self._drop_proxy(uri)
-            reply = self._proxy(uri).submit(self.epoch, chunk)
+            reply = self._proxy(uri).submit(self.epoch, wire)
         return reply
 
     def _drop_proxy(self, uri: str) -> None:

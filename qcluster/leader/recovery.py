@@ -4,7 +4,8 @@ docs/DESIGN.md invariant 7: a run on a worker that died becomes ``lost``; if its
 for recovery, the same run row gets a new attempt (``attempt + 1``) and is sent again, as Quartz
 re-fires jobs that request recovery. Runs recorded but never sent (the leader died in
 between) are sent by the next leader, or recorded ``missed`` when they are older than
-their misfire grace time. Every change here is fenced on the leader's epoch.
+their misfire grace time. Every change here is fenced on the leader's epoch, and made by
+:mod:`qcluster.store.runs`, the owner of ``qc_runs``; this module decides which.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster.store import schema
+from qcluster.store import runs, schema
 from qcluster.store.db import Database
-from qcluster.store.jobstore import run_record
+from qcluster.store.runs import RunRecord, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ STALE_SCHEDULED = 5.0  # seconds a `scheduled` row may wait before it is sent ag
 
 @dataclasses.dataclass
 class RecoveryResult:
-    resend: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    resend: list[RunRecord] = dataclasses.field(default_factory=list)
     lost: int = 0
     retried: int = 0
     missed: int = 0
@@ -52,10 +53,10 @@ def recover_runs(
             sa.select(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
                       r.c.attempt, r.c.recover, r.c.status, r.c.worker, r.c.worker_session,
                       r.c.epoch, r.c.created_at)
-            .where(r.c.status.in_(("scheduled", "dispatched", "running")))
+            .where(r.c.status.in_(runs.OPEN))
         ).all()
         for row in open_runs:
-            if row.status == "scheduled":
+            if row.status == RunStatus.SCHEDULED:
                 _unsent(conn, row, epoch, now, grace_seconds, out)
             elif (row.worker, row.worker_session) not in live:
                 _orphaned(conn, row, epoch, now, out)
@@ -64,51 +65,31 @@ def recover_runs(
 
 def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
             out: RecoveryResult) -> None:
-    r = schema.runs
     if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED:
         return  # ours and fresh: the dispatcher still has it
     if row.attempt == 1 and now - row.scheduled_at > grace:
-        conn.execute(
-            r.update().where(r.c.id == row.id, r.c.status == "scheduled")
-            .values(status="missed", finished_at=now,
-                    error=f"never dispatched within the misfire grace time ({grace:.0f}s)")
-        )
+        runs.mark_missed(conn, row.id, now=now,
+                         error=f"never dispatched within the misfire grace time ({grace:.0f}s)")
         out.missed += 1
         return
-    out.resend.append(run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                 row.scheduled_at, row.attempt, epoch, row.recover))
+    out.resend.append(runs.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                      row.scheduled_at, row.attempt, epoch, row.recover))
 
 
 def _orphaned(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) -> None:
-    r = schema.runs
-    where = (r.c.id == row.id, r.c.attempt == row.attempt, r.c.status == row.status)
     reason = f"worker {row.worker} stopped checking in during attempt {row.attempt}"
-    conn.execute(r.update().where(*where).values(status="lost", finished_at=now, error=reason))
+    runs.mark_lost(conn, row.id, row.attempt, row.status, now=now, error=reason)
     out.lost += 1
     log.warning("run %d of job %s is lost: %s", row.id, row.job_id, reason)
     if not row.recover:
         return
-    attempt = row.attempt + 1
-    conn.execute(
-        r.update().where(r.c.id == row.id, r.c.status == "lost")
-        .values(status="scheduled", attempt=attempt, worker=None, worker_session=None,
-                dispatched_at=None, started_at=None, finished_at=None, duration=None,
-                epoch=epoch, created_at=now, error=f"recovering: {reason}")
-    )
+    runs.retry(conn, row.id, row.attempt, epoch=epoch, now=now, error=f"recovering: {reason}")
     out.retried += 1
-    out.resend.append(run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                 row.scheduled_at, attempt, epoch, row.recover))
+    out.resend.append(runs.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                      row.scheduled_at, row.attempt + 1, epoch, row.recover))
 
 
 def prune_runs(db: Database, epoch: int, *, older_than: float) -> int:
     """Delete finished runs scheduled before ``older_than``."""
-    r = schema.runs
     with db.fenced(epoch) as conn:
-        return int(
-            conn.execute(
-                r.delete().where(
-                    r.c.scheduled_at < older_than,
-                    r.c.status.in_(("succeeded", "failed", "missed", "lost")),
-                )
-            ).rowcount
-        )
+        return runs.prune(conn, older_than=older_than)

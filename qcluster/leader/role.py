@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from apscheduler.schedulers import SchedulerNotRunningError
 
@@ -23,10 +22,11 @@ from qcluster.errors import Fenced, QClusterError
 from qcluster.leader.dispatch import Dispatcher
 from qcluster.leader.recovery import prune_runs, recover_runs
 from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
-from qcluster.settings.config import Settings
+from qcluster.settings import Settings
 from qcluster.store.cluster import take_epoch
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
+from qcluster.store.runs import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class LeaderRole:
         if scheduler is not None:
             scheduler.wakeup()
 
-    def send(self, runs: list[dict[str, Any]]) -> None:
+    def send(self, runs: list[RunRecord]) -> None:
         with self._lock:
             dispatcher = self.dispatcher
         if dispatcher is not None:

@@ -26,14 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
 from qcluster.errors import DatabaseUnavailable, Fenced
-from qcluster.store.jobstore import Advance, FireRow, SqlJobStore, StoredJob
+from qcluster.store.jobstore import Advance, SqlJobStore, StoredJob
+from qcluster.store.runs import FireRow, RunRecord, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         store: SqlJobStore,
         epoch: int,
         leader: str,
-        send: Callable[[list[dict[str, Any]]], None],
+        send: Callable[[list[RunRecord]], None],
         *,
         retention_seconds: float,
     ) -> None:
@@ -109,19 +109,19 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         due += ahead
         qc = job.qc
 
-        def row(t: datetime, status: str, error: str | None = None) -> FireRow:
+        def row(t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
             return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
                            status, qc.recover, error)
 
         for t in late:
             if t >= horizon:
                 late_by = (now - t).total_seconds()
-                fires.append(row(t, "missed", f"missed by {late_by:.3f}s "
-                                              f"(grace {job.misfire_grace_time}s)"))
+                fires.append(row(t, RunStatus.MISSED, f"missed by {late_by:.3f}s "
+                                                       f"(grace {job.misfire_grace_time}s)"))
         for t in coalesced:
-            fires.append(row(t, "missed", "coalesced into a later run"))
+            fires.append(row(t, RunStatus.MISSED, "coalesced into a later run"))
         for t in due:
-            fires.append(row(t, "scheduled"))
+            fires.append(row(t, RunStatus.SCHEDULED))
         advances.append(Advance(job.id, qc.version, None if nxt is None else nxt.timestamp()))
 
 

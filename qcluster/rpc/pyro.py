@@ -6,7 +6,7 @@ the client knows the cluster secret. The proof is an HMAC-SHA256 of a fresh time
 nonce under the secret; the secret itself never crosses the wire, the proof is compared
 in constant time, and a proof is accepted once only, within a short window.
 
-Settings (``config.py``): msgpack serializer by default (about 4x faster than serpent),
+Settings (``qcluster.settings``): msgpack serializer by default (about 4x faster than serpent),
 a communication timeout, ``MAX_RETRIES = 0`` (a retried dispatch could run twice; we
 retry ourselves, idempotently), and a bounded message size.
 """

@@ -1,1 +1,50 @@
-"""Settings: the config model, parsed and validated once at the edge."""
+"""Settings: the config model, parsed and validated once at the edge.
+
+Import from the package (``from qcluster.settings import Settings, load_settings``), not
+from its modules; inside the package, each module imports the modules it needs:
+
+- ``loading.py``: which file (:func:`resolve_config_path`), the loaders, every problem as
+  one ConfigError line, :func:`settings_to_public_dict`, :func:`config_keys`;
+- ``model.py``: :class:`Settings` and its sections, frozen and validated, and
+  ``validators.py``, the checks of single values they run;
+- ``refs.py``: what a ``module:function`` job reference is, and the ``[jobs] allow`` list;
+- ``urls.py``: :func:`redact_url`, the one redactor of URLs, and :class:`SecretURL`;
+- ``files.py``: :func:`read_bounded`, the one reader of the files qcluster is given;
+- ``text.py``: helpers for the messages.
+"""
+
+from qcluster.settings.files import read_bounded
+from qcluster.settings.loading import (
+    CONFIG_ENV,
+    RPC_SECRET_ENV,
+    config_keys,
+    load_settings,
+    load_settings_from_mapping,
+    load_settings_from_text,
+    resolve_config_path,
+    settings_to_public_dict,
+)
+from qcluster.settings.model import DEFAULTS_SOURCE, NODE_ID_PATTERN, Settings
+from qcluster.settings.refs import MAX_REF_CHARS, is_allowed, is_func_ref, ref_problem
+from qcluster.settings.urls import SecretURL, redact_url
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULTS_SOURCE",
+    "MAX_REF_CHARS",
+    "NODE_ID_PATTERN",
+    "RPC_SECRET_ENV",
+    "SecretURL",
+    "Settings",
+    "config_keys",
+    "is_allowed",
+    "is_func_ref",
+    "load_settings",
+    "load_settings_from_mapping",
+    "load_settings_from_text",
+    "read_bounded",
+    "redact_url",
+    "ref_problem",
+    "resolve_config_path",
+    "settings_to_public_dict",
+]

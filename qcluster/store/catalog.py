@@ -25,7 +25,7 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
 from qcluster.store import schema
-from qcluster.store.jobstore import FireRow, insert_runs
+from qcluster.store.runs import FireRow, RunRecord, RunStatus, insert_runs
 
 _CHUNK = 500
 
@@ -166,11 +166,11 @@ def remove_job(conn: Connection, job_id: str) -> None:
     conn.execute(schema.jobs.delete().where(schema.jobs.c.id == job_id))
 
 
-def run_now(conn: Connection, job_id: str, epoch: int, leader: str) -> dict[str, Any]:
+def run_now(conn: Connection, job_id: str, epoch: int, leader: str) -> RunRecord:
     """Record a run of ``job_id`` scheduled for now; the caller dispatches it."""
     row = _get_row(conn, job_id)
-    fire = FireRow(job_id, row.func, row.args, row.kwargs, round(time.time(), 6), "scheduled",
-                   bool(row.recover))
+    fire = FireRow(job_id, row.func, row.args, row.kwargs, round(time.time(), 6),
+                   RunStatus.SCHEDULED, bool(row.recover))
     runs = insert_runs(conn, [fire], epoch, leader)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")

@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from qcluster.errors import DatabaseUnavailable, Fenced
+from qcluster.settings import redact_url
 from qcluster.store import schema
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,12 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA_HEAD = "0002"  # the newest revision in migrations/versions (a test keeps them equal)
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable database URL>"
-
-
 class Database:
     """One shared database, SQLite or PostgreSQL."""
 
     def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 5.0) -> None:
         self.url = url
-        self.display_url = redact_url(url)
+        self.display_url = redact_url(url)  # for every message: the password hidden
         try:
             parsed = sa.engine.make_url(url)
         except Exception as e:

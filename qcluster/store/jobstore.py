@@ -8,9 +8,10 @@ Promises, beyond APScheduler's ``BaseJobStore``:
 
 * Every write is fenced on the leader's epoch (docs/DESIGN.md invariant 1): it commits only
   while that epoch is the cluster's epoch.
-* :meth:`SqlJobStore.commit_fires` records a batch of run rows and advances the jobs that
-  produced them in ONE fenced transaction. A run row is unique on (job, scheduled time),
-  so a fire time that an earlier leader already recorded inserts nothing.
+* :meth:`SqlJobStore.commit_fires` records a batch of run rows
+  (:func:`qcluster.store.runs.insert_runs`, the owner of ``qc_runs``) and advances the jobs
+  that produced them in ONE fenced transaction. A run row is unique on (job, scheduled
+  time), so a fire time that an earlier leader already recorded inserts nothing.
 * A row that fails to load is set aside (``broken`` says why) and reported; it is never
   deleted, unlike APScheduler's own SQLAlchemy store.
 * ``get_due_jobs`` returns at most ``batch_size`` jobs, so a million due jobs never sit
@@ -33,13 +34,13 @@ import sqlalchemy as sa
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Row
 
 from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import schema
 from qcluster.store.db import Database
+from qcluster.store.runs import FireRow, RunRecord, insert_runs
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,6 @@ class StoredJob(Job):  # type: ignore[misc]
 
     __slots__ = ("qc",)
     qc: JobExtra
-
-
-@dataclasses.dataclass(frozen=True)
-class FireRow:
-    """One fire time to record: ``status`` is ``scheduled`` (to run) or ``missed``."""
-
-    job_id: str
-    func: str
-    args_json: str
-    kwargs_json: str
-    scheduled_at: float
-    status: str
-    recover: bool
-    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +176,7 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
 
     def commit_fires(
         self, epoch: int, leader: str, fires: Sequence[FireRow], advances: Sequence[Advance]
-    ) -> list[dict[str, Any]]:
+    ) -> list[RunRecord]:
         """Record ``fires`` and apply ``advances`` atomically; return the new runs to send.
 
         A fire time already recorded (by this leader or an earlier one) inserts nothing and
@@ -270,78 +257,6 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
                 )
 
 
-def insert_runs(
-    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
-) -> list[dict[str, Any]]:
-    """Insert run rows, skipping fire times already recorded. Returns the new ``scheduled``
-    runs as dispatch records."""
-    if not fires:
-        return []
-    now = time.time()
-    rows = [
-        {
-            "job_id": f.job_id,
-            "scheduled_at": f.scheduled_at,
-            "func": f.func,
-            "args": f.args_json,
-            "kwargs": f.kwargs_json,
-            "status": f.status,
-            "attempt": 1,
-            "recover": f.recover,
-            "epoch": epoch,
-            "leader": leader,
-            "created_at": now,
-            "finished_at": now if f.status == "missed" else None,
-            "error": f.error,
-        }
-        for f in fires
-    ]
-    by_key = {(f.job_id, f.scheduled_at): f for f in fires}
-    out: list[dict[str, Any]] = []
-    for start in range(0, len(rows), 500):
-        for row in _insert_returning(conn, rows[start : start + 500]):
-            if row.status != "scheduled":
-                continue
-            f = by_key[(row.job_id, row.scheduled_at)]
-            out.append(
-                run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
-                           f.scheduled_at, 1, epoch, f.recover)
-            )
-    return out
-
-
-_RUN_COLUMNS = (
-    ("job_id", "text"), ("scheduled_at", "float8"), ("func", "text"), ("args", "text"),
-    ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
-    ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
-    ("finished_at", "float8"), ("error", "text"),
-)
-_UNNEST_INSERT = sa.text(
-    f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
-    f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
-    "ON CONFLICT (job_id, scheduled_at) DO NOTHING "
-    "RETURNING id, job_id, scheduled_at, status"
-)
-
-
-def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
-    """Insert ``rows``, skipping recorded fire times; the inserted rows come back.
-
-    On PostgreSQL one column array per parameter (``unnest``): 13 parameters whatever the
-    batch size, so the driver prepares the statement once, where a multi-row VALUES list
-    of 6,500 parameters is parsed again for every batch.
-    """
-    if conn.dialect.name == "postgresql":
-        return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
-    r = schema.runs
-    stmt = (
-        sqlite.insert(r)
-        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
-        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
-    )
-    return conn.execute(stmt, rows)
-
-
 def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
     j = schema.jobs
     moves = [
@@ -364,21 +279,3 @@ def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
                              j.c.version == sa.bindparam("b_version")),
             done,
         )
-
-
-def run_record(
-    run_id: int, job_id: str, func: str, args_json: str, kwargs_json: str,
-    scheduled_at: float, attempt: int, epoch: int, recover: bool,
-) -> dict[str, Any]:
-    """The dispatch payload of one run: plain data, as it travels to a worker."""
-    return {
-        "run_id": int(run_id),
-        "job_id": job_id,
-        "func": func,
-        "args": args_json,
-        "kwargs": kwargs_json,
-        "scheduled_at": float(scheduled_at),
-        "attempt": int(attempt),
-        "epoch": int(epoch),
-        "recover": bool(recover),
-    }

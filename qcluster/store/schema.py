@@ -105,7 +105,7 @@ runs = Table(
     Column("func", String(400), nullable=False),
     Column("args", Text, nullable=False),
     Column("kwargs", Text, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # a qcluster.store.runs.RunStatus
     Column("attempt", Integer, nullable=False, default=1),
     Column("recover", Boolean, nullable=False, default=False),
     Column("epoch", BigInteger, nullable=False),
@@ -122,6 +122,3 @@ runs = Table(
     Index("ix_qc_runs_status", "status"),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),
 )
-
-RUN_STATUSES = ("scheduled", "dispatched", "running", "succeeded", "failed", "missed", "lost")
-OPEN_STATUSES = ("scheduled", "dispatched", "running")

@@ -5,18 +5,21 @@ Promises:
 * A worker refuses a batch whose epoch is older than the newest epoch it has seen, and
   a second copy of a run attempt it already took (docs/DESIGN.md invariant 4).
 * Across workers, a run attempt starts at most once: a worker claims it in the database
-  (``scheduled`` -> ``dispatched``, naming itself) before running it, and only the one
-  claim that commits runs it.
+  (``scheduled`` -> ``dispatched``, naming itself; :func:`qcluster.store.runs.claim`)
+  before running it, and only the one claim that commits runs it.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason.
 * A dispatch is checked before anything is taken or written: every number in it must fit
   the column it is bound to (:mod:`qcluster.store.bounds`: a run id from 1 to 2**63 - 1, an
   attempt from 1 to 2**31 - 1, an epoch from 0 to 2**63 - 1, a fire time within the years
   1 to 9999); ``bool`` is not a number. Anything else refuses the whole call with one line
-  (``refused: ...``), and the worker goes on serving with its state unchanged.
+  (``refused: ...``), and the worker goes on serving with its state unchanged. Each run is
+  checked by :func:`qcluster.store.runs.from_wire`, against the one :class:`RunRecord`
+  that the leader's records are made of.
 * Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
-  duration) are written in batches by one writer thread, and only over this worker's own
-  claim, so a run that the leader has meanwhile declared ``lost`` is not overwritten.
+  duration) are written in batches by one writer thread
+  (:func:`qcluster.store.runs.write_outcomes`), and only over this worker's own claim, so
+  a run that the leader has meanwhile declared ``lost`` is not overwritten.
 """
 
 from __future__ import annotations
@@ -33,64 +36,37 @@ from datetime import UTC, datetime
 from typing import Any
 
 import Pyro5.server
-import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import InputError, QClusterError
-from qcluster.store import bounds, schema
+from qcluster.store import bounds
 from qcluster.store.db import Database
+from qcluster.store.runs import (
+    Outcome,
+    RunRecord,
+    RunStatus,
+    check_outcome,
+    claim,
+    from_wire,
+    write_outcomes,
+)
 from qcluster.worker.context import RunContext, enter_run, leave_run
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
-_RUN_KEYS = {"run_id": int, "job_id": str, "func": str, "args": str, "kwargs": str,
-             "scheduled_at": float, "attempt": int, "epoch": int, "recover": bool}
-#: The bound of each integer of a run record: the qc_runs column it is stored in or
-#: compared with (the run's ``epoch`` is only shown to the job, but it is an epoch).
-_RUN_INTS = {"run_id": bounds.RUN_ID, "attempt": bounds.ATTEMPT, "epoch": bounds.EPOCH}
-_MAX_TEXT = {"job_id": 200, "func": 400, "args": 65536, "kwargs": 65536}
 _SEEN = 200_000
 _ON_TIME = 0.002  # a run due this close is started at once
 
 
-def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
-    """``id IN ids``; on PostgreSQL as ``id = ANY(:array)``, one parameter whatever the
-    batch size, so the driver prepares the statement once."""
-    r = schema.runs
-    if db.dialect == "postgresql":
-        return r.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger())))
-    return r.c.id.in_(ids)
-
-
-def check_batch(epoch: object, runs: object) -> list[dict[str, Any]]:
-    """Validate a dispatch payload from the wire; return its runs, ``scheduled_at`` as a
-    float. InputError (one line) on anything malformed or out of its column's range."""
+def check_batch(epoch: object, runs: object) -> list[RunRecord]:
+    """Validate a dispatch payload from the wire; return its runs (each checked by
+    :func:`~qcluster.store.runs.from_wire`, ``scheduled_at`` as a float). InputError (one
+    line) on anything malformed or out of its column's range."""
     bounds.check_int(epoch, "epoch", bounds.EPOCH)
     if not isinstance(runs, list) or len(runs) > MAX_BATCH:
         raise InputError(f"runs must be a list of at most {MAX_BATCH}")
-    return [_check_run(run) for run in runs]
-
-
-def _check_run(run: object) -> dict[str, Any]:
-    """One run record of :func:`check_batch`: exactly the keys of ``_RUN_KEYS``, each of
-    its type, the numbers within their columns' ranges, the texts within theirs."""
-    if not isinstance(run, dict) or set(run) != set(_RUN_KEYS):
-        raise InputError("malformed run record")
-    try:
-        for key, allowed in _RUN_INTS.items():
-            bounds.check_int(run[key], key, allowed)
-        run["scheduled_at"] = bounds.check_timestamp(run["scheduled_at"], "scheduled_at")
-    except InputError as e:
-        raise InputError(f"malformed run record: {e}") from None
-    for key, kind in _RUN_KEYS.items():
-        if not isinstance(run[key], kind):
-            raise InputError(f"malformed run record: {key}")
-    if any(len(run[key]) > limit for key, limit in _MAX_TEXT.items()):
-        raise InputError("run record too large")
-    return run
+    return [from_wire(run) for run in runs]
 
 
 class OutcomeWriter:
@@ -101,7 +77,7 @@ class OutcomeWriter:
         self.session = session
         self.interval = interval
         self._started: dict[tuple[int, int], float] = {}
-        self._finished: dict[tuple[int, int], dict[str, Any]] = {}
+        self._finished: dict[tuple[int, int], Outcome] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -114,14 +90,11 @@ class OutcomeWriter:
         with self._lock:
             self._started[(run_id, attempt)] = at
 
-    def finished(self, run_id: int, attempt: int, status: str, started: float,
+    def finished(self, run_id: int, attempt: int, status: RunStatus, started: float,
                  finished: float, error: str | None) -> None:
+        check_outcome(status)  # here, not in the writer thread, which must not die
         with self._lock:
-            self._finished[(run_id, attempt)] = {
-                "b_id": run_id, "b_attempt": attempt, "b_status": status,
-                "b_started": started, "b_finished": finished,
-                "b_duration": finished - started, "b_error": error,
-            }
+            self._finished[(run_id, attempt)] = Outcome(status, started, finished, error)
         if len(self._finished) >= 500:
             self._wake.set()
 
@@ -160,76 +133,12 @@ class OutcomeWriter:
         if not finished and not started:
             return
         try:
-            with self.db.write() as conn:
-                if self.db.dialect == "postgresql":
-                    self._write_unnest(conn, started, finished)
-                else:
-                    self._write_many(conn, started, finished)
+            write_outcomes(self.db, self.session, started, finished)
         except QClusterError:
             with self._lock:  # put them back, newer entries win
                 self._finished = {**finished, **self._finished}
                 self._started = {**started, **self._started}
             raise
-
-
-    def _write_many(self, conn: Connection, started: dict[tuple[int, int], float],
-                    finished: dict[tuple[int, int], dict[str, Any]]) -> None:
-        r = schema.runs
-        mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
-                r.c.worker_session == self.session)
-        if started:
-            conn.execute(
-                r.update().where(*mine, r.c.status == "dispatched")
-                .values(status="running", started_at=sa.bindparam("b_started")),
-                [{"b_id": k[0], "b_attempt": k[1], "b_started": v} for k, v in started.items()],
-            )
-        if finished:
-            conn.execute(
-                r.update()
-                .where(*mine, sa.or_(r.c.status == "dispatched", r.c.status == "running"))
-                .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
-                        finished_at=sa.bindparam("b_finished"),
-                        duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
-                list(finished.values()),
-            )
-
-    def _write_unnest(self, conn: Connection, started: dict[tuple[int, int], float],
-                      finished: dict[tuple[int, int], dict[str, Any]]) -> None:
-        """The same updates as one statement each, with one array per column: building
-        per-row parameters was a third of a busy worker's CPU."""
-        if started:
-            conn.execute(_UNNEST_STARTED, {
-                "ids": [k[0] for k in started], "attempts": [k[1] for k in started],
-                "started": list(started.values()), "session": self.session,
-            })
-        if finished:
-            rows = list(finished.values())
-            conn.execute(_UNNEST_FINISHED, {
-                "ids": [x["b_id"] for x in rows], "attempts": [x["b_attempt"] for x in rows],
-                "statuses": [x["b_status"] for x in rows],
-                "started": [x["b_started"] for x in rows],
-                "finished": [x["b_finished"] for x in rows],
-                "durations": [x["b_duration"] for x in rows],
-                "errors": [x["b_error"] for x in rows], "session": self.session,
-            })
-
-
-_UNNEST_STARTED = sa.text(
-    "UPDATE qc_runs AS r SET status = 'running', started_at = v.started "
-    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), "
-    "CAST(:started AS float8[])) AS v(id, attempt, started) "
-    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
-    "AND r.status = 'dispatched'"
-)
-_UNNEST_FINISHED = sa.text(
-    "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
-    "finished_at = v.finished, duration = v.duration, error = v.error "
-    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]), "
-    "CAST(:started AS float8[]), CAST(:finished AS float8[]), CAST(:durations AS float8[]), "
-    "CAST(:errors AS text[])) AS v(id, attempt, status, started, finished, duration, error) "
-    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
-    "AND r.status IN ('dispatched', 'running')"
-)
 
 
 @Pyro5.server.expose
@@ -254,9 +163,9 @@ class _StartTimer:
     """Holds runs that arrived before their fire time (the leader's fire-ahead window) and
     hands each to the pool at its time: one thread and a heap, whatever their number."""
 
-    def __init__(self, start: Callable[[dict[str, Any]], object]) -> None:
+    def __init__(self, start: Callable[[RunRecord], object]) -> None:
         self._start = start
-        self._heap: list[tuple[float, int, dict[str, Any]]] = []
+        self._heap: list[tuple[float, int, RunRecord]] = []
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="qc-start-timer", daemon=True)
@@ -264,7 +173,7 @@ class _StartTimer:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, run: dict[str, Any]) -> None:
+    def add(self, run: RunRecord) -> None:
         with self._cond:
             heapq.heappush(self._heap, (run["scheduled_at"], run["run_id"], run))
             if self._heap[0][2] is run:
@@ -354,9 +263,9 @@ class Worker:
         return {"inflight": self.inflight(), "capacity": self.concurrency,
                 "max_queue": self.max_queue, "epoch": self._max_epoch}
 
-    def accept(self, epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def accept(self, epoch: int, runs: list[RunRecord]) -> dict[str, Any]:
         refused: list[list[Any]] = []
-        fresh: list[dict[str, Any]] = []
+        fresh: list[RunRecord] = []
         with self._lock:
             if not self._accepting:
                 return {"accepted": [], "refused": [[r["run_id"], "shutting down"] for r in runs],
@@ -396,7 +305,7 @@ class Worker:
             self._inflight -= len(fresh) - len(accepted)
         return {"accepted": accepted, "refused": refused, **self.load()}
 
-    def _claim_or_give_back(self, runs: list[dict[str, Any]]) -> set[int]:
+    def _claim_or_give_back(self, runs: list[RunRecord]) -> set[int]:
         """:meth:`_claim`; if it raises, the runs were not taken: their queue places are
         given back and they are forgotten (so they may come again), then it re-raises."""
         try:
@@ -408,37 +317,18 @@ class Worker:
                     self._seen.pop((run["run_id"], run["attempt"]), None)
             raise
 
-    def _claim(self, runs: list[dict[str, Any]]) -> set[int]:
+    def _claim(self, runs: list[RunRecord]) -> set[int]:
         """Take the runs in the database: only the claim that commits may run them."""
-        if not runs:
-            return set()
-        r = schema.runs
-        by_attempt: dict[int, list[int]] = {}
-        for run in runs:
-            by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
-        claimed: set[int] = set()
         try:
-            with self.db.write() as conn:
-                now = self.db.now_expr()
-                for attempt, ids in by_attempt.items():
-                    rows = conn.execute(
-                        r.update()
-                        .where(_id_in(self.db, ids), r.c.attempt == attempt,
-                               r.c.status == "scheduled")
-                        .values(status="dispatched", worker=self.node_id,
-                                worker_session=self.session, dispatched_at=now)
-                        .returning(r.c.id)
-                    )
-                    claimed.update(int(x) for x in rows.scalars())
+            return claim(self.db, runs, worker=self.node_id, session=self.session)
         except QClusterError as e:
             log.warning("could not claim %d runs: %s", len(runs), e)
             with self._lock:  # let them be sent again once the database answers
                 for run in runs:
                     self._seen.pop((run["run_id"], run["attempt"]), None)
             return set()
-        return claimed
 
-    def _execute(self, run: dict[str, Any]) -> None:
+    def _execute(self, run: RunRecord) -> None:
         started = time.time()
         self.writer.started(run["run_id"], run["attempt"], started)
         ctx = RunContext(
@@ -447,14 +337,14 @@ class Worker:
             attempt=run["attempt"], epoch=run["epoch"], worker_id=self.node_id,
         )
         token = enter_run(ctx)
-        status, error = "succeeded", None
+        status, error = RunStatus.SUCCEEDED, None
         try:
             func = self._resolve(run["func"])
             func(*json.loads(run["args"]), **json.loads(run["kwargs"]))
         except QClusterError as e:
-            status, error = "failed", f"refused: {e}"
+            status, error = RunStatus.FAILED, f"refused: {e}"
         except BaseException as e:  # a job's failure is data, never the worker's crash
-            status, error = "failed", f"{type(e).__name__}: {e}"[:4000]
+            status, error = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:4000]
             if not isinstance(e, Exception):
                 log.warning("job %s raised %s", run["job_id"], type(e).__name__)
         finally:

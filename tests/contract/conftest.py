@@ -1,8 +1,10 @@
 """Fixtures of the contract suite: every backend on a real server, behind one harness.
 
-``backend_kit`` runs each test four times: dblock on SQLite, dblock on PostgreSQL,
-ZooKeeper and Redis (Redlock over three masters). ``kit.new()`` makes another started
-backend instance, as another node's process would have; all are stopped after the test.
+``backend_kit`` runs each test five times: dblock on SQLite, dblock on PostgreSQL,
+ZooKeeper, Redis (Redlock over three masters), and the in-process ``memory`` backend
+(several instances on one :class:`~backends.memory.MemoryServer`, which needs no server
+process). ``kit.new()`` makes another started backend instance, as another node's process
+would have; all are stopped after the test.
 """
 
 from __future__ import annotations
@@ -113,7 +115,18 @@ def _redis_kit(request: pytest.FixtureRequest) -> Kit:
     return Kit("redis", make, lambda lease, node_id: lease.token)
 
 
-KINDS = ["dblock-sqlite", "dblock-postgresql", "zookeeper", "redis"]
+def _memory_kit() -> Kit:
+    from backends.memory import MemoryBackend, MemoryServer
+
+    server = MemoryServer()  # one per test: the nodes of one cluster share it
+
+    def make(lease_seconds: float = LEASE, member_timeout: float = SHORT) -> CoordinationBackend:
+        return MemoryBackend(server, lease_seconds=lease_seconds, member_timeout=member_timeout)
+
+    return Kit("memory", make, lambda lease, node_id: lease.token)
+
+
+KINDS = ["dblock-sqlite", "dblock-postgresql", "zookeeper", "redis", "memory"]
 
 
 @pytest.fixture(params=KINDS)
@@ -126,8 +139,10 @@ def backend_kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
         kit = _dblock_kit(request, "pg_url", kind)
     elif kind == "zookeeper":
         kit = _zookeeper_kit(request)
-    else:
+    elif kind == "redis":
         kit = _redis_kit(request)
+    else:
+        kit = _memory_kit()
     try:
         yield kit
     finally:

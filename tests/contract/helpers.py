@@ -10,6 +10,23 @@ from typing import Any
 from tests.helpers import wait_for
 
 
+class MovableClock:
+    """Wall-clock time plus an offset that a test may add to: a server clock that moves
+    on by itself, and jumps when told to (a lease lapses without a sleep)."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._offset += seconds
+
+
 class LossRecorder:
     """An ``on_lost`` callback that remembers its calls."""
 

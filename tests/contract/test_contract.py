@@ -1,8 +1,8 @@
 """The rules of :mod:`backends.base`, checked on every backend (``backend_kit``).
 
-Each test runs on dblock (SQLite and PostgreSQL), ZooKeeper and Redis (Redlock over three
-masters). The failures that only some backends can have (a session expiring, a key
-deleted, a server restarted) are in ``test_failures.py``.
+Each test runs on dblock (SQLite and PostgreSQL), ZooKeeper, Redis (Redlock over three
+masters) and memory. The failures that only some backends can have (a session expiring,
+a key deleted, a server restarted, or memory's injected ones) are in ``test_failures.py``.
 """
 
 from __future__ import annotations

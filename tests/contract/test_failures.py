@@ -2,7 +2,9 @@
 
 Every test checks the same three things: the old holder learns of the loss (``on_lost``
 called once, or ``renew`` returns ``False``), a new holder gets a larger token, and the
-old holder's late ``release`` leaves the new lease alone.
+old holder's late ``release`` leaves the new lease alone. The in-process ``memory``
+backend has no server to hurt: it injects the same failures itself (a lease taken away,
+a session expired, calls that fail, a lease that lapses on a clock moved forward).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import pytest
 import redis
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease
+from backends.memory import MemoryBackend, MemoryServer
 from backends.redis import RedisBackend
 from backends.zookeeper import ZooKeeperBackend
 from qcluster.errors import BackendUnavailable
 from tests.contract.conftest import SHORT, Kit
-from tests.contract.helpers import LossRecorder, wait_until
+from tests.contract.helpers import LossRecorder, MovableClock, wait_until
 from tests.contract.test_contract import _acquire, _listed, _member
 from tests.servers import RedisServer, ZooKeeperServer
 
@@ -266,3 +269,80 @@ def test_redis_urls_with_passwords_stay_out_of_repr_and_errors() -> None:
         with pytest.raises(BackendUnavailable) as raised:
             backend.try_acquire("node-a", LossRecorder())
         assert "hunter2" not in str(raised.value)
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _memory_nodes(
+    count: int, clock: MovableClock | None = None, lease_seconds: float = 5.0
+) -> Iterator[list[MemoryBackend]]:
+    server = MemoryServer(clock=clock or MovableClock())
+    nodes = [MemoryBackend(server, lease_seconds=lease_seconds, member_timeout=SHORT)
+             for _ in range(count)]
+    for node in nodes:
+        node.start()
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_memory_lease_taken_away_calls_on_lost_at_once() -> None:
+    with _memory_nodes(2) as (a, b):
+        lease, lost = _acquire(a, "node-a")
+        a.publish_leader(lease, LeaderInfo("node-a", "PYRO:control@127.0.0.1:1", 1, 1.0))
+        assert b.lose_lease() is False  # b holds nothing: a's lease stays
+        assert lost.calls == 0
+        assert a.lose_lease("taken away by the test") is True
+        assert lost.reasons == ["taken away by the test"]  # at once, on this thread
+        assert b.read_leader() is None
+        _take_over(a, lease, lost, b, timeout=1.0)
+
+
+def test_memory_session_expiry_loses_the_lease_and_the_members() -> None:
+    with _memory_nodes(2) as (a, b):
+        a.heartbeat_member(_member("node-a"))
+        b.heartbeat_member(_member("node-b"))
+        lease, lost = _acquire(a, "node-a")
+        a.publish_leader(lease, LeaderInfo("node-a", "PYRO:control@127.0.0.1:1", 1, 1.0))
+        a.expire_session()
+        assert lost.calls == 1, "on_lost was not called when the session expired"
+        assert sorted(_listed(b)) == ["node-b"]  # a's entries died with its session
+        assert b.read_leader() is None
+        _take_over(a, lease, lost, b, timeout=1.0)
+        a.heartbeat_member(_member("node-a"))  # the new session registers again
+        assert sorted(_listed(b)) == ["node-a", "node-b"]
+
+
+def test_memory_failing_calls_raise_backend_unavailable_and_change_nothing() -> None:
+    with _memory_nodes(2) as (a, b):
+        lease, lost = _acquire(a, "node-a")
+        a.fail_next(3)
+        for call in (lambda: a.renew(lease), lambda: a.release(lease), a.live_members):
+            with pytest.raises(BackendUnavailable, match="injected failure"):
+                call()
+        assert a.renew(lease) is True  # the failures are used up; the lease was kept
+        assert lost.calls == 0
+        b.fail_next(1)
+        with pytest.raises(BackendUnavailable):
+            b.try_acquire("node-b", LossRecorder())
+        assert b.try_acquire("node-b", LossRecorder()) is None  # a still holds it
+        a.fail_next(10**6)
+        a.fail_next(0)  # heals at once
+        assert a.renew(lease) is True
+
+
+def test_memory_lease_lapses_and_the_next_holder_gets_a_larger_token() -> None:
+    clock = MovableClock()
+    with _memory_nodes(2, clock, lease_seconds=SHORT) as (a, b):
+        lease, lost = _acquire(a, "node-a")
+        assert b.try_acquire("node-b", LossRecorder()) is None
+        clock.advance(SHORT * 0.9)
+        assert a.renew(lease) is True  # renewed in time: SHORT more from now
+        clock.advance(SHORT * 0.9)
+        assert b.try_acquire("node-b", LossRecorder()) is None
+        clock.advance(SHORT * 0.2)  # the lease lapses on the server's clock
+        _take_over(a, lease, lost, b, timeout=1.0)

@@ -11,7 +11,7 @@ import pytest
 from backends.dblock import DBLockBackend
 from backends.loader import load_backend, load_backend_by_name
 from qcluster.errors import BackendUnavailable, ConfigError
-from qcluster.settings.config import Settings, load_settings_from_mapping
+from qcluster.settings import Settings, load_settings_from_mapping
 from qcluster.store.db import Database
 
 ZK_SECRET = "zk-Secret-1"
@@ -107,6 +107,28 @@ def test_missing_redis_driver_names_the_extra_to_install(
 def test_unknown_backend_name_is_a_config_error(db: Database) -> None:
     with pytest.raises(ConfigError, match="unknown coordination backend 'etcd'"):
         load_backend_by_name("etcd", _settings(), db)
+
+
+def test_the_memory_backend_cannot_be_chosen_by_name(db: Database) -> None:
+    with pytest.raises(ConfigError, match="memory backend is for tests inside one process"):
+        load_backend_by_name("memory", _settings(), db)
+    with pytest.raises(ConfigError, match=r"must be 'dblock', 'zookeeper' or 'redis'"):
+        _settings("memory")
+
+
+def test_every_list_of_backend_names_is_the_one_in_backends_names() -> None:
+    from typing import get_args
+
+    from backends import loader
+    from backends.names import BACKENDS
+    from qcluster.cli.main import BackendName
+
+    assert BACKENDS == ("dblock", "zookeeper", "redis")
+    assert loader.BACKENDS is BACKENDS
+    assert tuple(BackendName) == BACKENDS
+    field = Settings.model_fields["coordination"].annotation
+    assert field is not None
+    assert get_args(field.model_fields["backend"].annotation) == BACKENDS
 
 
 def test_backend_without_servers_is_a_config_error(db: Database) -> None:

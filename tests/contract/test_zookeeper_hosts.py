@@ -18,7 +18,7 @@ from backends.base import MemberInfo
 from backends.loader import load_backend
 from backends.zookeeper import ZooKeeperBackend
 from qcluster.errors import BackendUnavailable
-from qcluster.settings.config import Settings, load_settings_from_text
+from qcluster.settings import Settings, load_settings_from_text
 from qcluster.store.db import Database
 from tests.helpers import describe_result, run_cli, run_json, start_node, wait_for, write_config
 

@@ -1,0 +1,390 @@
+"""The settings model: frozen, validated sections, one class per TOML table.
+
+Build a :class:`Settings` with the loaders of ``settings/loading.py`` (``from qcluster.settings
+import load_settings``), which turn every problem into one ConfigError line. Every model
+forbids unknown keys, is frozen and strict (TOML arrays become tuples). Secrets are
+``SecretStr`` or :class:`~qcluster.settings.urls.SecretURL`: they never appear in ``repr``,
+``str`` or ``model_dump``; the real values are reached only through
+:meth:`Settings.database_url`, :meth:`Settings.rpc_secret` and ``get_secret_value()``.
+Relative paths (sqlite files, ``url_file``, ``secret_file``, TLS files) are relative to the
+current directory of the process, as SQLAlchemy treats sqlite paths. ``[jobs] paths`` are
+the exception: relative to the directory of the config file that names them.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from backends.names import BackendName
+from qcluster.errors import ConfigError
+from qcluster.settings.files import read_bounded
+from qcluster.settings.refs import is_allowed
+from qcluster.settings.text import show, toml_type
+from qcluster.settings.urls import SecretURL
+from qcluster.settings.validators import (
+    SOURCE_CONTEXT,
+    TUPLE,
+    FilePath,
+    KeyedProblem,
+    Pattern,
+    Word,
+    ZkHost,
+    job_dir,
+    known_zone,
+    like,
+    no_repeats,
+    redis_url,
+    user_password,
+    zk_chroot,
+    zk_connect_string,
+)
+
+DEFAULTS_SOURCE = "<defaults>"
+MAX_SECRET_FILE = 64 * 1024  # url_file, secret_file
+
+
+def _source_of(info: ValidationInfo) -> str:
+    """The config file being validated (the loaders pass it as context), or the defaults."""
+    context = info.context if isinstance(info.context, Mapping) else {}
+    source = context.get(SOURCE_CONTEXT)
+    return source if isinstance(source, str) else DEFAULTS_SOURCE
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class ClusterSettings(_Section):
+    """``[cluster]``: the name scopes election and membership; the member timeout."""
+
+    name: Annotated[str, like(r"[\w-]{1,64}", "1-64 letters, digits, '-' or '_'")] = "qcluster"
+    member_timeout_seconds: float = Field(default=10.0, gt=0, le=86400)
+
+
+NODE_ID_PATTERN = r"[A-Za-z0-9][\w.-]{0,127}"
+
+
+class NodeSettings(_Section):
+    """``[node]``: ``id`` None means "<hostname>-<pid>", chosen at start, not here."""
+
+    id: Annotated[str, like(NODE_ID_PATTERN, "a hostname-like id")] | None = None
+    roles: Annotated[
+        tuple[Literal["scheduler", "worker"], ...],
+        Field(strict=False, min_length=1),
+        AfterValidator(no_repeats),
+    ] = ("scheduler", "worker")
+
+
+class DatabaseSettings(_Section):
+    """``[database]``: ``url`` holds the URL read from ``url_file`` when that is set;
+    ``postgresql://`` is rewritten to ``postgresql+psycopg://``."""
+
+    url: SecretURL = SecretURL("sqlite:///qcluster.db")
+    url_file: FilePath | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_url_file(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("url_file"), str | Path):
+            return data
+        if "url" in data:
+            raise ValueError("url and url_file are exclusive (set one)")
+        # A ConfigError, not a ValueError: pydantic lets it through, whole, to the loader.
+        url = read_bounded(data["url_file"], MAX_SECRET_FILE, "database.url_file",
+                           source=_source_of(info)).strip()
+        if not url:
+            raise KeyedProblem("database.url_file", "file is empty")
+        return {**data, "url": url}
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: SecretURL) -> SecretURL:
+        scheme = v.scheme
+        if not scheme:
+            raise ValueError("must be a URL such as sqlite:///qcluster.db or postgresql://host/db")
+        if scheme in ("postgresql", "postgres"):  # SQLAlchemy's default driver is psycopg2
+            return SecretURL("postgresql+psycopg://" + v.get_secret_value().split("://", 1)[1])
+        if scheme.split("+")[0] not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {scheme!r} (use sqlite or postgresql)")
+        return v
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.url.scheme.split("+")[0]
+
+
+class DblockSettings(_Section):
+    lease_seconds: float = Field(default=10.0, ge=1, le=3600)
+
+
+class ZookeeperSettings(_Section):
+    """``[coordination.zookeeper]``: ``hosts`` is a list of "host:port", or kazoo's own
+    form, one string "zk1:2181,zk2:2181/chroot"; either way it is kept as the list of
+    servers, and a chroot at the end of the string becomes ``chroot``."""
+
+    hosts: Annotated[tuple[ZkHost, ...], TUPLE] = ()
+    chroot: Annotated[str, AfterValidator(zk_chroot)] = ""
+    session_timeout: float = Field(default=10.0, gt=0, le=3600)
+    auth: Annotated[SecretStr, AfterValidator(user_password)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_connect_string(cls, data: Any) -> Any:
+        # Split here, before the fields are checked, so that everything after the loader
+        # (the backends, `config show`) sees one shape: the servers and the chroot.
+        key = "coordination.zookeeper"
+        if not isinstance(data, dict) or isinstance(data.get("hosts", ()), list | tuple):
+            return data
+        if not isinstance(data["hosts"], str):
+            raise KeyedProblem(
+                f"{key}.hosts",
+                "must be an array of 'host:port' or one string 'host:port,host:port/chroot'"
+                f" (got {toml_type(data['hosts'])})",
+            )
+        try:
+            hosts, chroot = zk_connect_string(data["hosts"])
+        except ValueError as e:
+            raise KeyedProblem(f"{key}.hosts", str(e)) from None
+        out = {**data, "hosts": hosts}
+        if chroot is None:
+            return out
+        if "chroot" not in data:
+            out["chroot"] = chroot
+            return out
+        given = data["chroot"]
+        try:
+            same = not isinstance(given, str) or zk_chroot(given) == chroot
+        except ValueError:
+            same = True  # not a chroot at all: the chroot key's own check reports that
+        if not same:
+            raise KeyedProblem(
+                f"{key}.chroot",
+                f"is {show(given)} but {key}.hosts ends in the chroot {show(chroot or '/')};"
+                " give the chroot in one place",
+            )
+        return out
+
+
+class RedisSettings(_Section):
+    urls: Annotated[tuple[Annotated[SecretURL, AfterValidator(redis_url)], ...], TUPLE] = ()
+    lease_seconds: float = Field(default=10.0, ge=1, le=3600)
+    key_prefix: Word = "qcluster"
+
+
+class CoordinationSettings(_Section):
+    """``[coordination]``: the chosen backend always has servers configured."""
+
+    backend: BackendName = "dblock"  # the one list of names: backends/names.py
+    dblock: DblockSettings = DblockSettings()
+    zookeeper: ZookeeperSettings = ZookeeperSettings()
+    redis: RedisSettings = RedisSettings()
+
+    @model_validator(mode="after")
+    def _check_backend_has_servers(self) -> CoordinationSettings:
+        servers = {"zookeeper": self.zookeeper.hosts, "redis": self.redis.urls}
+        if self.backend in servers and not servers[self.backend]:
+            key = "hosts" if self.backend == "zookeeper" else "urls"
+            raise KeyedProblem(
+                f"coordination.{self.backend}.{key}",
+                f"must list at least one server when coordination.backend is '{self.backend}'",
+            )
+        return self
+
+    def capabilities(self) -> tuple[str, ...]:
+        """The backends this config can use: the one it names first, then every other
+        one it has servers for (``dblock`` needs only the shared database). A migration
+        needs nodes that can use both its backends."""
+        usable = ["dblock"]
+        if self.zookeeper.hosts:
+            usable.append("zookeeper")
+        if self.redis.urls:
+            usable.append("redis")
+        return (self.backend, *(b for b in usable if b != self.backend))
+
+
+class SchedulerSettings(_Section):
+    timezone: Annotated[str, AfterValidator(known_zone)] = "UTC"
+    misfire_grace_seconds: int = Field(default=30, ge=1, le=2**31 - 1)  # timedelta, int4
+    coalesce: bool = True
+    poll_seconds: float = Field(default=1.0, ge=0.05, le=60)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
+    fire_ahead_seconds: float = Field(default=0.0, ge=0, le=5)
+
+    def tzinfo(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+class WorkerSettings(_Section):
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=0, ge=0, le=65535)
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    heartbeat_seconds: float = Field(default=1.0, gt=0, le=3600)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=86400)
+    tags: Annotated[tuple[Word, ...], TUPLE] = ()
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        """An IP address or an RFC 1123 host name, so that a typo is a config error here
+        and not a failure to resolve when the node binds. Whether this machine has that
+        address is known only then (start reports it)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        name = v.removesuffix(".")  # a fully qualified "node1.example.com."
+        labels = name.split(".")
+        label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        # An all-digit last label is no host name: "10.0.0.256" is a mistyped address.
+        if (len(name) > 253 or labels[-1].isdigit()
+                or not all(re.fullmatch(label, part) for part in labels)):
+            raise ValueError(
+                f"must be an IP address or a host name such as 'node1.example.com' "
+                f"(got {show(v)})"
+            )
+        return v
+
+
+class DispatchSettings(_Section):
+    strategy: Literal["round_robin", "least_loaded"] = "round_robin"
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+
+
+class TlsSettings(_Section):
+    """``[rpc.tls]``: mutual TLS for RPC. Files are not opened at load."""
+
+    cert: FilePath
+    key: FilePath
+    ca: FilePath
+    require_client_cert: bool = True
+
+
+class RpcSettings(_Section):
+    """``[rpc]``: at most one of ``secret`` and ``secret_file``; ``tls`` None means plain TCP."""
+
+    secret: SecretStr | None = Field(default=None, min_length=1)
+    secret_file: FilePath | None = None
+    serializer: Literal["msgpack", "json"] = "msgpack"
+    timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    tls: TlsSettings | None = None
+
+    @model_validator(mode="after")
+    def _check_exclusive(self) -> RpcSettings:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("secret and secret_file are exclusive (set one)")
+        return self
+
+
+class JobsSettings(_Section):
+    """``[jobs]``: ``allow`` holds glob patterns, see :func:`~qcluster.settings.refs.is_allowed`;
+    ``paths`` are
+    directories that every process importing job code puts first on its import path
+    (:func:`~qcluster.definitions.jobdefs.extend_import_path`): relative ones are resolved
+    against the directory of the config file (``Settings.source``; the current directory when the
+    settings come from no file), and each must be an existing directory."""
+
+    allow: Annotated[tuple[Pattern, ...], TUPLE] = ("jobs.*",)
+    paths: Annotated[tuple[FilePath, ...], TUPLE] = ()
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any) -> Any:
+        # Path("") would silently be the config file's directory.
+        if isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                if item == "":
+                    raise KeyedProblem(f"jobs.paths[{i}]", "must not be empty")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _resolve_paths(cls, paths: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        source = _source_of(info)
+        base = Path(source).parent if source != DEFAULTS_SOURCE else Path()
+        return tuple(job_dir(i, path, base) for i, path in enumerate(paths))
+
+    def allows(self, ref: str) -> bool:
+        """Whether workers may run ``ref``; see :func:`~qcluster.settings.refs.is_allowed`."""
+        return is_allowed(ref, self.allow)
+
+
+class RunsSettings(_Section):
+    retention_days: float = Field(default=7.0, gt=0, le=36500)  # now - it: past year 1
+
+
+class Settings(_Section):
+    """All of qcluster's settings. Build it with the loaders; ``source`` names the file."""
+
+    cluster: ClusterSettings = ClusterSettings()
+    node: NodeSettings = NodeSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    coordination: CoordinationSettings = CoordinationSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    rpc: RpcSettings = RpcSettings()
+    jobs: JobsSettings = JobsSettings()
+    runs: RunsSettings = RunsSettings()
+    _source: str = PrivateAttr(default=DEFAULTS_SOURCE)
+
+    @model_validator(mode="after")
+    def _check_liveness(self) -> Settings:
+        # A member that checks in less often than the timeout would be declared dead
+        # between two of its own heartbeats.
+        if self.worker.heartbeat_seconds >= self.cluster.member_timeout_seconds:
+            limit = self.cluster.member_timeout_seconds
+            raise KeyedProblem(
+                "worker.heartbeat_seconds",
+                f"must be less than cluster.member_timeout_seconds ({limit})",
+            )
+        return self
+
+    @property
+    def source(self) -> str:
+        """The config file as given, or ``"<defaults>"``."""
+        return self._source
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when the database is SQLite: one host, the embedded default."""
+        return self.database.dialect == "sqlite"
+
+    def database_url(self) -> str:
+        """The real database URL (password included) for the engine."""
+        return self.database.url.get_secret_value()
+
+    def rpc_secret(self) -> str | None:
+        """The cluster's RPC secret: ``rpc.secret`` (or ``QCLUSTER_RPC_SECRET``, applied at
+        load), else the stripped contents of ``rpc.secret_file``, read now, else None.
+        Raises ConfigError when the file is missing, unreadable or empty."""
+        if self.rpc.secret is not None:
+            return self.rpc.secret.get_secret_value()
+        if self.rpc.secret_file is None:
+            return None
+        secret = read_bounded(self.rpc.secret_file, MAX_SECRET_FILE, "rpc.secret_file",
+                              source=self.source).strip()
+        if not secret:
+            raise ConfigError(f"{self.source}: rpc.secret_file: file is empty")
+        return secret

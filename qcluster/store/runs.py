@@ -1,0 +1,422 @@
+"""The owner of ``qc_runs``: the run state machine, every write to the table, and the
+record of a run that a leader sends to a worker. Promises:
+
+* Nothing else in qcluster writes ``qc_runs`` (tests/test_runs.py checks); reading is fine.
+* A write makes only the transitions of :data:`TRANSITIONS`, for the writer named there:
+  its SQL filters on the statuses they start from, so a row in any other state is left
+  alone (the function says it wrote nothing); a status it cannot make is a ValueError.
+* The leader's writes (:func:`insert_runs`, :func:`mark_missed`, :func:`mark_lost`,
+  :func:`retry`, :func:`prune`) run on the caller's connection, in the transaction it
+  fenced on its epoch (docs/DESIGN.md invariants 1, 3, 6, 7). A worker's writes
+  (:func:`claim`, :func:`write_outcomes`) are not fenced (invariant 4): each is its own
+  transaction, only over the worker's claim (the attempt; for outcomes, its session).
+* A :class:`RunRecord` is its own wire form, a map of exactly its nine keys as every
+  version sends it; :func:`from_wire` is the one check of a record from a peer (types,
+  bounds from :mod:`qcluster.store.bounds`, sizes; one-line InputError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any, NamedTuple, TypedDict, get_type_hints
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+
+from qcluster.errors import InputError
+from qcluster.store import bounds, schema
+from qcluster.store.db import Database
+
+
+class RunStatus(StrEnum):
+    """The ``status`` of a ``qc_runs`` row; the values are what the column stores."""
+
+    SCHEDULED = "scheduled"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    MISSED = "missed"
+    LOST = "lost"
+
+
+#: Not finished yet: what recovery looks after.
+OPEN = (RunStatus.SCHEDULED, RunStatus.DISPATCHED, RunStatus.RUNNING)
+#: Finished: what retention may delete.
+FINISHED = tuple(s for s in RunStatus if s not in OPEN)
+
+
+class Writer(StrEnum):
+    LEADER = "leader"  # fenced on its epoch (or a client with no leader, on the one it read)
+    WORKER = "worker"  # over its own claim, not fenced
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    source: RunStatus | None  # None: the row is inserted
+    target: RunStatus | None  # None: the row is deleted
+    by: Writer
+    via: str  # the function of this module that makes it
+
+
+_S, _L, _W = RunStatus, Writer.LEADER, Writer.WORKER
+
+#: Every change a run row may go through, who may make it, and the function that does.
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(None, _S.SCHEDULED, _L, "insert_runs"),  # a fire, or run now
+    Transition(None, _S.MISSED, _L, "insert_runs"),  # past the grace, or coalesced
+    Transition(_S.SCHEDULED, _S.MISSED, _L, "mark_missed"),  # never sent within the grace
+    Transition(_S.SCHEDULED, _S.DISPATCHED, _W, "claim"),
+    Transition(_S.DISPATCHED, _S.RUNNING, _W, "write_outcomes"),
+    Transition(_S.DISPATCHED, _S.SUCCEEDED, _W, "write_outcomes"),
+    Transition(_S.DISPATCHED, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.RUNNING, _S.SUCCEEDED, _W, "write_outcomes"),
+    Transition(_S.RUNNING, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
+    Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
+    Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1
+    *(Transition(s, None, _L, "prune") for s in FINISHED),  # past the retention window
+)
+
+
+def sources(target: RunStatus | None, by: Writer) -> tuple[RunStatus, ...]:
+    """The statuses from which ``by`` may make ``target`` (None: delete), in enum order."""
+    found = {t.source for t in TRANSITIONS if t.target == target and t.by == by}
+    return tuple(s for s in RunStatus if s in found)
+
+
+_CREATES = frozenset(t.target for t in TRANSITIONS if t.source is None and t.by == _L)
+_ENDS = frozenset(t.target for t in TRANSITIONS if t.source == _S.RUNNING and t.by == _W)
+_CLAIM_FROM = sources(_S.DISPATCHED, _W)
+_START_FROM = sources(_S.RUNNING, _W)
+_END_FROM = sources(_S.SUCCEEDED, _W)
+_MISSED_FROM = sources(_S.MISSED, _L)
+_LOST_FROM = sources(_S.LOST, _L)
+_RETRY_FROM = sources(_S.SCHEDULED, _L)
+_PRUNE_FROM = sources(None, _L)
+assert all(sources(s, _W) == _END_FROM for s in _ENDS)  # one outcome statement for both
+
+
+def _status_is(statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
+    return sa.or_(*(schema.runs.c.status == s for s in statuses))
+
+
+def _sql_status(statuses: Sequence[RunStatus]) -> str:
+    """``= 'a'`` or ``IN ('a', 'b')``, for SQL text (constants of this module, never input)."""
+    if len(statuses) == 1:
+        return f"= '{statuses[0]}'"
+    return "IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"
+
+
+# -- the run record -------------------------------------------------------------------------
+
+
+class RunRecord(TypedDict):
+    """One run, as the leader sends it to a worker (a msgpack or JSON map on the wire)."""
+
+    run_id: int
+    job_id: str
+    func: str
+    args: str  # JSON list
+    kwargs: str  # JSON object
+    scheduled_at: float
+    attempt: int
+    epoch: int  # the epoch that sent it; only shown to the job
+    recover: bool
+
+
+_FIELDS: dict[str, Any] = get_type_hints(RunRecord)
+_KEYS = frozenset(_FIELDS)
+#: The bound of each integer: the qc_runs column it is stored in or compared with.
+_INTS = {"run_id": bounds.RUN_ID, "attempt": bounds.ATTEMPT, "epoch": bounds.EPOCH}
+_MAX_TEXT = {"job_id": 200, "func": 400, "args": 65536, "kwargs": 65536}
+
+
+def run_record(
+    run_id: int, job_id: str, func: str, args_json: str, kwargs_json: str,
+    scheduled_at: float, attempt: int, epoch: int, recover: bool,
+) -> RunRecord:
+    """The record of one run, from the values of its row (plain Python types)."""
+    return {"run_id": int(run_id), "job_id": job_id, "func": func, "args": args_json,
+            "kwargs": kwargs_json, "scheduled_at": float(scheduled_at),
+            "attempt": int(attempt), "epoch": int(epoch), "recover": bool(recover)}
+
+
+def to_wire(run: RunRecord) -> Mapping[str, Any]:
+    """What travels: the record itself, whose keys are the wire format."""
+    return run
+
+
+def from_wire(data: object) -> RunRecord:
+    """A record from a peer, checked: exactly the keys of :class:`RunRecord`, each of its
+    type, the numbers within their columns' ranges, the texts within theirs;
+    ``scheduled_at`` comes back as a float. InputError (one line) otherwise."""
+    if not isinstance(data, dict) or data.keys() != _KEYS:
+        raise InputError("malformed run record")
+    try:
+        for key, allowed_range in _INTS.items():
+            bounds.check_int(data[key], key, allowed_range)
+        scheduled_at = bounds.check_timestamp(data["scheduled_at"], "scheduled_at")
+    except InputError as e:
+        raise InputError(f"malformed run record: {e}") from None
+    for key, kind in _FIELDS.items():
+        if key != "scheduled_at" and not isinstance(data[key], kind):
+            raise InputError(f"malformed run record: {key}")
+    if any(len(data[key]) > limit for key, limit in _MAX_TEXT.items()):
+        raise InputError("run record too large")
+    return {"run_id": data["run_id"], "job_id": data["job_id"], "func": data["func"],
+            "args": data["args"], "kwargs": data["kwargs"], "scheduled_at": scheduled_at,
+            "attempt": data["attempt"], "epoch": data["epoch"], "recover": data["recover"]}
+
+
+# -- the leader's writes, inside the caller's fenced transaction --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FireRow:
+    """One fire time to record: ``status`` is ``scheduled`` (to run) or ``missed``."""
+
+    job_id: str
+    func: str
+    args_json: str
+    kwargs_json: str
+    scheduled_at: float
+    status: RunStatus
+    recover: bool
+    error: str | None = None
+
+
+def insert_runs(
+    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
+) -> list[RunRecord]:
+    """Insert run rows (none → ``scheduled``/``missed``), skipping fire times already
+    recorded; return the new ``scheduled`` runs, to be sent once the caller commits."""
+    if not fires:
+        return []
+    refused = {f.status for f in fires} - _CREATES
+    if refused:
+        raise ValueError(f"a run is not recorded as {', '.join(sorted(map(str, refused)))}")
+    now = time.time()
+    rows = [
+        {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
+         "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
+         "recover": f.recover, "epoch": epoch, "leader": leader, "created_at": now,
+         "finished_at": now if f.status == _S.MISSED else None, "error": f.error}
+        for f in fires
+    ]
+    by_key = {(f.job_id, f.scheduled_at): f for f in fires}
+    out: list[RunRecord] = []
+    for start in range(0, len(rows), 500):
+        for row in _insert_returning(conn, rows[start : start + 500]):
+            if row.status != _S.SCHEDULED:
+                continue
+            f = by_key[(row.job_id, row.scheduled_at)]
+            out.append(run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
+                                  f.scheduled_at, 1, epoch, f.recover))
+    return out
+
+
+_RUN_COLUMNS = (
+    ("job_id", "text"), ("scheduled_at", "float8"), ("func", "text"), ("args", "text"),
+    ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
+    ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
+    ("finished_at", "float8"), ("error", "text"),
+)
+_UNNEST_INSERT = sa.text(
+    f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
+    "ON CONFLICT (job_id, scheduled_at) DO NOTHING "
+    "RETURNING id, job_id, scheduled_at, status"
+)
+
+
+def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
+    """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
+    PostgreSQL one column array per parameter (``unnest``): 13 parameters whatever the
+    batch size, so the driver prepares the statement once, where a multi-row VALUES list
+    of 6,500 parameters is parsed again for every batch."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
+    r = schema.runs
+    stmt = (
+        sqlite.insert(r)
+        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
+        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
+    )
+    return conn.execute(stmt, rows)
+
+
+def mark_missed(conn: Connection, run_id: int, *, now: float, error: str) -> bool:
+    """``scheduled`` → ``missed``: a run never sent within its grace. Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, _status_is(_MISSED_FROM))
+        .values(status=_S.MISSED, finished_at=now, error=error)
+    ).rowcount > 0
+
+
+def mark_lost(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
+              now: float, error: str) -> bool:
+    """``dispatched``/``running`` → ``lost``: the claim's worker left. Only while the row
+    is still at ``attempt`` and in ``status`` (what the caller read). Whether it wrote."""
+    if status not in _LOST_FROM:
+        raise ValueError(f"a {status} run does not become lost")
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
+        .values(status=_S.LOST, finished_at=now, error=error)
+    ).rowcount > 0
+
+
+def retry(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float,
+          error: str) -> bool:
+    """``lost`` → ``scheduled`` with ``attempt + 1`` and no claim, recorded by ``epoch``:
+    the run of a ``recover`` job, to be sent again. Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, _status_is(_RETRY_FROM))
+        .values(status=_S.SCHEDULED, attempt=attempt + 1, worker=None, worker_session=None,
+                dispatched_at=None, started_at=None, finished_at=None, duration=None,
+                epoch=epoch, created_at=now, error=error)
+    ).rowcount > 0
+
+
+def prune(conn: Connection, *, older_than: float) -> int:
+    """Delete the finished runs scheduled before ``older_than``; how many."""
+    r = schema.runs
+    return int(conn.execute(
+        r.delete().where(r.c.scheduled_at < older_than, r.c.status.in_(_PRUNE_FROM))
+    ).rowcount)
+
+
+# -- a worker's writes, each its own transaction, over its own claim ----------------------
+
+
+def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
+    """``id IN ids``; on PostgreSQL as ``id = ANY(:array)``, one parameter whatever the
+    batch size, so the driver prepares the statement once."""
+    r = schema.runs
+    if db.dialect == "postgresql":
+        return r.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger())))
+    return r.c.id.in_(ids)
+
+
+def claim(db: Database, runs: Iterable[RunRecord], *, worker: str, session: str) -> set[int]:
+    """``scheduled`` → ``dispatched`` for ``worker``/``session``, at each run's attempt, in
+    one transaction; the ids it took. Only one claim of a run attempt can commit."""
+    r = schema.runs
+    by_attempt: dict[int, list[int]] = {}
+    for run in runs:
+        by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
+    claimed: set[int] = set()
+    if not by_attempt:
+        return claimed
+    with db.write() as conn:
+        now = db.now_expr()
+        for attempt, ids in by_attempt.items():
+            rows = conn.execute(
+                r.update()
+                .where(_id_in(db, ids), r.c.attempt == attempt, _status_is(_CLAIM_FROM))
+                .values(status=_S.DISPATCHED, worker=worker, worker_session=session,
+                        dispatched_at=now)
+                .returning(r.c.id)
+            )
+            claimed.update(int(x) for x in rows.scalars())
+    return claimed
+
+
+class Outcome(NamedTuple):
+    """How a run attempt ended, on the worker's clock."""
+
+    status: RunStatus  # succeeded or failed
+    started: float
+    finished: float
+    error: str | None
+
+
+def check_outcome(status: RunStatus) -> None:
+    if status not in _ENDS:
+        raise ValueError(f"a worker's run does not end as {status}")
+
+
+def write_outcomes(db: Database, session: str, started: Mapping[tuple[int, int], float],
+                   finished: Mapping[tuple[int, int], Outcome]) -> None:
+    """In one transaction: ``dispatched`` → ``running`` for ``started`` and
+    ``dispatched``/``running`` → ``succeeded``/``failed`` for ``finished`` (both keyed
+    by run id and attempt), only over the claim of ``session``: a run declared ``lost``
+    meanwhile, or claimed again for a later attempt, is left alone."""
+    for status in {o.status for o in finished.values()}:
+        check_outcome(status)
+    if not started and not finished:
+        return
+    with db.write() as conn:
+        if db.dialect == "postgresql":
+            _outcomes_unnest(conn, session, started, finished)
+        else:
+            _outcomes_many(conn, session, started, finished)
+
+
+def _outcomes_many(conn: Connection, session: str, started: Mapping[tuple[int, int], float],
+                   finished: Mapping[tuple[int, int], Outcome]) -> None:
+    r = schema.runs
+    mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
+            r.c.worker_session == session)
+    if started:
+        conn.execute(
+            r.update().where(*mine, _status_is(_START_FROM))
+            .values(status=_S.RUNNING, started_at=sa.bindparam("b_started")),
+            [{"b_id": k[0], "b_attempt": k[1], "b_started": v} for k, v in started.items()],
+        )
+    if finished:
+        conn.execute(
+            r.update().where(*mine, _status_is(_END_FROM))
+            .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
+                    finished_at=sa.bindparam("b_finished"),
+                    duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
+            [{"b_id": k[0], "b_attempt": k[1], "b_status": o.status, "b_started": o.started,
+              "b_finished": o.finished, "b_duration": o.finished - o.started,
+              "b_error": o.error} for k, o in finished.items()],
+        )
+
+
+def _outcomes_unnest(conn: Connection, session: str, started: Mapping[tuple[int, int], float],
+                     finished: Mapping[tuple[int, int], Outcome]) -> None:
+    """The same updates as one statement each, with one array per column: building
+    per-row parameters was a third of a busy worker's CPU."""
+    if started:
+        conn.execute(_UNNEST_STARTED, {
+            "ids": [k[0] for k in started], "attempts": [k[1] for k in started],
+            "started": list(started.values()), "session": session,
+        })
+    if finished:
+        statuses, starts, ends, errors = map(list, zip(*finished.values(), strict=True))
+        conn.execute(_UNNEST_FINISHED, {
+            "ids": [k[0] for k in finished], "attempts": [k[1] for k in finished],
+            "statuses": statuses, "started": starts, "finished": ends,
+            "durations": list(map(operator.sub, ends, starts)), "errors": errors,
+            "session": session,
+        })
+
+
+_UNNEST_STARTED = sa.text(
+    f"UPDATE qc_runs AS r SET status = '{_S.RUNNING}', started_at = v.started "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), "
+    "CAST(:started AS float8[])) AS v(id, attempt, started) "
+    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
+    f"AND r.status {_sql_status(_START_FROM)}"
+)
+_UNNEST_FINISHED = sa.text(
+    "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
+    "finished_at = v.finished, duration = v.duration, error = v.error "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]), "
+    "CAST(:started AS float8[]), CAST(:finished AS float8[]), CAST(:durations AS float8[]), "
+    "CAST(:errors AS text[])) AS v(id, attempt, status, started, finished, duration, error) "
+    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
+    f"AND r.status {_sql_status(_END_FROM)}"
+)

@@ -1,0 +1,233 @@
+"""The leadership loop (``qcluster.leader.election.Leadership``) on the in-process memory
+backend: no server, no database, each test in about a second.
+
+Campaign, win, renew; step down first (``halt`` before ``on_revoked``, then the lease is
+given back) when the lease is lost, the session expires or renewals keep failing; no
+leadership while the backend fails every call; ``stop()``; a lease reshaped into a joint
+one and back. The same loop on real servers is exercised by the cluster tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from backends.base import CoordinationBackend, Lease, MemberInfo
+from backends.joint import JointBackend
+from backends.memory import MemoryBackend, MemoryServer
+from qcluster.leader.election import Leadership
+from tests.contract.helpers import LossRecorder
+from tests.helpers import wait_for
+
+LEASE = 1.0  # renewed every third of it; the deadline is 5% + 50 ms before it ends
+WAIT = 5.0  # generous: the machine may be busy
+
+
+class _Other(MemoryBackend):
+    """A second kind of memory backend: a joint lease needs two different names."""
+
+    name = "memory-b"
+
+
+class _Node:
+    """A Leadership and a record of what it called, in order."""
+
+    def __init__(
+        self,
+        node_id: str,
+        backend: MemoryBackend,
+        *,
+        min_token: int = 0,
+        plan: Callable[[], CoordinationBackend | str] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.backend = backend
+        self.events: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self.leadership = Leadership(
+            node_id,
+            plan=plan or (lambda: backend),
+            on_elected=lambda lease: self._record("elected", lease),
+            on_revoked=lambda reason: self._record("revoked", reason),
+            halt=lambda: self._record("halt", None),
+            min_token=lambda: min_token,
+            on_reshaped=lambda lease: self._record("reshaped", lease),
+            campaign_interval=0.02,
+        )
+
+    def _record(self, kind: str, value: object) -> None:
+        with self._lock:
+            self.events.append((kind, value))
+
+    def kinds(self) -> list[str]:
+        with self._lock:
+            return [kind for kind, _ in self.events]
+
+    def values(self, kind: str) -> list[object]:
+        with self._lock:
+            return [value for k, value in self.events if k == kind]
+
+    def leases(self, kind: str = "elected") -> list[Lease]:
+        return [v for v in self.values(kind) if isinstance(v, Lease)]
+
+    def wait_elected(self, times: int = 1) -> Lease:
+        wait_for(lambda: len(self.leases()) >= times, WAIT, 0.01, f"{self.node_id} to win")
+        wait_for(lambda: self.leadership.status == "leader", WAIT, 0.01, "status leader")
+        return self.leases()[times - 1]
+
+    def wait_revoked(self) -> str:
+        reasons = wait_for(lambda: self.values("revoked"), WAIT, 0.01, "a step-down")
+        return str(reasons[0])
+
+
+@contextmanager
+def _cluster(
+    *node_ids: str, lease_seconds: float = LEASE, min_token: int = 0
+) -> Iterator[tuple[MemoryServer, list[_Node]]]:
+    """Nodes on one memory server, each with its own started backend; stopped after."""
+    server = MemoryServer()
+    made: list[_Node] = []
+    try:
+        for node_id in node_ids:
+            backend = MemoryBackend(server, lease_seconds=lease_seconds, member_timeout=LEASE)
+            backend.start()
+            made.append(_Node(node_id, backend, min_token=min_token))
+        yield server, made
+    finally:
+        for node in made:
+            node.leadership.stop()
+            node.backend.stop()
+
+
+def _probe(server: MemoryServer) -> MemoryBackend:
+    backend = MemoryBackend(server, lease_seconds=LEASE)
+    backend.start()
+    return backend
+
+
+def test_a_node_campaigns_and_wins_a_free_lease_above_min_token() -> None:
+    with _cluster("n1", min_token=41) as (server, (node,)):
+        assert not node.leadership.leading
+        node.leadership.start()
+        lease = node.wait_elected()
+        assert node.leadership.leading
+        assert (lease.backend, lease.holder) == ("memory", "n1")
+        assert lease.token >= 42
+        assert _probe(server).try_acquire("intruder", LossRecorder()) is None
+
+
+def test_one_of_two_nodes_leads_and_keeps_its_lease_by_renewing_it() -> None:
+    with _cluster("a", "b", lease_seconds=0.6) as (_server, (a, b)):
+        a.leadership.start()
+        lease = a.wait_elected()
+        b.leadership.start()
+        time.sleep(1.5)  # two and a half lease lengths: held only if it was renewed
+        assert a.leadership.leading and a.leadership.lease == lease
+        assert a.kinds() == ["elected"]
+        assert b.kinds() == [] and b.leadership.status == "follower"
+
+
+def test_a_lost_lease_halts_at_once_then_steps_down_and_campaigns_again() -> None:
+    with _cluster("n1") as (_server, (node,)):
+        node.leadership.start()
+        first = node.wait_elected()
+        assert node.backend.lose_lease("taken away by the test")
+        # halt() ran inside on_lost, on this thread, before lose_lease returned.
+        assert node.kinds()[:2] == ["elected", "halt"]
+        assert node.wait_revoked() == "taken away by the test"
+        kinds = node.kinds()
+        assert kinds.index("halt") < kinds.index("revoked")  # step down first
+        again = node.wait_elected(times=2)  # the lease is free: it wins it back
+        assert again.token > first.token
+
+
+def test_an_expired_session_steps_the_leader_down_and_another_node_takes_over() -> None:
+    campaigning = threading.Event()
+    campaigning.set()
+    with _cluster("a", "b") as (_server, (a, b)):
+        a.leadership.plan = lambda: a.backend if campaigning.is_set() else "paused by the test"
+        for node in (a, b):
+            node.backend.heartbeat_member(MemberInfo(node.node_id, "s", ("scheduler",)))
+        a.leadership.start()
+        old = a.wait_elected()
+        b.leadership.start()
+        campaigning.clear()
+        a.backend.expire_session()
+        assert "session expired" in a.wait_revoked()
+        new = b.wait_elected()
+        assert new.token > old.token
+        assert [m.node_id for m in b.backend.live_members()] == ["b"]  # a's entry died
+        assert not a.leadership.leading
+
+
+def test_a_backend_that_fails_every_call_gives_no_leadership() -> None:
+    with _cluster("n1") as (_server, (node,)):
+        node.backend.fail_next(10**9)
+        node.leadership.start()
+        wait_for(lambda: node.leadership.status.startswith("cannot campaign"), WAIT, 0.01,
+                 "a failed campaign")
+        time.sleep(0.3)
+        assert node.kinds() == [] and not node.leadership.leading
+        node.backend.fail_next(0)  # the backend comes back
+        node.wait_elected()
+
+
+def test_renewals_that_keep_failing_step_the_leader_down_by_its_deadline() -> None:
+    with _cluster("n1") as (_server, (node,)):
+        node.leadership.start()
+        node.wait_elected()
+        node.backend.fail_next(10**9)  # every renew raises BackendUnavailable from now on
+        failing_since = time.monotonic()
+        reason = node.wait_revoked()
+        assert time.monotonic() - failing_since <= LEASE + 1.0
+        assert "deadline" in reason, reason
+        kinds = node.kinds()
+        assert kinds.index("halt") < kinds.index("revoked")
+        assert not node.leadership.leading
+        time.sleep(0.3)
+        assert node.kinds().count("elected") == 1  # no campaign can succeed meanwhile
+
+
+def test_stop_steps_down_and_frees_the_lease_for_another_node() -> None:
+    with _cluster("n1") as (server, (node,)):
+        node.leadership.start()
+        lease = node.wait_elected()
+        node.leadership.stop()
+        node.leadership.stop()  # idempotent
+        assert node.values("revoked") == ["stopping"]
+        assert not node.leadership.leading
+        taken = _probe(server).try_acquire("next", LossRecorder())
+        assert taken is not None and taken.token > lease.token
+
+
+def test_a_reshaped_lease_takes_the_new_claim_first_and_gives_the_old_one_back() -> None:
+    first, second = MemoryServer(), MemoryServer()
+    old, new = MemoryBackend(first, lease_seconds=LEASE), _Other(second, lease_seconds=LEASE)
+    old.start()
+    new.start()
+    node = _Node("n1", old)
+    try:
+        node.leadership.start()
+        lease = node.wait_elected()
+        node.leadership.reshape(JointBackend([old, new]))
+        joint = wait_for(lambda: node.leases("reshaped"), WAIT, 0.01, "the joint lease")[0]
+        assert joint.backends == ("memory", "memory-b")
+        assert joint.part("memory") == lease  # the claim it held is kept, not taken again
+        assert joint.tokens["memory-b"] > lease.token  # each part above the one before
+        assert _probe(second).try_acquire("intruder", LossRecorder()) is None
+
+        node.leadership.reshape(new)
+        narrowed = wait_for(lambda: node.leases("reshaped")[1:], WAIT, 0.01, "narrowed")[0]
+        assert narrowed.backends == ("memory-b",)
+        assert _probe(first).try_acquire("next", LossRecorder()) is not None  # given back
+        assert node.leadership.leading and "revoked" not in node.kinds()
+
+        assert new.lose_lease()  # the one claim left is lost: the leader steps down
+        node.wait_revoked()
+    finally:
+        node.leadership.stop()
+        old.stop()
+        new.stop()
+

@@ -1,0 +1,397 @@
+"""The owner of qc_runs (qcluster/store/runs.py), on SQLite and PostgreSQL: every transition
+of the run state machine is made by its function, anything else is refused and writes
+nothing; the run record round-trips and what the leader makes passes the worker's check;
+and no other module writes the table."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import sqlalchemy as sa
+
+from qcluster.definitions.jobdefs import JobDef
+from qcluster.definitions.triggers import make_spec
+from qcluster.errors import Fenced, InputError
+from qcluster.leader.recovery import prune_runs, recover_runs
+from qcluster.store import catalog, runs, schema
+from qcluster.store.cluster import ensure_cluster, read_cluster
+from qcluster.store.db import Database
+from qcluster.store.runs import (
+    TRANSITIONS,
+    FireRow,
+    Outcome,
+    RunRecord,
+    RunStatus,
+    Transition,
+    Writer,
+    from_wire,
+    to_wire,
+)
+from qcluster.worker.runner import check_batch
+
+S = RunStatus
+ROOT = Path(__file__).resolve().parent.parent
+#: The keys every qcluster version sends for a run: the wire format, never to change.
+WIRE_KEYS = {"run_id", "job_id", "func", "args", "kwargs", "scheduled_at", "attempt", "epoch",
+             "recover"}
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    d = Database(db_url)
+    d.upgrade()
+    ensure_cluster(d, "test", "dblock")
+    yield d
+    d.dispose()
+
+
+def epoch_of(db: Database) -> int:
+    state = read_cluster(db)
+    assert state is not None
+    return state.epoch
+
+
+def new_epoch(db: Database) -> int:
+    """What a newer leader's take_epoch leaves behind: the cluster's epoch + 1."""
+    epoch = epoch_of(db) + 1
+    with db.write() as conn:
+        conn.execute(schema.cluster.update().values(epoch=epoch))
+    return epoch
+
+
+_keys = itertools.count(1)
+
+
+def fire(status: RunStatus = S.SCHEDULED, recover: bool = False) -> FireRow:
+    n = next(_keys)
+    # Each row is scheduled before the ones made earlier, so that pruning the times up to
+    # a new row's removes no other row.
+    return FireRow(f"job{n}", "jobs.builtin:noop", "[]", "{}", 1e6 - n, status, recover,
+                   None if status == S.SCHEDULED else "why")
+
+
+def insert(db: Database, status: RunStatus = S.SCHEDULED, recover: bool = False) -> int:
+    """A new run row (through the owner), its id."""
+    f = fire(status, recover)
+    with db.fenced(epoch_of(db)) as conn:
+        runs.insert_runs(conn, [f], epoch_of(db), "leader")
+        return int(conn.execute(sa.select(schema.runs.c.id)
+                                .where(schema.runs.c.job_id == f.job_id)).scalar_one())
+
+
+def force(db: Database, run_id: int, status: RunStatus, *, attempt: int = 1,
+          session: str | None = "s1") -> None:
+    """Put a row in a state for the test (tests may write the table; qcluster may not)."""
+    with db.write() as conn:
+        conn.execute(schema.runs.update().where(schema.runs.c.id == run_id).values(
+            status=status, attempt=attempt, worker=session and "w1", worker_session=session))
+
+
+def row(db: Database, run_id: int) -> Any:
+    with db.read() as conn:
+        return conn.execute(sa.select(schema.runs).where(schema.runs.c.id == run_id)).one_or_none()
+
+
+def record(db: Database, run_id: int) -> RunRecord:
+    r = row(db, run_id)
+    return runs.run_record(r.id, r.job_id, r.func, r.args, r.kwargs, r.scheduled_at, r.attempt,
+                           r.epoch, r.recover)
+
+
+def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
+    """Ask ``t.via`` for ``t.target`` on a row in ``source``; what the function answered."""
+    epoch = epoch_of(db)
+    if t.via == "claim":
+        return runs.claim(db, [record(db, run_id)], worker="w2", session="s2")
+    if t.via == "write_outcomes":  # it says nothing: the row tells
+        assert t.target is not None
+        if t.target == S.RUNNING:
+            runs.write_outcomes(db, "s1", {(run_id, 1): 5.0}, {})
+        else:
+            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(t.target, 5.0, 6.5, "e")})
+        return None
+    with db.fenced(epoch) as conn:
+        if t.via == "mark_missed":
+            return runs.mark_missed(conn, run_id, now=7.0, error="never sent")
+        if t.via == "mark_lost":
+            return runs.mark_lost(conn, run_id, 1, source, now=7.0, error="worker left")
+        if t.via == "retry":
+            return runs.retry(conn, run_id, 1, epoch=epoch, now=7.0, error="again")
+        if t.via == "prune":
+            return runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5)
+    raise AssertionError(t)
+
+
+def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
+    for t in TRANSITIONS:
+        if t.source is None:  # an insert
+            assert t.target is not None
+            f = fire(t.target)
+            with db.fenced(epoch_of(db)) as conn:
+                sent = runs.insert_runs(conn, [f], epoch_of(db), "leader")
+            with db.read() as conn:
+                (got,) = conn.execute(sa.select(schema.runs)
+                                      .where(schema.runs.c.job_id == f.job_id)).all()
+            assert got.status == t.target and got.attempt == 1, t
+            assert [r["run_id"] for r in sent] == ([got.id] if t.target == S.SCHEDULED else [])
+            assert (got.finished_at is not None) == (t.target == S.MISSED), t
+            continue
+        run_id = insert(db)
+        force(db, run_id, t.source, session=None if t.source == S.SCHEDULED else "s1")
+        answer = make(db, t, run_id, t.source)
+        after = row(db, run_id)
+        if t.target is None:
+            assert after is None and answer == 1, t
+            continue
+        assert after.status == t.target, t
+        assert answer in (True, {run_id}, None), (t, answer)
+        if t.via == "claim":
+            assert (after.worker, after.worker_session) == ("w2", "s2")
+            assert after.dispatched_at is not None
+        if t.via == "retry":
+            assert after.attempt == 2 and after.worker is None and after.worker_session is None
+        if t.target in (S.SUCCEEDED, S.FAILED):
+            assert (after.started_at, after.finished_at, after.duration) == (5.0, 6.5, 1.5)
+
+
+def test_every_other_transition_is_refused_and_writes_nothing(db: Database) -> None:
+    made = {(t.source, t.target, t.via) for t in TRANSITIONS}
+    checked = 0
+    # one of each function and target (inserts: the test below)
+    for t in {(t.target, t.via): t for t in TRANSITIONS if t.source is not None}.values():
+        for source in RunStatus:
+            if (source, t.target, t.via) in made:
+                continue
+            run_id = insert(db)
+            force(db, run_id, source)
+            before = tuple(row(db, run_id))
+            if t.via == "mark_lost" and source not in runs.sources(S.LOST, Writer.LEADER):
+                with pytest.raises(ValueError, match="does not become lost"):
+                    make(db, t, run_id, source)
+                answer = make(db, t, run_id, S.RUNNING)  # the caller read it running
+            else:
+                answer = make(db, t, run_id, source)
+            assert answer in (False, set(), 0, None), (source, t, answer)
+            assert tuple(row(db, run_id)) == before, (source, t)
+            checked += 1
+    assert checked > 30  # e.g. succeeded → running, lost → dispatched, scheduled → lost
+
+
+def test_statuses_a_function_cannot_make_are_refused_before_any_write(db: Database) -> None:
+    for status in set(RunStatus) - {S.SCHEDULED, S.MISSED}:
+        with pytest.raises(ValueError, match="not recorded as"), \
+                db.fenced(epoch_of(db)) as conn:
+            runs.insert_runs(conn, [fire(S.SCHEDULED), fire(status)], epoch_of(db), "leader")
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.runs)).scalar() == 0
+    run_id = insert(db)
+    force(db, run_id, S.RUNNING)
+    before = tuple(row(db, run_id))
+    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED}:
+        with pytest.raises(ValueError, match="does not end as"):
+            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
+    assert tuple(row(db, run_id)) == before
+
+
+def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database) -> None:
+    """Worker 1 claims attempt 1; a newer leader declares it lost and retries it (attempt
+    2, its epoch). Nothing worker 1 still sends for attempt 1 is written; worker 2's claim
+    of attempt 2 is, and only worker 2 may write its outcome."""
+    run_id = insert(db, recover=True)
+    old = record(db, run_id)
+    assert runs.claim(db, [old], worker="w1", session="s1") == {run_id}
+    assert runs.claim(db, [old], worker="w2", session="s2") == set()  # one claim commits
+    epoch = new_epoch(db)
+    result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30)
+    assert (result.lost, result.retried) == (1, 1)
+    (again,) = result.resend
+    assert (again["attempt"], again["epoch"]) == (2, epoch)
+    retried = tuple(row(db, run_id))
+    assert (row(db, run_id).status, row(db, run_id).epoch) == (S.SCHEDULED, epoch)
+    runs.write_outcomes(db, "s1", {(run_id, 1): 5.0},
+                        {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
+    assert runs.claim(db, [old], worker="w1", session="s1") == set()
+    assert tuple(row(db, run_id)) == retried
+    assert runs.claim(db, [again], worker="w2", session="s2") == {run_id}
+    runs.write_outcomes(db, "s1", {}, {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
+    assert row(db, run_id).status == S.DISPATCHED
+    runs.write_outcomes(db, "s2", {}, {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
+    assert (row(db, run_id).status, row(db, run_id).worker) == (S.SUCCEEDED, "w2")
+
+
+def test_leader_writes_at_an_old_epoch_are_fenced_and_write_nothing(db: Database) -> None:
+    old = epoch_of(db)
+    run_id = insert(db)
+    force(db, run_id, S.RUNNING)
+    done = insert(db, S.MISSED)
+    new_epoch(db)
+    before = [tuple(row(db, i)) for i in (run_id, done)]
+    with pytest.raises(Fenced):
+        recover_runs(db, old, live_workers=set(), grace_seconds=30)
+    with pytest.raises(Fenced):
+        prune_runs(db, old, older_than=1e12)
+    with pytest.raises(Fenced), db.fenced(old) as conn:
+        runs.insert_runs(conn, [fire()], old, "stale")
+    with pytest.raises(Fenced), db.fenced(old) as conn:
+        catalog.run_now(conn, "job1", old, "stale")
+    assert [tuple(row(db, i)) for i in (run_id, done)] == before
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.runs)).scalar() == 2
+
+
+def test_recovery_resends_unsent_runs_marks_old_ones_missed_and_keeps_fresh_ones(
+    db: Database,
+) -> None:
+    epoch = new_epoch(db)
+    fresh, unsent, late = insert(db), insert(db), insert(db)
+    r = schema.runs
+    with db.write() as conn:
+        # ours, just recorded (the dispatcher has it); an earlier leader's, inside the
+        # grace; an earlier leader's, long past it
+        conn.execute(r.update().where(r.c.id == fresh).values(created_at=2e9 - 1))
+        conn.execute(r.update().where(r.c.id == unsent).values(epoch=0, scheduled_at=2e9 - 10))
+        conn.execute(r.update().where(r.c.id == late).values(epoch=0))
+    result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30, now=2e9)
+    assert [r["run_id"] for r in result.resend] == [unsent] and result.missed == 1
+    assert [row(db, i).status for i in (fresh, unsent, late)] == [S.SCHEDULED, S.SCHEDULED,
+                                                                  S.MISSED]
+    assert check_batch(epoch, result.resend) == result.resend
+
+
+# -- the run record ---------------------------------------------------------------------------
+
+
+def test_a_run_record_round_trips_through_the_wire_unchanged() -> None:
+    rec = runs.run_record(7, "j", "jobs.builtin:noop", "[1]", '{"a": 2}', 1000, 2, 5, True)
+    assert isinstance(rec["scheduled_at"], float)
+    assert set(to_wire(rec)) == WIRE_KEYS
+    assert from_wire(to_wire(rec)) == rec
+    for data in (msgpack.unpackb(msgpack.packb(to_wire(rec))), json.loads(json.dumps(rec))):
+        assert from_wire(data) == rec
+    assert from_wire({**rec, "scheduled_at": 1000}) == rec  # an int time comes back a float
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"extra": 1}, "malformed run record$"),
+    ({"attempt": True}, "attempt must be an integer from 1 to 2\\*\\*31 - 1"),
+    ({"recover": 1}, "malformed run record: recover$"),
+    ({"func": "x" * 401}, "run record too large"),
+])
+def test_from_wire_refuses_with_one_line(change: dict[str, Any], reason: str) -> None:
+    rec = runs.run_record(7, "j", "jobs.builtin:noop", "[]", "{}", 1000.0, 1, 5, False)
+    with pytest.raises(InputError, match=reason) as info:
+        from_wire({**rec, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_what_the_leader_makes_passes_the_workers_check(db: Database) -> None:
+    epoch = epoch_of(db)
+    with db.fenced(epoch) as conn:
+        fired = runs.insert_runs(conn, [fire(), fire(), fire(S.MISSED)], epoch, "leader")
+        catalog.upsert_jobs(conn, [JobDef("now", "jobs.examples:hello", make_spec(every="1h"),
+                                          kwargs={"name": "z"}, recover=True)], replace=False)
+        now = catalog.run_now(conn, "now", epoch, "leader")
+    made = [*fired, now]
+    assert len(made) == 3 and all(set(r) == WIRE_KEYS for r in made)
+    assert check_batch(epoch, [to_wire(r) for r in made]) == made
+    assert check_batch(epoch, msgpack.unpackb(msgpack.packb(made))) == made
+
+
+# -- no other module writes qc_runs -----------------------------------------------------------
+
+OWNER = ROOT / "qcluster" / "store" / "runs.py"
+#: Alembic's revisions create and drop the table: schema changes, not row writes.
+MIGRATIONS = ROOT / "qcluster" / "store" / "migrations"
+_WRITES = {"insert", "update", "delete"}
+_SQL_WRITE = re.compile(r"\b(insert\s+into|update|delete\s+from|truncate(\s+table)?)\s+"
+                        r"(\w+\.)?\"?qc_runs\b", re.IGNORECASE)
+
+
+def runs_writes(source: str) -> list[int]:
+    """The lines of ``source`` that write qc_runs: ``.insert()``/``.update()``/``.delete()``
+    of ``schema.runs`` or a name bound to it, ``insert(schema.runs)`` and the like, and SQL
+    text that inserts into, updates, deletes from or truncates qc_runs."""
+    tree = ast.parse(source)
+
+    schemas, names = {"schema"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            schemas |= {a.asname for a in node.names if a.name == "schema" and a.asname}
+            if (node.module or "").endswith("schema"):
+                names |= {a.asname or a.name for a in node.names if a.name == "runs"}
+
+    def is_table(node: ast.AST, names: set[str]) -> bool:
+        return ((isinstance(node, ast.Attribute) and node.attr == "runs"
+                 and (getattr(node.value, "id", None) or getattr(node.value, "attr", None))
+                 in schemas)
+                or (isinstance(node, ast.Name) and node.id in names))
+
+    for _ in range(3):  # aliases of aliases
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None \
+                    and is_table(node.value, names):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in _WRITES and (
+                (isinstance(f, ast.Attribute) and is_table(f.value, names))
+                or any(is_table(a, names) for a in node.args)
+            ):
+                found.add(node.lineno)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings and _SQL_WRITE.search(node.value):
+            found.add(node.lineno)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("snippet", [
+    "schema.runs.insert().values(x=1)",
+    "conn.execute(schema.runs.update().where(x))",
+    "from qcluster.store import schema\nr = schema.runs\nconn.execute(r.delete())",
+    "r = schema.runs\nt = r\nt.update()",
+    "from qcluster.store.schema import runs as table\ntable.insert()",
+    "from qcluster.store import schema as s\ns.runs.delete()",
+    "sqlite.insert(schema.runs).on_conflict_do_nothing()",
+    "r = schema.runs\nsa.update(r).values(status='lost')",
+    "sa.text('UPDATE qc_runs SET status = 1')",
+    "sa.text(f'INSERT INTO qc_runs ({cols}) VALUES (1)')",
+    "conn.exec_driver_sql('delete from qc_runs')",
+])
+def test_the_check_finds_a_write(snippet: str) -> None:
+    assert runs_writes(snippet)
+
+
+@pytest.mark.parametrize("snippet", [
+    "sa.select(schema.runs).where(schema.runs.c.status == 'lost')",
+    "r = schema.runs\nconn.execute(sa.select(r.c.id))",
+    "claimed.update(ids)\nruns.update(x)\nruns.insert_runs(conn, fires, 1, 'a')",
+    "schema.jobs.update().values(x=1)\nsa.text('SELECT * FROM qc_runs')",
+    '"""Workers update qc_runs rows (a docstring)."""',
+])
+def test_the_check_lets_reads_and_other_tables_be(snippet: str) -> None:
+    assert runs_writes(snippet) == []
+
+
+def test_only_store_runs_writes_qc_runs() -> None:
+    assert runs_writes(OWNER.read_text()), "the check no longer sees the owner's own writes"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in ("qcluster", "backends")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != OWNER and MIGRATIONS not in path.parents
+        for line in runs_writes(path.read_text())
+    ]
+    assert offenders == [], f"qc_runs written outside qcluster/store/runs.py: {offenders}"
