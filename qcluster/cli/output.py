@@ -10,10 +10,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from qcluster.store.runs import RunStatus
+
 console = Console(highlight=False)
 
-_STATUS_STYLE = {"succeeded": "green", "failed": "red", "missed": "yellow", "lost": "magenta",
-                 "running": "cyan", "dispatched": "blue", "scheduled": "white"}
+_STATUS_STYLE = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red",
+                 RunStatus.MISSED: "yellow", RunStatus.LOST: "magenta",
+                 RunStatus.RUNNING: "cyan", RunStatus.DISPATCHED: "blue",
+                 RunStatus.SCHEDULED: "white"}
 
 
 def _t(value: str | None) -> str:
