@@ -8,8 +8,8 @@ Layout, inside the client's chroot::
     /qcluster/<cluster>/token_base                      persistent integer, see tokens
     /qcluster/<cluster>/clock                           touched to read the server's clock
 
-A chroot that does not exist yet is created at start (with the parents it lacks, and the
-ACL of our nodes), as Curator creates its namespace.
+The kazoo client (its making, waits, error translation, the chroot's creation) is in
+:mod:`backends.zookeeper_client`, membership in :mod:`backends.zookeeper_members`.
 
 Promises, on top of :mod:`backends.base`:
 
@@ -43,25 +43,20 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
-    BadVersionError,
     ConnectionLoss,
     KazooException,
-    NoAuthError,
     NodeExistsError,
     NoNodeError,
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.protocol.serialization import Auth, Connect
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from kazoo.retry import KazooRetry
-from kazoo.security import CREATOR_ALL_ACL
 
 from backends.base import (
     CoordinationBackend,
@@ -72,28 +67,14 @@ from backends.base import (
     MemberInfo,
     leader_from_dict,
     leader_to_dict,
-    member_from_dict,
-    member_to_dict,
 )
-from qcluster.errors import BackendUnavailable, ConfigError, InputError
+from backends.zookeeper_client import check_address
+from backends.zookeeper_members import ZooKeeperMembers
+from qcluster.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 _CANDIDATE = "__cand__"
-
-
-class _HideSecrets(logging.Filter):
-    """kazoo logs each request at DEBUG, the digest ``user:password`` and the session
-    password included (which would let a reader take over the session): drop those."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        secret = any(isinstance(a, Auth | Connect) for a in args)
-        return not (secret or "passwd" in str(record.msg))
-
-
-_kazoo_log = logging.getLogger(__name__ + ".kazoo")
-_kazoo_log.addFilter(_HideSecrets())
 
 
 @dataclasses.dataclass
@@ -115,7 +96,7 @@ def _lowest(children: list[str]) -> str | None:
     return min((c for c in children if _CANDIDATE in c), key=_seq, default=None)
 
 
-class ZooKeeperBackend(CoordinationBackend):
+class ZooKeeperBackend(ZooKeeperMembers, CoordinationBackend):
     """An election, leader info and members on a ZooKeeper ensemble."""
 
     name = "zookeeper"
@@ -130,20 +111,7 @@ class ZooKeeperBackend(CoordinationBackend):
         auth: str | None = None,
         member_timeout: float = 10.0,
     ) -> None:
-        if not hosts:
-            raise ConfigError("the zookeeper backend needs at least one host")
-        for host in hosts:
-            # kazoo gets one string, the servers joined by "," and then the chroot: a
-            # host that holds a "," or a "/" would silently add servers or a chroot.
-            if not host or any(c in ",/" or c.isspace() for c in host):
-                raise ConfigError(
-                    f"ZooKeeper server {host!r} must be one 'host' or 'host:port' (the chroot "
-                    "is given apart)"
-                )
-        if not cluster or "/" in cluster or cluster in (".", ".."):
-            raise ConfigError(f"cluster name {cluster!r} cannot be a ZooKeeper node name")
-        if chroot and not chroot.startswith("/"):
-            raise ConfigError(f"ZooKeeper chroot {chroot!r} must start with '/'")
+        check_address(hosts, cluster, chroot)
         self.hosts, self.chroot = list(hosts), chroot.rstrip("/")
         self.session_timeout, self.member_timeout = session_timeout, member_timeout
         self._auth = auth  # "user:password", a secret: never logged, never in repr
@@ -197,45 +165,6 @@ class ZooKeeperBackend(CoordinationBackend):
         except BaseException:
             self.stop()
             raise
-
-    def _new_client(self, chroot: str, retry: KazooRetry) -> KazooClient:
-        """A client of our servers at ``chroot``, with our auth and our nodes' ACL."""
-        return KazooClient(
-            hosts=",".join(self.hosts) + chroot,
-            timeout=self.session_timeout,
-            auth_data=[("digest", self._auth)] if self._auth else None,
-            default_acl=CREATOR_ALL_ACL if self._auth else None,
-            connection_retry=retry,
-            logger=_kazoo_log,
-        )
-
-    def _start_client(self, client: KazooClient) -> None:
-        """``client.start()``, without its check of the chroot: that one prints a
-        UserWarning ("No chroot path exists ...") on stderr, where we create it instead."""
-        client.start_async().wait(timeout=max(self.session_timeout, 5.0))
-        if not client.connected:
-            raise KazooTimeoutError("Connection time-out")  # stop() closes the client
-
-    def _create_chroot(self) -> None:
-        """Create the chroot and its missing parents, through a short-lived client on the
-        servers' root with the auth and ACL of our own nodes. A concurrent creation (another
-        node starting) is fine: ensure_path takes NodeExistsError as success."""
-        root = self._new_client("", KazooRetry(max_tries=3, delay=0.05, max_delay=1.0))
-        try:
-            self._start_client(root)
-            try:
-                root.ensure_path(self.chroot)
-            except NoAuthError:
-                raise BackendUnavailable(
-                    f"ZooKeeper refused to create the chroot {self.chroot} (no permission "
-                    f"on a parent node): create it beforehand, or set "
-                    f"[coordination.zookeeper] auth to a user that may"
-                ) from None
-            log.info("created the ZooKeeper chroot %s", self.chroot)
-        finally:
-            with suppress(Exception):  # best effort: a short session ends on its own
-                root.stop()
-                root.close()
 
     def stop(self) -> None:
         with self._lock:
@@ -385,64 +314,6 @@ class ZooKeeperBackend(CoordinationBackend):
                 return None  # nobody published, or that leader no longer holds the election
             return leader_from_dict(fields)
 
-    # -- membership ------------------------------------------------------------------
-
-    def heartbeat_member(self, member: MemberInfo) -> None:
-        path = self._member_path(member.node_id)
-        data = json.dumps(member_to_dict(member)).encode()
-        with self._lock:
-            self._members[member.node_id] = member
-        with self._errors("registering a member"):
-            client = self._connected()
-            for _ in range(3):
-                stat = self._wait(client.exists_async(path))
-                try:
-                    if stat is None:
-                        self._wait(client.create_async(path, data, ephemeral=True))
-                    elif stat.ephemeralOwner == self._session(client):
-                        self._wait(client.set_async(path, data, stat.version))
-                    else:
-                        # An earlier incarnation's node, its session not yet expired: the
-                        # running process owns its node id, so replace it.
-                        self._wait(client.delete_async(path, stat.version))
-                        continue
-                    return
-                except (NoNodeError, NodeExistsError, BadVersionError):
-                    continue  # raced with an expiry or another writer: look again
-            raise BackendUnavailable(f"member node {member.node_id} kept changing; try again")
-
-    def remove_member(self, member: MemberInfo) -> None:
-        path = self._member_path(member.node_id)
-        with self._lock:
-            if getattr(self._members.get(member.node_id), "session", None) == member.session:
-                del self._members[member.node_id]
-        with self._errors("removing a member"), suppress(NoNodeError, BadVersionError):
-            # Gone already, or another incarnation's: then not ours to delete.
-            data, stat = self._wait(self._connected().get_async(path))
-            if json.loads(data).get("session") == member.session:
-                self._wait(self._connected().delete_async(path, stat.version))
-
-    def live_members(self) -> list[MemberInfo]:
-        with self._errors("listing members"):
-            client = self._connected()
-            # The server's clock, as the mtime of a write: compared only with other mtimes,
-            # which the same ensemble stamped.
-            now = self._wait(client.set_async(self._clock, b"")).mtime / 1000.0
-            names = self._wait(client.get_children_async(self._members_path))
-            pending = [client.get_async(f"{self._members_path}/{n}") for n in names]
-            members: list[MemberInfo] = []
-            for result in pending:
-                with suppress(NoNodeError):
-                    data, stat = self._wait(result)
-                    if stat.mtime / 1000.0 >= now - self.member_timeout:
-                        members.append(member_from_dict(json.loads(data), stat.mtime / 1000.0))
-        return sorted(members, key=lambda m: m.node_id)
-
-    def _member_path(self, node_id: str) -> str:
-        if not node_id or "/" in node_id or node_id in (".", "..") or "\0" in node_id:
-            raise InputError(f"node id {node_id!r} cannot be a ZooKeeper node name")
-        return f"{self._members_path}/{node_id}"
-
     # -- connection state ------------------------------------------------------------
 
     def _on_state(self, state: str) -> None:
@@ -526,37 +397,3 @@ class ZooKeeperBackend(CoordinationBackend):
         except KazooException:
             # Still ours on the server: the next attempt or the reconnect sweep deletes it.
             log.info("could not delete election node %s yet; will sweep it", node)
-
-    @staticmethod
-    def _session(client: KazooClient) -> int:
-        client_id = client.client_id
-        return int(client_id[0]) if client_id is not None else -1
-
-    def _require_client(self) -> KazooClient:
-        if (client := self._client) is None:
-            raise BackendUnavailable("the ZooKeeper backend is not started")
-        return client
-
-    def _connected(self) -> KazooClient:
-        client = self._require_client()
-        if client.state != KazooState.CONNECTED:
-            raise BackendUnavailable(f"the ZooKeeper connection is {client.state}")
-        return client
-
-    def _wait(self, result: Any) -> Any:
-        try:
-            return result.get(timeout=self.valid_for)
-        except KazooTimeoutError as e:
-            raise BackendUnavailable("ZooKeeper did not answer in time") from e
-
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Driver errors become BackendUnavailable, with a one-line message."""
-        try:
-            yield
-        except NoAuthError as e:
-            raise BackendUnavailable(
-                f"ZooKeeper refused access while {action}: check the zookeeper auth setting"
-            ) from e
-        except (KazooException, KazooTimeoutError) as e:
-            raise BackendUnavailable(f"ZooKeeper error while {action}: {type(e).__name__}") from e

@@ -28,7 +28,11 @@ Hypothesis runs under one of three profiles, registered here and nowhere else:
 ``ci`` when ``CI=true``, else ``dev``; Hypothesis's own ``--hypothesis-profile`` wins over
 both. The pytest header names the profile in use.
 
-This file stays generic: it imports nothing from qcluster.
+The one qcluster fixture is the database: ``db`` (a current schema and a "test" cluster on
+dblock, on SQLite and on PostgreSQL) and ``make_db``, the factory behind it, for a test
+that needs another URL, cluster name or backend, or no schema at all. They import
+qcluster when first used, not here: a broken product module fails the tests that use
+them, not the collection of every test.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -57,6 +61,9 @@ from tests.servers import (
     create_database,
     drop_database,
 )
+
+if TYPE_CHECKING:
+    from qcluster.store.db import Database
 
 IN_CI = os.environ.get("CI") == "true"
 REDIS_MASTERS = 3
@@ -248,6 +255,51 @@ def db_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
     url: str = request.getfixturevalue(fixture)
     return url
+
+
+class DatabaseFactory:
+    """Opens qcluster databases for one test; disposes of them all after it."""
+
+    def __init__(self) -> None:
+        self._made: list[Database] = []
+
+    def __call__(self, url: str, *, upgrade: bool = True, cluster: str | None = "test",
+                 backend: str = "dblock") -> Database:
+        """``Database(url)``; with ``upgrade`` the current schema, and unless ``cluster``
+        is None a cluster row of that name on ``backend`` (``ensure_cluster``).
+        ``make_db(url, upgrade=False, cluster=None)`` makes no connection."""
+        from qcluster.store.cluster import ensure_cluster
+        from qcluster.store.db import Database
+
+        db = Database(url)
+        self._made.append(db)
+        if upgrade:
+            db.upgrade()
+        if cluster is not None:
+            ensure_cluster(db, cluster, backend)
+        return db
+
+    def close(self) -> None:
+        for db in reversed(self._made):
+            db.dispose()
+        self._made.clear()
+
+
+@pytest.fixture
+def make_db() -> Iterator[DatabaseFactory]:
+    """A :class:`DatabaseFactory`: ``make_db(url, cluster="prod")`` and so on."""
+    factory = DatabaseFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def db(db_url: str, make_db: DatabaseFactory) -> Database:
+    """A current schema and a new cluster "test" on dblock; the test runs twice, on an
+    SQLite file and on a fresh PostgreSQL database (see ``db_url``)."""
+    return make_db(db_url)
 
 
 # -- ZooKeeper

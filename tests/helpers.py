@@ -36,7 +36,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
@@ -63,8 +64,17 @@ STOP_TIMEOUT = 10.0
 
 
 def toml_dumps(data: Mapping[str, Any]) -> str:
-    """TOML text of ``data``: nested mappings become tables, lists of mappings become
-    arrays of tables (``[[job]]``); values are str, int, float, bool or lists of them."""
+    """TOML text that ``tomllib.loads`` reads back as ``data``, the one TOML writer of
+    the tests (configs, job files, and the fuzzers' random documents).
+
+    Nested mappings become tables, lists of mappings arrays of tables (``[[job]]``), and
+    mappings inside arrays inline tables. Values are str (any text: control characters,
+    DEL, quotes and non-ASCII are escaped or kept as TOML allows), int, float (also nan
+    and +-inf), bool, datetime (naive or with a whole-minute UTC offset), date, time
+    (naive), and lists and tuples of them, mixed as TOML 1.0 allows. Keys are any text,
+    bare where TOML allows, quoted otherwise. Integers outside 64 bits are written too:
+    tomllib reads them, and the fuzzers use them on purpose. Anything else is a TypeError.
+    """
     lines: list[str] = []
     _toml_table(lines, (), data)
     return "\n".join(lines).lstrip("\n") + "\n"
@@ -106,16 +116,31 @@ def _toml_string(text: str) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
+    if isinstance(value, int):
+        return str(int(value))  # an IntEnum too, as its number
+    if isinstance(value, float):
+        # repr is a TOML float: "1.5", "1e+16", "nan", "inf", "-inf"
+        return repr(float(value))
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, datetime | date | dt_time):
+        return _toml_datetime(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
                                 for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_datetime(value: datetime | date | dt_time) -> str:
+    """An offset or local date-time, a local date or a local time (RFC 3339 as TOML has it)."""
+    offset = value.utcoffset() if isinstance(value, datetime | dt_time) else None
+    if isinstance(value, dt_time) and offset is not None:
+        raise TypeError(f"TOML has no time of day with an offset: {value!r}")
+    if offset is not None and offset % timedelta(minutes=1):
+        raise TypeError(f"TOML offsets are whole minutes: {value!r}")
+    return value.isoformat()
 
 
 def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -169,9 +169,9 @@ def test_a_leader_winning_during_a_change_makes_it_try_again_not_fail(
     written) and the change is made again, once."""
     import sqlalchemy as sa
 
-    from qcluster.client import admin
+    from qcluster.client import changes
 
-    real = admin._leader_alive
+    real = changes._leader_alive
     calls: list[int] = []
 
     def leader_wins_once(settings: object, db: object) -> object:
@@ -183,7 +183,7 @@ def test_a_leader_winning_during_a_change_makes_it_try_again_not_fail(
             engine.dispose()
         return real(settings, db)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(admin, "_leader_alive", leader_wins_once)
+    monkeypatch.setattr(changes, "_leader_alive", leader_wins_once)
     c = Client(config)
     assert c.add("raced", HELLO, every="1h").status == "added"
     assert len(calls) == 2

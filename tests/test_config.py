@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from qcluster.settings import (
     resolve_config_path,
     settings_to_public_dict,
 )
+from tests.helpers import toml_dumps
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 NO_ENV: Mapping[str, str] = {}
@@ -740,32 +740,10 @@ _tables = st.dictionaries(_keys, _values | st.dictionaries(_keys, _values, max_s
 _documents = st.dictionaries(_keys, _tables | _values, max_size=4)
 
 
-def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return (
-            "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-        )
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_str(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return str(v.isoformat())  # datetime
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_documents)
 def test_random_documents_raise_only_config_error(data: dict[str, Any]) -> None:
-    text = "\n".join(f"{_toml_str(k)} = {_toml_value(v)}" for k, v in data.items())
+    text = toml_dumps(data)
     try:
         load_settings_from_mapping(data, "x.toml", NO_ENV)
     except ConfigError as e:

@@ -19,19 +19,11 @@ from qcluster.definitions.triggers import make_spec
 from qcluster.errors import Fenced
 from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.store import catalog, schema
-from qcluster.store.cluster import ensure_cluster, take_epoch
+from qcluster.store.cluster import take_epoch
 from qcluster.store.db import Database
 from qcluster.store.jobstore import Advance, SqlJobStore
-from qcluster.store.runs import FireRow, RunRecord, RunStatus
-
-
-@pytest.fixture
-def db(db_url: str) -> Any:
-    d = Database(db_url)
-    d.upgrade()
-    ensure_cluster(d, "test", "dblock")
-    yield d
-    d.dispose()
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, RunStatus
 
 
 def lead(db: Database, backend: DBLockBackend, node: str) -> tuple[Lease, int]:

@@ -86,6 +86,7 @@ from tests.helpers import (
     cli_env,
     qcluster_command,
     start_node,
+    toml_dumps,
     wait_for,
     write_config,
     write_private,
@@ -199,35 +200,12 @@ def pick(pool: list[str], other: st.SearchStrategy[Any] | None = None) -> st.Sea
     return st.sampled_from(pool) | (st.text(max_size=20) if other is None else other)
 
 
-def _toml_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return "{" + ", ".join(f"{_toml_str(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-
-
-def toml_document(doc: dict[str, Any]) -> str:
-    """TOML text that tomllib reads back as ``doc`` (tables inline)."""
-    return "".join(f"{_toml_str(k)} = {toml_value(v)}\n" for k, v in doc.items())
-
-
 def test_the_toml_writer_writes_what_tomllib_reads() -> None:
+    """The fuzzers write their documents with tests/helpers.py's toml_dumps
+    (tests/test_helpers.py tests it on anything)."""
     doc = {"job": [{"id": "x", "at": datetime(2030, 1, 1, tzinfo=UTC), "n": -math.inf,
                     "k": {"a": [1, "\x7f\n"], "b": 2**63 - 1, "c": 1.5}}]}
-    assert tomllib.loads(toml_document(doc)) == doc
+    assert tomllib.loads(toml_dumps(doc)) == doc
 
 
 # -- the database, before and after ------------------------------------------------------------
@@ -466,7 +444,7 @@ def test_every_config_key_given_random_values_raises_only_config_error() -> None
         for key, value in pairs:
             doc = _merged(doc, _nested(key, value))
         try:
-            load_settings_from_text(toml_document(doc), "fuzz.toml", {})
+            load_settings_from_text(toml_dumps(doc), "fuzz.toml", {})
         except ConfigError as e:
             assert "\n" not in str(e) and str(e).startswith("fuzz.toml: "), str(e)
             return "refused"
@@ -493,7 +471,7 @@ def test_deeply_nested_config_raises_config_error(text: str) -> None:
 ], ids=["misfire-grace", "retention", "rpc-timeout", "heartbeat", "lease"])
 def test_time_settings_too_large_for_the_clock_are_refused(table: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="must be at most"):
-        load_settings_from_text(toml_document(table), "big.toml", {})
+        load_settings_from_text(toml_dumps(table), "big.toml", {})
 
 
 # -- job files ---------------------------------------------------------------------------------
@@ -548,7 +526,7 @@ def test_random_job_files_raise_only_input_error(tmp_path: Path) -> None:
 
     @fuzz("job files: documents", 300, doc=job_documents)
     def documents(doc: dict[str, Any]) -> str:
-        path.write_text(toml_document(doc), encoding="utf-8")
+        path.write_text(toml_dumps(doc), encoding="utf-8")
         return check_job_file(path)
 
     @fuzz("job files: bytes", 150, raw=st.binary(max_size=300) | st.text(max_size=300).map(
@@ -576,7 +554,7 @@ def test_bad_job_files_applied_through_the_cli_write_nothing(cli_db: str,
 
     @fuzz("cli: jobs apply", examples(cli_db, 100, 30), doc=job_documents, prune=st.booleans())
     def outcomes(doc: dict[str, Any], prune: bool) -> str:
-        path.write_text(toml_document(doc), encoding="utf-8")
+        path.write_text(toml_dumps(doc), encoding="utf-8")
         argv = ["jobs", "apply", str(path), "--json", *(["--prune"] * prune)]
         before = snapshot(cli_db)
         if check_cli_contract(argv, call_cli(argv)) == "refused":

@@ -50,7 +50,7 @@ from qcluster.store.cluster import (
     take_epoch,
 )
 from qcluster.store.db import Database
-from tests.conftest import ZkNamespace
+from tests.conftest import DatabaseFactory, ZkNamespace
 from tests.helpers import assert_cli_error, run_cli, run_cli_many, run_json, write_config
 
 
@@ -69,16 +69,6 @@ def uri(node: str) -> str:
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    """A current schema and a new cluster on dblock (SQLite and PostgreSQL)."""
-    d = Database(db_url)
-    d.upgrade()
-    ensure_cluster(d, "test", "dblock")
-    yield d
-    d.dispose()
 
 
 @dataclasses.dataclass
@@ -110,17 +100,13 @@ def zk_coordination(zk: ZkNamespace) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, pg_url: str, zk: ZkNamespace) -> Iterator[Rig]:
+def rig(tmp_path: Path, pg_url: str, zk: ZkNamespace, make_db: DatabaseFactory) -> Iterator[Rig]:
     settings = load_settings(write_config(tmp_path, pg_url, coordination=zk_coordination(zk)))
-    d = Database(pg_url)
-    d.upgrade()
-    ensure_cluster(d, settings.cluster.name, "dblock")
-    r = Rig(settings, d, zk)
+    r = Rig(settings, make_db(pg_url, cluster=settings.cluster.name), zk)
     try:
         yield r
     finally:
         r.close()
-        d.dispose()
 
 
 # -- 1. phase transitions of the cluster row ------------------------------------------------
@@ -592,17 +578,13 @@ class CliCluster:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, pg_url: str, zk: ZkNamespace) -> Iterator[CliCluster]:
+def cli(tmp_path: Path, pg_url: str, zk: ZkNamespace, make_db: DatabaseFactory) -> CliCluster:
     """A config on PostgreSQL that names dblock and has ZooKeeper servers; `db upgrade` done.
     Members stay live for 30 s, so that one registered here outlives a CLI call."""
     config = write_config(tmp_path, pg_url, coordination=zk_coordination(zk),
                           cluster={"member_timeout_seconds": 30})
     run_cli("db", "upgrade", config=config)
-    d = Database(pg_url)
-    try:
-        yield CliCluster(config, d, load_settings(config))
-    finally:
-        d.dispose()
+    return CliCluster(config, make_db(pg_url, upgrade=False, cluster=None), load_settings(config))
 
 
 def test_cli_dry_run_prints_the_plan_and_changes_nothing(cli: CliCluster) -> None:

@@ -9,7 +9,6 @@ import ast
 import itertools
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,17 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import Fenced, InputError
 from qcluster.leader.recovery import prune_runs, recover_runs
-from qcluster.store import catalog, runs, schema
-from qcluster.store.cluster import ensure_cluster, read_cluster
+from qcluster.store import catalog, records, runs, schema
+from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
+from qcluster.store.records import RunRecord, from_wire, to_wire
 from qcluster.store.runs import (
     TRANSITIONS,
     FireRow,
     Outcome,
-    RunRecord,
     RunStatus,
     Transition,
     Writer,
-    from_wire,
-    to_wire,
 )
 from qcluster.worker.runner import check_batch
 
@@ -42,15 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The keys every qcluster version sends for a run: the wire format, never to change.
 WIRE_KEYS = {"run_id", "job_id", "func", "args", "kwargs", "scheduled_at", "attempt", "epoch",
              "recover"}
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    d = Database(db_url)
-    d.upgrade()
-    ensure_cluster(d, "test", "dblock")
-    yield d
-    d.dispose()
 
 
 def epoch_of(db: Database) -> int:
@@ -102,8 +90,8 @@ def row(db: Database, run_id: int) -> Any:
 
 def record(db: Database, run_id: int) -> RunRecord:
     r = row(db, run_id)
-    return runs.run_record(r.id, r.job_id, r.func, r.args, r.kwargs, r.scheduled_at, r.attempt,
-                           r.epoch, r.recover)
+    return records.run_record(r.id, r.job_id, r.func, r.args, r.kwargs, r.scheduled_at,
+                              r.attempt, r.epoch, r.recover)
 
 
 def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
@@ -270,7 +258,7 @@ def test_recovery_resends_unsent_runs_marks_old_ones_missed_and_keeps_fresh_ones
 
 
 def test_a_run_record_round_trips_through_the_wire_unchanged() -> None:
-    rec = runs.run_record(7, "j", "jobs.builtin:noop", "[1]", '{"a": 2}', 1000, 2, 5, True)
+    rec = records.run_record(7, "j", "jobs.builtin:noop", "[1]", '{"a": 2}', 1000, 2, 5, True)
     assert isinstance(rec["scheduled_at"], float)
     assert set(to_wire(rec)) == WIRE_KEYS
     assert from_wire(to_wire(rec)) == rec
@@ -286,7 +274,7 @@ def test_a_run_record_round_trips_through_the_wire_unchanged() -> None:
     ({"func": "x" * 401}, "run record too large"),
 ])
 def test_from_wire_refuses_with_one_line(change: dict[str, Any], reason: str) -> None:
-    rec = runs.run_record(7, "j", "jobs.builtin:noop", "[]", "{}", 1000.0, 1, 5, False)
+    rec = records.run_record(7, "j", "jobs.builtin:noop", "[]", "{}", 1000.0, 1, 5, False)
     with pytest.raises(InputError, match=reason) as info:
         from_wire({**rec, **change})
     assert "\n" not in str(info.value)

@@ -17,22 +17,19 @@ from backends.base import MemberInfo
 from qcluster.leader.dispatch import Dispatcher
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, make_proof, proxy
 from qcluster.store import schema
-from qcluster.store.cluster import ensure_cluster
 from qcluster.store.db import Database
-from qcluster.store.runs import FireRow, RunRecord, RunStatus, insert_runs
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, RunStatus, insert_runs
 from qcluster.worker.runner import Worker, WorkerService
 
 SECRET = "test-secret-for-workers"
 
 
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
+@pytest.fixture(autouse=True)
+def _pyro() -> None:
+    """Pyro5's settings for the workers' daemons and the tests' proxies (``db`` is the
+    shared fixture of tests/conftest.py)."""
     configure_pyro(serializer="msgpack", timeout=5.0, max_message_bytes=1 << 20)
-    d = Database(db_url)
-    d.upgrade()
-    ensure_cluster(d, "test", "dblock")
-    yield d
-    d.dispose()
 
 
 class RunningWorker:

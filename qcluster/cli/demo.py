@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from qcluster.client import admin
+from qcluster.client import admin, changes
 from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import make_spec
 from qcluster.node import Node
@@ -35,7 +35,7 @@ def demo_jobs(settings: Settings) -> list[JobDef]:
 def run_demo(settings: Settings, node: Node) -> None:
     console = Console(highlight=False, soft_wrap=True)  # a piped line is not cut at 80
     admin.upgrade_db(settings)  # a new PostgreSQL database too, not only the embedded one
-    admin.apply_jobs(settings, demo_jobs(settings), prune=False)
+    changes.apply_jobs(settings, demo_jobs(settings), prune=False)
     t0 = time.monotonic()
     node.start()
     console.print(f"[bold]qcluster demo[/]: node {node.node_id}, database "

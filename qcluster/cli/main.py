@@ -6,30 +6,26 @@ error prints one ``error: ...`` line on stderr and exits non-zero; no traceback.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable
-from contextvars import ContextVar
-from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from backends.names import BACKENDS
 from qcluster import __version__
 from qcluster.cli import output
-from qcluster.client import admin
-from qcluster.client.api import Change, Client
+from qcluster.cli.admin_commands import backend_app, config_app, db_app
+from qcluster.cli.common import ConfigOpt, JsonOpt, client, print_json, root_config, settings
+from qcluster.client.api import Change
 from qcluster.definitions.jobfile import parse_cli_value
 from qcluster.errors import InputError, QClusterError
-from qcluster.settings import NODE_ID_PATTERN, Settings, settings_to_public_dict
+from qcluster.settings import NODE_ID_PATTERN
 
 
 def _click_exception(name: str) -> type[Exception]:
@@ -50,25 +46,12 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 jobs_app = typer.Typer(no_args_is_help=True, help="Add, list and change jobs.")
 runs_app = typer.Typer(no_args_is_help=True, help="The runs of jobs.")
 cluster_app = typer.Typer(no_args_is_help=True, help="The cluster's leader and members.")
-config_app = typer.Typer(no_args_is_help=True, help="Check and show the configuration.")
-db_app = typer.Typer(no_args_is_help=True, help="The shared database's schema.")
-backend_app = typer.Typer(no_args_is_help=True,
-                          help="The coordination backend: status, and moving to another.")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(runs_app, name="runs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(backend_app, name="backend")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Config file (else $QCLUSTER_CONFIG, ./qcluster.toml)."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-# `qcluster --config PATH <command>`: set by the root callback for this invocation.
-_root_config: ContextVar[Path | None] = ContextVar("qcluster_root_config", default=None)
 
 
 def _show_version(value: bool) -> None:
@@ -85,33 +68,7 @@ def _root(
         help="Print the version and exit.")] = False,
 ) -> None:
     """qcluster: a clustered cron scheduler."""
-    _root_config.set(config)
-
-
-def client(config: Path | None) -> Client:
-    """The command's client: ``--config`` given after the command, or before it (both only
-    if they agree), else ``$QCLUSTER_CONFIG``, ``./qcluster.toml``, the defaults."""
-    root = _root_config.get()
-    if root is not None and config is not None and _same_file(root, config) is False:
-        raise InputError(f"--config is given twice ({root} before the command, {config} "
-                         "after it): give one")
-    return Client(config if config is not None else root)
-
-
-def _same_file(a: Path, b: Path) -> bool | None:
-    """Whether ``a`` and ``b`` name one file however spelt (None: neither can be read)."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return None if a == b else False
-
-
-def settings(config: Path | None) -> Settings:
-    return client(config).settings
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    root_config.set(config)
 
 
 # -- start ------------------------------------------------------------------------------------
@@ -239,7 +196,7 @@ def jobs_list(
     """List jobs."""
     jobs = client(config).list(limit=limit)
     if as_json:
-        _print_json(jobs)
+        print_json(jobs)
     else:
         output.jobs_table(jobs)
 
@@ -253,7 +210,7 @@ def jobs_show(
     """Show one job and its latest runs."""
     job = client(config).show(job_id)
     if as_json:
-        _print_json(job)
+        print_json(job)
     else:
         output.job_detail(job)
 
@@ -292,12 +249,12 @@ def jobs_run(
 
 def _done(as_json: bool, data: dict[str, Any], text: str) -> None:
     if as_json:
-        _print_json(data)
+        print_json(data)
     else:
         print(text)
 
 
-# -- runs, cluster, config, db -------------------------------------------------------------
+# -- runs, cluster -------------------------------------------------------------------------
 
 
 @runs_app.command("list")
@@ -313,7 +270,7 @@ def runs_list(
     """List runs, newest first."""
     runs = client(config).runs(job=job, status=status, since=since, limit=limit)
     if as_json:
-        _print_json(runs)
+        print_json(runs)
     else:
         output.runs_table(runs)
 
@@ -323,81 +280,9 @@ def cluster_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show the leader and the live members."""
     status = client(config).cluster_status()
     if as_json:
-        _print_json(status)
+        print_json(status)
     else:
         output.cluster_view(status)
-
-
-# The choices of --to: one member per name of the one list (backends/names.py). mypy
-# cannot see members made from a variable; the values are all the command reads.
-BackendName = StrEnum("BackendName", [(n, n) for n in BACKENDS])  # type: ignore[misc]
-
-
-@backend_app.command("status")
-def backend_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the active backend, the migration phase, and which nodes honour it."""
-    status = client(config).backend_status()
-    if as_json:
-        _print_json(status)
-    else:
-        output.backend_view(status)
-
-
-@backend_app.command("migrate")
-def backend_migrate(
-    to: Annotated[BackendName, typer.Option("--to", help="The backend to move to.")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")]
-    = False,
-    timeout: Annotated[float, typer.Option(
-        "--timeout", min=1, max=86400, help="Seconds to wait for the move to finish.")] = 120.0,
-    config: ConfigOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Move the running cluster to another backend, through a joint phase (or roll back)."""
-    if not math.isfinite(timeout):
-        raise InputError(f"invalid --timeout {timeout}: expected a number of seconds")
-    s = settings(config)
-    result = admin.migrate_backend(
-        s, to.value, dry_run=dry_run, timeout=timeout,
-        report=(lambda _line: None) if as_json else _report,
-    )
-    if as_json:
-        _print_json(result)
-    elif dry_run:
-        print(f"plan (dry run, nothing changed): the cluster runs {result['backend']} "
-              f"(phase {result['phase']}, config version {result['config_version']})")
-        for line in result["plan"]:
-            print(f"  {line}")
-
-
-def _report(line: str) -> None:
-    print(line, flush=True)
-
-
-@config_app.command("check")
-def config_check(config: ConfigOpt = None) -> None:
-    """Validate the configuration and reach the database."""
-    s = settings(config)
-    where = admin.check_database(s)
-    print(f"ok: {s.source} is valid; database {where} answers")
-
-
-@config_app.command("show")
-def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the effective configuration (secrets hidden)."""
-    s = settings(config)
-    data = settings_to_public_dict(s)
-    if as_json:
-        _print_json(data)
-    else:
-        output.config_view(s.source, data)
-
-
-@db_app.command("upgrade")
-def db_upgrade(config: ConfigOpt = None) -> None:
-    """Create or upgrade the qcluster tables."""
-    revision = admin.upgrade_db(settings(config))
-    print(f"database schema at revision {revision}")
 
 
 # -- the error funnel -------------------------------------------------------------------------

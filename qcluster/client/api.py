@@ -10,7 +10,7 @@ class), raises a :class:`~qcluster.errors.QClusterError` subclass with a one-lin
 when it refuses (:class:`~qcluster.errors.InputError` for bad input, ``JobNotFound``,
 ``NotAllowed``, ``DatabaseUnavailable``...), and writes nothing when it raises. Job
 changes go through the leader's control API while a leader is alive, else directly to the
-database, fenced (see :mod:`qcluster.client.admin`). A client holds no connection between calls:
+database, fenced (see :mod:`qcluster.client.changes`). A client holds no connection between calls:
 each call opens the database and closes it again, so a client is cheap to keep and safe to
 share between threads.
 """
@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from qcluster.client import admin
+from qcluster.client import changes, reads
 from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.definitions.triggers import make_spec
@@ -117,7 +117,7 @@ class Client:
         jd = self.job(job_id, func, cron=cron, every=every, at=at, tz=tz, args=args,
                       kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
                       coalesce=coalesce)
-        outcome = admin.add_jobs(self.settings, [jd], replace=replace)
+        outcome = changes.add_jobs(self.settings, [jd], replace=replace)
         result = outcome.result if isinstance(outcome.result, dict) else {}
         status = ("replaced" if result.get("updated") else
                   "unchanged" if result.get("unchanged") else "added")
@@ -171,7 +171,7 @@ class Client:
                                  default_tz=self.settings.scheduler.timezone)
         else:
             defs = self._checked(source)
-        outcome = admin.apply_jobs(self.settings, defs, prune=prune)
+        outcome = changes.apply_jobs(self.settings, defs, prune=prune)
         r = outcome.result if isinstance(outcome.result, dict) else {}
         return Applied(created=list(r.get("created", [])), updated=list(r.get("updated", [])),
                        unchanged=list(r.get("unchanged", [])),
@@ -212,18 +212,18 @@ class Client:
 
     def run(self, job_id: str) -> RunRequested:
         """Fire a job now, once."""
-        outcome = admin.run_job(self.settings, check_job_id(job_id))
+        outcome = changes.run_job(self.settings, check_job_id(job_id))
         return RunRequested(job_id, int(outcome.result), outcome.via)
 
     def _action(self, action: str, job_id: str, past: str) -> Change:
-        outcome = admin.job_action(self.settings, action, check_job_id(job_id))
+        outcome = changes.job_action(self.settings, action, check_job_id(job_id))
         return Change(job_id, past, outcome.via)
 
     # -- reads ------------------------------------------------------------------------------
 
     def show(self, job_id: str) -> dict[str, Any]:
         """One job and its latest runs; ``JobNotFound`` if there is none."""
-        return admin.show_job(self.settings, check_job_id(job_id))
+        return reads.show_job(self.settings, check_job_id(job_id))
 
     def runs(self, *, job: str | None = None, status: str | None = None,
              since: str | datetime | float | None = None,
@@ -237,22 +237,22 @@ class Client:
             raise InputError(f"invalid status {status!r}: use one of {', '.join(RunStatus)}")
         if job is not None:
             check_job_id(job)
-        return admin.list_runs(self.settings, job_id=job, status=status,
+        return reads.list_runs(self.settings, job_id=job, status=status,
                                since=_since(since), limit=_limit(limit))
 
     def cluster_status(self) -> dict[str, Any]:
         """The cluster row, the live leader (or None) and the live members."""
-        return admin.cluster_status(self.settings)
+        return reads.cluster_status(self.settings)
 
     def backend_status(self) -> dict[str, Any]:
         """The coordination backend, the migration phase and which nodes honour it."""
-        return admin.backend_status(self.settings)
+        return reads.backend_status(self.settings)
 
 
     # Last: inside the class body, later annotations would take `list` for this method.
     def list(self, *, limit: int = 0) -> list[dict[str, Any]]:
         """Jobs, by id; ``limit=0`` lists them all."""
-        return admin.list_jobs(self.settings, limit=_limit(limit))
+        return reads.list_jobs(self.settings, limit=_limit(limit))
 
 
 def _limit(limit: int) -> int:

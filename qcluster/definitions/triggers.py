@@ -9,17 +9,8 @@ what goes in the database. Promises:
   identical fire times (given the same tz database version on every node).
 * Every bad input raises InputError, one line quoting it; APScheduler's texts never escape.
 * Fire times are aware: in the job's zone from a trigger, in UTC from ``fire_times``.
-
-Cron dialect. 5 fields ``minute hour dom month dow``, or 6 with seconds first, crontab(5)
-numbering: dow 0 and 7 are Sunday, 1 is Monday; names sun..sat, jan..dec in any case;
-``*  a  a-b  */n  a-b/n  a/n`` (= ``a-max/n``) and comma lists. Ranges must ascend, except
-in dow, where they wrap round the week (``fri-mon`` = fri,sat,sun,mon). A step larger than
-its range keeps the first value. When dom and dow are both restricted, a day matches if
-EITHER matches (Vixie cron: a field starting with ``*``, even ``*/2``, is unrestricted).
-Macros @yearly @annually @monthly @weekly @daily @midnight @hourly; @reboot is refused.
-APScheduler's own syntax, ``second=*/10 minute=5 day_of_week=mon-fri``, passes through with
-APScheduler's meaning: day_of_week 0 is MONDAY there, and dom/dow are ANDed. A bare word
-continues the previous value (``day=last fri``).
+The cron dialect (crontab(5), or APScheduler's own ``key=value`` syntax) is described and
+read in :mod:`qcluster.definitions.cron`.
 
 Daylight saving time, for a cron in a zone with DST (e.g. Europe/Berlin):
 
@@ -36,7 +27,6 @@ by DST.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -49,6 +39,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from qcluster.definitions.cron import cron_fields, quote
 from qcluster.errors import InputError
 
 TriggerSpec = dict[str, Any]  # JSON-able: {"type": ..., "tz": ..., ...}; see validate_spec
@@ -57,32 +48,12 @@ _MICROSECOND = timedelta(microseconds=1)
 MIN_INTERVAL = 0.001  # seconds; a finer schedule is a busy loop, not a job
 MAX_INTERVAL = 3650 * 86400.0  # ten years; longer ones belong in a cron or a date
 
-_MACROS = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-_APS_KEYS = ("year", "month", "day", "week", "day_of_week", "hour", "minute", "second")
-_APS_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # APScheduler: 0 is Monday
-_DAYS = {d: (i + 1) % 7 for i, d in enumerate(_APS_DAYS)}  # crontab: 0 is Sunday
-_MONTHS = {m: i + 1 for i, m in enumerate(
-    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"))}
-_ITEM = re.compile(r"(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?")
 _DURATION = re.compile(r"(?:(?P<d>{n})d)?(?:(?P<h>{n})h)?(?:(?P<m>{n})m(?!s))?(?:(?P<s>{n})s)?"
                        r"(?:(?P<ms>{n})ms)?".format(n=r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"))
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
               "date": {"type", "at", "tz"}}
 _When = datetime | None
-
-
-def _quote(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _small_int(digits: str) -> int:  # a huge number reads as a million: out of any range
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 6 else 10**6
 
 
 def _utc(dt: datetime) -> datetime:
@@ -99,7 +70,7 @@ def parse_zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError, UnicodeError):
-        raise InputError(f"unknown time zone {_quote(str(name))}") from None
+        raise InputError(f"unknown time zone {quote(str(name))}") from None
 
 
 def parse_duration(text: str | float) -> float:
@@ -117,12 +88,12 @@ def parse_duration(text: str | float) -> float:
             match = _DURATION.fullmatch(clean)
             if not clean or not match or not any(match.groups()):
                 hint = "use e.g. 30s, 5m, 1h30m, 250ms"
-                raise InputError(f"invalid duration {_quote(text)}: {hint}") from None
+                raise InputError(f"invalid duration {quote(text)}: {hint}") from None
             seconds = sum(float(v) * _UNITS[k] for k, v in match.groupdict().items() if v)
     else:
         seconds = float(min(text, MAX_INTERVAL + 1))  # a huge int would overflow float()
     if not math.isfinite(seconds) or not MIN_INTERVAL <= round(seconds, 6) <= MAX_INTERVAL:
-        raise InputError(f"duration {_quote(str(text))} must be between 1ms and 3650d")
+        raise InputError(f"duration {quote(str(text))} must be between 1ms and 3650d")
     return round(seconds, 6)
 
 
@@ -142,141 +113,6 @@ def format_duration(seconds: float) -> str:
     if rest or frac:
         out += f"{_decimal(rest + frac)}s"
     return out
-
-
-# --- cron parsing --------------------------------------------------------------------------
-
-
-def _hint(token: str) -> str:
-    return " (Quartz L/W/#/? are not supported)" if set(token) & set("lw#?") else ""
-
-
-class _Field:
-    def __init__(self, name: str, lo: int, hi: int, names: dict[str, int] | None = None) -> None:
-        self.name, self.lo, self.hi, self.names = name, lo, hi, names or {}
-
-    def value(self, token: str) -> int:
-        if token in self.names:
-            return self.names[token]
-        if not token.isascii() or not token.isdigit():
-            raise ValueError(f"{self.name}: unknown value {_quote(token, 20)}{_hint(token)}")
-        if not self.lo <= _small_int(token) <= self.hi:
-            raise ValueError(f"{self.name} value {token[:8]} out of range {self.lo}-{self.hi}")
-        return _small_int(token)
-
-    def item(self, text: str) -> tuple[int, int, int]:
-        """(first, last, step) of one list item; ``last < first`` only for a wrapping range."""
-        match = _ITEM.fullmatch(text)
-        if not match:
-            raise ValueError(f"{self.name}: cannot read {_quote(text, 20)}{_hint(text)}")
-        base, step_text = match.groups()
-        step = 1 if step_text is None else _small_int(step_text)
-        if step < 1:
-            raise ValueError(f"{self.name}: step must be at least 1")
-        if base == "*":
-            return self.lo, self.hi, step
-        first_text, _, last_text = base.partition("-")
-        first = self.value(first_text)
-        if last_text:
-            return first, self.value(last_text), step
-        return first, (self.hi if step_text else first), step
-
-    def to_aps(self, text: str) -> str:
-        """This crontab field as an APScheduler field expression with the same meaning."""
-        out = []
-        for item in text.split(","):
-            first, last, step = self.item(item)
-            if last < first:
-                raise ValueError(f"{self.name} range {item} is reversed")
-            if step > last - first:
-                out.append(str(first))
-            elif item.startswith("*"):
-                out.append("*" if step == 1 else f"*/{step}")
-            else:
-                out.append(f"{first}-{last}" + (f"/{step}" if step > 1 else ""))
-        return ",".join(out)
-
-
-class _DayOfWeek(_Field):
-    def to_aps(self, text: str) -> str:
-        days: set[int] = set()  # crontab numbering, Sunday = 0
-        for item in text.split(","):
-            first, last, step = self.item(item)
-            span = [(first + i) % 7 for i in range((last - first) % 7 + 1)]
-            if last - first == 7:  # 0-7: the whole week, Sunday twice
-                span = [0, 1, 2, 3, 4, 5, 6, 0]
-            days.update(span[::step])
-        if len(days) == 7:
-            return "*"
-        return ",".join(_APS_DAYS[(d - 1) % 7] for d in sorted(days, key=lambda d: (d - 1) % 7))
-
-
-_CRON_FIELDS = (
-    _Field("second", 0, 59), _Field("minute", 0, 59), _Field("hour", 0, 23),
-    _Field("day-of-month", 1, 31), _Field("month", 1, 12, _MONTHS),
-    _DayOfWeek("day-of-week", 0, 7, _DAYS),
-)
-
-
-def _crontab_fields(expr: str) -> list[dict[str, str]]:
-    """CronTrigger keyword sets for a crontab line; two sets mean 'fire when either fires'."""
-    if expr.startswith("@"):
-        if expr.lower() == "@reboot":
-            raise ValueError("@reboot is not supported (a cluster has no boot)")
-        if expr.lower() not in _MACROS:
-            raise ValueError(f"unknown macro (expected one of {', '.join(_MACROS)})")
-        expr = _MACROS[expr.lower()]
-    parts = expr.lower().split()
-    if len(parts) == 5:
-        parts.insert(0, "0")
-    if len(parts) != 6:
-        raise ValueError(f"expected 5 fields, or 6 with seconds first, got {len(parts)}")
-    aps = [field.to_aps(part) for field, part in zip(_CRON_FIELDS, parts, strict=True)]
-    second, minute, hour, day, month, dow = aps
-    common = {"second": second, "minute": minute, "hour": hour, "month": month}
-    if parts[3].startswith("*") or parts[5].startswith("*"):
-        return [{**common, "day": day, "day_of_week": dow}]
-    return [{**common, "day": day, "day_of_week": "*"}, {**common, "day": "*", "day_of_week": dow}]
-
-
-def _keyword_fields(expr: str) -> list[dict[str, str]]:
-    """``key=value`` words, APScheduler's own field syntax, checked field by field."""
-    fields: dict[str, str] = {}
-    key = ""
-    for word in expr.split():
-        if "=" not in word:
-            if not key:
-                raise ValueError(f"expected key=value, got {_quote(word, 20)}")
-            fields[key] += " " + word
-            continue
-        key, _, value = word.partition("=")
-        if key not in _APS_KEYS:
-            raise ValueError(f"unknown field {_quote(key, 20)} (expected {', '.join(_APS_KEYS)})")
-        if key in fields:
-            raise ValueError(f"{key} given twice")
-        fields[key] = value
-    for key, value in fields.items():
-        try:
-            CronTrigger.FIELDS_MAP[key](key, value)
-        except (ValueError, TypeError, LookupError, OverflowError):
-            raise ValueError(f"{key}={_quote(value, 20)} is not a valid APScheduler "
-                             f"expression") from None
-    return [fields]
-
-
-def _cron_fields(expr: str) -> list[dict[str, str]]:
-    # Parsed once per distinct expression: a file of 10,000 jobs has few distinct crons.
-    return [dict(fields) for fields in _parse_cron(expr)]
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_cron(expr: str) -> list[dict[str, str]]:
-    if not expr:
-        raise InputError("invalid cron expression '': it is empty")
-    try:
-        return _keyword_fields(expr) if "=" in expr else _crontab_fields(expr)
-    except ValueError as e:
-        raise InputError(f"invalid cron expression {_quote(expr)}: {e}") from None
 
 
 # --- triggers ------------------------------------------------------------------------------
@@ -363,20 +199,20 @@ def _parse_at(text: str, zone: tzinfo, *, need_offset: bool) -> datetime:
         at = datetime.fromisoformat(text.strip())
     except (ValueError, TypeError, AttributeError):
         hint = "use ISO 8601, e.g. 2026-12-01T09:00 or 2026-12-01T09:00+01:00"
-        raise InputError(f"invalid date {_quote(str(text))}: {hint}") from None
+        raise InputError(f"invalid date {quote(str(text))}: {hint}") from None
     if at.tzinfo is None and need_offset:
-        raise InputError(f"date {_quote(text)} has no UTC offset")
+        raise InputError(f"date {quote(text)} has no UTC offset")
     try:
         if at.tzinfo is None:
             at = at.replace(tzinfo=zone)  # fold=0: an ambiguous autumn time is the first one
             if _normalize(at).replace(tzinfo=None) != at.replace(tzinfo=None):
-                raise InputError(f"{_quote(text)} does not exist in {zone} (skipped by DST)")
+                raise InputError(f"{quote(text)} does not exist in {zone} (skipped by DST)")
         at = at.astimezone(zone)
         # Stored and compared as a float timestamp: it must come back as a datetime
         # (9999-12-31T23:59:59.99999 rounds to year 10000).
         datetime.fromtimestamp(at.timestamp(), UTC)
     except (OverflowError, ValueError, OSError):
-        raise InputError(f"date {_quote(text)} is out of range") from None
+        raise InputError(f"date {quote(text)} is out of range") from None
     return at
 
 
@@ -405,7 +241,7 @@ def validate_spec(spec: object) -> TriggerSpec:
     zone = parse_zone(tz)
     if kind == "cron":
         expr = " ".join(_string(spec, "expr").split())
-        _cron_fields(expr)
+        cron_fields(expr)
         return {"type": "cron", "expr": expr, "tz": tz}
     if kind == "interval":
         seconds = spec["seconds"]
@@ -425,7 +261,7 @@ def build_trigger(spec: TriggerSpec) -> BaseTrigger:
     zone = parse_zone(spec["tz"])
     if spec["type"] == "cron":
         triggers = [WallClockCronTrigger(**fields, timezone=zone)
-                    for fields in _cron_fields(spec["expr"])]
+                    for fields in cron_fields(spec["expr"])]
         return triggers[0] if len(triggers) == 1 else EitherCronTrigger(triggers, zone)
     if spec["type"] == "interval":
         start = datetime.fromisoformat(spec["start"]).astimezone(zone)
@@ -455,7 +291,7 @@ def make_spec(*, cron: str | None = None, every: str | float | None = None,
     if cron is not None:
         spec = validate_spec({"type": "cron", "expr": cron, "tz": zone_name})
         if build_trigger(spec).get_next_fire_time(None, now) is None:
-            raise InputError(f"invalid cron expression {_quote(spec['expr'])}: it never fires")
+            raise InputError(f"invalid cron expression {quote(spec['expr'])}: it never fires")
         return spec
     if every is not None:
         start = _utc(now).replace(microsecond=0)

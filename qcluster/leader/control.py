@@ -31,7 +31,7 @@ from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.store import catalog
 from qcluster.store.db import Database
-from qcluster.store.runs import RunRecord
+from qcluster.store.records import RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import Pyro5.errors
 
 from backends.base import MemberInfo
 from qcluster.rpc.pyro import proxy
-from qcluster.store.runs import RunRecord, to_wire
+from qcluster.store.records import RunRecord, to_wire
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster.store import runs, schema
+from qcluster.store import records, runs, schema
 from qcluster.store.db import Database
-from qcluster.store.runs import RunRecord, RunStatus
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
                          error=f"never dispatched within the misfire grace time ({grace:.0f}s)")
         out.missed += 1
         return
-    out.resend.append(runs.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                      row.scheduled_at, row.attempt, epoch, row.recover))
+    out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                         row.scheduled_at, row.attempt, epoch, row.recover))
 
 
 def _orphaned(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) -> None:
@@ -85,8 +86,8 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) 
         return
     runs.retry(conn, row.id, row.attempt, epoch=epoch, now=now, error=f"recovering: {reason}")
     out.retried += 1
-    out.resend.append(runs.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                      row.scheduled_at, row.attempt + 1, epoch, row.recover))
+    out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                         row.scheduled_at, row.attempt + 1, epoch, row.recover))
 
 
 def prune_runs(db: Database, epoch: int, *, older_than: float) -> int:

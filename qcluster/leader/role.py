@@ -26,7 +26,7 @@ from qcluster.settings import Settings
 from qcluster.store.cluster import take_epoch
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
-from qcluster.store.runs import RunRecord
+from qcluster.store.records import RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from apscheduler.schedulers.base import STATE_RUNNING
 
 from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.store.jobstore import Advance, SqlJobStore, StoredJob
-from qcluster.store.runs import FireRow, RunRecord, RunStatus
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, RunStatus
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
 from qcluster.store import schema
-from qcluster.store.runs import FireRow, RunRecord, RunStatus, insert_runs
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, RunStatus, insert_runs
 
 _CHUNK = 500
 

@@ -40,7 +40,8 @@ from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import schema
 from qcluster.store.db import Database
-from qcluster.store.runs import FireRow, RunRecord, insert_runs
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, insert_runs
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Promises:
   attempt from 1 to 2**31 - 1, an epoch from 0 to 2**63 - 1, a fire time within the years
   1 to 9999); ``bool`` is not a number. Anything else refuses the whole call with one line
   (``refused: ...``), and the worker goes on serving with its state unchanged. Each run is
-  checked by :func:`qcluster.store.runs.from_wire`, against the one :class:`RunRecord`
+  checked by :func:`qcluster.store.records.from_wire`, against the one :class:`RunRecord`
   that the leader's records are made of.
 * Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
   duration) are written in batches by one writer thread
@@ -41,13 +41,12 @@ from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import bounds
 from qcluster.store.db import Database
+from qcluster.store.records import RunRecord, from_wire
 from qcluster.store.runs import (
     Outcome,
-    RunRecord,
     RunStatus,
     check_outcome,
     claim,
-    from_wire,
     write_outcomes,
 )
 from qcluster.worker.context import RunContext, enter_run, leave_run
@@ -61,7 +60,7 @@ _ON_TIME = 0.002  # a run due this close is started at once
 
 def check_batch(epoch: object, runs: object) -> list[RunRecord]:
     """Validate a dispatch payload from the wire; return its runs (each checked by
-    :func:`~qcluster.store.runs.from_wire`, ``scheduled_at`` as a float). InputError (one
+    :func:`~qcluster.store.records.from_wire`, ``scheduled_at`` as a float). InputError (one
     line) on anything malformed or out of its column's range."""
     bounds.check_int(epoch, "epoch", bounds.EPOCH)
     if not isinstance(runs, list) or len(runs) > MAX_BATCH:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from backends.loader import load_backend, load_backend_by_name
 from qcluster.errors import BackendUnavailable, ConfigError
 from qcluster.settings import Settings, load_settings_from_mapping
 from qcluster.store.db import Database
+from tests.conftest import DatabaseFactory
 
 ZK_SECRET = "zk-Secret-1"
 REDIS_SECRET = "redis-Secret-2"
@@ -41,8 +41,9 @@ def _settings(backend: str = "dblock") -> Settings:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'q.db'}")  # no connection is made here
+def db(sqlite_url: str, make_db: DatabaseFactory) -> Database:
+    """SQLite alone, and no schema: loading a backend makes no connection."""
+    return make_db(sqlite_url, upgrade=False, cluster=None)
 
 
 def test_configured_backend_is_loaded(db: Database) -> None:
@@ -121,7 +122,7 @@ def test_every_list_of_backend_names_is_the_one_in_backends_names() -> None:
 
     from backends import loader
     from backends.names import BACKENDS
-    from qcluster.cli.main import BackendName
+    from qcluster.cli.admin_commands import BackendName
 
     assert BACKENDS == ("dblock", "zookeeper", "redis")
     assert loader.BACKENDS is BACKENDS

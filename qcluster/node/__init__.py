@@ -7,6 +7,9 @@ hosts the worker object and the control object.
 
 ``start()``/``stop()``, or use it as a context manager; ``stop()`` is idempotent and
 hands leadership over at once (the lease is released, not left to expire).
+
+The backends it connects to (on first use, or on a thread of their own) and the members
+they list are managed by :class:`~qcluster.node.coordination.NodeCoordination`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from pathlib import Path
 from types import TracebackType
 
 from backends.base import CoordinationBackend, Lease, MemberInfo
-from backends.joint import JointBackend, merge_members
-from backends.loader import load_backend_by_name
+from backends.joint import JointBackend
 from qcluster.definitions.jobdefs import extend_import_path
-from qcluster.errors import BackendUnavailable, ConfigError, Fenced, QClusterError
+from qcluster.errors import ConfigError, Fenced, QClusterError
 from qcluster.leader import migration
 from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
+from qcluster.node.coordination import NodeCoordination
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
 from qcluster.settings import Settings
 from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
@@ -39,7 +42,6 @@ log = logging.getLogger(__name__)
 
 
 EXAMPLE_SECRETS = frozenset({"change-me"})  # the value config.example.toml shows
-CONNECT_RETRY = 5.0  # seconds between two attempts to connect a backend that failed
 
 
 def default_node_id() -> str:
@@ -74,7 +76,7 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database).resolve()
 
 
-class Node:
+class Node(NodeCoordination):
     """One process of the cluster."""
 
     def __init__(
@@ -301,83 +303,6 @@ class Node:
             log.warning("every scheduler node's config names %s: moving the cluster from %s "
                         "to %s", to, state.backend, to)
             migration.request_move(self.db, to, epoch=epoch)
-
-    # -- backends ---------------------------------------------------------------------------
-
-    def _backend(self, name: str, *, wait: bool = True) -> CoordinationBackend:
-        """The backend ``name``, connected on first use. With ``wait=False`` (the
-        leadership and maintenance loops), a backend not connected yet is connected on a
-        thread of its own, and this raises BackendUnavailable meanwhile: a server that
-        does not answer must not hold the loops, nor the membership heartbeat."""
-        assert self.db is not None
-        with self._backends_lock:
-            backend = self.backends.get(name)
-            if backend is not None:
-                return backend
-            if not wait:
-                pending = self._connecting.get(name)
-                failed = self._connect_failed.get(name)
-                if pending is None and (failed is None
-                                        or time.monotonic() - failed[0] > CONNECT_RETRY):
-                    pending = threading.Thread(target=self._connect, args=(name, True),
-                                               name=f"qc-connect-{name}", daemon=True)
-                    self._connecting[name] = pending
-                    pending.start()
-                if failed is not None:
-                    raise BackendUnavailable(f"cannot reach {name}: {failed[1]}")
-                raise BackendUnavailable(f"connecting to {name}")
-        self._connect(name, False)
-        with self._backends_lock:
-            backend = self.backends.get(name)
-        if backend is None:
-            raise BackendUnavailable(f"the node is stopping; {name} was not kept")
-        return backend
-
-    def _connect(self, name: str, quiet: bool) -> None:
-        assert self.db is not None
-        try:
-            backend = load_backend_by_name(name, self.settings, self.db)
-            backend.start()
-        except QClusterError as e:
-            log.warning("cannot reach the %s backend: %s", name, e)
-            with self._backends_lock:
-                self._connect_failed[name] = (time.monotonic(), str(e))
-                self._connecting.pop(name, None)
-            if not quiet:
-                raise
-            return
-        with self._backends_lock:
-            if name in self.backends or self._stop.is_set():
-                backend.stop()
-            else:
-                self.backends[name] = backend
-            self._connect_failed.pop(name, None)
-            self._connecting.pop(name, None)
-
-    def _backend_for(self, names: tuple[str, ...]) -> CoordinationBackend:
-        """The backend for a phase (joint for two names); never waits for a connection."""
-        if len(names) == 1:
-            return self._backend(names[0], wait=False)
-        parts = [self._backend(n, wait=False) for n in names]
-        with self._backends_lock:  # one object per phase: the leadership loop compares them
-            return self._joints.setdefault(names, JointBackend(parts))
-
-    def _started_backends(self) -> list[CoordinationBackend]:
-        with self._backends_lock:
-            return list(self.backends.values())
-
-    def live_members(self) -> list[MemberInfo]:
-        """Live members, as every backend this node uses lists them (the database first:
-        every node registers there, whatever the cluster's backend)."""
-        listings: list[list[MemberInfo]] = []
-        for backend in self._started_backends():
-            try:
-                listings.append(backend.live_members())
-            except QClusterError as e:
-                if backend.name == "dblock":
-                    raise
-                log.debug("the %s backend did not list members: %s", backend.name, e)
-        return merge_members(listings)
 
     # -- membership -------------------------------------------------------------------------
 

@@ -1,0 +1,99 @@
+"""What the read commands show: jobs, runs, the cluster and its coordination backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.base import MemberInfo
+from qcluster.client.admin import open_db, snapshot
+from qcluster.definitions.jobdefs import check_job_id
+from qcluster.leader import migration
+from qcluster.settings import Settings
+from qcluster.store import catalog
+from qcluster.store.cluster import ClusterState
+
+
+def list_jobs(settings: Settings, *, limit: int) -> list[dict[str, Any]]:
+    db = open_db(settings)
+    try:
+        with db.read() as conn:
+            return catalog.list_jobs(conn, limit=limit)
+    finally:
+        db.dispose()
+
+
+def show_job(settings: Settings, job_id: str) -> dict[str, Any]:
+    check_job_id(job_id)
+    db = open_db(settings)
+    try:
+        with db.read() as conn:
+            job = catalog.get_job(conn, job_id)
+            job["recent_runs"] = catalog.list_runs(conn, job_id=job_id, limit=5)
+            return job
+    finally:
+        db.dispose()
+
+
+def list_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
+    db = open_db(settings)
+    try:
+        with db.read() as conn:
+            return catalog.list_runs(conn, **filters)
+    finally:
+        db.dispose()
+
+
+def cluster_status(settings: Settings) -> dict[str, Any]:
+    db = open_db(settings)
+    try:
+        state, info, members = snapshot(settings, db)
+    finally:
+        db.dispose()
+    leader = None
+    if info is not None:
+        leader = {"node_id": info.node_id, "uri": info.uri, "since": catalog.iso(info.since),
+                  "epoch": info.epoch}
+    return {
+        "cluster": state.name,
+        "backend": state.backend,
+        "phase": state.phase,
+        "target_backend": state.target_backend,
+        "config_version": state.config_version,
+        "epoch": state.epoch,
+        "leader": leader,
+        "members": [member_view(m) for m in members],
+    }
+
+
+def member_view(m: MemberInfo) -> dict[str, Any]:
+    return {"node_id": m.node_id, "roles": list(m.roles), "uri": m.uri,
+            "capacity": m.capacity, "backends": list(m.backends),
+            "config_version": m.config_version, "status": m.status,
+            "last_seen": catalog.iso(m.last_seen)}
+
+
+def backend_status(settings: Settings) -> dict[str, Any]:
+    """The cluster's backend and migration phase, and which scheduler nodes honour it."""
+    db = open_db(settings)
+    try:
+        state, _info, members = snapshot(settings, db)
+    finally:
+        db.dispose()
+    return backend_view(state, members)
+
+
+def backend_view(state: ClusterState, members: list[MemberInfo]) -> dict[str, Any]:
+    p = migration.progress(state, members)
+    return {
+        "backend": state.backend,
+        "phase": state.phase,
+        "target_backend": state.target_backend,
+        "config_version": state.config_version,
+        "phase_since": catalog.iso(state.phase_since),
+        "epoch": state.epoch,
+        "leader": state.leader_id if state.leader_uri else None,
+        "leader_lease": state.leader_backend,
+        "joined": p.joined,
+        "waiting": [{"node_id": n, "why": why} for n, why in p.waiting],
+        "schedulers": [member_view(m) for m in migration.schedulers(members)],
+    }
