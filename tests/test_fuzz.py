@@ -77,7 +77,8 @@ from qcluster.settings import (
 from qcluster.store import bounds, catalog, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
-from qcluster.store.jobstore import FireRow, SqlJobStore, insert_runs
+from qcluster.store.jobstore import SqlJobStore
+from qcluster.store.runs import FireRow, insert_runs
 from qcluster.worker.runner import Worker, WorkerService, check_batch
 from tests.fuzzing import max_examples as scaled
 from tests.helpers import (
