@@ -6,7 +6,7 @@ step down) is written once, in :mod:`qcluster.leader.election`, on top of them. 
 epoch fences every write (docs/DESIGN.md invariants 1 and 2): a backend is an efficiency
 lock, and its tokens are what lets the epoch refuse a stale holder.
 
-Each method states its own contract below. The contract suite in ``tests/contract`` checks
+Each method states its own contract below. The contract suite in ``tests/backends`` checks
 them on every backend (``test_contract.py``) and injects each backend's own failures
 (``test_failures.py``). The rules that span methods:
 

@@ -17,7 +17,7 @@
 #    Hypothesis is derandomized under CI=true (profile "ci", a red run reproduces);
 #    --fuzz runs only tests/test_fuzz.py, randomized, with many times more examples.
 #
-# The tests start their own servers on free loopback ports (tests/servers.py); nothing
+# The tests start their own servers on free loopback ports (tests/servers/); nothing
 # here starts a system service.
 set -euo pipefail
 

@@ -123,7 +123,7 @@ class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
 
     Returned times are normalized (a gap time comes back as the real wall time after the gap).
     Relies on ``CronTrigger._increment_field_value``; pyproject pins APScheduler < 3.12 and
-    tests/test_triggers.py guards it.
+    tests/definitions/test_triggers.py guards it.
     """
 
     __slots__ = ()

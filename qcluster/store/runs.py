@@ -1,6 +1,6 @@
 """The owner of ``qc_runs``: the run state machine and every write to the table. Promises:
 
-* Nothing else in qcluster writes ``qc_runs`` (tests/test_runs.py checks); reading is fine.
+* Nothing else in qcluster writes ``qc_runs`` (tests/store/test_runs.py checks); reading is fine.
 * A write makes only the transitions of :data:`TRANSITIONS`, for the writer named there:
   its SQL filters on the statuses they start from, so a row in any other state is left
   alone (the function says it wrote nothing); a status it cannot make is a ValueError.

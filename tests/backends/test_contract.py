@@ -11,8 +11,8 @@ import dataclasses
 import time
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
-from tests.contract.conftest import SHORT, Kit
-from tests.contract.helpers import LossRecorder, wait_until
+from tests.backends.conftest import SHORT, Kit
+from tests.backends.helpers import LossRecorder, wait_until
 
 
 def _acquire(

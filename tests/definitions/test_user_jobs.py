@@ -42,7 +42,7 @@ from tests.helpers import (
     write_config,
 )
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "qcluster", "backends", "jobs")  # what a wheel needs
 BUILD_TIMEOUT = 600.0
 WAIT = 60.0  # generous: the machine is shared and small; nothing here measures speed

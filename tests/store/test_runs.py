@@ -35,7 +35,7 @@ from qcluster.store.runs import (
 from qcluster.worker.runner import check_batch
 
 S = RunStatus
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The keys every qcluster version sends for a run: the wire format, never to change.
 WIRE_KEYS = {"run_id", "job_id", "func", "args", "kwargs", "scheduled_at", "attempt", "epoch",
              "recover"}

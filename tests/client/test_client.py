@@ -16,8 +16,8 @@ import qcluster
 from qcluster import Client
 from qcluster.errors import InputError, JobExists, JobNotFound, NotAllowed, QClusterError
 from qcluster.settings import load_settings
+from tests.cli.test_cli import config_with_tables, table_rows
 from tests.helpers import assert_cli_error, run_cli, run_json, write_config, write_job_file
-from tests.test_cli import config_with_tables, table_rows
 
 HELLO = "jobs.examples:hello"
 

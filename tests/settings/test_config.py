@@ -30,7 +30,7 @@ from qcluster.settings import (
 )
 from tests.helpers import toml_dumps
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 NO_ENV: Mapping[str, str] = {}
 
 

@@ -21,9 +21,9 @@ from backends.memory import MemoryBackend, MemoryServer
 from backends.redis import RedisBackend
 from backends.zookeeper import ZooKeeperBackend
 from qcluster.errors import BackendUnavailable
-from tests.contract.conftest import SHORT, Kit
-from tests.contract.helpers import LossRecorder, MovableClock, wait_until
-from tests.contract.test_contract import _acquire, _listed, _member
+from tests.backends.conftest import SHORT, Kit
+from tests.backends.helpers import LossRecorder, MovableClock, wait_until
+from tests.backends.test_contract import _acquire, _listed, _member
 from tests.servers import RedisServer, ZooKeeperServer
 
 

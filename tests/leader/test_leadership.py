@@ -18,7 +18,7 @@ from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend
 from backends.memory import MemoryBackend, MemoryServer
 from qcluster.leader.election import Leadership
-from tests.contract.helpers import LossRecorder
+from tests.backends.helpers import LossRecorder
 from tests.helpers import wait_for
 
 LEASE = 1.0  # renewed every third of it; the deadline is 5% + 50 ms before it ends
