@@ -32,7 +32,8 @@ from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
 from qcluster.node.coordination import NodeCoordination
-from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, embedded_secret
+from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro
+from qcluster.rpc.secret_file import embedded_secret
 from qcluster.settings import Settings
 from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
 from qcluster.store.db import Database
