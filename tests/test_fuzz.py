@@ -79,6 +79,7 @@ from qcluster.store import bounds, catalog, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
+from qcluster.store.records import Refusal
 from qcluster.store.runs import FireRow, insert_runs
 from qcluster.worker.runner import Worker, WorkerService, check_batch
 from tests.fuzzing import max_examples as scaled
@@ -675,7 +676,7 @@ def daemon(sqlite_url: str) -> Iterator[InProcessDaemon]:
             db.dispose()
 
 
-_REFUSED_RUN = {"stale epoch", "duplicate", "busy", "already claimed", "shutting down"}
+_REFUSED_RUN = {str(r) for r in Refusal}
 
 
 def test_worker_refuses_or_answers_every_submit_and_keeps_serving(

@@ -8,29 +8,76 @@ idempotent: a worker refuses a run attempt it has seen, and only one worker's cl
 can commit, so a resend after a timeout never runs anything twice.
 
 ``stop()`` takes effect at once: no batch leaves after it returns (step down first).
+
+A worker's reply is checked (:func:`qcluster.store.records.reply_from_wire`) before it is
+believed: a reply of any other shape, from a broken or hostile worker, is a failed dispatch
+to that worker (one log line; its runs go to the next one), never an error of the
+dispatcher's thread. What each :class:`~qcluster.store.records.Refusal` makes it do:
+
+* ``stale epoch``: stop, and call ``on_stale`` (the leader steps down);
+* ``busy``, ``shutting down``, ``database unavailable``: send again;
+* ``duplicate``, ``already claimed``: nothing (the run is someone's already).
+
+A call refused as a whole (a malformed batch, or an epoch that the worker's database does
+not hold) sets that worker aside for :data:`DOWN_FOR` and sends its runs elsewhere.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 import Pyro5.errors
 
 from backends.base import MemberInfo
+from qcluster.errors import InputError
 from qcluster.rpc.pyro import proxy
-from qcluster.store.records import RunRecord, to_wire
+from qcluster.store.records import Refusal, RunRecord, SubmitReply, reply_from_wire, to_wire
 
 log = logging.getLogger(__name__)
 
 REFRESH_WORKERS = 1.0
 DOWN_FOR = 2.0
+#: Refusals whose runs are sent again (elsewhere, or a moment later).
+SEND_AGAIN = frozenset({Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE})
+
+
+class WorkerProxy(Protocol):
+    """A connection to one worker's ``WorkerService``: a Pyro5 proxy, or a test's fake. Used
+    as a context manager (its exit releases the connection); one thread at a time, which
+    claims it first (Pyro5's rule)."""
+
+    def submit(self, epoch: int, runs: list[Mapping[str, Any]]) -> object: ...
+
+    def _pyroClaimOwnership(self) -> None: ...  # Pyro5's name
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> bool | None: ...
+
+
+#: Makes the connection to the worker at a URI (not yet connected: the first call does).
+Connect = Callable[[str], WorkerProxy]
+
+
+@dataclass
+class _Connection:
+    proxy: WorkerProxy
+    exit: contextlib.ExitStack
+
+    def close(self) -> None:
+        self.proxy._pyroClaimOwnership()
+        self.exit.close()
 
 
 class Dispatcher:
@@ -46,10 +93,14 @@ class Dispatcher:
         batch_size: int,
         members: Callable[[], list[MemberInfo]],
         on_stale: Callable[[str], None],
+        connect: Connect | None = None,
     ) -> None:
+        """``connect`` makes the connection to a worker's URI; by default an authenticated
+        Pyro5 proxy (``qcluster.rpc.pyro.proxy`` with ``secret`` and ``timeout``)."""
         self.epoch = epoch
         self.secret = secret
         self.timeout = timeout
+        self.connect: Connect = connect or self._pyro_proxy
         self.strategy = strategy
         self.batch_size = batch_size
         self.members = members
@@ -65,7 +116,7 @@ class Dispatcher:
         self._workers_at = 0.0
         self._down: dict[str, float] = {}
         self._load: dict[str, float] = {}
-        self._proxies: dict[str, Any] = {}
+        self._proxies: dict[str, _Connection] = {}
         self._rr = itertools.count()
         self._proxies_lock = threading.Lock()
         self._senders = ThreadPoolExecutor(8, thread_name_prefix="qc-send")
@@ -105,8 +156,7 @@ class Dispatcher:
             with self._proxies_lock:
                 proxies, self._proxies = list(self._proxies.values()), {}
             for p in proxies:
-                p._pyroClaimOwnership()
-                p._pyroRelease()
+                self._close(p)
 
     def _take(self) -> list[RunRecord]:
         with self._cond:
@@ -129,8 +179,13 @@ class Dispatcher:
             # database, and those waits should overlap, not add up.
             futures = [self._senders.submit(self._send, uri, chunk)
                        for uri, chunk in routes.items()]
-            for future in futures:
-                retry.extend(future.result())
+            for (uri, chunk), future in zip(routes.items(), futures, strict=True):
+                try:
+                    retry.extend(future.result())
+                except Exception:  # a bug, not a worker's answer: this thread must go on
+                    log.exception("sending %d runs to worker %s failed", len(chunk), uri)
+                    self._down[uri] = time.monotonic() + DOWN_FOR
+                    retry.extend(chunk)
             if not self._enabled.is_set():
                 return
             if len(retry) == len(left) and retry:
@@ -183,7 +238,7 @@ class Dispatcher:
         if not self._enabled.is_set():
             return []  # stepped down meanwhile: the next leader sends what is left
         try:
-            reply = self._call(uri, chunk)
+            raw = self._call(uri, chunk)
         except (Pyro5.errors.CommunicationError, OSError) as e:
             log.warning("worker %s unreachable (%s); trying the next one", uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
@@ -193,49 +248,66 @@ class Dispatcher:
             log.error("worker %s refused a batch: %s", uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
             return chunk
+        try:
+            reply = reply_from_wire(raw, [r["run_id"] for r in chunk])
+        except InputError as e:
+            log.error("worker %s sent a reply that is not one (%s); trying the next one",
+                      uri, e)
+            self._down[uri] = time.monotonic() + DOWN_FOR
+            return chunk
+        return self._follow(uri, chunk, reply)
+
+    def _follow(self, uri: str, chunk: list[RunRecord], reply: SubmitReply) -> list[RunRecord]:
+        """Act on a checked reply; the runs to send again."""
         with self._proxies_lock:
-            self.sent += len(reply.get("accepted", []))
-        self._load[uri] = float(reply.get("inflight", 0))
-        again: set[int] = set()
-        for run_id, reason in reply.get("refused", []):
-            if reason == "stale epoch":
-                log.warning("worker %s has seen a newer epoch than %d", uri, self.epoch)
-                self.stop()
-                self.on_stale(f"worker {uri} has seen a newer epoch")
-                return []
-            if reason in ("busy", "shutting down"):
-                again.add(run_id)
+            self.sent += len(reply.accepted)
+        self._load[uri] = float(reply.inflight)
+        if any(why == Refusal.STALE_EPOCH for _, why in reply.refused):
+            log.warning("worker %s has seen a newer epoch (%d) than %d", uri, reply.epoch,
+                        self.epoch)
+            self.stop()
+            self.on_stale(f"worker {uri} has seen a newer epoch")
+            return []
+        again = {run_id for run_id, why in reply.refused if why in SEND_AGAIN}
         if again:
             self._down[uri] = time.monotonic() + 0.1
         return [r for r in chunk if r["run_id"] in again]
 
-    def _proxy(self, uri: str) -> Any:
+    def _pyro_proxy(self, uri: str) -> WorkerProxy:
+        p: WorkerProxy = proxy(uri, self.secret, self.timeout)
+        return p
+
+    def _proxy(self, uri: str) -> WorkerProxy:
         # One proxy per worker; a send thread claims it for its call (Pyro5 wants one
         # owner at a time, and only one call per worker is under way at once).
         with self._proxies_lock:
-            p = self._proxies.get(uri)
-            if p is None:
-                p = self._proxies[uri] = proxy(uri, self.secret, self.timeout)
-        p._pyroClaimOwnership()
-        return p
+            c = self._proxies.get(uri)
+            if c is None:
+                stack = contextlib.ExitStack()
+                c = self._proxies[uri] = _Connection(stack.enter_context(self.connect(uri)),
+                                                     stack)
+        c.proxy._pyroClaimOwnership()
+        return c.proxy
 
-    def _call(self, uri: str, chunk: list[RunRecord]) -> dict[str, Any]:
+    def _call(self, uri: str, chunk: list[RunRecord]) -> object:
         wire = [to_wire(run) for run in chunk]
         try:
-            reply: dict[str, Any] = self._proxy(uri).submit(self.epoch, wire)
+            return self._proxy(uri).submit(self.epoch, wire)
         except Pyro5.errors.ConnectionClosedError:
             # An idle connection closed by the worker's timeout: reconnect once. Safe to
             # resend: the worker refuses attempts it already took.
             self._drop_proxy(uri)
-            reply = self._proxy(uri).submit(self.epoch, wire)
-        return reply
+            return self._proxy(uri).submit(self.epoch, wire)
 
     def _drop_proxy(self, uri: str) -> None:
         with self._proxies_lock:
-            p = self._proxies.pop(uri, None)
-        if p is not None:
-            try:
-                p._pyroClaimOwnership()
-                p._pyroRelease()
-            except Exception:  # releasing a broken proxy: nothing to do
-                log.debug("proxy release failed", exc_info=True)
+            c = self._proxies.pop(uri, None)
+        if c is not None:
+            self._close(c)
+
+    @staticmethod
+    def _close(c: _Connection) -> None:
+        try:
+            c.close()
+        except Exception:  # releasing a broken proxy: nothing to do
+            log.debug("proxy release failed", exc_info=True)

@@ -244,14 +244,20 @@ def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
     return r.c.id.in_(ids)
 
 
-def claim(db: Database, runs: Iterable[RunRecord], *, worker: str, session: str) -> set[int]:
+def claim(db: Database, runs: Iterable[RunRecord], *, worker: str,
+          session: str) -> dict[tuple[int, int], RunRecord]:
     """``scheduled`` → ``dispatched`` for ``worker``/``session``, at each run's attempt, in
-    one transaction; the ids it took. Only one claim of a run attempt can commit."""
+    one transaction. Only one claim of a run attempt can commit.
+
+    Returns what it took, keyed by (run id, attempt): each run as its row holds it
+    (``UPDATE ... RETURNING`` the job, function, arguments, fire time, epoch and
+    ``recover``), which is what the worker must run, whatever the caller said. Of ``runs``
+    only the run id and the attempt are read."""
     r = schema.runs
     by_attempt: dict[int, list[int]] = {}
     for run in runs:
         by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
-    claimed: set[int] = set()
+    claimed: dict[tuple[int, int], RunRecord] = {}
     if not by_attempt:
         return claimed
     with db.write() as conn:
@@ -262,9 +268,13 @@ def claim(db: Database, runs: Iterable[RunRecord], *, worker: str, session: str)
                 .where(_id_in(db, ids), r.c.attempt == attempt, _status_is(_CLAIM_FROM))
                 .values(status=_S.DISPATCHED, worker=worker, worker_session=session,
                         dispatched_at=now)
-                .returning(r.c.id)
+                .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs,
+                           r.c.scheduled_at, r.c.attempt, r.c.epoch, r.c.recover)
             )
-            claimed.update(int(x) for x in rows.scalars())
+            for row in rows:
+                stored = run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                    row.scheduled_at, row.attempt, row.epoch, row.recover)
+                claimed[(stored["run_id"], stored["attempt"])] = stored
     return claimed
 
 

@@ -1,37 +1,40 @@
 """The worker: a Pyro5 object that accepts runs, and a bounded pool that runs them.
 
-Promises:
+Promises (docs/DESIGN.md invariant 4, workers fence too):
 
-* A worker refuses a batch whose epoch is older than the newest epoch it has seen, and
-  a second copy of a run attempt it already took (docs/DESIGN.md invariant 4).
-* Across workers, a run attempt starts at most once: a worker claims it in the database
+* A dispatch is checked before anything is read, taken or written
+  (:func:`check_batch`): the batch epoch and each run's from 1 to 2**63 - 1, run ids from 1
+  to 2**63 - 1, attempts from 1 to 2**31 - 1, ``bool`` not a number, fire times finite and
+  at most a day ahead, texts bounded (:func:`qcluster.store.records.from_wire`). Anything
+  else refuses the whole call with one line (``refused: ...``), and the worker goes on
+  serving with its state unchanged.
+* The worker's fence (:class:`~qcluster.worker.fence.EpochFence`) rises only to an epoch
+  that the cluster row confirms. A batch older than it is refused ``stale epoch``; a batch
+  whose epoch the row does not hold is refused as a whole, and the fence stays put.
+* A second copy of a run attempt it took is refused ``duplicate``. Across workers, a run
+  attempt starts at most once: a worker claims it in the database
   (``scheduled`` -> ``dispatched``, naming itself; :func:`qcluster.store.runs.claim`)
   before running it, and only the one claim that commits runs it.
+* It runs what the claim returns, the run as its row holds it (function, arguments, fire
+  time, epoch), never what the caller sent: a dispatch that disagrees with the row is
+  logged (one line, the run id) and the row's run is run. A caller cannot make a worker run
+  anything that the database does not say is due.
+* Whatever ``accept`` raises, it first gives back every queue place it took and forgets
+  every run it did not start, so they may come again.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
-  with the reason.
-* A dispatch is checked before anything is taken or written: every number in it must fit
-  the column it is bound to (:mod:`qcluster.store.bounds`: a run id from 1 to 2**63 - 1, an
-  attempt from 1 to 2**31 - 1, an epoch from 0 to 2**63 - 1, a fire time within the years
-  1 to 9999); ``bool`` is not a number. Anything else refuses the whole call with one line
-  (``refused: ...``), and the worker goes on serving with its state unchanged. Each run is
-  checked by :func:`qcluster.store.records.from_wire`, against the one :class:`RunRecord`
-  that the leader's records are made of.
-* Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
-  duration) are written in batches by one writer thread
-  (:func:`qcluster.store.runs.write_outcomes`), and only over this worker's own claim, so
-  a run that the leader has meanwhile declared ``lost`` is not overwritten.
+  with the reason. Outcomes are written by :class:`~qcluster.worker.outcomes.OutcomeWriter`.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import Token
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,103 +44,37 @@ from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import bounds
 from qcluster.store.db import Database
-from qcluster.store.records import RunRecord, from_wire
-from qcluster.store.runs import (
-    Outcome,
-    RunStatus,
-    check_outcome,
-    claim,
-    write_outcomes,
+from qcluster.store.records import (
+    SENT_EPOCH,
+    Refusal,
+    RunRecord,
+    SubmitReply,
+    from_wire,
 )
+from qcluster.store.runs import RunStatus, claim
 from qcluster.worker.context import RunContext, enter_run, leave_run
+from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
+from qcluster.worker.outcomes import OutcomeWriter
+from qcluster.worker.timer import StartTimer
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
 _SEEN = 200_000
 _ON_TIME = 0.002  # a run due this close is started at once
+#: The fields a dispatch states about a run's row; if one differs, the row's value is run.
+_STATED = ("job_id", "func", "args", "kwargs", "scheduled_at", "recover")
 
 
-def check_batch(epoch: object, runs: object) -> list[RunRecord]:
+def check_batch(epoch: object, runs: object, *, now: float | None = None) -> list[RunRecord]:
     """Validate a dispatch payload from the wire; return its runs (each checked by
-    :func:`~qcluster.store.records.from_wire`, ``scheduled_at`` as a float). InputError (one
-    line) on anything malformed or out of its column's range."""
-    bounds.check_int(epoch, "epoch", bounds.EPOCH)
+    :func:`~qcluster.store.records.from_wire` against ``now``, ``scheduled_at`` as a float).
+    InputError (one line) on anything malformed or out of its range."""
+    bounds.check_int(epoch, "epoch", SENT_EPOCH)
     if not isinstance(runs, list) or len(runs) > MAX_BATCH:
         raise InputError(f"runs must be a list of at most {MAX_BATCH}")
-    return [from_wire(run) for run in runs]
-
-
-class OutcomeWriter:
-    """Writes run outcomes in batches, from one thread."""
-
-    def __init__(self, db: Database, session: str, interval: float = 0.05) -> None:
-        self.db = db
-        self.session = session
-        self.interval = interval
-        self._started: dict[tuple[int, int], float] = {}
-        self._finished: dict[tuple[int, int], Outcome] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="qc-outcomes", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def started(self, run_id: int, attempt: int, at: float) -> None:
-        with self._lock:
-            self._started[(run_id, attempt)] = at
-
-    def finished(self, run_id: int, attempt: int, status: RunStatus, started: float,
-                 finished: float, error: str | None) -> None:
-        check_outcome(status)  # here, not in the writer thread, which must not die
-        with self._lock:
-            self._finished[(run_id, attempt)] = Outcome(status, started, finished, error)
-        if len(self._finished) >= 500:
-            self._wake.set()
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._started) + len(self._finished)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Flush what is pending (within ``timeout``) and stop. Idempotent."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            stopping = self._stop.is_set()
-            try:
-                self.flush()
-            except QClusterError as e:
-                log.warning("could not write run outcomes yet (will retry): %s", e)
-                if stopping:
-                    return
-                self._stop.wait(0.5)
-                continue
-            if stopping and not self.pending():
-                return
-
-    def flush(self) -> None:
-        with self._lock:
-            finished, self._finished = self._finished, {}
-            started = {k: v for k, v in self._started.items() if k not in finished}
-            self._started = {}
-        if not finished and not started:
-            return
-        try:
-            write_outcomes(self.db, self.session, started, finished)
-        except QClusterError:
-            with self._lock:  # put them back, newer entries win
-                self._finished = {**finished, **self._finished}
-                self._started = {**started, **self._started}
-            raise
+    now = time.time() if now is None else now
+    return [from_wire(run, now=now) for run in runs]
 
 
 @Pyro5.server.expose
@@ -148,66 +85,16 @@ class WorkerService:
         self._worker = worker
 
     def submit(self, epoch: Any, runs: Any) -> dict[str, Any]:
+        """A :class:`~qcluster.store.records.SubmitReply` as its wire map; ValueError
+        ``refused: ...`` for a malformed call or an epoch the cluster row does not hold."""
         try:
             batch = check_batch(epoch, runs)
+            return self._worker.accept(epoch, batch).to_wire()
         except InputError as e:
             raise ValueError(f"refused: {e}") from None
-        return self._worker.accept(epoch, batch)
 
-    def ping(self) -> dict[str, Any]:
+    def ping(self) -> dict[str, int]:
         return self._worker.load()
-
-
-class _StartTimer:
-    """Holds runs that arrived before their fire time (the leader's fire-ahead window) and
-    hands each to the pool at its time: one thread and a heap, whatever their number."""
-
-    def __init__(self, start: Callable[[RunRecord], object]) -> None:
-        self._start = start
-        self._heap: list[tuple[float, int, RunRecord]] = []
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="qc-start-timer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def add(self, run: RunRecord) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (run["scheduled_at"], run["run_id"], run))
-            if self._heap[0][2] is run:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        """Start what is still waiting now (the worker's grace covers it), then stop."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(5.0)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (
-                    not self._heap or self._heap[0][0] > time.time()
-                ):
-                    wait = self._heap[0][0] - time.time() if self._heap else None
-                    self._cond.wait(wait)
-                if self._stopped:
-                    due, self._heap = [r for _, _, r in self._heap], []
-                else:
-                    due = []
-                    now = time.time()
-                    while self._heap and self._heap[0][0] <= now:
-                        due.append(heapq.heappop(self._heap)[2])
-            for run in due:
-                try:
-                    self._start(run)
-                except RuntimeError:  # the pool is shutting down: the run is left open
-                    return
-            if self._stopped:
-                return
 
 
 class Worker:
@@ -231,9 +118,9 @@ class Worker:
         self.max_queue = max_queue or max(1000, concurrency * 100)
         self.writer = OutcomeWriter(db, session)
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qc-job")
-        self._timer = _StartTimer(lambda run: self._pool.submit(self._execute, run))
+        self._timer = StartTimer(lambda run: self._pool.submit(self._execute, run))
+        self._fence = EpochFence(lambda: cluster_epoch(db))
         self._lock = threading.RLock()
-        self._max_epoch = 0
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._inflight = 0
         self._accepting = True
@@ -258,29 +145,60 @@ class Worker:
         with self._lock:
             return self._inflight
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> dict[str, int]:
+        """What ``ping`` answers, and every reply carries (``records.LOAD_KEYS``)."""
         return {"inflight": self.inflight(), "capacity": self.concurrency,
-                "max_queue": self.max_queue, "epoch": self._max_epoch}
+                "max_queue": self.max_queue, "epoch": self._fence.epoch}
 
-    def accept(self, epoch: int, runs: list[RunRecord]) -> dict[str, Any]:
-        refused: list[list[Any]] = []
+    def accept(self, epoch: int, runs: list[RunRecord]) -> SubmitReply:
+        """Take ``runs`` (checked by :func:`check_batch`), sent by a leader at ``epoch``:
+        each is accepted (claimed and handed to the pool or the start timer) or refused
+        with its reason. Raises :class:`EpochNotConfirmed` when the cluster row does not
+        hold ``epoch`` (nothing taken, the fence unchanged). An empty batch reads nothing
+        and changes nothing."""
+        with self._lock:
+            accepting = self._accepting
+        if not accepting:
+            return self._reply([], [(r["run_id"], Refusal.SHUTTING_DOWN) for r in runs])
+        if not runs:
+            return self._reply([], [])
+        verdict = self._admit(epoch, len(runs))
+        if verdict is not None:
+            return self._reply([], [(r["run_id"], verdict) for r in runs])
+        fresh, refused = self._take_places(runs)
+        accepted = self._claim_and_start(fresh, refused)
+        return self._reply(accepted, refused)
+
+    def _admit(self, epoch: int, count: int) -> Refusal | None:
+        try:
+            return self._fence.admit(epoch)
+        except EpochNotConfirmed as e:
+            log.warning("refused a batch of %d runs: %s", count, e)
+            raise
+        except QClusterError as e:
+            log.warning("could not confirm epoch %d (runs refused): %s", epoch, e)
+            return Refusal.UNAVAILABLE
+
+    def _reply(self, accepted: list[int], refused: list[tuple[int, Refusal]]) -> SubmitReply:
+        load = self.load()
+        return SubmitReply(tuple(accepted), tuple(refused), inflight=load["inflight"],
+                           capacity=load["capacity"], max_queue=load["max_queue"],
+                           epoch=load["epoch"])
+
+    def _take_places(self, runs: list[RunRecord]
+                     ) -> tuple[list[RunRecord], list[tuple[int, Refusal]]]:
+        """The runs that get a queue place (and are remembered), and the refusals of the
+        others: a second copy of an attempt, or no room left."""
+        refused: list[tuple[int, Refusal]] = []
         fresh: list[RunRecord] = []
         with self._lock:
-            if not self._accepting:
-                return {"accepted": [], "refused": [[r["run_id"], "shutting down"] for r in runs],
-                        **self.load()}
-            if epoch < self._max_epoch:
-                return {"accepted": [],
-                        "refused": [[r["run_id"], "stale epoch"] for r in runs], **self.load()}
-            if runs:  # an empty batch proves nothing: it must not fence the real leader
-                self._max_epoch = epoch
             room = self.max_queue - self._inflight
             for run in runs:
                 key = (run["run_id"], run["attempt"])
                 if key in self._seen:
-                    refused.append([run["run_id"], "duplicate"])
+                    refused.append((run["run_id"], Refusal.DUPLICATE))
                 elif room <= 0:
-                    refused.append([run["run_id"], "busy"])
+                    refused.append((run["run_id"], Refusal.BUSY))
                 else:
                     room -= 1
                     self._seen[key] = None
@@ -288,56 +206,69 @@ class Worker:
             while len(self._seen) > _SEEN:
                 self._seen.popitem(last=False)
             self._inflight += len(fresh)
-        claimed = self._claim_or_give_back(fresh)
-        accepted = []
-        now = time.time()
-        for run in fresh:
-            if run["run_id"] in claimed:
-                accepted.append(run["run_id"])
-                if run["scheduled_at"] > now + _ON_TIME:  # sent ahead: start it on time
-                    self._timer.add(run)
-                else:
-                    self._pool.submit(self._execute, run)
-            else:
-                refused.append([run["run_id"], "already claimed"])
-        with self._lock:
-            self._inflight -= len(fresh) - len(accepted)
-        return {"accepted": accepted, "refused": refused, **self.load()}
+        return fresh, refused
 
-    def _claim_or_give_back(self, runs: list[RunRecord]) -> set[int]:
-        """:meth:`_claim`; if it raises, the runs were not taken: their queue places are
-        given back and they are forgotten (so they may come again), then it re-raises."""
+    def _claim_and_start(self, fresh: list[RunRecord],
+                         refused: list[tuple[int, Refusal]]) -> list[int]:
+        """Claim ``fresh`` (their places taken), start each claimed run as its row holds
+        it, and add the others to ``refused``; the ids started. Whatever happens, raising
+        included, the place of each run not started is given back, and each run not
+        started is forgotten, unless the database said another claim has it."""
+        started: set[int] = set()  # indexes into fresh
+        settled: set[int] = set()  # answered "already claimed": stays remembered
         try:
-            return self._claim(runs)
-        except BaseException:
+            claimed = self._claim(fresh)
+            if claimed is None:
+                refused.extend((r["run_id"], Refusal.UNAVAILABLE) for r in fresh)
+                return []
+            accepted: list[int] = []
+            for i, run in enumerate(fresh):
+                stored = claimed.get((run["run_id"], run["attempt"]))
+                if stored is None:
+                    settled.add(i)
+                    refused.append((run["run_id"], Refusal.ALREADY_CLAIMED))
+                    continue
+                _note_differences(run, stored)
+                self._start(stored)
+                started.add(i)
+                accepted.append(run["run_id"])
+            return accepted
+        finally:
             with self._lock:
-                self._inflight -= len(runs)
-                for run in runs:
-                    self._seen.pop((run["run_id"], run["attempt"]), None)
-            raise
+                self._inflight -= len(fresh) - len(started)
+                for i, run in enumerate(fresh):
+                    if i not in started and i not in settled:
+                        self._seen.pop((run["run_id"], run["attempt"]), None)
 
-    def _claim(self, runs: list[RunRecord]) -> set[int]:
-        """Take the runs in the database: only the claim that commits may run them."""
+    def _claim(self, runs: list[RunRecord]) -> dict[tuple[int, int], RunRecord] | None:
+        """Take the runs in the database, as their rows hold them: only the claim that
+        commits may run them. None when the database cannot be reached."""
         try:
             return claim(self.db, runs, worker=self.node_id, session=self.session)
         except QClusterError as e:
             log.warning("could not claim %d runs: %s", len(runs), e)
-            with self._lock:  # let them be sent again once the database answers
-                for run in runs:
-                    self._seen.pop((run["run_id"], run["attempt"]), None)
-            return set()
+            return None
+
+    def _start(self, run: RunRecord) -> None:
+        """Hand a claimed run to the pool, or to the start timer if it is not due yet."""
+        if run["scheduled_at"] > time.time() + _ON_TIME:  # sent ahead: start it on time
+            self._timer.add(run)
+        else:
+            self._pool.submit(self._execute, run)
 
     def _execute(self, run: RunRecord) -> None:
+        """Run one claimed run and record how it ended; never raises, and gives back its
+        place. A job's failure (or a run that cannot even be set up) is data: ``failed``."""
         started = time.time()
-        self.writer.started(run["run_id"], run["attempt"], started)
-        ctx = RunContext(
-            job_id=run["job_id"], run_id=run["run_id"],
-            scheduled_at=datetime.fromtimestamp(run["scheduled_at"], UTC),
-            attempt=run["attempt"], epoch=run["epoch"], worker_id=self.node_id,
-        )
-        token = enter_run(ctx)
         status, error = RunStatus.SUCCEEDED, None
+        token: Token[RunContext | None] | None = None
         try:
+            self.writer.started(run["run_id"], run["attempt"], started)
+            token = enter_run(RunContext(
+                job_id=run["job_id"], run_id=run["run_id"],
+                scheduled_at=datetime.fromtimestamp(run["scheduled_at"], UTC),
+                attempt=run["attempt"], epoch=run["epoch"], worker_id=self.node_id,
+            ))
             func = self._resolve(run["func"])
             func(*json.loads(run["args"]), **json.loads(run["kwargs"]))
         except QClusterError as e:
@@ -347,7 +278,8 @@ class Worker:
             if not isinstance(e, Exception):
                 log.warning("job %s raised %s", run["job_id"], type(e).__name__)
         finally:
-            leave_run(token)
+            if token is not None:
+                leave_run(token)
             finished = time.time()
             self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error)
             with self._lock:
@@ -359,3 +291,13 @@ class Worker:
             check_func_ref(ref, self.allow)
             func = self._funcs[ref] = resolve_func(ref)
         return func
+
+
+def _note_differences(sent: RunRecord, stored: RunRecord) -> None:
+    """Log (one line) what a dispatch stated about a run that its row does not hold."""
+    said: Mapping[str, object] = sent
+    held: Mapping[str, object] = stored
+    differ = [k for k in _STATED if said[k] != held[k]]
+    if differ:
+        log.warning("run %d: the dispatch differs from its row in %s; running the row's run",
+                    stored["run_id"], ", ".join(differ))

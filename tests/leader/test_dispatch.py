@@ -3,11 +3,11 @@ database, no server.
 
 Routing (round robin, least loaded by the load that workers report), a worker that
 cannot be reached set aside while its runs go to the next one, a busy worker's runs sent
-again, a stale epoch stopping it, and ``stop()``: nothing is sent after it returns.
+again, a stale epoch stopping it, a reply of the wrong shape treated as a failed dispatch
+to that worker, and ``stop()``: nothing is sent after it returns.
 
-The dispatcher builds its Pyro5 proxies itself (``qcluster.rpc.pyro.proxy``, imported by
-``qcluster.leader.dispatch``), so the fakes replace that name with ``monkeypatch``. A
-``connect`` argument of the constructor would be the cleaner seam.
+The fakes reach the dispatcher through its ``connect`` seam: a callable from a worker's
+URI to a proxy-like context manager (by default an authenticated Pyro5 proxy).
 """
 
 from __future__ import annotations
@@ -15,23 +15,32 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import Pyro5.errors
 import pytest
 
-import qcluster.leader.dispatch as dispatch
 from backends.base import MemberInfo
 from qcluster.leader.dispatch import Dispatcher
+from qcluster.store.records import Refusal
 from tests.helpers import wait_for
 
 WAIT = 5.0
 
-Reply = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
+Reply = Callable[[int, list[dict[str, Any]]], object]
 
 
 def accept_all(epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"accepted": [r["run_id"] for r in runs], "refused": [], "inflight": 0}
+    return {"accepted": [r["run_id"] for r in runs], "refused": [], "inflight": 0,
+            "capacity": 4, "max_queue": 1000, "epoch": epoch}
+
+
+def refuse_all(why: str, inflight: int = 0) -> Reply:
+    def reply(epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return accept_all(epoch, []) | {"refused": [[r["run_id"], why] for r in runs],
+                                        "inflight": inflight}
+    return reply
 
 
 class FakeWorker:
@@ -42,9 +51,11 @@ class FakeWorker:
                                  f"PYRO:worker@{name}:1", capacity)
         self.reply = reply
         self.batches: list[list[dict[str, Any]]] = []
+        self.opened = 0
+        self.closed = 0
         self._lock = threading.Lock()
 
-    def submit(self, epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def submit(self, epoch: int, runs: list[dict[str, Any]]) -> object:
         with self._lock:
             self.batches.append([dict(r) for r in runs])
         return self.reply(epoch, runs)
@@ -55,29 +66,30 @@ class FakeWorker:
 
 
 class _Proxy:
+    """What ``connect`` returns: a context manager whose exit is the release."""
+
     def __init__(self, worker: FakeWorker) -> None:
         self._worker = worker
+        worker.opened += 1
 
-    def submit(self, epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def submit(self, epoch: int, runs: list[dict[str, Any]]) -> object:
         return self._worker.submit(epoch, list(runs))
 
     def _pyroClaimOwnership(self) -> None:
         pass
 
-    def _pyroRelease(self) -> None:
-        pass
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._worker.closed += 1
 
 
 @pytest.fixture
-def workers(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeWorker]:
-    """The fake workers by URI; the dispatcher's proxies reach them."""
-    found: dict[str, FakeWorker] = {}
-
-    def fake_proxy(uri: str, secret: str, timeout: float) -> _Proxy:
-        return _Proxy(found[uri])
-
-    monkeypatch.setattr(dispatch, "proxy", fake_proxy)
-    return found
+def workers() -> dict[str, FakeWorker]:
+    """The fake workers by URI; the dispatchers' ``connect`` reaches them."""
+    return {}
 
 
 def _add(workers: dict[str, FakeWorker], *made: FakeWorker) -> list[FakeWorker]:
@@ -88,7 +100,7 @@ def _add(workers: dict[str, FakeWorker], *made: FakeWorker) -> list[FakeWorker]:
 
 def _runs(first: int, count: int) -> list[Any]:
     """Run records as the scheduler hands them over: plain maps with the keys of the
-    store's run record (whatever type the dispatcher names them by)."""
+    store's run record (whatever type the dispatcher names them by). Run ids start at 1."""
     return [{"run_id": i, "job_id": f"job-{i}", "func": "jobs.builtin:noop", "args": "[]",
              "kwargs": "{}", "scheduled_at": 1_000_000.0 + i, "attempt": 1, "epoch": 7,
              "recover": False} for i in range(first, first + count)]
@@ -98,9 +110,10 @@ def _dispatcher(
     members: list[FakeWorker], strategy: str = "round_robin", batch_size: int = 100
 ) -> tuple[Dispatcher, list[str]]:
     stale: list[str] = []
+    by_uri = {w.member.uri: w for w in members}
     d = Dispatcher(epoch=7, secret="not-used", timeout=1.0, strategy=strategy,
                    batch_size=batch_size, members=lambda: [w.member for w in members],
-                   on_stale=stale.append)
+                   on_stale=stale.append, connect=lambda uri: _Proxy(by_uri[uri]))
     return d, stale
 
 
@@ -128,11 +141,11 @@ def test_round_robin_splits_a_batch_evenly_and_turns_between_batches(
 ) -> None:
     w1, w2, w3 = _add(workers, FakeWorker("w1"), FakeWorker("w2"), FakeWorker("w3"))
     d, stale = _dispatcher([w1, w2, w3])
-    d.submit(_runs(0, 30))  # queued before the loop starts: one batch of 30
+    d.submit(_runs(1, 30))  # queued before the loop starts: one batch of 30
     _start(started, d)
     wait_for(_all_sent([w1, w2, w3], 30), WAIT, 0.01, "30 runs sent")
     assert [len(w.run_ids()) for w in (w1, w2, w3)] == [10, 10, 10]
-    assert sorted(w1.run_ids() + w2.run_ids() + w3.run_ids()) == list(range(30))
+    assert sorted(w1.run_ids() + w2.run_ids() + w3.run_ids()) == list(range(1, 31))
 
     one_by_one, _ = _dispatcher([w1, w2, w3], batch_size=1)
     before = {w.member.node_id: len(w.run_ids()) for w in (w1, w2, w3)}
@@ -155,7 +168,7 @@ def test_least_loaded_routes_by_load_per_capacity_and_follows_reported_load(
     small, big = _add(workers, FakeWorker("small", capacity=1, reply=small_reply),
                       FakeWorker("big", capacity=3))
     d, _ = _dispatcher([small, big], strategy="least_loaded")
-    d.submit(_runs(0, 8))
+    d.submit(_runs(1, 8))
     _start(started, d)
     wait_for(_all_sent([small, big], 8), WAIT, 0.01, "8 runs sent")
     assert (len(small.run_ids()), len(big.run_ids())) == (2, 6)  # 1:3, as the capacities
@@ -178,49 +191,139 @@ def test_an_unreachable_worker_is_set_aside_and_its_runs_go_to_the_next_one(
     dead, alive = _add(workers, FakeWorker("dead", reply=unreachable), FakeWorker("alive"))
     d, stale = _dispatcher([dead, alive])
     _start(started, d)
-    for first in (0, 10, 20):  # three batches, well inside the 2 s it is set aside
+    for first in (1, 11, 21):  # three batches, well inside the 2 s it is set aside
         d.submit(_runs(first, 10))
-        wait_for(_all_sent([alive], first + 10), WAIT, 0.01, "runs sent")
-    assert sorted(alive.run_ids()) == list(range(30))
+        wait_for(_all_sent([alive], first + 9), WAIT, 0.01, "runs sent")
+    assert sorted(alive.run_ids()) == list(range(1, 31))
     assert len(dead.batches) == 1  # tried once, then left aside
     assert stale == []
 
 
+@pytest.mark.parametrize("why", [Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE])
 def test_a_busy_workers_runs_are_sent_again(
-    workers: dict[str, FakeWorker], started: list[Dispatcher]
+    workers: dict[str, FakeWorker], started: list[Dispatcher], why: Refusal
 ) -> None:
     refusals = iter([True])
 
-    def busy_once(epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def busy_once(epoch: int, runs: list[dict[str, Any]]) -> object:
         if next(refusals, False):
-            return {"accepted": [], "refused": [[r["run_id"], "busy"] for r in runs],
-                    "inflight": 4}
+            return refuse_all(why, inflight=4)(epoch, runs)
         return accept_all(epoch, runs)
 
     (worker,) = _add(workers, FakeWorker("w1", reply=busy_once))
     d, _ = _dispatcher([worker])
-    d.submit(_runs(0, 5))
+    d.submit(_runs(1, 5))
     _start(started, d)
     wait_for(lambda: len(worker.batches) >= 2, WAIT, 0.01, "the runs sent again")
-    assert worker.batches[0] == worker.batches[1] == _runs(0, 5)
+    assert worker.batches[0] == worker.batches[1] == _runs(1, 5)
     wait_for(lambda: d.sent == 5, WAIT, 0.01, "5 runs accepted")
+
+
+@pytest.mark.parametrize("why", [Refusal.DUPLICATE, Refusal.ALREADY_CLAIMED])
+def test_runs_another_claim_has_are_not_sent_again(
+    workers: dict[str, FakeWorker], started: list[Dispatcher], why: Refusal
+) -> None:
+    w1, w2 = _add(workers, FakeWorker("w1", reply=refuse_all(why)), FakeWorker("w2"))
+    d, stale = _dispatcher([w1, w2], batch_size=1)
+    d.submit(_runs(1, 2))  # one to each
+    _start(started, d)
+    wait_for(_all_sent([w1, w2], 2), WAIT, 0.01, "2 runs sent")
+    time.sleep(0.5)
+    assert (len(w1.run_ids()), len(w2.run_ids()), d.sent) == (1, 1, 1)
+    assert stale == []
 
 
 def test_a_stale_epoch_stops_the_dispatcher_and_calls_on_stale(
     workers: dict[str, FakeWorker], started: list[Dispatcher]
 ) -> None:
-    def newer_epoch_seen(epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"accepted": [], "refused": [[r["run_id"], "stale epoch"] for r in runs]}
-
-    (worker,) = _add(workers, FakeWorker("w1", reply=newer_epoch_seen))
+    (worker,) = _add(workers, FakeWorker("w1", reply=refuse_all(Refusal.STALE_EPOCH)))
     d, stale = _dispatcher([worker], batch_size=1)
-    d.submit(_runs(0, 3))
+    d.submit(_runs(1, 3))
     _start(started, d)
     wait_for(lambda: stale, WAIT, 0.01, "on_stale")
     assert "newer epoch" in stale[0]
     d.submit(_runs(10, 3))  # refused: it stopped
     assert d.pending() == 0
     assert len(worker.batches) == 1
+
+
+def _answer(**change: Any) -> Reply:
+    """accept_all's reply to a batch, with ``change`` applied (a callable value gets the
+    run ids sent)."""
+    def reply(epoch: int, runs: list[dict[str, Any]]) -> object:
+        ids = [r["run_id"] for r in runs]
+        return accept_all(epoch, runs) | {k: v(ids) if callable(v) else v
+                                          for k, v in change.items()}
+    return reply
+
+
+def _extra_key(epoch: int, runs: list[dict[str, Any]]) -> object:
+    return accept_all(epoch, runs) | {"extra": 1}
+
+
+def _missing_key(epoch: int, runs: list[dict[str, Any]]) -> object:
+    reply = accept_all(epoch, runs)
+    del reply["inflight"]
+    return reply
+
+
+#: Replies a broken or hostile worker might send, each not one of the expected shape.
+BAD_REPLIES: dict[str, Reply] = {
+    "none": lambda epoch, runs: None,
+    "text": lambda epoch, runs: "accepted",
+    "list": lambda epoch, runs: [[r["run_id"]] for r in runs],
+    "empty-map": lambda epoch, runs: {},
+    "extra-key": _extra_key,
+    "missing-key": _missing_key,
+    "accepted-not-a-list": _answer(accepted=lambda ids: set(ids)),
+    "accepted-bools": _answer(accepted=lambda ids: [True] * len(ids)),
+    "accepted-ids-not-sent": _answer(accepted=lambda ids: [i + 1000 for i in ids]),
+    "one-run-not-answered": _answer(accepted=lambda ids: ids[1:]),
+    "one-run-answered-twice": _answer(accepted=lambda ids: [*ids[1:], ids[1]]),
+    "accepted-and-refused": _answer(refused=lambda ids: [[ids[0], "busy"]]),
+    "id-past-int64": _answer(accepted=lambda ids: [2**64, *ids[1:]]),
+    "unknown-reason": _answer(accepted=[], refused=lambda ids: [[i, "nope"] for i in ids]),
+    "reason-not-text": _answer(accepted=[], refused=lambda ids: [[i, ["busy"]] for i in ids]),
+    "refusal-of-three": _answer(accepted=[], refused=lambda ids: [[i, "busy", 1] for i in ids]),
+    "refusal-a-map": _answer(accepted=[], refused=lambda ids: [{i: "busy"} for i in ids]),
+    "negative-inflight": _answer(inflight=-1),
+    "inflight-as-text": _answer(inflight="3"),
+    "huge-epoch": _answer(epoch=2**70),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
+def test_a_reply_of_the_wrong_shape_is_a_failed_dispatch_to_that_worker(
+    workers: dict[str, FakeWorker], started: list[Dispatcher], bad: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken or hostile worker's reply neither kills the dispatcher's thread nor is
+    believed: that worker is set aside (one log line) and its runs go to the next one."""
+    liar, good = _add(workers, FakeWorker("liar", reply=BAD_REPLIES[bad]), FakeWorker("good"))
+    d, stale = _dispatcher([liar, good])
+    d.submit(_runs(1, 10))  # one batch: 5 runs for each worker
+    _start(started, d)
+    wait_for(_all_sent([good], 10), WAIT, 0.01, "the liar's runs sent to the other worker")
+    assert sorted(good.run_ids()) == list(range(1, 11)) and len(liar.batches) == 1
+    d.submit(_runs(11, 4))  # the thread still serves; the liar is still set aside
+    wait_for(_all_sent([good], 14), WAIT, 0.01, "a later batch")
+    assert len(liar.batches) == 1 and d.sent == 14 and stale == []
+    (line,) = [r.getMessage() for r in caplog.records if "worker PYRO:worker@liar" in
+               r.getMessage()]
+    assert "sent a reply that is not one" in line and "\n" not in line, line
+
+
+def test_proxies_come_from_connect_and_are_released_when_it_stops(
+    workers: dict[str, FakeWorker], started: list[Dispatcher]
+) -> None:
+    w1, w2 = _add(workers, FakeWorker("w1"), FakeWorker("w2"))
+    d, _ = _dispatcher([w1, w2], batch_size=1)
+    d.submit(_runs(1, 6))
+    _start(started, d)
+    wait_for(_all_sent([w1, w2], 6), WAIT, 0.01, "6 runs sent")
+    assert (w1.opened, w2.opened, w1.closed, w2.closed) == (1, 1, 0, 0)  # one per worker
+    d.stop()
+    wait_for(lambda: w1.closed == w2.closed == 1, WAIT, 0.01, "both proxies released")
 
 
 def test_nothing_is_sent_after_stop_returns(
@@ -235,7 +338,7 @@ def test_nothing_is_sent_after_stop_returns(
 
     w1, w2 = _add(workers, FakeWorker("w1", reply=slow), FakeWorker("w2", reply=slow))
     d, _ = _dispatcher([w1, w2], batch_size=1)
-    d.submit(_runs(0, 1))
+    d.submit(_runs(1, 1))
     _start(started, d)
     assert entered.wait(WAIT)
     d.submit(_runs(10, 20))  # queued behind the send under way
@@ -245,4 +348,4 @@ def test_nothing_is_sent_after_stop_returns(
     assert d.pending() == 0
     release.set()  # the send under way returns; nothing may follow it
     time.sleep(0.5)
-    assert w1.run_ids() + w2.run_ids() == [0]
+    assert w1.run_ids() + w2.run_ids() == [1]

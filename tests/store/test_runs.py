@@ -94,11 +94,18 @@ def record(db: Database, run_id: int) -> RunRecord:
                               r.attempt, r.epoch, r.recover)
 
 
+def claimed_ids(db: Database, recs: list[RunRecord], *, worker: str, session: str) -> set[int]:
+    """The ids that :func:`runs.claim` took (it returns each as its row holds it)."""
+    taken = runs.claim(db, recs, worker=worker, session=session)
+    assert all(taken[key]["attempt"] == key[1] for key in taken)
+    return {run_id for run_id, _ in taken}
+
+
 def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
     """Ask ``t.via`` for ``t.target`` on a row in ``source``; what the function answered."""
     epoch = epoch_of(db)
     if t.via == "claim":
-        return runs.claim(db, [record(db, run_id)], worker="w2", session="s2")
+        return claimed_ids(db, [record(db, run_id)], worker="w2", session="s2")
     if t.via == "write_outcomes":  # it says nothing: the row tells
         assert t.target is not None
         if t.target == S.RUNNING:
@@ -195,8 +202,8 @@ def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database
     of attempt 2 is, and only worker 2 may write its outcome."""
     run_id = insert(db, recover=True)
     old = record(db, run_id)
-    assert runs.claim(db, [old], worker="w1", session="s1") == {run_id}
-    assert runs.claim(db, [old], worker="w2", session="s2") == set()  # one claim commits
+    assert claimed_ids(db, [old], worker="w1", session="s1") == {run_id}
+    assert claimed_ids(db, [old], worker="w2", session="s2") == set()  # one claim commits
     epoch = new_epoch(db)
     result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30)
     assert (result.lost, result.retried) == (1, 1)
@@ -206,9 +213,9 @@ def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database
     assert (row(db, run_id).status, row(db, run_id).epoch) == (S.SCHEDULED, epoch)
     runs.write_outcomes(db, "s1", {(run_id, 1): 5.0},
                         {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
-    assert runs.claim(db, [old], worker="w1", session="s1") == set()
+    assert claimed_ids(db, [old], worker="w1", session="s1") == set()
     assert tuple(row(db, run_id)) == retried
-    assert runs.claim(db, [again], worker="w2", session="s2") == {run_id}
+    assert claimed_ids(db, [again], worker="w2", session="s2") == {run_id}
     runs.write_outcomes(db, "s1", {}, {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
     assert row(db, run_id).status == S.DISPATCHED
     runs.write_outcomes(db, "s2", {}, {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
@@ -251,7 +258,23 @@ def test_recovery_resends_unsent_runs_marks_old_ones_missed_and_keeps_fresh_ones
     assert [r["run_id"] for r in result.resend] == [unsent] and result.missed == 1
     assert [row(db, i).status for i in (fresh, unsent, late)] == [S.SCHEDULED, S.SCHEDULED,
                                                                   S.MISSED]
-    assert check_batch(epoch, result.resend) == result.resend
+    assert check_batch(epoch, result.resend, now=2e9) == result.resend
+
+
+def test_the_claim_returns_each_run_as_its_row_holds_it(db: Database) -> None:
+    """Only the run id and attempt of what the worker was sent are read: the claim hands
+    back the row's job, function, arguments, fire time, epoch and recover flag."""
+    run_id = insert(db)
+    stored = record(db, run_id)
+    lie = records.run_record(run_id, "other", "jobs.builtin:shell", '["rm", "-rf", "/"]',
+                             '{"x": 1}', 5.0, 1, 2**62, True)
+    taken = runs.claim(db, [lie], worker="w1", session="s1")
+    assert taken == {(run_id, 1): stored}
+    assert row(db, run_id).status == S.DISPATCHED
+    other = insert(db)
+    later = records.run_record(other, "job", "jobs.builtin:noop", "[]", "{}", 5.0, 2, 1, False)
+    assert runs.claim(db, [later], worker="w2", session="s2") == {}  # not at that attempt
+    assert row(db, other).status == S.SCHEDULED
 
 
 # -- the run record ---------------------------------------------------------------------------
@@ -272,16 +295,18 @@ def test_a_run_record_round_trips_through_the_wire_unchanged() -> None:
     ({"attempt": True}, "attempt must be an integer from 1 to 2\\*\\*31 - 1"),
     ({"recover": 1}, "malformed run record: recover$"),
     ({"func": "x" * 401}, "run record too large"),
+    ({"epoch": 0}, "epoch must be an integer from 1 to 2\\*\\*63 - 1"),
+    ({"scheduled_at": 2e9 + 86401}, "scheduled_at is more than a day ahead"),
 ])
 def test_from_wire_refuses_with_one_line(change: dict[str, Any], reason: str) -> None:
     rec = records.run_record(7, "j", "jobs.builtin:noop", "[]", "{}", 1000.0, 1, 5, False)
     with pytest.raises(InputError, match=reason) as info:
-        from_wire({**rec, **change})
+        from_wire({**rec, **change}, now=2e9)
     assert "\n" not in str(info.value)
 
 
 def test_what_the_leader_makes_passes_the_workers_check(db: Database) -> None:
-    epoch = epoch_of(db)
+    epoch = new_epoch(db)  # a leader's: the first is 1
     with db.fenced(epoch) as conn:
         fired = runs.insert_runs(conn, [fire(), fire(), fire(S.MISSED)], epoch, "leader")
         catalog.upsert_jobs(conn, [JobDef("now", "jobs.examples:hello", make_spec(every="1h"),

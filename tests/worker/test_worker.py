@@ -6,75 +6,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from backends.base import MemberInfo
+from qcluster.errors import DatabaseUnavailable
 from qcluster.leader.dispatch import Dispatcher
-from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, proxy
+from qcluster.rpc.pyro import proxy
 from qcluster.store import schema
 from qcluster.store.db import Database
-from qcluster.store.records import RunRecord
+from qcluster.store.records import MAX_AHEAD, Refusal, RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
-from qcluster.worker.runner import Worker, WorkerService
-
-SECRET = "test-secret-for-workers"
-
-
-@pytest.fixture(autouse=True)
-def _pyro() -> None:
-    """Pyro5's settings for the workers' daemons and the tests' proxies (``db`` is the
-    shared fixture of tests/conftest.py)."""
-    configure_pyro(serializer="msgpack", timeout=5.0, max_message_bytes=1 << 20)
-
-
-class RunningWorker:
-    def __init__(self, db: Database, node_id: str, allow: list[str] | None = None) -> None:
-        self.worker = Worker(db, node_id=node_id, session=f"s-{node_id}", concurrency=4,
-                             allow=allow or ["jobs.*"])
-        self.worker.start()
-        daemon = AuthDaemon(SECRET, host="127.0.0.1")
-        self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker.runner"))
-        self.thread = DaemonThread(daemon, f"rpc-{node_id}")
-        self.thread.start()
-        self.member = MemberInfo(node_id, f"s-{node_id}", ("worker",), self.uri, 4)
-
-    def stop(self) -> None:
-        self.thread.stop()
-        self.worker.stop(grace=5)
-
-
-@pytest.fixture
-def workers(db: Database) -> Iterator[list[RunningWorker]]:
-    made = [RunningWorker(db, "w1"), RunningWorker(db, "w2")]
-    yield made
-    for w in made:
-        w.stop()
-
-
-def record(db: Database, n: int, func: str = "jobs.examples:record_run",
-           args: str = "[]", kwargs: str = "{}", epoch: int = 1,
-           prefix: str = "job") -> list[RunRecord]:
-    fires = [FireRow(f"{prefix}{i}", func, args, kwargs, 1000.0 + i, RunStatus.SCHEDULED, False)
-             for i in range(n)]
-    with db.write() as conn:
-        return insert_runs(conn, fires, epoch, "leader")
-
-
-def wait_runs(db: Database, n: int, timeout: float = 20.0) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with db.read() as conn:
-            rows = conn.execute(
-                sa.select(schema.runs).where(schema.runs.c.finished_at.is_not(None))
-                .order_by(schema.runs.c.id)
-            ).all()
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+from qcluster.worker import runner
+from tests.helpers import wait_for
+from tests.worker.common import SECRET, RunningWorker, all_runs, lead, record, wait_runs
 
 
 def test_worker_runs_a_run_and_records_its_outcome(db: Database, workers: list[Any],
@@ -153,12 +100,6 @@ def test_malformed_dispatch_is_refused(db: Database, workers: list[Any], payload
         assert p.ping()["capacity"] == 4
 
 
-def all_runs(db: Database) -> list[tuple[Any, ...]]:
-    with db.read() as conn:
-        return [tuple(r) for r in conn.execute(
-            sa.select(schema.runs).order_by(schema.runs.c.id))]
-
-
 #: (field, value, what the refusal names): each past its qc_runs column, or not an int.
 OUT_OF_RANGE = [
     ("run_id", 2**63, "run_id must be an integer from 1 to 2**63 - 1"),  # was OverflowError
@@ -172,12 +113,14 @@ OUT_OF_RANGE = [
     ("attempt", 0, "attempt must be an integer from 1 to 2**31 - 1"),
     ("attempt", -1, "attempt must be an integer from 1 to 2**31 - 1"),
     ("attempt", True, "attempt must be an integer from 1 to 2**31 - 1"),
-    ("epoch", 2**63, "epoch must be an integer from 0 to 2**63 - 1"),
-    ("epoch", -1, "epoch must be an integer from 0 to 2**63 - 1"),
+    ("epoch", 2**63, "epoch must be an integer from 1 to 2**63 - 1"),
+    ("epoch", 0, "epoch must be an integer from 1 to 2**63 - 1"),  # no leader has epoch 0
+    ("epoch", -1, "epoch must be an integer from 1 to 2**63 - 1"),
     ("scheduled_at", 10**400, "scheduled_at must be a number of seconds"),  # float() fails
     ("scheduled_at", float("nan"), "scheduled_at must be a number of seconds"),
     ("scheduled_at", float("inf"), "scheduled_at must be a number of seconds"),
     ("scheduled_at", 1e300, "scheduled_at must be a number of seconds"),
+    ("scheduled_at", "two days ahead", "scheduled_at is more than a day ahead"),  # of now
 ]
 
 
@@ -197,6 +140,8 @@ def test_a_number_out_of_its_column_range_refuses_the_call_and_changes_nothing(
     db: Database, workers: list[Any], field: str, value: Any, reason: str
 ) -> None:
     good = record(db, 1, func="jobs.builtin:noop")
+    if value == "two days ahead":  # resolved here: test ids must not depend on the clock
+        value = time.time() + 2 * 86400
     bad = {**good[0], "job_id": "bad", field: value}
     before = all_runs(db)
     with proxy(workers[0].uri, SECRET, 5.0) as p:
@@ -210,12 +155,12 @@ def test_a_number_out_of_its_column_range_refuses_the_call_and_changes_nothing(
     assert wait_runs(db, 1)[0].status == "succeeded"
 
 
-@pytest.mark.parametrize("epoch", [2**63, 2**64, -1, True], ids=_label)
+@pytest.mark.parametrize("epoch", [2**63, 2**64, 0, -1, True], ids=_label)
 def test_a_batch_epoch_out_of_range_is_refused(db: Database, workers: list[Any],
                                                epoch: Any) -> None:
     runs = record(db, 1, func="jobs.builtin:noop")
     with proxy(workers[0].uri, SECRET, 5.0) as p:
-        with pytest.raises(ValueError, match=r"^refused: epoch must be an integer from 0 to "
+        with pytest.raises(ValueError, match=r"^refused: epoch must be an integer from 1 to "
                                              r"2\*\*63 - 1"):
             p.submit(epoch, runs)
         assert p.ping()["epoch"] == 0  # not fenced by it either
@@ -225,9 +170,11 @@ def test_a_batch_epoch_out_of_range_is_refused(db: Database, workers: list[Any],
 def test_the_largest_numbers_the_columns_hold_are_answered(db: Database,
                                                            workers: list[Any]) -> None:
     """The edges themselves pass the check and the database takes them in the claim: the
-    run (which does not exist) is answered "already claimed", not refused or raised."""
+    run (which does not exist) is answered "already claimed", not refused or raised. The
+    latest fire time is a day ahead of the worker's clock (records.MAX_AHEAD)."""
+    lead(db, 2**63 - 1)  # the cluster row confirms the largest epoch
     top = {"run_id": 2**63 - 1, "job_id": "top", "func": "jobs.builtin:noop", "args": "[]",
-           "kwargs": "{}", "scheduled_at": 253402300799.0, "attempt": 2**31 - 1,
+           "kwargs": "{}", "scheduled_at": time.time() + MAX_AHEAD - 5, "attempt": 2**31 - 1,
            "epoch": 2**63 - 1, "recover": False}
     with proxy(workers[0].uri, SECRET, 5.0) as p:
         reply = p.submit(2**63 - 1, [top])
@@ -244,7 +191,7 @@ def test_a_claim_that_raises_gives_back_the_places_it_took(db: Database,
     try:
         runs = record(db, 1, func="jobs.builtin:noop")
 
-        def broken(batch: list[RunRecord]) -> set[int]:
+        def broken(batch: list[RunRecord]) -> dict[tuple[int, int], RunRecord]:
             raise RuntimeError("claim failed")
 
         monkeypatch.setattr(w.worker, "_claim", broken)
@@ -252,7 +199,87 @@ def test_a_claim_that_raises_gives_back_the_places_it_took(db: Database,
             w.worker.accept(1, runs)
         assert w.worker.inflight() == 0
         monkeypatch.undo()
-        assert w.worker.accept(1, runs)["accepted"] == [runs[0]["run_id"]]
+        assert w.worker.accept(1, runs).accepted == (runs[0]["run_id"],)
+    finally:
+        w.stop()
+
+
+def test_an_epoch_read_that_fails_takes_nothing_and_leaves_the_fence(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new failure point before any place is taken: the read of the cluster row. A
+    database error refuses the runs ("database unavailable", to be sent again); anything
+    else propagates. Either way nothing is taken and the fence does not move."""
+    w = RunningWorker(db, "fence")
+    try:
+        runs = record(db, 1, func="jobs.builtin:noop", epoch=2)
+        errors: list[BaseException] = [DatabaseUnavailable("down"), RuntimeError("bug")]
+
+        def broken() -> int:
+            raise errors.pop(0)
+
+        monkeypatch.setattr(w.worker._fence, "_read_epoch", broken)
+        assert w.worker.accept(2, runs).refused == ((runs[0]["run_id"], Refusal.UNAVAILABLE),)
+        with pytest.raises(RuntimeError, match="bug"):
+            w.worker.accept(2, runs)
+        assert (w.worker.inflight(), w.worker.load()["epoch"]) == (0, 0)
+        monkeypatch.undo()
+        assert w.worker.accept(2, runs).accepted == (runs[0]["run_id"],)
+        assert w.worker.load()["epoch"] == 2
+    finally:
+        w.stop()
+
+
+def test_a_database_that_fails_the_claim_takes_nothing(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = RunningWorker(db, "claimdb")
+    try:
+        runs = record(db, 2, func="jobs.builtin:noop")
+
+        def down(*args: Any, **kwargs: Any) -> dict[tuple[int, int], RunRecord]:
+            raise DatabaseUnavailable("down")
+
+        monkeypatch.setattr(runner, "claim", down)
+        reply = w.worker.accept(1, runs)
+        assert reply.accepted == () and {why for _, why in reply.refused} == {
+            Refusal.UNAVAILABLE}
+        assert w.worker.inflight() == 0
+        monkeypatch.undo()  # forgotten, so they may come again
+        assert sorted(w.worker.accept(1, runs).accepted) == [r["run_id"] for r in runs]
+    finally:
+        w.stop()
+
+
+def test_a_hand_off_that_raises_gives_back_the_places_of_the_runs_not_started(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new failure point after the claim: handing a claimed run to the pool (which
+    raises once it is shut down). The run started keeps its place until it ends; the
+    others give theirs back and are forgotten."""
+    w = RunningWorker(db, "handoff")
+    try:
+        runs = record(db, 3, func="jobs.builtin:noop")
+        real_start = w.worker._start
+        calls = iter(range(3))
+
+        def second_fails(run: RunRecord) -> None:
+            if next(calls) == 1:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            real_start(run)
+
+        monkeypatch.setattr(w.worker, "_start", second_fails)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            w.worker.accept(1, runs)
+        assert w.worker.inflight() <= 1  # the first run's place, until it ends
+        (row,) = wait_runs(db, 1)
+        assert row.id == runs[0]["run_id"] and row.status == "succeeded"
+        wait_for(lambda: w.worker.inflight() == 0, 5, what="no place held")
+        monkeypatch.undo()
+        # Forgotten (not "duplicate"); the database has their claim, so nothing runs twice.
+        reply = w.worker.accept(1, runs[1:])
+        assert {why for _, why in reply.refused} == {Refusal.ALREADY_CLAIMED}, reply
+        assert w.worker.inflight() == 0
     finally:
         w.stop()
 
@@ -320,6 +347,7 @@ def test_a_run_sent_ahead_is_claimed_at_once_and_started_on_time(
     (claimed) at once, and started at its time, not before."""
     due = time.time() + 1.0
     fires = [FireRow("ahead", "jobs.builtin:noop", "[]", "{}", due, RunStatus.SCHEDULED, False)]
+    lead(db, 3)
     with db.write() as conn:
         runs = insert_runs(conn, fires, 3, "leader")
     with proxy(workers[0].uri, SECRET, 5.0) as p:

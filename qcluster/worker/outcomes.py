@@ -1,0 +1,94 @@
+"""The worker's outcome writer: one thread that writes run outcomes in batches.
+
+Promises:
+
+* Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
+  duration) are written by :func:`qcluster.store.runs.write_outcomes`, only over this
+  worker's own claim (its session and the attempt), so a run that the leader has meanwhile
+  declared ``lost`` is not overwritten.
+* An outcome the database could not take is kept and written again (a newer one for the
+  same attempt wins); the thread never dies of a database error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from qcluster.errors import QClusterError
+from qcluster.store.db import Database
+from qcluster.store.runs import Outcome, RunStatus, check_outcome, write_outcomes
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeWriter:
+    """Writes run outcomes in batches, from one thread."""
+
+    def __init__(self, db: Database, session: str, interval: float = 0.05) -> None:
+        self.db = db
+        self.session = session
+        self.interval = interval
+        self._started: dict[tuple[int, int], float] = {}
+        self._finished: dict[tuple[int, int], Outcome] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="qc-outcomes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def started(self, run_id: int, attempt: int, at: float) -> None:
+        with self._lock:
+            self._started[(run_id, attempt)] = at
+
+    def finished(self, run_id: int, attempt: int, status: RunStatus, started: float,
+                 finished: float, error: str | None) -> None:
+        check_outcome(status)  # here, not in the writer thread, which must not die
+        with self._lock:
+            self._finished[(run_id, attempt)] = Outcome(status, started, finished, error)
+        if len(self._finished) >= 500:
+            self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._started) + len(self._finished)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush what is pending (within ``timeout``) and stop. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            try:
+                self.flush()
+            except QClusterError as e:
+                log.warning("could not write run outcomes yet (will retry): %s", e)
+                if stopping:
+                    return
+                self._stop.wait(0.5)
+                continue
+            if stopping and not self.pending():
+                return
+
+    def flush(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, {}
+            started = {k: v for k, v in self._started.items() if k not in finished}
+            self._started = {}
+        if not finished and not started:
+            return
+        try:
+            write_outcomes(self.db, self.session, started, finished)
+        except QClusterError:
+            with self._lock:  # put them back, newer entries win
+                self._finished = {**finished, **self._finished}
+                self._started = {**started, **self._started}
+            raise

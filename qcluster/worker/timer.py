@@ -1,0 +1,92 @@
+"""The worker's start timer: runs that arrived before their fire time wait here.
+
+Promises:
+
+* One thread and a heap, whatever the number of waiting runs; each run is handed to the
+  pool at its time (:func:`due_time`), not before.
+* The thread does not die of a time: a time that is not finite, or is more than
+  :data:`~qcluster.store.records.MAX_AHEAD` ahead, is started at once (a dispatch's times
+  are checked before they get here; this guards the row's values too).
+* ``stop()`` hands every waiting run to the pool, then joins the thread for at most 5 s.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from qcluster.store.records import MAX_AHEAD, RunRecord
+
+log = logging.getLogger(__name__)
+
+
+def due_time(scheduled_at: float, now: float) -> float:
+    """When to start a run fired at ``scheduled_at``: then, unless that is not finite or
+    more than :data:`MAX_AHEAD` after ``now``, in which case now."""
+    if not math.isfinite(scheduled_at) or scheduled_at > now + MAX_AHEAD:
+        return now
+    return scheduled_at
+
+
+class StartTimer:
+    """Holds runs that arrived before their fire time (the leader's fire-ahead window) and
+    hands each to ``start`` at its time."""
+
+    def __init__(self, start: Callable[[RunRecord], object]) -> None:
+        self._start = start
+        self._heap: list[tuple[float, int, RunRecord]] = []
+        self._order = itertools.count()  # ties: first come, first started
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="qc-start-timer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, run: RunRecord) -> None:
+        with self._cond:
+            at = due_time(run["scheduled_at"], time.time())
+            heapq.heappush(self._heap, (at, next(self._order), run))
+            if self._heap[0][2] is run:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Start what is still waiting now (the worker's grace covers it), then stop."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def _take_due(self) -> list[RunRecord]:
+        """Wait for the earliest run's time (or stop); what is due then."""
+        with self._cond:
+            while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
+                wait = self._heap[0][0] - time.time() if self._heap else None
+                self._cond.wait(wait)
+            if self._stopped:
+                due, self._heap = [r for _, _, r in self._heap], []
+                return due
+            due = []
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                due.append(heapq.heappop(self._heap)[2])
+            return due
+
+    def _loop(self) -> None:
+        while True:
+            for run in self._take_due():
+                try:
+                    self._start(run)
+                except RuntimeError:  # the pool is shutting down: the run is left open
+                    return
+                except Exception:  # one run's hand-off must not stop the others
+                    log.exception("could not start run %d", run["run_id"])
+            with self._cond:
+                if self._stopped:
+                    return
