@@ -3,8 +3,9 @@ fast direct access to its tables.
 
 The cluster is two scheduler nodes (one leads, the other stands by for the failover
 scenarios) and two worker nodes, on a config written here: the product defaults, except
-the RPC secret, the worker's concurrency and the dblock lease (``--lease``, which bounds
-how long a failover takes). Node logs go to ``<out>/logs``.
+the RPC secret, the allow list (which names ``jobs.examples:record_run``, allowed only by
+name), the worker's concurrency and the dblock lease (``--lease``, which bounds how long a
+failover takes). Node logs go to ``<out>/logs``.
 
 Jobs are written straight into ``qc_jobs`` with PostgreSQL ``COPY``: the same columns and
 values that ``qcluster.store.catalog.upsert_jobs`` writes (a canonical trigger spec from

@@ -16,7 +16,8 @@ def shell(command: str | Sequence[str], timeout: float | None = None,
     """Run a command (a string is split like a POSIX shell would, but no shell runs it).
 
     A non-zero exit status fails the run, with the command's last output line as the
-    error.
+    error. It runs whatever it is given, so no ``[jobs] allow`` pattern admits it: list
+    ``jobs.builtin:shell`` itself (``settings/refs.NAMED_ONLY``).
     """
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,

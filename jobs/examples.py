@@ -36,7 +36,9 @@ def record_run(path: str, sleep: float = 0.0) -> None:
     """Append this run's identity to ``path`` as one JSON line (used by the cluster tests).
 
     The line is written with one ``write`` on a file opened for appending, so lines from
-    concurrent workers on one host never interleave.
+    concurrent workers on one host never interleave. It writes to any path it is given, so
+    no ``[jobs] allow`` pattern admits it: list ``jobs.examples:record_run`` itself
+    (``settings/refs.NAMED_ONLY``).
     """
     run = current_run()
     line = json.dumps({

@@ -3,7 +3,9 @@
 A small library for every test that drives the command line or starts nodes:
 
 - :func:`write_config` writes a ``qcluster.toml`` tuned for tests (short poll, lease,
-  member timeout and heartbeat; a fixed RPC secret), mode 600 so qcluster does not warn;
+  member timeout and heartbeat; a fixed RPC secret; an allow list that names
+  ``jobs.builtin:shell`` and ``jobs.examples:record_run``), mode 600 so qcluster does
+  not warn;
 - :func:`write_job_file` writes a ``jobs apply`` file of ``[[job]]`` tables;
 - :func:`run_cli` runs ``python -m qcluster ...`` and returns its text output, and
   :func:`run_cli_many` runs independent commands a few at a time;
@@ -44,12 +46,18 @@ from typing import IO, Any, Self, TypeVar
 
 T = TypeVar("T")
 
-#: The RPC secret of every config that :func:`write_config` writes.
-TEST_SECRET = "test-secret-3f9a1c7e5b2d4068"
+#: The RPC secret of every config that :func:`write_config` writes (at least 32 bytes, as
+#: every secret must be).
+TEST_SECRET = "test-secret-3f9a1c7e5b2d4068-a7c41e9b"
+
+#: The jobs that run a process or write a file are allowed only by name, never by the
+#: default ``jobs.*``: the tests' configs name the two that tests run.
+TEST_ALLOW = ["jobs.*", "jobs.builtin:shell", "jobs.examples:record_run"]
 
 #: Settings that make a test cluster react in about a second instead of ten.
 TEST_SETTINGS: dict[str, Any] = {
     "rpc": {"secret": TEST_SECRET},
+    "jobs": {"allow": TEST_ALLOW},
     "scheduler": {"poll_seconds": 0.2, "database_timeout_seconds": 3},
     "coordination": {"dblock": {"lease_seconds": 2}},
     "cluster": {"member_timeout_seconds": 3},
@@ -178,7 +186,9 @@ def write_job_file(path: Path, jobs: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path``, readable by its owner only (qcluster warns otherwise)."""
+    """Write ``text`` to ``path``, readable by its owner only: qcluster warns about a
+    config file with a secret that others can read, and refuses such a ``secret_file`` or
+    ``url_file``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -25,7 +25,7 @@ from qcluster.cli.common import ConfigOpt, JsonOpt, client, print_json, root_con
 from qcluster.client.api import Change
 from qcluster.definitions.jobfile import parse_cli_value
 from qcluster.errors import InputError, QClusterError
-from qcluster.settings import NODE_ID_PATTERN
+from qcluster.settings import NODE_ID_PATTERN, redact_text
 
 
 def _click_exception(name: str) -> type[Exception]:
@@ -289,7 +289,9 @@ def cluster_status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    message = " ".join(message.splitlines())  # \r, \x0b, \u2028... as well as \n
+    # One line (\r, \x0b, \u2028... as well as \n), through the one redactor: a URL or a
+    # password=... pair in a driver's text is hidden even where no layer below knew it.
+    message = redact_text(" ".join(message.splitlines()))
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 

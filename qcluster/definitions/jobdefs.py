@@ -21,7 +21,7 @@ from typing import Any
 
 from qcluster.definitions.triggers import TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
-from qcluster.settings import is_allowed, is_func_ref, ref_problem
+from qcluster.settings import is_allowed, is_func_ref, named_only, ref_problem
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 MAX_ARGS_BYTES = 64 * 1024
@@ -72,7 +72,9 @@ def check_func_ref(ref: object, allow: Sequence[str], *, import_it: bool = False
     if not is_func_ref(ref):
         raise InputError(f"invalid job reference {_short(ref)}: {ref_problem(ref)}")
     if not is_allowed(ref, list(allow)):
-        raise NotAllowed(f"job reference {ref!r} is not allowed by [jobs] allow")
+        why = (f" (it runs a process or writes a file: list {ref!r} itself to allow it, a"
+               " pattern does not)" if named_only(ref) else "")
+        raise NotAllowed(f"job reference {ref!r} is not allowed by [jobs] allow{why}")
     if import_it:
         resolve_func(ref)
     return ref

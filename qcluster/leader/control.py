@@ -1,6 +1,9 @@
 """The control object: how the CLI changes jobs through the leader, over Pyro5.
 
-Every method takes plain data, checks it, and answers ``{"ok": True, ...}`` or
+Every method takes plain data, checks it as the CLI and ``qcluster.Client`` do (the same
+function, ``definitions/jobdefs.validate_job`` with ``import_it=True``: the allow list,
+then the import, so a function that does not import or is not allowed is never stored),
+and answers ``{"ok": True, ...}`` or
 ``{"ok": False, "kind": ..., "error": "one line"}``; no exception crosses the wire.
 ``kind`` is ``not_leader`` (ask again elsewhere or write directly), ``input`` (bad
 request: nothing was written; ``not_found``, ``exists`` and ``not_allowed`` are the kinds
@@ -29,6 +32,7 @@ from sqlalchemy.engine import Connection
 from qcluster.definitions.jobdefs import check_job_id, validate_job
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
+from qcluster.settings import redact_text
 from qcluster.store import catalog
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
@@ -114,7 +118,7 @@ class ControlService:
         if not isinstance(jobs, list) or len(jobs) > MAX_JOBS_PER_CALL:
             return _err("input", f"jobs must be a list of at most {MAX_JOBS_PER_CALL}")
         try:
-            defs = [validate_job(j, self._allow) for j in jobs]
+            defs = [validate_job(j, self._allow, import_it=True) for j in jobs]
         except InputError as e:
             return _refused(e)
         except _UNSHOWABLE as e:
@@ -152,6 +156,6 @@ class ControlService:
             return _err("unavailable", str(e))
         except Exception as e:  # never let a bug take the daemon thread's caller down
             log.exception("control call failed")
-            return _err("internal", f"{type(e).__name__}: {e}")
+            return _err("internal", f"{type(e).__name__}: {redact_text(str(e))}")
         self._leader.wakeup()
         return _ok(result=result)

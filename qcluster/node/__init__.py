@@ -35,14 +35,22 @@ from qcluster.node.coordination import NodeCoordination
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro
 from qcluster.rpc.secret_file import embedded_secret
 from qcluster.settings import Settings
-from qcluster.store.cluster import ClusterState, ensure_cluster, read_cluster, record_lease
+from qcluster.store.cluster import (
+    ClusterState,
+    Phase,
+    ensure_cluster,
+    read_cluster,
+    record_lease,
+)
 from qcluster.store.db import Database
 from qcluster.worker.runner import Worker, WorkerService
 
 log = logging.getLogger(__name__)
 
 
-EXAMPLE_SECRETS = frozenset({"change-me"})  # the value config.example.toml shows
+#: The values config.example.toml shows (now and before); the settings refuse a secret
+#: shorter than 32 bytes, this the example itself.
+EXAMPLE_SECRETS = frozenset({"change-me", "change-me-to-32-or-more-random-characters"})
 
 
 def default_node_id() -> str:
@@ -241,7 +249,7 @@ class Node(NodeCoordination):
 
     def _note_preference(self, state: ClusterState) -> None:
         wanted = self.settings.coordination.backend
-        if state.phase == "stable" and state.backend != wanted and not self._preference_noted:
+        if state.phase == Phase.STABLE and state.backend != wanted and not self._preference_noted:
             self._preference_noted = True
             log.warning(
                 "this node's config names the %s backend and the cluster runs %s: the "
@@ -288,7 +296,7 @@ class Node(NodeCoordination):
                 log.warning("cannot take part in the %s phase yet: %s", state.phase, e)
             return
         self._honoured = state.config_version
-        if state.phase == "joint":
+        if state.phase == Phase.JOINT:
             others = [m for m in members if m.node_id != self.node_id]
             waiting = migration.progress(state, others).waiting
             if not waiting:
@@ -311,7 +319,7 @@ class Node(NodeCoordination):
         s = self.settings
         status = self.leadership.status if self.leadership is not None else "worker"
         state = self._state
-        if (self.is_scheduler and state is not None and state.phase == "stable"
+        if (self.is_scheduler and state is not None and state.phase == Phase.STABLE
                 and state.backend != s.coordination.backend and self._honoured):
             status += f" (its config names {s.coordination.backend}; the cluster runs " \
                       f"{state.backend})"

@@ -31,6 +31,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from qcluster.errors import ConfigError
 from qcluster.settings.files import read_bounded
 from qcluster.settings.model import DEFAULTS_SOURCE, Settings
+from qcluster.settings.private import secret_problem
 from qcluster.settings.text import one_line, show, toml_type
 from qcluster.settings.urls import SecretURL
 from qcluster.settings.validators import SOURCE_CONTEXT, KeyedProblem
@@ -115,6 +116,9 @@ def load_settings_from_mapping(
     if env_secret is not None:
         if not env_secret:
             raise ConfigError(f"{source}: {RPC_SECRET_ENV} is set but empty")
+        problem = secret_problem(env_secret)
+        if problem:
+            raise ConfigError(f"{source}: {RPC_SECRET_ENV} {problem}")
         rpc = settings.rpc.model_copy(update={"secret": SecretStr(env_secret), "secret_file": None})
         settings = settings.model_copy(update={"rpc": rpc})
     settings._source = source

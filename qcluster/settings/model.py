@@ -34,6 +34,7 @@ from pydantic import (
 from backends.names import BackendName
 from qcluster.errors import ConfigError
 from qcluster.settings.files import read_bounded
+from qcluster.settings.private import operator_file_problem, secret_problem
 from qcluster.settings.refs import is_allowed
 from qcluster.settings.text import show, toml_type
 from qcluster.settings.urls import SecretURL
@@ -50,6 +51,7 @@ from qcluster.settings.validators import (
     like,
     no_repeats,
     redis_url,
+    strong_secret,
     user_password,
     zk_chroot,
     zk_connect_string,
@@ -107,7 +109,7 @@ class DatabaseSettings(_Section):
             raise ValueError("url and url_file are exclusive (set one)")
         # A ConfigError, not a ValueError: pydantic lets it through, whole, to the loader.
         url = read_bounded(data["url_file"], MAX_SECRET_FILE, "database.url_file",
-                           source=_source_of(info)).strip()
+                           source=_source_of(info), check=operator_file_problem).strip()
         if not url:
             raise KeyedProblem("database.url_file", "file is empty")
         return {**data, "url": url}
@@ -283,7 +285,7 @@ class TlsSettings(_Section):
 class RpcSettings(_Section):
     """``[rpc]``: at most one of ``secret`` and ``secret_file``; ``tls`` None means plain TCP."""
 
-    secret: SecretStr | None = Field(default=None, min_length=1)
+    secret: Annotated[SecretStr, AfterValidator(strong_secret)] | None = None
     secret_file: FilePath | None = None
     serializer: Literal["msgpack", "json"] = "msgpack"
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
@@ -378,13 +380,18 @@ class Settings(_Section):
     def rpc_secret(self) -> str | None:
         """The cluster's RPC secret: ``rpc.secret`` (or ``QCLUSTER_RPC_SECRET``, applied at
         load), else the stripped contents of ``rpc.secret_file``, read now, else None.
-        Raises ConfigError when the file is missing, unreadable or empty."""
+        Raises ConfigError when the file is missing, unreadable, not private
+        (``settings/private.operator_file_problem``), empty or shorter than 32 bytes."""
         if self.rpc.secret is not None:
             return self.rpc.secret.get_secret_value()
         if self.rpc.secret_file is None:
             return None
-        secret = read_bounded(self.rpc.secret_file, MAX_SECRET_FILE, "rpc.secret_file",
-                              source=self.source).strip()
+        path = self.rpc.secret_file
+        secret = read_bounded(path, MAX_SECRET_FILE, "rpc.secret_file", source=self.source,
+                              check=operator_file_problem).strip()
         if not secret:
             raise ConfigError(f"{self.source}: rpc.secret_file: file is empty")
+        problem = secret_problem(secret)
+        if problem:
+            raise ConfigError(f"{self.source}: rpc.secret_file: the secret in {path} {problem}")
         return secret

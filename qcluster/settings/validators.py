@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, SecretStr
 
+from qcluster.settings.private import secret_problem
 from qcluster.settings.refs import pattern_problem
 from qcluster.settings.text import one_line, show
 from qcluster.settings.urls import SecretURL
@@ -54,6 +55,14 @@ def known_zone(name: str) -> str:
 def user_password(value: SecretStr) -> SecretStr:
     if ":" not in value.get_secret_value():
         raise ValueError("must be 'user:password'")
+    return value
+
+
+def strong_secret(value: SecretStr) -> SecretStr:
+    """An RPC secret of at least 32 bytes (``settings/private.secret_problem``)."""
+    problem = secret_problem(value.get_secret_value())
+    if problem:
+        raise ValueError(problem)
     return value
 
 

@@ -13,12 +13,20 @@ Three kinds of transaction, and every write goes through one of them:
   back.
 
 Driver errors that mean "the server cannot be reached" become
-:class:`~qcluster.errors.DatabaseUnavailable` at this boundary.
+:class:`~qcluster.errors.DatabaseUnavailable` at this boundary, their text through the one
+redactor (``settings/urls.redact_text``, with every piece of the URL's passwords).
+
+An SQLite database file is created here, before SQLite opens it, with
+``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600; SQLite gives its ``-wal`` and ``-shm``
+files the database file's mode. Its directory is checked first
+(``settings/private.check_directory``: refused if others can write it, unless it is sticky
+and ours; then a database, WAL, shared-memory or journal file found there must be ours).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +40,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from qcluster.errors import DatabaseUnavailable, Fenced
-from qcluster.settings import redact_url
+from qcluster.settings import (
+    check_directory,
+    check_planted,
+    create_private,
+    redact_text,
+    redact_url,
+    url_secrets,
+)
 from qcluster.store import schema
 
 log = logging.getLogger(__name__)
@@ -47,10 +62,11 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 5.0) -> None:
         self.url = url
         self.display_url = redact_url(url)  # for every message: the password hidden
+        self._secrets = url_secrets(url)  # hidden in every driver message
         try:
             parsed = sa.engine.make_url(url)
-        except Exception as e:
-            raise DatabaseUnavailable(f"invalid database URL {self.display_url}") from e
+        except Exception:
+            raise DatabaseUnavailable(f"invalid database URL {self.display_url}") from None
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"future": True}
         if self.dialect == "sqlite":
@@ -74,21 +90,47 @@ class Database:
                 "keepalives_interval": 1,
                 "keepalives_count": 3,
             }
-        self.engine: Engine = sa.create_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            path = sqlite_file(parsed)
+            if path is not None:
+                prepare_sqlite_file(path)
+        try:
+            self.engine: Engine = sa.create_engine(url, **kwargs)
+        except Exception as e:  # an unknown driver, a driver not installed, a bad argument
+            raise DatabaseUnavailable(
+                f"cannot use database {self.display_url}: {self._shown(e)}") from None
         if self.dialect == "sqlite":
             _setup_sqlite(self.engine)
         self._lock = threading.Lock()
+
+    def _shown(self, e: BaseException) -> str:
+        """The first line of a driver's error, as it may be shown (the password hidden)."""
+        return redact_text(_first_line(e), self._secrets)
+
+    @contextmanager
+    def _translating(self) -> Iterator[None]:
+        """Driver errors that mean "unreachable" as DatabaseUnavailable, text redacted."""
+        try:
+            yield
+        except (OperationalError, PoolTimeout) as e:
+            raise DatabaseUnavailable(
+                f"database {self.display_url} unavailable: {self._shown(e)}") from e
+        except DBAPIError as e:
+            if e.connection_invalidated:
+                raise DatabaseUnavailable(
+                    f"database {self.display_url} unavailable: {self._shown(e)}") from e
+            raise
 
     # -- transactions ----------------------------------------------------------------
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with _translate(self.display_url), self.engine.connect() as conn, conn.begin():
+        with self._translating(), self.engine.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        with _translate(self.display_url), self.engine.connect() as conn:
+        with self._translating(), self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn = conn.execution_options(qc_immediate=True)
             with conn.begin():
@@ -138,7 +180,7 @@ class Database:
         """The schema's Alembic revision, None before the first upgrade."""
         from alembic.runtime.migration import MigrationContext
 
-        with _translate(self.display_url), self.engine.connect() as conn:
+        with self._translating(), self.engine.connect() as conn:
             return MigrationContext.configure(
                 conn, opts={"version_table": "qc_alembic_version"}
             ).get_current_revision()
@@ -147,7 +189,7 @@ class Database:
         """Whether the schema is at :data:`SCHEMA_HEAD`. One plain query: every command
         asks, and importing Alembic would double a read-only command's start-up time."""
         v = sa.table("qc_alembic_version", sa.column("version_num"))
-        with _translate(self.display_url), self.engine.connect() as conn:
+        with self._translating(), self.engine.connect() as conn:
             if not sa.inspect(conn).has_table("qc_alembic_version"):
                 return False
             return bool(conn.execute(sa.select(v.c.version_num)).scalar() == SCHEMA_HEAD)
@@ -166,6 +208,39 @@ def check_epoch(conn: Connection, epoch: int) -> None:
         raise Fenced(f"epoch {epoch} is stale (cluster epoch is {current})")
 
 
+def sqlite_file(url: sa.engine.URL) -> Path | None:
+    """The file of an SQLite URL, or None (in memory, or a ``file:`` URI left to SQLite)."""
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    if str(url.query.get("uri", "")).lower() in ("true", "1"):
+        return None
+    return Path(database)
+
+
+_warned_modes: set[Path] = set()
+
+
+def prepare_sqlite_file(path: Path) -> None:
+    """Create the database file ``path`` 0600 unless it exists (see the module), after
+    the checks of its directory. Warns once when an existing file is open to others."""
+    what = "the database"
+    shared = check_directory(path.absolute().parent, what)
+    if shared:
+        check_planted([path, *(Path(f"{path}{end}") for end in ("-wal", "-shm", "-journal"))],
+                      what)
+    try:
+        if create_private(path):
+            return
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        return  # a missing directory, a read-only one: SQLite says so when it opens the file
+    if mode & 0o077 and path not in _warned_modes:
+        _warned_modes.add(path)
+        log.warning("%s can be read by other users (mode %04o), with every job's arguments;"
+                    " chmod 600 it", path, mode & 0o7777)
+
+
 def _setup_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -181,20 +256,6 @@ def _setup_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = "IMMEDIATE" if conn.get_execution_options().get("qc_immediate") else "DEFERRED"
         conn.exec_driver_sql(f"BEGIN {mode}")
-
-
-@contextmanager
-def _translate(display_url: str) -> Iterator[None]:
-    try:
-        yield
-    except (OperationalError, PoolTimeout) as e:
-        raise DatabaseUnavailable(f"database {display_url} unavailable: {_first_line(e)}") from e
-    except DBAPIError as e:
-        if e.connection_invalidated:
-            raise DatabaseUnavailable(
-                f"database {display_url} unavailable: {_first_line(e)}"
-            ) from e
-        raise
 
 
 def _first_line(e: BaseException) -> str:

@@ -265,3 +265,45 @@ def test_refusals_raise_the_same_class_through_a_running_leader(
             c.run("ghost")
         node.terminate()
         node.wait()
+
+
+def test_the_control_api_refuses_what_the_cli_refuses(tmp_path: Path, sqlite_url: str) -> None:
+    """Issue 13, point 8: the leader's control object runs the CLI's own check
+    (``validate_job(import_it=True)``): a function that does not import, or that the allow
+    list refuses, is refused over RPC too, with the CLI's message, and nothing is stored.
+    Called through the client's own path to the leader, past the client's checks."""
+    from qcluster.client.changes import _call_leader
+    from qcluster.settings import load_settings
+    from tests.helpers import start_node, wait_for
+
+    config = write_config(tmp_path, sqlite_url, jobs=None)  # the default allow list
+    settings = load_settings(config, env={})
+    c = Client(settings=settings)
+    good = c.job("good", HELLO, every="1h").to_wire()
+    with start_node(config, node_id="n1", log_path=tmp_path / "n1.log") as node:
+        leader = wait_for(lambda: c.cluster_status()["leader"], timeout=30, what="a leader",
+                          details=node.log_tail)
+        before = table_rows(sqlite_url)
+        for func, kind, fragment in [
+            ("jobs.examples:nothing", "input", "has no attribute 'nothing'"),
+            ("jobs.nosuchmodule:run", "input", "cannot import 'jobs.nosuchmodule'"),
+            ("jobs.builtin:shell", "not_allowed", "not allowed by [jobs] allow"),
+            ("jobs.examples:record_run", "not_allowed", "not allowed by [jobs] allow"),
+            ("os:system", "not_allowed", "not allowed by [jobs] allow"),
+            ("pkg.__init__:f", "input", "no module name that starts with '_'"),
+        ]:
+            bad = {**good, "id": "bad", "func": func}
+            for method, args in (("add_jobs", ([good, bad], False)),
+                                 ("apply_jobs", ([good, bad], False))):
+                reply = _call_leader(settings, leader["uri"], method, args)
+                assert reply["ok"] is False and reply["kind"] == kind, (func, reply)
+                assert fragment in reply["error"], (func, reply)
+            cli = run_cli("jobs", "add", "bad", "--func", func, "--every", "1h",
+                          config=config, check=False)
+            if func != "jobs.nosuchmodule:run":  # where it looked: each process's own path
+                assert assert_cli_error(cli) == f"error: {reply['error']}"
+        assert table_rows(sqlite_url) == before
+        reply = _call_leader(settings, leader["uri"], "add_jobs", ([good], False))
+        assert reply["ok"] is True, reply
+        node.terminate()
+        node.wait()

@@ -28,10 +28,12 @@ from qcluster.settings import (
     resolve_config_path,
     settings_to_public_dict,
 )
-from tests.helpers import toml_dumps
+from tests.helpers import toml_dumps, write_private
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 NO_ENV: Mapping[str, str] = {}
+#: A secret long enough (32 bytes) to be accepted.
+LONG = "a-secret-of-32-bytes-or-more-0123456789"
 
 
 def load(text: str, env: Mapping[str, str] = NO_ENV) -> Settings:
@@ -433,7 +435,7 @@ def test_tls_table_needs_all_three_files() -> None:
 
 
 def test_exclusive_pairs() -> None:
-    assert error_of("[rpc]\nsecret = 'a'\nsecret_file = 'f'\n") == (
+    assert error_of(f"[rpc]\nsecret = '{LONG}'\nsecret_file = 'f'\n") == (
         "qcluster.toml: rpc: secret and secret_file are exclusive (set one)"
     )
     assert error_of("[database]\nurl = 'sqlite://'\nurl_file = 'f'\n") == (
@@ -472,8 +474,7 @@ def test_explicit_postgresql_driver_is_kept() -> None:
 
 
 def test_url_file_supplies_the_url(tmp_path: Path) -> None:
-    url_file = tmp_path / "db-url"
-    url_file.write_text("postgresql://app:hunter2@db/q\n")
+    url_file = write_private(tmp_path / "db-url", "postgresql://app:hunter2@db/q\n")
     s = load(f"[database]\nurl_file = {json.dumps(str(url_file))}\n")
     assert s.database_url() == "postgresql+psycopg://app:hunter2@db/q"
     assert s.database.url_file == url_file
@@ -496,7 +497,7 @@ auth = "zkuser:zkhunter2"
 [coordination.redis]
 urls = ["redis://:redhunter2@r1:6379/0", "rediss://u:redhunter3@r2"]
 [rpc]
-secret = "rpchunter2"
+secret = "rpchunter2-is-at-least-32-bytes-long"
 """
 SECRETS = ("hunter2", "zkhunter2", "redhunter2", "redhunter3", "rpchunter2")
 
@@ -522,7 +523,7 @@ def test_secrets_never_appear_in_repr_str_or_dumps() -> None:
 def test_real_secret_values_are_reachable() -> None:
     s = load(SECRET_CONFIG)
     assert s.database_url() == "postgresql+psycopg://user:hunter2@host/db"
-    assert s.rpc_secret() == "rpchunter2"
+    assert s.rpc_secret() == "rpchunter2-is-at-least-32-bytes-long"
     auth = s.coordination.zookeeper.auth
     assert auth is not None and auth.get_secret_value() == "zkuser:zkhunter2"
     assert s.coordination.redis.urls[0].get_secret_value() == "redis://:redhunter2@r1:6379/0"
@@ -571,13 +572,14 @@ def test_redact_url(url: str, shown: str) -> None:
 
 
 def test_env_secret_overrides_config_secret_and_file(tmp_path: Path) -> None:
-    env = {"QCLUSTER_RPC_SECRET": "from-env"}
-    assert load("[rpc]\nsecret = 'from-file'\n", env).rpc_secret() == "from-env"
+    from_env = "from-env-" + LONG
+    env = {"QCLUSTER_RPC_SECRET": from_env}
+    assert load(f"[rpc]\nsecret = '{LONG}'\n", env).rpc_secret() == from_env
     s = load("[rpc]\nsecret_file = '/does/not/exist'\n", env)
-    assert s.rpc_secret() == "from-env"
+    assert s.rpc_secret() == from_env
     assert s.rpc.secret_file is None
-    assert load_settings(None, env).rpc_secret() == "from-env"
-    assert "from-env" not in repr(s)
+    assert load_settings(None, env).rpc_secret() == from_env
+    assert from_env not in repr(s)
 
 
 def test_empty_env_secret_is_refused() -> None:
@@ -586,10 +588,9 @@ def test_empty_env_secret_is_refused() -> None:
 
 
 def test_secret_file_is_read_when_asked(tmp_path: Path) -> None:
-    secret_file = tmp_path / "secret"
-    secret_file.write_text("s3cret\n")
+    secret_file = write_private(tmp_path / "secret", LONG + "\n")
     s = load(f"[rpc]\nsecret_file = {json.dumps(str(secret_file))}\n")
-    assert s.rpc_secret() == "s3cret"
+    assert s.rpc_secret() == LONG
     assert s.rpc.secret_file == secret_file
 
 
@@ -598,7 +599,7 @@ def test_missing_or_empty_secret_file_is_a_config_error(tmp_path: Path) -> None:
     s = load(f"[rpc]\nsecret_file = {json.dumps(str(missing))}\n")
     with pytest.raises(ConfigError, match=r"^qcluster\.toml: rpc\.secret_file: cannot read "):
         s.rpc_secret()
-    (tmp_path / "empty").write_text("\n")
+    write_private(tmp_path / "empty", "\n")
     s = load(f"[rpc]\nsecret_file = {json.dumps(str(tmp_path / 'empty'))}\n")
     with pytest.raises(ConfigError, match="file is empty"):
         s.rpc_secret()
@@ -609,7 +610,7 @@ def test_world_readable_file_with_a_secret_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "q.toml"
-    path.write_text("[rpc]\nsecret = 'hunter2'\n")
+    path.write_text(f"[rpc]\nsecret = 'hunter2{LONG}'\n")
     path.chmod(0o644)
     with caplog.at_level(logging.WARNING, logger="qcluster.settings.loading"):
         load_settings(path, NO_ENV)
@@ -625,7 +626,7 @@ def test_private_file_or_file_without_secrets_does_not_warn(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     private = tmp_path / "private.toml"
-    private.write_text("[rpc]\nsecret = 'hunter2'\n")
+    private.write_text(f"[rpc]\nsecret = 'hunter2{LONG}'\n")
     private.chmod(0o600)
     public = tmp_path / "public.toml"
     public.write_text("[database]\nurl = 'postgresql://user@host/db'\n")

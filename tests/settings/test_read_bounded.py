@@ -1,7 +1,9 @@
 """One bounded reader (``qcluster/settings/files.read_bounded``) behind every file qcluster
 is given: config files, ``database.url_file``, ``rpc.secret_file`` and ``jobs apply``
 files. Each keeps its limit and its wording; each reads at most one byte past its limit
-(so ``/dev/zero`` ends) and fails in one line that names the file."""
+(so ``/dev/zero`` ends) and fails in one line that names the file. The two files that
+hold secrets must also be private regular files (``settings/private.py``), so
+``/dev/zero`` is refused there before a byte is read."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from qcluster.definitions import jobfile
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.errors import ConfigError, InputError
 from qcluster.settings import load_settings, load_settings_from_text, loading, model, read_bounded
+from tests.helpers import write_private
 
 DEV_ZERO = Path("/dev/zero")
 # Platform features, not servers: on a laptop without them the test skips; under CI=true
@@ -128,35 +131,36 @@ def test_url_file_and_secret_file_endless() -> None:
     assert model.MAX_SECRET_FILE == 64 * 1024
     with pytest.raises(ConfigError) as info:
         load_settings_from_text(_url_file(DEV_ZERO), "q.toml", {})
-    assert _one_line(info) == (
-        "q.toml: database.url_file: cannot read /dev/zero: larger than 65536 bytes")
+    assert _one_line(info) == ("q.toml: database.url_file: cannot use /dev/zero: it is a"
+                               " character device, not a regular file")
     s = load_settings_from_text(_secret_file(DEV_ZERO), "q.toml", {})
     with pytest.raises(ConfigError) as info:
         s.rpc_secret()
-    assert _one_line(info) == (
-        "q.toml: rpc.secret_file: cannot read /dev/zero: larger than 65536 bytes")
+    assert _one_line(info) == ("q.toml: rpc.secret_file: cannot use /dev/zero: it is a"
+                               " character device, not a regular file")
 
 
 def test_url_file_and_secret_file_messages(tmp_path: Path) -> None:
-    big = tmp_path / "big"
-    big.write_text("x" * (64 * 1024 + 1))
+    big = write_private(tmp_path / "big", "x" * (64 * 1024 + 1))
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xffpostgresql://h/db")
-    for path, reason in ((big, "larger than 65536 bytes"), (binary, "not UTF-8 text"),
-                         (tmp_path, "Is a directory"),
-                         (tmp_path / "nope", "No such file or directory")):
+    binary.chmod(0o600)
+    for path, verb, reason in ((big, "read", "larger than 65536 bytes"),
+                               (binary, "read", "not UTF-8 text"),
+                               (tmp_path, "use", "it is a directory, not a regular file"),
+                               (tmp_path / "nope", "read", "No such file or directory")):
         with pytest.raises(ConfigError) as info:
             load_settings_from_text(_url_file(path), "q.toml", {})
-        assert _one_line(info) == f"q.toml: database.url_file: cannot read {path}: {reason}"
+        assert _one_line(info) == f"q.toml: database.url_file: cannot {verb} {path}: {reason}"
         s = load_settings_from_text(_secret_file(path), "q.toml", {})
         with pytest.raises(ConfigError) as info:
             s.rpc_secret()
-        assert _one_line(info) == f"q.toml: rpc.secret_file: cannot read {path}: {reason}"
+        assert _one_line(info) == f"q.toml: rpc.secret_file: cannot {verb} {path}: {reason}"
 
 
 def test_a_url_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     url = "sqlite:///" + "a" * (64 * 1024 - len("sqlite:///") - 1) + "\n"
-    (tmp_path / "url").write_text(url)
+    write_private(tmp_path / "url", url)
     s = load_settings_from_text(_url_file(tmp_path / "url"), "q.toml", {})
     assert s.database_url() == url.strip()
 

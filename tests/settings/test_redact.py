@@ -20,11 +20,13 @@ from qcluster.errors import DatabaseUnavailable
 from qcluster.settings import (
     SecretURL,
     load_settings_from_mapping,
+    redact_text,
     redact_url,
     settings_to_public_dict,
+    url_secrets,
 )
 from qcluster.store.db import Database
-from tests.helpers import run_cli, write_config
+from tests.helpers import assert_cli_error, run_cli, write_config
 
 SECRET = "s3cr3tPW"
 
@@ -70,8 +72,23 @@ CASES = [
      "postgresql+psycopg://db/qc?sslkey=/etc/qc/client.key&sslpassword=***"),
     ("postgresql+psycopg://db/qc?sslkey=/etc/qc/client.key&sslcert=/etc/qc/c.pem",
      "postgresql+psycopg://db/qc?sslkey=/etc/qc/client.key&sslcert=/etc/qc/c.pem"),
+    # an "@" in a query value: the user info runs to the last "@", so the host is hidden
+    # too (the safe side of an ambiguity: it could be a password's "@")
     (f"postgresql+psycopg://app:{SECRET}@db/qc?application_name=n@h&pwd={SECRET}",
-     "postgresql+psycopg://app:***@db/qc?application_name=n@h&pwd=***"),
+     "postgresql+psycopg://app:***@h&pwd=***"),
+    ("postgresql+psycopg://db/qc?application_name=n@h", "postgresql+psycopg://db/qc?application_name=n@h"),
+    # unencoded "@", "#" and "?" in a password, together
+    (f"postgresql+psycopg://app:{SECRET}@x#y?z@db/qc", "postgresql+psycopg://app:***@db/qc"),
+    (f"postgresql+psycopg://app:a@{SECRET}#b?c@db:5432/qc?sslmode=require",
+     "postgresql+psycopg://app:***@db:5432/qc?sslmode=require"),
+    (f"postgresql+psycopg://u@127.0.0.1:1/db?password={SECRET}",
+     "postgresql+psycopg://u@127.0.0.1:1/db?password=***"),
+    (f"postgresql+psycopg://db/qc?password=a@{SECRET}", "postgresql+psycopg://db/qc?password=***"),
+    # every parameter named like a password, and not sslkey (a path)
+    (f"postgresql+psycopg://db/qc?passwd={SECRET}&Secret={SECRET}&token={SECRET}&KEY={SECRET}"
+     f"&api_key={SECRET}&access_token={SECRET}&sslkey=/k.pem",
+     "postgresql+psycopg://db/qc?passwd=***&Secret=***&token=***&KEY=***&api_key=***"
+     "&access_token=***&sslkey=/k.pem"),
     (f"redis://r1:6379/0?password={SECRET}", "redis://r1:6379/0?password=***"),
     (f"rediss://app:{SECRET}@[::1]:6380/1?password={SECRET}&ssl_cert_reqs=none",
      "rediss://app:***@[::1]:6380/1?password=***&ssl_cert_reqs=none"),
@@ -145,3 +162,56 @@ def test_config_show_on_the_command_line(tmp_path: Path) -> None:
     assert shown["database"]["url"] == (
         "postgresql+psycopg://app:***@[::1]:5432/qc?sslkey=/k.pem&password=***")
     assert shown["coordination"]["redis"]["urls"] == ["redis://:***@[::1]:6379/0"]
+
+
+# -- driver messages (issue 13, point 6) -------------------------------------------------------
+
+#: A password with an unencoded "@", "#" and "?": SQLAlchemy takes "ter2#xyz" for the host,
+#: and the driver names that host in its error.
+SPLIT = "hun@ter2#xyz?abc"
+PIECES = ("hunter2xyz", "hun", "ter2", "xyz", "abc")
+UNREACHABLE = [
+    "postgresql+psycopg://u@127.0.0.1:1/db?password=hunter2xyz",
+    f"postgresql+psycopg://u:{SPLIT}@127.0.0.1:1/db",
+    f"postgresql+psycopg://u@127.0.0.1:1/db?sslpassword={SPLIT}&sslmode=disable",
+]
+
+
+def test_every_piece_of_a_password_is_hidden_in_a_drivers_message() -> None:
+    url = f"postgresql+psycopg://u:{SPLIT}@127.0.0.1:1/db"
+    message = "failed to resolve host 'ter2#xyz': [Errno -2] Name or service not known"
+    shown = redact_text(message, url_secrets(url))
+    assert shown == "failed to resolve host '***': [Errno -2] Name or service not known"
+    # Without knowing the URL: URLs and password=... pairs in the text are still hidden.
+    text = (f"cannot connect to postgresql://u:{SECRET}@h/db (password={SECRET} "
+            f"token='{SECRET} x' sslkey=/k.pem)")
+    assert redact_text(text) == ("cannot connect to postgresql://u:***@h/db (password=*** "
+                                 "token=*** sslkey=/k.pem)")
+
+
+def test_the_database_hides_the_pieces_the_driver_shows() -> None:
+    db = Database(f"postgresql+psycopg://u:{SPLIT}@127.0.0.1:1/db", connect_timeout=1)
+    try:
+        with pytest.raises(DatabaseUnavailable) as info, db.read():
+            pass
+    finally:
+        db.dispose()
+    message = str(info.value)
+    assert message.startswith("database postgresql+psycopg://u:***@127.0.0.1:1/db unavailable")
+    for piece in PIECES:
+        assert piece not in message, message
+
+
+@pytest.mark.parametrize("url", UNREACHABLE)
+def test_no_piece_of_a_password_in_the_output_of_jobs_list_or_config_show(
+    tmp_path: Path, url: str
+) -> None:
+    config = write_config(tmp_path, url)
+    listed = run_cli("jobs", "list", config=config, check=False)
+    assert_cli_error(listed, "unavailable", "127.0.0.1:1")
+    results = [listed, run_cli("config", "show", config=config),
+               run_cli("config", "show", "--json", config=config)]
+    assert "127.0.0.1:1/db" in results[1].stdout
+    for result in results:
+        for piece in PIECES:
+            assert piece not in result.stdout + result.stderr, (piece, result)

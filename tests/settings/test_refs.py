@@ -8,19 +8,27 @@ definitions, the allow list and the check of allow patterns agree."""
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcluster.definitions.jobdefs import check_func_ref
+from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import ConfigError, InputError, NotAllowed
 from qcluster.settings import (
     MAX_REF_CHARS,
+    NAMED_ONLY,
     is_allowed,
     is_func_ref,
     load_settings_from_text,
     ref_problem,
 )
+from tests.helpers import assert_cli_error, run_cli, write_config
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 VALID = [
     "jobs.examples:hello",
@@ -29,8 +37,6 @@ VALID = [
     "a:B",
     "jobs.x:f_1",
     "jobs.x:F",
-    "_private_pkg.tasks:run",  # a module may start with "_"; a function may not
-    "jobs._internal:run",
     "m" * (MAX_REF_CHARS - 2) + ":f",  # exactly the column's width
 ]
 
@@ -44,6 +50,15 @@ DISAGREED = [
     "jobs.xé:f",  # non-ASCII identifiers: \w without re.ASCII
     "jobs.x:fé",
     "jobs.x:f\u0661",  # an Arabic-Indic digit is \w too
+]
+# Taken before (a module name could start with "_"), refused now (issue 13, point 7):
+# ``pkg.*`` admitted ``pkg.__init__:f``.
+PRIVATE_MODULES = [
+    "_private_pkg.tasks:run",
+    "jobs._internal:run",
+    "pkg.__init__:f",
+    "pkg._private:f",
+    "jobs.__main__:main",
 ]
 # Refused by both, before and now.
 INVALID = [
@@ -76,7 +91,7 @@ def test_a_valid_reference_is_one_everywhere(ref: str) -> None:
     assert check_func_ref(ref, ["*"]) == ref
 
 
-@pytest.mark.parametrize("ref", DISAGREED + INVALID)
+@pytest.mark.parametrize("ref", DISAGREED + PRIVATE_MODULES + INVALID)
 def test_an_invalid_reference_is_an_input_error_not_a_refusal_of_the_allow_list(
     ref: str,
 ) -> None:
@@ -99,6 +114,8 @@ def test_an_invalid_reference_is_an_input_error_not_a_refusal_of_the_allow_list(
         ("jobs.examples:os.system", "expected module:function, one function name after the "
                                     "colon, not a path"),
         ("jobs.x:f\n", "expected module:function"),
+        ("pkg.__init__:f", "expected module:function, and no module name that starts with '_'"),
+        ("_pkg.tasks:run", "expected module:function, and no module name that starts with '_'"),
         ("m" * 400 + ":f", "longer than 400 characters"),
         (None, "expected module:function"),
         (42, "expected module:function"),
@@ -139,7 +156,7 @@ def test_job_definitions_and_the_allow_list_agree_on_every_string(ref: str) -> N
 @pytest.mark.parametrize(
     "pattern",
     ["jobs.*", "acme_tasks.*", "jobs", "jobs.examples:hello", "jobs.examples:*", "*",
-     "jobs.[!_]*", "jobs.*:[a-z]*", "jobs.?x:run", "jobs[.]x", "*:run_*", "_pkg.*"],
+     "jobs.[!_]*", "jobs.*:[a-z]*", "jobs.?x:run", "jobs[.]x", "*:run_*", "jobs.builtin:shell"],
 )
 def test_allow_patterns_that_can_match_a_reference_are_accepted(pattern: str) -> None:
     s = load_settings_from_text(f"[jobs]\nallow = [{pattern!r}]\n", "q.toml", {})
@@ -158,9 +175,89 @@ def test_allow_patterns_that_can_match_a_reference_are_accepted(pattern: str) ->
                                    "name cannot start with '_' (got 'jobs.examples:_private')"),
         ("jobs.*:_*", "must be a glob of module[:function], and a function name cannot "
                       "start with '_' (got 'jobs.*:_*')"),
+        ("_pkg.*", "must be a glob of module[:function], and a module name cannot start "
+                   "with '_' (got '_pkg.*')"),
+        ("pkg.__init__:f", "must be a glob of module[:function], and a module name cannot "
+                           "start with '_' (got 'pkg.__init__:f')"),
     ],
 )
 def test_allow_patterns_that_cannot_are_refused(pattern: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings_from_text(f"[jobs]\nallow = [{pattern!r}]\n", "q.toml", {})
     assert str(info.value) == f"q.toml: jobs.allow[0]: {problem}"
+
+
+# --- jobs that run a process or write a file: allowed by name only (issue 13, point 7) ---
+
+
+@pytest.mark.parametrize("ref", sorted(NAMED_ONLY))
+@pytest.mark.parametrize("patterns", [
+    ["jobs.*"], ["*"], ["jobs"], ["jobs.builtin", "jobs.examples"], ["jobs.builtin:*",
+    "jobs.examples:*"], ["jobs.*:*"], ["*:shell", "*:record_run"], ["jobs.builtin:sh?ll",
+    "jobs.examples:record_ru[n]"],
+])  # fmt: skip
+def test_no_pattern_admits_a_job_that_runs_a_process_or_writes_a_file(
+    ref: str, patterns: list[str]
+) -> None:
+    assert not is_allowed(ref, patterns)
+    with pytest.raises(NotAllowed, match=f"list '{ref}' itself to allow it"):
+        check_func_ref(ref, patterns)
+
+
+@pytest.mark.parametrize("ref", sorted(NAMED_ONLY))
+def test_an_exact_entry_admits_it(ref: str) -> None:
+    assert is_allowed(ref, ["jobs.*", ref])
+    assert check_func_ref(ref, [ref], import_it=True) == ref
+    s = load_settings_from_text(f"[jobs]\nallow = ['jobs.*', {ref!r}]\n", "q.toml", {})
+    assert s.jobs.allows(ref)
+
+
+def test_the_default_allow_list_admits_the_harmless_jobs_only() -> None:
+    s = load_settings_from_text("", "q.toml", {})
+    assert s.jobs.allow == ("jobs.*",)
+    for ref in ("jobs.builtin:noop", "jobs.builtin:sleep", "jobs.examples:hello",
+                "jobs.examples:flaky", "jobs.examples:slow"):
+        assert s.jobs.allows(ref), ref
+    for ref in NAMED_ONLY:
+        assert not s.jobs.allows(ref), ref
+
+
+#: Calls by which a job runs a process or writes a path.
+_DANGEROUS = re.compile(r"^(subprocess\..*|os\.(system|popen|open|exec.*|spawn.*|posix_spawn.*"
+                        r"|remove|unlink|rename|replace)|open|shutil\..*|.*\.write_(text|bytes))$")
+
+
+def _calls(node: ast.AST) -> set[str]:
+    names = set()
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call):
+            names.add(ast.unparse(call.func))
+    return names
+
+
+def test_every_shipped_job_that_runs_a_process_or_writes_a_file_is_named_only() -> None:
+    """Read ``jobs/*.py``: a function that calls subprocess, os.open, open, ... is in
+    NAMED_ONLY, and everything in NAMED_ONLY exists."""
+    found = set()
+    for path in sorted(JOBS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("_") and any(
+                    _DANGEROUS.match(c) for c in _calls(fn)):
+                found.add(f"jobs.{path.stem}:{fn.name}")
+    assert found == set(NAMED_ONLY)
+    for ref in NAMED_ONLY:
+        assert callable(resolve_func(ref))
+
+
+def test_the_cli_refuses_them_by_default_and_accepts_an_exact_entry(tmp_path: Path,
+                                                                      sqlite_url: str) -> None:
+    default = write_config(tmp_path, sqlite_url, name="default.toml", jobs=None)
+    for ref in sorted(NAMED_ONLY):
+        refused = run_cli("jobs", "add", "x", "--func", ref, "--every", "1h", config=default,
+                          check=False)
+        assert_cli_error(refused, "not allowed by [jobs] allow", "itself")
+    named = write_config(tmp_path, sqlite_url, name="named.toml",
+                         jobs={"allow": ["jobs.*", "jobs.builtin:shell"]})
+    run_cli("jobs", "add", "x", "--func", "jobs.builtin:shell", "--every", "1h",
+            "--arg", "true", config=named)

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.helpers import run_cli, runs_json, start_node, wait_for, write_config
 
 PASSWORD = "pw-Zq81xT0pSecret"
-RPC_SECRET = "rpc-K7mN2vWq9Secret"
+RPC_SECRET = "rpc-K7mN2vWq9Secret-at-least-32-bytes"
 
 
 def _with_password(url: str) -> str:
