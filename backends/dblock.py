@@ -12,6 +12,11 @@ SQLite.
 * release: clear the row only if it still names this holder and token.
 
 Membership is the ``qc_members`` table, with ``last_seen`` on the database clock.
+
+This module is the one writer of ``qc_lease`` and ``qc_members``
+(``tests/store/test_owners.py``). The leader it publishes goes into ``qc_cluster``
+through that table's owner, :func:`qcluster.store.cluster.record_leader`, in the
+transaction that checks the lease row.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from backends.base import (
     member_to_dict,
 )
 from qcluster.store import schema
+from qcluster.store.cluster import record_leader
 from qcluster.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -149,16 +155,11 @@ class DBLockBackend(CoordinationBackend):
     # -- leader publication ----------------------------------------------------------
 
     def publish_leader(self, lease: Lease, info: LeaderInfo) -> None:
-        c = schema.cluster
         with self.db.write() as conn:
             if not self._holds(conn, lease):
                 self._lost(lease, "the lease row expired or was taken")
                 return
-            conn.execute(
-                c.update()
-                .where(c.c.id == 1)
-                .values(leader_id=info.node_id, leader_uri=info.uri, leader_since=info.since)
-            )
+            record_leader(conn, info)
 
     def read_leader(self) -> LeaderInfo | None:
         t, c = schema.lease, schema.cluster

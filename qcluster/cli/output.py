@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from qcluster.store.cluster import Phase
 from qcluster.store.runs import RunStatus
 
 console = Console(highlight=False)
@@ -78,7 +79,7 @@ def cluster_view(status: Mapping[str, Any]) -> None:
 
 def backend_view(status: Mapping[str, Any]) -> None:
     moving = (f", moving to [bold]{status['target_backend']}[/]"
-              if status["phase"] == "joint" else "")
+              if status["phase"] == Phase.JOINT else "")
     console.print(
         f"backend [bold]{status['backend']}[/]{moving}: phase {status['phase']} since "
         f"{_t(status['phase_since'])}, config version {status['config_version']}, epoch "

@@ -14,7 +14,7 @@ from qcluster.client.reads import backend_view
 from qcluster.errors import BackendUnavailable, InputError, QClusterError
 from qcluster.leader import migration
 from qcluster.settings import Settings
-from qcluster.store.cluster import ClusterState
+from qcluster.store.cluster import ClusterState, Phase
 from qcluster.store.db import Database
 
 
@@ -34,8 +34,8 @@ def migrate_backend(
     db = open_db(settings)
     try:
         state, _info, members = snapshot(settings, db)
-        rollback = state.phase == "joint" and state.backend == to
-        if not rollback and not (state.phase == "stable" and state.backend == to):
+        rollback = state.phase == Phase.JOINT and state.backend == to
+        if not rollback and not (state.phase == Phase.STABLE and state.backend == to):
             _check_move(settings, db, state, to, members)
         if dry_run:
             return {"dry_run": True, "plan": migration.plan(state, to, members),
@@ -48,7 +48,7 @@ def migrate_backend(
         progress = migration.progress(state, members)
         # Connected once for the whole wait: both backends of the move (and the database).
         with cluster_backends(settings, db, (state.backend, to)) as backends:
-            while state.phase == "joint":
+            while state.phase == Phase.JOINT:
                 if time.monotonic() - started > timeout:
                     who = ", ".join(n for n, _ in progress.waiting) or "the leader"
                     raise QClusterError(
@@ -104,7 +104,7 @@ def _check_move(settings: Settings, db: Database, state: ClusterState, to: str,
                 members: list[MemberInfo]) -> None:
     """Refuse a move that cannot finish: no settings for ``to`` here, ``to`` unreachable,
     or a live scheduler node whose config cannot use both backends."""
-    if state.phase == "joint" and state.target_backend != to:
+    if state.phase == Phase.JOINT and state.target_backend != to:
         raise InputError(
             f"the cluster is moving from {state.backend} to {state.target_backend}; finish "
             f"that (--to {state.target_backend}) or roll it back (--to {state.backend}) first"

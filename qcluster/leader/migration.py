@@ -1,7 +1,7 @@
 """Moving a running cluster from one coordination backend to another.
 
-The cluster row says which phase the cluster is in (docs/DESIGN.md invariant 9,
-"Migration between backends"):
+The cluster row says which phase the cluster is in (:class:`~qcluster.store.cluster.Phase`;
+docs/DESIGN.md invariant 9, "Migration between backends"):
 
 ``stable`` on A
     Leaders hold A.
@@ -24,6 +24,10 @@ writing the cluster row; the leader finishes it when every scheduler node has jo
 scheduler node's config names the same other backend and each of them started under the
 current config version: a rolling restart with edited configs takes the same path as the
 command, and nodes still running with an older config do not pull the cluster back.
+
+This module decides; ``qcluster/store/cluster.py``, the owner of ``qc_cluster``, writes
+(:func:`~qcluster.store.cluster.lock_cluster`, then
+:func:`~qcluster.store.cluster.change_phase`, in one transaction under the row lock).
 """
 
 from __future__ import annotations
@@ -31,13 +35,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-import sqlalchemy as sa
-
 from backends.base import MemberInfo
 from backends.loader import BACKENDS
 from qcluster.errors import Fenced, InputError
-from qcluster.store import schema
-from qcluster.store.cluster import ClusterState, from_row
+from qcluster.store.cluster import ClusterState, Phase, change_phase, lock_cluster
 from qcluster.store.db import Database
 
 
@@ -58,7 +59,7 @@ class Progress:
 
     @property
     def done(self) -> bool:
-        return self.state.phase == "stable"
+        return self.state.phase == Phase.STABLE
 
 
 def request_move(
@@ -73,9 +74,8 @@ def request_move(
     """
     if to not in BACKENDS:
         raise InputError(f"unknown backend {to!r}; choose one of {', '.join(BACKENDS)}")
-    c = schema.cluster
     with db.write() as conn:
-        state = from_row(conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one())
+        state = lock_cluster(conn)
         if epoch is not None and state.epoch != epoch:
             raise Fenced(f"epoch {epoch} is no longer current (now {state.epoch})")
         if expect_version is not None and state.config_version != expect_version:
@@ -83,7 +83,8 @@ def request_move(
                 f"the cluster's phase changed while the command checked it (config version "
                 f"{expect_version} -> {state.config_version}); run it again"
             )
-        if state.phase == "joint":
+        target: str | None
+        if state.phase == Phase.JOINT:
             if state.target_backend == to:
                 return Move.RESUMED, state
             if state.backend != to:
@@ -92,39 +93,28 @@ def request_move(
                     f"finish that (--to {state.target_backend}) or roll it back "
                     f"(--to {state.backend}) first"
                 )
-            values: dict[str, object] = {"phase": "stable", "target_backend": None}
-            move = Move.ROLLED_BACK
+            phase, target, move = Phase.STABLE, None, Move.ROLLED_BACK
         elif state.backend == to:
             return Move.NOTHING, state
         else:
-            values = {"phase": "joint", "target_backend": to}
-            move = Move.STARTED
-        conn.execute(
-            c.update().where(c.c.id == 1).values(
-                config_version=state.config_version + 1, phase_since=db.now(conn), **values
-            )
-        )
-        new = from_row(conn.execute(sa.select(c).where(c.c.id == 1)).one())
+            phase, target, move = Phase.JOINT, to, Move.STARTED
+        new = change_phase(db, conn, state, phase, target_backend=target)
     return move, new
 
 
 def complete_move(db: Database, *, epoch: int, version: int) -> ClusterState | None:
     """Leave the joint phase ``version`` for the target backend alone. Fenced on the
     leader's epoch; ``None`` if the phase changed meanwhile (rolled back, say)."""
-    c = schema.cluster
     with db.write() as conn:
-        state = from_row(conn.execute(sa.select(c).where(c.c.id == 1).with_for_update()).one())
+        state = lock_cluster(conn)
         if state.epoch != epoch:
             raise Fenced(f"epoch {epoch} is no longer current (now {state.epoch})")
-        if state.phase != "joint" or state.config_version != version or not state.target_backend:
+        if (state.phase != Phase.JOINT or state.config_version != version
+                or not state.target_backend):
             return None
-        conn.execute(
-            c.update().where(c.c.id == 1).values(
-                backend=state.target_backend, phase="stable", target_backend=None,
-                config_version=version + 1, phase_since=db.now(conn),
-            )
-        )
-        return from_row(conn.execute(sa.select(c).where(c.c.id == 1)).one())
+        # config_version becomes version + 1: change_phase adds one to the checked version.
+        return change_phase(db, conn, state, Phase.STABLE, backend=state.target_backend,
+                            target_backend=None)
 
 
 def schedulers(members: list[MemberInfo]) -> list[MemberInfo]:
@@ -149,7 +139,7 @@ def cannot_use(state: ClusterState, capabilities: tuple[str, ...]) -> str | None
     if not missing:
         return None
     where = (f"is moving from {state.backend} to {state.target_backend}"
-             if state.phase == "joint" else f"runs the {state.backend} backend")
+             if state.phase == Phase.JOINT else f"runs the {state.backend} backend")
     return (
         f"the cluster {where} (config version {state.config_version}) and this node's "
         f"config has no [coordination.{missing[0]}] servers; update the config and restart"
@@ -161,7 +151,7 @@ def config_vote(state: ClusterState, members: list[MemberInfo]) -> str | None:
     move there: all name the same other backend, all can use both, and all started
     under the current config version (a node still running an older config has not
     asked for anything since the last move)."""
-    if state.phase != "stable":
+    if state.phase != Phase.STABLE:
         return None
     nodes = schedulers(members)
     if not nodes:
@@ -184,7 +174,7 @@ def plan(state: ClusterState, to: str, members: list[MemberInfo]) -> list[str]:
     """The steps a move to ``to`` takes from ``state``, as lines for ``--dry-run``."""
     nodes = [m.node_id for m in schedulers(members)]
     who = ", ".join(nodes) or "(no live scheduler node)"
-    if state.phase == "joint" and state.target_backend == to:
+    if state.phase == Phase.JOINT and state.target_backend == to:
         return [
             f"resume the move from {state.backend} to {to} (joint phase, config version "
             f"{state.config_version})",
@@ -192,7 +182,7 @@ def plan(state: ClusterState, to: str, members: list[MemberInfo]) -> list[str]:
             f"then the leader switches the cluster to {to} alone "
             f"(config version {state.config_version + 1})",
         ]
-    if state.phase == "joint":
+    if state.phase == Phase.JOINT:
         return [
             f"roll back the move from {state.backend} to {state.target_backend}: the "
             f"cluster runs {state.backend} alone again (config version "

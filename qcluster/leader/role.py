@@ -3,13 +3,22 @@
 Order on winning: take a new epoch (fenced against older leases), publish who leads,
 start the dispatcher, send the runs that an earlier leader recorded but never sent, then
 start APScheduler on the shared store. Order on losing: ``halt()`` first (no fire is
-recorded and no run is sent after it), then the rest, without waiting on a database that
-may not answer.
+recorded and no run is sent after it), then the rest, waiting on a database that may not
+answer only for the bounded join of the maintenance thread.
+
+Each *term* (one win, from :meth:`LeaderRole.start` to :meth:`LeaderRole.stop`) has its own
+stop event and its own ``qc-maintenance`` thread, which reads only that term's epoch and
+event. A term's thread is joined for at most ``MAINTENANCE_JOIN_SECONDS`` when it ends,
+and a new term does not start while the previous term's thread is alive: two maintenance
+loops never run side by side, however quickly the node is re-elected. Once a term is
+halted, what its parts still report (a fenced write, a stale epoch, a database problem)
+no longer revokes leadership: the next term is not stepped down by the previous one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -32,6 +41,28 @@ log = logging.getLogger(__name__)
 
 RECOVERY_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
+#: How long ``stop()``, and a ``start()`` that finds the previous term's maintenance thread
+#: still alive, wait for it. It is halted first, so it only finishes the pass under way.
+MAINTENANCE_JOIN_SECONDS = 2.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Term:
+    """One term of leadership: its epoch, its own stop event, its maintenance thread."""
+
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    epoch: int | None = None  # set once take_epoch has answered
+    thread: threading.Thread | None = None
+    db_ok: float = dataclasses.field(default_factory=time.monotonic)
+    ended: bool = False  # stop() has torn it down (and joined its thread once)
+
+    def join(self) -> bool:
+        """Wait (bounded) for the maintenance thread; whether it has ended."""
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(MAINTENANCE_JOIN_SECONDS)
+        return not thread.is_alive()
 
 
 class LeaderRole:
@@ -60,21 +91,34 @@ class LeaderRole:
         self.epoch: int | None = None
         self.scheduler: LeaderScheduler | None = None
         self.dispatcher: Dispatcher | None = None
-        self._stop = threading.Event()
-        self._maintenance: threading.Thread | None = None
-        self._db_ok = time.monotonic()
+        self._term: _Term | None = None  # the current term, or the last one
         self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
-        return self.epoch is not None and not self._stop.is_set()
+        with self._lock:
+            term = self._term
+        return self.epoch is not None and (term is None or not term.stop.is_set())
 
     def start(self, lease: Lease, backend: CoordinationBackend) -> None:
-        """Lead with ``lease``, taken on ``backend``."""
+        """Lead with ``lease``, taken on ``backend``: a new term.
+
+        Raises :class:`QClusterError` (and starts nothing, takes no epoch) while the
+        previous term's maintenance thread is still alive after a bounded wait: a new term
+        never runs beside the previous one. The caller steps down and campaigns again."""
         s = self.settings
-        self._stop = threading.Event()
-        self._db_ok = time.monotonic()
+        with self._lock:
+            previous = self._term
+        if previous is not None and not previous.join():
+            raise QClusterError(
+                "the previous term's maintenance pass has not ended after "
+                f"{MAINTENANCE_JOIN_SECONDS:g}s (a database or backend call that hangs)"
+            )
+        term = _Term()
+        with self._lock:
+            self._term = term
         epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease)
+        term.epoch = epoch
         backend.publish_leader(
             lease, LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
         )
@@ -82,7 +126,7 @@ class LeaderRole:
         dispatcher = Dispatcher(
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
             strategy=s.dispatch.strategy, batch_size=s.dispatch.batch_size,
-            members=self.members, on_stale=self.revoke,
+            members=self.members, on_stale=lambda reason: self._revoke(term, reason),
         )
         store = SqlJobStore(
             self.db, lambda: epoch,
@@ -92,38 +136,47 @@ class LeaderRole:
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_days * 86400)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
-                                    on_fenced=self.revoke,
+                                    on_fenced=lambda reason: self._revoke(term, reason),
                                     fire_ahead_seconds=s.scheduler.fire_ahead_seconds)
         with self._lock:
             self.epoch, self.dispatcher, self.scheduler = epoch, dispatcher, scheduler
         dispatcher.start()
-        self._recover()
-        self._maintenance = threading.Thread(target=self._maintain, name="qc-maintenance",
-                                             daemon=True)
-        self._maintenance.start()
+        self._recover(term)
+        term.thread = threading.Thread(target=self._maintain, args=(term,),
+                                       name="qc-maintenance", daemon=True)
+        term.thread.start()
         scheduler.start()
 
     def halt(self) -> None:
-        """Stop firing and sending now. Non-blocking and idempotent."""
-        self._stop.set()
+        """Stop firing and sending now, and end the term's maintenance loop after its pass
+        under way. Non-blocking and idempotent."""
         with self._lock:
-            scheduler, dispatcher = self.scheduler, self.dispatcher
+            term, scheduler, dispatcher = self._term, self.scheduler, self.dispatcher
+        if term is not None:
+            term.stop.set()
         if scheduler is not None:
             scheduler.stop_firing()
         if dispatcher is not None:
             dispatcher.stop()
 
     def stop(self) -> None:
-        """Tear down after :meth:`halt`. Never waits on the database."""
+        """Tear down after :meth:`halt`. Waits on the database only for the term's
+        maintenance thread to finish its pass, at most ``MAINTENANCE_JOIN_SECONDS``."""
         self.halt()
         with self._lock:
-            scheduler = self.scheduler
+            term, scheduler = self._term, self.scheduler
             self.scheduler = self.dispatcher = None
             self.epoch = None
+            join = term is not None and not term.ended
+            if term is not None:
+                term.ended = True
         if scheduler is not None:
             # shutdown() joins the loop thread, which may be inside a database call that
             # does not answer: do it on the side. Our pass does nothing once stopped.
             threading.Thread(target=_shutdown, args=(scheduler,), daemon=True).start()
+        if join and term is not None and not term.join():
+            log.warning("the maintenance pass of epoch %s has not ended after %gs; the next "
+                        "term waits for it", term.epoch, MAINTENANCE_JOIN_SECONDS)
 
     def wakeup(self) -> None:
         with self._lock:
@@ -151,64 +204,76 @@ class LeaderRole:
 
     # -- maintenance ------------------------------------------------------------------------
 
-    def _maintain(self) -> None:
+    def _revoke(self, term: _Term, reason: str) -> None:
+        """Give up leadership for ``term``'s sake; nothing once that term is halted (what
+        an ended term's parts still report must not step the next term down)."""
+        if not term.stop.is_set():
+            self.revoke(reason)
+
+    def _maintain(self, term: _Term) -> None:
+        """The term's loop: recovery once a second, health, the migration step, pruning.
+        Reads only ``term``'s epoch and stop event."""
         last_prune = 0.0
-        while not self._stop.wait(RECOVERY_INTERVAL):
-            members = self._recover()
-            problem = self.healthy() or self._database_problem()
+        while not term.stop.wait(RECOVERY_INTERVAL):
+            members = self._recover(term)
+            if term.stop.is_set():  # halted during the pass: no step, no pruning after it
+                return
+            problem = self.healthy() or self._database_problem(term)
             if problem:
-                self.revoke(problem)
+                self._revoke(term, problem)
                 return
             if members is not None:
-                self._drive(members)
-            if time.monotonic() - last_prune > PRUNE_INTERVAL and self.epoch is not None:
+                self._drive(term, members)
+            if time.monotonic() - last_prune > PRUNE_INTERVAL and term.epoch is not None:
                 last_prune = time.monotonic()
                 try:
                     horizon = time.time() - self.settings.runs.retention_days * 86400
-                    n = prune_runs(self.db, self.epoch, older_than=horizon)
+                    n = prune_runs(self.db, term.epoch, older_than=horizon)
                     if n:
                         log.info("pruned %d runs older than the retention window", n)
                 except QClusterError as e:
                     log.warning("run pruning failed: %s", e)
 
-    def _drive(self, members: list[MemberInfo]) -> None:
-        epoch = self.epoch
-        if self.drive is None or epoch is None or self._stop.is_set():
+    def _drive(self, term: _Term, members: list[MemberInfo]) -> None:
+        epoch = term.epoch
+        if self.drive is None or epoch is None or term.stop.is_set():
             return
         try:
             self.drive(epoch, members)
         except Fenced as e:
-            self.revoke(f"a migration step was fenced: {e}")
+            self._revoke(term, f"a migration step was fenced: {e}")
         except QClusterError as e:
             log.warning("migration step failed (will retry): %s", e)
 
-    def _database_problem(self) -> str | None:
+    def _database_problem(self, term: _Term) -> str | None:
         # docs/DESIGN.md invariant 5: a leader that cannot reach the shared database steps
         # down, even when its ZooKeeper session or Redis lease is fine.
-        silent = time.monotonic() - self._db_ok
+        silent = time.monotonic() - term.db_ok
         if silent > self.settings.scheduler.database_timeout_seconds:
             return f"the shared database has not answered for {silent:.0f}s"
         return None
 
-    def _recover(self) -> list[MemberInfo] | None:
-        """One recovery pass; the live members it read (the migration step uses them too),
-        or None if it could not run."""
-        epoch = self.epoch
-        if epoch is None or self._stop.is_set():
+    def _recover(self, term: _Term) -> list[MemberInfo] | None:
+        """One recovery pass at ``term``'s epoch; the live members it read (the migration
+        step uses them too), or None if it could not run."""
+        epoch = term.epoch
+        if epoch is None or term.stop.is_set():
             return None
         try:
             members = self.members()
+            if term.stop.is_set():  # halted while the backend answered: write nothing
+                return None
             live = {(m.node_id, m.session) for m in members}
             result = recover_runs(self.db, epoch, live_workers=live,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds)
         except Fenced as e:
-            self.revoke(f"recovery was fenced: {e}")
+            self._revoke(term, f"recovery was fenced: {e}")
             return None
         except QClusterError as e:
             log.warning("run recovery failed (will retry): %s", e)
             return None
-        self._db_ok = time.monotonic()
-        if result.resend:
+        term.db_ok = time.monotonic()
+        if result.resend and not term.stop.is_set():
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)
         return members

@@ -32,7 +32,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
 from qcluster.errors import DatabaseUnavailable, Fenced
-from qcluster.store.jobstore import Advance, SqlJobStore, StoredJob
+from qcluster.store.catalog import Advance
+from qcluster.store.jobstore import SqlJobStore, StoredJob
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus
 

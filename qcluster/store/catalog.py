@@ -1,8 +1,21 @@
-"""Job changes and queries, on a connection the caller opened.
+"""Job changes and queries, on a connection the caller opened: the owner of ``qc_jobs``.
 
-The leader's control object runs these inside its fenced transaction; the CLI, when no
-leader is alive, runs them inside a transaction fenced on the epoch it read. Either way
-one call is one transaction: a batch of 10,000 jobs is written whole or not at all.
+Every write to ``qc_jobs`` is a function of this module (``tests/store/test_owners.py``),
+as every write to ``qc_runs`` is one of :mod:`qcluster.store.runs`. This module owns the
+table rather than :mod:`qcluster.store.jobstore` because its functions work on the
+caller's connection, the shape the owners of tables have here: the caller opens the
+fenced transaction (docs/DESIGN.md invariant 1) and one transaction may write several
+tables. ``SqlJobStore`` is an adapter to APScheduler's job-store interface: it opens its
+fenced transactions and calls :func:`apply_advances`, :func:`set_next_run_time`,
+:func:`delete_job`, :func:`delete_all_jobs` and :func:`set_broken` inside them. So the row
+version rule lives in one file: a job change (``upsert_jobs``, ``pause_job``,
+``resume_job``, and ``set_next_run_time`` for APScheduler's ``update_job``) adds one to
+``version``; an advance (:func:`apply_advances`) applies only at the version it read.
+
+The leader's control object runs the job changes inside its fenced transaction; the CLI,
+when no leader is alive, runs them inside a transaction fenced on the epoch it read.
+Either way one call is one transaction: a batch of 10,000 jobs is written whole or not
+at all.
 
 ``apply`` of a job whose trigger is unchanged keeps its stored next run time, so the
 fire times missed while the cluster was down are not lost (unlike APScheduler's
@@ -164,7 +177,73 @@ def resume_job(conn: Connection, job_id: str, now: float | None = None) -> None:
 
 def remove_job(conn: Connection, job_id: str) -> None:
     _get_row(conn, job_id)
-    conn.execute(schema.jobs.delete().where(schema.jobs.c.id == job_id))
+    delete_job(conn, job_id)
+
+
+# -- the job store's writes (qcluster/store/jobstore.py), in its fenced transactions ------
+
+
+@dataclasses.dataclass(frozen=True)
+class Advance:
+    """Move a job to its next fire time (``None``: no fire time left, remove it)."""
+
+    job_id: str
+    version: int
+    next_run_time: float | None
+
+
+def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
+    """Apply each advance only if the job's row is still at the version it read (a job
+    changed meanwhile keeps its new schedule); a job with no fire time left is deleted."""
+    j = schema.jobs
+    moves = [
+        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time}
+        for a in advances
+        if a.next_run_time is not None
+    ]
+    if moves:
+        conn.execute(
+            j.update()
+            .where(j.c.id == sa.bindparam("b_id"), j.c.version == sa.bindparam("b_version"))
+            .values(next_run_time=sa.bindparam("b_next")),
+            moves,
+        )
+    done = [{"b_id": a.job_id, "b_version": a.version}
+            for a in advances if a.next_run_time is None]
+    if done:  # one statement for a burst of one-off jobs, not one per job
+        conn.execute(
+            j.delete().where(j.c.id == sa.bindparam("b_id"),
+                             j.c.version == sa.bindparam("b_version")),
+            done,
+        )
+
+
+def set_next_run_time(conn: Connection, job_id: str, next_run_time: float | None) -> bool:
+    """Set a job's next fire time as a job change (``version`` + 1); whether it exists."""
+    j = schema.jobs
+    done = conn.execute(
+        j.update()
+        .where(j.c.id == job_id)
+        .values(next_run_time=next_run_time, version=j.c.version + 1, updated_at=time.time())
+    ).rowcount
+    return bool(done)
+
+
+def delete_job(conn: Connection, job_id: str) -> bool:
+    """Delete one job; whether it existed."""
+    return bool(conn.execute(schema.jobs.delete().where(schema.jobs.c.id == job_id)).rowcount)
+
+
+def delete_all_jobs(conn: Connection) -> None:
+    conn.execute(schema.jobs.delete())
+
+
+def set_broken(conn: Connection, broken: Sequence[tuple[str, str]]) -> None:
+    """Set these jobs aside: ``broken`` holds why (at most 2,000 characters); the rows are
+    kept, and a job change (``upsert_jobs``) clears it."""
+    j = schema.jobs
+    for job_id, reason in broken:
+        conn.execute(j.update().where(j.c.id == job_id).values(broken=reason[:2000]))
 
 
 def run_now(conn: Connection, job_id: str, epoch: int, leader: str) -> RunRecord:

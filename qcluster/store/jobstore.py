@@ -7,7 +7,9 @@ importing the job's module (the leader never runs jobs; workers do).
 Promises, beyond APScheduler's ``BaseJobStore``:
 
 * Every write is fenced on the leader's epoch (docs/DESIGN.md invariant 1): it commits only
-  while that epoch is the cluster's epoch.
+  while that epoch is the cluster's epoch. The store opens the fenced transactions; the
+  statements are those of :mod:`qcluster.store.catalog`, the owner of ``qc_jobs`` (it
+  says why it, not this adapter, owns the table).
 * :meth:`SqlJobStore.commit_fires` records a batch of run rows
   (:func:`qcluster.store.runs.insert_runs`, the owner of ``qc_runs``) and advances the jobs
   that produced them in ONE fenced transaction. A run row is unique on (job, scheduled
@@ -24,7 +26,6 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -34,11 +35,12 @@ import sqlalchemy as sa
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Row
 
 from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
-from qcluster.store import schema
+from qcluster.store import catalog, schema
+from qcluster.store.catalog import Advance as Advance  # commit_fires takes these
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, insert_runs
@@ -63,15 +65,6 @@ class StoredJob(Job):  # type: ignore[misc]
 
     __slots__ = ("qc",)
     qc: JobExtra
-
-
-@dataclasses.dataclass(frozen=True)
-class Advance:
-    """Move a job to its next fire time (``None``: no fire time left, remove it)."""
-
-    job_id: str
-    version: int
-    next_run_time: float | None
 
 
 def ts(dt: datetime | None) -> float | None:
@@ -152,26 +145,19 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         )
 
     def update_job(self, job: Job) -> None:
-        j = schema.jobs
         with self.db.fenced(self.epoch_of()) as conn:
-            done = conn.execute(
-                j.update()
-                .where(j.c.id == job.id)
-                .values(next_run_time=ts(job.next_run_time), version=j.c.version + 1,
-                        updated_at=time.time())
-            ).rowcount
+            done = catalog.set_next_run_time(conn, job.id, ts(job.next_run_time))
         if not done:
             raise JobLookupError(job.id)
 
     def remove_job(self, job_id: str) -> None:
-        j = schema.jobs
         with self.db.fenced(self.epoch_of()) as conn:
-            if not conn.execute(j.delete().where(j.c.id == job_id)).rowcount:
+            if not catalog.delete_job(conn, job_id):
                 raise JobLookupError(job_id)
 
     def remove_all_jobs(self) -> None:
         with self.db.fenced(self.epoch_of()) as conn:
-            conn.execute(schema.jobs.delete())
+            catalog.delete_all_jobs(conn)
 
     # -- the batch: run rows and job advances in one fenced transaction --------------------
 
@@ -186,7 +172,7 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         """
         with self.db.fenced(epoch) as conn:
             inserted = insert_runs(conn, fires, epoch, leader)
-            apply_advances(conn, advances)
+            catalog.apply_advances(conn, advances)
         return inserted
 
     # -- loading ------------------------------------------------------------------------
@@ -248,35 +234,8 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
 
     def set_aside(self, broken: list[tuple[str, str]]) -> None:
         """Stop firing these jobs (``broken`` says why; the rows are kept). Fenced."""
-        j = schema.jobs
         for job_id, reason in broken:
             log.error("job %r is set aside (not deleted): %s", job_id, reason)
         with self.db.fenced(self.epoch_of()) as conn:
-            for job_id, reason in broken:
-                conn.execute(
-                    j.update().where(j.c.id == job_id).values(broken=reason[:2000])
-                )
+            catalog.set_broken(conn, broken)
 
-
-def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
-    j = schema.jobs
-    moves = [
-        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time}
-        for a in advances
-        if a.next_run_time is not None
-    ]
-    if moves:
-        conn.execute(
-            j.update()
-            .where(j.c.id == sa.bindparam("b_id"), j.c.version == sa.bindparam("b_version"))
-            .values(next_run_time=sa.bindparam("b_next")),
-            moves,
-        )
-    done = [{"b_id": a.job_id, "b_version": a.version}
-            for a in advances if a.next_run_time is None]
-    if done:  # one statement for a burst of one-off jobs, not one per job
-        conn.execute(
-            j.delete().where(j.c.id == sa.bindparam("b_id"),
-                             j.c.version == sa.bindparam("b_version")),
-            done,
-        )

@@ -5,6 +5,9 @@ Campaign, win, renew; step down first (``halt`` before ``on_revoked``, then the 
 given back) when the lease is lost, the session expires or renewals keep failing; no
 leadership while the backend fails every call; ``stop()``; a lease reshaped into a joint
 one and back. The same loop on real servers is exercised by the cluster tests.
+
+The last test drives a real ``LeaderRole`` (on SQLite) from the loop: a quick re-election
+never runs two ``qc-maintenance`` threads at once.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend
 from backends.memory import MemoryBackend, MemoryServer
+from qcluster.leader import role
 from qcluster.leader.election import Leadership
+from qcluster.settings import load_settings_from_mapping
 from tests.backends.helpers import LossRecorder
-from tests.helpers import wait_for
+from tests.conftest import DatabaseFactory
+from tests.helpers import TEST_SECRET, wait_for
 
 LEASE = 1.0  # renewed every third of it; the deadline is 5% + 50 ms before it ends
 WAIT = 5.0  # generous: the machine may be busy
@@ -231,3 +239,98 @@ def test_a_reshaped_lease_takes_the_new_claim_first_and_gives_the_old_one_back()
         old.stop()
         new.stop()
 
+
+def _maintenance_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name == "qc-maintenance" and t.is_alive() and t not in before]
+
+
+def test_a_quick_re_election_never_runs_two_maintenance_threads(
+    sqlite_url: str, make_db: DatabaseFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is lost while the term's maintenance pass hangs in a backend call, and the
+    node wins again at once: the next term waits until that pass has ended, then runs
+    one maintenance thread of its own, and the old one never steps it down."""
+    monkeypatch.setattr(role, "RECOVERY_INTERVAL", 0.02)
+    monkeypatch.setattr(role, "MAINTENANCE_JOIN_SECONDS", 0.2, raising=False)
+    db = make_db(sqlite_url, backend="memory")
+    gate = threading.Event()  # cleared: a maintenance pass hangs in members() until set
+    gate.set()
+    hung = threading.Event()
+
+    def members() -> list[MemberInfo]:
+        if threading.current_thread().name == "qc-maintenance" and not gate.is_set():
+            hung.set()
+            gate.wait(WAIT)
+        return []
+
+    backend = MemoryBackend(MemoryServer(), lease_seconds=LEASE)
+    backend.start()
+    leader = role.LeaderRole(
+        load_settings_from_mapping({}, "test"), db, members=members, node_id="n1",
+        control_uri="PYRO:qcluster.leader.control@127.0.0.1:1", secret=TEST_SECRET,
+        revoke=lambda reason: leadership.revoke(reason),
+    )
+    revoked: list[str] = []
+
+    def on_revoked(reason: str) -> None:
+        revoked.append(reason)
+        leader.stop()
+
+    leadership = Leadership(
+        "n1", plan=lambda: backend, min_token=lambda: 0, halt=leader.halt,
+        on_elected=lambda lease: leader.start(lease, backend), on_revoked=on_revoked,
+        campaign_interval=0.02,
+    )
+    before = set(threading.enumerate())
+    most = 0
+    sampling = threading.Event()
+
+    def sample() -> None:  # the most maintenance threads alive at once, every 2 ms
+        nonlocal most
+        while not sampling.wait(0.002):
+            most = max(most, len(_maintenance_threads(before)))
+
+    sampler = threading.Thread(target=sample, name="test-sampler", daemon=True)
+    sampler.start()
+    try:
+        leadership.start()
+        wait_for(lambda: leader.active and _maintenance_threads(before), WAIT, 0.01, "a term")
+        first_epoch = leader.epoch
+        assert first_epoch is not None
+        (old,) = _maintenance_threads(before)
+        gate.clear()
+        assert hung.wait(WAIT), "the maintenance pass never reached members()"
+
+        assert backend.lose_lease("taken away by the test")
+        wait_for(lambda: revoked, WAIT, 0.01, "the step-down")
+        time.sleep(0.6)  # campaigns win the free lease again and again meanwhile
+        assert _maintenance_threads(before) == [old], "a term started beside the hung pass"
+        assert not leader.active  # the next term waits until the old pass has ended
+
+        gate.set()  # the old pass ends: it writes nothing and steps nobody down
+        old.join(WAIT)
+        assert not old.is_alive()
+        wait_for(lambda: leader.active and (leader.epoch or 0) > first_epoch, WAIT, 0.01,
+                 "the next term")
+        new = wait_for(lambda: _maintenance_threads(before), WAIT, 0.01, "its thread")
+        settled = len(revoked)
+        time.sleep(0.3)  # a dozen maintenance passes
+        assert _maintenance_threads(before) == new and len(new) == 1
+        assert len(revoked) == settled and leadership.status == "leader"
+
+        for _ in range(3):  # quick lose/re-win cycles without a hung pass
+            epoch = leader.epoch or 0
+            assert backend.lose_lease("again")
+            wait_for(lambda e=epoch: leader.active and (leader.epoch or 0) > e, WAIT, 0.01,
+                     "a re-election")
+        time.sleep(0.1)
+        assert len(_maintenance_threads(before)) == 1
+    finally:
+        gate.set()
+        leadership.stop()
+        backend.stop()
+        sampling.set()
+        sampler.join(WAIT)
+    assert most == 1, f"{most} qc-maintenance threads were alive at once"
+    assert _maintenance_threads(before) == []

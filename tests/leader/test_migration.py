@@ -28,7 +28,7 @@ from backends.base import CoordinationBackend, LeaderInfo, Lease, LossCallback, 
 from backends.dblock import DBLockBackend
 from backends.joint import JointBackend, combine, merge_members
 from backends.loader import load_backend_by_name
-from qcluster.errors import Fenced, InputError
+from qcluster.errors import Fenced, InputError, QClusterError
 from qcluster.leader.election import Leadership
 from qcluster.leader.migration import (
     Move,
@@ -43,6 +43,7 @@ from qcluster.settings import Settings, load_settings
 from qcluster.store import schema
 from qcluster.store.cluster import (
     ClusterState,
+    Phase,
     WrongBackend,
     ensure_cluster,
     read_cluster,
@@ -114,11 +115,12 @@ def rig(tmp_path: Path, pg_url: str, zk: ZkNamespace, make_db: DatabaseFactory) 
 
 def test_a_move_starts_resumes_and_rolls_back(db: Database) -> None:
     start = current(db)
-    assert (start.backend, start.phase, start.target_backend) == ("dblock", "stable", None)
+    assert (start.backend, start.phase, start.target_backend) == ("dblock", Phase.STABLE, None)
 
     move, joint = request_move(db, "zookeeper")
     assert move is Move.STARTED
-    assert (joint.backend, joint.phase, joint.target_backend) == ("dblock", "joint", "zookeeper")
+    assert (joint.backend, joint.phase, joint.target_backend) == (
+        "dblock", Phase.JOINT, "zookeeper")
     assert joint.config_version == start.config_version + 1
     assert joint.phase_since is not None
     assert joint.required == ("dblock", "zookeeper")
@@ -131,7 +133,7 @@ def test_a_move_starts_resumes_and_rolls_back(db: Database) -> None:
 
     move, back = request_move(db, "dblock")
     assert move is Move.ROLLED_BACK
-    assert (back.backend, back.phase, back.target_backend) == ("dblock", "stable", None)
+    assert (back.backend, back.phase, back.target_backend) == ("dblock", Phase.STABLE, None)
     assert back.config_version == joint.config_version + 1
     assert back.phase_since is not None and back.phase_since >= joint.phase_since
     assert current(db) == back
@@ -140,6 +142,26 @@ def test_a_move_starts_resumes_and_rolls_back(db: Database) -> None:
     assert move is Move.NOTHING
     assert same == back
     assert current(db) == back
+
+
+def test_phases_are_stored_as_the_strings_existing_databases_hold(db: Database) -> None:
+    assert {p.value for p in Phase} == {"stable", "joint"}
+
+    def stored() -> str:
+        with db.read() as conn:
+            return str(conn.execute(sa.select(schema.cluster.c.phase)).scalar_one())
+
+    assert stored() == "stable" and current(db).phase is Phase.STABLE
+    _, joint = request_move(db, "zookeeper")
+    assert stored() == "joint" and joint.phase is Phase.JOINT
+    assert current(db).phase is Phase.JOINT
+    request_move(db, "dblock")
+    assert stored() == "stable" and current(db).phase is Phase.STABLE
+
+    with db.write() as conn:
+        conn.execute(schema.cluster.update().values(phase="split"))  # a later version's
+    with pytest.raises(QClusterError, match="phase 'split' is not one this qcluster knows"):
+        read_cluster(db)
 
 
 def test_a_third_backend_or_an_unknown_one_is_refused_during_a_move(db: Database) -> None:
@@ -169,7 +191,7 @@ def test_a_leaders_move_is_fenced_on_its_epoch(db: Database) -> None:
         request_move(db, "zookeeper", epoch=epoch - 1)
     assert current(db) == before
     move, joint = request_move(db, "zookeeper", epoch=epoch)
-    assert move is Move.STARTED and joint.phase == "joint"
+    assert move is Move.STARTED and joint.phase == Phase.JOINT
 
 
 def test_complete_move_is_fenced_and_checks_the_version(db: Database) -> None:
@@ -191,7 +213,7 @@ def test_complete_move_is_fenced_and_checks_the_version(db: Database) -> None:
 
     done = complete_move(db, epoch=epoch, version=joint.config_version)
     assert done is not None
-    assert (done.backend, done.phase, done.target_backend) == ("zookeeper", "stable", None)
+    assert (done.backend, done.phase, done.target_backend) == ("zookeeper", Phase.STABLE, None)
     assert done.config_version == joint.config_version + 1
     assert done.epoch == epoch, "finishing a move takes no epoch"
     assert done.phase_since is not None
@@ -284,7 +306,7 @@ def test_take_epoch_follows_the_phase_through_a_whole_move(rig: Rig) -> None:
 
     # the move finishes: stable on zookeeper
     done = complete_move(db, epoch=epochs[-1], version=joint.config_version)
-    assert done is not None and (done.backend, done.phase) == ("zookeeper", "stable")
+    assert done is not None and (done.backend, done.phase) == ("zookeeper", Phase.STABLE)
 
     # the joint lease still covers what the phase needs (zookeeper)
     epochs.append(take_epoch(db, node_id="a", uri=uri("a"), lease=wide))
@@ -448,7 +470,7 @@ def test_joint_backend_needs_two_different_parts(rig: Rig) -> None:
 
 def cluster_state(**changes: Any) -> ClusterState:
     base = ClusterState(
-        name="t", backend="dblock", phase="stable", target_backend=None, config_version=3,
+        name="t", backend="dblock", phase=Phase.STABLE, target_backend=None, config_version=3,
         epoch=5, leader_id=None, leader_uri=None, leader_since=None, leader_backend=None,
         leader_token=0,
     )
@@ -489,14 +511,14 @@ def test_config_vote_ignores_workers() -> None:
 
 def test_config_vote_never_in_joint_or_when_already_there() -> None:
     nodes = [member("a"), member("b")]
-    joint = cluster_state(phase="joint", target_backend="zookeeper")
+    joint = cluster_state(phase=Phase.JOINT, target_backend="zookeeper")
     assert config_vote(joint, nodes) is None
     assert config_vote(cluster_state(backend="zookeeper"), nodes) is None
     assert config_vote(cluster_state(), []) is None
 
 
 def test_progress_lists_who_honours_the_phase() -> None:
-    state = cluster_state(phase="joint", target_backend="zookeeper", config_version=4)
+    state = cluster_state(phase=Phase.JOINT, target_backend="zookeeper", config_version=4)
     members = [
         member("a", config_version=4),
         member("b", config_version=5),  # a later phase honours this one too
@@ -514,7 +536,7 @@ def test_progress_lists_who_honours_the_phase() -> None:
 
 def test_cannot_use_says_what_the_phase_needs() -> None:
     stable = cluster_state()
-    joint = cluster_state(phase="joint", target_backend="zookeeper", config_version=4)
+    joint = cluster_state(phase=Phase.JOINT, target_backend="zookeeper", config_version=4)
     moved = cluster_state(backend="zookeeper", config_version=5)
     assert cannot_use(stable, ("dblock",)) is None
     assert cannot_use(joint, ("dblock", "zookeeper")) is None
@@ -536,7 +558,7 @@ def test_plan_names_the_steps_and_versions() -> None:
     assert "config version 8" in steps[0] and "config version 9" in steps[2]
     assert steps[1].endswith(": a"), "only the live scheduler nodes are waited for"
     assert plan(state, "dblock", []) == ["nothing to do: the cluster already runs dblock"]
-    joint = cluster_state(phase="joint", target_backend="zookeeper", config_version=8)
+    joint = cluster_state(phase=Phase.JOINT, target_backend="zookeeper", config_version=8)
     assert plan(joint, "zookeeper", [])[0].startswith("resume the move")
     back = plan(joint, "dblock", [])
     assert len(back) == 1 and back[0].startswith("roll back") and "config version 9" in back[0]
@@ -663,7 +685,8 @@ def test_cli_migrate_times_out_going_on_then_rolls_back(cli: CliCluster) -> None
     assert_cli_error(result, "not done after 1s", "it goes on", "--to dblock")
     assert "joint phase (config version 2)" in result.stdout
     joint = current(cli.db)
-    assert (joint.backend, joint.phase, joint.target_backend) == ("dblock", "joint", "zookeeper")
+    assert (joint.backend, joint.phase, joint.target_backend) == (
+        "dblock", Phase.JOINT, "zookeeper")
     assert joint.config_version == start.config_version + 1
 
     status = run_json("backend", "status", "--json", config=cli.config)
@@ -674,7 +697,7 @@ def test_cli_migrate_times_out_going_on_then_rolls_back(cli: CliCluster) -> None
     back = run_cli("backend", "migrate", "--to", "dblock", config=cli.config)
     assert "rolled back" in back.stdout
     final = current(cli.db)
-    assert (final.backend, final.phase, final.target_backend) == ("dblock", "stable", None)
+    assert (final.backend, final.phase, final.target_backend) == ("dblock", Phase.STABLE, None)
     assert final.config_version == start.config_version + 2
     assert final.epoch == start.epoch, "the CLI never takes an epoch"
 
@@ -735,7 +758,7 @@ def test_cli_rolls_back_while_the_target_is_unreachable(
             config=config, check=False,
         )
         final = current(db)
-        assert (final.backend, final.phase, final.target_backend) == ("dblock", "stable", None)
+        assert (final.backend, final.phase, final.target_backend) == ("dblock", Phase.STABLE, None)
         assert final.config_version == joint.config_version + 1
         assert back.returncode == 0 and "rolled back" in back.stdout
         assert status.returncode == 0 and json.loads(status.stdout)["backend"] == "dblock"
@@ -785,7 +808,7 @@ def test_a_0001_database_upgrades_and_keeps_its_cluster(db_url: str) -> None:
 
         state = current(db)
         assert (state.name, state.backend, state.phase, state.epoch) == (
-            "prod", "dblock", "stable", 7)
+            "prod", "dblock", Phase.STABLE, 7)
         assert (state.leader_id, state.leader_backend, state.leader_token) == ("n1", "dblock", 5)
         assert state.leader_tokens is None and state.phase_since is None
         assert state.tokens == {"dblock": 5}
