@@ -71,8 +71,12 @@ def _report(line: str) -> None:
 
 @config_app.command("check")
 def config_check(config: ConfigOpt = None) -> None:
-    """Validate the configuration and reach the database."""
+    """Validate the configuration as `start` would (secret, TLS files, address) and reach
+    the database."""
+    from qcluster.node.preflight import check_node_config
+
     s = settings(config)
+    check_node_config(s)
     where = admin.check_database(s)
     print(f"ok: {s.source} is valid; database {where} answers")
 

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from qcluster.definitions.jobdefs import check_job_id, validate_job
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
+from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
 from qcluster.store import catalog
 from qcluster.store.db import Database
@@ -52,6 +53,7 @@ def _err(kind: str, error: str) -> dict[str, Any]:
 
 def _refused(e: InputError) -> dict[str, Any]:
     kind = next((k for k, cls in INPUT_KINDS.items() if isinstance(e, cls)), "input")
+    refuse_call("control", str(e))
     return _err(kind, str(e))
 
 

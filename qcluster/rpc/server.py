@@ -7,7 +7,8 @@ ours (:mod:`qcluster.rpc.handshake`) run under one short deadline
 (:data:`HANDSHAKE_SECONDS`). Connections still in their handshake are capped per peer
 address and in all, so that authenticated work always finds a thread; a connection over
 a cap, or with no free thread, is closed at once. Refusals are logged one line each, with
-the peer's address, at most once per :data:`LOG_EVERY` seconds per peer.
+the peer's address, at most once per :data:`LOG_EVERY` seconds per peer and
+:data:`LOG_BURST` times in all (:class:`RefusalLog`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any
 
+import Pyro5.callcontext
 import Pyro5.core
 import Pyro5.errors
 import Pyro5.server
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 2.0  # TLS and our handshake together, per connection
 PENDING_PER_PEER = 4  # connections from one address still in their handshake
 LOG_EVERY = 10.0  # seconds between two refusal lines about one peer
+LOG_BURST = 20  # refusal lines in all per LOG_EVERY seconds
 
 _bound = threading.local()  # the object this thread's connection authenticated for
 
@@ -54,28 +57,48 @@ class _Objects(dict[str, Any]):
 
 
 class RefusalLog:
-    """One warning line per refusal, at most one per peer per :data:`LOG_EVERY` seconds
-    (a flood of bad connections does not become a flood of log lines)."""
+    """One warning line per refusal, at most one per peer address per :data:`LOG_EVERY`
+    seconds, and at most :data:`LOG_BURST` lines in all per :data:`LOG_EVERY` seconds
+    (a flood of bad connections, from one address or many, is not a flood of log lines);
+    the next line says how many were left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "connection") -> None:
+        self._what = what
         self._last: dict[str, float] = {}
-        self._quiet: Counter[str] = Counter()
+        self._quiet = 0
+        self._window, self._in_window = -LOG_EVERY, 0
         self._lock = threading.Lock()
 
     def __call__(self, peer: str, why: str) -> None:
         host = peer.rsplit(":", 1)[0]
         now = time.monotonic()
         with self._lock:
-            if now - self._last.get(host, -LOG_EVERY) < LOG_EVERY:
-                self._quiet[host] += 1
+            if now - self._window >= LOG_EVERY:
+                self._window, self._in_window = now, 0
+            if (now - self._last.get(host, -LOG_EVERY) < LOG_EVERY
+                    or self._in_window >= LOG_BURST):
+                self._quiet += 1
                 return
             self._last[host] = now
-            quiet = self._quiet.pop(host, 0)
+            self._in_window += 1
+            quiet, self._quiet = self._quiet, 0
             if len(self._last) > 10_000:  # a scan from many addresses: forget the oldest
                 for old in sorted(self._last, key=self._last.__getitem__)[:5_000]:
                     del self._last[old]
-        more = f" ({quiet} more refused since the last line)" if quiet else ""
-        log.warning("refused RPC connection from %s: %s%s", peer, why, more)
+        more = f" ({quiet} more refused and not logged since the last line)" if quiet else ""
+        log.warning("refused RPC %s from %s: %s%s", self._what, peer, why, more)
+
+
+_calls = RefusalLog("call")
+
+
+def refuse_call(method: str, why: str) -> None:
+    """Log a call that an object refuses (bad arguments, an epoch no leader holds): one
+    line with the caller's address, rate-limited as refused connections are. Call it from
+    the Pyro5 thread serving the call."""
+    addr = getattr(Pyro5.callcontext.current_context, "client_sock_addr", None)
+    peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
+    _calls(peer, f"{method}: {why}")
 
 
 def peer_of(sock: socket.socket) -> str:
@@ -176,8 +199,9 @@ class _Connection:
                 except (OSError, Pyro5.errors.ConnectionClosedError):
                     break
                 except Exception as e:  # a protocol error: one line, then close
-                    log.warning("closed RPC connection from %s: %s", self.peer,
-                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    text = str(e).splitlines()[0] if str(e) else ""
+                    self.server.refused(self.peer, f"closed after the handshake: "
+                                        f"{type(e).__name__}: {text[:200]}".rstrip(": "))
                     break
         finally:
             _bound.object_id = None
@@ -243,13 +267,9 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
         except OSError as e:  # socket.gaierror included
             raise ConfigError(_listen_error(host, port, e)) from None
         bound = self.sock.getsockname()[0]
-        if tls is None and not _loopback(bound):
+        if tls is None and not loopback(bound):
             self.close()
-            raise ConfigError(
-                f"[worker] host {host} ({bound}) is not a loopback address: RPC off "
-                "loopback needs [rpc.tls], or an observer of the network could take over "
-                "a connection"
-            )
+            raise ConfigError(off_loopback_error(host, bound))
         state: dict[str, Any] = self.__dict__
         plain = state["transportServer"]
         guarded = _GuardedServer(ServerHandshake(derive_key(secret), self.locationStr), tls,
@@ -264,7 +284,14 @@ class AuthDaemon(Pyro5.server.Daemon):  # type: ignore[misc]
         state["objectsById"] = _Objects(state["objectsById"])
 
 
-def _loopback(address: str) -> bool:
+def off_loopback_error(host: str, address: str) -> str:
+    """The one line for a daemon asked to listen off loopback without ``[rpc.tls]``."""
+    return (f"[worker] host {host} ({address}) is not a loopback address: RPC off loopback "
+            "needs [rpc.tls], or an observer of the network could take over a connection")
+
+
+def loopback(address: str) -> bool:
+    """Whether ``address`` (an IP, maybe with an IPv6 zone) is a loopback address."""
     try:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:

@@ -20,10 +20,11 @@ Rules, and why:
   whoever can read the RPC secret can run code on every worker.
 - A database directory that another user can write (a bit for others, or a bit for a
   group that is not this user's own private group) is refused unless it is sticky and
-  owned by this user (:func:`check_directory`). In a sticky directory others still create
-  names, so the files of the database found there must then be ours
-  (:func:`check_planted`). ``/tmp`` is sticky and root's: only root may keep a database
-  directly in it; other users get a message naming a private directory instead.
+  owned by this user, and so is one that another user owns, or whose parent another user
+  owns or can write without the sticky bit (:func:`check_directory`). In a sticky
+  directory others still create names, so the files of the database found there must
+  then be ours (:func:`check_planted`). ``/tmp`` is sticky and root's: only root may keep
+  a database directly in it; other users get a message naming a private directory.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from pathlib import Path
 from qcluster.errors import ConfigError
 
 MIN_SECRET_BYTES = 32
+#: Fewer distinct characters than this is a placeholder (32 spaces), not a random secret:
+#: 32 random base64 characters have about 24 distinct ones.
+MIN_DISTINCT = 8
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -49,6 +53,10 @@ def secret_problem(secret: str) -> str | None:
     if size < MIN_SECRET_BYTES:
         return (f"must be at least {MIN_SECRET_BYTES} bytes (got {size}); make one with"
                 " `openssl rand -base64 32`")
+    distinct = len(set(secret))
+    if distinct < MIN_DISTINCT:
+        return (f"has only {distinct} distinct characters: it looks like a placeholder, not"
+                " a random secret; make one with `openssl rand -base64 32`")
     return None
 
 
@@ -84,15 +92,15 @@ def operator_file_problem(st: os.stat_result) -> str | None:
     if kind:
         return f"is {kind}, not a regular file"
     me = os.geteuid()
+    if st.st_uid == 0:  # root's, whoever we are: root:qcluster 0640 shares it with a group
+        if st.st_mode & 0o037:
+            return (f"is owned by root with mode {_mode(st)}; root's may be at most 0640"
+                    " (chmod 640 it)")
+        return None
     if st.st_uid == me:
         if st.st_mode & 0o077:
             return (f"is readable or writable by group or others (mode {_mode(st)});"
                     " chmod 600 it")
-        return None
-    if st.st_uid == 0:
-        if st.st_mode & 0o037:
-            return (f"is owned by root with mode {_mode(st)}; root's may be at most 0640"
-                    " (chmod 640 it)")
         return None
     return f"is owned by uid {st.st_uid}, not by this user (uid {me}) or root"
 
@@ -114,28 +122,46 @@ def _private_group(gid: int) -> bool:
     return group.gr_name == user and set(group.gr_mem) <= {user}
 
 
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & 0o002 or (st.st_mode & 0o020 and not _private_group(st.st_gid)))
+
+
 def check_directory(directory: Path, what: str) -> bool:
-    """Check that others cannot replace files in ``directory``, which holds ``what`` (e.g.
-    "the database"). Raise a one-line ConfigError when it is writable by another user and
-    not sticky and ours. Return True when it is shared but allowed (sticky and ours):
-    names there may then be planted, see :func:`check_planted`. A directory that cannot be
-    examined (missing) is left to whoever opens files in it."""
+    """Check that no other user can replace files in ``directory``, which holds ``what``
+    (e.g. "the database"), as OpenSSH's StrictModes checks a key's path. The directory and
+    every parent up to ``/`` must be owned by this user or root; the directory may be
+    writable by another user only if it is sticky and ours, and a parent only if it is
+    sticky (then no one else can rename what we or root own in it). Raise a one-line
+    ConfigError otherwise. Return True when the directory itself is shared but allowed
+    (sticky and ours): names there may then be planted, see :func:`check_planted`. A
+    directory that cannot be examined (missing) is left to whoever opens files in it."""
     try:
-        st = os.stat(directory)
-    except (OSError, ValueError):
+        chain = [directory.resolve(strict=True)]
+        chain += list(chain[0].parents)
+        stats = [os.stat(p) for p in chain]
+    except (OSError, ValueError, RuntimeError):
         return False
-    writable_by_others = bool(st.st_mode & 0o002 or (
-        st.st_mode & 0o020 and not _private_group(st.st_gid)))
-    if not writable_by_others:
-        return False
-    if st.st_mode & stat.S_ISVTX and st.st_uid == os.geteuid():
-        return True
-    sticky = (f"sticky, but owned by uid {st.st_uid}" if st.st_mode & stat.S_ISVTX
-              else "not sticky")
-    raise ConfigError(
-        f"{directory}: cannot keep {what} here: other users can write this directory (mode "
-        f"{_mode(st)}, {sticky}); use a directory only you can write (e.g. mkdir -m 700 "
-        f"{directory / 'qcluster'}), or a sticky one you own")
+    me = os.geteuid()
+    for i, (path, st) in enumerate(zip(chain, stats, strict=True)):
+        whose = "this directory" if i == 0 else f"its parent {path}"
+        if st.st_uid not in (me, 0):
+            raise ConfigError(
+                f"{directory}: cannot keep {what} here: {whose} is owned by uid {st.st_uid},"
+                f" not by this user (uid {me}) or root, who can replace its files; use a"
+                " directory of your own (e.g. mkdir -m 700 ~/qcluster)")
+        if not _writable_by_others(st):
+            continue
+        sticky = bool(st.st_mode & stat.S_ISVTX)
+        if i == 0 and sticky and st.st_uid == me:
+            return True
+        if i > 0 and sticky:
+            continue
+        state = (f"sticky, but owned by uid {st.st_uid}" if sticky else "not sticky")
+        raise ConfigError(
+            f"{directory}: cannot keep {what} here: other users can write {whose} (mode "
+            f"{_mode(st)}, {state}); use a directory only you can write (e.g. mkdir -m 700 "
+            f"{directory / 'qcluster'}), or a sticky one you own")
+    return False
 
 
 def check_planted(paths: Iterable[Path], what: str) -> None:

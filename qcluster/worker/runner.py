@@ -42,6 +42,7 @@ import Pyro5.server
 
 from qcluster.definitions.jobdefs import check_func_ref, resolve_func
 from qcluster.errors import InputError, QClusterError
+from qcluster.rpc.server import refuse_call
 from qcluster.store import bounds
 from qcluster.store.db import Database
 from qcluster.store.records import (
@@ -91,6 +92,7 @@ class WorkerService:
             batch = check_batch(epoch, runs)
             return self._worker.accept(epoch, batch).to_wire()
         except InputError as e:
+            refuse_call("submit", str(e))
             raise ValueError(f"refused: {e}") from None
 
     def ping(self) -> dict[str, int]:
@@ -172,9 +174,8 @@ class Worker:
     def _admit(self, epoch: int, count: int) -> Refusal | None:
         try:
             return self._fence.admit(epoch)
-        except EpochNotConfirmed as e:
-            log.warning("refused a batch of %d runs: %s", count, e)
-            raise
+        except EpochNotConfirmed:
+            raise  # logged with the caller's address by WorkerService.submit
         except QClusterError as e:
             log.warning("could not confirm epoch %d (runs refused): %s", epoch, e)
             return Refusal.UNAVAILABLE

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from qcluster.rpc.handshake import client_handshake, derive_key, recv_exact
 from qcluster.rpc.pyro import configure_pyro, proxy
-from qcluster.rpc.server import HANDSHAKE_SECONDS, PENDING_PER_PEER
+from qcluster.rpc.server import HANDSHAKE_SECONDS, LOG_BURST, LOG_EVERY, PENDING_PER_PEER
 from tests.helpers import (
     TEST_SECRET,
     NodeProcess,
@@ -349,3 +349,39 @@ def test_a_silent_tls_client_does_not_stop_a_tls_daemon(tmp_path: Path, url: str
                 s.close()
         assert "TLS handshake failed" in node.log()
         assert "Traceback" not in node.log()
+
+
+def test_refusals_are_logged_with_the_address_and_capped_in_all(tmp_path: Path,
+                                                                url: str) -> None:
+    """One line per refusal with the peer's address; from 120 addresses at once, at most
+    LOG_BURST lines, and the next line says how many were left out (outsider review F5)."""
+    with running(tmp_path, url, "a") as a:
+        with proxy(a.uri, TEST_SECRET, 5.0) as p, \
+                pytest.raises(ValueError, match="is not confirmed"):
+            run = {"run_id": 1, "job_id": "j", "func": "jobs.builtin:noop", "args": "[]",
+                   "kwargs": "{}", "scheduled_at": time.time(), "attempt": 1,
+                   "epoch": 2**63 - 1, "recover": False}
+            p.submit(2**63 - 1, [run])  # a member's lie: logged with its address
+        log = a.process.log()
+        assert "refused RPC call from 127.0.0.1:" in log and "submit: epoch" in log
+        for i in range(120):
+            with socket.socket() as s:
+                s.bind((f"127.0.1.{i + 1}", 0))
+                s.connect((a.host, a.port))
+                recv_exact(s, _hello_len(a), time.monotonic() + 5)  # type: ignore[arg-type]
+                s.sendall(bytes(100))  # a wrong answer
+                _until_closed(s)
+        lines = [line for line in a.process.log().splitlines()
+                 if "refused RPC connection from 127.0.1." in line]
+        assert 1 <= len(lines) <= LOG_BURST, len(lines)
+        time.sleep(LOG_EVERY + 0.5)
+        with socket.socket() as s:
+            s.bind(("127.0.2.1", 0))
+            s.connect((a.host, a.port))
+            s.sendall(bytes(100))
+            _until_closed(s)
+        wait_for(lambda: "refused RPC connection from 127.0.2.1" in a.process.log(), 10,
+                 what="the line after the quiet ones")
+        last = [line for line in a.process.log().splitlines() if "127.0.2.1" in line][-1]
+        assert f"({120 - len(lines)} more refused and not logged" in last, last
+        assert a.ping() == 2

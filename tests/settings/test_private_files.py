@@ -192,10 +192,50 @@ def test_a_group_writable_directory_of_a_shared_group_is_refused(db_path: Path) 
 
 
 @as_root
+@as_root
+def test_a_directory_another_user_owns_is_refused_whatever_its_mode(db_path: Path) -> None:
+    """Its owner can rename or swap the database and the secret (outsider review, F1)."""
+    db_path.parent.chmod(0o755)
+    os.chown(db_path.parent, NOBODY, NOBODY)
+    with pytest.raises(ConfigError) as info:
+        Database(f"sqlite:///{db_path}")
+    assert _one_line(info).endswith(
+        f"this directory is owned by uid {NOBODY}, not by this user (uid 0) or root, who can "
+        "replace its files; use a directory of your own (e.g. mkdir -m 700 ~/qcluster)")
+    assert not db_path.exists()
+
+
+def test_a_private_directory_in_a_parent_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Anyone may rename a directory inside a world-writable, non-sticky parent, and put
+    their own in its place."""
+    parent = tmp_path / "open"
+    parent.mkdir()
+    parent.chmod(0o777)
+    mine = parent / "mine"
+    mine.mkdir(mode=0o700)
+    with pytest.raises(ConfigError) as info:
+        Database(f"sqlite:///{mine / 'q.db'}")
+    assert f"other users can write its parent {parent} (mode 0777, not sticky)" in (
+        _one_line(info))
+    parent.chmod(0o1777)  # sticky: no one else can rename what we own in it
+    Database(f"sqlite:///{mine / 'q.db'}").dispose()
+    assert (mine / "q.db").exists()
+
+
 def test_a_sticky_directory_of_another_user_is_refused(db_path: Path) -> None:
     os.chown(db_path.parent, NOBODY, NOBODY)
     db_path.parent.chmod(0o1777)
-    with pytest.raises(ConfigError, match=f"mode 1777, sticky, but owned by uid {NOBODY}"):
+    with pytest.raises(ConfigError, match=f"this directory is owned by uid {NOBODY}, not by"):
+        Database(f"sqlite:///{db_path}")
+
+
+def test_roots_sticky_directory_is_refused_to_another_user(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/tmp`` for anyone but root: sticky, but another user's (root's) directory."""
+    db_path.parent.chmod(0o1777)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ConfigError, match="mode 1777, sticky, but owned by uid 0"):
         Database(f"sqlite:///{db_path}")
 
 
@@ -252,9 +292,15 @@ def _load_url_file(path: Path) -> str:
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
-def test_secret_and_url_files_open_to_others_are_refused(tmp_path: Path, mode: int) -> None:
+def test_secret_and_url_files_open_to_others_are_refused(
+    tmp_path: Path, mode: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = write_private(tmp_path / "secret", LONG)
     url = write_private(tmp_path / "url", "postgresql://u:hunter2@h/db")
+    if os.geteuid() == 0:  # as a service user: root's own files have a rule of their own
+        for path in (secret, url):
+            os.chown(path, 1000, 1000)
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for path, load, key in ((secret, _load_secret_file, "rpc.secret_file"),
                             (url, _load_url_file, "database.url_file")):
         path.chmod(mode)
@@ -336,8 +382,31 @@ def test_a_secret_shorter_than_32_bytes_is_refused_wherever_it_comes_from(
     with pytest.raises(ConfigError) as info:
         _load_secret_file(path)
     assert _one_line(info) == f"q.toml: rpc.secret_file: the secret in {path} {tail}"
-    exactly = load_settings_from_text("[rpc]\nsecret = '" + "x" * 32 + "'\n", "q.toml", {})
-    assert exactly.rpc_secret() == "x" * 32
+    just = "0123456789abcdef" * 2  # 32 bytes, 16 distinct characters
+    exactly = load_settings_from_text(f"[rpc]\nsecret = '{just}'\n", "q.toml", {})
+    assert exactly.rpc_secret() == just
+
+
+@pytest.mark.parametrize("secret", [" " * 36, "a" * 40, "ab" * 20, "1234567" * 6])
+def test_a_long_placeholder_secret_is_refused(secret: str) -> None:
+    """The attack of the outsider review: 36 spaces passed the length rule."""
+    with pytest.raises(ConfigError) as info:
+        load_settings_from_text(f"[rpc]\nsecret = {json.dumps(secret)}\n", "q.toml", {})
+    distinct = len(set(secret))
+    assert _one_line(info) == (
+        f"q.toml: rpc.secret: has only {distinct} distinct characters: it looks like a "
+        "placeholder, not a random secret; make one with `openssl rand -base64 32`")
+
+
+def test_roots_group_readable_file_is_fine_when_qcluster_runs_as_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """root:qcluster 0640 is root's file whoever reads it, root included."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert operator_file_problem(_stat(0o640, 0)) is None
+    assert operator_file_problem(_stat(0o600, 0)) is None
+    assert operator_file_problem(_stat(0o644, 0)) == (
+        "is owned by root with mode 0644; root's may be at most 0640 (chmod 640 it)")
 
 
 def test_the_cli_refuses_a_short_secret_in_one_line(tmp_path: Path, sqlite_url: str) -> None:
