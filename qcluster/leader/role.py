@@ -145,6 +145,7 @@ class LeaderRole:
             self.db, lambda: epoch,
             misfire_grace_seconds=s.scheduler.misfire_grace_seconds,
             coalesce=s.scheduler.coalesce, batch_size=s.scheduler.batch_size,
+            min_interval_seconds=s.scheduler.min_interval_seconds,
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_days * 86400)

@@ -77,8 +77,9 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
             try:
                 self._plan(job, now, fires, advances, until or now)
             except (ArithmeticError, ValueError) as e:
-                # A stored value no edge would accept today (a grace of 10**15 s, say)
-                # must not stop the other jobs: set this one aside and say why.
+                # A stored value no edge would accept today (a grace of 10**15 s, say, or
+                # a cron with no fire time within the bounded search: triggers.
+                # SearchExhausted) must not stop the other jobs: set it aside, say why.
                 del fires[planned[0]:], advances[planned[1]:]
                 unplannable.append((job.id, f"cannot plan its fire times: {e}"))
         if unplannable:
