@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def open_db(settings: Settings, *, create: bool | None = None) -> Database:
     """The shared database, with its schema checked. An embedded one is created on use."""
-    db = Database(settings.database_url())
+    db = Database.from_settings(settings)
     create = settings.is_embedded if create is None else create
     if not db.is_current():
         if not create:
@@ -110,7 +110,7 @@ def upgrade_db(settings: Settings) -> str:
 
 
 def check_database(settings: Settings) -> str:
-    db = Database(settings.database_url())
+    db = Database.from_settings(settings)
     try:
         with db.read() as conn:
             db.now(conn)

@@ -84,6 +84,11 @@ class Leadership:
         self._thread = threading.Thread(target=self._run, name="qc-leadership", daemon=True)
 
     @property
+    def deadline(self) -> float:
+        """The held lease's local deadline (``clock()``), as the loop keeps it."""
+        return self._deadline
+
+    @property
     def leading(self) -> bool:
         return self.lease is not None and not self._lost.is_set()
 

@@ -113,8 +113,11 @@ class LeaderRole:
             term = self._term
         return self.epoch is not None and (term is None or not term.stop.is_set())
 
-    def start(self, lease: Lease, backend: CoordinationBackend) -> None:
-        """Lead with ``lease``, taken on ``backend``: a new term.
+    def start(self, lease: Lease, backend: CoordinationBackend,
+              valid_until: float | None = None) -> None:
+        """Lead with ``lease``, taken on ``backend``: a new term. ``valid_until`` is the
+        lease's local deadline (``time.monotonic()``): a lease that runs out while
+        ``take_epoch`` waits for the cluster row takes no epoch.
 
         Raises :class:`QClusterError` (and starts nothing, takes no epoch) while the
         previous term's maintenance thread is still alive after a bounded wait: a new term
@@ -130,7 +133,8 @@ class LeaderRole:
         term = _Term()
         with self._lock:
             self._term = term
-        epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease)
+        epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease,
+                           valid_until=valid_until)
         term.epoch = epoch
         self._check_started(term)
         term.info = LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
