@@ -271,6 +271,9 @@ class Node(NodeCoordination):
         if epoch is None:
             raise Fenced("not leading any more")
         record_lease(self.db, node_id=self.node_id, epoch=epoch, lease=lease)
+        if self.leadership is not None and self.leadership.backend is not None:
+            # Published on the backend it now holds, in every phase (issue 14, point 1).
+            self.leader.republish(lease, self.leadership.backend)
 
     def _drive(self, epoch: int, members: list[MemberInfo]) -> None:
         """The leader's part of a migration, once a second (see :mod:`qcluster.leader.migration`),
