@@ -24,12 +24,9 @@ Daylight saving time, for a cron in a zone with DST (e.g. Europe/Berlin):
 Intervals fire at ``start + k * interval`` in real time, in whole microseconds, unaffected
 by DST.
 
-The next-fire search of a cron is bounded: it looks at most :data:`SEARCH_YEARS` years past
-``max(previous fire time, now)`` and raises :class:`SearchExhausted` beyond. APScheduler
-3.11's ``CronTrigger.get_next_fire_time`` walks field by field and, for a combination that
-never exists (day 31 of February), increments the year up to 9999 (about 0.26 s of CPU per
-call); here every increment past the bound stops the walk. A search that ends without a
-time for another reason (year 9999, a ``year=`` field that is over) still returns None.
+A cron's next-fire search looks at most :data:`SEARCH_YEARS` past ``max(previous, now)``,
+then raises :class:`SearchExhausted`: APScheduler 3.11 walks an impossible date (Feb 31)
+year by year to 9999 (0.26 s of CPU a call). Year 9999 or an ended ``year=`` gives None.
 """
 
 from __future__ import annotations
@@ -69,9 +66,8 @@ _search = threading.local()  # .limit: the UTC bound of the search under way on 
 
 
 class SearchExhausted(InputError, ValueError):
-    """A cron with no fire time within :data:`SEARCH_YEARS` years (it may never fire).
-    An InputError (one line at the edge) and a ValueError (the scheduler sets the job
-    aside)."""
+    """No fire time within :data:`SEARCH_YEARS`: one line at the edge, set aside by the
+    leader's pass (which catches ValueError)."""
 
 
 class _PastLimit(Exception):
@@ -207,9 +203,8 @@ class EitherCronTrigger(OrTrigger):  # type: ignore[misc]
         self.timezone = timezone
 
     def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
-        # A child with no time within the bounded search (crontab's impossible day-of-month
-        # half of ``0 0 31 2 1``) does not count when another child has one: that one is
-        # inside the bound, so it is the earliest.
+        # A child with no time within the bound (the Feb 31 half of ``0 0 31 2 1``) does not
+        # count when another has one: that one is within the bound, so it is the earliest.
         found: list[datetime] = []
         exhausted: SearchExhausted | None = None
         for trigger in self.triggers:
