@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def open_db(settings: Settings, *, create: bool | None = None) -> Database:
     """The shared database, with its schema checked. An embedded one is created on use."""
-    db = Database(settings.database_url())
+    db = Database.from_settings(settings)
     create = settings.is_embedded if create is None else create
     if not db.is_current():
         if not create:
@@ -69,16 +69,28 @@ def snapshot(settings: Settings,
     """The cluster row, the live leader (as the phase's backends tell) and live members."""
     state = read_state(db)
     with cluster_backends(settings, db, state.required) as backends:
-        return state, live_leader(state, backends), live_members(backends)
+        members = live_members(backends)
+        return state, live_leader(state, backends, members), members
 
 
-def live_leader(state: ClusterState,
-                backends: list[CoordinationBackend]) -> LeaderInfo | None:
-    for backend in backends:
-        if backend.name in state.required:
-            info = backend.read_leader()
-            if info is not None:
-                return info
+def live_leader(state: ClusterState, backends: list[CoordinationBackend],
+                members: list[MemberInfo] | None = None) -> LeaderInfo | None:
+    """The leader as the phase's backends tell. When this config reaches none of them
+    (it names another backend and has no servers for the cluster's), the leader the
+    cluster row records, if that node is a live member (every node checks in to the
+    database's member list) that says it leads: the leader is found whatever backend
+    the command's own config names."""
+    reached = [b for b in backends if b.name in state.required]
+    for backend in reached:
+        info = backend.read_leader()
+        if info is not None:
+            return info
+    if reached or members is None or not state.leader_id or not state.leader_uri:
+        return None
+    for m in members:
+        if m.node_id == state.leader_id and m.status.startswith("leader"):
+            return LeaderInfo(state.leader_id, state.leader_uri, state.epoch,
+                              state.leader_since or 0.0)
     return None
 
 
@@ -110,7 +122,7 @@ def upgrade_db(settings: Settings) -> str:
 
 
 def check_database(settings: Settings) -> str:
-    db = Database(settings.database_url())
+    db = Database.from_settings(settings)
     try:
         with db.read() as conn:
             db.now(conn)

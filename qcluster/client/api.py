@@ -160,7 +160,8 @@ class Client:
                 "kwargs": {} if kwargs is None else kwargs,
                 "misfire_grace_seconds": misfire_grace, "coalesce": coalesce,
                 "recover": recover}
-        return validate_job(wire, self.settings.jobs.allow, import_it=True)
+        return validate_job(wire, self.settings.jobs.allow, import_it=True,
+                            min_interval=self.settings.scheduler.min_interval_seconds)
 
     def apply(self, source: str | Path | Iterable[JobDef], *, prune: bool = False) -> Applied:
         """Create and update jobs declaratively from a ``[[job]]`` TOML file (a path) or
@@ -168,7 +169,8 @@ class Client:
         ``prune``, jobs not named are removed. All are checked before anything is written."""
         if isinstance(source, str | Path):
             defs = load_job_file(Path(source), allow=list(self.settings.jobs.allow),
-                                 default_tz=self.settings.scheduler.timezone)
+                                 default_tz=self.settings.scheduler.timezone,
+                                 min_interval=self.settings.scheduler.min_interval_seconds)
         else:
             defs = self._checked(source)
         outcome = changes.apply_jobs(self.settings, defs, prune=prune)
@@ -191,7 +193,8 @@ class Client:
                 wire = d.to_wire()
             except (TypeError, ValueError):
                 raise InputError(f"job {d.id!r}: malformed definition") from None
-            checked = validate_job(wire, self.settings.jobs.allow, import_it=True)
+            checked = validate_job(wire, self.settings.jobs.allow, import_it=True,
+                                   min_interval=self.settings.scheduler.min_interval_seconds)
             if checked.id in seen:
                 raise InputError(f"job {checked.id!r}: the id is used twice")
             seen.add(checked.id)

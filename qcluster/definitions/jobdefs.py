@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, check_schedule
 from qcluster.definitions.triggers import TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
 from qcluster.settings import is_allowed, is_func_ref, named_only, ref_problem
@@ -197,8 +198,11 @@ _FIELDS = {"id", "func", "trigger", "args", "kwargs", "misfire_grace_seconds", "
            "recover"}
 
 
-def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False) -> JobDef:
-    """Build a :class:`JobDef` from wire data (RPC, stored rows). InputError if malformed."""
+def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
+                 min_interval: float = DEFAULT_MIN_INTERVAL) -> JobDef:
+    """Build a :class:`JobDef` from wire data (RPC, stored rows). InputError if malformed,
+    or if its trigger fires more often than ``min_interval`` seconds or (a cron) has no
+    fire time within the bounded search (``definitions/limits.check_schedule``)."""
     if not isinstance(data, Mapping):
         raise InputError("a job must be a table")
     unknown = set(data) - _FIELDS
@@ -207,6 +211,10 @@ def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False)
     job_id = check_job_id(data.get("id"))
     func = check_func_ref(data.get("func"), allow, import_it=import_it)
     trigger = validate_spec(data.get("trigger"))
+    try:
+        check_schedule(trigger, min_interval=min_interval)
+    except InputError as e:
+        raise InputError(f"job {job_id!r}: {e}") from None
     args, kwargs = check_args(data.get("args", []), data.get("kwargs", {}))
     grace = data.get("misfire_grace_seconds")
     if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
+from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
 from qcluster.settings import read_bounded
@@ -32,7 +33,8 @@ def parse_cli_value(text: str) -> Any:
         raise InputError(f"value {text[:20]!r}... is nested too deeply") from None
 
 
-def load_job_file(path: Path, *, allow: list[str], default_tz: str) -> list[JobDef]:
+def load_job_file(path: Path, *, allow: list[str], default_tz: str,
+                  min_interval: float = DEFAULT_MIN_INTERVAL) -> list[JobDef]:
     # Bytes: a file that is not UTF-8 is "invalid TOML", with the decoder's reason.
     raw = read_bounded(path, MAX_FILE_BYTES, "job file", error=InputError, text=False)
     try:
@@ -55,7 +57,7 @@ def load_job_file(path: Path, *, allow: list[str], default_tz: str) -> list[JobD
         if isinstance(entry.get("id"), str):
             where = f"{path}: job {entry['id']!r}"
         try:
-            jd = _one(entry, allow, default_tz)
+            jd = _one(entry, allow, default_tz, min_interval)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         if jd.id in seen:
@@ -77,7 +79,8 @@ def _check_import(func: str, allow: list[str], imported: set[str], where: str) -
     imported.add(func)
 
 
-def _one(entry: dict[str, Any], allow: list[str], default_tz: str) -> JobDef:
+def _one(entry: dict[str, Any], allow: list[str], default_tz: str,
+         min_interval: float) -> JobDef:
     unknown = set(entry) - _FIELDS
     if unknown:
         raise InputError(f"unknown field {sorted(unknown)[0]!r}")
@@ -92,7 +95,7 @@ def _one(entry: dict[str, Any], allow: list[str], default_tz: str) -> JobDef:
     )
     wire = {k: v for k, v in entry.items() if k not in ("cron", "every", "at", "tz")}
     wire["trigger"] = spec
-    return validate_job(wire, allow)
+    return validate_job(wire, allow, min_interval=min_interval)
 
 
 def _str(entry: dict[str, Any], key: str) -> str | None:

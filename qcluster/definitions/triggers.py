@@ -23,12 +23,17 @@ Daylight saving time, for a cron in a zone with DST (e.g. Europe/Berlin):
 
 Intervals fire at ``start + k * interval`` in real time, in whole microseconds, unaffected
 by DST.
+
+A cron's next-fire search looks at most :data:`SEARCH_YEARS` past ``max(previous, now)``,
+then raises :class:`SearchExhausted`: APScheduler 3.11 walks an impossible date (Feb 31)
+year by year to 9999 (0.26 s of CPU a call). Year 9999 or an ended ``year=`` gives None.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -54,6 +59,19 @@ _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
               "date": {"type", "at", "tz"}}
 _When = datetime | None
+
+SEARCH_YEARS = 5  # how far ahead a cron's next fire time is looked for
+SEARCH_WINDOW = timedelta(days=366 * SEARCH_YEARS)
+_search = threading.local()  # .limit: the UTC bound of the search under way on this thread
+
+
+class SearchExhausted(InputError, ValueError):
+    """No fire time within :data:`SEARCH_YEARS`: one line at the edge, set aside by the
+    leader's pass (which catches ValueError)."""
+
+
+class _PastLimit(Exception):
+    """The walk of one search went past its bound (internal)."""
 
 
 def _utc(dt: datetime) -> datetime:
@@ -136,7 +154,12 @@ class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
         target = dateval.replace(tzinfo=None) + (_utc(candidate) - _utc(dateval))
         exact = _normalize(target.replace(tzinfo=self.timezone))
         if _utc(dateval) < _utc(exact) < _utc(candidate):
-            return exact, fieldnum
+            candidate = exact
+        # Every step that moves the walk into a later month or year comes through here:
+        # the one place to stop a search that would walk to the year 9999.
+        limit: datetime | None = getattr(_search, "limit", None)
+        if limit is not None and _utc(candidate) > limit:
+            raise _PastLimit
         return candidate, fieldnum
 
     def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
@@ -144,10 +167,25 @@ class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
             # Same tzinfo as our own times: an aware time in a fold never equals one in
             # another zone (PEP 495), which would defeat CronTrigger's "same as previous" step.
             previous_fire_time = previous_fire_time.astimezone(self.timezone)
+        start = _utc(now if previous_fire_time is None else max(now, previous_fire_time,
+                                                                key=_utc))
+        outer = getattr(_search, "limit", None)
+        try:
+            _search.limit = start + SEARCH_WINDOW
+        except OverflowError:  # within 5 years of 9999: the walk ends there anyway
+            _search.limit = None
+        limit = _search.limit
         try:
             found = super().get_next_fire_time(previous_fire_time, now)
+            if found is not None and limit is not None and _utc(found) > limit:
+                raise _PastLimit  # jumped there in one step (``year=2040``): the same rule
         except OverflowError:  # walked off year 9999
             return None
+        except _PastLimit:
+            raise SearchExhausted(
+                f"no fire time within {SEARCH_YEARS} years after {start:%Y-%m-%d}") from None
+        finally:
+            _search.limit = outer
         return None if found is None else _normalize(found)
 
 
@@ -165,9 +203,23 @@ class EitherCronTrigger(OrTrigger):  # type: ignore[misc]
         self.timezone = timezone
 
     def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
-        times: list[_When] = [t.get_next_fire_time(previous_fire_time, now) for t in self.triggers]
-        found = [t for t in times if t is not None]
-        return min(found, key=_utc) if found else None
+        # A child with no time within the bound (the Feb 31 half of ``0 0 31 2 1``) does not
+        # count when another has one: that one is within the bound, so it is the earliest.
+        found: list[datetime] = []
+        exhausted: SearchExhausted | None = None
+        for trigger in self.triggers:
+            try:
+                t = trigger.get_next_fire_time(previous_fire_time, now)
+            except SearchExhausted as e:
+                exhausted = e
+                continue
+            if t is not None:
+                found.append(t)
+        if found:
+            return min(found, key=_utc)
+        if exhausted is not None:
+            raise exhausted
+        return None
 
 
 class AlignedIntervalTrigger(IntervalTrigger):  # type: ignore[misc]
@@ -290,8 +342,7 @@ def make_spec(*, cron: str | None = None, every: str | float | None = None,
     zone = parse_zone(zone_name)
     if cron is not None:
         spec = validate_spec({"type": "cron", "expr": cron, "tz": zone_name})
-        if build_trigger(spec).get_next_fire_time(None, now) is None:
-            raise InputError(f"invalid cron expression {quote(spec['expr'])}: it never fires")
+        check_fires(spec, now)
         return spec
     if every is not None:
         start = _utc(now).replace(microsecond=0)
@@ -300,6 +351,21 @@ def make_spec(*, cron: str | None = None, every: str | float | None = None,
     assert at is not None
     when = _parse_at(at, zone, need_offset=False)
     return validate_spec({"type": "date", "at": when.isoformat(), "tz": zone_name})
+
+
+def check_fires(spec: TriggerSpec, now: datetime | None = None) -> None:
+    """InputError unless a cron ``spec`` has a fire time within :data:`SEARCH_YEARS` years
+    of ``now`` (intervals always have one; a date in the past is allowed)."""
+    if spec["type"] != "cron":
+        return
+    when = datetime.now(UTC) if now is None else now
+    try:
+        found = build_trigger(spec).get_next_fire_time(None, when)
+    except SearchExhausted as e:
+        raise InputError(f"invalid cron expression {quote(spec['expr'])}: it never fires "
+                         f"({e})") from None
+    if found is None:
+        raise InputError(f"invalid cron expression {quote(spec['expr'])}: it never fires")
 
 
 def describe(spec: TriggerSpec) -> str:

@@ -76,10 +76,17 @@ class Leadership:
         self._lost = threading.Event()
         self._poke = threading.Event()  # wakes the holding loop: lost, or a reshape asked
         self._reshape_to: CoordinationBackend | None = None
+        self._generation = 0  # one per campaign attempt: see _loss_callback
+        self._term_lost: Callable[[str], None] = self._on_lost
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._renewer = ThreadPoolExecutor(1, thread_name_prefix="qc-renew")
         self._thread = threading.Thread(target=self._run, name="qc-leadership", daemon=True)
+
+    @property
+    def deadline(self) -> float:
+        """The held lease's local deadline (``clock()``), as the loop keeps it."""
+        return self._deadline
 
     @property
     def leading(self) -> bool:
@@ -103,12 +110,34 @@ class Leadership:
 
     def _on_lost(self, reason: str) -> None:
         # Called by backend threads: stop dispatching first, then let the loop tidy up.
+        # The loop is woken whatever halt() does: an exception there (a part that was not
+        # started yet) must not leave a leader that renews its lease and never fires.
         with self._lock:
             if self._lost_reason is None:
                 self._lost_reason = reason
-        self.halt()
-        self._lost.set()
-        self._poke.set()
+        try:
+            self.halt()
+        finally:
+            self._lost.set()
+            self._poke.set()
+
+    def _loss_callback(self) -> Callable[[str], None]:
+        """The ``on_lost`` for the leases of the term about to be campaigned for: a loss
+        reported for an earlier term's lease (a late watch, a late renew) is dropped, it
+        must not step this term down."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+
+        def on_lost(reason: str) -> None:
+            with self._lock:
+                current = self._generation == generation
+            if current:
+                self._on_lost(reason)
+            else:
+                log.info("ignoring the loss of an earlier term's lease: %s", reason)
+
+        return on_lost
 
     def reshape(self, backend: CoordinationBackend) -> None:
         """Ask the loop to hold the lease on ``backend`` instead (a migration widens a
@@ -146,9 +175,10 @@ class Leadership:
         with self._lock:
             self._lost_reason = None
         self._lost.clear()
+        self._term_lost = self._loss_callback()
         sent = self.clock()
         try:
-            lease = backend.try_acquire(self.node_id, self._on_lost, self.min_token())
+            lease = backend.try_acquire(self.node_id, self._term_lost, self.min_token())
         except QClusterError as e:
             self.status = f"cannot campaign: {e}"
             log.warning("campaign failed: %s", e)
@@ -266,7 +296,7 @@ class Leadership:
         """``part.try_acquire`` on the renewer thread, bounded by the lease's deadline. A
         claim that arrives after the deadline gave up on it is released, not leaked."""
         future: Future[Lease | None] = self._renewer.submit(
-            part.try_acquire, self.node_id, self._on_lost, floor)
+            part.try_acquire, self.node_id, self._term_lost, floor)
         try:
             return future.result(timeout=max(0.0, self._deadline - self.clock()))
         except FutureTimeout:

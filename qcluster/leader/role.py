@@ -13,6 +13,15 @@ and a new term does not start while the previous term's thread is alive: two mai
 loops never run side by side, however quickly the node is re-elected. Once a term is
 halted, what its parts still report (a fenced write, a stale epoch, a database problem)
 no longer revokes leadership: the next term is not stepped down by the previous one.
+
+Generation check (docs/DESIGN.md invariant 5): every callback a term's parts are given
+(``on_fenced``, ``on_stale``, the maintenance loop's revokes) is bound to that term and
+acts only while it is the current, unhalted term, checked under the role's lock, so that a
+new term cannot be installed between the check and the revoke. No exception in a callback
+leaves a leader that holds the lease without firing: the maintenance loop's health check
+(:meth:`LeaderRole.healthy`) sees a scheduler loop that is not turning, or that stopped
+firing while its term was not halted, and gives the lease up; an error in the maintenance
+pass itself gives it up too.
 """
 
 from __future__ import annotations
@@ -53,7 +62,10 @@ class _Term:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     epoch: int | None = None  # set once take_epoch has answered
     thread: threading.Thread | None = None
+    scheduler: LeaderScheduler | None = None
     db_ok: float = dataclasses.field(default_factory=time.monotonic)
+    info: LeaderInfo | None = None  # what it published
+    started: bool = False  # its scheduler was started (the health check waits for it)
     ended: bool = False  # stop() has torn it down (and joined its thread once)
 
     def join(self) -> bool:
@@ -92,7 +104,8 @@ class LeaderRole:
         self.scheduler: LeaderScheduler | None = None
         self.dispatcher: Dispatcher | None = None
         self._term: _Term | None = None  # the current term, or the last one
-        self._lock = threading.Lock()
+        # Reentrant: _revoke holds it across revoke(), which halts this role (halt()).
+        self._lock = threading.RLock()
 
     @property
     def active(self) -> bool:
@@ -100,8 +113,11 @@ class LeaderRole:
             term = self._term
         return self.epoch is not None and (term is None or not term.stop.is_set())
 
-    def start(self, lease: Lease, backend: CoordinationBackend) -> None:
-        """Lead with ``lease``, taken on ``backend``: a new term.
+    def start(self, lease: Lease, backend: CoordinationBackend,
+              valid_until: float | None = None) -> None:
+        """Lead with ``lease``, taken on ``backend``: a new term. ``valid_until`` is the
+        lease's local deadline (``time.monotonic()``): a lease that runs out while
+        ``take_epoch`` waits for the cluster row takes no epoch.
 
         Raises :class:`QClusterError` (and starts nothing, takes no epoch) while the
         previous term's maintenance thread is still alive after a bounded wait: a new term
@@ -117,11 +133,12 @@ class LeaderRole:
         term = _Term()
         with self._lock:
             self._term = term
-        epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease)
+        epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease,
+                           valid_until=valid_until)
         term.epoch = epoch
-        backend.publish_leader(
-            lease, LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
-        )
+        self._check_started(term)
+        term.info = LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
+        backend.publish_leader(lease, term.info)
         log.info("leading the cluster at epoch %d", epoch)
         dispatcher = Dispatcher(
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
@@ -132,20 +149,43 @@ class LeaderRole:
             self.db, lambda: epoch,
             misfire_grace_seconds=s.scheduler.misfire_grace_seconds,
             coalesce=s.scheduler.coalesce, batch_size=s.scheduler.batch_size,
+            min_interval_seconds=s.scheduler.min_interval_seconds,
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_days * 86400)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
                                     fire_ahead_seconds=s.scheduler.fire_ahead_seconds)
+        term.scheduler = scheduler
         with self._lock:
+            self._check_started(term)
             self.epoch, self.dispatcher, self.scheduler = epoch, dispatcher, scheduler
         dispatcher.start()
         self._recover(term)
         term.thread = threading.Thread(target=self._maintain, args=(term,),
                                        name="qc-maintenance", daemon=True)
         term.thread.start()
+        self._check_started(term)
         scheduler.start()
+        term.started = True
+
+    @staticmethod
+    def _check_started(term: _Term) -> None:
+        """A term halted while it was starting (its lease lost) starts nothing more: the
+        caller steps down (and tears down what was started)."""
+        if term.stop.is_set():
+            raise QClusterError(f"leadership was lost while starting the term "
+                                f"(epoch {term.epoch})")
+
+    def republish(self, lease: Lease, backend: CoordinationBackend) -> None:
+        """Publish this term's leader info under ``lease`` on ``backend`` (a lease the
+        leadership loop reshaped: the new backend must show who leads, in every phase).
+        Does nothing unless a term is leading."""
+        with self._lock:
+            term = self._term
+        if term is None or term.stop.is_set() or term.info is None:
+            return
+        backend.publish_leader(lease, term.info)
 
     def halt(self) -> None:
         """Stop firing and sending now, and end the term's maintenance loop after its pass
@@ -191,34 +231,55 @@ class LeaderRole:
             dispatcher.submit(runs)
 
     def healthy(self) -> str | None:
-        """Why this leader is not working, or None. The node steps down on a reason."""
+        """Why this leader is not working, or None. The node steps down on a reason.
+
+        Not working: the current term's scheduler thread is not alive (it died, or was
+        never started), it stopped firing while the term was not halted (a callback that
+        failed half way), or its loop has not turned for ``max(30, 10 * poll_seconds)``."""
         with self._lock:
-            scheduler = self.scheduler
-        if scheduler is None:
+            term = self._term
+        scheduler = term.scheduler if term is not None else None
+        if term is None or scheduler is None or term.stop.is_set() or not term.started:
             return None
+        if not scheduler.turning:
+            return "the scheduler loop has stopped"
+        if not scheduler.enabled.is_set():
+            return "the scheduler stopped firing while this node leads"
         stuck = time.monotonic() - scheduler.last_pass
         limit = max(30.0, 10 * self.settings.scheduler.poll_seconds)
-        if scheduler.running and stuck > limit:
+        if stuck > limit:
             return f"the scheduler loop has not turned for {stuck:.0f}s"
         return None
 
     # -- maintenance ------------------------------------------------------------------------
 
     def _revoke(self, term: _Term, reason: str) -> None:
-        """Give up leadership for ``term``'s sake; nothing once that term is halted (what
-        an ended term's parts still report must not step the next term down)."""
-        if not term.stop.is_set():
+        """Give up leadership for ``term``'s sake; nothing unless it is the current term
+        and not halted (what an ended term's parts still report must not step the next
+        term down). Checked and done under the lock: no new term is installed between."""
+        with self._lock:
+            if term is not self._term or term.stop.is_set():
+                log.info("ignoring a revoke from the term of epoch %s: %s", term.epoch, reason)
+                return
             self.revoke(reason)
 
     def _maintain(self, term: _Term) -> None:
         """The term's loop: recovery once a second, health, the migration step, pruning.
         Reads only ``term``'s epoch and stop event."""
+        try:
+            self._maintain_loop(term)
+        except Exception as e:  # a bug in a pass: give the lease up rather than lead blind
+            log.exception("the maintenance loop of epoch %s failed", term.epoch)
+            self._revoke(term, f"the maintenance loop failed: {type(e).__name__}: {e}")
+
+    def _maintain_loop(self, term: _Term) -> None:
         last_prune = 0.0
         while not term.stop.wait(RECOVERY_INTERVAL):
             members = self._recover(term)
             if term.stop.is_set():  # halted during the pass: no step, no pruning after it
                 return
-            problem = self.healthy() or self._database_problem(term)
+            problem = (self.healthy() if term is self._term else None) \
+                or self._database_problem(term)
             if problem:
                 self._revoke(term, problem)
                 return

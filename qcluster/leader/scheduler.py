@@ -77,8 +77,9 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
             try:
                 self._plan(job, now, fires, advances, until or now)
             except (ArithmeticError, ValueError) as e:
-                # A stored value no edge would accept today (a grace of 10**15 s, say)
-                # must not stop the other jobs: set this one aside and say why.
+                # A stored value no edge would accept today (a grace of 10**15 s, say, or
+                # a cron with no fire time within the bounded search: triggers.
+                # SearchExhausted) must not stop the other jobs: set it aside, say why.
                 del fires[planned[0]:], advances[planned[1]:]
                 unplannable.append((job.id, f"cannot plan its fire times: {e}"))
         if unplannable:
@@ -153,9 +154,18 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         self.fired = 0
 
     def stop_firing(self) -> None:
-        """Stop recording fires at once, without waiting for the loop thread."""
+        """Stop recording fires at once, without waiting for the loop thread. Safe before
+        ``start()`` and after ``shutdown()`` (APScheduler's ``wakeup`` is not: its event
+        exists only once started)."""
         self.enabled.clear()
-        self.wakeup()
+        if getattr(self, "_event", None) is not None:
+            self.wakeup()
+
+    @property
+    def turning(self) -> bool:
+        """Whether the loop thread is alive (False before ``start()`` and once it died)."""
+        thread = getattr(self, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     def _process_jobs(self) -> float | None:
         # STOPPED or PAUSED: do nothing at all (APScheduler would still advance due jobs
@@ -167,7 +177,10 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         except Fenced as e:
             self.enabled.clear()
             log.warning("fire refused, this node no longer holds the epoch: %s", e)
-            self.on_fenced(str(e))
+            try:  # a callback that raises must not end this thread (it would stop firing)
+                self.on_fenced(str(e))
+            except Exception:
+                log.exception("error while reporting a fenced pass")
             return self.poll_seconds
         except DatabaseUnavailable as e:
             log.warning("database unavailable during the scheduler pass: %s", e)

@@ -165,7 +165,7 @@ class Node(NodeCoordination):
         # error (ConfigError) before the node touches the database or a backend.
         daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
         self._daemon = DaemonThread(daemon, "qc-rpc")
-        self.db = db = Database(s.database_url())
+        self.db = db = Database.from_settings(s)
         if not db.is_current():
             log.info("creating or upgrading the schema of %s", db.display_url)
             db.upgrade()
@@ -209,7 +209,7 @@ class Node(NodeCoordination):
     def _elected(self, lease: Lease) -> None:
         assert self.leader is not None and self.leadership is not None
         assert self.leadership.backend is not None
-        self.leader.start(lease, self.leadership.backend)
+        self.leader.start(lease, self.leadership.backend, self.leadership.deadline)
 
     def _halt(self) -> None:
         if self.leader is not None:
@@ -271,6 +271,9 @@ class Node(NodeCoordination):
         if epoch is None:
             raise Fenced("not leading any more")
         record_lease(self.db, node_id=self.node_id, epoch=epoch, lease=lease)
+        if self.leadership is not None and self.leadership.backend is not None:
+            # Published on the backend it now holds, in every phase (issue 14, point 1).
+            self.leader.republish(lease, self.leadership.backend)
 
     def _drive(self, epoch: int, members: list[MemberInfo]) -> None:
         """The leader's part of a migration, once a second (see :mod:`qcluster.leader.migration`),

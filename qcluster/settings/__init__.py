@@ -44,6 +44,7 @@ from qcluster.settings.refs import (
     named_only,
     ref_problem,
 )
+from qcluster.settings.timeouts import SessionTimeouts, lease_seconds, session_timeouts
 from qcluster.settings.urls import SecretURL, redact_text, redact_url, url_secrets
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "NODE_ID_PATTERN",
     "RPC_SECRET_ENV",
     "SecretURL",
+    "SessionTimeouts",
     "Settings",
     "check_directory",
     "check_planted",
@@ -62,6 +64,7 @@ __all__ = [
     "create_private",
     "is_allowed",
     "is_func_ref",
+    "lease_seconds",
     "load_settings",
     "load_settings_from_mapping",
     "load_settings_from_text",
@@ -74,6 +77,7 @@ __all__ = [
     "ref_problem",
     "resolve_config_path",
     "secret_problem",
+    "session_timeouts",
     "settings_to_public_dict",
     "url_secrets",
 ]

@@ -229,6 +229,9 @@ class SchedulerSettings(_Section):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
     fire_ahead_seconds: float = Field(default=0.0, ge=0, le=5)
+    # No job fires more often (definitions/limits.DEFAULT_MIN_INTERVAL is the same 1 s):
+    # refused at add/apply, a stored one set aside by the leader.
+    min_interval_seconds: float = Field(default=1.0, ge=0.001, le=86400)
 
     def tzinfo(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -131,11 +132,21 @@ def ensure_cluster(db: Database, name: str, backend: str) -> ClusterState:
     return from_row(row)
 
 
-def take_epoch(db: Database, *, node_id: str, uri: str, lease: Lease) -> int:
-    """Take the next epoch for ``lease``'s holder, or raise Fenced / WrongBackend."""
+def take_epoch(db: Database, *, node_id: str, uri: str, lease: Lease,
+               valid_until: float | None = None) -> int:
+    """Take the next epoch for ``lease``'s holder, or raise Fenced / WrongBackend.
+
+    ``valid_until`` is the lease's local deadline (``time.monotonic()``; the leadership
+    loop's): once the row's lock is granted, a lease that ran out meanwhile takes no epoch
+    (QClusterError), whatever its backend. The wait for the lock itself is bounded by the
+    session's ``lock_timeout`` (``settings/timeouts.py``), shorter than the lease."""
     c = schema.cluster
     with db.write() as conn:
         state = lock_cluster(conn)
+        if valid_until is not None and time.monotonic() >= valid_until:
+            late = time.monotonic() - valid_until
+            raise QClusterError(f"the {lease.backend} lease ran out {late:.1f}s before the "
+                                "cluster row was locked; no epoch taken")
         _check_lease(state, lease, node_id)
         now = db.now(conn)
         _check_dblock_claim(db, conn, lease, now)

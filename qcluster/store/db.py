@@ -12,6 +12,14 @@ Three kinds of transaction, and every write goes through one of them:
   under the write lock on SQLite. A stale leader's write raises :class:`Fenced` and rolls
   back.
 
+Session timeouts (:class:`~qcluster.settings.SessionTimeouts`, derived from the lease by
+``settings/timeouts.py``; :meth:`Database.from_settings`): on PostgreSQL every session
+starts with ``lock_timeout``, ``statement_timeout`` and
+``idle_in_transaction_session_timeout``, on SQLite a busy timeout of the lock wait. A
+lock not granted in time, or a statement or idle transaction cut short, is a
+:class:`~qcluster.errors.DatabaseUnavailable` that says which timeout and how long it is.
+Without timeouts (tools, tests), SQLite waits 30 s and PostgreSQL as long as it takes.
+
 Driver errors that mean "the server cannot be reached" become
 :class:`~qcluster.errors.DatabaseUnavailable` at this boundary, their text through the one
 redactor (``settings/urls.redact_text``, with every piece of the URL's passwords).
@@ -41,11 +49,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.settings import (
+    SessionTimeouts,
+    Settings,
     check_directory,
     check_planted,
     create_private,
     redact_text,
     redact_url,
+    session_timeouts,
     url_secrets,
 )
 from qcluster.store import schema
@@ -59,8 +70,10 @@ SCHEMA_HEAD = "0002"  # the newest revision in migrations/versions (a test keeps
 class Database:
     """One shared database, SQLite or PostgreSQL."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 5.0,
+                 timeouts: SessionTimeouts | None = None) -> None:
         self.url = url
+        self.timeouts = timeouts
         self.display_url = redact_url(url)  # for every message: the password hidden
         self._secrets = url_secrets(url)  # hidden in every driver message
         try:
@@ -70,7 +83,8 @@ class Database:
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"future": True}
         if self.dialect == "sqlite":
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            busy = 30.0 if timeouts is None else timeouts.lock
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy}
             kwargs["poolclass"] = sa.pool.QueuePool
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = 10
@@ -90,6 +104,13 @@ class Database:
                 "keepalives_interval": 1,
                 "keepalives_count": 3,
             }
+            if timeouts is not None:
+                kwargs["connect_args"]["options"] = " ".join(
+                    f"-c {name}={max(1, round(seconds * 1000))}ms" for name, seconds in (
+                        ("lock_timeout", timeouts.lock),
+                        ("statement_timeout", timeouts.statement),
+                        ("idle_in_transaction_session_timeout", timeouts.idle_in_transaction),
+                    ))
         if self.dialect == "sqlite":
             path = sqlite_file(parsed)
             if path is not None:
@@ -100,8 +121,13 @@ class Database:
             raise DatabaseUnavailable(
                 f"cannot use database {self.display_url}: {self._shown(e)}") from None
         if self.dialect == "sqlite":
-            _setup_sqlite(self.engine)
+            _setup_sqlite(self.engine, busy_ms=round(kwargs["connect_args"]["timeout"] * 1000))
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """The database of ``settings``, with session timeouts shorter than its lease."""
+        return cls(settings.database_url(), timeouts=session_timeouts(settings))
 
     def _shown(self, e: BaseException) -> str:
         """The first line of a driver's error, as it may be shown (the password hidden)."""
@@ -113,6 +139,9 @@ class Database:
         try:
             yield
         except (OperationalError, PoolTimeout) as e:
+            timeout = self._timeout_text(e)
+            if timeout:
+                raise DatabaseUnavailable(f"database {self.display_url}: {timeout}") from e
             raise DatabaseUnavailable(
                 f"database {self.display_url} unavailable: {self._shown(e)}") from e
         except DBAPIError as e:
@@ -120,6 +149,27 @@ class Database:
                 raise DatabaseUnavailable(
                     f"database {self.display_url} unavailable: {self._shown(e)}") from e
             raise
+
+    def _timeout_text(self, e: BaseException) -> str | None:
+        """What a session timeout that ended ``e``'s statement was, or None."""
+        t = self.timeouts
+        code = getattr(getattr(e, "orig", None), "sqlstate", None)
+        if self.dialect == "sqlite":
+            locked = "database is locked" in str(getattr(e, "orig", e))
+            wait = 30.0 if t is None else t.lock
+            return f"the write lock was not granted within {wait:g}s (busy timeout)" \
+                if locked else None
+        if t is None:
+            return None
+        if code == "55P03":
+            return (f"a lock was not granted within {t.lock:g}s (lock_timeout, shorter "
+                    f"than the {t.lease:g}s lease): another session holds it")
+        if code == "57014":
+            return f"a statement ran past {t.statement:g}s (statement_timeout)"
+        if code == "25P03":
+            return (f"the session was idle in a transaction for {t.idle_in_transaction:g}s "
+                    "(idle_in_transaction_session_timeout)")
+        return None
 
     # -- transactions ----------------------------------------------------------------
 
@@ -172,6 +222,11 @@ class Database:
             # lock (the write lock on SQLite, an advisory lock on PostgreSQL), the others
             # then find the schema current.
             if self.dialect == "postgresql":
+                # A migration of a big table may take longer than a lease, and a node
+                # that waits here leads nothing yet: no session timeout in this one.
+                for name in ("lock_timeout", "statement_timeout",
+                             "idle_in_transaction_session_timeout"):
+                    conn.execute(sa.text(f"SET LOCAL {name} = 0"))
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7373001)"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
@@ -241,7 +296,7 @@ def prepare_sqlite_file(path: Path) -> None:
                     " chmod 600 it", path, mode & 0o7777)
 
 
-def _setup_sqlite(engine: Engine) -> None:
+def _setup_sqlite(engine: Engine, *, busy_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event, not pysqlite, decide how transactions start.
@@ -249,7 +304,7 @@ def _setup_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         cur.close()
 
     @event.listens_for(engine, "begin")

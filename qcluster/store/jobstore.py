@@ -15,7 +15,10 @@ Promises, beyond APScheduler's ``BaseJobStore``:
   that produced them in ONE fenced transaction. A run row is unique on (job, scheduled
   time), so a fire time that an earlier leader already recorded inserts nothing.
 * A row that fails to load is set aside (``broken`` says why) and reported; it is never
-  deleted, unlike APScheduler's own SQLAlchemy store.
+  deleted, unlike APScheduler's own SQLAlchemy store. So is a row whose trigger fires
+  more often than ``min_interval_seconds`` (``definitions/limits.interval_problem``: a
+  job stored before that check, or under another setting), and one whose next fire time
+  the bounded search cannot find (``leader/scheduler.FireExecutor.fire``).
 * ``get_due_jobs`` returns at most ``batch_size`` jobs, so a million due jobs never sit
   in memory at once.
 """
@@ -37,6 +40,7 @@ from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Row
 
+from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, interval_problem
 from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import catalog, schema
@@ -86,8 +90,10 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         misfire_grace_seconds: int = 30,
         coalesce: bool = True,
         batch_size: int = 1000,
+        min_interval_seconds: float = DEFAULT_MIN_INTERVAL,
     ) -> None:
         super().__init__()
+        self.min_interval_seconds = min_interval_seconds
         self.db = db
         self.epoch_of = epoch_of
         self.misfire_grace_seconds = misfire_grace_seconds
@@ -223,9 +229,13 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
                 self._triggers.move_to_end(key)
                 return trigger
         try:
-            trigger = build_trigger(json.loads(spec_text))
+            spec = json.loads(spec_text)
+            trigger = build_trigger(spec)
         except ValueError as e:
             raise QClusterError(f"job {job_id!r} has an unreadable trigger: {e}") from e
+        too_fast = interval_problem(spec, self.min_interval_seconds)
+        if too_fast:  # checked before caching: every job with this spec is set aside
+            raise QClusterError(f"job {job_id!r} fires too often: {too_fast}")
         with self._triggers_lock:
             self._triggers[key] = trigger
             if len(self._triggers) > _TRIGGER_CACHE_SIZE:

@@ -406,10 +406,20 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
         {"id": "the-bad-one", "func": HELLO, "cron": "99 * * * *"},
         {"id": "good-after-bad", "func": HELLO, "every": "1s"},
     ])  # fmt: skip
+    too_fast = write_job_file(tmp_path / "too-fast.toml", [
+        {"id": "fine-before", "func": HELLO, "every": "1s"},
+        {"id": "too-fast-in-file", "func": HELLO, "every": "250ms"},
+    ])  # fmt: skip
     every = ["--every", "1m"]
     return [
         Case("malformed cron", add("bad-cron", "--func", HELLO, "--cron", "61 * * * *"),
              ("cron", "61 * * * *")),
+        Case("interval below the minimum interval",
+             add("too-fast", "--func", HELLO, "--every", "1ms"), ("1ms", "min_interval_seconds")),
+        Case("cron that never fires", add("never", "--func", HELLO, "--cron", "0 0 30 2 *"),
+             ("never fires", "0 0 30 2 *")),
+        Case("job file with a job below the minimum interval",
+             ["jobs", "apply", str(too_fast)], ("too-fast-in-file", "min_interval_seconds")),
         Case("unknown time zone", add("bad-tz", "--func", HELLO, "--cron", "0 9 * * 1",
                                       "--tz", "Mars/Olympus_Mons"), ("Mars/Olympus_Mons",)),
         Case("two triggers", add("two-triggers", "--func", HELLO, *every, "--cron", "* * * * *"),

@@ -225,3 +225,41 @@ def test_migrate_dblock_to_redis_and_back_with_the_command_killed(
         assert (c.state().backend, c.state().phase) == ("dblock", "stable")
         statuses = _finish(c, jobs, start)
         print(f"back to dblock {back['seconds']}s, statuses {statuses}")
+
+
+def _status_leader(config: Path) -> dict[str, Any] | None:
+    status = json.loads(run_cli("cluster", "status", "--json", config=config).stdout)
+    leader = status["leader"]
+    assert leader is None or isinstance(leader, dict)
+    return leader
+
+
+def test_the_leader_stays_visible_after_a_move_whatever_the_clis_config_names(
+    tmp_path: Path, pg_url: str, zk: Any
+) -> None:
+    """Issue 14, point 1: a node reshaped in place onto ZooKeeper publishes itself there,
+    and `cluster status` finds it with a config that names dblock, one that names
+    ZooKeeper, and one that has no ZooKeeper servers at all; and again after the move
+    back."""
+    config, zk_config = _configs(tmp_path, pg_url, zk)
+    plain = write_config(tmp_path, pg_url, name="plain.toml")  # dblock, no ZooKeeper
+    run_cli("db", "upgrade", config=config)
+    with cluster(tmp_path, config, pg_url) as c:
+        leader, jobs, start = c.start_small(2)
+        _migrate(config, "zookeeper")
+        wait_for(lambda: c.state().leader_backend == "zookeeper", timeout=10,
+                 what="the leader to give its dblock lease back")
+        moved = c.state()
+        assert moved.leader_id == leader.leader_id and moved.epoch == leader.epoch  # reshaped
+        for cfg in (config, zk_config, plain):
+            seen = wait_for(lambda cfg=cfg: _status_leader(cfg), timeout=10,
+                            what=f"a leader in `cluster status` with {cfg.name}")
+            assert seen["node_id"] == moved.leader_id and seen["epoch"] == moved.epoch
+            assert seen["uri"] == moved.leader_uri
+        _migrate(config, "dblock")
+        back = c.state()
+        for cfg in (config, zk_config, plain):
+            seen = wait_for(lambda cfg=cfg: _status_leader(cfg), timeout=10,
+                            what=f"a leader in `cluster status` with {cfg.name} (back)")
+            assert seen["node_id"] == back.leader_id and seen["epoch"] == back.epoch
+        _finish(c, jobs, start)

@@ -237,7 +237,8 @@ def test_fire_ahead_records_coming_fires_and_coalesces_only_passed_ones(
     now = datetime.fromtimestamp(nrt, UTC) + timedelta(seconds=3 * step)  # 4 passed times
     until = now + timedelta(seconds=0.5)
     sent: list[RunRecord] = []
-    store = SqlJobStore(db, lambda: epoch, misfire_grace_seconds=30, coalesce=True)
+    store = SqlJobStore(db, lambda: epoch, misfire_grace_seconds=30, coalesce=True,
+                        min_interval_seconds=0.2)  # a 200ms job: allowed by this setting
     executor = FireExecutor(store, epoch, "a", sent.extend, retention_seconds=86400)
     executor.fire(store.get_due_jobs(until), now, until)
     ahead = int(0.5 // step + 1e-9)  # fire times in (now, until]
