@@ -67,7 +67,7 @@ from qcluster.errors import INPUT_KINDS, ConfigError, InputError
 from qcluster.leader.control import ControlService
 from qcluster.leader.role import LeaderRole
 from qcluster.leader.scheduler import FireExecutor
-from qcluster.rpc.handshake import MAGIC, derive_key, recv_exact
+from qcluster.rpc.handshake import MAGIC, client_handshake, derive_key, recv_exact
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro, proxy
 from qcluster.rpc.server import HANDSHAKE_SECONDS
 from qcluster.settings import (
@@ -1077,11 +1077,17 @@ def test_crafted_frames_after_the_handshake_close_the_connection_only(
 
 
 @contextlib.contextmanager
-def authenticated_socket(node: WorkerNode) -> Iterator[socket.socket]:
-    """A raw socket past the handshake: what a peer with the secret can write on."""
-    from qcluster.rpc.pyro import _Credentials, _open
-
-    with _open(Pyro5.core.URI(node.uri), _Credentials(TEST_SECRET), 5.0) as s:
+def authenticated_socket(node: WorkerNode, source: str = "127.0.0.1"
+                         ) -> Iterator[socket.socket]:
+    """A raw socket past the handshake: what a peer with the secret can write on. A
+    ``source`` address of its own keeps its refusal lines apart from other tests' (the
+    daemon logs one line per address per 10 s)."""
+    with socket.socket() as s:
+        s.bind((source, 0))
+        s.settimeout(5.0)
+        s.connect((node.host, node.port))
+        client_handshake(s, derive_key(TEST_SECRET), f"{node.host}:{node.port}",
+                         "qcluster.worker.runner", time.monotonic() + 5)
         yield s
 
 
@@ -1121,7 +1127,7 @@ def test_oversized_message_is_refused_and_the_node_survives(worker_node: WorkerN
             pytest.raises(Pyro5.errors.CommunicationError):
         p.submit(1, [run] * (2 * NODE_MAX_MESSAGE // 60_000))
     # A header that announces too much is refused before anything is read after it.
-    with authenticated_socket(worker_node) as s:
+    with authenticated_socket(worker_node, source="127.0.0.77") as s:
         s.sendall(frame(MSG_INVOKE, MSGPACK, b"", data_size=NODE_MAX_MESSAGE + 1))
         reply = _until_closed(s)[0]
     assert reply == b"", reply

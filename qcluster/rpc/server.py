@@ -101,14 +101,6 @@ def refuse_call(method: str, why: str) -> None:
     _calls(peer, f"{method}: {why}")
 
 
-def peer_of(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except (OSError, ValueError):
-        return "?"
-
-
 class _GuardedServer(Pyro5.svr_threads.SocketServer_Threadpool):  # type: ignore[misc]
     """Accepts only; every handshake runs on a pool thread, under a deadline and caps.
 
