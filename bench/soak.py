@@ -86,12 +86,14 @@ class Nemesis:
             time.sleep(hold)
             node.resume()
         else:
-            peers = {
-                "isolate": lambda: self.c.lab._everyone_but(self.c.address(victim)),
-                "cut-database": self.c.database,
-                "cut-backend": self.c.coordination,
-                "cut-workers": lambda: self.c.addresses(list(WORKERS)),
-            }[action]()
+            if action == "isolate":
+                peers = self.c.lab.everyone_but(self.c.address(victim))
+            elif action == "cut-database":
+                peers = self.c.database()
+            elif action == "cut-backend":
+                peers = self.c.coordination()
+            else:
+                peers = self.c.addresses(list(WORKERS))
             self.c.lab.cut(self.c.address(victim), peers)
             time.sleep(hold)
             self.c.lab.heal()
@@ -155,6 +157,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         jobs = c.add_second_jobs(args.jobs)
         first = wait_for(lambda: min((r.scheduled_at for r in c.runs()), default=None),
                          timeout=30, what="the first fire")
+        assert isinstance(first, float)
         nemesis = Nemesis(c, rng, (args.min_hold, args.max_hold))
         began = time.monotonic()
         deadline = began + args.minutes * 60

@@ -271,9 +271,9 @@ class Lab:
 
     def isolate(self, a: str) -> None:
         """Cut ``a`` from every other address of the lab."""
-        self.cut(a, self._everyone_but(a))
+        self.cut(a, self.everyone_but(a))
 
-    def _everyone_but(self, a: str) -> list[str]:
+    def everyone_but(self, a: str) -> list[str]:
         peers = [n.ip for n in self.nodes.values()] + self._addresses + [self.gateway]
         return [p for p in peers if p != a]
 

@@ -145,7 +145,7 @@ def test_isolated_leader_healed_after_15s_never_commits_at_its_old_epoch(
     make_net_cluster: MakeCluster, backend: str
 ) -> None:
     c = make_net_cluster(backend)
-    _leader_cut(c, lambda leader: c.lab._everyone_but(c.address(leader)))
+    _leader_cut(c, lambda leader: c.lab.everyone_but(c.address(leader)))
 
 
 @pytest.mark.parametrize("backend", LAB_BACKENDS)
