@@ -26,8 +26,12 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 MakeCluster = Callable[..., NetCluster]
 
 CUT_SECONDS = 15.0
-#: The leader must have resigned, and another node taken over, this long after a cut.
-TAKEOVER_SECONDS = 12.0
+#: The leader must have resigned, and another node taken over, this long after a cut:
+#: within the cut, not after the heal (the issue measured 2-12 s).
+TAKEOVER_SECONDS = 14.0
+#: A worker cut from the database: longer than the member timeout (3 s) and a recovery
+#: pass (1 s), shorter than CUT_SECONDS to keep the suite short.
+WORKER_CUT_SECONDS = 8.0
 
 
 def _start(c: NetCluster, jobs: int = 3, workers: tuple[str, ...] = ("w1", "w2")
@@ -95,7 +99,8 @@ def _finish(c: NetCluster, jobs: list[str], first: float, old: ClusterState,
     return dict(statuses)
 
 
-def _leader_cut(c: NetCluster, peers: Callable[[str], list[str]]) -> dict[str, Any]:
+def _leader_cut(c: NetCluster, peers: Callable[[str], list[str]], what: str
+                ) -> dict[str, Any]:
     """The leader cut from ``peers(leader)`` for CUT_SECONDS: it must resign and another
     node take over within TAKEOVER_SECONDS; then heal and check exactly-once."""
     old, jobs, first = _start(c)
@@ -110,7 +115,8 @@ def _leader_cut(c: NetCluster, peers: Callable[[str], list[str]]) -> dict[str, A
     if new is None:  # for the report: when did anyone take over after the heal?
         new, _ = _watch_takeover(c, old, cut_at, time.time() + 30)
     statuses = _finish(c, jobs, first, old, new)
-    print(f"{c.backend}: resigned={resigned} takeover after {took}s, statuses {statuses}")
+    print(f"{what} on {c.backend}: resigned={resigned}, takeover after {took}s, "
+          f"statuses {statuses}")
     assert resigned, (f"the leader {old.leader_id} did not step down while cut off\n"
                       f"{c.nodes[old.leader_id].log_tail()}")
     assert took is not None and took <= TAKEOVER_SECONDS, (
@@ -127,7 +133,7 @@ def test_leader_cut_from_the_database_resigns_and_another_node_leads(
     dblock the lease is in the database too; on ZooKeeper and Redis the leader still holds
     its lease and must give it up."""
     c = make_net_cluster(backend)
-    _leader_cut(c, lambda leader: c.database())
+    _leader_cut(c, lambda leader: c.database(), "leader cut from the database")
 
 
 @pytest.mark.parametrize("backend", ["zookeeper", "redis"])
@@ -137,7 +143,7 @@ def test_leader_cut_from_its_coordination_backend_resigns(
     """The leader still reaches the database and its workers, not ZooKeeper (or any Redis
     master). dblock has no separate backend: the database test covers it."""
     c = make_net_cluster(backend)
-    _leader_cut(c, lambda leader: c.coordination())
+    _leader_cut(c, lambda leader: c.coordination(), "leader cut from its backend")
 
 
 @pytest.mark.parametrize("backend", LAB_BACKENDS)
@@ -145,7 +151,7 @@ def test_isolated_leader_healed_after_15s_never_commits_at_its_old_epoch(
     make_net_cluster: MakeCluster, backend: str
 ) -> None:
     c = make_net_cluster(backend)
-    _leader_cut(c, lambda leader: c.lab.everyone_but(c.address(leader)))
+    _leader_cut(c, lambda leader: c.lab.everyone_but(c.address(leader)), "isolated leader")
 
 
 @pytest.mark.parametrize("backend", LAB_BACKENDS)
@@ -164,7 +170,8 @@ def test_leader_cut_from_its_workers_loses_no_fire_and_runs_none_twice(
     statuses = _finish(c, jobs, first, old, new)
     late = [r for r in c.runs() if r.status == "succeeded"
             and r.started_at is not None and r.started_at - r.scheduled_at > 2]
-    print(f"{backend}: statuses {statuses}, {len(late)} runs started late, "
+    print(f"leader cut from its workers on {backend}: statuses {statuses}, "
+          f"{len(late)} runs started more than 2 s late, "
           f"leader {c.state().leader_id} at epoch {c.state().epoch} (was {old.epoch})")
 
 
@@ -177,8 +184,9 @@ POINT_10_RECOVER = (
     "issue 14 point 10: a worker cut from the database (only) while it runs a --recover "
     "job leaves the member list after member_timeout (3 s); recovery marks the run lost "
     "('worker wN stopped checking in during attempt 1') and sends attempt 2 to the other "
-    "worker although attempt 1 is still running and finishes: the job runs twice "
-    "(seen on dblock, zookeeper and redis)")
+    "worker although attempt 1 is still running and finishes: the job runs twice, the row "
+    "ends succeeded at attempt 2 (seen on dblock, zookeeper and redis; once on zookeeper "
+    "attempt 2 went to the cut-off worker itself after the heal)")
 POINT_10_NO_RECOVER = (
     "issue 14 point 10: a worker cut from the database (only) while it runs a job leaves "
     "the member list after member_timeout (3 s); recovery marks the run lost ('worker wN "
@@ -197,7 +205,7 @@ POINT_10_NO_RECOVER = (
 def test_worker_cut_from_the_database_mid_run_runs_it_once_and_records_it(
     make_net_cluster: MakeCluster, backend: str, recover: bool
 ) -> None:
-    """A worker loses the database (only) while it runs a 4 s job, for 15 s: it finishes
+    """A worker loses the database (only) while it runs a 4 s job, for 8 s: it finishes
     the run but cannot write the outcome until the heal. The run must end ``succeeded``
     at attempt 1, and run once, with ``--recover`` or without (the issue: "a run is
     re-attempted only when its worker is known to have stopped running it"); the
@@ -212,7 +220,7 @@ def test_worker_cut_from_the_database_mid_run_runs_it_once_and_records_it(
                        timeout=30, what="the long run to start")
     victim = started[0]["worker"]
     c.lab.cut(c.address(victim), c.database())
-    time.sleep(CUT_SECONDS)
+    time.sleep(WORKER_CUT_SECONDS)
     during = _long_run_row(c)
     c.lab.heal()
     wait_for(lambda: (r := _long_run_row(c)) is not None
