@@ -2,8 +2,10 @@
 # The test command: bash scripts/test.sh [--fuzz] [pytest arguments...]
 #
 # 1. Installs the Debian packages of the test servers (postgresql, zookeeper, redis-server)
-#    when one is missing and we are root; apt-get update runs only then. Not root: says
-#    what is missing and goes on (those tests skip, or fail when CI=true).
+#    and of the fault lab (iproute2 for network namespaces, faketime for clock skew; see
+#    tests/cluster/netns.py) when one is missing and we are root; apt-get update runs only
+#    then. Not root: says what is missing and goes on (those tests skip, or fail when
+#    CI=true).
 # 2. Brings the Python environment to the lock: pip install -r requirements/test.txt
 #    (exact versions of every tool and library the tests use, the build backend included),
 #    then pip install --no-deps --no-build-isolation -e . (this checkout). The environment
@@ -40,11 +42,15 @@ fi
 have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || command -v postgres >/dev/null; }
 have_zookeeper() { [[ -f /usr/share/java/zookeeper.jar || -n "${ZOOKEEPER_HOME:-}" ]] && command -v java >/dev/null; }
 have_redis() { command -v redis-server >/dev/null || [[ -x /usr/bin/redis-server ]]; }
+have_iproute2() { command -v ip >/dev/null || [[ -x /usr/sbin/ip || -x /sbin/ip ]]; }
+have_faketime() { compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; }
 
 missing=()
 have_postgres || missing+=(postgresql)
 have_zookeeper || missing+=(zookeeper)
 have_redis || missing+=(redis-server)
+have_iproute2 || missing+=(iproute2)
+have_faketime || missing+=(faketime)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

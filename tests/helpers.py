@@ -384,6 +384,9 @@ def _pdeathsig_prefix() -> tuple[str, ...]:
 class NodeProcess:
     """A running ``qcluster start``, in a process group of its own, logging to a file.
 
+    ``prefix`` goes before ``python -m qcluster`` and must exec it in the same process
+    (``ip netns exec NS``, ``env VAR=...``), so that the pid is the node's.
+
     Signals go to the whole group, so whatever the node started goes with it. Used as a
     context manager it is always SIGKILLed at exit (a no-op once it has exited), so no
     test leaves a node behind, whatever it asserted. Where setpriv allows, the kernel
@@ -392,13 +395,14 @@ class NodeProcess:
     """
 
     def __init__(self, args: Sequence[str], *, config: Path | None, log_path: Path,
-                 cwd: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.args = list(args)
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed by close())
         try:
             self.proc = subprocess.Popen(
-                [*_pdeathsig_prefix(), *qcluster_command(*args)],
+                [*_pdeathsig_prefix(), *prefix, *qcluster_command(*args)],
                 stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, cwd=cwd, env=cli_env(config, env),
                 start_new_session=True,
@@ -487,8 +491,10 @@ def start_node(
     demo: bool = False,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> NodeProcess:
-    """Start ``qcluster start --role ROLE --node-id ID`` (``--demo`` if asked).
+    """Start ``qcluster start --role ROLE --node-id ID`` (``--demo`` if asked), after
+    ``prefix`` (see :class:`NodeProcess`).
 
     ``config`` None starts it with no config at all (the embedded defaults, or a
     ``qcluster.toml`` in ``cwd``). Use the result in a ``with`` block.
@@ -498,7 +504,7 @@ def start_node(
         args += ["--node-id", node_id]
     if demo:
         args.append("--demo")
-    return NodeProcess(args, config=config, log_path=log_path, cwd=cwd, env=env)
+    return NodeProcess(args, config=config, log_path=log_path, cwd=cwd, env=env, prefix=prefix)
 
 
 def _text(data: bytes | str | None) -> str:

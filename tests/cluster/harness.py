@@ -173,8 +173,10 @@ def run_outage(tmp_path: Path, db_url: str, overrides: dict[str, Any],
     run_cli("db", "upgrade", config=config)
     with cluster(tmp_path, config, db_url) as c:
         old, jobs, first = c.start_small(2)
+        leader = old.leader_id
+        assert leader is not None
         stop()
-        wait_for(lambda: "stepping down" in c.nodes[old.leader_id].log(), timeout=20,
+        wait_for(lambda: "stepping down" in c.nodes[leader].log(), timeout=20,
                  what="the leader to step down when its backend went away")
         time.sleep(outage)
         start()
