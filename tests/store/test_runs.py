@@ -108,14 +108,20 @@ def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
         return claimed_ids(db, [record(db, run_id)], worker="w2", session="s2")
     if t.via == "write_outcomes":  # it says nothing: the row tells
         assert t.target is not None
-        if t.target == S.RUNNING:
-            runs.write_outcomes(db, "s1", {(run_id, 1): 5.0}, {})
-        else:
-            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(t.target, 5.0, 6.5, "e")})
+        runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(t.target, 5.0, 6.5, "e")})
         return None
+    if t.via == "start":
+        return {k[0] for k in runs.start(db, [(run_id, 1)], session="s1", now=5.0)}
+    if t.via == "release":
+        return runs.release(db, session="s1", keys=[(run_id, 1)])
     with db.fenced(epoch) as conn:
         if t.via == "mark_missed":
-            return runs.mark_missed(conn, run_id, now=7.0, error="never sent")
+            return runs.mark_missed(conn, run_id, 1, source, now=7.0, error="never sent")
+        if t.via == "cancel":
+            try:
+                return runs.cancel(conn, run_id, now=7.0, reason="cancelled").status == t.target
+            except InputError:
+                return False
         if t.via == "mark_lost":
             return runs.mark_lost(conn, run_id, 1, source, now=7.0, error="worker left")
         if t.via == "retry":
@@ -147,13 +153,16 @@ def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
             assert after is None and answer == 1, t
             continue
         assert after.status == t.target, t
-        assert answer in (True, {run_id}, None), (t, answer)
+        assert answer in (True, {run_id}, None, 1), (t, answer)
         if t.via == "claim":
             assert (after.worker, after.worker_session) == ("w2", "s2")
             assert after.dispatched_at is not None
-        if t.via == "retry":
-            assert after.attempt == 2 and after.worker is None and after.worker_session is None
-        if t.target in (S.SUCCEEDED, S.FAILED):
+        if t.via in ("retry", "release"):
+            assert after.worker is None and after.worker_session is None
+            assert after.attempt == (2 if t.via == "retry" else 1)
+        if t.via == "start":
+            assert after.started_at == 5.0
+        if t.target in (S.SUCCEEDED, S.FAILED, S.INTERRUPTED):
             assert (after.started_at, after.finished_at, after.duration) == (5.0, 6.5, 1.5)
 
 
@@ -165,13 +174,18 @@ def test_every_other_transition_is_refused_and_writes_nothing(db: Database) -> N
         for source in RunStatus:
             if (source, t.target, t.via) in made:
                 continue
+            if (t.via, source) == ("cancel", S.RUNNING):
+                continue  # not a transition: marked, see the cancel tests
             run_id = insert(db)
             force(db, run_id, source)
             before = tuple(row(db, run_id))
-            if t.via == "mark_lost" and source not in runs.sources(S.LOST, Writer.LEADER):
-                with pytest.raises(ValueError, match="does not become lost"):
+            reads = {"mark_lost": S.LOST, "mark_missed": S.MISSED}
+            target = reads.get(t.via)
+            if target is not None and source not in runs.sources(target, Writer.LEADER, t.via):
+                with pytest.raises(ValueError, match="does not become"):
                     make(db, t, run_id, source)
-                answer = make(db, t, run_id, S.RUNNING)  # the caller read it running
+                answer = make(db, t, run_id, S.RUNNING if t.via == "mark_lost"
+                              else S.DISPATCHED)  # what the caller read
             else:
                 answer = make(db, t, run_id, source)
             assert answer in (False, set(), 0, None), (source, t, answer)
@@ -190,9 +204,9 @@ def test_statuses_a_function_cannot_make_are_refused_before_any_write(db: Databa
     run_id = insert(db)
     force(db, run_id, S.RUNNING)
     before = tuple(row(db, run_id))
-    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED}:
+    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED, S.INTERRUPTED}:
         with pytest.raises(ValueError, match="does not end as"):
-            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
+            runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
     assert tuple(row(db, run_id)) == before
 
 
@@ -211,14 +225,16 @@ def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database
     assert (again["attempt"], again["epoch"]) == (2, epoch)
     retried = tuple(row(db, run_id))
     assert (row(db, run_id).status, row(db, run_id).epoch) == (S.SCHEDULED, epoch)
-    runs.write_outcomes(db, "s1", {(run_id, 1): 5.0},
-                        {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
+    assert runs.start(db, [(run_id, 1)], session="s1", now=5.0) == set()
+    runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
     assert claimed_ids(db, [old], worker="w1", session="s1") == set()
     assert tuple(row(db, run_id)) == retried
     assert claimed_ids(db, [again], worker="w2", session="s2") == {run_id}
-    runs.write_outcomes(db, "s1", {}, {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
-    assert row(db, run_id).status == S.DISPATCHED
-    runs.write_outcomes(db, "s2", {}, {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
+    assert runs.start(db, [(run_id, 2)], session="s1", now=5.0) == set()  # not its claim
+    assert runs.start(db, [(run_id, 2)], session="s2", now=7.0) == {(run_id, 2)}
+    runs.write_outcomes(db, "s1", {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
+    assert row(db, run_id).status == S.RUNNING
+    runs.write_outcomes(db, "s2", {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
     assert (row(db, run_id).status, row(db, run_id).worker) == (S.SUCCEEDED, "w2")
 
 
