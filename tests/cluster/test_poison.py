@@ -65,12 +65,15 @@ def poison_config(tmp_path: Path, url: str, **overrides: Any) -> Path:
 
 
 @pytest.fixture
-def one_slot(tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
-    """One node of both roles with one worker slot and a misfire grace of 4 s."""
+def one_slot(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
+    """One node of both roles with one worker slot, a shutdown grace of 2 s and a misfire
+    grace of 4 s, or the one a test gives as its indirect parameter (a test that makes
+    several CLI calls while a run waits for the slot needs more on a loaded machine)."""
+    grace = getattr(request, "param", 4)
     config = poison_config(
         tmp_path, pg_url, worker={**TEST_SETTINGS["worker"], "concurrency": 1,
                                   "shutdown_grace_seconds": 2.0},
-        scheduler={**TEST_SETTINGS["scheduler"], "misfire_grace_seconds": 4})
+        scheduler={**TEST_SETTINGS["scheduler"], "misfire_grace_seconds": grace})
     with cluster(tmp_path, config, pg_url) as c:
         c.start("n1", "all")
         c.wait_leader()
@@ -139,6 +142,7 @@ def test_a_poison_run_is_quarantined_after_two_deaths_and_the_cluster_keeps_firi
         assert row_of(c, run_id).status == "lost" and attempts_of(c, "poison") == [1, 2]
 
 
+@pytest.mark.parametrize("one_slot", [60], indirect=True, ids=["grace60"])
 def test_sigterm_stops_a_node_whose_job_never_ends_and_records_it_interrupted(
     one_slot: Cluster,
 ) -> None:
@@ -179,6 +183,7 @@ def test_a_run_no_worker_slot_takes_within_its_grace_is_missed_and_never_starts(
     assert attempts_of(c, "starved") == []
 
 
+@pytest.mark.parametrize("one_slot", [60], indirect=True, ids=["grace60"])
 def test_runs_cancel_stops_further_attempts_and_refuses_what_it_cannot_cancel(
     one_slot: Cluster,
 ) -> None:
