@@ -151,6 +151,9 @@ def jobs_add(
     recover: Annotated[bool, typer.Option(help="Run again if its worker dies mid-run.")] = False,
     misfire_grace: Annotated[int | None, typer.Option(help="Seconds a fire may be late.")] = None,
     coalesce: Annotated[bool | None, typer.Option("--coalesce/--no-coalesce")] = None,
+    max_attempts: Annotated[int | None, typer.Option(
+        help="Attempts of one run in all, with --recover (default: [runs] max_attempts).",
+    )] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -165,7 +168,7 @@ def jobs_add(
     done = c.add(job_id, func, cron=cron, every=every, at=at, tz=tz,
                  args=[parse_cli_value(a) for a in arg or []], kwargs=kwargs,
                  replace=replace, recover=recover, misfire_grace=misfire_grace,
-                 coalesce=coalesce)
+                 coalesce=coalesce, max_attempts=max_attempts)
     _done(as_json, {"id": done.job_id, "status": done.status, "via": done.via},
           f"{done.status} job {done.job_id} (via {done.via})")
 
@@ -231,7 +234,8 @@ def _action(name: str, doc: str) -> Callable[..., None]:
 
 jobs_app.command("pause")(_action("pause", "Pause a job: it fires no more until resumed."))
 jobs_app.command("resume")(_action("resume", "Resume a paused job, from now on."))
-jobs_app.command("remove")(_action("remove", "Remove a job (its runs stay)."))
+jobs_app.command("remove")(_action(
+    "remove", "Remove a job (its runs stay; its open runs get no further attempt)."))
 
 
 @jobs_app.command("run")
@@ -273,6 +277,26 @@ def runs_list(
         print_json(runs)
     else:
         output.runs_table(runs)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[int, typer.Argument(metavar="RUN", help="The run's id (runs list).")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop any further attempt of a run. One not started yet is recorded cancelled and
+    never starts. A running one is NOT stopped (a running Python thread cannot be killed):
+    it goes on to its end, and gets no new attempt if its worker dies."""
+    r = client(config).cancel(run_id)
+    if r.status == "cancelled":
+        text = f"cancelled run {r.run_id} (attempt {r.attempt}; via {r.via})"
+    else:
+        text = (f"run {r.run_id} is running (attempt {r.attempt}): it is not stopped, a "
+                f"running Python thread cannot be killed, but it gets no further attempt "
+                f"(via {r.via})")
+    _done(as_json, {"run_id": r.run_id, "status": r.status, "attempt": r.attempt,
+                    "via": r.via}, text)
 
 
 @cluster_app.command("status")

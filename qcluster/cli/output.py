@@ -18,7 +18,8 @@ console = Console(highlight=False)
 _STATUS_STYLE = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red",
                  RunStatus.MISSED: "yellow", RunStatus.LOST: "magenta",
                  RunStatus.RUNNING: "cyan", RunStatus.DISPATCHED: "blue",
-                 RunStatus.SCHEDULED: "white"}
+                 RunStatus.SCHEDULED: "white", RunStatus.CANCELLED: "bright_black",
+                 RunStatus.INTERRUPTED: "bright_magenta"}
 
 
 def _t(value: str | None) -> str:
@@ -43,7 +44,7 @@ def job_detail(job: Mapping[str, Any]) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in ("func", "trigger", "next_run_time", "paused", "args", "kwargs", "recover",
-                "misfire_grace_seconds", "coalesce", "broken"):
+                "max_attempts", "misfire_grace_seconds", "coalesce", "broken"):
         value = job[key]
         table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
     console.print(table)

@@ -65,9 +65,21 @@ class RunRequested:
     via: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RunCancelled:
+    """What :meth:`Client.cancel` did: ``status`` ``cancelled`` (it never starts) or
+    ``running`` (it goes on, a running Python thread cannot be killed, but it gets no
+    further attempt)."""
+
+    run_id: int
+    status: str
+    attempt: int
+    via: str
+
+
 class Client:
-    """Add, apply, list, show, pause, resume, remove and run jobs; list runs; read the
-    cluster's status.
+    """Add, apply, list, show, pause, resume, remove and run jobs; list and cancel runs;
+    read the cluster's status.
 
     ``config`` is a config file path; with neither it nor ``settings``, the file is
     ``$QCLUSTER_CONFIG``, else ``./qcluster.toml``, else the embedded defaults, as for the
@@ -109,6 +121,7 @@ class Client:
         recover: bool = False,
         misfire_grace: int | None = None,
         coalesce: bool | None = None,
+        max_attempts: int | None = None,
     ) -> Change:
         """Add one job, with exactly one of ``cron``, ``every`` (``"30s"``, seconds or a
         timedelta) and ``at`` (an ISO 8601 time or an aware datetime). With ``replace``, a
@@ -116,7 +129,7 @@ class Client:
         without, an existing id is refused."""
         jd = self.job(job_id, func, cron=cron, every=every, at=at, tz=tz, args=args,
                       kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
-                      coalesce=coalesce)
+                      coalesce=coalesce, max_attempts=max_attempts)
         outcome = changes.add_jobs(self.settings, [jd], replace=replace)
         result = outcome.result if isinstance(outcome.result, dict) else {}
         status = ("replaced" if result.get("updated") else
@@ -137,9 +150,11 @@ class Client:
         recover: bool = False,
         misfire_grace: int | None = None,
         coalesce: bool | None = None,
+        max_attempts: int | None = None,
     ) -> JobDef:
         """The validated definition :meth:`add` would write (nothing is written): the
-        reference is checked against ``[jobs] allow`` and imported."""
+        reference is checked against ``[jobs] allow`` and imported. ``max_attempts``
+        bounds a ``recover`` job's attempts of one run (None: ``[runs] max_attempts``)."""
         kinds: tuple[tuple[str, object, type | tuple[type, ...]], ...] = (
             ("cron", cron, str), ("at", at, (str, datetime)), ("tz", tz, str))
         for name, value, kind in kinds:
@@ -159,7 +174,7 @@ class Client:
                 "args": list(args) if isinstance(args, list | tuple) else args,
                 "kwargs": {} if kwargs is None else kwargs,
                 "misfire_grace_seconds": misfire_grace, "coalesce": coalesce,
-                "recover": recover}
+                "recover": recover, "max_attempts": max_attempts}
         return validate_job(wire, self.settings.jobs.allow, import_it=True,
                             min_interval=self.settings.scheduler.min_interval_seconds)
 
@@ -210,13 +225,24 @@ class Client:
         return self._action("resume", job_id, "resumed")
 
     def remove(self, job_id: str) -> Change:
-        """Remove a job; its runs stay."""
+        """Remove a job; its runs stay, and its open runs get no further attempt (as
+        :meth:`cancel`)."""
         return self._action("remove", job_id, "removed")
 
     def run(self, job_id: str) -> RunRequested:
         """Fire a job now, once."""
         outcome = changes.run_job(self.settings, check_job_id(job_id))
         return RunRequested(job_id, int(outcome.result), outcome.via)
+
+    def cancel(self, run_id: int) -> RunCancelled:
+        """Stop any further attempt of run ``run_id``: a run not started yet is recorded
+        ``cancelled`` and never starts; a running one is not stopped (a running Python
+        thread cannot be killed) but gets no new attempt. InputError for a run that does
+        not exist or has already finished."""
+        outcome = changes.cancel_run(self.settings, run_id)
+        r = outcome.result if isinstance(outcome.result, dict) else {}
+        return RunCancelled(int(r.get("run_id", run_id)), str(r.get("status", "")),
+                            int(r.get("attempt", 0)), outcome.via)
 
     def _action(self, action: str, job_id: str, past: str) -> Change:
         outcome = changes.job_action(self.settings, action, check_job_id(job_id))

@@ -1,4 +1,5 @@
-"""Job changes (add, apply, pause, resume, remove, run now), as the CLI and Client make them.
+"""Job changes (add, apply, pause, resume, remove, run now) and run cancels, as the CLI and
+Client make them.
 
 Job changes go to the leader's control object while a leader is alive, so that the one
 scheduler that owns the store makes them. When no leader is alive, they are written
@@ -22,7 +23,9 @@ from qcluster.client.admin import cluster_backends, live_leader, open_db, read_s
 from qcluster.definitions.jobdefs import JobDef, check_job_id
 from qcluster.errors import INPUT_KINDS, DatabaseUnavailable, Fenced, InputError, QClusterError
 from qcluster.settings import Settings
-from qcluster.store import catalog
+from qcluster.store import bounds, catalog
+from qcluster.store.cancels import cancel_run as cancel_one
+from qcluster.store.cancels import remove_job
 from qcluster.store.cluster import ClusterState, read_cluster
 from qcluster.store.db import Database
 
@@ -167,7 +170,7 @@ def apply_jobs(settings: Settings, defs: list[JobDef], *, prune: bool) -> Outcom
 _ONE: dict[str, Callable[[Connection, str], None]] = {
     "pause_job": catalog.pause_job,
     "resume_job": catalog.resume_job,
-    "remove_job": catalog.remove_job,
+    "remove_job": remove_job,  # and its open runs cancelled
 }
 
 
@@ -185,3 +188,13 @@ def run_job(settings: Settings, job_id: str) -> Outcome:
         settings, "run_job", (job_id,),
         lambda conn, epoch: catalog.run_now(conn, job_id, epoch, "cli")["run_id"],
     )
+
+
+def cancel_run(settings: Settings, run_id: int) -> Outcome:
+    """Stop any further attempt of run ``run_id``; the result is ``{"run_id", "status",
+    "attempt"}`` with ``status`` ``cancelled`` (it never starts) or ``running`` (it goes
+    on, a running Python thread cannot be killed, and gets no new attempt). InputError
+    for a run that does not exist or has already finished."""
+    bounds.check_int(run_id, "run id", bounds.RUN_ID)
+    return change(settings, "cancel_run", (run_id,),
+                  lambda conn, _epoch: cancel_one(conn, run_id))

@@ -44,6 +44,7 @@ class JobDef:
     misfire_grace_seconds: int | None = None
     coalesce: bool | None = None
     recover: bool = False
+    max_attempts: int | None = None  # None: [runs] max_attempts
 
     def to_wire(self) -> dict[str, Any]:
         """A JSON-able dict, for RPC and ``--json`` output."""
@@ -56,6 +57,7 @@ class JobDef:
             "misfire_grace_seconds": self.misfire_grace_seconds,
             "coalesce": self.coalesce,
             "recover": self.recover,
+            "max_attempts": self.max_attempts,
         }
 
 
@@ -195,7 +197,7 @@ def _check_depth(value: object, depth: int) -> None:
 
 
 _FIELDS = {"id", "func", "trigger", "args", "kwargs", "misfire_grace_seconds", "coalesce",
-           "recover"}
+           "recover", "max_attempts"}
 
 
 def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
@@ -227,7 +229,13 @@ def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
     recover = data.get("recover", False)
     if not isinstance(recover, bool):
         raise InputError(f"job {job_id!r}: recover must be true or false")
-    return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover)
+    max_attempts = data.get("max_attempts")
+    if max_attempts is not None and (not isinstance(max_attempts, int)
+                                     or isinstance(max_attempts, bool)
+                                     or not 1 <= max_attempts <= 2**31 - 1):  # int4 columns
+        raise InputError(f"job {job_id!r}: max_attempts must be a whole number between 1 "
+                         "and 2147483647")
+    return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover, max_attempts)
 
 
 def _short(value: object) -> str:

@@ -1,7 +1,8 @@
 """``jobs apply`` files: an array of ``[[job]]`` tables, checked whole before any write.
 
 Fields: ``id``, ``func``, one of ``cron``/``every``/``at``, and optional ``tz``,
-``args``, ``kwargs``, ``recover``, ``misfire_grace_seconds``, ``coalesce``. An unknown
+``args``, ``kwargs``, ``recover``, ``max_attempts``, ``misfire_grace_seconds``,
+``coalesce``. An unknown
 field, a bad value or a duplicate id is an error that names the job; nothing is written.
 """
 
@@ -19,7 +20,7 @@ from qcluster.errors import InputError
 from qcluster.settings import read_bounded
 
 _FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
-           "misfire_grace_seconds", "coalesce"}
+           "max_attempts", "misfire_grace_seconds", "coalesce"}
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 

@@ -34,7 +34,8 @@ from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
-from qcluster.store import catalog
+from qcluster.store import bounds, catalog
+from qcluster.store.cancels import cancel_run, remove_job
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 
@@ -98,7 +99,19 @@ class ControlService:
         return self._one(job_id, catalog.resume_job)
 
     def remove_job(self, job_id: Any) -> dict[str, Any]:
-        return self._one(job_id, catalog.remove_job)
+        return self._one(job_id, remove_job)
+
+    def cancel_run(self, run_id: Any) -> dict[str, Any]:
+        """Stop any further attempt of one run (:func:`qcluster.store.runs.cancel`): the
+        result is ``{"run_id", "status", "attempt"}``, ``status`` ``cancelled`` or
+        ``running`` (it goes on; it gets no new attempt)."""
+        try:
+            rid = bounds.check_int(run_id, "run id", bounds.RUN_ID)
+        except InputError as e:
+            return _refused(e)
+        except _UNSHOWABLE as e:
+            return _unshowable(e)
+        return self._write(lambda conn: cancel_run(conn, rid))
 
     def run_job(self, job_id: Any) -> dict[str, Any]:
         runs: list[RunRecord] = []
@@ -161,3 +174,4 @@ class ControlService:
             return _err("internal", f"{type(e).__name__}: {redact_text(str(e))}")
         self._leader.wakeup()
         return _ok(result=result)
+

@@ -2,10 +2,21 @@
 
 docs/DESIGN.md invariant 7: a run on a worker that died becomes ``lost``; if its job asked
 for recovery, the same run row gets a new attempt (``attempt + 1``) and is sent again, as Quartz
-re-fires jobs that request recovery. Runs recorded but never sent (the leader died in
-between) are sent by the next leader, or recorded ``missed`` when they are older than
-their misfire grace time. Every change here is fenced on the leader's epoch, and made by
-:mod:`qcluster.store.runs`, the owner of ``qc_runs``; this module decides which.
+re-fires jobs that request recovery, within bounds:
+
+* at most ``max_attempts`` attempts in all (the job's, else ``[runs] max_attempts``);
+* a run whose worker died while it was ``running`` on :data:`QUARANTINE_DEATHS` attempts
+  is quarantined: ``lost``, with the reason, and never attempted again (its code may be
+  what kills the worker: a poison run must not crash-loop the cluster);
+* a run whose cancel was asked is never attempted again.
+
+Runs recorded but never sent (the leader died in between) are sent by the next leader, or
+recorded ``missed`` when they are older than their misfire grace time. Runs claimed by a
+live worker that has not started them within that grace (every slot held by jobs that do
+not end) are recorded ``missed`` too: the worker's start and this write filter on the
+same ``dispatched`` status, so exactly one of them wins. Every change here is fenced on
+the leader's epoch, and made by :mod:`qcluster.store.runs`, the owner of ``qc_runs``;
+this module decides which.
 """
 
 from __future__ import annotations
@@ -26,6 +37,10 @@ from qcluster.store.runs import RunStatus
 log = logging.getLogger(__name__)
 
 STALE_SCHEDULED = 5.0  # seconds a `scheduled` row may wait before it is sent again
+#: Attempts whose worker died mid-run after which a run is quarantined.
+QUARANTINE_DEATHS = 2
+#: ``[runs] max_attempts`` when the caller gives none.
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 @dataclasses.dataclass
@@ -34,6 +49,7 @@ class RecoveryResult:
     lost: int = 0
     retried: int = 0
     missed: int = 0
+    quarantined: int = 0
 
 
 def recover_runs(
@@ -42,9 +58,11 @@ def recover_runs(
     *,
     live_workers: Collection[tuple[str, str]],
     grace_seconds: float,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     now: float | None = None,
 ) -> RecoveryResult:
-    """One recovery pass, in one fenced transaction."""
+    """One recovery pass, in one fenced transaction. ``max_attempts`` bounds the attempts
+    of a run whose row has no bound of its own (its job's)."""
     r = schema.runs
     now = time.time() if now is None else now
     out = RecoveryResult()
@@ -53,14 +71,17 @@ def recover_runs(
         open_runs = conn.execute(
             sa.select(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
                       r.c.attempt, r.c.recover, r.c.status, r.c.worker, r.c.worker_session,
-                      r.c.epoch, r.c.created_at)
+                      r.c.epoch, r.c.created_at, r.c.max_attempts, r.c.deaths,
+                      r.c.cancel_requested)
             .where(r.c.status.in_(runs.OPEN))
         ).all()
         for row in open_runs:
             if row.status == RunStatus.SCHEDULED:
                 _unsent(conn, row, epoch, now, grace_seconds, out)
             elif (row.worker, row.worker_session) not in live:
-                _orphaned(conn, row, epoch, now, out)
+                _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, out)
+            elif row.status == RunStatus.DISPATCHED:
+                _not_started(conn, row, now, grace_seconds, out)
     return out
 
 
@@ -69,22 +90,55 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED:
         return  # ours and fresh: the dispatcher still has it
     if row.attempt == 1 and now - row.scheduled_at > grace:
-        runs.mark_missed(conn, row.id, now=now,
-                         error=f"never dispatched within the misfire grace time ({grace:.0f}s)")
-        out.missed += 1
+        if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,
+                            error=f"never dispatched within the misfire grace time "
+                                  f"({grace:.0f}s)"):
+            out.missed += 1
         return
     out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
                                          row.scheduled_at, row.attempt, epoch, row.recover))
 
 
-def _orphaned(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) -> None:
-    reason = f"worker {row.worker} stopped checking in during attempt {row.attempt}"
-    runs.mark_lost(conn, row.id, row.attempt, row.status, now=now, error=reason)
-    out.lost += 1
-    log.warning("run %d of job %s is lost: %s", row.id, row.job_id, reason)
-    if not row.recover:
+def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryResult) -> None:
+    """A live worker claimed it and has not started it: missed once past the grace,
+    counted from the fire time (a first attempt) or from the retry (a later one)."""
+    since = row.scheduled_at if row.attempt == 1 else max(row.scheduled_at, row.created_at)
+    if now - since <= grace:
         return
-    runs.retry(conn, row.id, row.attempt, epoch=epoch, now=now, error=f"recovering: {reason}")
+    if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,
+                        error=f"no free worker slot within the misfire grace time "
+                              f"({grace:.0f}s): worker {row.worker} claimed it and did not "
+                              f"start it"):
+        out.missed += 1
+        log.warning("run %d of job %s is missed: worker %s claimed it and had no free slot "
+                    "for %.0fs", row.id, row.job_id, row.worker, now - since)
+
+
+def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int,
+              out: RecoveryResult) -> None:
+    died = row.status == RunStatus.RUNNING
+    reason = f"worker {row.worker} stopped checking in during attempt {row.attempt}"
+    deaths = row.deaths + (1 if died else 0)
+    again = None  # why there is no new attempt, for a recover job
+    if row.recover:
+        if deaths >= QUARANTINE_DEATHS:
+            again = f"quarantined: its worker died on {deaths} attempts"
+        elif row.cancel_requested is not None:
+            again = "cancelled: no further attempt"
+        elif row.attempt >= bound:
+            again = f"no attempt left (max_attempts {bound})"
+    error = reason if again is None or not row.recover else f"{again}; {reason}"
+    if not runs.mark_lost(conn, row.id, row.attempt, row.status, now=now, error=error):
+        return  # it moved on meanwhile (finished, cancelled): nothing to recover
+    out.lost += 1
+    log.warning("run %d of job %s is lost: %s", row.id, row.job_id, error)
+    if again is not None and again.startswith("quarantined"):
+        out.quarantined += 1
+    if not row.recover or again is not None:
+        return
+    if not runs.retry(conn, row.id, row.attempt, epoch=epoch, now=now,
+                      error=f"recovering: {reason}"):
+        return  # a cancel committed in between
     out.retried += 1
     out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
                                          row.scheduled_at, row.attempt + 1, epoch, row.recover))

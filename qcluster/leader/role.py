@@ -326,7 +326,8 @@ class LeaderRole:
                 return None
             live = {(m.node_id, m.session) for m in members}
             result = recover_runs(self.db, epoch, live_workers=live,
-                                  grace_seconds=self.settings.scheduler.misfire_grace_seconds)
+                                  grace_seconds=self.settings.scheduler.misfire_grace_seconds,
+                                  max_attempts=self.settings.runs.max_attempts)
         except Fenced as e:
             self._revoke(term, f"recovery was fenced: {e}")
             return None

@@ -114,7 +114,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
 
         def row(t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
             return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
-                           status, qc.recover, error)
+                           status, qc.recover, error, qc.max_attempts)
 
         for t in late:
             if t >= horizon:

@@ -337,6 +337,9 @@ class JobsSettings(_Section):
 
 class RunsSettings(_Section):
     retention_days: float = Field(default=7.0, gt=0, le=36500)  # now - it: past year 1
+    # Attempts of one run in all (a `recover` job's retries after its worker died); a job's
+    # own max_attempts wins. An int4 column holds a job's.
+    max_attempts: int = Field(default=3, ge=1, le=2**31 - 1)
 
 
 class Settings(_Section):

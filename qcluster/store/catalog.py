@@ -86,6 +86,7 @@ def _row_values(jd: JobDef) -> dict[str, Any]:
         "misfire_grace_seconds": jd.misfire_grace_seconds,
         "coalesce": jd.coalesce,
         "recover": jd.recover,
+        "max_attempts": jd.max_attempts,
     }
 
 
@@ -268,7 +269,7 @@ def run_now(conn: Connection, job_id: str, epoch: int, leader: str) -> RunRecord
     """Record a run of ``job_id`` scheduled for now; the caller dispatches it."""
     row = _get_row(conn, job_id)
     fire = FireRow(job_id, row.func, row.args, row.kwargs, round(time.time(), 6),
-                   RunStatus.SCHEDULED, bool(row.recover))
+                   RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts)
     runs = insert_runs(conn, [fire], epoch, leader)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")
@@ -298,6 +299,7 @@ def job_view(row: Row[Any]) -> dict[str, Any]:
         "misfire_grace_seconds": row.misfire_grace_seconds,
         "coalesce": row.coalesce,
         "recover": bool(row.recover),
+        "max_attempts": row.max_attempts,
         "broken": row.broken,
     }
 
@@ -329,6 +331,7 @@ def run_view(row: Row[Any]) -> dict[str, Any]:
         "finished_at": iso(row.finished_at),
         "duration": row.duration,
         "error": row.error,
+        "cancel_requested": iso(row.cancel_requested),
     }
 
 

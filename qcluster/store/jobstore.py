@@ -62,6 +62,7 @@ class JobExtra:
     args_json: str
     kwargs_json: str
     recover: bool
+    max_attempts: int | None = None
 
 
 class StoredJob(Job):  # type: ignore[misc]
@@ -218,7 +219,8 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         job.coalesce = self.coalesce if row.coalesce is None else row.coalesce
         job.max_instances = 1
         job.next_run_time = from_ts(row.next_run_time)
-        job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover))
+        job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover),
+                          row.max_attempts)
         return job
 
     def _trigger(self, job_id: str, spec_text: str) -> BaseTrigger:

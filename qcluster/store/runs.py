@@ -5,10 +5,15 @@
   its SQL filters on the statuses they start from, so a row in any other state is left
   alone (the function says it wrote nothing); a status it cannot make is a ValueError.
 * The leader's writes (:func:`insert_runs`, :func:`mark_missed`, :func:`mark_lost`,
-  :func:`retry`, :func:`prune`) run on the caller's connection, in the transaction it
-  fenced on its epoch (docs/DESIGN.md invariants 1, 3, 6, 7). A worker's writes
-  (:func:`claim`, :func:`write_outcomes`) are not fenced (invariant 4): each is its own
-  transaction, only over the worker's claim (the attempt; for outcomes, its session).
+  :func:`retry`, :func:`cancel`, :func:`cancel_job_runs`, :func:`prune`) run on the
+  caller's connection, in the transaction it fenced on its epoch (docs/DESIGN.md
+  invariants 1, 3, 6, 7). A worker's writes (:func:`claim`, :func:`start`,
+  :func:`write_outcomes`, :func:`release`) are not fenced (invariant 4): each is its own
+  transaction, only over the worker's claim (the attempt; after the claim, its session).
+* A run's code starts only after :func:`start` moved its row ``dispatched`` ->
+  ``running``: the leader's ``dispatched`` -> ``missed``/``cancelled`` and the worker's
+  start filter on the same source status, so exactly one of them wins, and a run recorded
+  missed or cancelled never starts.
 * The record of a run that a leader sends to a worker, :class:`RunRecord`, and its wire
   functions are in :mod:`qcluster.store.records`.
 """
@@ -27,6 +32,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
+from qcluster.errors import InputError
 from qcluster.store import schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord, run_record
@@ -42,6 +48,10 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     MISSED = "missed"
     LOST = "lost"
+    #: Asked by ``runs cancel`` or ``jobs remove`` before it started: it never starts.
+    CANCELLED = "cancelled"
+    #: Its worker stopped (SIGTERM) before it finished, and said so; no new attempt.
+    INTERRUPTED = "interrupted"
 
 
 #: Not finished yet: what recovery looks after.
@@ -70,35 +80,43 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _S.SCHEDULED, _L, "insert_runs"),  # a fire, or run now
     Transition(None, _S.MISSED, _L, "insert_runs"),  # past the grace, or coalesced
     Transition(_S.SCHEDULED, _S.MISSED, _L, "mark_missed"),  # never sent within the grace
+    Transition(_S.DISPATCHED, _S.MISSED, _L, "mark_missed"),  # never started within it
+    Transition(_S.SCHEDULED, _S.CANCELLED, _L, "cancel"),
+    Transition(_S.DISPATCHED, _S.CANCELLED, _L, "cancel"),  # claimed, not started
     Transition(_S.SCHEDULED, _S.DISPATCHED, _W, "claim"),
-    Transition(_S.DISPATCHED, _S.RUNNING, _W, "write_outcomes"),
-    Transition(_S.DISPATCHED, _S.SUCCEEDED, _W, "write_outcomes"),
-    Transition(_S.DISPATCHED, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.DISPATCHED, _S.RUNNING, _W, "start"),  # before the job's code runs
+    Transition(_S.DISPATCHED, _S.SCHEDULED, _W, "release"),  # a stopping worker's, unstarted
     Transition(_S.RUNNING, _S.SUCCEEDED, _W, "write_outcomes"),
     Transition(_S.RUNNING, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.RUNNING, _S.INTERRUPTED, _W, "write_outcomes"),  # stopped past its grace
     Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
     Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
-    Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1
+    Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1, bounded
     *(Transition(s, None, _L, "prune") for s in FINISHED),  # past the retention window
 )
 
 
-def sources(target: RunStatus | None, by: Writer) -> tuple[RunStatus, ...]:
-    """The statuses from which ``by`` may make ``target`` (None: delete), in enum order."""
-    found = {t.source for t in TRANSITIONS if t.target == target and t.by == by}
+def sources(target: RunStatus | None, by: Writer, via: str | None = None
+            ) -> tuple[RunStatus, ...]:
+    """The statuses from which ``by`` (through ``via``, if given) may make ``target``
+    (None: delete), in enum order."""
+    found = {t.source for t in TRANSITIONS
+             if t.target == target and t.by == by and via in (None, t.via)}
     return tuple(s for s in RunStatus if s in found)
 
 
 _CREATES = frozenset(t.target for t in TRANSITIONS if t.source is None and t.by == _L)
-_ENDS = frozenset(t.target for t in TRANSITIONS if t.source == _S.RUNNING and t.by == _W)
+_ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "write_outcomes")
 _CLAIM_FROM = sources(_S.DISPATCHED, _W)
 _START_FROM = sources(_S.RUNNING, _W)
+_RELEASE_FROM = sources(_S.SCHEDULED, _W)
 _END_FROM = sources(_S.SUCCEEDED, _W)
-_MISSED_FROM = sources(_S.MISSED, _L)
+_MISSED_FROM = sources(_S.MISSED, _L, "mark_missed")
+_CANCEL_FROM = sources(_S.CANCELLED, _L)
 _LOST_FROM = sources(_S.LOST, _L)
 _RETRY_FROM = sources(_S.SCHEDULED, _L)
 _PRUNE_FROM = sources(None, _L)
-assert all(sources(s, _W) == _END_FROM for s in _ENDS)  # one outcome statement for both
+assert all(sources(s, _W) == _END_FROM for s in _ENDS)  # one outcome statement for all
 
 
 def _status_is(statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
@@ -127,6 +145,7 @@ class FireRow:
     status: RunStatus
     recover: bool
     error: str | None = None
+    max_attempts: int | None = None  # the job's bound; None: [runs] max_attempts
 
 
 def insert_runs(
@@ -144,7 +163,8 @@ def insert_runs(
         {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
          "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
          "recover": f.recover, "epoch": epoch, "leader": leader, "created_at": now,
-         "finished_at": now if f.status == _S.MISSED else None, "error": f.error}
+         "finished_at": now if f.status == _S.MISSED else None, "error": f.error,
+         "max_attempts": f.max_attempts}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -163,7 +183,7 @@ _RUN_COLUMNS = (
     ("job_id", "text"), ("scheduled_at", "float8"), ("func", "text"), ("args", "text"),
     ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
     ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
-    ("finished_at", "float8"), ("error", "text"),
+    ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
 )
 _UNNEST_INSERT = sa.text(
     f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
@@ -175,7 +195,7 @@ _UNNEST_INSERT = sa.text(
 
 def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
-    PostgreSQL one column array per parameter (``unnest``): 13 parameters whatever the
+    PostgreSQL one column array per parameter (``unnest``): 14 parameters whatever the
     batch size, so the driver prepares the statement once, where a multi-row VALUES list
     of 6,500 parameters is parsed again for every batch."""
     if conn.dialect.name == "postgresql":
@@ -189,11 +209,17 @@ def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     return conn.execute(stmt, rows)
 
 
-def mark_missed(conn: Connection, run_id: int, *, now: float, error: str) -> bool:
-    """``scheduled`` → ``missed``: a run never sent within its grace. Whether it wrote."""
+def mark_missed(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
+                now: float, error: str) -> bool:
+    """``scheduled`` → ``missed`` (never sent within its grace) or ``dispatched`` →
+    ``missed`` (claimed, but no worker started it within its grace). Only while the row is
+    still at ``attempt`` and in ``status`` (what the caller read): a worker's :func:`start`
+    filters on ``dispatched`` too, so of the two only one writes. Whether it wrote."""
+    if status not in _MISSED_FROM:
+        raise ValueError(f"a {status} run does not become missed")
     r = schema.runs
     return conn.execute(
-        r.update().where(r.c.id == run_id, _status_is(_MISSED_FROM))
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
         .values(status=_S.MISSED, finished_at=now, error=error)
     ).rowcount > 0
 
@@ -201,27 +227,85 @@ def mark_missed(conn: Connection, run_id: int, *, now: float, error: str) -> boo
 def mark_lost(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
               now: float, error: str) -> bool:
     """``dispatched``/``running`` → ``lost``: the claim's worker left. Only while the row
-    is still at ``attempt`` and in ``status`` (what the caller read). Whether it wrote."""
+    is still at ``attempt`` and in ``status`` (what the caller read). A worker gone while
+    the run was ``running`` adds one to ``deaths`` (the job's code may have killed it).
+    Whether it wrote."""
     if status not in _LOST_FROM:
         raise ValueError(f"a {status} run does not become lost")
     r = schema.runs
+    died = 1 if status == _S.RUNNING else 0
     return conn.execute(
         r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
-        .values(status=_S.LOST, finished_at=now, error=error)
+        .values(status=_S.LOST, finished_at=now, error=error, deaths=r.c.deaths + died)
     ).rowcount > 0
 
 
 def retry(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float,
           error: str) -> bool:
     """``lost`` → ``scheduled`` with ``attempt + 1`` and no claim, recorded by ``epoch``:
-    the run of a ``recover`` job, to be sent again. Whether it wrote."""
+    the run of a ``recover`` job, to be sent again. Never for a run whose cancel was
+    asked (the filter reads the row as it is now, after any cancel that committed first).
+    The caller decides the bound (attempts, deaths). Whether it wrote."""
     r = schema.runs
     return conn.execute(
-        r.update().where(r.c.id == run_id, r.c.attempt == attempt, _status_is(_RETRY_FROM))
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, _status_is(_RETRY_FROM),
+                         r.c.cancel_requested.is_(None))
         .values(status=_S.SCHEDULED, attempt=attempt + 1, worker=None, worker_session=None,
                 dispatched_at=None, started_at=None, finished_at=None, duration=None,
                 epoch=epoch, created_at=now, error=error)
     ).rowcount > 0
+
+
+class Cancelled(NamedTuple):
+    """What :func:`cancel` did: ``cancelled`` (it will never start) or ``running`` (it
+    goes on, Python threads cannot be killed, but gets no further attempt)."""
+
+    run_id: int
+    status: RunStatus
+    attempt: int
+
+
+def cancel(conn: Connection, run_id: int, *, now: float, reason: str) -> Cancelled:
+    """Stop any further attempt of one run. ``scheduled``/``dispatched`` → ``cancelled``
+    (with ``reason``); a ``running`` one keeps running and is marked so that no new
+    attempt is made (``cancel_requested``). InputError (nothing written) for a run that
+    does not exist or has already finished."""
+    r = schema.runs
+    done = conn.execute(
+        r.update().where(r.c.id == run_id, _status_is(_CANCEL_FROM))
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+        .returning(r.c.attempt)
+    ).all()
+    if done:
+        return Cancelled(run_id, _S.CANCELLED, int(done[0].attempt))
+    # Not cancellable as it stood: running (mark it), or finished, or absent. Marked with
+    # a filter on `running` too: a run that ends meanwhile is reported finished.
+    marked = conn.execute(
+        r.update().where(r.c.id == run_id, r.c.status == _S.RUNNING)
+        .values(cancel_requested=sa.func.coalesce(r.c.cancel_requested, now))
+        .returning(r.c.attempt)
+    ).all()
+    if marked:
+        return Cancelled(run_id, _S.RUNNING, int(marked[0].attempt))
+    found = conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).one_or_none()
+    if found is None:
+        raise InputError(f"no run {run_id}")
+    raise InputError(f"run {run_id} has already finished ({found.status})")
+
+
+def cancel_job_runs(conn: Connection, job_id: str, *, now: float, reason: str) -> int:
+    """:func:`cancel` every open run of ``job_id`` (a removed job); how many it reached."""
+    r = schema.runs
+    cancelled = conn.execute(
+        r.update().where(r.c.job_id == job_id, _status_is(_CANCEL_FROM))
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+    ).rowcount
+    marked = conn.execute(
+        r.update().where(r.c.job_id == job_id, r.c.status == _S.RUNNING,
+                         r.c.cancel_requested.is_(None))
+        .values(cancel_requested=now)
+    ).rowcount
+    return int(cancelled) + int(marked)
 
 
 def prune(conn: Connection, *, older_than: float) -> int:
@@ -278,6 +362,52 @@ def claim(db: Database, runs: Iterable[RunRecord], *, worker: str,
     return claimed
 
 
+def start(db: Database, keys: Iterable[tuple[int, int]], *, session: str,
+          now: float) -> set[tuple[int, int]]:
+    """``dispatched`` → ``running`` (``started_at = now``) over the claim of ``session``,
+    for each (run id, attempt) of ``keys``, in one transaction; the keys it moved. The
+    worker runs a run's code only if its key is returned: a run the leader recorded
+    ``missed`` or ``cancelled`` meanwhile (same source status) is not."""
+    r = schema.runs
+    by_attempt: dict[int, list[int]] = {}
+    for run_id, attempt in keys:
+        by_attempt.setdefault(attempt, []).append(run_id)
+    moved: set[tuple[int, int]] = set()
+    if not by_attempt:
+        return moved
+    with db.write() as conn:
+        for attempt, ids in by_attempt.items():
+            rows = conn.execute(
+                r.update()
+                .where(_id_in(db, ids), r.c.attempt == attempt, r.c.worker_session == session,
+                       _status_is(_START_FROM))
+                .values(status=_S.RUNNING, started_at=now)
+                .returning(r.c.id, r.c.attempt)
+            )
+            moved.update((int(row.id), int(row.attempt)) for row in rows)
+    return moved
+
+
+def release(db: Database, *, session: str,
+            keys: Iterable[tuple[int, int]] | None = None) -> int:
+    """``dispatched`` → ``scheduled``, no claim: the runs ``session`` claimed and did not
+    start (all of them, or those of ``keys``, (run id, attempt) pairs), given back by a
+    stopping worker so that the leader sends them elsewhere, at the same attempt: they
+    never started. How many."""
+    r = schema.runs
+    mine = [r.c.worker_session == session, _status_is(_RELEASE_FROM)]
+    if keys is not None:
+        wanted = list(keys)
+        if not wanted:
+            return 0
+        mine.append(sa.or_(*(sa.and_(r.c.id == i, r.c.attempt == a) for i, a in wanted)))
+    with db.write() as conn:
+        return int(conn.execute(
+            r.update().where(*mine)
+            .values(status=_S.SCHEDULED, worker=None, worker_session=None, dispatched_at=None)
+        ).rowcount)
+
+
 class Outcome(NamedTuple):
     """How a run attempt ended, on the worker's clock."""
 
@@ -292,72 +422,51 @@ def check_outcome(status: RunStatus) -> None:
         raise ValueError(f"a worker's run does not end as {status}")
 
 
-def write_outcomes(db: Database, session: str, started: Mapping[tuple[int, int], float],
+def write_outcomes(db: Database, session: str,
                    finished: Mapping[tuple[int, int], Outcome]) -> None:
-    """In one transaction: ``dispatched`` → ``running`` for ``started`` and
-    ``dispatched``/``running`` → ``succeeded``/``failed`` for ``finished`` (both keyed
-    by run id and attempt), only over the claim of ``session``: a run declared ``lost``
-    meanwhile, or claimed again for a later attempt, is left alone."""
+    """In one transaction: ``running`` → ``succeeded``/``failed``/``interrupted`` for
+    ``finished`` (keyed by run id and attempt), only over the claim of ``session``: a run
+    declared ``lost`` meanwhile, or claimed again for a later attempt, is left alone."""
     for status in {o.status for o in finished.values()}:
         check_outcome(status)
-    if not started and not finished:
+    if not finished:
         return
     with db.write() as conn:
         if db.dialect == "postgresql":
-            _outcomes_unnest(conn, session, started, finished)
+            _outcomes_unnest(conn, session, finished)
         else:
-            _outcomes_many(conn, session, started, finished)
+            _outcomes_many(conn, session, finished)
 
 
-def _outcomes_many(conn: Connection, session: str, started: Mapping[tuple[int, int], float],
+def _outcomes_many(conn: Connection, session: str,
                    finished: Mapping[tuple[int, int], Outcome]) -> None:
     r = schema.runs
     mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
             r.c.worker_session == session)
-    if started:
-        conn.execute(
-            r.update().where(*mine, _status_is(_START_FROM))
-            .values(status=_S.RUNNING, started_at=sa.bindparam("b_started")),
-            [{"b_id": k[0], "b_attempt": k[1], "b_started": v} for k, v in started.items()],
-        )
-    if finished:
-        conn.execute(
-            r.update().where(*mine, _status_is(_END_FROM))
-            .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
-                    finished_at=sa.bindparam("b_finished"),
-                    duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
-            [{"b_id": k[0], "b_attempt": k[1], "b_status": o.status, "b_started": o.started,
-              "b_finished": o.finished, "b_duration": o.finished - o.started,
-              "b_error": o.error} for k, o in finished.items()],
-        )
+    conn.execute(
+        r.update().where(*mine, _status_is(_END_FROM))
+        .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
+                finished_at=sa.bindparam("b_finished"),
+                duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
+        [{"b_id": k[0], "b_attempt": k[1], "b_status": o.status, "b_started": o.started,
+          "b_finished": o.finished, "b_duration": o.finished - o.started,
+          "b_error": o.error} for k, o in finished.items()],
+    )
 
 
-def _outcomes_unnest(conn: Connection, session: str, started: Mapping[tuple[int, int], float],
+def _outcomes_unnest(conn: Connection, session: str,
                      finished: Mapping[tuple[int, int], Outcome]) -> None:
-    """The same updates as one statement each, with one array per column: building
-    per-row parameters was a third of a busy worker's CPU."""
-    if started:
-        conn.execute(_UNNEST_STARTED, {
-            "ids": [k[0] for k in started], "attempts": [k[1] for k in started],
-            "started": list(started.values()), "session": session,
-        })
-    if finished:
-        statuses, starts, ends, errors = map(list, zip(*finished.values(), strict=True))
-        conn.execute(_UNNEST_FINISHED, {
-            "ids": [k[0] for k in finished], "attempts": [k[1] for k in finished],
-            "statuses": statuses, "started": starts, "finished": ends,
-            "durations": list(map(operator.sub, ends, starts)), "errors": errors,
-            "session": session,
-        })
+    """The update as one statement, with one array per column: building per-row
+    parameters was a third of a busy worker's CPU."""
+    statuses, starts, ends, errors = map(list, zip(*finished.values(), strict=True))
+    conn.execute(_UNNEST_FINISHED, {
+        "ids": [k[0] for k in finished], "attempts": [k[1] for k in finished],
+        "statuses": statuses, "started": starts, "finished": ends,
+        "durations": list(map(operator.sub, ends, starts)), "errors": errors,
+        "session": session,
+    })
 
 
-_UNNEST_STARTED = sa.text(
-    f"UPDATE qc_runs AS r SET status = '{_S.RUNNING}', started_at = v.started "
-    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), "
-    "CAST(:started AS float8[])) AS v(id, attempt, started) "
-    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
-    f"AND r.status {_sql_status(_START_FROM)}"
-)
 _UNNEST_FINISHED = sa.text(
     "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
     "finished_at = v.finished, duration = v.duration, error = v.error "

@@ -43,6 +43,7 @@ jobs = Table(
     Column("misfire_grace_seconds", Integer, nullable=True),  # NULL: the scheduler default
     Column("coalesce", Boolean, nullable=True),  # NULL: the scheduler default
     Column("recover", Boolean, nullable=False, default=False),
+    Column("max_attempts", Integer, nullable=True),  # NULL: [runs] max_attempts
     Column("broken", Text, nullable=True),  # why the row could not be loaded; set aside
     Column("version", Integer, nullable=False, default=1),
     Column("created_at", Float, nullable=False),
@@ -118,6 +119,13 @@ runs = Table(
     Column("finished_at", Float, nullable=True),
     Column("duration", Float, nullable=True),
     Column("error", Text, nullable=True),
+    # The job's max_attempts when it fired (NULL: [runs] max_attempts, read by the leader).
+    Column("max_attempts", Integer, nullable=True),
+    # Attempts that ended with their worker gone while the run was `running`: two is a
+    # poison run, quarantined (qcluster/leader/recovery.py).
+    Column("deaths", Integer, nullable=False, default=0, server_default="0"),
+    # When a cancel was asked while it ran: it is not stopped, but gets no new attempt.
+    Column("cancel_requested", Float, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     Index("ix_qc_runs_status", "status"),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),

@@ -2,10 +2,12 @@
 
 Promises:
 
-* Outcomes (``running``, then ``succeeded``/``failed`` with the error text and the
-  duration) are written by :func:`qcluster.store.runs.write_outcomes`, only over this
-  worker's own claim (its session and the attempt), so a run that the leader has meanwhile
-  declared ``lost`` is not overwritten.
+* Outcomes (``succeeded``/``failed``/``interrupted`` with the error text and the
+  duration; ``running`` is written before the job starts, by
+  :class:`~qcluster.worker.starts.StartGate`) are written by
+  :func:`qcluster.store.runs.write_outcomes`, only over this worker's own claim (its
+  session and the attempt), so a run that the leader has meanwhile declared ``lost`` is
+  not overwritten.
 * An outcome the database could not take is kept and written again (a newer one for the
   same attempt wins); the thread never dies of a database error.
 """
@@ -29,7 +31,6 @@ class OutcomeWriter:
         self.db = db
         self.session = session
         self.interval = interval
-        self._started: dict[tuple[int, int], float] = {}
         self._finished: dict[tuple[int, int], Outcome] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -38,10 +39,6 @@ class OutcomeWriter:
 
     def start(self) -> None:
         self._thread.start()
-
-    def started(self, run_id: int, attempt: int, at: float) -> None:
-        with self._lock:
-            self._started[(run_id, attempt)] = at
 
     def finished(self, run_id: int, attempt: int, status: RunStatus, started: float,
                  finished: float, error: str | None) -> None:
@@ -53,7 +50,7 @@ class OutcomeWriter:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._started) + len(self._finished)
+            return len(self._finished)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Flush what is pending (within ``timeout``) and stop. Idempotent."""
@@ -81,14 +78,11 @@ class OutcomeWriter:
     def flush(self) -> None:
         with self._lock:
             finished, self._finished = self._finished, {}
-            started = {k: v for k, v in self._started.items() if k not in finished}
-            self._started = {}
-        if not finished and not started:
+        if not finished:
             return
         try:
-            write_outcomes(self.db, self.session, started, finished)
+            write_outcomes(self.db, self.session, finished)
         except QClusterError:
             with self._lock:  # put them back, newer entries win
                 self._finished = {**finished, **self._finished}
-                self._started = {**started, **self._started}
             raise

@@ -21,8 +21,15 @@ Promises (docs/DESIGN.md invariant 4, workers fence too):
   anything that the database does not say is due.
 * Whatever ``accept`` raises, it first gives back every queue place it took and forgets
   every run it did not start, so they may come again.
+* A claimed run's code starts only after its row moved to ``running``
+  (:class:`~qcluster.worker.starts.StartGate`): a run the leader recorded ``missed`` (no
+  free slot within its grace) or ``cancelled`` while it waited is dropped, not run.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason. Outcomes are written by :class:`~qcluster.worker.outcomes.OutcomeWriter`.
+* ``stop(grace)`` returns within about ``grace`` seconds whatever the jobs do: what has
+  not started by then is given back (``scheduled`` again, for another worker), and what
+  still runs is recorded ``interrupted``. Jobs run on daemon threads
+  (:class:`~qcluster.worker.pool.JobPool`), so they do not keep the process alive.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import Token
 from datetime import UTC, datetime
 from typing import Any
@@ -52,10 +58,12 @@ from qcluster.store.records import (
     SubmitReply,
     from_wire,
 )
-from qcluster.store.runs import RunStatus, claim
+from qcluster.store.runs import RunStatus, claim, release
 from qcluster.worker.context import RunContext, enter_run, leave_run
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
 from qcluster.worker.outcomes import OutcomeWriter
+from qcluster.worker.pool import JobPool
+from qcluster.worker.starts import StartGate
 from qcluster.worker.timer import StartTimer
 
 log = logging.getLogger(__name__)
@@ -119,8 +127,12 @@ class Worker:
         self.allow = list(allow)
         self.max_queue = max_queue or max(1000, concurrency * 100)
         self.writer = OutcomeWriter(db, session)
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="qc-job")
-        self._timer = StartTimer(lambda run: self._pool.submit(self._execute, run))
+        self._pool: JobPool[RunRecord] = JobPool(concurrency, self._execute)
+        self._timer = StartTimer(self._pool.submit)
+        self._stopping = threading.Event()
+        self._idle = threading.Event()  # set whenever a run gives its place back
+        self._gate = StartGate(db, session, self._stopping)
+        self._running: dict[tuple[int, int], float] = {}  # starting or started: when
         self._fence = EpochFence(lambda: cluster_epoch(db))
         self._lock = threading.RLock()
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -133,14 +145,40 @@ class Worker:
         self._timer.start()
 
     def stop(self, grace: float) -> None:
-        """Refuse new runs, let running ones finish (up to ``grace`` s), flush outcomes."""
+        """Refuse new runs; let queued and running ones go on for up to ``grace`` s; then
+        start nothing more, give back (``scheduled``) what never started, record what
+        still runs ``interrupted``, and flush outcomes. Returns in about ``grace`` s plus
+        the database writes, whatever the jobs do. Idempotent."""
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + grace
         while self.inflight() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._timer.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._idle.clear()
+        self._stopping.set()
+        self._gate.close()  # from here on no start of ours can commit
+        waiting = self._timer.stop() + self._pool.stop()
+        with self._lock:
+            self._inflight -= len(waiting)
+            running = dict(self._running)
+        try:
+            given_back = release(self.db, session=self.session)
+        except QClusterError as e:
+            given_back = 0
+            log.warning("could not give back the runs that did not start: %s", e)
+        if given_back:
+            log.info("gave back %d runs that had not started", given_back)
+        now = time.time()
+        reason = (f"interrupted: the worker stopped before the run finished (shutdown "
+                  f"grace {grace:g}s; a running Python thread cannot be killed, it ends "
+                  "with the process)")
+        for (run_id, attempt), started in running.items():
+            # Only a row still `running` over our claim takes it (write_outcomes filters),
+            # so a run that was starting but did not start is left alone.
+            self.writer.finished(run_id, attempt, RunStatus.INTERRUPTED, started, now, reason)
+        if running:
+            log.warning("stopping with %d runs still running: recorded interrupted",
+                        len(running))
         self.writer.stop()
 
     def inflight(self) -> int:
@@ -255,16 +293,36 @@ class Worker:
         if run["scheduled_at"] > time.time() + _ON_TIME:  # sent ahead: start it on time
             self._timer.add(run)
         else:
-            self._pool.submit(self._execute, run)
+            self._pool.submit(run)
 
     def _execute(self, run: RunRecord) -> None:
-        """Run one claimed run and record how it ended; never raises, and gives back its
-        place. A job's failure (or a run that cannot even be set up) is data: ``failed``."""
+        """Start one claimed run (if its row still lets it), run it, record how it ended;
+        never raises, and gives back its place. A job's failure (or a run that cannot even
+        be set up) is data: ``failed``."""
+        key = (run["run_id"], run["attempt"])
         started = time.time()
+        with self._lock:
+            self._running[key] = started
+        try:
+            if not self._gate.begin(key):
+                if not self._stopping.is_set():
+                    log.info("run %d (attempt %d) of job %s was not started: its row is no "
+                             "longer dispatched to us (missed or cancelled)", key[0], key[1],
+                             run["job_id"])
+                return
+            self._run(run, time.time())
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+                self._inflight -= 1
+            self._idle.set()
+
+    def _run(self, run: RunRecord, started: float) -> None:
+        with self._lock:
+            self._running[(run["run_id"], run["attempt"])] = started
         status, error = RunStatus.SUCCEEDED, None
         token: Token[RunContext | None] | None = None
         try:
-            self.writer.started(run["run_id"], run["attempt"], started)
             token = enter_run(RunContext(
                 job_id=run["job_id"], run_id=run["run_id"],
                 scheduled_at=datetime.fromtimestamp(run["scheduled_at"], UTC),
@@ -283,8 +341,6 @@ class Worker:
                 leave_run(token)
             finished = time.time()
             self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error)
-            with self._lock:
-                self._inflight -= 1
 
     def _resolve(self, ref: str) -> Any:
         func = self._funcs.get(ref)

@@ -7,7 +7,8 @@ Promises:
 * The thread does not die of a time: a time that is not finite, or is more than
   :data:`~qcluster.store.records.MAX_AHEAD` ahead, is started at once (a dispatch's times
   are checked before they get here; this guards the row's values too).
-* ``stop()`` hands every waiting run to the pool, then joins the thread for at most 5 s.
+* ``stop()`` starts nothing more and returns the runs still waiting (the worker gives
+  them back), then joins the thread for at most 5 s.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ class StartTimer:
             if self._heap[0][2] is run:
                 self._cond.notify()
 
-    def stop(self) -> None:
-        """Start what is still waiting now (the worker's grace covers it), then stop."""
+    def stop(self) -> list[RunRecord]:
+        """Start nothing more; the runs that were still waiting. Idempotent."""
         with self._cond:
             self._stopped = True
+            waiting, self._heap = [r for _, _, r in sorted(self._heap)], []
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5.0)
+        return waiting
 
     def _take_due(self) -> list[RunRecord]:
         """Wait for the earliest run's time (or stop); what is due then."""
@@ -70,8 +73,7 @@ class StartTimer:
                 wait = self._heap[0][0] - time.time() if self._heap else None
                 self._cond.wait(wait)
             if self._stopped:
-                due, self._heap = [r for _, _, r in self._heap], []
-                return due
+                return []
             due = []
             now = time.time()
             while self._heap and self._heap[0][0] <= now:

@@ -337,6 +337,30 @@ def test_runs_list_filters_by_job_status_since_and_limit(config: Path, tmp_path:
 # -- config and cluster ------------------------------------------------------------------------
 
 
+def test_max_attempts_is_stored_on_the_job_and_runs_cancel_works_without_a_leader(
+    config: Path, tmp_path: Path
+) -> None:
+    run_cli("jobs", "add", "bounded", "--func", HELLO, "--every", "1h", "--recover",
+            "--max-attempts", "5", config=config)
+    run_cli("jobs", "apply", str(write_job_file(tmp_path / "j.toml", [
+        {"id": "filed", "func": HELLO, "every": "1h", "recover": True, "max_attempts": 2}])),
+        config=config)
+    shown = {j["id"]: j["max_attempts"] for j in jobs_json(config)}
+    assert shown == {"bounded": 5, "filed": 2}
+    run_id = run_json("jobs", "run", "bounded", "--json", config=config)["run_id"]
+    done = run_json("runs", "cancel", str(run_id), "--json", config=config)
+    assert done == {"run_id": run_id, "status": "cancelled", "attempt": 1, "via": "database"}
+    (row,) = run_json("runs", "list", "--json", "--status", "cancelled", config=config)
+    assert (row["run_id"], row["error"]) == (run_id, "cancelled: by runs cancel")
+    again = run_cli("runs", "cancel", str(run_id), config=config, check=False)
+    assert_cli_error(again, f"run {run_id} has already finished (cancelled)")
+    other = run_json("jobs", "run", "filed", "--json", config=config)["run_id"]
+    run_cli("jobs", "remove", "filed", config=config)
+    (gone,) = run_json("runs", "list", "--json", "--job", "filed", config=config)
+    assert (gone["run_id"], gone["status"]) == (other, "cancelled")
+    assert "cannot be killed" in run_cli("runs", "cancel", "--help", config=config).stdout
+
+
 def test_config_check_and_show_never_print_the_secrets(tmp_path: Path, db_url: str) -> None:
     db_password = "db-pass-7c1e9"
     if db_url.startswith("postgresql"):  # the test server trusts loopback: any password works
@@ -454,6 +478,16 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
         Case("--config before and after the command, different",
              ["--config", str(bad_key), "jobs", "list", "--config", str(bad_toml)],
              ("--config", "twice")),
+        Case("--max-attempts of 0", add("bad-attempts", "--func", HELLO, *every,
+                                        "--max-attempts", "0"), ("max_attempts",)),
+        Case("max_attempts in a job file that is not a number",
+             ["jobs", "apply", str(write_job_file(tmp_path / "bad-attempts.toml", [
+                 {"id": "in-bad-attempts", "func": HELLO, "every": "1s",
+                  "max_attempts": "three"}]))], ("in-bad-attempts", "max_attempts")),
+        Case("runs cancel of an unknown run", ["runs", "cancel", "987654"], ("no run 987654",)),
+        Case("runs cancel of run 0", ["runs", "cancel", "0"], ("run id",)),
+        Case("runs cancel of a run id too large", ["runs", "cancel", str(2**63)], ("run id",)),
+        Case("runs cancel of what is not a number", ["runs", "cancel", "last"], ("RUN",)),
         Case("bad --role", ["start", "--role", "boss"], ("--role",)),
         Case("empty --node-id", ["start", "--node-id", ""], ("--node-id",)),
         Case("the same config spelt two ways is one config, a missing one is refused",

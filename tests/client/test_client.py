@@ -307,3 +307,26 @@ def test_the_control_api_refuses_what_the_cli_refuses(tmp_path: Path, sqlite_url
         assert reply["ok"] is True, reply
         node.terminate()
         node.wait()
+
+
+def test_cancel_and_max_attempts_from_python(config: Path) -> None:
+    c = Client(config)
+    c.add("bounded", HELLO, every="1h", recover=True, max_attempts=4)
+    assert c.show("bounded")["max_attempts"] == 4
+    assert c.job("j", HELLO, every="1h", max_attempts=2).max_attempts == 2
+    for bad in (0, -1, True, "3", 2**31):
+        with pytest.raises(InputError, match="max_attempts"):
+            c.job("j", HELLO, every="1h", max_attempts=bad)  # type: ignore[arg-type]
+    run = c.run("bounded")
+    done = c.cancel(run.run_id)
+    assert (done.run_id, done.status, done.attempt, done.via) == (
+        run.run_id, "cancelled", 1, "database")
+    assert [r["status"] for r in c.runs(job="bounded")] == ["cancelled"]
+    assert c.runs(status="cancelled")[0]["run_id"] == run.run_id
+    with pytest.raises(InputError, match="already finished"):
+        c.cancel(run.run_id)
+    for bad_id in (0, 2**63, "7", None):
+        with pytest.raises(InputError, match="run id"):
+            c.cancel(bad_id)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="no run 424242"):
+        c.cancel(424242)

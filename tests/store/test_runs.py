@@ -108,14 +108,20 @@ def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
         return claimed_ids(db, [record(db, run_id)], worker="w2", session="s2")
     if t.via == "write_outcomes":  # it says nothing: the row tells
         assert t.target is not None
-        if t.target == S.RUNNING:
-            runs.write_outcomes(db, "s1", {(run_id, 1): 5.0}, {})
-        else:
-            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(t.target, 5.0, 6.5, "e")})
+        runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(t.target, 5.0, 6.5, "e")})
         return None
+    if t.via == "start":
+        return {k[0] for k in runs.start(db, [(run_id, 1)], session="s1", now=5.0)}
+    if t.via == "release":
+        return runs.release(db, session="s1", keys=[(run_id, 1)])
     with db.fenced(epoch) as conn:
         if t.via == "mark_missed":
-            return runs.mark_missed(conn, run_id, now=7.0, error="never sent")
+            return runs.mark_missed(conn, run_id, 1, source, now=7.0, error="never sent")
+        if t.via == "cancel":
+            try:
+                return runs.cancel(conn, run_id, now=7.0, reason="cancelled").status == t.target
+            except InputError:
+                return False
         if t.via == "mark_lost":
             return runs.mark_lost(conn, run_id, 1, source, now=7.0, error="worker left")
         if t.via == "retry":
@@ -147,13 +153,16 @@ def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
             assert after is None and answer == 1, t
             continue
         assert after.status == t.target, t
-        assert answer in (True, {run_id}, None), (t, answer)
+        assert answer in (True, {run_id}, None, 1), (t, answer)
         if t.via == "claim":
             assert (after.worker, after.worker_session) == ("w2", "s2")
             assert after.dispatched_at is not None
-        if t.via == "retry":
-            assert after.attempt == 2 and after.worker is None and after.worker_session is None
-        if t.target in (S.SUCCEEDED, S.FAILED):
+        if t.via in ("retry", "release"):
+            assert after.worker is None and after.worker_session is None
+            assert after.attempt == (2 if t.via == "retry" else 1)
+        if t.via == "start":
+            assert after.started_at == 5.0
+        if t.target in (S.SUCCEEDED, S.FAILED, S.INTERRUPTED):
             assert (after.started_at, after.finished_at, after.duration) == (5.0, 6.5, 1.5)
 
 
@@ -165,13 +174,18 @@ def test_every_other_transition_is_refused_and_writes_nothing(db: Database) -> N
         for source in RunStatus:
             if (source, t.target, t.via) in made:
                 continue
+            if (t.via, source) == ("cancel", S.RUNNING):
+                continue  # not a transition: marked, see the cancel tests
             run_id = insert(db)
             force(db, run_id, source)
             before = tuple(row(db, run_id))
-            if t.via == "mark_lost" and source not in runs.sources(S.LOST, Writer.LEADER):
-                with pytest.raises(ValueError, match="does not become lost"):
+            reads = {"mark_lost": S.LOST, "mark_missed": S.MISSED}
+            target = reads.get(t.via)
+            if target is not None and source not in runs.sources(target, Writer.LEADER, t.via):
+                with pytest.raises(ValueError, match="does not become"):
                     make(db, t, run_id, source)
-                answer = make(db, t, run_id, S.RUNNING)  # the caller read it running
+                answer = make(db, t, run_id, S.RUNNING if t.via == "mark_lost"
+                              else S.DISPATCHED)  # what the caller read
             else:
                 answer = make(db, t, run_id, source)
             assert answer in (False, set(), 0, None), (source, t, answer)
@@ -190,9 +204,9 @@ def test_statuses_a_function_cannot_make_are_refused_before_any_write(db: Databa
     run_id = insert(db)
     force(db, run_id, S.RUNNING)
     before = tuple(row(db, run_id))
-    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED}:
+    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED, S.INTERRUPTED}:
         with pytest.raises(ValueError, match="does not end as"):
-            runs.write_outcomes(db, "s1", {}, {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
+            runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
     assert tuple(row(db, run_id)) == before
 
 
@@ -211,14 +225,16 @@ def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database
     assert (again["attempt"], again["epoch"]) == (2, epoch)
     retried = tuple(row(db, run_id))
     assert (row(db, run_id).status, row(db, run_id).epoch) == (S.SCHEDULED, epoch)
-    runs.write_outcomes(db, "s1", {(run_id, 1): 5.0},
-                        {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
+    assert runs.start(db, [(run_id, 1)], session="s1", now=5.0) == set()
+    runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
     assert claimed_ids(db, [old], worker="w1", session="s1") == set()
     assert tuple(row(db, run_id)) == retried
     assert claimed_ids(db, [again], worker="w2", session="s2") == {run_id}
-    runs.write_outcomes(db, "s1", {}, {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
-    assert row(db, run_id).status == S.DISPATCHED
-    runs.write_outcomes(db, "s2", {}, {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
+    assert runs.start(db, [(run_id, 2)], session="s1", now=5.0) == set()  # not its claim
+    assert runs.start(db, [(run_id, 2)], session="s2", now=7.0) == {(run_id, 2)}
+    runs.write_outcomes(db, "s1", {(run_id, 2): Outcome(S.FAILED, 5.0, 6.0, "not mine")})
+    assert row(db, run_id).status == S.RUNNING
+    runs.write_outcomes(db, "s2", {(run_id, 2): Outcome(S.SUCCEEDED, 8.0, 9.0, None)})
     assert (row(db, run_id).status, row(db, run_id).worker) == (S.SUCCEEDED, "w2")
 
 
@@ -408,3 +424,130 @@ def test_only_store_runs_writes_qc_runs() -> None:
         for line in runs_writes(path.read_text())
     ]
     assert offenders == [], f"qc_runs written outside qcluster/store/runs.py: {offenders}"
+
+
+# -- bounded attempts, quarantine, cancel, runs no slot took ---------------------------------
+
+
+def claim_and_start(db: Database, run_id: int, session: str) -> None:
+    rec = record(db, run_id)
+    assert claimed_ids(db, [rec], worker=f"w-{session}", session=session) == {run_id}
+    assert runs.start(db, [(run_id, rec["attempt"])], session=session, now=5.0)
+
+
+def test_a_run_whose_worker_died_on_two_attempts_is_quarantined(db: Database) -> None:
+    run_id = insert(db, recover=True)
+    epoch = new_epoch(db)
+    claim_and_start(db, run_id, "s1")
+    first = recover_runs(db, epoch, live_workers=set(), grace_seconds=30)
+    assert (first.lost, first.retried, first.quarantined) == (1, 1, 0)
+    assert (row(db, run_id).status, row(db, run_id).deaths) == (S.SCHEDULED, 1)
+    claim_and_start(db, run_id, "s2")
+    second = recover_runs(db, epoch, live_workers=set(), grace_seconds=30, max_attempts=10)
+    assert (second.lost, second.retried, second.quarantined, second.resend) == (1, 0, 1, [])
+    after = row(db, run_id)
+    assert (after.status, after.attempt, after.deaths) == (S.LOST, 2, 2)
+    assert after.error.startswith("quarantined: its worker died on 2 attempts; worker w-s2")
+    assert recover_runs(db, epoch, live_workers=set(), grace_seconds=30).lost == 0
+
+
+def test_a_worker_gone_before_the_run_started_is_no_death_but_attempts_are_bounded(
+    db: Database,
+) -> None:
+    """Lost while only ``dispatched`` (claimed, its code not started) counts no death; the
+    attempts stop at ``max_attempts``: the job's own bound, carried on the row, first."""
+    epoch = new_epoch(db)
+    run_id = insert(db, recover=True)
+    for attempt in (1, 2):
+        assert claimed_ids(db, [record(db, run_id)], worker="w", session=f"s{attempt}")
+        result = recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9, max_attempts=3)
+        assert result.retried == 1 and row(db, run_id).deaths == 0
+    assert claimed_ids(db, [record(db, run_id)], worker="w", session="s3")
+    assert recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9,
+                        max_attempts=3).retried == 0
+    after = row(db, run_id)
+    assert (after.status, after.attempt) == (S.LOST, 3)
+    assert after.error.startswith("no attempt left (max_attempts 3)")
+    own = insert(db, recover=True)
+    with db.write() as conn:  # the job's bound, as insert_runs copies it
+        conn.execute(schema.runs.update().where(schema.runs.c.id == own).values(max_attempts=1))
+    assert claimed_ids(db, [record(db, own)], worker="w", session="s9")
+    assert recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9,
+                        max_attempts=3).retried == 0
+    assert "max_attempts 1" in row(db, own).error
+
+
+def test_a_claimed_run_no_worker_started_within_the_grace_is_missed_and_cannot_start(
+    db: Database,
+) -> None:
+    epoch = new_epoch(db)
+    run_id = insert(db)  # scheduled at about 1e6
+    assert claimed_ids(db, [record(db, run_id)], worker="w1", session="s1")
+    live = {("w1", "s1")}
+    sched = row(db, run_id).scheduled_at
+    assert recover_runs(db, epoch, live_workers=live, grace_seconds=30, now=sched + 29).missed == 0
+    assert row(db, run_id).status == S.DISPATCHED
+    result = recover_runs(db, epoch, live_workers=live, grace_seconds=30, now=sched + 31)
+    assert result.missed == 1 and result.lost == 0
+    after = row(db, run_id)
+    assert after.status == S.MISSED and "no free worker slot" in after.error
+    assert runs.start(db, [(run_id, 1)], session="s1", now=5.0) == set()  # never starts
+    assert row(db, run_id).status == S.MISSED
+    # and the other order: a run that started first is left to run
+    other = insert(db)
+    claim_and_start(db, other, "s1")
+    assert recover_runs(db, epoch, live_workers={("w-s1", "s1")}, grace_seconds=30,
+                        now=2e9).missed == 0
+    assert row(db, other).status == S.RUNNING
+
+
+def test_cancel_stops_every_further_attempt_and_refuses_finished_or_unknown_runs(
+    db: Database,
+) -> None:
+    epoch = new_epoch(db)
+    waiting, claimed, running = insert(db), insert(db, recover=True), insert(db, recover=True)
+    assert claimed_ids(db, [record(db, claimed)], worker="w1", session="s1")
+    claim_and_start(db, running, "s1")
+    with db.fenced(epoch) as conn:
+        assert runs.cancel(conn, waiting, now=7.0, reason="cancelled: test").status == S.CANCELLED
+        assert runs.cancel(conn, claimed, now=7.0, reason="cancelled: test").status == S.CANCELLED
+        assert runs.cancel(conn, running, now=7.0, reason="cancelled: test").status == S.RUNNING
+    assert [row(db, i).status for i in (waiting, claimed, running)] == [
+        S.CANCELLED, S.CANCELLED, S.RUNNING]
+    assert row(db, waiting).error == "cancelled: test"
+    assert runs.start(db, [(claimed, 1)], session="s1", now=8.0) == set()
+    for run_id, message in ((waiting, f"run {waiting} has already finished \\(cancelled\\)"),
+                            (10**9, "no run 1000000000")):
+        before = [tuple(r) for r in all_rows(db)]
+        with pytest.raises(InputError, match=message), db.fenced(epoch) as conn:
+            runs.cancel(conn, run_id, now=9.0, reason="x")
+        assert [tuple(r) for r in all_rows(db)] == before
+    # its worker dies: lost, and no new attempt although the job recovers
+    result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30)
+    assert (result.lost, result.retried) == (1, 0)
+    assert row(db, running).error.startswith("cancelled: no further attempt")
+
+
+def test_removing_a_job_cancels_its_open_runs(db: Database) -> None:
+    from qcluster.store.cancels import remove_job
+
+    epoch = new_epoch(db)
+    spec = make_spec(every="1h")
+    with db.fenced(epoch) as conn:
+        catalog.upsert_jobs(conn, [JobDef("gone", "jobs.builtin:noop", spec, recover=True,
+                                          max_attempts=5)], replace=False)
+        first = catalog.run_now(conn, "gone", epoch, "leader")["run_id"]
+    assert row(db, first).max_attempts == 5
+    claim_and_start(db, first, "s1")
+    with db.fenced(epoch) as conn:
+        second = catalog.run_now(conn, "gone", epoch, "leader")["run_id"]
+        remove_job(conn, "gone")
+    assert row(db, second).status == S.CANCELLED
+    assert row(db, second).error == "cancelled: its job was removed"
+    assert (row(db, first).status, row(db, first).cancel_requested is not None) == (
+        S.RUNNING, True)
+
+
+def all_rows(db: Database) -> list[Any]:
+    with db.read() as conn:
+        return list(conn.execute(sa.select(schema.runs).order_by(schema.runs.c.id)))

@@ -1,0 +1,239 @@
+"""Runs that fight the cluster, with real ``qcluster start`` processes (issue 14, points
+2-4): a poison run that kills its own worker is quarantined after two deaths and the
+cluster keeps firing; SIGTERM stops a node whose job never ends within its grace and
+records the run ``interrupted``; a run that no worker slot takes within its grace is
+recorded ``missed``; ``runs cancel`` and ``jobs remove`` stop any further attempt."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, cluster, records_of
+from tests.helpers import (
+    TEST_ALLOW,
+    TEST_SETTINGS,
+    assert_cli_error,
+    run_cli,
+    run_json,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.cluster
+
+#: Jobs that misbehave, in a package of the test's own ([jobs] paths).
+POISON_JOBS = '''
+import os
+import signal
+import time
+
+from jobs.examples import record_run
+
+
+def kill_worker(path):
+    """Record the attempt, then SIGKILL this worker process (the job runs in one of its
+    threads): what a segfaulting extension or os._exit in a job does."""
+    record_run(path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def forever(path):
+    """Record the attempt, then never return."""
+    record_run(path)
+    while True:
+        time.sleep(0.1)
+'''
+
+
+def poison_config(tmp_path: Path, url: str, **overrides: Any) -> Path:
+    package = tmp_path / "jobpaths" / "poisonjobs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text(POISON_JOBS)
+    sections: dict[str, Any] = {
+        "jobs": {"allow": [*TEST_ALLOW, "poisonjobs.*"], "paths": [str(package.parent)]},
+        **overrides,
+    }
+    config = write_config(tmp_path, url, **sections)
+    run_cli("db", "upgrade", config=config)
+    return config
+
+
+@pytest.fixture
+def one_slot(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
+    """One node of both roles with one worker slot, a shutdown grace of 2 s and a misfire
+    grace of 4 s, or the one a test gives as its indirect parameter (a test that makes
+    several CLI calls while a run waits for the slot needs more on a loaded machine)."""
+    grace = getattr(request, "param", 4)
+    config = poison_config(
+        tmp_path, pg_url, worker={**TEST_SETTINGS["worker"], "concurrency": 1,
+                                  "shutdown_grace_seconds": 2.0},
+        scheduler={**TEST_SETTINGS["scheduler"], "misfire_grace_seconds": grace})
+    with cluster(tmp_path, config, pg_url) as c:
+        c.start("n1", "all")
+        c.wait_leader()
+        yield c
+
+
+def add(c: Cluster, job_id: str, func: str, *flags: str) -> None:
+    run_cli("jobs", "add", job_id, "--func", func, "--every", "1h",
+            "--kwarg", f"path={c.records}", *flags, config=c.config)
+
+
+def run_now(c: Cluster, job_id: str) -> int:
+    return int(run_json("jobs", "run", job_id, "--json", config=c.config)["run_id"])
+
+
+def row_of(c: Cluster, run_id: int) -> Any:
+    return next(r for r in c.runs() if r.id == run_id)
+
+
+def wait_status(c: Cluster, run_id: int, *statuses: str, timeout: float = 30) -> Any:
+    return wait_for(lambda: (r := row_of(c, run_id)).status in statuses and r,
+                    timeout=timeout, what=f"run {run_id} to be {'/'.join(statuses)}",
+                    details=c.leader_logs)
+
+
+def attempts_of(c: Cluster, job_id: str) -> list[int]:
+    return [r["attempt"] for r in records_of(c) if r["job_id"] == job_id]
+
+
+def test_a_poison_run_is_quarantined_after_two_deaths_and_the_cluster_keeps_firing(
+    tmp_path: Path, pg_url: str
+) -> None:
+    config = poison_config(tmp_path, pg_url)
+    with cluster(tmp_path, config, pg_url) as c:
+        c.start("n1", "all")
+        c.wait_leader()
+        c.add_second_jobs(1)
+        add(c, "poison", "poisonjobs.jobs:kill_worker", "--recover")
+        run_id = run_now(c, "poison")
+        restarts = 0
+
+        def settled() -> Any:
+            nonlocal restarts
+            row = row_of(c, run_id)
+            if row.status == "lost":
+                return row
+            if not c.nodes["n1"].running():  # a supervisor restarts what dies
+                assert restarts < 5, "the poison run kept killing its node"
+                restarts += 1
+                c.start("n1", "all")
+            return None
+
+        row = wait_for(settled, timeout=90, interval=0.2, what="the poison run to settle",
+                       details=c.leader_logs)
+        assert row.attempt == 2 and row.deaths == 2
+        assert "quarantined: its worker died on 2 attempts" in row.error
+        assert attempts_of(c, "poison") == [1, 2]
+        assert restarts == 2  # one death per attempt, and no third
+        quarantined = time.time()
+        # The node now stays up, and the other job fires again.
+        wait_for(lambda: [r for r in c.runs() if r.job_id == "tick0"
+                          and r.status == "succeeded" and r.scheduled_at > quarantined + 3],
+                 timeout=30, what="the other job to run after the quarantine",
+                 details=c.leader_logs)
+        assert c.nodes["n1"].running()
+        assert row_of(c, run_id).status == "lost" and attempts_of(c, "poison") == [1, 2]
+
+
+@pytest.mark.parametrize("one_slot", [60], indirect=True, ids=["grace60"])
+def test_sigterm_stops_a_node_whose_job_never_ends_and_records_it_interrupted(
+    one_slot: Cluster,
+) -> None:
+    c = one_slot
+    add(c, "endless", "poisonjobs.jobs:forever")
+    add(c, "queued", "jobs.examples:record_run")
+    endless = run_now(c, "endless")
+    wait_status(c, endless, "running")
+    queued = run_now(c, "queued")
+    wait_status(c, queued, "dispatched")  # claimed; no slot free
+    node = c.nodes["n1"]
+    node.terminate()
+    sent = time.monotonic()
+    assert node.wait(timeout=2.0 + 10) == 0, node.log_tail()
+    print(f"exited {time.monotonic() - sent:.1f}s after SIGTERM")
+    row = row_of(c, endless)
+    assert row.status == "interrupted", (row.status, row.error)
+    assert "the worker stopped before the run finished" in row.error
+    assert row.finished_at is not None
+    again = row_of(c, queued)  # never started: given back for another worker
+    assert (again.status, again.worker, again.attempt) == ("scheduled", None, 1)
+    assert attempts_of(c, "queued") == []
+
+
+def test_a_run_no_worker_slot_takes_within_its_grace_is_missed_and_never_starts(
+    one_slot: Cluster,
+) -> None:
+    c = one_slot
+    add(c, "endless", "poisonjobs.jobs:forever")
+    add(c, "starved", "jobs.examples:record_run")
+    wait_status(c, run_now(c, "endless"), "running")
+    starved = run_now(c, "starved")
+    wait_status(c, starved, "dispatched")
+    row = wait_status(c, starved, "missed", "succeeded", timeout=20)
+    assert row.status == "missed", row.error
+    assert "no free worker slot within the misfire grace time (4s)" in row.error
+    time.sleep(1)
+    assert attempts_of(c, "starved") == []
+
+
+@pytest.mark.parametrize("one_slot", [60], indirect=True, ids=["grace60"])
+def test_runs_cancel_stops_further_attempts_and_refuses_what_it_cannot_cancel(
+    one_slot: Cluster,
+) -> None:
+    c = one_slot
+    add(c, "endless", "poisonjobs.jobs:forever", "--recover")
+    add(c, "waiting", "jobs.examples:record_run")
+    endless = run_now(c, "endless")
+    wait_status(c, endless, "running")
+    # A running run: not stopped, but no further attempt.
+    out = run_json("runs", "cancel", str(endless), "--json", config=c.config)
+    assert out["status"] == "running" and out["via"].startswith("leader")
+    text = run_cli("runs", "cancel", str(endless), config=c.config).stdout
+    assert "it is not stopped" in text and "cannot be killed" in text
+    assert row_of(c, endless).status == "running"
+    assert row_of(c, endless).cancel_requested is not None
+    # A claimed run that waits for a slot: cancelled, and it never starts.
+    waiting = run_now(c, "waiting")
+    wait_status(c, waiting, "dispatched")
+    assert run_json("runs", "cancel", str(waiting), "--json",
+                    config=c.config)["status"] == "cancelled"
+    assert row_of(c, waiting).status == "cancelled"
+    # Refused, one line, nothing written: unknown, finished, not a number.
+    before = [tuple(r) for r in c.runs()]
+    assert_cli_error(run_cli("runs", "cancel", "999999", config=c.config, check=False),
+                     "no run 999999")
+    assert_cli_error(run_cli("runs", "cancel", str(waiting), config=c.config, check=False),
+                     f"run {waiting} has already finished (cancelled)")
+    assert_cli_error(run_cli("runs", "cancel", "0", config=c.config, check=False), "run id")
+    assert_cli_error(run_cli("runs", "cancel", "abc", config=c.config, check=False))
+    assert [tuple(r) for r in c.runs()] == before
+    # The worker that ran the cancelled run dies: no new attempt although it recovers.
+    c.nodes["n1"].kill()
+    c.start("n1", "all")
+    row = wait_status(c, endless, "lost")
+    assert "cancelled: no further attempt" in row.error and row.attempt == 1
+    # With no leader alive, a cancel is written directly; `jobs remove` cancels the
+    # removed job's open runs.
+    c.nodes["n1"].kill()
+    c.nodes["n1"].wait()
+    time.sleep(3)  # its lease (2 s) lapses: no leader is alive
+    direct = run_now(c, "waiting")
+    assert run_json("runs", "cancel", str(direct), "--json",
+                    config=c.config)["via"] == "database"
+    removed = run_now(c, "waiting")
+    run_cli("jobs", "remove", "waiting", config=c.config)
+    assert row_of(c, removed).status == "cancelled"
+    assert "its job was removed" in row_of(c, removed).error
+    c.start("n1", "all")
+    c.wait_leader()
+    time.sleep(3)
+    assert {row_of(c, i).status for i in (direct, removed)} == {"cancelled"}
+    assert attempts_of(c, "waiting") == []
+    assert attempts_of(c, "endless") == [1]
