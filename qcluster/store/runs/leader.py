@@ -1,0 +1,217 @@
+"""The leader's writes to ``qc_runs``, on the caller's connection, in the transaction it
+fenced on its epoch (docs/DESIGN.md invariants 1, 3, 6, 7). Part of
+:mod:`qcluster.store.runs`, the table's one owner."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Connection
+
+from qcluster.errors import InputError
+from qcluster.store import schema
+from qcluster.store.records import RunRecord, run_record
+from qcluster.store.runs.states import (
+    CANCEL_FROM,
+    CREATES,
+    LOST_FROM,
+    MISSED_FROM,
+    PRUNE_FROM,
+    RETRY_FROM,
+    RunStatus,
+    Writer,
+    status_is,
+)
+
+_S, _L, _W = RunStatus, Writer.LEADER, Writer.WORKER
+
+
+# -- the leader's writes, inside the caller's fenced transaction --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FireRow:
+    """One fire time to record: ``status`` is ``scheduled`` (to run) or ``missed``."""
+
+    job_id: str
+    func: str
+    args_json: str
+    kwargs_json: str
+    scheduled_at: float
+    status: RunStatus
+    recover: bool
+    error: str | None = None
+    max_attempts: int | None = None  # the job's bound; None: [runs] max_attempts
+
+
+def insert_runs(
+    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
+) -> list[RunRecord]:
+    """Insert run rows (none → ``scheduled``/``missed``), skipping fire times already
+    recorded; return the new ``scheduled`` runs, to be sent once the caller commits."""
+    if not fires:
+        return []
+    refused = {f.status for f in fires} - CREATES
+    if refused:
+        raise ValueError(f"a run is not recorded as {', '.join(sorted(map(str, refused)))}")
+    now = time.time()
+    rows = [
+        {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
+         "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
+         "recover": f.recover, "epoch": epoch, "leader": leader, "created_at": now,
+         "finished_at": now if f.status == _S.MISSED else None, "error": f.error,
+         "max_attempts": f.max_attempts}
+        for f in fires
+    ]
+    by_key = {(f.job_id, f.scheduled_at): f for f in fires}
+    out: list[RunRecord] = []
+    for start in range(0, len(rows), 500):
+        for row in _insert_returning(conn, rows[start : start + 500]):
+            if row.status != _S.SCHEDULED:
+                continue
+            f = by_key[(row.job_id, row.scheduled_at)]
+            out.append(run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
+                                  f.scheduled_at, 1, epoch, f.recover))
+    return out
+
+
+_RUN_COLUMNS = (
+    ("job_id", "text"), ("scheduled_at", "float8"), ("func", "text"), ("args", "text"),
+    ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
+    ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
+    ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
+)
+_UNNEST_INSERT = sa.text(
+    f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
+    "ON CONFLICT (job_id, scheduled_at) DO NOTHING "
+    "RETURNING id, job_id, scheduled_at, status"
+)
+
+
+def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
+    """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
+    PostgreSQL one column array per parameter (``unnest``): 14 parameters whatever the
+    batch size, so the driver prepares the statement once, where a multi-row VALUES list
+    of 6,500 parameters is parsed again for every batch."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
+    r = schema.runs
+    stmt = (
+        sqlite.insert(r)
+        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
+        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
+    )
+    return conn.execute(stmt, rows)
+
+
+def mark_missed(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
+                now: float, error: str) -> bool:
+    """``scheduled`` → ``missed`` (never sent within its grace) or ``dispatched`` →
+    ``missed`` (claimed, but no worker started it within its grace). Only while the row is
+    still at ``attempt`` and in ``status`` (what the caller read): a worker's :func:`start`
+    filters on ``dispatched`` too, so of the two only one writes. Whether it wrote."""
+    if status not in MISSED_FROM:
+        raise ValueError(f"a {status} run does not become missed")
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
+        .values(status=_S.MISSED, finished_at=now, error=error)
+    ).rowcount > 0
+
+
+def mark_lost(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
+              now: float, error: str) -> bool:
+    """``dispatched``/``running`` → ``lost``: the claim's worker left. Only while the row
+    is still at ``attempt`` and in ``status`` (what the caller read). A worker gone while
+    the run was ``running`` adds one to ``deaths`` (the job's code may have killed it).
+    Whether it wrote."""
+    if status not in LOST_FROM:
+        raise ValueError(f"a {status} run does not become lost")
+    r = schema.runs
+    died = 1 if status == _S.RUNNING else 0
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
+        .values(status=_S.LOST, finished_at=now, error=error, deaths=r.c.deaths + died)
+    ).rowcount > 0
+
+
+def retry(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float,
+          error: str) -> bool:
+    """``lost`` → ``scheduled`` with ``attempt + 1`` and no claim, recorded by ``epoch``:
+    the run of a ``recover`` job, to be sent again. Never for a run whose cancel was
+    asked (the filter reads the row as it is now, after any cancel that committed first).
+    The caller decides the bound (attempts, deaths). Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, status_is(RETRY_FROM),
+                         r.c.cancel_requested.is_(None))
+        .values(status=_S.SCHEDULED, attempt=attempt + 1, worker=None, worker_session=None,
+                dispatched_at=None, started_at=None, finished_at=None, duration=None,
+                epoch=epoch, created_at=now, error=error)
+    ).rowcount > 0
+
+
+class Cancelled(NamedTuple):
+    """What :func:`cancel` did: ``cancelled`` (it will never start) or ``running`` (it
+    goes on, Python threads cannot be killed, but gets no further attempt)."""
+
+    run_id: int
+    status: RunStatus
+    attempt: int
+
+
+def cancel(conn: Connection, run_id: int, *, now: float, reason: str) -> Cancelled:
+    """Stop any further attempt of one run. ``scheduled``/``dispatched`` → ``cancelled``
+    (with ``reason``); a ``running`` one keeps running and is marked so that no new
+    attempt is made (``cancel_requested``). InputError (nothing written) for a run that
+    does not exist or has already finished."""
+    r = schema.runs
+    done = conn.execute(
+        r.update().where(r.c.id == run_id, status_is(CANCEL_FROM))
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+        .returning(r.c.attempt)
+    ).all()
+    if done:
+        return Cancelled(run_id, _S.CANCELLED, int(done[0].attempt))
+    # Not cancellable as it stood: running (mark it), or finished, or absent. Marked with
+    # a filter on `running` too: a run that ends meanwhile is reported finished.
+    marked = conn.execute(
+        r.update().where(r.c.id == run_id, r.c.status == _S.RUNNING)
+        .values(cancel_requested=sa.func.coalesce(r.c.cancel_requested, now))
+        .returning(r.c.attempt)
+    ).all()
+    if marked:
+        return Cancelled(run_id, _S.RUNNING, int(marked[0].attempt))
+    found = conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).one_or_none()
+    if found is None:
+        raise InputError(f"no run {run_id}")
+    raise InputError(f"run {run_id} has already finished ({found.status})")
+
+
+def cancel_job_runs(conn: Connection, job_id: str, *, now: float, reason: str) -> int:
+    """:func:`cancel` every open run of ``job_id`` (a removed job); how many it reached."""
+    r = schema.runs
+    cancelled = conn.execute(
+        r.update().where(r.c.job_id == job_id, status_is(CANCEL_FROM))
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+    ).rowcount
+    marked = conn.execute(
+        r.update().where(r.c.job_id == job_id, r.c.status == _S.RUNNING,
+                         r.c.cancel_requested.is_(None))
+        .values(cancel_requested=now)
+    ).rowcount
+    return int(cancelled) + int(marked)
+
+
+def prune(conn: Connection, *, older_than: float) -> int:
+    """Delete the finished runs scheduled before ``older_than``; how many."""
+    r = schema.runs
+    return int(conn.execute(
+        r.delete().where(r.c.scheduled_at < older_than, r.c.status.in_(PRUNE_FROM))
+    ).rowcount)

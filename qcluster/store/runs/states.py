@@ -1,0 +1,105 @@
+"""The run state machine: the statuses of a ``qc_runs`` row, every transition, who may
+make it and through which function of :mod:`qcluster.store.runs`. The writes filter on
+these sources (``*_FROM``), so the table and the code cannot disagree."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from enum import StrEnum
+
+import sqlalchemy as sa
+
+from qcluster.store import schema
+
+
+class RunStatus(StrEnum):
+    """The ``status`` of a ``qc_runs`` row; the values are what the column stores."""
+
+    SCHEDULED = "scheduled"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    MISSED = "missed"
+    LOST = "lost"
+    #: Asked by ``runs cancel`` or ``jobs remove`` before it started: it never starts.
+    CANCELLED = "cancelled"
+    #: Its worker stopped (SIGTERM) before it finished, and said so; no new attempt.
+    INTERRUPTED = "interrupted"
+
+
+#: Not finished yet: what recovery looks after.
+OPEN = (RunStatus.SCHEDULED, RunStatus.DISPATCHED, RunStatus.RUNNING)
+#: Finished: what retention may delete.
+FINISHED = tuple(s for s in RunStatus if s not in OPEN)
+
+
+class Writer(StrEnum):
+    LEADER = "leader"  # fenced on its epoch (or a client with no leader, on the one it read)
+    WORKER = "worker"  # over its own claim, not fenced
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    source: RunStatus | None  # None: the row is inserted
+    target: RunStatus | None  # None: the row is deleted
+    by: Writer
+    via: str  # the function of this module that makes it
+
+
+_S, _L, _W = RunStatus, Writer.LEADER, Writer.WORKER
+
+#: Every change a run row may go through, who may make it, and the function that does.
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(None, _S.SCHEDULED, _L, "insert_runs"),  # a fire, or run now
+    Transition(None, _S.MISSED, _L, "insert_runs"),  # past the grace, or coalesced
+    Transition(_S.SCHEDULED, _S.MISSED, _L, "mark_missed"),  # never sent within the grace
+    Transition(_S.DISPATCHED, _S.MISSED, _L, "mark_missed"),  # never started within it
+    Transition(_S.SCHEDULED, _S.CANCELLED, _L, "cancel"),
+    Transition(_S.DISPATCHED, _S.CANCELLED, _L, "cancel"),  # claimed, not started
+    Transition(_S.SCHEDULED, _S.DISPATCHED, _W, "claim"),
+    Transition(_S.DISPATCHED, _S.RUNNING, _W, "start"),  # before the job's code runs
+    Transition(_S.DISPATCHED, _S.SCHEDULED, _W, "release"),  # a stopping worker's, unstarted
+    Transition(_S.RUNNING, _S.SUCCEEDED, _W, "write_outcomes"),
+    Transition(_S.RUNNING, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.RUNNING, _S.INTERRUPTED, _W, "write_outcomes"),  # stopped past its grace
+    Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
+    Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
+    Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1, bounded
+    *(Transition(s, None, _L, "prune") for s in FINISHED),  # past the retention window
+)
+
+
+def sources(target: RunStatus | None, by: Writer, via: str | None = None
+            ) -> tuple[RunStatus, ...]:
+    """The statuses from which ``by`` (through ``via``, if given) may make ``target``
+    (None: delete), in enum order."""
+    found = {t.source for t in TRANSITIONS
+             if t.target == target and t.by == by and via in (None, t.via)}
+    return tuple(s for s in RunStatus if s in found)
+
+
+CREATES = frozenset(t.target for t in TRANSITIONS if t.source is None and t.by == _L)
+ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "write_outcomes")
+CLAIM_FROM = sources(_S.DISPATCHED, _W)
+START_FROM = sources(_S.RUNNING, _W)
+RELEASE_FROM = sources(_S.SCHEDULED, _W)
+END_FROM = sources(_S.SUCCEEDED, _W)
+MISSED_FROM = sources(_S.MISSED, _L, "mark_missed")
+CANCEL_FROM = sources(_S.CANCELLED, _L)
+LOST_FROM = sources(_S.LOST, _L)
+RETRY_FROM = sources(_S.SCHEDULED, _L)
+PRUNE_FROM = sources(None, _L)
+assert all(sources(s, _W) == END_FROM for s in ENDS)  # one outcome statement for all
+
+
+def status_is(statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
+    return sa.or_(*(schema.runs.c.status == s for s in statuses))
+
+
+def sql_status(statuses: Sequence[RunStatus]) -> str:
+    """``= 'a'`` or ``IN ('a', 'b')``, for SQL text (constants of this module, never input)."""
+    if len(statuses) == 1:
+        return f"= '{statuses[0]}'"
+    return "IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"

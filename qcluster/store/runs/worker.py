@@ -1,0 +1,192 @@
+"""A worker's writes to ``qc_runs``: each its own transaction, not fenced, only over the
+worker's claim (docs/DESIGN.md invariant 4). Part of :mod:`qcluster.store.runs`, the
+table's one owner."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+
+from qcluster.store import schema
+from qcluster.store.db import Database
+from qcluster.store.records import RunRecord, run_record
+from qcluster.store.runs.states import (
+    CLAIM_FROM,
+    END_FROM,
+    ENDS,
+    RELEASE_FROM,
+    START_FROM,
+    RunStatus,
+    Writer,
+    sql_status,
+    status_is,
+)
+
+_S, _L, _W = RunStatus, Writer.LEADER, Writer.WORKER
+
+
+# -- a worker's writes, each its own transaction, over its own claim ----------------------
+
+
+def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
+    """``id IN ids``; on PostgreSQL as ``id = ANY(:array)``, one parameter whatever the
+    batch size, so the driver prepares the statement once."""
+    r = schema.runs
+    if db.dialect == "postgresql":
+        return r.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger())))
+    return r.c.id.in_(ids)
+
+
+def claim(db: Database, runs: Iterable[RunRecord], *, worker: str,
+          session: str) -> dict[tuple[int, int], RunRecord]:
+    """``scheduled`` → ``dispatched`` for ``worker``/``session``, at each run's attempt, in
+    one transaction. Only one claim of a run attempt can commit.
+
+    Returns what it took, keyed by (run id, attempt): each run as its row holds it
+    (``UPDATE ... RETURNING`` the job, function, arguments, fire time, epoch and
+    ``recover``), which is what the worker must run, whatever the caller said. Of ``runs``
+    only the run id and the attempt are read."""
+    r = schema.runs
+    by_attempt: dict[int, list[int]] = {}
+    for run in runs:
+        by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
+    claimed: dict[tuple[int, int], RunRecord] = {}
+    if not by_attempt:
+        return claimed
+    with db.write() as conn:
+        now = db.now_expr()
+        for attempt, ids in by_attempt.items():
+            rows = conn.execute(
+                r.update()
+                .where(_id_in(db, ids), r.c.attempt == attempt, status_is(CLAIM_FROM))
+                .values(status=_S.DISPATCHED, worker=worker, worker_session=session,
+                        dispatched_at=now)
+                .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs,
+                           r.c.scheduled_at, r.c.attempt, r.c.epoch, r.c.recover)
+            )
+            for row in rows:
+                stored = run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
+                                    row.scheduled_at, row.attempt, row.epoch, row.recover)
+                claimed[(stored["run_id"], stored["attempt"])] = stored
+    return claimed
+
+
+def start(db: Database, keys: Iterable[tuple[int, int]], *, session: str,
+          now: float) -> set[tuple[int, int]]:
+    """``dispatched`` → ``running`` (``started_at = now``) over the claim of ``session``,
+    for each (run id, attempt) of ``keys``, in one transaction; the keys it moved. The
+    worker runs a run's code only if its key is returned: a run the leader recorded
+    ``missed`` or ``cancelled`` meanwhile (same source status) is not."""
+    r = schema.runs
+    by_attempt: dict[int, list[int]] = {}
+    for run_id, attempt in keys:
+        by_attempt.setdefault(attempt, []).append(run_id)
+    moved: set[tuple[int, int]] = set()
+    if not by_attempt:
+        return moved
+    with db.write() as conn:
+        for attempt, ids in by_attempt.items():
+            rows = conn.execute(
+                r.update()
+                .where(_id_in(db, ids), r.c.attempt == attempt, r.c.worker_session == session,
+                       status_is(START_FROM))
+                .values(status=_S.RUNNING, started_at=now)
+                .returning(r.c.id, r.c.attempt)
+            )
+            moved.update((int(row.id), int(row.attempt)) for row in rows)
+    return moved
+
+
+def release(db: Database, *, session: str,
+            keys: Iterable[tuple[int, int]] | None = None) -> int:
+    """``dispatched`` → ``scheduled``, no claim: the runs ``session`` claimed and did not
+    start (all of them, or those of ``keys``, (run id, attempt) pairs), given back by a
+    stopping worker so that the leader sends them elsewhere, at the same attempt: they
+    never started. How many."""
+    r = schema.runs
+    mine = [r.c.worker_session == session, status_is(RELEASE_FROM)]
+    if keys is not None:
+        wanted = list(keys)
+        if not wanted:
+            return 0
+        mine.append(sa.or_(*(sa.and_(r.c.id == i, r.c.attempt == a) for i, a in wanted)))
+    with db.write() as conn:
+        return int(conn.execute(
+            r.update().where(*mine)
+            .values(status=_S.SCHEDULED, worker=None, worker_session=None, dispatched_at=None)
+        ).rowcount)
+
+
+class Outcome(NamedTuple):
+    """How a run attempt ended, on the worker's clock."""
+
+    status: RunStatus  # succeeded or failed
+    started: float
+    finished: float
+    error: str | None
+
+
+def check_outcome(status: RunStatus) -> None:
+    if status not in ENDS:
+        raise ValueError(f"a worker's run does not end as {status}")
+
+
+def write_outcomes(db: Database, session: str,
+                   finished: Mapping[tuple[int, int], Outcome]) -> None:
+    """In one transaction: ``running`` → ``succeeded``/``failed``/``interrupted`` for
+    ``finished`` (keyed by run id and attempt), only over the claim of ``session``: a run
+    declared ``lost`` meanwhile, or claimed again for a later attempt, is left alone."""
+    for status in {o.status for o in finished.values()}:
+        check_outcome(status)
+    if not finished:
+        return
+    with db.write() as conn:
+        if db.dialect == "postgresql":
+            _outcomes_unnest(conn, session, finished)
+        else:
+            _outcomes_many(conn, session, finished)
+
+
+def _outcomes_many(conn: Connection, session: str,
+                   finished: Mapping[tuple[int, int], Outcome]) -> None:
+    r = schema.runs
+    mine = (r.c.id == sa.bindparam("b_id"), r.c.attempt == sa.bindparam("b_attempt"),
+            r.c.worker_session == session)
+    conn.execute(
+        r.update().where(*mine, status_is(END_FROM))
+        .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
+                finished_at=sa.bindparam("b_finished"),
+                duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
+        [{"b_id": k[0], "b_attempt": k[1], "b_status": o.status, "b_started": o.started,
+          "b_finished": o.finished, "b_duration": o.finished - o.started,
+          "b_error": o.error} for k, o in finished.items()],
+    )
+
+
+def _outcomes_unnest(conn: Connection, session: str,
+                     finished: Mapping[tuple[int, int], Outcome]) -> None:
+    """The update as one statement, with one array per column: building per-row
+    parameters was a third of a busy worker's CPU."""
+    statuses, starts, ends, errors = map(list, zip(*finished.values(), strict=True))
+    conn.execute(_UNNEST_FINISHED, {
+        "ids": [k[0] for k in finished], "attempts": [k[1] for k in finished],
+        "statuses": statuses, "started": starts, "finished": ends,
+        "durations": list(map(operator.sub, ends, starts)), "errors": errors,
+        "session": session,
+    })
+
+
+_UNNEST_FINISHED = sa.text(
+    "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
+    "finished_at = v.finished, duration = v.duration, error = v.error "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]), "
+    "CAST(:started AS float8[]), CAST(:finished AS float8[]), CAST(:durations AS float8[]), "
+    "CAST(:errors AS text[])) AS v(id, attempt, status, started, finished, duration, error) "
+    "WHERE r.id = v.id AND r.attempt = v.attempt AND r.worker_session = :session "
+    f"AND r.status {sql_status(END_FROM)}"
+)
