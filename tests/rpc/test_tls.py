@@ -146,3 +146,26 @@ def test_cluster_on_a_shared_database_refuses_to_start_without_a_real_secret(
     config = write_config(tmp_path, pg_url, rpc=rpc)
     result = run_cli("start", config=config, check=False, timeout=30)
     assert_cli_error(result, "secret")
+
+
+def test_clients_trust_the_cluster_ca_only(pki: dict[str, Any],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the system store: even with SSL_CERT_FILE pointing at another CA, the client
+    context of [rpc.tls] holds the cluster CA and nothing else (issue 13, point 8)."""
+    from qcluster.rpc import tls
+    from qcluster.settings import load_settings_from_text
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki["rogue_cert"]))
+    text = (f'[rpc.tls]\ncert = "{pki["cert"]}"\nkey = "{pki["key"]}"\n'
+            f'ca = "{pki["ca"]}"\n')
+    settings = load_settings_from_text(text, "q.toml", {})
+    tls.load(settings.rpc.tls)
+    try:
+        client = tls.client_context()
+        assert client is not None
+        subjects = [dict(x[0] for x in c["subject"])["commonName"]
+                    for c in client.get_ca_certs()]
+        assert subjects == ["cluster-ca"]
+        assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED
+    finally:
+        tls.load(None)
