@@ -9,6 +9,8 @@ database silence (3 s) and member timeout (3 s) of the test settings.
 
 from __future__ import annotations
 
+import os
+
 import time
 from collections.abc import Callable
 from typing import Any
@@ -201,7 +203,11 @@ POINT_10_NO_RECOVER = (
     pytest.param(False, id="no-recover", marks=pytest.mark.xfail(
         strict=True, reason=POINT_10_NO_RECOVER)),
 ])
-@pytest.mark.parametrize("backend", LAB_BACKENDS)
+# The worker's cut is the same on every backend (its database session), and the failure
+# was seen on all three (the reasons above); the suite runs it on one, to stay under 20
+# minutes. QCLUSTER_LAB_ALL_BACKENDS=1 runs it on every backend.
+@pytest.mark.parametrize("backend", LAB_BACKENDS if os.environ.get(
+    "QCLUSTER_LAB_ALL_BACKENDS") else ["dblock"])
 def test_worker_cut_from_the_database_mid_run_runs_it_once_and_records_it(
     make_net_cluster: MakeCluster, backend: str, recover: bool
 ) -> None:
