@@ -10,7 +10,6 @@ database silence (3 s) and member timeout (3 s) of the test settings.
 from __future__ import annotations
 
 import os
-
 import time
 from collections.abc import Callable
 from typing import Any
