@@ -105,9 +105,14 @@ if ((fuzz)); then
 else
     # Two processes (QCLUSTER_TEST_WORKERS, 0 for none): most tests wait on real servers,
     # processes and network cuts. Three were no faster on two cores (21 min 11 s against
-    # 20 min 58 s, 2026-12-01): the long cluster tests at the end set the wall time.
+    # 20 min 58 s, 2026-12-01). The multi-process tests are collected first
+    # (tests/conftest.py) and an idle process steals queued tests (--dist worksteal), so
+    # that no long test is left for one process at the end.
+    workers=${QCLUSTER_TEST_WORKERS:-2}
+    dist=()
+    ((workers > 0)) && dist=(--dist worksteal)
     "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 \
-        -n "${QCLUSTER_TEST_WORKERS:-2}" "$@" || status=$?
+        -n "$workers" "${dist[@]}" "$@" || status=$?
 fi
 if ((status == 5)); then
     say "pytest collected no tests: that is a failure"

@@ -162,8 +162,12 @@ def profile_line(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under a scaled profile a test runs many times the examples: its timeout (the ini's,
-    unless the test sets its own or --timeout / $PYTEST_TIMEOUT gives one) grows as much."""
+    """The multi-process tests first (they take 5-60 s each: started first, they end
+    before the short ones that fill the gaps, and no long test is left for the end of a
+    parallel run; scripts/test.sh also lets idle workers steal queued tests). Under a
+    scaled profile a test runs many times the examples: its timeout (the ini's, unless
+    the test sets its own or --timeout / $PYTEST_TIMEOUT gives one) grows as much."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)  # stable
     scale = example_scale()
     if (scale <= 1 or not config.pluginmanager.hasplugin("timeout")
             or config.getoption("--timeout", default=None) is not None

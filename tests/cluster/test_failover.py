@@ -70,16 +70,16 @@ def test_leader_killed_twice_every_fire_runs_exactly_once(any_cluster: Cluster) 
     start = _first_fire(c)
     leader = first
     for _ in range(2):
-        time.sleep(14)
+        time.sleep(6)  # a few seconds of fires, with the killed node back as a follower
         killed = leader.leader_id
         assert killed is not None
         c.nodes[killed].kill()
         leader = c.wait_leader(other_than=killed, after_epoch=leader.epoch)
         c.start(killed, "scheduler")  # the node comes back as a follower
-    time.sleep(16)
+    time.sleep(8)
     end = time.time() - 3
     statuses = _finish(c, jobs, start, end)
-    assert end - start >= 42
+    assert end - start >= 20
     assert leader.epoch >= first.epoch + 2
     print(f"statuses over {end - start:.0f}s: {statuses}")
 
