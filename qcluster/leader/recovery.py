@@ -10,6 +10,13 @@ re-fires jobs that request recovery, within bounds:
   what kills the worker: a poison run must not crash-loop the cluster);
 * a run whose cancel was asked is never attempted again.
 
+"Its worker died" means *known to have stopped running it*, never only "missing from the
+member list": a worker cut off from the database drops out of the list while it may still
+run the run, or have finished it. The leader's judge (:mod:`qcluster.leader.liveness`)
+asks such a worker over RPC; an outcome it reports is recorded (fenced, over its claim),
+what it still holds is left alone, and only a session that says it does not hold the
+attempt, has left, or has been silent past its claim lease, is counted out.
+
 Runs recorded but never sent (the leader died in between) are sent by the next leader, or
 recorded ``missed`` when they are older than their misfire grace time. Runs claimed by a
 live worker that has not started them within that grace (every slot held by jobs that do
@@ -24,14 +31,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
+from qcluster.leader.liveness import Judge, Kind, Verdict
 from qcluster.store import records, runs, schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
+from qcluster.store.reports import Key
 from qcluster.store.runs import RunStatus
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,12 @@ class RecoveryResult:
     retried: int = 0
     missed: int = 0
     quarantined: int = 0
+    reported: int = 0  # outcomes a worker cut off from the database told us
+    waiting: int = 0  # runs of sessions neither live nor known stopped: asked again later
+
+
+def _all_stopped(suspects: Mapping[str, Sequence[Key]]) -> dict[str, Verdict]:
+    return {s: Verdict(Kind.STOPPED, "it is not a live member") for s in suspects}
 
 
 def recover_runs(
@@ -60,14 +75,22 @@ def recover_runs(
     grace_seconds: float,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     now: float | None = None,
+    judge: Judge | None = None,
 ) -> RecoveryResult:
-    """One recovery pass, in one fenced transaction. ``max_attempts`` bounds the attempts
-    of a run whose row has no bound of its own (its job's)."""
+    """One recovery pass. ``live_workers`` are the (node id, session) pairs that the
+    database lists as live; ``judge`` decides about the sessions of the other claims (a
+    leader passes its :class:`~qcluster.leader.liveness.SessionJudge`; without one, a
+    session not listed has stopped: for tests and tools that know no worker runs).
+    ``max_attempts`` bounds the attempts of a run whose row has no bound of its own.
+
+    The open runs are read first, the judge asks outside any transaction, and every change
+    is made in one transaction fenced on ``epoch``, each filtered on the status and
+    attempt that was read (a row that moved on meanwhile is left alone)."""
     r = schema.runs
     now = time.time() if now is None else now
     out = RecoveryResult()
     live = set(live_workers)
-    with db.fenced(epoch) as conn:
+    with db.read() as conn:
         open_runs = conn.execute(
             sa.select(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
                       r.c.attempt, r.c.recover, r.c.status, r.c.worker, r.c.worker_session,
@@ -75,14 +98,49 @@ def recover_runs(
                       r.c.cancel_requested)
             .where(r.c.status.in_(runs.OPEN))
         ).all()
+    suspects: dict[str, list[Key]] = {}
+    for row in open_runs:
+        if row.status != RunStatus.SCHEDULED and (row.worker, row.worker_session) not in live:
+            suspects.setdefault(row.worker_session, []).append((row.id, row.attempt))
+    verdicts = (judge or _all_stopped)(suspects) if suspects else {}
+    with db.fenced(epoch) as conn:
         for row in open_runs:
             if row.status == RunStatus.SCHEDULED:
                 _unsent(conn, row, epoch, now, grace_seconds, out)
-            elif (row.worker, row.worker_session) not in live:
-                _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, out)
-            elif row.status == RunStatus.DISPATCHED:
-                _not_started(conn, row, now, grace_seconds, out)
+                continue
+            verdict = verdicts.get(row.worker_session)
+            fate, reason = ("held", "") if verdict is None else _fate(conn, row, verdict, out)
+            if fate == "held":
+                if row.status == RunStatus.DISPATCHED:
+                    _not_started(conn, row, now, grace_seconds, out)
+            elif fate == "stopped":
+                _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, reason, out)
     return out
+
+
+def _fate(conn: Any, row: Any, verdict: Verdict, out: RecoveryResult) -> tuple[str, str]:
+    """What the judge's verdict on its session means for one claimed run: ``held`` (the
+    worker holds it: as for a live worker), ``stopped`` (with the reason), or ``done``
+    (nothing to do now: its reported outcome was recorded, or the verdict waits)."""
+    if verdict.kind == Kind.UNKNOWN:
+        out.waiting += 1
+        return "done", ""
+    if verdict.kind == Kind.STOPPED or verdict.report is None:
+        return "stopped", f"worker {row.worker} stopped: {verdict.reason}"
+    key = (row.id, row.attempt)
+    outcome = verdict.report.finished.get(key)
+    if outcome is None:
+        if key in verdict.report.running:
+            return "held", ""
+        return "stopped", f"worker {row.worker} says it does not hold attempt {row.attempt}"
+    if runs.record_reported(conn, row.id, row.attempt, row.worker_session,
+                            status=outcome.status, started=outcome.started,
+                            finished=outcome.finished, error=outcome.error):
+        out.reported += 1
+        log.info("run %d (attempt %d) of job %s %s on worker %s, which could not reach the "
+                 "database and told the leader", row.id, row.attempt, row.job_id,
+                 outcome.status, row.worker)
+    return "done", ""
 
 
 def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
@@ -114,10 +172,10 @@ def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryRes
                     "for %.0fs", row.id, row.job_id, row.worker, now - since)
 
 
-def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int,
+def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
               out: RecoveryResult) -> None:
     died = row.status == RunStatus.RUNNING
-    reason = f"worker {row.worker} stopped checking in during attempt {row.attempt}"
+    reason = f"{why}, during attempt {row.attempt}"
     deaths = row.deaths + (1 if died else 0)
     again = None  # why there is no new attempt, for a recover job
     if row.recover:

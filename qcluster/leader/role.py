@@ -38,6 +38,7 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
 from qcluster.errors import Fenced, QClusterError
 from qcluster.leader.dispatch import Dispatcher
+from qcluster.leader.liveness import SessionJudge
 from qcluster.leader.recovery import prune_runs, recover_runs
 from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.settings import Settings
@@ -45,6 +46,7 @@ from qcluster.store.cluster import take_epoch
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
 from qcluster.store.records import RunRecord
+from qcluster.store.reports import FENCE_MARGIN, lease_seconds
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class _Term:
     scheduler: LeaderScheduler | None = None
     db_ok: float = dataclasses.field(default_factory=time.monotonic)
     info: LeaderInfo | None = None  # what it published
+    judge: SessionJudge | None = None  # whether a silent worker has stopped (recovery)
     started: bool = False  # its scheduler was started (the health check waits for it)
     ended: bool = False  # stop() has torn it down (and joined its thread once)
 
@@ -86,6 +89,7 @@ class LeaderRole:
         db: Database,
         *,
         members: Callable[[], list[MemberInfo]],
+        workers: Callable[[], list[MemberInfo]] | None = None,
         node_id: str,
         control_uri: str,
         secret: str,
@@ -95,6 +99,9 @@ class LeaderRole:
         self.settings = settings
         self.db = db
         self.members = members
+        # The members a run may go to: those the shared database lists (a worker that
+        # cannot reach it cannot claim); all members when the caller has no other list.
+        self.workers = workers or members
         self.drive = drive
         self.node_id = node_id
         self.control_uri = control_uri
@@ -143,7 +150,11 @@ class LeaderRole:
         dispatcher = Dispatcher(
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
             strategy=s.dispatch.strategy, batch_size=s.dispatch.batch_size,
-            members=self.members, on_stale=lambda reason: self._revoke(term, reason),
+            members=self.workers, on_stale=lambda reason: self._revoke(term, reason),
+        )
+        term.judge = SessionJudge(
+            self.db, epoch=epoch, secret=self.secret, margin=FENCE_MARGIN,
+            lease_seconds=lease_seconds(s.cluster.member_timeout_seconds),
         )
         store = SqlJobStore(
             self.db, lambda: epoch,
@@ -322,12 +333,14 @@ class LeaderRole:
             return None
         try:
             members = self.members()
+            workers = members if self.workers is self.members else self.workers()
             if term.stop.is_set():  # halted while the backend answered: write nothing
                 return None
-            live = {(m.node_id, m.session) for m in members}
+            live = {(m.node_id, m.session) for m in workers}
             result = recover_runs(self.db, epoch, live_workers=live,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
-                                  max_attempts=self.settings.runs.max_attempts)
+                                  max_attempts=self.settings.runs.max_attempts,
+                                  judge=term.judge)
         except Fenced as e:
             self._revoke(term, f"recovery was fenced: {e}")
             return None

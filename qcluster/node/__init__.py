@@ -43,6 +43,7 @@ from qcluster.store.cluster import (
     record_lease,
 )
 from qcluster.store.db import Database
+from qcluster.worker.lease import ClaimLease, SelfFence, lease_seconds
 from qcluster.worker.runner import Worker, WorkerService
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,12 @@ class Node(NodeCoordination):
         self._started_version = 0
         self._preference_noted = False
         self.worker: Worker | None = None
+        self._self_fence: SelfFence | None = None
         self.leader: LeaderRole | None = None
         self.leadership: Leadership | None = None
         self.uri: str | None = None
         self._daemon: DaemonThread | None = None
-        self._heartbeat: threading.Thread | None = None
+        self._heartbeats: list[threading.Thread] = []
         self._stop = threading.Event()
         self._stopped = False
         self._started = False
@@ -177,22 +179,32 @@ class Node(NodeCoordination):
             # startup error), unless the cluster does not use it and this node campaigns.
             self._backend(s.coordination.backend)
         if self.is_worker:
+            lease = ClaimLease(lease_seconds(s.cluster.member_timeout_seconds))
             self.worker = Worker(db, node_id=self.node_id, session=self.session,
-                                 concurrency=s.worker.concurrency, allow=list(s.jobs.allow))
+                                 concurrency=s.worker.concurrency, allow=list(s.jobs.allow),
+                                 lease=lease,
+                                 database_silent_after=2 * s.worker.heartbeat_seconds + 1)
             self.worker.start()
+            self._self_fence = SelfFence(lease, self.worker.recovering)
+            self._self_fence.start()
             self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker.runner"))
         if self.is_scheduler:
             control_uri = str(daemon.uriFor("qcluster.leader.control"))
-            self.leader = LeaderRole(s, db, members=self.live_members, node_id=self.node_id,
+            self.leader = LeaderRole(s, db, members=self.live_members,
+                                     workers=self.database_members, node_id=self.node_id,
                                      control_uri=control_uri, secret=secret,
                                      revoke=self._revoke, drive=self._drive)
             daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id),
                             "qcluster.leader.control")
         self._daemon.start()
         self._beat()  # be a member before anything depends on it
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="qc-heartbeat",
-                                           daemon=True)
-        self._heartbeat.start()
+        # The database's heartbeat on a thread of its own: a backend that hangs must not
+        # make this worker look cut off from the database (it refuses runs then).
+        for name, database in (("qc-heartbeat-db", True), ("qc-heartbeat", False)):
+            thread = threading.Thread(target=self._heartbeat_loop, args=(database,),
+                                      name=name, daemon=True)
+            thread.start()
+            self._heartbeats.append(thread)
         if self.is_scheduler:
             self.leadership = Leadership(
                 self.node_id, plan=self._plan, on_elected=self._elected,
@@ -334,17 +346,27 @@ class Node(NodeCoordination):
             started_version=self._started_version, status=status,
         )
 
-    def _beat(self) -> None:
+    def _beat(self, database: bool | None = None) -> None:
+        """One heartbeat to every started backend (``database``: only to the database's,
+        or only to the others)."""
         info = self.member_info()
         for backend in self._started_backends():
+            if database is not None and (backend.name == "dblock") != database:
+                continue
+            sent = time.monotonic()
             try:
                 backend.heartbeat_member(info)
             except QClusterError as e:
                 log.warning("membership heartbeat to %s failed: %s", backend.name, e)
+                ok = False
+            else:
+                ok = True
+            if backend.name == "dblock" and self.worker is not None:
+                self.worker.database_heard(ok, sent)
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, database: bool) -> None:
         while not self._stop.wait(self.settings.worker.heartbeat_seconds):
-            self._beat()
+            self._beat(database)
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -356,6 +378,8 @@ class Node(NodeCoordination):
         self._stop.set()
         if self.leadership is not None:
             self.leadership.stop()
+        if self._self_fence is not None:
+            self._self_fence.stop()
         if self.worker is not None:
             self.worker.stop(self.settings.worker.shutdown_grace_seconds)
         info = self.member_info()

@@ -97,6 +97,13 @@ class NodeCoordination:
         with self._backends_lock:
             return list(self.backends.values())
 
+    def database_members(self) -> list[MemberInfo]:
+        """The live members as the shared database lists them (``qc_members``, heartbeats
+        on the database's clock), whatever the cluster's backend: the workers a leader
+        may send runs to, since a worker that cannot reach the database cannot claim
+        them (docs/DESIGN.md invariant 7)."""
+        return self._backend("dblock").live_members()
+
     def live_members(self) -> list[MemberInfo]:
         """Live members, as every backend this node uses lists them (the database first:
         every node registers there, whatever the cluster's backend)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 
 from qcluster.errors import QClusterError
 from qcluster.store.db import Database
@@ -47,6 +48,11 @@ class OutcomeWriter:
             self._finished[(run_id, attempt)] = Outcome(status, started, finished, error)
         if len(self._finished) >= 500:
             self._wake.set()
+
+    def unwritten(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Outcome]:
+        """The outcomes of ``keys`` that are not written yet (the database is away)."""
+        with self._lock:
+            return {k: self._finished[k] for k in keys if k in self._finished}
 
     def pending(self) -> int:
         with self._lock:

@@ -26,6 +26,16 @@ Promises (docs/DESIGN.md invariant 4, workers fence too):
   free slot within its grace) or ``cancelled`` while it waited is dropped, not run.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason. Outcomes are written by :class:`~qcluster.worker.outcomes.OutcomeWriter`.
+* ``report(epoch, keys)`` answers a leader that cannot see this worker in the database's
+  member list (a :class:`~qcluster.store.reports.HeldReport`): which of those attempts it
+  still holds unfinished, and which it finished with the outcome it could not write. It
+  renews the claim lease (:mod:`qcluster.worker.lease`); a call below the fence is
+  refused and renews nothing. An attempt is held from its claim until its outcome is
+  with the writer, and its outcome is with the writer before it stops being held, so
+  every asked attempt is in one of the answers until the outcome is written.
+* While its database heartbeats fail, the worker refuses every run at once (``database
+  unavailable``), so that the leader sends them elsewhere rather than waiting on a claim
+  that cannot commit.
 * ``stop(grace)`` returns within about ``grace`` seconds whatever the jobs do: what has
   not started by then is given back (``scheduled`` again, for another worker), and what
   still runs is recorded ``interrupted``. Jobs run on daemon threads
@@ -58,9 +68,11 @@ from qcluster.store.records import (
     SubmitReply,
     from_wire,
 )
+from qcluster.store.reports import HeldReport, check_keys
 from qcluster.store.runs import RunStatus, claim, release
 from qcluster.worker.context import RunContext, enter_run, leave_run
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
+from qcluster.worker.lease import ClaimLease, lease_seconds
 from qcluster.worker.outcomes import OutcomeWriter
 from qcluster.worker.pool import JobPool
 from qcluster.worker.starts import StartGate
@@ -103,6 +115,16 @@ class WorkerService:
             refuse_call("submit", str(e))
             raise ValueError(f"refused: {e}") from None
 
+    def report(self, epoch: Any, keys: Any) -> dict[str, Any]:
+        """A :class:`~qcluster.store.reports.HeldReport` as its wire map; ValueError
+        ``refused: ...`` for a malformed call or an epoch below this worker's fence."""
+        try:
+            sent = bounds.check_int(epoch, "the epoch", SENT_EPOCH)
+            return self._worker.report(sent, check_keys(keys)).to_wire()
+        except InputError as e:
+            refuse_call("report", str(e))
+            raise ValueError(f"refused: {e}") from None
+
     def ping(self) -> dict[str, int]:
         return self._worker.load()
 
@@ -119,7 +141,13 @@ class Worker:
         concurrency: int,
         allow: Sequence[str],
         max_queue: int | None = None,
+        lease: ClaimLease | None = None,
+        database_silent_after: float | None = None,
     ) -> None:
+        """``lease`` is renewed by the node's database heartbeats (by default one of
+        ``lease_seconds(10)``, the default member timeout). A worker whose heartbeats
+        have failed, or not answered for ``database_silent_after`` seconds, refuses runs at
+        once (``database unavailable``)."""
         self.db = db
         self.node_id = node_id
         self.session = session
@@ -133,6 +161,12 @@ class Worker:
         self._idle = threading.Event()  # set whenever a run gives its place back
         self._gate = StartGate(db, session, self._stopping)
         self._running: dict[tuple[int, int], float] = {}  # starting or started: when
+        self._recovering: set[tuple[int, int]] = set()  # of those, --recover runs
+        self._held: set[tuple[int, int]] = set()  # claimed, outcome not yet with the writer
+        self.lease = lease or ClaimLease(lease_seconds(10.0))
+        self._db_failed = False  # the node's last database heartbeat failed
+        self._db_ok_at = time.monotonic()  # when the last one that committed was sent
+        self._db_silent_after = database_silent_after
         self._fence = EpochFence(lambda: cluster_epoch(db))
         self._lock = threading.RLock()
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -160,6 +194,7 @@ class Worker:
         waiting = self._timer.stop() + self._pool.stop()
         with self._lock:
             self._inflight -= len(waiting)
+            self._held.difference_update((r["run_id"], r["attempt"]) for r in waiting)
             running = dict(self._running)
         try:
             given_back = release(self.db, session=self.session)
@@ -185,6 +220,40 @@ class Worker:
         with self._lock:
             return self._inflight
 
+    def recovering(self) -> int:
+        """How many ``--recover`` runs' code runs now (what the self-fence looks at)."""
+        with self._lock:
+            return len(self._recovering)
+
+    def database_heard(self, ok: bool, sent_at: float) -> None:
+        """What the node's database heartbeat, sent at ``sent_at`` (monotonic), did."""
+        with self._lock:
+            self._db_failed = not ok
+            if ok:
+                self._db_ok_at = max(self._db_ok_at, sent_at)
+        if ok:
+            self.lease.renew(sent_at)
+
+    def database_silent(self) -> bool:
+        """Whether the node's database heartbeats fail, or have not answered for long."""
+        with self._lock:
+            failed, ok_at = self._db_failed, self._db_ok_at
+        limit = self._db_silent_after
+        return failed or (limit is not None and time.monotonic() - ok_at > limit)
+
+    def report(self, epoch: int, keys: list[tuple[int, int]]) -> HeldReport:
+        """Which of ``keys`` this worker holds; renews the lease. InputError for an epoch
+        below the fence (a deposed leader's call)."""
+        arrived = time.monotonic()
+        if epoch < self._fence.epoch:
+            raise InputError(f"epoch {epoch} is below this worker's fence "
+                             f"({self._fence.epoch})")
+        self.lease.renew(arrived)
+        with self._lock:  # held first: an outcome reaches the writer before it is not held
+            running = {k for k in keys if k in self._held}
+        finished = self.writer.unwritten(keys)
+        return HeldReport(self.session, frozenset(running - finished.keys()), finished)
+
     def load(self) -> dict[str, int]:
         """What ``ping`` answers, and every reply carries (``records.LOAD_KEYS``)."""
         return {"inflight": self.inflight(), "capacity": self.concurrency,
@@ -202,6 +271,8 @@ class Worker:
             return self._reply([], [(r["run_id"], Refusal.SHUTTING_DOWN) for r in runs])
         if not runs:
             return self._reply([], [])
+        if self.database_silent():  # a claim could not commit: do not make them wait
+            return self._reply([], [(r["run_id"], Refusal.UNAVAILABLE) for r in runs])
         verdict = self._admit(epoch, len(runs))
         if verdict is not None:
             return self._reply([], [(r["run_id"], verdict) for r in runs])
@@ -268,6 +339,8 @@ class Worker:
                     refused.append((run["run_id"], Refusal.ALREADY_CLAIMED))
                     continue
                 _note_differences(run, stored)
+                with self._lock:
+                    self._held.add((stored["run_id"], stored["attempt"]))
                 self._start(stored)
                 started.add(i)
                 accepted.append(run["run_id"])
@@ -312,14 +385,18 @@ class Worker:
                 return
             self._run(run, time.time())
         finally:
-            with self._lock:
+            with self._lock:  # after _run gave its outcome to the writer
                 self._running.pop(key, None)
+                self._recovering.discard(key)
+                self._held.discard(key)
                 self._inflight -= 1
             self._idle.set()
 
     def _run(self, run: RunRecord, started: float) -> None:
         with self._lock:
             self._running[(run["run_id"], run["attempt"])] = started
+            if run["recover"]:  # its code runs from here: the self-fence's business
+                self._recovering.add((run["run_id"], run["attempt"]))
         status, error = RunStatus.SUCCEEDED, None
         token: Token[RunContext | None] | None = None
         try:

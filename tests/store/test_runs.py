@@ -128,6 +128,10 @@ def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
             return runs.retry(conn, run_id, 1, epoch=epoch, now=7.0, error="again")
         if t.via == "prune":
             return runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5)
+        if t.via == "record_reported":
+            assert t.target is not None
+            return runs.record_reported(conn, run_id, 1, "s1", status=t.target, started=5.0,
+                                        finished=6.5, error="e")
     raise AssertionError(t)
 
 

@@ -8,7 +8,8 @@
   its SQL filters on the statuses they start from, so a row in any other state is left
   alone (the function says it wrote nothing); a status it cannot make is a ValueError.
 * The leader's writes (:func:`insert_runs`, :func:`mark_missed`, :func:`mark_lost`,
-  :func:`retry`, :func:`cancel`, :func:`cancel_job_runs`, :func:`prune`) run on the
+  :func:`retry`, :func:`record_reported`, :func:`cancel`, :func:`cancel_job_runs`,
+  :func:`prune`) run on the
   caller's connection, in the transaction it fenced on its epoch (docs/DESIGN.md
   invariants 1, 3, 6, 7). A worker's writes (:func:`claim`, :func:`start`,
   :func:`write_outcomes`, :func:`release`) are not fenced (invariant 4): each is its own
@@ -30,6 +31,7 @@ from qcluster.store.runs.leader import (
     mark_lost,
     mark_missed,
     prune,
+    record_reported,
     retry,
 )
 from qcluster.store.runs.states import (
@@ -68,6 +70,7 @@ __all__ = [
     "mark_lost",
     "mark_missed",
     "prune",
+    "record_reported",
     "release",
     "retry",
     "sources",

@@ -22,6 +22,8 @@ from qcluster.store.runs.states import (
     LOST_FROM,
     MISSED_FROM,
     PRUNE_FROM,
+    REPORTED_ENDS,
+    REPORTED_FROM,
     RETRY_FROM,
     RunStatus,
     Writer,
@@ -154,6 +156,26 @@ def retry(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float
         .values(status=_S.SCHEDULED, attempt=attempt + 1, worker=None, worker_session=None,
                 dispatched_at=None, started_at=None, finished_at=None, duration=None,
                 epoch=epoch, created_at=now, error=error)
+    ).rowcount > 0
+
+
+def record_reported(conn: Connection, run_id: int, attempt: int, session: str, *,
+                    status: RunStatus, started: float, finished: float,
+                    error: str | None) -> bool:
+    """``running`` → ``succeeded``/``failed``/``interrupted``, as the worker of the claim
+    (``session``, ``attempt``) reported it over RPC: it could not write it itself (cut
+    off from the database). The same filter as the worker's own write. Whether it
+    wrote."""
+    if status not in REPORTED_ENDS:
+        raise ValueError(f"a worker's run does not end as {status}")
+    r = schema.runs
+    note = "outcome reported to the leader: its worker could not reach the database"
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt,
+                         r.c.worker_session == session, status_is(REPORTED_FROM))
+        .values(status=status, started_at=started, finished_at=finished,
+                duration=finished - started,
+                error=note if error is None else f"{error} ({note})")
     ).rowcount > 0
 
 

@@ -64,6 +64,16 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_S.RUNNING, _S.SUCCEEDED, _W, "write_outcomes"),
     Transition(_S.RUNNING, _S.FAILED, _W, "write_outcomes"),
     Transition(_S.RUNNING, _S.INTERRUPTED, _W, "write_outcomes"),  # stopped past its grace
+    # Late: the worker could not write while it was cut off, and the leader, which could
+    # not reach it either, recorded the attempt lost. Same attempt only (a retry moved it).
+    Transition(_S.LOST, _S.SUCCEEDED, _W, "write_outcomes"),
+    Transition(_S.LOST, _S.FAILED, _W, "write_outcomes"),
+    Transition(_S.LOST, _S.INTERRUPTED, _W, "write_outcomes"),
+    # The worker cannot reach the database and told the leader (``report``), which writes
+    # it over the same claim (session and attempt), fenced.
+    Transition(_S.RUNNING, _S.SUCCEEDED, _L, "record_reported"),
+    Transition(_S.RUNNING, _S.FAILED, _L, "record_reported"),
+    Transition(_S.RUNNING, _S.INTERRUPTED, _L, "record_reported"),
     Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
     Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
     Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1, bounded
@@ -86,12 +96,15 @@ CLAIM_FROM = sources(_S.DISPATCHED, _W)
 START_FROM = sources(_S.RUNNING, _W)
 RELEASE_FROM = sources(_S.SCHEDULED, _W)
 END_FROM = sources(_S.SUCCEEDED, _W)
+REPORTED_FROM = sources(_S.SUCCEEDED, _L, "record_reported")
+REPORTED_ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "record_reported")
 MISSED_FROM = sources(_S.MISSED, _L, "mark_missed")
 CANCEL_FROM = sources(_S.CANCELLED, _L)
 LOST_FROM = sources(_S.LOST, _L)
 RETRY_FROM = sources(_S.SCHEDULED, _L)
 PRUNE_FROM = sources(None, _L)
 assert all(sources(s, _W) == END_FROM for s in ENDS)  # one outcome statement for all
+assert all(sources(s, _L, "record_reported") == REPORTED_FROM for s in ENDS)
 
 
 def status_is(statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
