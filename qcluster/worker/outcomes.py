@@ -10,6 +10,9 @@ Promises:
   not overwritten.
 * An outcome the database could not take is kept and written again (a newer one for the
   same attempt wins); the thread never dies of a database error.
+* :meth:`OutcomeWriter.unwritten` shows every outcome not yet committed, the batch whose
+  write is under way included: what the worker reports to a leader that cannot see it
+  (``qcluster.worker.runner.Worker.report``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class OutcomeWriter:
         self.session = session
         self.interval = interval
         self._finished: dict[tuple[int, int], Outcome] = {}
+        self._writing: dict[tuple[int, int], Outcome] = {}  # the batch being written
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -50,9 +54,11 @@ class OutcomeWriter:
             self._wake.set()
 
     def unwritten(self, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Outcome]:
-        """The outcomes of ``keys`` that are not written yet (the database is away)."""
+        """The outcomes of ``keys`` that have not been written yet, those being written
+        included (a write that hangs on a cut-off database has not committed)."""
         with self._lock:
-            return {k: self._finished[k] for k in keys if k in self._finished}
+            return {k: o for k in keys
+                    if (o := self._finished.get(k) or self._writing.get(k)) is not None}
 
     def pending(self) -> int:
         with self._lock:
@@ -84,11 +90,15 @@ class OutcomeWriter:
     def flush(self) -> None:
         with self._lock:
             finished, self._finished = self._finished, {}
+            self._writing = finished
         if not finished:
             return
         try:
             write_outcomes(self.db, self.session, finished)
-        except QClusterError:
+        except BaseException:
             with self._lock:  # put them back, newer entries win
                 self._finished = {**finished, **self._finished}
+                self._writing = {}
             raise
+        with self._lock:
+            self._writing = {}

@@ -332,3 +332,56 @@ def test_leader_cut_while_its_transaction_waits_on_a_lock_is_replaced_within_the
     assert took is not None and took <= TAKEOVER_SECONDS, (
         f"no other node took over within {TAKEOVER_SECONDS}s of the cut (first leader "
         f"{took_after}s after the cut, {CUT_SECONDS}s cut)")
+
+
+@pytest.mark.parametrize("backend,recover", [("dblock", True), ("zookeeper", False)])
+def test_worker_cut_while_its_outcome_write_waits_on_a_lock_records_the_run_once(
+    make_net_cluster: MakeCluster, backend: str, recover: bool
+) -> None:
+    """A cut that lands while a worker's transaction is open and waiting on a lock: the
+    test holds the long run's row FOR UPDATE when its job ends, so that the worker's
+    outcome write waits; then it cuts the worker from the database and lets go, so that
+    the worker's dead session takes the row lock with its transaction open (until the
+    server's idle-in-transaction timeout ends it). The run must still run once and end
+    ``succeeded`` at attempt 1 (the worker reports the outcome whose write hung), the
+    leader must keep leading (its recovery pass waits on that lock at most its lock
+    timeout), and the ticks stay exactly-once. With and without ``--recover``."""
+    c = make_net_cluster(backend)
+    old, jobs, first = _start(c, jobs=2)
+    flags = ["--recover"] if recover else []
+    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
+            "--kwarg", f"path={c.records}", "--kwarg", "sleep=3", *flags, config=c.config)
+    run_cli("jobs", "run", "long", config=c.config)
+    started = wait_for(lambda: [r for r in records_of(c) if r["job_id"] == "long"],
+                       timeout=30, what="the long run to start")
+    victim = started[0]["worker"]
+    worker_ip = c.address(victim)
+    engine = sa.create_engine(c.url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as blocker:
+            blocker.execute(sa.text("SELECT id FROM qc_runs WHERE job_id = 'long' FOR UPDATE"))
+            wait_for(lambda: _waiting_on_a_lock(c, worker_ip), timeout=15, interval=0.05,
+                     what="the worker's outcome write to wait on the run's lock")
+            c.lab.cut(worker_ip, c.database())
+            time.sleep(0.3)
+            blocker.commit()
+    finally:
+        engine.dispose()
+    time.sleep(WORKER_CUT_SECONDS)
+    c.lab.heal()
+    wait_for(lambda: (r := _long_run_row(c)) is not None
+             and r.status in ("succeeded", "failed", "lost") and r,
+             timeout=30, what="the long run to end", details=c.leader_logs)
+    time.sleep(5)  # a second attempt, if any, has had time to run
+    row = _long_run_row(c)
+    ran = [(r["attempt"], r["worker"]) for r in records_of(c) if r["job_id"] == "long"]
+    now = c.state()
+    print(f"{backend} recover={recover}: final {row.status}/{row.attempt} ({row.error}), "
+          f"ran {ran}; leader {old.leader_id}@{old.epoch} -> {now.leader_id}@{now.epoch}")
+    assert len(ran) == 1, f"the long run ran {len(ran)} times: {ran} ({row.error})"
+    assert (row.status, row.attempt) == ("succeeded", 1), (
+        f"the long run ended {row.status} at attempt {row.attempt}: {row.error}")
+    assert (now.leader_id, now.epoch) == (old.leader_id, old.epoch), (
+        "the leader stepped down over a dead worker session's lock\n" + c.leader_logs())
+    statuses = _finish(c, jobs, first, old, None)
+    print(f"ticks: {statuses}")
