@@ -72,13 +72,19 @@ class SessionJudge:
 
     def __init__(self, db: Database, *, epoch: int, secret: str, lease_seconds: float,
                  margin: float, connect: Connect | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        """``leading`` says whether this leader's lease is still valid by its own
+        deadline: a leader past it (a paused process that woke up, say) asks no one, so
+        that a deposed leader never renews a worker's claim lease behind the next
+        leader's back."""
         self.db = db
         self.epoch = epoch
         self.secret = secret
         self.quiet_for = lease_seconds + margin
         self.connect: Connect = connect or (lambda uri: proxy(uri, secret, ASK_TIMEOUT))
         self._clock = clock
+        self._leading = leading
         self.began = clock()
         self._answered: dict[str, float] = {}
         self._logged: dict[str, float] = {}
@@ -87,7 +93,8 @@ class SessionJudge:
         """A verdict for each session of ``suspects`` (session -> the attempts the
         database says it holds). Raises what reading ``qc_members`` raises."""
         heard = last_heard(self.db, suspects)
-        asks = {s: (h.uri, list(suspects[s])) for s, h in heard.items() if h.uri}
+        asks = ({s: (h.uri, list(suspects[s])) for s, h in heard.items() if h.uri}
+                if self._leading() else {})
         answers = self._ask_all(asks)
         out: dict[str, Verdict] = {}
         for session in suspects:
@@ -96,7 +103,8 @@ class SessionJudge:
                 out[session] = Verdict(Kind.STOPPED, "its member record is gone (it left, or "
                                                      "its node restarted)")
                 continue
-            answer = answers.get(session, "it has no RPC address")
+            answer = answers.get(session, "it has no RPC address" if not h.uri
+                                 else "not asked: this leader's lease is past its deadline")
             if isinstance(answer, HeldReport):
                 if answer.session != session:
                     out[session] = Verdict(Kind.STOPPED, f"its address now answers as "

@@ -95,7 +95,10 @@ class LeaderRole:
         secret: str,
         revoke: Callable[[str], None],
         drive: Callable[[int, list[MemberInfo]], None] | None = None,
+        lease_deadline: Callable[[], float] | None = None,
     ) -> None:
+        """``lease_deadline`` gives the held lease's local deadline (``time.monotonic()``;
+        the leadership loop's): past it, this leader asks no worker anything."""
         self.settings = settings
         self.db = db
         self.members = members
@@ -103,6 +106,7 @@ class LeaderRole:
         # cannot reach it cannot claim); all members when the caller has no other list.
         self.workers = workers or members
         self.drive = drive
+        self.lease_deadline = lease_deadline
         self.node_id = node_id
         self.control_uri = control_uri
         self.secret = secret
@@ -155,6 +159,7 @@ class LeaderRole:
         term.judge = SessionJudge(
             self.db, epoch=epoch, secret=self.secret, margin=FENCE_MARGIN,
             lease_seconds=lease_seconds(s.cluster.member_timeout_seconds),
+            leading=self._lease_held,
         )
         store = SqlJobStore(
             self.db, lambda: epoch,
@@ -197,6 +202,9 @@ class LeaderRole:
         if term is None or term.stop.is_set() or term.info is None:
             return
         backend.publish_leader(lease, term.info)
+
+    def _lease_held(self) -> bool:
+        return self.lease_deadline is None or time.monotonic() < self.lease_deadline()
 
     def halt(self) -> None:
         """Stop firing and sending now, and end the term's maintenance loop after its pass

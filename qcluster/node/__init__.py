@@ -193,7 +193,8 @@ class Node(NodeCoordination):
             self.leader = LeaderRole(s, db, members=self.live_members,
                                      workers=self.database_members, node_id=self.node_id,
                                      control_uri=control_uri, secret=secret,
-                                     revoke=self._revoke, drive=self._drive)
+                                     revoke=self._revoke, drive=self._drive,
+                                     lease_deadline=self._lease_deadline)
             daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id),
                             "qcluster.leader.control")
         self._daemon.start()
@@ -222,6 +223,9 @@ class Node(NodeCoordination):
         assert self.leader is not None and self.leadership is not None
         assert self.leadership.backend is not None
         self.leader.start(lease, self.leadership.backend, self.leadership.deadline)
+
+    def _lease_deadline(self) -> float:
+        return self.leadership.deadline if self.leadership is not None else 0.0
 
     def _halt(self) -> None:
         if self.leader is not None:

@@ -205,3 +205,15 @@ def test_a_real_worker_reports_what_it_holds_and_what_it_could_not_write(db: Dat
         assert v.report.finished == {(run_id, 1): Outcome(S.SUCCEEDED, 1000.0, 1002.0, None)}
     finally:
         w.stop()
+
+
+def test_a_leader_past_its_lease_deadline_asks_no_worker(db: Database) -> None:
+    """A deposed leader (a paused process that woke up) must not renew a worker's claim
+    lease behind the next leader's back: it asks nothing, and counts no one out early."""
+    member(db, "w1", "s-w1", "PYRO:w@127.0.0.1:1", silent=60)
+    fake = Fake({"session": "s-w1", "running": [[7, 1]], "finished": []})
+    j = SessionJudge(db, epoch=1, secret=SECRET, lease_seconds=LEASE, margin=FENCE_MARGIN,
+                     connect=fake.connect, clock=Clock(), leading=lambda: False)
+    v = j({"s-w1": [(7, 1)]})["s-w1"]
+    assert (v.kind, fake.calls) == (Kind.UNKNOWN, [])
+    assert "past its deadline" in v.reason
