@@ -706,6 +706,41 @@ def test_worker_refuses_or_answers_every_submit_and_keeps_serving(
     assert outcomes["answered"] and outcomes["refused"], outcomes
 
 
+_keys = st.one_of(
+    st.lists(st.lists(st.integers(min_value=-2, max_value=2**64), max_size=3), max_size=5),
+    wire_junk,
+)
+
+
+def test_worker_refuses_or_answers_every_report_and_keeps_serving(
+    daemon: InProcessDaemon,
+) -> None:
+    """``report`` (a leader asking what a worker holds) with any epoch and keys: answered
+    with a well-formed report of nothing held, or refused, never an error of the worker;
+    the database is left as it was."""
+    before = snapshot(daemon.url)
+
+    @fuzz("worker: report over RPC", 200, epoch=epochs, keys=_keys)
+    def outcomes(epoch: Any, keys: Any) -> str:
+        outcome = "answered"
+        with proxy(daemon.worker_uri, TEST_SECRET, 5.0) as p:
+            try:
+                reply = p.report(epoch, keys)
+            except ValueError as e:
+                assert str(e).startswith("refused: "), repr(e)
+                outcome = "refused"
+            except Pyro5.errors.PyroError:
+                outcome = "unreadable"
+            else:
+                assert reply == {"session": "s-fuzz", "running": [], "finished": []}, reply
+        with proxy(daemon.worker_uri, TEST_SECRET, 5.0) as p:
+            assert p.ping()["capacity"] == 2
+        assert snapshot(daemon.url) == before
+        return outcome
+
+    assert outcomes["answered"] and outcomes["refused"], outcomes
+
+
 _SPECS = [
     {"type": "cron", "expr": "*/5 * * * *", "tz": "UTC"},
     {"type": "interval", "seconds": 30.0, "start": "2026-01-01T00:00:00+00:00", "tz": "UTC"},
