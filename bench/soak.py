@@ -7,7 +7,8 @@ and every few seconds one fault, struck, held, then repaired, at random:
   database, from its backend or from its workers, with silent drops, then healed);
 * on a **random node** (``--nemesis any``): a scheduler or a worker partitioned from a
   random non-empty subset of {the database, the coordination servers, other nodes} for
-  3-8 s, or a worker killed (restarted after 0.5-2 s) or paused past its member timeout;
+  3-8 s, or a worker killed (restarted after 0.5-2 s) or paused past its member timeout
+  (half the time the worker of a ``--recover`` run, struck mid-run);
 * both (``--nemesis mixed``, the default: each fault is one or the other, at random);
 * now and then (``--lock-cuts``, a share of the faults) a **lock-wait cut**: the soak
   holds a row ``FOR UPDATE`` until a session of the node is seen waiting on its lock in
@@ -31,11 +32,13 @@ for the runs to settle, and prints:
   once) and unaccounted fires (no row; a row neither succeeded nor missed; succeeded but
   never ran; missed but ran), each unaccounted one with the fault that touched its worker;
 * for the ``--recover`` jobs, which run at least once by contract: (a) fire times with no
-  row or a row left open, (b) overlaps, two attempts of one run running at once (an
-  attempt runs from its record until ``--recover-sleep`` s later, later if its worker was
-  paused meanwhile, sooner if its worker process was killed or exited), and attempt n+1
-  started within ``--recover-sleep`` s of attempt n, (c) runs that ran more than once and
-  the fault that made them.
+  row, a row left open, or a row succeeded that never ran; (b) overlaps, two attempts of
+  one run running at once (an attempt runs from its record until ``--recover-sleep`` s
+  later, later if its worker was paused meanwhile, sooner if its worker process was
+  killed or exited), attempts n+1 started within ``--recover-sleep`` s of attempt n, and
+  the closest a later attempt started after an earlier one ended; (c) attempts per run,
+  and the runs that ran more than once with the fault that made them;
+* the nodes that exited by themselves (``self_fenced``: exit status 75).
 
 Exit status 0 only when the one-second jobs have no duplicates and nothing unaccounted,
 and the ``--recover`` jobs have no fire without a final row and no overlap.
@@ -390,15 +393,19 @@ class Nemesis:
         return event
 
     def _worker_victim(self) -> tuple[str, str]:
-        """A random worker; half the time (with --recover jobs) the worker of a running
-        --recover run, at a random point of it, so that attempts are cut short."""
+        """A random worker; half the time (with --recover jobs) the worker of a --recover
+        run that started less than half its sleep ago, struck at a random point before
+        the sleep ends, so that the attempt is cut short."""
         if self.recover_jobs and self.rng.random() < 0.5:
             with self.engine.connect() as conn:
-                found = self._running_recover_row(conn, lock=False)
+                found = self._running_recover_row(conn, lock=False,
+                                                  since=0.5 * self.recover_sleep)
             if found is not None:
-                victim, what = found
-                time.sleep(self.rng.uniform(0.0, 0.8 * self.recover_sleep))
-                return victim, f"mid-run of {what}"
+                victim, what, started = found
+                strike_at = self.rng.uniform(max(time.time(), started + 0.1),
+                                             started + 0.9 * self.recover_sleep)
+                time.sleep(max(0.0, strike_at - time.time()))
+                return victim, f"mid-run of {what}, +{time.time() - started:.1f}s"
         return self.rng.choice(WORKERS), ""
 
     # -- lock-wait cuts ---------------------------------------------------------------------
@@ -416,7 +423,7 @@ class Nemesis:
                 if held is None:
                     self._not_caught(kind, "no row to hold")
                     return None
-                victim, what = held
+                victim, what, _ = held
                 address = self.c.address(victim)
                 if not self._seen_waiting(address):
                     self._not_caught(kind, f"no session of {victim} waited on {what}")
@@ -439,29 +446,33 @@ class Nemesis:
         self.not_caught[kind] += 1
         self.say(f"{kind}: {why}; skipped")
 
-    def _lock_cluster_row(self, blocker: sa.Connection) -> tuple[str, str] | None:
+    def _lock_cluster_row(self, blocker: sa.Connection) -> tuple[str, str, float] | None:
         """Lock the cluster row; the leader's fenced pass reads it FOR SHARE."""
         row = blocker.execute(sa.text(
             "SELECT epoch, leader_id FROM qc_cluster WHERE id = 1 FOR UPDATE")).one()
         node = self.c.nodes.get(row.leader_id or "")
         if node is None or not node.running():
             return None
-        return str(row.leader_id), "the cluster row"
+        return str(row.leader_id), "the cluster row", time.time()
 
-    def _running_recover_row(self, conn: sa.Connection, *, lock: bool
-                             ) -> tuple[str, str] | None:
-        """The worker of a running --recover run and the run, waiting up to
-        RUNNING_ROW_WAIT_SECONDS for one; with ``lock``, the row is locked FOR UPDATE
-        until ``conn``'s transaction ends."""
+    def _running_recover_row(self, conn: sa.Connection, *, lock: bool,
+                             since: float | None = None) -> tuple[str, str, float] | None:
+        """(worker, run, its start) of a running --recover run (that started less than
+        ``since`` s ago), waiting up to RUNNING_ROW_WAIT_SECONDS for one; with ``lock``,
+        the row is locked FOR UPDATE until ``conn``'s transaction ends."""
         deadline = time.monotonic() + RUNNING_ROW_WAIT_SECONDS
         while time.monotonic() < deadline:
+            after = 0.0 if since is None else time.time() - since  # the worker's clock
             row = conn.execute(sa.text(
-                "SELECT id, job_id, worker, attempt FROM qc_runs WHERE status = 'running' "
-                "AND recover AND worker IS NOT NULL ORDER BY started_at DESC LIMIT 1"
-                + (" FOR UPDATE SKIP LOCKED" if lock else ""))).one_or_none()
-            if row is not None and row.worker in WORKERS and self.fleet.node(row.worker
-                                                                              ).running():
-                return str(row.worker), f"run {row.id} ({row.job_id}, attempt {row.attempt})"
+                "SELECT id, job_id, worker, attempt, started_at FROM qc_runs "
+                "WHERE status = 'running' AND recover AND worker IS NOT NULL "
+                "AND started_at > :after ORDER BY started_at DESC LIMIT 1"
+                + (" FOR UPDATE SKIP LOCKED" if lock else "")), {"after": after}
+            ).one_or_none()
+            if (row is not None and row.worker in WORKERS
+                    and self.fleet.node(row.worker).running()):
+                return (str(row.worker), f"run {row.id} ({row.job_id}, attempt {row.attempt})",
+                        float(row.started_at))
             time.sleep(0.1)
         return None
 
@@ -516,16 +527,21 @@ class Timeline:
         its record, later if its worker was paused meanwhile (its sleep ends at the
         SIGCONT), sooner if its worker process ended."""
         started, worker = float(record["started"]), str(record["worker"])
-        end, why = started + self.sleep, f"ran its {self.sleep:g}s"
+        end, why = started + self.sleep, f"its {self.sleep:g}s sleep"
         for e in sorted(self.events, key=lambda e: e.start):
             if (e.kind == "worker-pause" and e.victim == worker and e.start < end
                     and e.end > started):
-                end, why = max(end, e.end), f"paused until +{e.end - started:.2f}s"
+                end, why = max(end, e.end), "its worker paused till then"
         life = self.fleet.life_at(worker, started)
         if life is not None and life.ended is not None and life.ended < end:
-            how = "killed" if life.killed else f"exited {life.status}"
-            end, why = life.ended, f"its worker {how} at +{life.ended - started:.2f}s"
+            how = "killed" if life.killed else f"exited with status {life.status}"
+            end, why = life.ended, f"its worker {how}"
         return end, why
+
+    def paused(self, worker: str, when: float) -> bool:
+        """Whether ``worker`` was stopped (SIGSTOP) at ``when``."""
+        return any(e.kind == "worker-pause" and e.victim == worker and e.start <= when <= e.end
+                   for e in self.events)
 
 
 def account(rows: list[Any], records: list[dict[str, Any]], job_ids: list[str],
@@ -575,6 +591,9 @@ class RecoverFigures:
     attempts: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     ran: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     overlaps: list[str] = dataclasses.field(default_factory=list)  # (b)
+    overlaps_paused: int = 0  # of them, while the earlier attempt's worker was stopped
+    #: The least time from the end of an attempt to the start of a later one of its run.
+    closest: tuple[float, str] | None = None
     within_sleep: list[str] = dataclasses.field(default_factory=list)
     reran: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reran_examples: list[str] = dataclasses.field(default_factory=list)
@@ -586,7 +605,10 @@ class RecoverFigures:
             "not_final": len(self.not_final), "not_final_examples": self.not_final[:10],
             "attempts_per_run": dict(sorted(self.attempts.items())),
             "records_per_run": dict(sorted(self.ran.items())),
-            "overlaps": len(self.overlaps), "overlap_examples": self.overlaps[:10],
+            "overlaps": len(self.overlaps), "overlaps_while_paused": self.overlaps_paused,
+            "overlap_examples": self.overlaps[:10],
+            "closest_margin": None if self.closest is None else round(self.closest[0], 3),
+            "closest": None if self.closest is None else self.closest[1],
             "within_sleep": len(self.within_sleep),
             "within_sleep_examples": self.within_sleep[:10],
             "ran_more_than_once": sum(self.reran.values()), "reran_by_cause": dict(self.reran),
@@ -599,17 +621,23 @@ def _check_attempts(key: str, recs: list[dict[str, Any]], timeline: Timeline,
     """(b) for one run whose records are ``recs``, in order of start; and (c)."""
     ends = [timeline.end_of(r) for r in recs]
     for i, (a, (end, why)) in enumerate(zip(recs, ends, strict=True)):
+        ran = f"attempt {a['attempt']} on {a['worker']} ran till +{end - a['started']:.2f}s ({why})"
         for b in recs[i + 1:]:
-            if b["started"] < end - SLACK:
+            margin = b["started"] - end
+            if out.closest is None or margin < out.closest[0]:
+                out.closest = (margin, f"{key}: attempt {b['attempt']} on {b['worker']} "
+                                       f"started at +{b['started'] - a['started']:.2f}s, {ran}")
+            if margin < -SLACK:
+                frozen = timeline.paused(str(a["worker"]), float(b["started"]))
+                out.overlaps_paused += frozen
                 out.overlaps.append(
-                    f"{key}: attempt {b['attempt']} on {b['worker']} started "
-                    f"+{b['started'] - a['started']:.2f}s after attempt {a['attempt']} on "
-                    f"{a['worker']}, which {why}")
+                    f"{key}: attempt {b['attempt']} on {b['worker']} started at "
+                    f"+{b['started'] - a['started']:.2f}s, {ran}"
+                    + (", stopped by SIGSTOP then" if frozen else ""))
         if i + 1 < len(recs) and recs[i + 1]["started"] - a["started"] < timeline.sleep:
             out.within_sleep.append(
-                f"{key}: attempt {recs[i + 1]['attempt']} +"
-                f"{recs[i + 1]['started'] - a['started']:.2f}s after attempt {a['attempt']} "
-                f"on {a['worker']}, which {why}")
+                f"{key}: attempt {recs[i + 1]['attempt']} on {recs[i + 1]['worker']} "
+                f"started at +{recs[i + 1]['started'] - a['started']:.2f}s, {ran}")
     if len(recs) > 1:
         first, (end, _) = recs[0], ends[0]
         cause = timeline.blame(str(first["worker"]), first["started"] - 0.5, end + 1.0)
@@ -776,10 +804,13 @@ def summary(result: dict[str, Any]) -> list[str]:
         f"{result['duplicates']} duplicates, {result['unaccounted']} unaccounted; "
         f"statuses {result['statuses']}; final epoch {result['final_epoch']}",
         f"  recover jobs ({result['recover_jobs']}): {r['fires']} fires, statuses "
-        f"{r['statuses']}, {r['not_final']} without a final row, {r['overlaps']} overlaps, "
+        f"{r['statuses']}, {r['not_final']} without a final row, {r['overlaps']} overlaps "
+        f"({r['overlaps_while_paused']} while the earlier attempt's worker was paused), "
         f"attempts per run {r['attempts_per_run']}, records per run {r['records_per_run']}, "
         f"{r['ran_more_than_once']} ran more than once {r['reran_by_cause']}, "
-        f"{r['within_sleep']} attempts started within the sleep of the one before",
+        f"{r['within_sleep']} attempts started within the sleep of the one before; the "
+        f"closest a later attempt started after an earlier one ended: "
+        f"{'-' if r['closest_margin'] is None else format(r['closest_margin'], '+.2f')}s",
         f"  self-fenced {result['self_fenced']}, other exits {others}, lock cuts not caught "
         f"{result['lock_cuts_not_caught']}, no leader to strike {result['no_leader_to_strike']}",
     ]
@@ -790,6 +821,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     lines += [f"  recover, overlap: {x}" for x in r["overlap_examples"]]
     lines += [f"  recover, within the sleep: {x}" for x in r["within_sleep_examples"]]
     lines += [f"  recover, ran more than once: {x}" for x in r["reran_examples"]]
+    if r["closest"] is not None:
+        lines.append(f"  recover, closest: {r['closest']}")
     return lines
 
 
