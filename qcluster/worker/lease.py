@@ -43,7 +43,7 @@ __all__ = ["CHECK_SECONDS", "EXIT_SELF_FENCED", "FENCE_MARGIN", "ClaimLease", "S
 log = logging.getLogger(__name__)
 
 #: How often the self-fence looks.
-CHECK_SECONDS = 0.2
+CHECK_SECONDS = 0.05
 #: The exit status of a worker that ended itself (EX_TEMPFAIL: a supervisor restarts it).
 EXIT_SELF_FENCED = 75
 
