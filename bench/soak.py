@@ -598,6 +598,7 @@ class RecoverFigures:
     reran: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reran_examples: list[str] = dataclasses.field(default_factory=list)
     missed_but_ran: int = 0
+    not_succeeded: list[str] = dataclasses.field(default_factory=list)  # why: the row's error
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -613,6 +614,7 @@ class RecoverFigures:
             "within_sleep_examples": self.within_sleep[:10],
             "ran_more_than_once": sum(self.reran.values()), "reran_by_cause": dict(self.reran),
             "reran_examples": self.reran_examples[:10], "missed_but_ran": self.missed_but_ran,
+            "not_succeeded_examples": self.not_succeeded[:10],
         }
 
 
@@ -673,6 +675,9 @@ def account_recover(rows: list[Any], records: list[dict[str, Any]], starts: dict
             if row.status == "succeeded" and not recs:
                 out.not_final.append(f"{key}: succeeded but never ran")
             out.missed_but_ran += row.status == "missed" and bool(recs)
+            if row.status != "succeeded":
+                out.not_succeeded.append(f"{key}: {row.status} at attempt {row.attempt}, "
+                                         f"ran {len(recs)}: {row.error}")
         _check_attempts(key, recs, timeline, out)
     return out.as_dict()
 
@@ -818,6 +823,7 @@ def summary(result: dict[str, Any]) -> list[str]:
         lines.append(f"  unaccounted by cause: {result['unaccounted_causes']}")
     lines += [f"  unaccounted: {x}" for x in result["unaccounted_examples"]]
     lines += [f"  recover, no final row: {x}" for x in r["not_final_examples"]]
+    lines += [f"  recover, not succeeded: {x}" for x in r["not_succeeded_examples"]]
     lines += [f"  recover, overlap: {x}" for x in r["overlap_examples"]]
     lines += [f"  recover, within the sleep: {x}" for x in r["within_sleep_examples"]]
     lines += [f"  recover, ran more than once: {x}" for x in r["reran_examples"]]
