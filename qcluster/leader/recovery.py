@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -85,9 +84,13 @@ def recover_runs(
 
     The open runs are read first, the judge asks outside any transaction, and every change
     is made in one transaction fenced on ``epoch``, each filtered on the status and
-    attempt that was read (a row that moved on meanwhile is left alone)."""
+    attempt that was read (a row that moved on meanwhile is left alone).
+
+    ``now``, what staleness and the grace are judged by and what is written, is by default
+    the database's time, read in the fenced transaction (after the judge's calls, however
+    long they took): the clock that ``created_at`` and the fire times are on, whichever
+    host leads (docs/DESIGN.md invariant 8)."""
     r = schema.runs
-    now = time.time() if now is None else now
     out = RecoveryResult()
     live = set(live_workers)
     with db.read() as conn:
@@ -104,6 +107,8 @@ def recover_runs(
             suspects.setdefault(row.worker_session, []).append((row.id, row.attempt))
     verdicts = (judge or _all_stopped)(suspects) if suspects else {}
     with db.fenced(epoch) as conn:
+        if now is None:
+            now = db.now(conn)
         for row in open_runs:
             if row.status == RunStatus.SCHEDULED:
                 _unsent(conn, row, epoch, now, grace_seconds, out)

@@ -22,6 +22,14 @@ leaves a leader that holds the lease without firing: the maintenance loop's heal
 (:meth:`LeaderRole.healthy`) sees a scheduler loop that is not turning, or that stopped
 firing while its term was not halted, and gives the lease up; an error in the maintenance
 pass itself gives it up too.
+
+Clock (docs/DESIGN.md invariant 8): the role's :class:`~qcluster.leader.clock.LeaderClock`
+(the database's time, carried on the monotonic clock) is sampled at every term's start,
+before the epoch is taken, and again every few seconds by the maintenance thread. The
+scheduler's passes, the retention horizon and the published ``since`` are on it;
+recovery reads the database's time in its own fenced transaction. None is on this
+host's wall clock. A term whose clock has never been sampled does not start: its first
+sample failed, so the database is out of reach anyway.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from collections.abc import Callable
 from apscheduler.schedulers import SchedulerNotRunningError
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
-from qcluster.errors import Fenced, QClusterError
+from qcluster.errors import DatabaseUnavailable, Fenced, QClusterError
+from qcluster.leader.clock import LeaderClock
 from qcluster.leader.dispatch import Dispatcher
 from qcluster.leader.liveness import SessionJudge
 from qcluster.leader.recovery import prune_runs, recover_runs
@@ -96,11 +105,15 @@ class LeaderRole:
         revoke: Callable[[str], None],
         drive: Callable[[int, list[MemberInfo]], None] | None = None,
         lease_deadline: Callable[[], float] | None = None,
+        clock: LeaderClock | None = None,
     ) -> None:
         """``lease_deadline`` gives the held lease's local deadline (``time.monotonic()``;
-        the leadership loop's): past it, this leader asks no worker anything."""
+        the leadership loop's): past it, this leader asks no worker anything. ``clock`` is
+        the one this role judges time on; by default the database's (:class:`LeaderClock`
+        on ``db``), kept across terms."""
         self.settings = settings
         self.db = db
+        self.clock = LeaderClock(db) if clock is None else clock
         self.members = members
         # The members a run may go to: those the shared database lists (a worker that
         # cannot reach it cannot claim); all members when the caller has no other list.
@@ -144,11 +157,16 @@ class LeaderRole:
         term = _Term()
         with self._lock:
             self._term = term
+        # The clock first: no pass, recovery or published time of this term on a clock
+        # that was never read. A failed sample keeps the last one (a short outage); with
+        # none at all the database is out of reach, and take_epoch would fail too.
+        if not self.clock.sync():
+            raise DatabaseUnavailable("cannot lead: the database's time could not be read")
         epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease,
                            valid_until=valid_until)
         term.epoch = epoch
         self._check_started(term)
-        term.info = LeaderInfo(self.node_id, self.control_uri, epoch, time.time())
+        term.info = LeaderInfo(self.node_id, self.control_uri, epoch, self.clock.now())
         backend.publish_leader(lease, term.info)
         log.info("leading the cluster at epoch %d", epoch)
         dispatcher = Dispatcher(
@@ -171,7 +189,8 @@ class LeaderRole:
                                 retention_seconds=s.runs.retention_days * 86400)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
-                                    fire_ahead_seconds=s.scheduler.fire_ahead_seconds)
+                                    fire_ahead_seconds=s.scheduler.fire_ahead_seconds,
+                                    now=self.clock.now)
         term.scheduler = scheduler
         with self._lock:
             self._check_started(term)
@@ -294,6 +313,7 @@ class LeaderRole:
     def _maintain_loop(self, term: _Term) -> None:
         last_prune = 0.0
         while not term.stop.wait(RECOVERY_INTERVAL):
+            self.clock.sync_if_due()  # a failure keeps the last sample (and is logged)
             members = self._recover(term)
             if term.stop.is_set():  # halted during the pass: no step, no pruning after it
                 return
@@ -307,7 +327,7 @@ class LeaderRole:
             if time.monotonic() - last_prune > PRUNE_INTERVAL and term.epoch is not None:
                 last_prune = time.monotonic()
                 try:
-                    horizon = time.time() - self.settings.runs.retention_days * 86400
+                    horizon = self.clock.now() - self.settings.runs.retention_days * 86400
                     n = prune_runs(self.db, term.epoch, older_than=horizon)
                     if n:
                         log.info("pruned %d runs older than the retention window", n)

@@ -17,7 +17,13 @@ kills its thread while ``state`` still reads RUNNING. This subclass replaces the
 
 Fire times are accounted for (docs/DESIGN.md invariant 6): each fire time between the job's
 stored next run time and now becomes a run row, ``scheduled`` if it is to run, ``missed`` if
-it is older than the job's misfire grace time or was coalesced away."""
+it is older than the job's misfire grace time or was coalesced away.
+
+"Now" is the ``now`` the scheduler is given, never the host's wall clock: the leader gives
+its :class:`~qcluster.leader.clock.LeaderClock`, the database's time (docs/DESIGN.md
+invariant 8). What is due, lateness, the misfire grace, coalescing, the rows'
+``created_at`` and the sleep until the next fire are all judged on it; APScheduler's own
+waits run on the monotonic clock (``threading.Event.wait``)."""
 
 from __future__ import annotations
 
@@ -68,7 +74,8 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
     def fire(self, jobs: list[StoredJob], now: datetime, until: datetime | None = None) -> int:
         """Record and dispatch the fire times of ``jobs`` up to ``until`` (default ``now``;
         later with a fire-ahead window: the worker waits for each one's time); return the
-        number of runs sent. Lateness and misfires are judged at ``now``."""
+        number of runs sent. Lateness and misfires are judged at ``now`` (the leader's
+        clock, the database's time), which is also the rows' ``created_at``."""
         fires: list[FireRow] = []
         advances: list[Advance] = []
         unplannable: list[tuple[str, str]] = []
@@ -84,7 +91,8 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
                 unplannable.append((job.id, f"cannot plan its fire times: {e}"))
         if unplannable:
             self.store.set_aside(unplannable)
-        runs = self.store.commit_fires(self.epoch, self.leader, fires, advances)
+        runs = self.store.commit_fires(self.epoch, self.leader, fires, advances,
+                                       now=now.timestamp())
         if runs:
             self.send(runs)
         return len(runs)
@@ -139,7 +147,10 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         poll_seconds: float,
         on_fenced: Callable[[str], None],
         fire_ahead_seconds: float = 0.0,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """``now`` is the clock every pass judges on (seconds since the Unix epoch): the
+        leader's :meth:`LeaderClock.now <qcluster.leader.clock.LeaderClock.now>`."""
         super().__init__(timezone=UTC, daemon=True)
         self.add_jobstore(store, "default")
         self.add_executor(executor, "default")
@@ -148,6 +159,7 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         self.poll_seconds = poll_seconds
         self.ahead = timedelta(seconds=fire_ahead_seconds)
         self.on_fenced = on_fenced
+        self.now = now
         self.enabled = threading.Event()
         self.enabled.set()
         self.last_pass = time.monotonic()
@@ -193,7 +205,7 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
 
     def _pass(self) -> float:
         while self.enabled.is_set():
-            now = datetime.now(UTC)
+            now = datetime.fromtimestamp(self.now(), UTC)
             due = self.store.get_due_jobs(now + self.ahead)
             if not due:
                 break
@@ -204,5 +216,5 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         nxt = self.store.get_next_run_time()
         if nxt is None:
             return self.poll_seconds
-        delay = (nxt - self.ahead - datetime.now(UTC)).total_seconds()
+        delay = (nxt - self.ahead - datetime.fromtimestamp(self.now(), UTC)).total_seconds()
         return max(0.0, min(delay, self.poll_seconds))

@@ -20,13 +20,20 @@ at all.
 ``apply`` of a job whose trigger is unchanged keeps its stored next run time, so the
 fire times missed while the cluster was down are not lost (unlike APScheduler's
 ``replace_existing=True``).
+
+"Now" here (a new job's first fire time, a resume's, a run-now's fire time, the
+``created_at``/``updated_at`` stamps) is the database's time, read on the caller's
+connection (``store/db.database_now``), unless the caller gives one: a CLI on a host whose
+clock is off does not store a first fire time in the past (which the leader would record
+as missed) or in the future (docs/DESIGN.md invariant 8). An interval's anchor is the one
+exception: ``definitions/triggers.make_spec`` takes it from the client's clock before any
+connection, so a client ahead by ``d`` delays an interval job's first fire by ``d``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +45,7 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
 from qcluster.store import schema
+from qcluster.store.db import database_now, now_expr
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
 
@@ -93,8 +101,9 @@ def _row_values(jd: JobDef) -> dict[str, Any]:
 def upsert_jobs(
     conn: Connection, defs: Sequence[JobDef], *, replace: bool, now: float | None = None
 ) -> ApplyResult:
-    """Create the new jobs, and (with ``replace``) update the changed ones."""
-    now = time.time() if now is None else now
+    """Create the new jobs, and (with ``replace``) update the changed ones. ``now``: by
+    default the database's time."""
+    now = database_now(conn) if now is None else now
     j = schema.jobs
     result = ApplyResult()
     seen: set[str] = set()
@@ -173,14 +182,16 @@ def pause_job(conn: Connection, job_id: str) -> None:
     row = _get_row(conn, job_id)
     conn.execute(
         j.update().where(j.c.id == job_id)
-        .values(paused=True, next_run_time=None, version=row.version + 1, updated_at=time.time())
+        .values(paused=True, next_run_time=None, version=row.version + 1,
+                updated_at=now_expr(conn.dialect.name))
     )
 
 
 def resume_job(conn: Connection, job_id: str, now: float | None = None) -> None:
-    """Resume from now: fire times that fell inside the pause are skipped, not made up."""
+    """Resume from now (by default the database's time): fire times that fell inside the
+    pause are skipped, not made up."""
     j = schema.jobs
-    now = time.time() if now is None else now
+    now = database_now(conn) if now is None else now
     row = _get_row(conn, job_id)
     if not row.paused:
         return
@@ -243,7 +254,8 @@ def set_next_run_time(conn: Connection, job_id: str, next_run_time: float | None
     done = conn.execute(
         j.update()
         .where(j.c.id == job_id)
-        .values(next_run_time=next_run_time, version=j.c.version + 1, updated_at=time.time())
+        .values(next_run_time=next_run_time, version=j.c.version + 1,
+                updated_at=now_expr(conn.dialect.name))
     ).rowcount
     return bool(done)
 
@@ -265,12 +277,16 @@ def set_broken(conn: Connection, broken: Sequence[tuple[str, str]]) -> None:
         conn.execute(j.update().where(j.c.id == job_id).values(broken=reason[:2000]))
 
 
-def run_now(conn: Connection, job_id: str, epoch: int, leader: str) -> RunRecord:
-    """Record a run of ``job_id`` scheduled for now; the caller dispatches it."""
+def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
+            now: float | None = None) -> RunRecord:
+    """Record a run of ``job_id`` scheduled for now (by default the database's time: a
+    worker starts it at once unless its own clock is behind the database's); the caller
+    dispatches it."""
     row = _get_row(conn, job_id)
-    fire = FireRow(job_id, row.func, row.args, row.kwargs, round(time.time(), 6),
+    at = round(database_now(conn) if now is None else now, 6)
+    fire = FireRow(job_id, row.func, row.args, row.kwargs, at,
                    RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts)
-    runs = insert_runs(conn, [fire], epoch, leader)
+    runs = insert_runs(conn, [fire], epoch, leader, now=at)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")
     return runs[0]

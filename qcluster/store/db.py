@@ -197,16 +197,11 @@ class Database:
 
     def now_expr(self) -> sa.ColumnElement[float]:
         """The database server's current time, in seconds since the Unix epoch."""
-        if self.dialect == "postgresql":
-            return sa.cast(
-                sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
-            ).label("now")
-        return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float).label(
-            "now"
-        )
+        return now_expr(self.dialect)
 
     def now(self, conn: Connection) -> float:
-        return float(conn.execute(sa.select(self.now_expr())).scalar_one())
+        """The database server's current time, read on ``conn`` (one statement)."""
+        return database_now(conn)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -251,6 +246,27 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def now_expr(dialect: str) -> sa.ColumnElement[float]:
+    """The database server's current time in SQL, in seconds since the Unix epoch:
+    ``clock_timestamp()`` on PostgreSQL (the time at the statement, not at the start of
+    the transaction as ``now()``), ``julianday('now')`` on SQLite, which runs in this
+    process, so its clock is this host's (docs/DESIGN.md invariant 8)."""
+    if dialect == "postgresql":
+        return sa.cast(
+            sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
+        ).label("now")
+    return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float).label(
+        "now"
+    )
+
+
+def database_now(conn: Connection) -> float:
+    """The database server's current time, read on ``conn``: the clock that a write on a
+    connection the caller opened (a job change, a cancel, a direct run) stamps and judges
+    by, whichever host it runs on."""
+    return float(conn.execute(sa.select(now_expr(conn.dialect.name))).scalar_one())
 
 
 def check_epoch(conn: Connection, epoch: int) -> None:

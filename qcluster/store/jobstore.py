@@ -169,16 +169,18 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
     # -- the batch: run rows and job advances in one fenced transaction --------------------
 
     def commit_fires(
-        self, epoch: int, leader: str, fires: Sequence[FireRow], advances: Sequence[Advance]
+        self, epoch: int, leader: str, fires: Sequence[FireRow], advances: Sequence[Advance],
+        *, now: float | None = None,
     ) -> list[RunRecord]:
         """Record ``fires`` and apply ``advances`` atomically; return the new runs to send.
+        ``now`` is the rows' ``created_at`` (:func:`qcluster.store.runs.insert_runs`).
 
         A fire time already recorded (by this leader or an earlier one) inserts nothing and
         is not returned. An advance applies only if the job's row version is unchanged, so
         a concurrent edit of the job wins; its fire times stay unique by the run key.
         """
         with self.db.fenced(epoch) as conn:
-            inserted = insert_runs(conn, fires, epoch, leader)
+            inserted = insert_runs(conn, fires, epoch, leader, now=now)
             catalog.apply_advances(conn, advances)
         return inserted
 

@@ -5,7 +5,6 @@ fenced on its epoch (docs/DESIGN.md invariants 1, 3, 6, 7). Part of
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -15,6 +14,7 @@ from sqlalchemy.engine import Connection
 
 from qcluster.errors import InputError
 from qcluster.store import schema
+from qcluster.store.db import database_now
 from qcluster.store.records import RunRecord, run_record
 from qcluster.store.runs.states import (
     CANCEL_FROM,
@@ -52,16 +52,23 @@ class FireRow:
 
 
 def insert_runs(
-    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str
+    conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str, *,
+    now: float | None = None,
 ) -> list[RunRecord]:
     """Insert run rows (none → ``scheduled``/``missed``), skipping fire times already
-    recorded; return the new ``scheduled`` runs, to be sent once the caller commits."""
+    recorded; return the new ``scheduled`` runs, to be sent once the caller commits.
+
+    ``now`` is ``created_at`` (and a ``missed`` row's ``finished_at``): the leader gives
+    the time of its clock that judged the fires (``leader/clock.py``); by default the
+    database's time, read on ``conn``. Either is the database's clock, which recovery
+    compares ``created_at`` with (docs/DESIGN.md invariant 8)."""
     if not fires:
         return []
     refused = {f.status for f in fires} - CREATES
     if refused:
         raise ValueError(f"a run is not recorded as {', '.join(sorted(map(str, refused)))}")
-    now = time.time()
+    if now is None:
+        now = database_now(conn)
     rows = [
         {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
          "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
