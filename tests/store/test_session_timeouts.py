@@ -65,6 +65,26 @@ def test_every_postgresql_session_has_the_three_timeouts(pg_url: str,
                      "idle_in_transaction_session_timeout": "1600ms"}
 
 
+def test_the_server_drops_a_silent_clients_session_within_seconds(
+    pg_url: str, make_db: DatabaseFactory
+) -> None:
+    """Server-side keepalives and TCP user timeout on every session (with or without
+    timeouts): a node cut off without a RST leaves no ghost session for hours."""
+    make_db(pg_url)
+    for db in (Database.from_settings(_settings(pg_url)), Database(pg_url)):
+        try:
+            with db.read() as conn:
+                shown = {name: conn.execute(sa.text(f"SHOW {name}")).scalar_one() for name in
+                         ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                          "tcp_keepalives_count")}
+                user_timeout = conn.execute(sa.text("SHOW tcp_user_timeout")).scalar_one()
+        finally:
+            db.dispose()
+        assert shown == {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",
+                         "tcp_keepalives_count": "3"}
+        assert user_timeout not in ("0", "0ms"), user_timeout
+
+
 def test_sqlite_waits_for_its_write_lock_less_than_the_lease(sqlite_url: str) -> None:
     db = Database.from_settings(_settings(sqlite_url))
     try:
