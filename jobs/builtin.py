@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -20,12 +22,21 @@ def shell(command: str | Sequence[str], timeout: float | None = None,
     ``jobs.builtin:shell`` itself (``settings/refs.NAMED_ONLY``).
     """
     argv = shlex.split(command) if isinstance(command, str) else list(command)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          check=False)
+    proc = subprocess.run(_dies_with_us(argv), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, check=False, process_group=0)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         raise RuntimeError(f"exit status {proc.returncode}: {tail[-1] if tail else ''}")
     return proc.returncode
+
+
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
+def _dies_with_us(argv: list[str]) -> list[str]:
+    if _SETPRIV is None:
+        return argv
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 def noop() -> None:

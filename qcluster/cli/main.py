@@ -6,11 +6,13 @@ error prints one ``error: ...`` line on stderr and exits non-zero; no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -114,6 +116,7 @@ def start(
             node.wait()
     finally:
         node.stop()
+        _NODE_RAN.set()
 
 
 def _setup_logging(*, quiet: bool = False) -> None:
@@ -325,7 +328,38 @@ def _click_message(e: Exception) -> str:
     return str(format_message() if callable(format_message) else e).replace("\n", " ")
 
 
+#: Set once ``start`` has stopped its node: the process then ends with ``os._exit``.
+_NODE_RAN = threading.Event()
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The console script. After ``start`` has stopped its node (runs recorded, members
+    left, connections closed), the process ends at once with ``os._exit``: a job's thread
+    that never ends is a daemon, but Python's exit would still join the threads of a
+    job's own ``ThreadPoolExecutor`` (and run a job's ``atexit`` hooks), so a node would
+    say "stopped" and never exit (issue 14 point 3)."""
+    try:
+        _main(argv)
+    except SystemExit as e:
+        if _NODE_RAN.is_set():
+            _exit_now(e.code)
+        raise
+    if _NODE_RAN.is_set():
+        _exit_now(0)
+
+
+def _exit_now(code: object) -> None:
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     # A command prints one line per problem: a driver's own connection chatter (kazoo
     # retrying an unreachable server) stays out of it. `start` sets up real logging.
     for name in _DRIVER_LOGGERS:

@@ -6,6 +6,7 @@ recorded ``missed``; ``runs cancel`` and ``jobs remove`` stop any further attemp
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,24 @@ def forever(path):
     record_run(path)
     while True:
         time.sleep(0.1)
+
+
+def forever_in_executor(path):
+    """Record the attempt, then wait forever on threads of its own ThreadPoolExecutor,
+    whose threads Python's exit joins (issue 14 attack: "STILL ALIVE after 46 s")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    record_run(path)
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        list(ex.map(lambda i: time.sleep(3600), range(2)))
+
+
+def shell_forever(path, pidfile):
+    """Record the attempt, then run a command that never ends (jobs.builtin:shell)."""
+    from jobs.builtin import shell
+
+    record_run(path)
+    shell(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 3600"])
 '''
 
 
@@ -142,12 +161,26 @@ def test_a_poison_run_is_quarantined_after_two_deaths_and_the_cluster_keeps_firi
         assert row_of(c, run_id).status == "lost" and attempts_of(c, "poison") == [1, 2]
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("job", ["forever", "forever_in_executor", "shell_forever"])
 @pytest.mark.parametrize("one_slot", [60], indirect=True, ids=["grace60"])
 def test_sigterm_stops_a_node_whose_job_never_ends_and_records_it_interrupted(
-    one_slot: Cluster,
+    one_slot: Cluster, job: str, tmp_path: Path,
 ) -> None:
+    """Whatever the job does (a loop, a ThreadPoolExecutor of its own, a command that
+    never ends), SIGTERM ends the node within its grace, and no command it ran outlives
+    it."""
     c = one_slot
-    add(c, "endless", "poisonjobs.jobs:forever")
+    pidfile = tmp_path / "child.pid"
+    extra = ["--kwarg", f"pidfile={pidfile}"] if job == "shell_forever" else []
+    add(c, "endless", f"poisonjobs.jobs:{job}", *extra)
     add(c, "queued", "jobs.examples:record_run")
     endless = run_now(c, "endless")
     wait_status(c, endless, "running")
@@ -165,6 +198,9 @@ def test_sigterm_stops_a_node_whose_job_never_ends_and_records_it_interrupted(
     again = row_of(c, queued)  # never started: given back for another worker
     assert (again.status, again.worker, again.attempt) == ("scheduled", None, 1)
     assert attempts_of(c, "queued") == []
+    if job == "shell_forever":
+        child = int(pidfile.read_text())
+        wait_for(lambda: _gone(child), timeout=5, what=f"the command's process {child} to end")
 
 
 def test_a_run_no_worker_slot_takes_within_its_grace_is_missed_and_never_starts(
