@@ -25,6 +25,7 @@ not hold) sets that worker aside for :data:`DOWN_FOR` and sends its runs elsewhe
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 REFRESH_WORKERS = 1.0
 DOWN_FOR = 2.0
+#: How long a batch waits for a worker's answer before its runs go to the others.
+SEND_WAIT = 2.0
 #: Refusals whose runs are sent again (elsewhere, or a moment later).
 SEND_AGAIN = frozenset({Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE})
 
@@ -119,6 +122,7 @@ class Dispatcher:
         self._proxies: dict[str, _Connection] = {}
         self._rr = itertools.count()
         self._proxies_lock = threading.Lock()
+        self._busy: set[str] = set()  # workers with a call under way
         self._senders = ThreadPoolExecutor(8, thread_name_prefix="qc-send")
 
     def start(self) -> None:
@@ -177,9 +181,19 @@ class Dispatcher:
             routes = self._route(left, workers)
             # Send to every worker at once: each call waits for that worker's claim in the
             # database, and those waits should overlap, not add up.
-            futures = [self._senders.submit(self._send, uri, chunk)
-                       for uri, chunk in routes.items()]
-            for (uri, chunk), future in zip(routes.items(), futures, strict=True):
+            futures = {uri: self._send_async(uri, chunk) for uri, chunk in routes.items()}
+            concurrent.futures.wait(futures.values(), timeout=SEND_WAIT)
+            for uri, chunk in routes.items():
+                future = futures[uri]
+                if not future.done():
+                    # A worker whose claim hangs (its database path stalled) must not hold
+                    # the runs of every other worker: its runs go elsewhere now, and it
+                    # gets none until it answers. A late claim that commits is harmless:
+                    # only one claim of a run attempt commits.
+                    log.warning("worker %s has not answered within %gs; sending its %d runs "
+                                "elsewhere", uri, SEND_WAIT, len(chunk))
+                    retry.extend(chunk)
+                    continue
                 try:
                     retry.extend(future.result())
                 except Exception:  # a bug, not a worker's answer: this thread must go on
@@ -192,6 +206,20 @@ class Dispatcher:
                 self._requeue(retry, delay=0.2)
                 return
             left = retry
+
+    def _send_async(self, uri: str, chunk: list[RunRecord]) -> concurrent.futures.Future[
+            list[RunRecord]]:
+        """Send on a sender thread; the worker is busy (routed around) until it answers."""
+        with self._proxies_lock:
+            self._busy.add(uri)
+        future = self._senders.submit(self._send, uri, chunk)
+
+        def answered(_: concurrent.futures.Future[list[RunRecord]]) -> None:
+            with self._proxies_lock:
+                self._busy.discard(uri)
+
+        future.add_done_callback(answered)
+        return future
 
     def _requeue(self, runs: list[RunRecord], delay: float) -> None:
         self._stopped.wait(delay)
@@ -209,7 +237,10 @@ class Dispatcher:
                 self._workers_at = now
             except Exception as e:  # membership reads go through a backend: keep the old list
                 log.warning("cannot list workers: %s", e)
-        return [w for w in self._workers if self._down.get(w.uri or "", 0.0) <= now]
+        with self._proxies_lock:
+            busy = set(self._busy)
+        return [w for w in self._workers
+                if self._down.get(w.uri or "", 0.0) <= now and w.uri not in busy]
 
     def _route(
         self, runs: list[RunRecord], workers: list[MemberInfo]

@@ -199,6 +199,36 @@ def test_an_unreachable_worker_is_set_aside_and_its_runs_go_to_the_next_one(
     assert stale == []
 
 
+def test_a_worker_whose_call_hangs_does_not_hold_the_others_runs(
+    workers: dict[str, FakeWorker], started: list[Dispatcher]
+) -> None:
+    """Issue 14 point 12 (an attack found 10 s stalls): a worker whose claim hangs (its
+    database path stalled, not cut) gets its batch's runs taken to the other worker after
+    SEND_WAIT, and nothing more until it answers; then it is used again."""
+    release = threading.Event()
+
+    def hangs(epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        release.wait(30)
+        return accept_all(epoch, runs)
+
+    stuck, alive = _add(workers, FakeWorker("stuck", reply=hangs), FakeWorker("alive"))
+    d, _ = _dispatcher([stuck, alive])
+    _start(started, d)
+    d.submit(_runs(1, 10))
+    # While its call still hangs (not released): a stall would wait for it, 30 s.
+    wait_for(_all_sent([alive], 10), WAIT, 0.01, "the stuck worker's runs sent elsewhere")
+    assert not release.is_set()
+    d.submit(_runs(11, 10))
+    wait_for(_all_sent([alive], 20), WAIT, 0.01, "the next batch, to the other worker only")
+    assert len(stuck.batches) == 1, "a second call went to a worker whose call hangs"
+    release.set()
+    wait_for(lambda: not d._busy, WAIT, 0.01, "the stuck worker to answer")  # noqa: SLF001
+    d.submit(_runs(21, 10))
+    wait_for(lambda: len(stuck.batches) > 1 or len(alive.run_ids()) >= 30, WAIT, 0.01,
+             "the third batch")
+    assert len(alive.run_ids()) + len(stuck.run_ids()) >= 30
+
+
 @pytest.mark.parametrize("why", [Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE])
 def test_a_busy_workers_runs_are_sent_again(
     workers: dict[str, FakeWorker], started: list[Dispatcher], why: Refusal
