@@ -222,7 +222,7 @@ def test_a_worker_whose_call_hangs_does_not_hold_the_others_runs(
     wait_for(_all_sent([alive], 20), WAIT, 0.01, "the next batch, to the other worker only")
     assert len(stuck.batches) == 1, "a second call went to a worker whose call hangs"
     release.set()
-    wait_for(lambda: not d._busy, WAIT, 0.01, "the stuck worker to answer")  # noqa: SLF001
+    wait_for(lambda: not d._busy, WAIT, 0.01, "the stuck worker to answer")
     d.submit(_runs(21, 10))
     wait_for(lambda: len(stuck.batches) > 1 or len(alive.run_ids()) >= 30, WAIT, 0.01,
              "the third batch")
