@@ -40,6 +40,7 @@ from backends.base import (
     member_from_dict,
     member_to_dict,
 )
+from qcluster.errors import MemberReplaced
 from qcluster.store import schema
 from qcluster.store.cluster import record_leader
 from qcluster.store.db import Database
@@ -61,6 +62,7 @@ class DBLockBackend(CoordinationBackend):
         # The newest lease's loss report, by token: a lease row has one holder at a time.
         self._losses: dict[int, LossReport] = {}
         self._lock = threading.Lock()
+        self._registered: set[str] = set()  # sessions whose first heartbeat committed
 
     # -- leadership -------------------------------------------------------------------
 
@@ -208,11 +210,23 @@ class DBLockBackend(CoordinationBackend):
             "backends": ",".join(member.backends),
             "last_seen": self.db.now_expr(),
         }
+        # A process's first heartbeat takes the node's row whatever it held (a restart
+        # replaces the incarnation that died); every later one only updates the row while
+        # it is still this session's. Another process that took the id (two nodes started
+        # with one id) makes the next heartbeat raise MemberReplaced, and the node stops.
+        first = member.session not in self._registered
         with self.db.write() as conn:
             dialect = postgresql if self.db.dialect == "postgresql" else sqlite
             stmt = dialect.insert(m).values(**values)
             update = {k: stmt.excluded[k] for k in values if k != "node_id"}
-            conn.execute(stmt.on_conflict_do_update(index_elements=["node_id"], set_=update))
+            upsert = stmt.on_conflict_do_update(
+                index_elements=["node_id"], set_=update,
+                where=None if first else m.c.session == member.session)
+            written = conn.execute(upsert.returning(m.c.node_id)).first()
+        if written is None:
+            raise MemberReplaced(f"another process registered node id {member.node_id!r}; "
+                                 "two nodes must not share an id")
+        self._registered.add(member.session)
 
     def remove_member(self, member: MemberInfo) -> None:
         m = schema.members

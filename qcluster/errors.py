@@ -40,6 +40,10 @@ class DatabaseUnavailable(BackendUnavailable):
     """The shared database cannot be reached."""
 
 
+class MemberReplaced(QClusterError):
+    """Another process registered this node's id: two live nodes must not share an id."""
+
+
 class Fenced(QClusterError):
     """A write was refused because the writer's epoch is no longer the cluster's epoch."""
 

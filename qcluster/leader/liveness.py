@@ -8,7 +8,11 @@ session is *known stopped* only when
 * it says so: asked over RPC (``report``), it answers that it does not hold the attempt,
   or a new session answers at its address;
 * its member record is gone: it left (a stopping worker records what it ran, and gives
-  back what it did not start, before it leaves), or its node restarted as a new session;
+  back what it did not start, before it leaves);
+* its node's record is another session's (the node restarted, or a second process was
+  given the same id) since ``lease + FENCE_MARGIN``: the first heartbeat of the other
+  session took the row, and this one's next heartbeat fails and ends its process
+  (``qcluster.node``, exit status 78), or its lease runs out;
 * or it has been silent past its claim lease: the database has not heard it for
   ``lease + FENCE_MARGIN`` seconds, and neither has this leader (its ``report`` calls
   failed) for as long, counted from this term's start. A worker whose lease ran out
@@ -64,7 +68,9 @@ class Reporter(Protocol):
 
 #: Asks the worker at a URI; a context manager that releases the connection.
 Connect = Callable[[str], Any]
-Judge = Callable[[Mapping[str, Sequence[Key]]], dict[str, Verdict]]
+class Judge(Protocol):
+    def __call__(self, suspects: Mapping[str, Sequence[Key]],
+                 nodes: Mapping[str, str] | None = None) -> dict[str, Verdict]: ...
 
 
 class SessionJudge:
@@ -88,13 +94,16 @@ class SessionJudge:
         self.began = clock()
         self._answered: dict[str, float] = {}
         self._logged: dict[str, float] = {}
+        self._replaced: dict[str, float] = {}  # when each replaced session was first seen
 
-    def __call__(self, suspects: Mapping[str, Sequence[Key]]) -> dict[str, Verdict]:
+    def __call__(self, suspects: Mapping[str, Sequence[Key]],
+                 nodes: Mapping[str, str] | None = None) -> dict[str, Verdict]:
         """A verdict for each session of ``suspects`` (session -> the attempts the
-        database says it holds). Raises what reading ``qc_members`` raises."""
-        heard = last_heard(self.db, suspects)
-        asks = ({s: (h.uri, list(suspects[s])) for s, h in heard.items() if h.uri}
-                if self._leading() else {})
+        database says it holds; ``nodes``: session -> its node id). Raises what reading
+        ``qc_members`` raises."""
+        heard = last_heard(self.db, suspects, nodes)
+        asks = ({s: (h.uri, list(suspects[s])) for s, h in heard.items()
+                 if h.uri and not h.replaced} if self._leading() else {})
         answers = self._ask_all(asks)
         out: dict[str, Verdict] = {}
         for session in suspects:
@@ -102,6 +111,22 @@ class SessionJudge:
             if h is None:
                 out[session] = Verdict(Kind.STOPPED, "its member record is gone (it left, or "
                                                      "its node restarted)")
+                continue
+            if h.replaced:
+                # Another process holds the node's row: this one may still run (two
+                # processes given one id), until its next heartbeat ends it or its lease
+                # runs out. Counted from when this leader first saw it replaced.
+                seen = self._replaced.setdefault(session, self._clock())
+                waited = self._clock() - max(self.began, seen)
+                if waited >= self.quiet_for:
+                    out[session] = Verdict(Kind.STOPPED, (
+                        f"its node {h.node_id} was registered by another session "
+                        f"{waited:.0f}s ago (a restart, or two processes with one id)"))
+                else:
+                    out[session] = v = Verdict(Kind.UNKNOWN, (
+                        f"its node {h.node_id} was registered by another session; it is "
+                        f"counted out {self.quiet_for:.0f}s after that was seen"))
+                    self._note(session, h.node_id, v)
                 continue
             answer = answers.get(session, "it has no RPC address" if not h.uri
                                  else "not asked: this leader's lease is past its deadline")

@@ -62,7 +62,8 @@ class RecoveryResult:
     waiting: int = 0  # runs of sessions neither live nor known stopped: asked again later
 
 
-def _all_stopped(suspects: Mapping[str, Sequence[Key]]) -> dict[str, Verdict]:
+def _all_stopped(suspects: Mapping[str, Sequence[Key]],
+                 nodes: Mapping[str, str] | None = None) -> dict[str, Verdict]:
     return {s: Verdict(Kind.STOPPED, "it is not a live member") for s in suspects}
 
 
@@ -102,10 +103,12 @@ def recover_runs(
             .where(r.c.status.in_(runs.OPEN))
         ).all()
     suspects: dict[str, list[Key]] = {}
+    nodes: dict[str, str] = {}
     for row in open_runs:
         if row.status != RunStatus.SCHEDULED and (row.worker, row.worker_session) not in live:
             suspects.setdefault(row.worker_session, []).append((row.id, row.attempt))
-    verdicts = (judge or _all_stopped)(suspects) if suspects else {}
+            nodes[row.worker_session] = row.worker
+    verdicts = (judge or _all_stopped)(suspects, nodes) if suspects else {}
     with db.fenced(epoch) as conn:
         if now is None:
             now = db.now(conn)

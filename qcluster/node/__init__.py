@@ -26,7 +26,7 @@ from types import TracebackType
 from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend
 from qcluster.definitions.jobdefs import extend_import_path
-from qcluster.errors import ConfigError, Fenced, QClusterError
+from qcluster.errors import ConfigError, Fenced, MemberReplaced, QClusterError
 from qcluster.leader import migration
 from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
@@ -47,6 +47,9 @@ from qcluster.worker.lease import ClaimLease, SelfFence, lease_seconds
 from qcluster.worker.runner import Worker, WorkerService
 
 log = logging.getLogger(__name__)
+
+#: The exit status of a node whose id another process took (EX_CONFIG).
+EXIT_REPLACED = 78
 
 
 #: The values config.example.toml shows (now and before); the settings refuse a secret
@@ -360,6 +363,8 @@ class Node(NodeCoordination):
             sent = time.monotonic()
             try:
                 backend.heartbeat_member(info)
+            except MemberReplaced as e:
+                self._replaced(str(e))
             except QClusterError as e:
                 log.warning("membership heartbeat to %s failed: %s", backend.name, e)
                 ok = False
@@ -367,6 +372,16 @@ class Node(NodeCoordination):
                 ok = True
             if backend.name == "dblock" and self.worker is not None:
                 self.worker.database_heard(ok, sent)
+
+    def _replaced(self, why: str) -> None:
+        """Another process took this node's id: it may run this node's claimed runs'
+        next attempts, so this one ends now, running nothing more (docs/DESIGN.md
+        invariant 7: a leader counts a replaced session out a claim lease later)."""
+        log.critical("stopping at once: %s (another process took it; give each node its "
+                     "own [node] id or --node-id); exit status %d", why, EXIT_REPLACED)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_REPLACED)
 
     def _heartbeat_loop(self, database: bool) -> None:
         while not self._stop.wait(self.settings.worker.heartbeat_seconds):

@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_cli_error,
     run_cli,
     run_json,
+    start_node,
     wait_for,
     write_config,
 )
@@ -273,3 +274,38 @@ def test_runs_cancel_stops_further_attempts_and_refuses_what_it_cannot_cancel(
     assert {row_of(c, i).status for i in (direct, removed)} == {"cancelled"}
     assert attempts_of(c, "waiting") == []
     assert attempts_of(c, "endless") == [1]
+
+
+def test_a_second_process_with_a_workers_id_ends_the_first_before_its_run_is_made_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two processes given one node id (the attack: the default id collides for
+    containers that share a hostname): the second one's start takes the node's member
+    row, the first one's next heartbeat finds it taken and ends that process (exit status
+    78). Its ``--recover`` run is made again only after that, never beside it."""
+    config = poison_config(tmp_path, pg_url)
+    with cluster(tmp_path, config, pg_url) as c:
+        c.start("s1", "scheduler")
+        c.start("w1", "worker")
+        c.wait_leader()
+        run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
+                "--kwarg", f"path={c.records}", "--kwarg", "sleep=20", "--recover",
+                config=config)
+        run_id = run_now(c, "long")
+        wait_status(c, run_id, "running")
+        first = c.nodes["w1"]
+        with start_node(config, node_id="w1", role="worker",
+                        log_path=tmp_path / "w1-twin.log") as twin:
+            ended = wait_for(lambda: not first.running() and time.time(), timeout=20,
+                             interval=0.05, what="the first w1 to end",
+                             details=first.log_tail)
+            status = first.wait()
+            again = wait_for(lambda: [r for r in records_of(c)
+                                      if r["job_id"] == "long" and r["attempt"] == 2],
+                             timeout=40, what="attempt 2", details=c.leader_logs)
+            assert twin.running()
+        print(f"the first w1 ended with {status}; attempt 2 started "
+              f"{again[0]['started'] - ended:+.1f}s after")
+        assert status == 78, first.log_tail()
+        assert "another process took it" in first.log()
+        assert again[0]["started"] > ended, "attempt 2 started before the first w1 ended"

@@ -217,3 +217,25 @@ def test_a_leader_past_its_lease_deadline_asks_no_worker(db: Database) -> None:
     v = j({"s-w1": [(7, 1)]})["s-w1"]
     assert (v.kind, fake.calls) == (Kind.UNKNOWN, [])
     assert "past its deadline" in v.reason
+
+
+def test_a_session_whose_node_row_another_session_took_waits_a_lease_then_is_stopped(
+    db: Database
+) -> None:
+    """A restart, or a second process given the same id: the old session may still run
+    its runs until its next heartbeat ends it (or its lease runs out). It is not asked
+    (its address went with the row) and is counted out only a claim lease after this
+    leader first saw the row taken."""
+    clock = Clock()
+    member(db, "w1", "s-new", "PYRO:w@127.0.0.1:2", silent=0)
+    fake = Fake({"session": "s-new", "running": [], "finished": []})
+    j = judge(db, fake, clock)
+    clock.t += 100  # the term is old: only the replacement's age counts
+    v = j({"s-old": [(7, 1)]}, {"s-old": "w1"})["s-old"]
+    assert v.kind == Kind.UNKNOWN and "registered by another session" in v.reason
+    assert fake.calls == []
+    clock.t += QUIET - 0.5
+    assert j({"s-old": [(7, 1)]}, {"s-old": "w1"})["s-old"].kind == Kind.UNKNOWN
+    clock.t += 0.5
+    assert j({"s-old": [(7, 1)]}, {"s-old": "w1"})["s-old"].kind == Kind.STOPPED
+    assert j({"s-gone": [(8, 1)]}, {"s-gone": "w9"})["s-gone"].kind == Kind.STOPPED
