@@ -167,11 +167,16 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
 
     def stop_firing(self) -> None:
         """Stop recording fires at once, without waiting for the loop thread. Safe before
-        ``start()`` and after ``shutdown()`` (APScheduler's ``wakeup`` is not: its event
-        exists only once started)."""
+        ``start()`` and after ``shutdown()``."""
         self.enabled.clear()
+        self.wakeup()
+
+    def wakeup(self) -> None:
+        """Run a pass now. Safe before ``start()`` (APScheduler's is not: its event exists
+        only once started, and a job change through the control API while a term starts
+        raised AttributeError); the first pass comes at start anyway."""
         if getattr(self, "_event", None) is not None:
-            self.wakeup()
+            super().wakeup()
 
     @property
     def turning(self) -> bool:

@@ -200,3 +200,12 @@ def test_an_error_in_the_maintenance_pass_gives_the_lease_up(
         monkeypatch.setattr(role, "recover_runs", broken)
         wait_for(lambda: led.revoked, WAIT, 0.01, "the step-down")
         assert "RuntimeError: a bug in the pass" in led.revoked[0]
+
+
+def test_a_wakeup_before_the_scheduler_started_is_harmless() -> None:
+    """A job change through the control API while a term is starting wakes a scheduler
+    that has not started yet (APScheduler's own wakeup raised AttributeError then)."""
+    from qcluster.leader.scheduler import LeaderScheduler
+
+    scheduler = LeaderScheduler.__new__(LeaderScheduler)  # no store needed to wake it
+    scheduler.wakeup()  # no _event yet: nothing to do, nothing raised
