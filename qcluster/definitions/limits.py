@@ -19,7 +19,7 @@ The fastest a spec fires (:func:`min_gap`):
 from __future__ import annotations
 
 import itertools
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -62,9 +62,47 @@ def min_gap(spec: TriggerSpec) -> float | None:
     return float(min(steps))
 
 
+#: Fire times a cron is followed for when its minute-level gap matters.
+_SAMPLED_FIRES = 100
+
+
+def sampled_gap(spec: TriggerSpec, *, fires: int = _SAMPLED_FIRES) -> float | None:
+    """The shortest time between two of a cron's next ``fires`` fire times (from now):
+    what a minimum interval above a minute is checked against, since the seconds field
+    alone says only "at most once a minute" (``0 * * * *`` fires hourly). None if it has
+    fewer than two fire times within the bounded search."""
+    key = repr(sorted(spec.items()))
+    found = _SAMPLED.get(key)
+    if found is None and key not in _SAMPLED:
+        trigger = build_trigger(spec)
+        times: list[datetime] = []
+        prev = None
+        now = datetime.now(UTC)
+        while len(times) < fires:
+            nxt = trigger.get_next_fire_time(prev, times[-1] if times else now)
+            if nxt is None or (times and nxt <= times[-1]):
+                break
+            times.append(nxt)
+            prev = nxt
+            now = nxt + timedelta(microseconds=1)
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+        found = min(gaps) if gaps else None
+        if len(_SAMPLED) > 10_000:
+            _SAMPLED.clear()
+        _SAMPLED[key] = found
+    return found
+
+
+_SAMPLED: dict[str, float | None] = {}
+
+
 def interval_problem(spec: TriggerSpec, min_interval: float) -> str | None:
-    """Why ``spec`` fires too often for ``min_interval`` seconds, or None."""
+    """Why ``spec`` fires too often for ``min_interval`` seconds, or None. A cron whose
+    seconds allow at most one fire a minute is followed for its next fire times when the
+    minimum is above a minute."""
     gap = min_gap(spec)
+    if gap is not None and spec["type"] == "cron" and gap >= 60 and min_interval > 60:
+        gap = sampled_gap(spec)
     if gap is None or gap >= min_interval - 1e-9:
         return None
     what = (f"every {format_duration(gap)}" if spec["type"] == "interval"

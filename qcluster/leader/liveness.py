@@ -142,7 +142,10 @@ class SessionJudge:
             if h.silent >= self.quiet_for and quiet >= self.quiet_for:
                 out[session] = Verdict(Kind.STOPPED, (
                     f"silent past its claim lease: the database has not heard it for "
-                    f"{h.silent:.0f}s, nor this leader for {quiet:.0f}s ({answer})"))
+                    f"{h.silent:.0f}s, and it has not answered this leader for "
+                    f"{quiet:.0f}s, since "
+                    f"{'its last answer' if session in self._answered else 'the term began'}"
+                    f" ({answer})"))
             else:
                 out[session] = v = Verdict(Kind.UNKNOWN, (
                     f"not in the database's member list for {h.silent:.0f}s and did not "

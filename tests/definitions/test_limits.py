@@ -109,3 +109,18 @@ def test_schedules_at_the_minimum_interval_are_accepted() -> None:
     for kw in ({"every": "1s"}, {"cron": "* * * * * *"}, {"cron": "*/5 * * * *"}):
         check_schedule(make_spec(**kw, now=NOW), min_interval=1.0)
     check_schedule(make_spec(every="250ms", now=NOW), min_interval=0.25)
+
+
+@pytest.mark.parametrize("expr,minimum,refused", [
+    ("0 * * * *", 120, False), ("*/3 * * * *", 120, False), ("*/3 * * * *", 300, True),
+    ("0 0 1 * *", 86400, False), ("* * * * *", 120, True), ("0 * * * *", 7200, True),
+    ("0 9-17 * * 1-5", 3600, False),
+])
+def test_a_minimum_above_a_minute_is_checked_against_the_crons_own_fire_times(
+    expr: str, minimum: float, refused: bool
+) -> None:
+    """An attack found every cron refused (and stored ones set aside) with
+    ``min_interval_seconds = 120``: a five-field cron was counted as firing every minute.
+    Above a minute, its next fire times say how often it fires."""
+    problem = interval_problem({"type": "cron", "expr": expr, "tz": "UTC"}, minimum)
+    assert (problem is not None) == refused, problem
