@@ -36,7 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from qcluster.leader.liveness import Judge, Kind, Verdict
-from qcluster.store import records, runs, schema
+from qcluster.store import catalog, records, runs, schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 from qcluster.store.reports import Key
@@ -200,6 +200,7 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
     log.warning("run %d of job %s is lost: %s", row.id, row.job_id, error)
     if again is not None and again.startswith("quarantined"):
         out.quarantined += 1
+        _quarantine_job(conn, row.job_id, row.id)
     if not row.recover or again is not None:
         return
     if not runs.retry(conn, row.id, row.attempt, epoch=epoch, now=now,
@@ -208,6 +209,27 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
     out.retried += 1
     out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
                                          row.scheduled_at, row.attempt + 1, epoch, row.recover))
+
+
+#: Runs of one job quarantined after which the job itself is set aside.
+QUARANTINED_RUNS = 2
+
+
+def _quarantine_job(conn: Any, job_id: str, run_id: int) -> None:
+    """A job whose every run kills its worker would still crash-loop the cluster, one
+    run at a time: once :data:`QUARANTINED_RUNS` of its runs are quarantined, the job is
+    set aside (``broken``, with the reason; a job change clears it)."""
+    r = schema.runs
+    quarantined = conn.execute(
+        sa.select(sa.func.count()).select_from(r)
+        .where(r.c.job_id == job_id, r.c.status == RunStatus.LOST,
+               r.c.error.like("quarantined:%"))).scalar_one()
+    if quarantined >= QUARANTINED_RUNS:
+        reason = (f"quarantined: {quarantined} of its runs killed their worker on "
+                  f"{QUARANTINE_DEATHS} attempts (the latest run {run_id}); fix the job and "
+                  "change it (jobs add --replace, or jobs apply) to fire it again")
+        catalog.set_broken(conn, [(job_id, reason)])
+        log.error("job %r is set aside: %s", job_id, reason)
 
 
 def prune_runs(db: Database, epoch: int, *, older_than: float) -> int:

@@ -456,6 +456,31 @@ def test_a_run_whose_worker_died_on_two_attempts_is_quarantined(db: Database) ->
     assert recover_runs(db, epoch, live_workers=set(), grace_seconds=30).lost == 0
 
 
+def test_a_job_whose_runs_keep_killing_their_worker_is_set_aside(db: Database) -> None:
+    """Per-run quarantine alone let a recurring poison job kill a worker at every fire
+    (an attack: 12 worker deaths in 60 s): its second quarantined run sets the job aside."""
+    epoch = new_epoch(db)
+    with db.fenced(epoch) as conn:
+        catalog.upsert_jobs(conn, [JobDef("poison", "jobs.builtin:noop", make_spec(every="1h"),
+                                          recover=True)], replace=False)
+    j = schema.jobs
+
+    def broken() -> Any:
+        with db.read() as conn:
+            return conn.execute(sa.select(j.c.broken).where(j.c.id == "poison")).scalar_one()
+
+    for n in (1, 2):
+        with db.fenced(epoch) as conn:
+            run_id = catalog.run_now(conn, "poison", epoch, "leader", now=1000.0 + n)["run_id"]
+        for session in (f"a{n}", f"b{n}"):
+            claim_and_start(db, run_id, session)
+            recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9, max_attempts=10)
+        assert row(db, run_id).error.startswith("quarantined:")
+        if n == 1:
+            assert broken() is None  # one poison run: only the run is quarantined
+    assert broken().startswith("quarantined: 2 of its runs killed their worker")
+
+
 def test_a_worker_gone_before_the_run_started_is_no_death_but_attempts_are_bounded(
     db: Database,
 ) -> None:
