@@ -60,6 +60,7 @@ class RecoveryResult:
     quarantined: int = 0
     reported: int = 0  # outcomes a worker cut off from the database told us
     waiting: int = 0  # runs of sessions neither live nor known stopped: asked again later
+    unclaimed: int = 0  # claimed by a worker that stopped before starting them: sent again
 
 
 def _all_stopped(suspects: Mapping[str, Sequence[Key]],
@@ -182,6 +183,14 @@ def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryRes
 
 def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
               out: RecoveryResult) -> None:
+    if row.status == RunStatus.DISPATCHED and row.cancel_requested is None:
+        # Never started (its code runs only once `running`): not lost, just not sent
+        # well; the next pass sends it again, or records it missed past its grace.
+        if runs.unclaim(conn, row.id, row.attempt, row.worker_session):
+            out.unclaimed += 1
+            log.info("run %d (attempt %d) of job %s is sent again: %s before it started",
+                     row.id, row.attempt, row.job_id, why)
+        return
     died = row.status == RunStatus.RUNNING
     reason = f"{why}, during attempt {row.attempt}"
     deaths = row.deaths + (1 if died else 0)

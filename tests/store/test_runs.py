@@ -115,23 +115,31 @@ def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
     if t.via == "release":
         return runs.release(db, session="s1", keys=[(run_id, 1)])
     with db.fenced(epoch) as conn:
-        if t.via == "mark_missed":
-            return runs.mark_missed(conn, run_id, 1, source, now=7.0, error="never sent")
-        if t.via == "cancel":
-            try:
-                return runs.cancel(conn, run_id, now=7.0, reason="cancelled").status == t.target
-            except InputError:
-                return False
-        if t.via == "mark_lost":
-            return runs.mark_lost(conn, run_id, 1, source, now=7.0, error="worker left")
-        if t.via == "retry":
-            return runs.retry(conn, run_id, 1, epoch=epoch, now=7.0, error="again")
-        if t.via == "prune":
-            return runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5)
-        if t.via == "record_reported":
-            assert t.target is not None
-            return runs.record_reported(conn, run_id, 1, "s1", status=t.target, started=5.0,
-                                        finished=6.5, error="e")
+        return _make_fenced(conn, db, t, run_id, source, epoch)
+
+
+def _make_fenced(conn: Any, db: Database, t: Transition, run_id: int, source: RunStatus,
+                 epoch: int) -> object:
+    """The leader's writes of :func:`make`, in its fenced transaction."""
+    if t.via == "mark_missed":
+        return runs.mark_missed(conn, run_id, 1, source, now=7.0, error="never sent")
+    if t.via == "cancel":
+        try:
+            return runs.cancel(conn, run_id, now=7.0, reason="cancelled").status == t.target
+        except InputError:
+            return False
+    if t.via == "mark_lost":
+        return runs.mark_lost(conn, run_id, 1, source, now=7.0, error="worker left")
+    if t.via == "retry":
+        return runs.retry(conn, run_id, 1, epoch=epoch, now=7.0, error="again")
+    if t.via == "prune":
+        return runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5)
+    if t.via == "unclaim":
+        return runs.unclaim(conn, run_id, 1, "s1")
+    if t.via == "record_reported":
+        assert t.target is not None
+        return runs.record_reported(conn, run_id, 1, "s1", status=t.target, started=5.0,
+                                    finished=6.5, error="e")
     raise AssertionError(t)
 
 
@@ -222,6 +230,7 @@ def test_a_worker_writes_only_over_its_own_claim_not_a_newer_epochs(db: Database
     old = record(db, run_id)
     assert claimed_ids(db, [old], worker="w1", session="s1") == {run_id}
     assert claimed_ids(db, [old], worker="w2", session="s2") == set()  # one claim commits
+    assert runs.start(db, [(run_id, 1)], session="s1", now=4.0) == {(run_id, 1)}
     epoch = new_epoch(db)
     result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30)
     assert (result.lost, result.retried) == (1, 1)
@@ -481,30 +490,28 @@ def test_a_job_whose_runs_keep_killing_their_worker_is_set_aside(db: Database) -
     assert broken().startswith("quarantined: 2 of its runs killed their worker")
 
 
-def test_a_worker_gone_before_the_run_started_is_no_death_but_attempts_are_bounded(
-    db: Database,
+@pytest.mark.parametrize("recover", [True, False], ids=["recover", "no-recover"])
+def test_a_run_whose_worker_stopped_before_starting_it_is_sent_again_at_the_same_attempt(
+    db: Database, recover: bool
 ) -> None:
-    """Lost while only ``dispatched`` (claimed, its code not started) counts no death; the
-    attempts stop at ``max_attempts``: the job's own bound, carried on the row, first."""
+    """Claimed (``dispatched``) but never started when its worker is known to have
+    stopped: its code never ran (a run starts only once ``running``), so it is not lost
+    and uses no attempt, ``recover`` or not: the claim is undone and the run is sent
+    again (the soak of 2026-12-01 found a tick recorded ``lost`` that never ran, its
+    worker killed between claim and start). The stopped session can no longer start it."""
     epoch = new_epoch(db)
-    run_id = insert(db, recover=True)
-    for attempt in (1, 2):
-        assert claimed_ids(db, [record(db, run_id)], worker="w", session=f"s{attempt}")
-        result = recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9, max_attempts=3)
-        assert result.retried == 1 and row(db, run_id).deaths == 0
-    assert claimed_ids(db, [record(db, run_id)], worker="w", session="s3")
-    assert recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9,
-                        max_attempts=3).retried == 0
-    after = row(db, run_id)
-    assert (after.status, after.attempt) == (S.LOST, 3)
-    assert after.error.startswith("no attempt left (max_attempts 3)")
-    own = insert(db, recover=True)
-    with db.write() as conn:  # the job's bound, as insert_runs copies it
-        conn.execute(schema.runs.update().where(schema.runs.c.id == own).values(max_attempts=1))
-    assert claimed_ids(db, [record(db, own)], worker="w", session="s9")
-    assert recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9,
-                        max_attempts=3).retried == 0
-    assert "max_attempts 1" in row(db, own).error
+    run_id = insert(db, recover=recover)
+    for session in ("s1", "s2"):
+        assert claimed_ids(db, [record(db, run_id)], worker="w", session=session)
+        result = recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9)
+        assert (result.unclaimed, result.lost, result.retried) == (1, 0, 0)
+        after = row(db, run_id)
+        assert (after.status, after.attempt, after.deaths, after.worker_session) == (
+            S.SCHEDULED, 1, 0, None)
+        assert runs.start(db, [(run_id, 1)], session=session, now=5.0) == set()
+    resent = recover_runs(db, epoch, live_workers=set(), grace_seconds=1e10,
+                          now=row(db, run_id).created_at + 60)
+    assert [r["run_id"] for r in resent.resend] == [run_id]
 
 
 def test_a_claimed_run_no_worker_started_within_the_grace_is_missed_and_cannot_start(

@@ -33,6 +33,7 @@ from qcluster.store.runs.leader import (
     prune,
     record_reported,
     retry,
+    unclaim,
 )
 from qcluster.store.runs.states import (
     FINISHED,
@@ -75,5 +76,6 @@ __all__ = [
     "retry",
     "sources",
     "start",
+    "unclaim",
     "write_outcomes",
 ]

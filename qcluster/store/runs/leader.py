@@ -25,6 +25,7 @@ from qcluster.store.runs.states import (
     REPORTED_ENDS,
     REPORTED_FROM,
     RETRY_FROM,
+    UNCLAIM_FROM,
     RunStatus,
     Writer,
     status_is,
@@ -183,6 +184,20 @@ def record_reported(conn: Connection, run_id: int, attempt: int, session: str, *
         .values(status=status, started_at=started, finished_at=finished,
                 duration=finished - started,
                 error=note if error is None else f"{error} ({note})")
+    ).rowcount > 0
+
+
+def unclaim(conn: Connection, run_id: int, attempt: int, session: str) -> bool:
+    """``dispatched`` → ``scheduled``, no claim, same attempt: the claim of ``session``,
+    whose worker is known to have stopped before it started the run (its code never ran),
+    is undone, so that the run is sent again like any unsent one (or recorded missed past
+    its grace). A start of ``session`` can no longer commit (it filters on the claim).
+    Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt,
+                         r.c.worker_session == session, status_is(UNCLAIM_FROM))
+        .values(status=_S.SCHEDULED, worker=None, worker_session=None, dispatched_at=None)
     ).rowcount > 0
 
 

@@ -77,6 +77,9 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
     Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
     Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1, bounded
+    # Claimed, never started, and its worker known stopped: its code never ran (a run
+    # starts only once `running`), so it is sent again at the same attempt, any job.
+    Transition(_S.DISPATCHED, _S.SCHEDULED, _L, "unclaim"),
     *(Transition(s, None, _L, "prune") for s in FINISHED),  # past the retention window
 )
 
@@ -101,7 +104,8 @@ REPORTED_ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "record_repo
 MISSED_FROM = sources(_S.MISSED, _L, "mark_missed")
 CANCEL_FROM = sources(_S.CANCELLED, _L)
 LOST_FROM = sources(_S.LOST, _L)
-RETRY_FROM = sources(_S.SCHEDULED, _L)
+RETRY_FROM = sources(_S.SCHEDULED, _L, "retry")
+UNCLAIM_FROM = sources(_S.SCHEDULED, _L, "unclaim")
 PRUNE_FROM = sources(None, _L)
 assert all(sources(s, _W) == END_FROM for s in ENDS)  # one outcome statement for all
 assert all(sources(s, _L, "record_reported") == REPORTED_FROM for s in ENDS)
