@@ -479,7 +479,7 @@ class Nemesis:
     def _seen_waiting(self, address: str) -> bool:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while time.monotonic() < deadline:
-            if _waiting_on_a_lock(self.c, address):
+            if self.c.waiting_on_a_lock(address):
                 return True
             time.sleep(0.05)
         return False
@@ -493,13 +493,6 @@ class Nemesis:
                      f"started again")
 
 
-def _waiting_on_a_lock(c: NetCluster, address: str) -> int:
-    """Sessions from ``address`` that wait on a lock now (as tests/cluster/test_partitions)."""
-    with c.db.read() as conn:
-        found = conn.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE client_addr = CAST(:a AS inet) "
-            "AND wait_event_type = 'Lock'"), {"a": address}).scalar_one()
-    return int(found)
 
 
 # -- what the faults did ------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from tests.cluster.harness import Cluster
 from tests.cluster.netns import Lab, LabPostgres, LabRedis, LabZooKeeper, NetNode, Pki
 from tests.helpers import TEST_SETTINGS, NodeProcess, run_cli, start_node, write_config
@@ -117,6 +119,14 @@ class NetCluster(Cluster):
     def database(self) -> list[str]:
         """The database server's address."""
         return [self.servers.pg.host]
+
+    def waiting_on_a_lock(self, address: str) -> int:
+        """Sessions from ``address`` that wait on a lock now (``pg_stat_activity``)."""
+        with self.db.read() as conn:
+            found = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE client_addr = CAST(:a AS inet) "
+                "AND wait_event_type = 'Lock'"), {"a": address}).scalar_one()
+        return int(found)
 
     def coordination(self) -> list[str]:
         """The coordination servers' addresses (the database's, for dblock)."""

@@ -177,6 +177,19 @@ def test_leader_cut_from_its_workers_loses_no_fire_and_runs_none_twice(
           f"leader {c.state().leader_id} at epoch {c.state().epoch} (was {old.epoch})")
 
 
+def _long_run(c: NetCluster, sleep: float, recover: bool) -> str:
+    """Add and run now a ``long`` job (``sleep`` s, ``--recover`` if asked); wait for its
+    run to start: the worker running it."""
+    flags = ["--recover"] if recover else []
+    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
+            "--kwarg", f"path={c.records}", "--kwarg", f"sleep={sleep:g}", *flags,
+            config=c.config)
+    run_cli("jobs", "run", "long", config=c.config)
+    started = wait_for(lambda: [r for r in records_of(c) if r["job_id"] == "long"],
+                       timeout=30, what="the long run to start")
+    return str(started[0]["worker"])
+
+
 def _long_run_row(c: NetCluster) -> Any:
     rows = [r for r in c.runs() if r.job_id == "long"]
     return rows[0] if rows else None
@@ -209,13 +222,7 @@ def test_worker_cut_from_the_database_mid_run_runs_it_once_and_records_it(
     runs all six."""
     c = make_net_cluster(backend)
     old, jobs, first = _start(c, jobs=2)
-    flags = ["--recover"] if recover else []
-    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
-            "--kwarg", f"path={c.records}", "--kwarg", "sleep=4", *flags, config=c.config)
-    run_cli("jobs", "run", "long", config=c.config)
-    started = wait_for(lambda: [r for r in records_of(c) if r["job_id"] == "long"],
-                       timeout=30, what="the long run to start")
-    victim = started[0]["worker"]
+    victim = _long_run(c, 4, recover)
     cut_at = time.time()
     c.lab.cut(c.address(victim), c.database())
     time.sleep(WORKER_CUT_SECONDS)
@@ -257,13 +264,7 @@ def test_worker_cut_off_from_everything_with_a_recover_run_ends_itself_before_a_
     never run at once. On dblock (the worker's side is the same on every backend)."""
     c = make_net_cluster("dblock")
     old, jobs, first = _start(c, jobs=1)
-    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
-            "--kwarg", f"path={c.records}", "--kwarg", "sleep=30", "--recover",
-            config=c.config)
-    run_cli("jobs", "run", "long", config=c.config)
-    started = wait_for(lambda: [r for r in records_of(c) if r["job_id"] == "long"],
-                       timeout=30, what="the long run to start")
-    victim = started[0]["worker"]
+    victim = _long_run(c, 30, recover=True)
     cut_at = time.time()
     c.lab.isolate(c.address(victim))
     node = c.nodes[victim]
@@ -286,12 +287,6 @@ def test_worker_cut_off_from_everything_with_a_recover_run_ends_itself_before_a_
     print(f"ticks: {statuses}")
 
 
-def _waiting_on_a_lock(c: NetCluster, address: str) -> int:
-    with c.db.read() as conn:
-        found = conn.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE client_addr = CAST(:a AS inet) "
-            "AND wait_event_type = 'Lock'"), {"a": address}).scalar_one()
-    return int(found)
 
 
 @pytest.mark.parametrize("backend", LAB_BACKENDS)
@@ -313,7 +308,7 @@ def test_leader_cut_while_its_transaction_waits_on_a_lock_is_replaced_within_the
     try:
         with engine.connect() as blocker:
             blocker.execute(sa.text("SELECT epoch FROM qc_cluster WHERE id = 1 FOR UPDATE"))
-            wait_for(lambda: _waiting_on_a_lock(c, leader_ip), timeout=5, interval=0.05,
+            wait_for(lambda: c.waiting_on_a_lock(leader_ip), timeout=5, interval=0.05,
                      what="a session of the leader to wait on the cluster row's lock")
             cut_at = time.time()
             c.lab.cut(leader_ip, c.database())
@@ -348,19 +343,13 @@ def test_worker_cut_while_its_outcome_write_waits_on_a_lock_records_the_run_once
     timeout), and the ticks stay exactly-once. With and without ``--recover``."""
     c = make_net_cluster(backend)
     old, jobs, first = _start(c, jobs=2)
-    flags = ["--recover"] if recover else []
-    run_cli("jobs", "add", "long", "--func", "jobs.examples:record_run", "--every", "1h",
-            "--kwarg", f"path={c.records}", "--kwarg", "sleep=3", *flags, config=c.config)
-    run_cli("jobs", "run", "long", config=c.config)
-    started = wait_for(lambda: [r for r in records_of(c) if r["job_id"] == "long"],
-                       timeout=30, what="the long run to start")
-    victim = started[0]["worker"]
+    victim = _long_run(c, 3, recover)
     worker_ip = c.address(victim)
     engine = sa.create_engine(c.url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as blocker:
             blocker.execute(sa.text("SELECT id FROM qc_runs WHERE job_id = 'long' FOR UPDATE"))
-            wait_for(lambda: _waiting_on_a_lock(c, worker_ip), timeout=15, interval=0.05,
+            wait_for(lambda: c.waiting_on_a_lock(worker_ip), timeout=15, interval=0.05,
                      what="the worker's outcome write to wait on the run's lock")
             c.lab.cut(worker_ip, c.database())
             time.sleep(0.3)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
 import subprocess
 import threading
@@ -29,6 +28,7 @@ import sqlalchemy as sa
 from qcluster.rpc.handshake import client_handshake, derive_key, recv_exact
 from qcluster.rpc.pyro import configure_pyro, proxy
 from qcluster.rpc.server import HANDSHAKE_SECONDS, LOG_BURST, LOG_EVERY, PENDING_PER_PEER
+from tests.conftest import unavailable
 from tests.helpers import (
     TEST_SECRET,
     NodeProcess,
@@ -309,9 +309,7 @@ def _non_loopback_address() -> str | None:
 def test_a_daemon_off_loopback_needs_tls(tmp_path: Path, url: str) -> None:
     host = _non_loopback_address()
     if host is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true: this machine has no non-loopback IPv4 address to test")
-        pytest.skip("this machine has no non-loopback IPv4 address")
+        unavailable("this machine has no non-loopback IPv4 address to test")
     config = write_config(tmp_path, url, worker={"host": host})
     result = run_cli("start", "--role", "worker", config=config, check=False, timeout=30)
     assert_cli_error(result, "not a loopback address", "[rpc.tls]")
