@@ -157,6 +157,31 @@ def jobs_add(
     max_attempts: Annotated[int | None, typer.Option(
         help="Attempts of one run in all, with --recover (default: [runs] max_attempts).",
     )] = None,
+    retries: Annotated[int | None, typer.Option(
+        help="Try a failed or timed-out run again this many times.")] = None,
+    retry_backoff: Annotated[str | None, typer.Option(
+        help="Wait before the first retry (doubles each time, with jitter): 10s.")] = None,
+    retry_max_backoff: Annotated[str | None, typer.Option(
+        help="The longest wait between retries: 5m.")] = None,
+    timeout: Annotated[str | None, typer.Option(
+        help="Stop a run still running after this long (recorded timed_out): 30s.")] = None,
+    overlap: Annotated[str | None, typer.Option(
+        help="When the previous run is still open: allow, skip, buffer-one, buffer-all, "
+             "cancel-other.")] = None,
+    misfire: Annotated[str | None, typer.Option(
+        help="Fire times later than the grace: run-once, run-all, skip.")] = None,
+    catch_up: Annotated[str | None, typer.Option(
+        help="How far back missed fire times are caught up (default: the grace).")] = None,
+    start_at: Annotated[str | None, typer.Option(
+        "--start", help="No fire before this ISO 8601 time.")] = None,
+    end_at: Annotated[str | None, typer.Option(
+        "--end", help="No fire after this ISO 8601 time.")] = None,
+    max_runs: Annotated[int | None, typer.Option(
+        help="The job ends after this many fire times ran.")] = None,
+    jitter: Annotated[str | None, typer.Option(
+        help="Start each run up to this long after its fire time (fixed per fire).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="A calendar (qcluster calendars) whose dates are skipped; repeatable.")] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -171,7 +196,11 @@ def jobs_add(
     done = c.add(job_id, func, cron=cron, every=every, at=at, tz=tz,
                  args=[parse_cli_value(a) for a in arg or []], kwargs=kwargs,
                  replace=replace, recover=recover, misfire_grace=misfire_grace,
-                 coalesce=coalesce, max_attempts=max_attempts)
+                 coalesce=coalesce, max_attempts=max_attempts, retries=retries,
+                 retry_backoff=retry_backoff, retry_max_backoff=retry_max_backoff,
+                 timeout=timeout, overlap=overlap, misfire=misfire, catch_up=catch_up,
+                 start=start_at, end=end_at, max_runs=max_runs, jitter=jitter,
+                 exclude=[n for item in exclude or [] for n in item.split(",")])
     _done(as_json, {"id": done.job_id, "status": done.status, "via": done.via},
           f"{done.status} job {done.job_id} (via {done.via})")
 

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
+from qcluster.definitions.triggers import format_duration
 from qcluster.store.cluster import Phase
 from qcluster.store.runs import RunStatus
 
@@ -19,7 +21,11 @@ _STATUS_STYLE = {RunStatus.SUCCEEDED: "green", RunStatus.FAILED: "red",
                  RunStatus.MISSED: "yellow", RunStatus.LOST: "magenta",
                  RunStatus.RUNNING: "cyan", RunStatus.DISPATCHED: "blue",
                  RunStatus.SCHEDULED: "white", RunStatus.CANCELLED: "bright_black",
-                 RunStatus.INTERRUPTED: "bright_magenta"}
+                 RunStatus.INTERRUPTED: "bright_magenta", RunStatus.TIMED_OUT: "red",
+                 RunStatus.SKIPPED: "bright_black", RunStatus.BUFFERED: "white"}
+
+
+_DURATION_FIELDS = ("retry_backoff", "retry_max_backoff", "timeout", "catch_up", "jitter")
 
 
 def _t(value: str | None) -> str:
@@ -44,8 +50,13 @@ def job_detail(job: Mapping[str, Any]) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in ("func", "trigger", "next_run_time", "paused", "args", "kwargs", "recover",
-                "max_attempts", "misfire_grace_seconds", "coalesce", "broken"):
-        value = job[key]
+                "max_attempts", "misfire_grace_seconds", "coalesce", *POLICY_FIELDS,
+                "runs_made", "broken"):
+        value = job.get(key)
+        if key in POLICY_FIELDS and value in (None, []):
+            continue  # not set: the [scheduler] default
+        if key in _DURATION_FIELDS and isinstance(value, int | float):
+            value = format_duration(value)
         table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
     console.print(table)
     runs_table(job.get("recent_runs", []), title="latest runs")

@@ -27,6 +27,7 @@ from typing import Any
 from qcluster.client import changes, reads
 from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
 from qcluster.definitions.jobfile import load_job_file
+from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
 from qcluster.settings import Settings, load_settings, resolve_config_path
@@ -122,14 +123,17 @@ class Client:
         misfire_grace: int | None = None,
         coalesce: bool | None = None,
         max_attempts: int | None = None,
+        **policy: Any,
     ) -> Change:
         """Add one job, with exactly one of ``cron``, ``every`` (``"30s"``, seconds or a
         timedelta) and ``at`` (an ISO 8601 time or an aware datetime). With ``replace``, a
         job of the same id is replaced (its schedule kept if the trigger is unchanged);
-        without, an existing id is refused."""
+        without, an existing id is refused. ``policy``: the fields of
+        :mod:`qcluster.definitions.policy` (``retries=3, timeout="30s", overlap="skip"``;
+        durations as text, seconds or timedeltas, times as ISO text or aware datetimes)."""
         jd = self.job(job_id, func, cron=cron, every=every, at=at, tz=tz, args=args,
                       kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
-                      coalesce=coalesce, max_attempts=max_attempts)
+                      coalesce=coalesce, max_attempts=max_attempts, **policy)
         outcome = changes.add_jobs(self.settings, [jd], replace=replace)
         result = outcome.result if isinstance(outcome.result, dict) else {}
         status = ("replaced" if result.get("updated") else
@@ -151,6 +155,7 @@ class Client:
         misfire_grace: int | None = None,
         coalesce: bool | None = None,
         max_attempts: int | None = None,
+        **policy: Any,
     ) -> JobDef:
         """The validated definition :meth:`add` would write (nothing is written): the
         reference is checked against ``[jobs] allow`` and imported. ``max_attempts``
@@ -170,11 +175,20 @@ class Client:
             at = at.isoformat()
         trigger = make_spec(cron=cron, every=every, at=at, tz=tz,
                             default_tz=self.settings.scheduler.timezone)
-        wire = {"id": job_id, "func": func, "trigger": trigger,
+        wire: dict[str, Any] = {"id": job_id, "func": func, "trigger": trigger,
                 "args": list(args) if isinstance(args, list | tuple) else args,
                 "kwargs": {} if kwargs is None else kwargs,
                 "misfire_grace_seconds": misfire_grace, "coalesce": coalesce,
                 "recover": recover, "max_attempts": max_attempts}
+        unknown = set(policy) - set(POLICY_FIELDS)
+        if unknown:
+            raise InputError(f"unknown job option {sorted(unknown)[0]!r}")
+        for key, value in policy.items():
+            if isinstance(value, timedelta):
+                value = value.total_seconds()
+            elif isinstance(value, datetime):
+                value = value.isoformat()
+            wire[key] = value
         return validate_job(wire, self.settings.jobs.allow, import_it=True,
                             min_interval=self.settings.scheduler.min_interval_seconds)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, check_schedule
+from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
+from qcluster.definitions.policy import NONE, Policy, check_policy
 from qcluster.definitions.triggers import TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
 from qcluster.settings import is_allowed, is_func_ref, named_only, ref_problem
@@ -45,6 +47,7 @@ class JobDef:
     coalesce: bool | None = None
     recover: bool = False
     max_attempts: int | None = None  # None: [runs] max_attempts
+    policy: Policy = NONE  # retries, timeout, overlap, misfire, bounds: definitions/policy
 
     def to_wire(self) -> dict[str, Any]:
         """A JSON-able dict, for RPC and ``--json`` output."""
@@ -58,6 +61,7 @@ class JobDef:
             "coalesce": self.coalesce,
             "recover": self.recover,
             "max_attempts": self.max_attempts,
+            **self.policy.to_wire(),
         }
 
 
@@ -197,7 +201,7 @@ def _check_depth(value: object, depth: int) -> None:
 
 
 _FIELDS = {"id", "func", "trigger", "args", "kwargs", "misfire_grace_seconds", "coalesce",
-           "recover", "max_attempts"}
+           "recover", "max_attempts", *POLICY_FIELDS}
 
 
 def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
@@ -235,7 +239,16 @@ def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
                                      or not 1 <= max_attempts <= 2**31 - 1):  # int4 columns
         raise InputError(f"job {job_id!r}: max_attempts must be a whole number between 1 "
                          "and 2147483647")
-    return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover, max_attempts)
+    try:
+        policy = check_policy({k: data[k] for k in POLICY_FIELDS if k in data})
+    except InputError as e:
+        raise InputError(f"job {job_id!r}: {e}") from None
+    if coalesce is not None and policy.misfire is not None \
+            and coalesce != (policy.misfire == "run-once"):
+        raise InputError(f"job {job_id!r}: coalesce = {str(coalesce).lower()} contradicts "
+                         f"misfire = {policy.misfire!r} (give one of them)")
+    return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover, max_attempts,
+                  policy)
 
 
 def _short(value: object) -> str:

@@ -2,7 +2,9 @@
 
 Fields: ``id``, ``func``, one of ``cron``/``every``/``at``, and optional ``tz``,
 ``args``, ``kwargs``, ``recover``, ``max_attempts``, ``misfire_grace_seconds``,
-``coalesce``. An unknown
+``coalesce``, and the policy fields of :mod:`qcluster.definitions.policy` (``retries``,
+``retry_backoff``, ``timeout``, ``overlap``, ``misfire``, ``catch_up``, ``start``, ``end``,
+``max_runs``, ``jitter``, ``exclude``). An unknown
 field, a bad value or a duplicate id is an error that names the job; nothing is written.
 """
 
@@ -15,12 +17,13 @@ from typing import Any
 
 from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL
+from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
 from qcluster.settings import read_bounded
 
 _FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
-           "max_attempts", "misfire_grace_seconds", "coalesce"}
+           "max_attempts", "misfire_grace_seconds", "coalesce", *POLICY_FIELDS}
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 

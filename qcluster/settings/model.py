@@ -232,6 +232,10 @@ class SchedulerSettings(_Section):
     # No job fires more often (definitions/limits.DEFAULT_MIN_INTERVAL is the same 1 s):
     # refused at add/apply, a stored one set aside by the leader.
     min_interval_seconds: float = Field(default=1.0, ge=0.001, le=86400)
+    # A job's retries, and their backoff, when it gives none (definitions/policy.py).
+    retries: int = Field(default=0, ge=0, le=100)
+    retry_backoff_seconds: float = Field(default=10.0, ge=0.001, le=86400)
+    retry_max_backoff_seconds: float = Field(default=300.0, ge=0.001, le=31 * 86400)
 
     def tzinfo(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)

@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from qcluster.definitions.jobdefs import JobDef
+from qcluster.definitions.policy import NONE, Defaults, from_stored, run_fields
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
 from qcluster.store import schema
@@ -50,6 +51,7 @@ from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
 
 _CHUNK = 500
+DEFAULTS = Defaults()
 
 
 @dataclasses.dataclass
@@ -95,6 +97,7 @@ def _row_values(jd: JobDef) -> dict[str, Any]:
         "coalesce": jd.coalesce,
         "recover": jd.recover,
         "max_attempts": jd.max_attempts,
+        "policy": jd.policy.stored(),
     }
 
 
@@ -278,14 +281,16 @@ def set_broken(conn: Connection, broken: Sequence[tuple[str, str]]) -> None:
 
 
 def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
-            now: float | None = None) -> RunRecord:
+            now: float | None = None, defaults: Defaults = DEFAULTS) -> RunRecord:
     """Record a run of ``job_id`` scheduled for now (by default the database's time: a
     worker starts it at once unless its own clock is behind the database's); the caller
-    dispatches it."""
+    dispatches it. It has the job's timeout and retries (``defaults`` for those it leaves
+    out); it is not subject to the overlap policy (it is asked for)."""
     row = _get_row(conn, job_id)
     at = round(database_now(conn) if now is None else now, 6)
     fire = FireRow(job_id, row.func, row.args, row.kwargs, at,
-                   RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts)
+                   RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts,
+                   **run_fields(from_stored(row.policy), defaults))
     runs = insert_runs(conn, [fire], epoch, leader, now=at)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")
@@ -316,8 +321,17 @@ def job_view(row: Row[Any]) -> dict[str, Any]:
         "coalesce": row.coalesce,
         "recover": bool(row.recover),
         "max_attempts": row.max_attempts,
+        **_policy_view(row.policy),
+        "runs_made": int(row.runs_made),
         "broken": row.broken,
     }
+
+
+def _policy_view(text: str | None) -> dict[str, Any]:
+    try:
+        return from_stored(text).to_wire()
+    except InputError as e:  # shown, not fired: the leader sets such a row aside
+        return {**NONE.to_wire(), "policy_error": str(e)}
 
 
 def list_jobs(conn: Connection, limit: int = 0, offset: int = 0) -> list[dict[str, Any]]:
@@ -348,6 +362,9 @@ def run_view(row: Row[Any]) -> dict[str, Any]:
         "duration": row.duration,
         "error": row.error,
         "cancel_requested": iso(row.cancel_requested),
+        "due_at": iso(row.due_at),
+        "timeout": row.timeout,
+        "retries_left": int(row.retries_left),
     }
 
 

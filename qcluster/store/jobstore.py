@@ -41,6 +41,7 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy.engine import Row
 
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, interval_problem
+from qcluster.definitions.policy import NONE, Policy, from_stored
 from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
 from qcluster.store import catalog, schema
@@ -63,6 +64,8 @@ class JobExtra:
     kwargs_json: str
     recover: bool
     max_attempts: int | None = None
+    policy: Policy = NONE
+    runs_made: int = 0
 
 
 class StoredJob(Job):  # type: ignore[misc]
@@ -221,8 +224,12 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         job.coalesce = self.coalesce if row.coalesce is None else row.coalesce
         job.max_instances = 1
         job.next_run_time = from_ts(row.next_run_time)
+        try:
+            policy = from_stored(row.policy)
+        except InputError as e:
+            raise QClusterError(f"job {row.id!r} has an unreadable policy: {e}") from e
         job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover),
-                          row.max_attempts)
+                          row.max_attempts, policy, int(row.runs_made))
         return job
 
     def _trigger(self, job_id: str, spec_text: str) -> BaseTrigger:

@@ -44,6 +44,9 @@ jobs = Table(
     Column("coalesce", Boolean, nullable=True),  # NULL: the scheduler default
     Column("recover", Boolean, nullable=False, default=False),
     Column("max_attempts", Integer, nullable=True),  # NULL: [runs] max_attempts
+    # JSON: the policies given (definitions/policy.Policy.stored); NULL: none, all defaults.
+    Column("policy", Text, nullable=True),
+    Column("runs_made", Integer, nullable=False, default=0, server_default="0"),  # max_runs
     Column("broken", Text, nullable=True),  # why the row could not be loaded; set aside
     Column("version", Integer, nullable=False, default=1),
     Column("created_at", Float, nullable=False),
@@ -97,6 +100,17 @@ members = Table(
     Column("last_seen", Float, nullable=False),  # on the database's clock
 )
 
+calendars = Table(
+    "qc_calendars",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    # JSON list of [first, last] ISO dates (inclusive): the excluded days.
+    Column("dates", Text, nullable=False),
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 runs = Table(
     "qc_runs",
     metadata,
@@ -126,7 +140,18 @@ runs = Table(
     Column("deaths", Integer, nullable=False, default=0, server_default="0"),
     # When a cancel was asked while it ran: it is not stopped, but gets no new attempt.
     Column("cancel_requested", Float, nullable=True),
+    # When it is to start: its fire time plus its jitter, a retry's backoff, a backfill's
+    # now. NULL: at scheduled_at.
+    Column("due_at", Float, nullable=True),
+    Column("timeout", Float, nullable=True),  # seconds an attempt may run; NULL: no bound
+    # Retries still allowed after a failed or timed-out attempt, and their backoff (the
+    # job's policy when it fired). A `failed`/`timed_out` row with retries_left > 0 is the
+    # leader's to retry or settle (leader/recovery.py).
+    Column("retries_left", Integer, nullable=False, default=0, server_default="0"),
+    Column("retry_backoff", Float, nullable=True),
+    Column("retry_max_backoff", Float, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     Index("ix_qc_runs_status", "status"),
+    Index("ix_qc_runs_job_status", "job_id", "status"),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),
 )

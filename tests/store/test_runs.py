@@ -80,7 +80,8 @@ def force(db: Database, run_id: int, status: RunStatus, *, attempt: int = 1,
     """Put a row in a state for the test (tests may write the table; qcluster may not)."""
     with db.write() as conn:
         conn.execute(schema.runs.update().where(schema.runs.c.id == run_id).values(
-            status=status, attempt=attempt, worker=session and "w1", worker_session=session))
+            status=status, attempt=attempt, worker=session and "w1", worker_session=session,
+            retries_left=1))
 
 
 def row(db: Database, run_id: int) -> Any:
@@ -136,6 +137,11 @@ def _make_fenced(conn: Any, db: Database, t: Transition, run_id: int, source: Ru
         return runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5)
     if t.via == "unclaim":
         return runs.unclaim(conn, run_id, 1, "s1")
+    if t.via == "retry_failed":
+        return runs.retry_failed(conn, run_id, 1, epoch=epoch, now=7.0, due_at=9.0,
+                                 error="again")
+    if t.via == "unbuffer":
+        return runs.unbuffer(conn, run_id, epoch=epoch, now=7.0) is not None
     if t.via == "record_reported":
         assert t.target is not None
         return runs.record_reported(conn, run_id, 1, "s1", status=t.target, started=5.0,
@@ -155,7 +161,7 @@ def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
                                       .where(schema.runs.c.job_id == f.job_id)).all()
             assert got.status == t.target and got.attempt == 1, t
             assert [r["run_id"] for r in sent] == ([got.id] if t.target == S.SCHEDULED else [])
-            assert (got.finished_at is not None) == (t.target == S.MISSED), t
+            assert (got.finished_at is not None) == (t.target in (S.MISSED, S.SKIPPED)), t
             continue
         run_id = insert(db)
         force(db, run_id, t.source, session=None if t.source == S.SCHEDULED else "s1")
@@ -169,12 +175,15 @@ def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
         if t.via == "claim":
             assert (after.worker, after.worker_session) == ("w2", "s2")
             assert after.dispatched_at is not None
-        if t.via in ("retry", "release"):
+        if t.via in ("retry", "release", "retry_failed"):
             assert after.worker is None and after.worker_session is None
-            assert after.attempt == (2 if t.via == "retry" else 1)
+            assert after.attempt == (1 if t.via == "release" else 2)
+        if t.via == "retry_failed":
+            assert (after.due_at, after.retries_left) == (9.0, 0)
         if t.via == "start":
             assert after.started_at == 5.0
-        if t.target in (S.SUCCEEDED, S.FAILED, S.INTERRUPTED):
+        if t.target in runs.states.ENDS and t.source is not None and t.via in (
+                "write_outcomes", "record_reported"):
             assert (after.started_at, after.finished_at, after.duration) == (5.0, 6.5, 1.5)
 
 
@@ -207,7 +216,7 @@ def test_every_other_transition_is_refused_and_writes_nothing(db: Database) -> N
 
 
 def test_statuses_a_function_cannot_make_are_refused_before_any_write(db: Database) -> None:
-    for status in set(RunStatus) - {S.SCHEDULED, S.MISSED}:
+    for status in set(RunStatus) - {S.SCHEDULED, S.MISSED, S.SKIPPED, S.BUFFERED}:
         with pytest.raises(ValueError, match="not recorded as"), \
                 db.fenced(epoch_of(db)) as conn:
             runs.insert_runs(conn, [fire(S.SCHEDULED), fire(status)], epoch_of(db), "leader")
@@ -216,7 +225,7 @@ def test_statuses_a_function_cannot_make_are_refused_before_any_write(db: Databa
     run_id = insert(db)
     force(db, run_id, S.RUNNING)
     before = tuple(row(db, run_id))
-    for status in set(RunStatus) - {S.SUCCEEDED, S.FAILED, S.INTERRUPTED}:
+    for status in set(RunStatus) - set(runs.states.ENDS):
         with pytest.raises(ValueError, match="does not end as"):
             runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(status, 5.0, 6.0, None)})
     assert tuple(row(db, run_id)) == before

@@ -8,7 +8,8 @@
   its SQL filters on the statuses they start from, so a row in any other state is left
   alone (the function says it wrote nothing); a status it cannot make is a ValueError.
 * The leader's writes (:func:`insert_runs`, :func:`mark_missed`, :func:`mark_lost`,
-  :func:`retry`, :func:`record_reported`, :func:`cancel`, :func:`cancel_job_runs`,
+  :func:`retry`, :func:`retry_failed`, :func:`give_up_retries`, :func:`unbuffer`,
+  :func:`record_reported`, :func:`cancel`, :func:`cancel_job_runs`,
   :func:`prune`) run on the
   caller's connection, in the transaction it fenced on its epoch (docs/DESIGN.md
   invariants 1, 3, 6, 7). A worker's writes (:func:`claim`, :func:`start`,
@@ -27,17 +28,21 @@ from qcluster.store.runs.leader import (
     FireRow,
     cancel,
     cancel_job_runs,
+    give_up_retries,
     insert_runs,
     mark_lost,
     mark_missed,
     prune,
     record_reported,
     retry,
+    retry_failed,
+    unbuffer,
     unclaim,
 )
 from qcluster.store.runs.states import (
     FINISHED,
     OPEN,
+    RETRIABLE,
     TRANSITIONS,
     RunStatus,
     Transition,
@@ -56,6 +61,7 @@ from qcluster.store.runs.worker import (
 __all__ = [
     "FINISHED",
     "OPEN",
+    "RETRIABLE",
     "TRANSITIONS",
     "Cancelled",
     "FireRow",
@@ -67,6 +73,7 @@ __all__ = [
     "cancel_job_runs",
     "check_outcome",
     "claim",
+    "give_up_retries",
     "insert_runs",
     "mark_lost",
     "mark_missed",
@@ -74,8 +81,10 @@ __all__ = [
     "record_reported",
     "release",
     "retry",
+    "retry_failed",
     "sources",
     "start",
+    "unbuffer",
     "unclaim",
     "write_outcomes",
 ]

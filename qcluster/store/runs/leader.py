@@ -24,7 +24,10 @@ from qcluster.store.runs.states import (
     PRUNE_FROM,
     REPORTED_ENDS,
     REPORTED_FROM,
+    RETRIABLE,
+    RETRY_FAILED_FROM,
     RETRY_FROM,
+    UNBUFFER_FROM,
     UNCLAIM_FROM,
     RunStatus,
     Writer,
@@ -50,14 +53,20 @@ class FireRow:
     recover: bool
     error: str | None = None
     max_attempts: int | None = None  # the job's bound; None: [runs] max_attempts
+    due_at: float | None = None  # when it is to start; None: at scheduled_at
+    timeout: float | None = None
+    retries: int = 0
+    retry_backoff: float | None = None
+    retry_max_backoff: float | None = None
 
 
 def insert_runs(
     conn: Connection, fires: Sequence[FireRow], epoch: int, leader: str, *,
     now: float | None = None,
 ) -> list[RunRecord]:
-    """Insert run rows (none → ``scheduled``/``missed``), skipping fire times already
-    recorded; return the new ``scheduled`` runs, to be sent once the caller commits.
+    """Insert run rows (none → ``scheduled``, ``missed``, ``skipped`` or ``buffered``),
+    skipping fire times already recorded; return the new ``scheduled`` runs, to be sent
+    once the caller commits.
 
     ``now`` is ``created_at`` (and a ``missed`` row's ``finished_at``): the leader gives
     the time of its clock that judged the fires (``leader/clock.py``); by default the
@@ -74,8 +83,10 @@ def insert_runs(
         {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
          "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
          "recover": f.recover, "epoch": epoch, "leader": leader, "created_at": now,
-         "finished_at": now if f.status == _S.MISSED else None, "error": f.error,
-         "max_attempts": f.max_attempts}
+         "finished_at": None if f.status in _UNFINISHED else now, "error": f.error,
+         "max_attempts": f.max_attempts, "due_at": f.due_at, "timeout": f.timeout,
+         "retries_left": f.retries, "retry_backoff": f.retry_backoff,
+         "retry_max_backoff": f.retry_max_backoff}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -95,7 +106,10 @@ _RUN_COLUMNS = (
     ("kwargs", "text"), ("status", "text"), ("attempt", "int"), ("recover", "bool"),
     ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
     ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
+    ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
+    ("retry_backoff", "float8"), ("retry_max_backoff", "float8"),
 )
+_UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 _UNNEST_INSERT = sa.text(
     f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
     f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
@@ -106,9 +120,9 @@ _UNNEST_INSERT = sa.text(
 
 def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
-    PostgreSQL one column array per parameter (``unnest``): 14 parameters whatever the
+    PostgreSQL one column array per parameter (``unnest``): 19 parameters whatever the
     batch size, so the driver prepares the statement once, where a multi-row VALUES list
-    of 6,500 parameters is parsed again for every batch."""
+    of 9,500 parameters is parsed again for every batch."""
     if conn.dialect.name == "postgresql":
         return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
     r = schema.runs
@@ -165,6 +179,53 @@ def retry(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float
                 dispatched_at=None, started_at=None, finished_at=None, duration=None,
                 epoch=epoch, created_at=now, error=error)
     ).rowcount > 0
+
+
+def retry_failed(conn: Connection, run_id: int, attempt: int, *, epoch: int, now: float,
+                 due_at: float, error: str) -> bool:
+    """``failed``/``timed_out`` → ``scheduled`` with ``attempt + 1``, no claim, one retry
+    fewer left, to start at ``due_at`` (after its backoff), recorded by ``epoch``; the
+    last attempt's error is kept in ``error``. Only while the row is at ``attempt`` with a
+    retry left and no cancel asked. Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt,
+                         status_is(RETRY_FAILED_FROM), r.c.retries_left > 0,
+                         r.c.cancel_requested.is_(None))
+        .values(status=_S.SCHEDULED, attempt=attempt + 1, worker=None, worker_session=None,
+                dispatched_at=None, started_at=None, finished_at=None, duration=None,
+                epoch=epoch, created_at=now, due_at=due_at, error=error,
+                retries_left=r.c.retries_left - 1)
+    ).rowcount > 0
+
+
+def give_up_retries(conn: Connection, run_id: int, attempt: int, why: str) -> bool:
+    """A ``failed``/``timed_out`` run with retries left gets none (its job is gone, or its
+    cancel was asked): ``retries_left = 0``, ``why`` added to its error. The status stays.
+    Whether it wrote."""
+    r = schema.runs
+    return conn.execute(
+        r.update().where(r.c.id == run_id, r.c.attempt == attempt, status_is(RETRIABLE),
+                         r.c.retries_left > 0)
+        .values(retries_left=0,
+                error=sa.func.coalesce(r.c.error, "") + f" (no retry: {why})")
+    ).rowcount > 0
+
+
+def unbuffer(conn: Connection, run_id: int, *, epoch: int, now: float) -> RunRecord | None:
+    """``buffered`` → ``scheduled``, to start now: the open run of its job has ended. The
+    record to send, or None if the row moved on (cancelled meanwhile)."""
+    r = schema.runs
+    row = conn.execute(
+        r.update().where(r.c.id == run_id, status_is(UNBUFFER_FROM))
+        .values(status=_S.SCHEDULED, epoch=epoch, created_at=now, due_at=now)
+        .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
+                   r.c.attempt, r.c.recover)
+    ).one_or_none()
+    if row is None:
+        return None
+    return run_record(row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at,
+                      row.attempt, epoch, row.recover)
 
 
 def record_reported(conn: Connection, run_id: int, attempt: int, session: str, *,

@@ -27,10 +27,20 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
     #: Its worker stopped (SIGTERM) before it finished, and said so; no new attempt.
     INTERRUPTED = "interrupted"
+    #: Still running at its job's ``timeout``: stopped (its process group killed).
+    TIMED_OUT = "timed_out"
+    #: Not run, by a policy: overlap ``skip``/``buffer-one``, misfire ``skip``, an
+    #: exclusion calendar (``error`` says which).
+    SKIPPED = "skipped"
+    #: Waiting for the job's open run to end (overlap ``buffer-one``/``buffer-all``,
+    #: ``cancel-other``); then ``scheduled``.
+    BUFFERED = "buffered"
 
 
 #: Not finished yet: what recovery looks after.
-OPEN = (RunStatus.SCHEDULED, RunStatus.DISPATCHED, RunStatus.RUNNING)
+OPEN = (RunStatus.SCHEDULED, RunStatus.DISPATCHED, RunStatus.RUNNING, RunStatus.BUFFERED)
+#: Ended badly, and retried while the row's ``retries_left`` is above 0.
+RETRIABLE = (RunStatus.FAILED, RunStatus.TIMED_OUT)
 #: Finished: what retention may delete.
 FINISHED = tuple(s for s in RunStatus if s not in OPEN)
 
@@ -54,6 +64,12 @@ _S, _L, _W = RunStatus, Writer.LEADER, Writer.WORKER
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _S.SCHEDULED, _L, "insert_runs"),  # a fire, or run now
     Transition(None, _S.MISSED, _L, "insert_runs"),  # past the grace, or coalesced
+    Transition(None, _S.SKIPPED, _L, "insert_runs"),  # by a policy, with the reason
+    Transition(None, _S.BUFFERED, _L, "insert_runs"),  # the job's previous run is open
+    # Its job's open run ended (or was stopped): it is sent now.
+    Transition(_S.BUFFERED, _S.SCHEDULED, _L, "unbuffer"),
+    Transition(_S.BUFFERED, _S.MISSED, _L, "mark_missed"),  # waited past its grace
+    Transition(_S.BUFFERED, _S.CANCELLED, _L, "cancel"),
     Transition(_S.SCHEDULED, _S.MISSED, _L, "mark_missed"),  # never sent within the grace
     Transition(_S.DISPATCHED, _S.MISSED, _L, "mark_missed"),  # never started within it
     Transition(_S.SCHEDULED, _S.CANCELLED, _L, "cancel"),
@@ -64,19 +80,29 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_S.RUNNING, _S.SUCCEEDED, _W, "write_outcomes"),
     Transition(_S.RUNNING, _S.FAILED, _W, "write_outcomes"),
     Transition(_S.RUNNING, _S.INTERRUPTED, _W, "write_outcomes"),  # stopped past its grace
+    Transition(_S.RUNNING, _S.TIMED_OUT, _W, "write_outcomes"),  # stopped at its timeout
+    # Stopped on a cancel (``runs cancel``, overlap ``cancel-other``) while it ran.
+    Transition(_S.RUNNING, _S.CANCELLED, _W, "write_outcomes"),
     # Late: the worker could not write while it was cut off, and the leader, which could
     # not reach it either, recorded the attempt lost. Same attempt only (a retry moved it).
     Transition(_S.LOST, _S.SUCCEEDED, _W, "write_outcomes"),
     Transition(_S.LOST, _S.FAILED, _W, "write_outcomes"),
     Transition(_S.LOST, _S.INTERRUPTED, _W, "write_outcomes"),
+    Transition(_S.LOST, _S.TIMED_OUT, _W, "write_outcomes"),
+    Transition(_S.LOST, _S.CANCELLED, _W, "write_outcomes"),
     # The worker cannot reach the database and told the leader (``report``), which writes
     # it over the same claim (session and attempt), fenced.
     Transition(_S.RUNNING, _S.SUCCEEDED, _L, "record_reported"),
     Transition(_S.RUNNING, _S.FAILED, _L, "record_reported"),
     Transition(_S.RUNNING, _S.INTERRUPTED, _L, "record_reported"),
+    Transition(_S.RUNNING, _S.TIMED_OUT, _L, "record_reported"),
+    Transition(_S.RUNNING, _S.CANCELLED, _L, "record_reported"),
     Transition(_S.DISPATCHED, _S.LOST, _L, "mark_lost"),  # its worker left
     Transition(_S.RUNNING, _S.LOST, _L, "mark_lost"),
     Transition(_S.LOST, _S.SCHEDULED, _L, "retry"),  # a recover job: attempt + 1, bounded
+    # A failed or timed-out attempt with retries left: attempt + 1, after its backoff.
+    Transition(_S.FAILED, _S.SCHEDULED, _L, "retry_failed"),
+    Transition(_S.TIMED_OUT, _S.SCHEDULED, _L, "retry_failed"),
     # Claimed, never started, and its worker known stopped: its code never ran (a run
     # starts only once `running`), so it is sent again at the same attempt, any job.
     Transition(_S.DISPATCHED, _S.SCHEDULED, _L, "unclaim"),
@@ -102,10 +128,12 @@ END_FROM = sources(_S.SUCCEEDED, _W)
 REPORTED_FROM = sources(_S.SUCCEEDED, _L, "record_reported")
 REPORTED_ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "record_reported")
 MISSED_FROM = sources(_S.MISSED, _L, "mark_missed")
-CANCEL_FROM = sources(_S.CANCELLED, _L)
+CANCEL_FROM = sources(_S.CANCELLED, _L, "cancel")
 LOST_FROM = sources(_S.LOST, _L)
 RETRY_FROM = sources(_S.SCHEDULED, _L, "retry")
 UNCLAIM_FROM = sources(_S.SCHEDULED, _L, "unclaim")
+RETRY_FAILED_FROM = sources(_S.SCHEDULED, _L, "retry_failed")
+UNBUFFER_FROM = sources(_S.SCHEDULED, _L, "unbuffer")
 PRUNE_FROM = sources(None, _L)
 assert all(sources(s, _W) == END_FROM for s in ENDS)  # one outcome statement for all
 assert all(sources(s, _L, "record_reported") == REPORTED_FROM for s in ENDS)

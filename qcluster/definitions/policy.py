@@ -1,0 +1,242 @@
+"""A job's policies: retries, timeout, overlap, misfire handling, bounds, jitter and
+exclusion calendars (docs/DESIGN.md, "Job policies"). Plain data, checked once here.
+
+A :class:`Policy` is part of a :class:`~qcluster.definitions.jobdefs.JobDef`. On the wire
+(``to_wire``, ``jobs apply`` files, ``--json``) its fields are flat keys of the job, named
+as below; in ``qc_jobs`` they are one JSON column, ``policy``, holding only what was
+given (NULL when nothing was), so that a field added later needs no schema change. A field
+left out (None) takes the ``[scheduler]`` default, read by the leader when it fires:
+
+* ``retries`` (0-100), ``retry_backoff`` and ``retry_max_backoff`` (seconds): a failed or
+  timed-out attempt is tried again up to ``retries`` times, the n-th retry after
+  ``min(max, backoff * 2**(n-1))`` seconds, with "equal jitter" (half of it fixed, half
+  drawn from a hash of the run and attempt, so it is reproducible);
+* ``timeout`` (seconds): an attempt still running then is stopped (its process group is
+  killed) and recorded ``timed_out``;
+* ``overlap``: what a fire does while the job's previous run is still open: one of
+  :data:`OVERLAP` (Temporal's ScheduleOverlapPolicy names);
+* ``misfire``: what is done with fire times later than the misfire grace: one of
+  :data:`MISFIRE` (Quartz's misfire instructions); ``catch_up`` (seconds) is how far
+  back they are caught up (default: the grace);
+* ``start``/``end`` (ISO 8601, kept in UTC): no fire before ``start`` or after ``end``;
+  ``max_runs``: the job ends after that many fire times were run;
+* ``jitter`` (seconds): each run starts up to that much after its fire time, by a hash of
+  the job id and the fire time, so every leader computes the same delay;
+* ``exclude``: names of calendars (``qcluster calendars``); a fire time on one of their
+  dates (in the job's zone) is recorded ``skipped``, naming the calendar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from qcluster.definitions.cron import quote
+from qcluster.definitions.triggers import parse_duration
+from qcluster.errors import InputError
+
+#: Overlap policies (Temporal's ScheduleOverlapPolicy; Kubernetes: Allow, Forbid, Replace).
+OVERLAP = ("allow", "skip", "buffer-one", "buffer-all", "cancel-other")
+#: Misfire policies (Quartz: FIRE_NOW / fire once, IGNORE_MISFIRE_POLICY, DO_NOTHING).
+MISFIRE = ("run-once", "run-all", "skip")
+MAX_RETRIES = 100
+MAX_RUNS = 2**31 - 1
+MAX_CALENDARS = 20
+CALENDAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+#: The keys of a job's wire form that are policy fields, in the order shown.
+FIELDS = ("retries", "retry_backoff", "retry_max_backoff", "timeout", "overlap", "misfire",
+          "catch_up", "start", "end", "max_runs", "jitter", "exclude")
+_DURATIONS = ("retry_backoff", "retry_max_backoff", "timeout", "catch_up", "jitter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A job's policies; None: the ``[scheduler]`` default (see the module doc)."""
+
+    retries: int | None = None
+    retry_backoff: float | None = None
+    retry_max_backoff: float | None = None
+    timeout: float | None = None
+    overlap: str | None = None
+    misfire: str | None = None
+    catch_up: float | None = None
+    start: str | None = None
+    end: str | None = None
+    max_runs: int | None = None
+    jitter: float | None = None
+    exclude: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        """Every field, as JSON data (``exclude`` a list)."""
+        out = dataclasses.asdict(self)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    def stored(self) -> str | None:
+        """The ``qc_jobs.policy`` text: the fields given, as sorted JSON; None if none."""
+        given = {k: v for k, v in self.to_wire().items() if v not in (None, [])}
+        return json.dumps(given, sort_keys=True) if given else None
+
+    @property
+    def start_ts(self) -> float | None:
+        return None if self.start is None else datetime.fromisoformat(self.start).timestamp()
+
+    @property
+    def end_ts(self) -> float | None:
+        return None if self.end is None else datetime.fromisoformat(self.end).timestamp()
+
+
+NONE = Policy()
+
+
+def from_stored(text: str | None) -> Policy:
+    """The policy of a ``qc_jobs.policy`` value (checked again: a row is input too)."""
+    if text is None:
+        return NONE
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"unreadable policy: {e}") from None
+    return check_policy(data)
+
+
+def check_policy(data: object, *, strict: bool = True) -> Policy:
+    """A :class:`Policy` from the policy keys of ``data`` (a job's wire form; other keys
+    are ignored unless ``strict`` and ``data`` holds only policy keys). InputError, one
+    line naming the field, for a bad value."""
+    if not isinstance(data, Mapping):
+        raise InputError("a policy must be a table")
+    if strict:
+        unknown = set(data) - set(FIELDS)
+        if unknown:
+            raise InputError(f"unknown policy field {sorted(map(str, unknown))[0]!r}")
+    values: dict[str, Any] = {}
+    for key in FIELDS:
+        value = data.get(key)
+        if value is None or (key == "exclude" and value in ([], ())):
+            continue
+        values[key] = _check(key, value)
+    policy = Policy(**values)
+    if (policy.retry_backoff is not None and policy.retry_max_backoff is not None
+            and policy.retry_max_backoff < policy.retry_backoff):
+        raise InputError("retry_max_backoff must be at least retry_backoff")
+    if policy.start_ts is not None and policy.end_ts is not None \
+            and policy.end_ts <= policy.start_ts:
+        raise InputError("end must be after start")
+    if policy.timeout is not None and policy.timeout < 0.01:
+        raise InputError("timeout must be at least 10ms")
+    return policy
+
+
+def _check(key: str, value: object) -> Any:
+    if key in _DURATIONS:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise InputError(f"{key} must be a duration such as \"30s\"")
+        try:
+            return parse_duration(value)
+        except InputError as e:
+            raise InputError(f"{key}: {e}") from None
+    if key in ("retries", "max_runs"):
+        high = MAX_RETRIES if key == "retries" else MAX_RUNS
+        low = 0 if key == "retries" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{key} must be a whole number from {low} to {high}")
+        return value
+    if key in ("overlap", "misfire"):
+        allowed = OVERLAP if key == "overlap" else MISFIRE
+        if not isinstance(value, str) or value not in allowed:
+            raise InputError(f"{key} must be one of {', '.join(allowed)} (got "
+                             f"{quote(str(value), 30)})")
+        return value
+    if key in ("start", "end"):
+        return _instant(key, value)
+    return _calendars(value)
+
+
+def _instant(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{key} must be an ISO 8601 time with an offset")
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InputError(f"{key}: cannot read {quote(value, 40)} as an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise InputError(f"{key}: {quote(value, 40)} needs an offset (e.g. +00:00 or Z)")
+    try:
+        return when.astimezone(UTC).isoformat()
+    except (OverflowError, ValueError):
+        raise InputError(f"{key}: {quote(value, 40)} is out of range") from None
+
+
+def _calendars(value: object) -> tuple[str, ...]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise InputError("exclude must be a list of calendar names")
+    clean = tuple(dict.fromkeys(n.strip() for n in names))
+    for name in clean:
+        check_calendar_name(name)
+    if len(clean) > MAX_CALENDARS:
+        raise InputError(f"exclude names more than {MAX_CALENDARS} calendars")
+    return clean
+
+
+def check_calendar_name(name: object) -> str:
+    if not isinstance(name, str) or not CALENDAR_NAME_RE.match(name):
+        raise InputError(f"invalid calendar name {quote(str(name), 40)}: use 1-100 letters, "
+                         "digits and _ . -")
+    return name
+
+
+def fraction(*parts: object) -> float:
+    """A number in [0, 1) from ``parts``, the same on every node and every run (SHA-256;
+    Python's ``hash`` of a string differs between processes)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def jitter_of(job_id: str, fire_ts: float, jitter: float | None) -> float:
+    """Seconds after ``fire_ts`` that the run of ``job_id`` starts (0 without jitter)."""
+    if not jitter:
+        return 0.0
+    return round(jitter * fraction(job_id, repr(round(fire_ts, 6))), 6)
+
+
+def backoff(run_id: int, attempt: int, base: float, most: float) -> float:
+    """The delay before attempt ``attempt + 1`` of run ``run_id``: exponential
+    (``base * 2**(attempt-1)``, at most ``most``), half of it fixed and half jitter."""
+    full = min(most, base * 2.0 ** min(attempt - 1, 60))
+    return round(full / 2 + full / 2 * fraction(run_id, attempt), 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """The ``[scheduler]`` defaults of the fields a job leaves out."""
+
+    retries: int = 0
+    retry_backoff: float = 10.0
+    retry_max_backoff: float = 300.0
+
+
+def run_fields(policy: Policy, defaults: Defaults) -> dict[str, Any]:
+    """What a run row of a job with ``policy`` holds of it (``store/runs.FireRow``'s
+    ``timeout``, ``retries``, ``retry_backoff``, ``retry_max_backoff``)."""
+    retries = defaults.retries if policy.retries is None else policy.retries
+    base = defaults.retry_backoff if policy.retry_backoff is None else policy.retry_backoff
+    most = (defaults.retry_max_backoff if policy.retry_max_backoff is None
+            else policy.retry_max_backoff)
+    return {"timeout": policy.timeout, "retries": retries,
+            "retry_backoff": base if retries else None,
+            "retry_max_backoff": max(base, most) if retries else None}
+
+
+def defaults_from(scheduler: Any) -> Defaults:
+    """The :class:`Defaults` of a ``[scheduler]`` section (``settings.SchedulerSettings``)."""
+    base = float(scheduler.retry_backoff_seconds)
+    return Defaults(int(scheduler.retries), base,
+                    max(base, float(scheduler.retry_max_backoff_seconds)))
