@@ -35,6 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from qcluster.definitions.policy import backoff
 from qcluster.leader.liveness import Judge, Kind, Verdict
 from qcluster.store import catalog, records, runs, schema
 from qcluster.store.db import Database
@@ -61,6 +62,8 @@ class RecoveryResult:
     reported: int = 0  # outcomes a worker cut off from the database told us
     waiting: int = 0  # runs of sessions neither live nor known stopped: asked again later
     unclaimed: int = 0  # claimed by a worker that stopped before starting them: sent again
+    retries: int = 0  # failed or timed-out attempts given a new one (their backoff later)
+    unbuffered: int = 0  # buffered runs whose job's open run ended: sent now
 
 
 def _all_stopped(suspects: Mapping[str, Sequence[Key]],
@@ -97,25 +100,32 @@ def recover_runs(
     live = set(live_workers)
     with db.read() as conn:
         open_runs = conn.execute(
-            sa.select(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
-                      r.c.attempt, r.c.recover, r.c.status, r.c.worker, r.c.worker_session,
-                      r.c.epoch, r.c.created_at, r.c.max_attempts, r.c.deaths,
-                      r.c.cancel_requested)
-            .where(r.c.status.in_(runs.OPEN))
+            sa.select(*_COLUMNS).where(r.c.status.in_(runs.OPEN))
+        ).all()
+        to_retry = conn.execute(
+            sa.select(*_COLUMNS, r.c.error, r.c.retry_backoff, r.c.retry_max_backoff,
+                      r.c.job_id.in_(sa.select(schema.jobs.c.id)).label("job_exists"))
+            .where(r.c.status.in_(runs.RETRIABLE), r.c.retries_left > 0)
         ).all()
     suspects: dict[str, list[Key]] = {}
     nodes: dict[str, str] = {}
     for row in open_runs:
-        if row.status != RunStatus.SCHEDULED and (row.worker, row.worker_session) not in live:
+        if row.status in _UNCLAIMED:
+            continue
+        if (row.worker, row.worker_session) not in live:
             suspects.setdefault(row.worker_session, []).append((row.id, row.attempt))
             nodes[row.worker_session] = row.worker
     verdicts = (judge or _all_stopped)(suspects, nodes) if suspects else {}
     with db.fenced(epoch) as conn:
         if now is None:
             now = db.now(conn)
+        for row in to_retry:
+            _retry_failed(conn, row, epoch, now, out)
         for row in open_runs:
             if row.status == RunStatus.SCHEDULED:
                 _unsent(conn, row, epoch, now, grace_seconds, out)
+                continue
+            if row.status == RunStatus.BUFFERED:
                 continue
             verdict = verdicts.get(row.worker_session)
             fate, reason = ("held", "") if verdict is None else _fate(conn, row, verdict, out)
@@ -124,7 +134,67 @@ def recover_runs(
                     _not_started(conn, row, now, grace_seconds, out)
             elif fate == "stopped":
                 _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, reason, out)
+        _unbuffer(conn, epoch, now, out)
     return out
+
+
+_UNCLAIMED = (RunStatus.SCHEDULED, RunStatus.BUFFERED)
+_r = schema.runs
+_COLUMNS = (_r.c.id, _r.c.job_id, _r.c.func, _r.c.args, _r.c.kwargs, _r.c.scheduled_at,
+            _r.c.attempt, _r.c.recover, _r.c.status, _r.c.worker, _r.c.worker_session,
+            _r.c.epoch, _r.c.created_at, _r.c.max_attempts, _r.c.deaths,
+            _r.c.cancel_requested, _r.c.due_at)
+#: How long before its start a run that waits (a retry's backoff) is sent.
+SEND_AHEAD = 1.0
+
+
+def _retry_failed(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) -> None:
+    """A failed or timed-out attempt with a retry left: attempt + 1, after its backoff
+    (docs/DESIGN.md, "Job policies"); none if its cancel was asked or its job is gone."""
+    why = ("its cancel was asked" if row.cancel_requested is not None
+           else None if row.job_exists else "its job was removed")
+    if why is not None:
+        runs.give_up_retries(conn, row.id, row.attempt, why)
+        return
+    base = row.retry_backoff or 0.0
+    delay = backoff(row.id, row.attempt, base, row.retry_max_backoff or base) if base else 0.0
+    due = round(now + delay, 6)
+    if not runs.retry_failed(conn, row.id, row.attempt, epoch=epoch, now=now, due_at=due,
+                             error=f"retry {row.attempt} after {row.status}: "
+                                   f"{(row.error or '')[:1000]}"):
+        return
+    out.retries += 1
+    log.info("run %d of job %s %s on attempt %d: attempt %d in %.3gs", row.id, row.job_id,
+             row.status, row.attempt, row.attempt + 1, delay)
+    if due <= now + SEND_AHEAD:
+        out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args,
+                                             row.kwargs, row.scheduled_at, row.attempt + 1,
+                                             epoch, row.recover))
+
+
+def _unbuffer(conn: Any, epoch: int, now: float, out: RecoveryResult) -> None:
+    """For each job with ``buffered`` runs and nothing else open (no run scheduled,
+    dispatched or running, no retry to come): its oldest buffered run is sent now. Read
+    in the fenced transaction, after this pass's changes."""
+    r = schema.runs
+    busy = sa.select(r.c.job_id).where(
+        sa.or_(r.c.status.in_([s for s in runs.OPEN if s != RunStatus.BUFFERED]),
+               sa.and_(r.c.status.in_(runs.RETRIABLE), r.c.retries_left > 0)))
+    oldest = conn.execute(
+        sa.select(r.c.job_id, sa.func.min(r.c.scheduled_at).label("at"))
+        .where(r.c.status == RunStatus.BUFFERED, r.c.job_id.not_in(busy))
+        .group_by(r.c.job_id)
+    ).all()
+    for job_id, at in oldest:
+        run_id = conn.execute(sa.select(r.c.id).where(
+            r.c.job_id == job_id, r.c.scheduled_at == at,
+            r.c.status == RunStatus.BUFFERED)).scalar_one_or_none()
+        record = None if run_id is None else runs.unbuffer(conn, run_id, epoch=epoch, now=now)
+        if record is not None:
+            out.unbuffered += 1
+            out.resend.append(record)
+            log.info("run %d of job %s is sent: the job's previous run has ended",
+                     record["run_id"], job_id)
 
 
 def _fate(conn: Any, row: Any, verdict: Verdict, out: RecoveryResult) -> tuple[str, str]:
@@ -154,9 +224,16 @@ def _fate(conn: Any, row: Any, verdict: Verdict, out: RecoveryResult) -> tuple[s
 
 def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
             out: RecoveryResult) -> None:
-    if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED:
+    """A ``scheduled`` row: sent (again) once due, unless its writer has just sent it;
+    ``missed`` past its grace, counted from when it was due to start (``due_at``: a
+    jitter, a backfill) or its fire time."""
+    due = row.scheduled_at if row.due_at is None else row.due_at
+    if due > now + SEND_AHEAD:
+        return  # a retry's backoff, a jitter: not yet
+    sent_at_once = row.due_at is None or row.due_at <= row.created_at + SEND_AHEAD
+    if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED and sent_at_once:
         return  # ours and fresh: the dispatcher still has it
-    if row.attempt == 1 and now - row.scheduled_at > grace:
+    if row.attempt == 1 and now - due > grace:
         if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,
                             error=f"never dispatched within the misfire grace time "
                                   f"({grace:.0f}s)"):
@@ -170,6 +247,8 @@ def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryRes
     """A live worker claimed it and has not started it: missed once past the grace,
     counted from the fire time (a first attempt) or from the retry (a later one)."""
     since = row.scheduled_at if row.attempt == 1 else max(row.scheduled_at, row.created_at)
+    if row.due_at is not None:
+        since = max(since, row.due_at)
     if now - since <= grace:
         return
     if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from apscheduler.schedulers import SchedulerNotRunningError
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
+from qcluster.definitions.policy import defaults_from
 from qcluster.errors import DatabaseUnavailable, Fenced, QClusterError
 from qcluster.leader.clock import LeaderClock
 from qcluster.leader.dispatch import Dispatcher
@@ -186,7 +187,8 @@ class LeaderRole:
             min_interval_seconds=s.scheduler.min_interval_seconds,
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
-                                retention_seconds=s.runs.retention_days * 86400)
+                                retention_seconds=s.runs.retention_days * 86400,
+                                defaults=defaults_from(s.scheduler))
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
                                     fire_ahead_seconds=s.scheduler.fire_ahead_seconds,

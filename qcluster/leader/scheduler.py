@@ -30,14 +30,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
+from qcluster.definitions.policy import Defaults, jitter_of, run_fields
 from qcluster.errors import DatabaseUnavailable, Fenced
+from qcluster.store.calendars import Calendar
 from qcluster.store.catalog import Advance
 from qcluster.store.jobstore import SqlJobStore, StoredJob
 from qcluster.store.records import RunRecord
@@ -59,6 +61,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         send: Callable[[list[RunRecord]], None],
         *,
         retention_seconds: float,
+        defaults: Defaults | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -66,6 +69,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         self.leader = leader
         self.send = send
         self.retention_seconds = retention_seconds
+        self.defaults = Defaults() if defaults is None else defaults
 
     def _do_submit_job(self, job: StoredJob, run_times: list[datetime]) -> None:
         # APScheduler's own path (one job): route it through the same fenced batch.
@@ -78,62 +82,183 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         clock, the database's time), which is also the rows' ``created_at``."""
         fires: list[FireRow] = []
         advances: list[Advance] = []
+        cancels: list[tuple[int, str]] = []
         unplannable: list[tuple[str, str]] = []
+        watched = [j.id for j in jobs if (j.qc.policy.overlap or "allow") != "allow"]
+        open_runs = self.store.open_runs(watched)
+        calendars = (self.store.calendars() if any(j.qc.policy.exclude for j in jobs)
+                     else {})
         for job in jobs:
-            planned = len(fires), len(advances)
+            planned = len(fires), len(advances), len(cancels)
             try:
-                self._plan(job, now, fires, advances, until or now)
+                plan = _Plan(job, now, until or now, self.retention_seconds, self.defaults)
+                plan.make(open_runs.get(job.id, []), calendars)
+                fires += plan.fires
+                cancels += plan.cancels
+                if plan.advance is not None:
+                    advances.append(plan.advance)
             except (ArithmeticError, ValueError) as e:
                 # A stored value no edge would accept today (a grace of 10**15 s, say, or
                 # a cron with no fire time within the bounded search: triggers.
                 # SearchExhausted) must not stop the other jobs: set it aside, say why.
-                del fires[planned[0]:], advances[planned[1]:]
+                del fires[planned[0]:], advances[planned[1]:], cancels[planned[2]:]
                 unplannable.append((job.id, f"cannot plan its fire times: {e}"))
         if unplannable:
             self.store.set_aside(unplannable)
         runs = self.store.commit_fires(self.epoch, self.leader, fires, advances,
-                                       now=now.timestamp())
+                                       now=now.timestamp(), cancels=cancels)
         if runs:
             self.send(runs)
         return len(runs)
 
-    def _plan(
-        self, job: StoredJob, now: datetime, fires: list[FireRow], advances: list[Advance],
-        until: datetime,
-    ) -> None:
-        run_times: list[datetime] = []
+
+class _Plan:
+    """What one job's due fire times become (docs/DESIGN.md, "Job policies"): each a run
+    row, ``scheduled`` (or ``buffered`` behind an open run), ``missed`` or ``skipped``
+    with the reason, never an absence; and the job's advance."""
+
+    def __init__(self, job: StoredJob, now: datetime, until: datetime, retention: float,
+                 defaults: Defaults) -> None:
+        self.job, self.now, self.until, self.policy = job, now, until, job.qc.policy
+        self.horizon = now - timedelta(seconds=retention)
+        self.defaults = Defaults() if defaults is None else defaults
+        self.fires: list[FireRow] = []
+        self.cancels: list[tuple[int, str]] = []
+        self.advance: Advance | None = None
+
+    def _times(self) -> tuple[list[datetime], datetime | None]:
+        """The fire times up to ``until`` within the job's start/end bounds, and the next."""
+        job, policy = self.job, self.policy
+        start, end = policy.start_ts, policy.end_ts
+        times: list[datetime] = []
         nxt = job.next_run_time
-        while nxt is not None and nxt <= until and len(run_times) < MAX_CATCH_UP:
-            run_times.append(nxt)
-            nxt = job.trigger.get_next_fire_time(nxt, max(nxt, now))
-        if not run_times:
+        if nxt is not None and start is not None and nxt.timestamp() < start:
+            nxt = job.trigger.get_next_fire_time(None, datetime.fromtimestamp(start, UTC))
+        while nxt is not None and nxt <= self.until and len(times) < MAX_CATCH_UP:
+            if end is not None and nxt.timestamp() > end:
+                return times, None
+            times.append(nxt)
+            nxt = job.trigger.get_next_fire_time(nxt, max(nxt, self.now))
+        if nxt is not None and end is not None and nxt.timestamp() > end:
+            nxt = None
+        return times, nxt
+
+    def _row(self, t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
+        job, qc = self.job, self.job.qc
+        due = None
+        if status in (RunStatus.SCHEDULED, RunStatus.BUFFERED):
+            shift = jitter_of(job.id, t.timestamp(), self.policy.jitter)
+            due = t.timestamp() + shift if shift else None
+        return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
+                       status, qc.recover, error, qc.max_attempts, due_at=due,
+                       **run_fields(self.policy, self.defaults))
+
+    def make(self, open_runs: list[tuple[int, str]],
+             calendars: Mapping[str, Calendar]) -> None:
+        job, policy, now = self.job, self.policy, self.now
+        times, nxt = self._times()
+        if not times:
+            if nxt != job.next_run_time:  # moved to its start, or past its end
+                self.advance = Advance(job.id, job.qc.version, ts(nxt), keep=True)
             return
         grace = timedelta(seconds=job.misfire_grace_time)
-        horizon = now - timedelta(seconds=self.retention_seconds)
-        ahead = [t for t in run_times if t > now]  # inside the fire-ahead window
-        due = [t for t in run_times if t <= now and now - t <= grace]
-        late = [t for t in run_times if now - t > grace]
-        if job.coalesce and len(due) > 1:  # only fire times that have passed coalesce
-            coalesced, due = due[:-1], due[-1:]
-        else:
-            coalesced = []
-        due += ahead
-        qc = job.qc
+        catch_up = max(grace, timedelta(seconds=policy.catch_up or 0))
+        misfire = policy.misfire or ("run-once" if job.coalesce else "run-all")
+        zone = getattr(job.trigger, "timezone", UTC)
+        to_run: list[datetime] = []
+        for t in times:
+            excluded = _excluded_by(t, zone, policy.exclude, calendars)
+            late = now - t
+            if excluded is not None:
+                self.fires.append(self._row(t, RunStatus.SKIPPED,
+                                            f"excluded by calendar {excluded}"))
+            elif late > catch_up:
+                if t >= self.horizon:
+                    self.fires.append(self._row(t, RunStatus.MISSED, _missed(late, job, catch_up)))
+            elif late > grace and misfire == "skip":
+                self.fires.append(self._row(
+                    t, RunStatus.MISSED,
+                    f"{_missed(late, job, None)}; misfire policy skip: waits for the next"))
+            else:
+                to_run.append(t)
+        if misfire == "run-once":  # only fire times that have passed coalesce
+            past = [t for t in to_run if t <= now]
+            for t in past[:-1]:
+                self.fires.append(self._row(t, RunStatus.MISSED, "coalesced into a later run"))
+            to_run = past[-1:] + [t for t in to_run if t > now]
+        ended = self._bounded(to_run)
+        made = self._overlap(to_run, open_runs)
+        self.advance = Advance(job.id, job.qc.version, None if ended else ts(nxt), runs=made,
+                               keep=ended or (nxt is None and (policy.end is not None)))
 
-        def row(t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
-            return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
-                           status, qc.recover, error, qc.max_attempts)
+    def _bounded(self, to_run: list[datetime]) -> bool:
+        """Cut ``to_run`` at the job's ``max_runs``; whether the job has ended."""
+        most = self.policy.max_runs
+        if most is None:
+            return False
+        left = max(0, most - self.job.qc.runs_made)
+        del to_run[left:]
+        return len(to_run) >= left
 
-        for t in late:
-            if t >= horizon:
-                late_by = (now - t).total_seconds()
-                fires.append(row(t, RunStatus.MISSED, f"missed by {late_by:.3f}s "
-                                                       f"(grace {job.misfire_grace_time}s)"))
-        for t in coalesced:
-            fires.append(row(t, RunStatus.MISSED, "coalesced into a later run"))
-        for t in due:
-            fires.append(row(t, RunStatus.SCHEDULED))
-        advances.append(Advance(job.id, qc.version, None if nxt is None else nxt.timestamp()))
+    def _overlap(self, to_run: list[datetime], open_runs: list[tuple[int, str]]) -> int:
+        """Record ``to_run`` under the job's overlap policy; how many will run."""
+        overlap = self.policy.overlap or "allow"
+        busy = [run_id for run_id, _ in open_runs]
+        buffered = any(status == RunStatus.BUFFERED for _, status in open_runs)
+        made = 0
+        if overlap == "cancel-other" and len(to_run) > 1:
+            for t in to_run[:-1]:
+                self.fires.append(self._row(t, RunStatus.SKIPPED,
+                                            "overlap cancel-other: a later fire time "
+                                            "replaced it in the same pass"))
+            to_run = to_run[-1:]
+        for t in to_run:
+            status, why = RunStatus.SCHEDULED, None
+            if overlap == "skip" and busy:
+                status, why = RunStatus.SKIPPED, (f"overlap skip: run {busy[0]} of this job "
+                                                  "is still open")
+            elif overlap == "buffer-one" and busy:
+                if buffered:
+                    status, why = RunStatus.SKIPPED, ("overlap buffer-one: a run is already "
+                                                      "waiting for the open one")
+                else:
+                    status, buffered = RunStatus.BUFFERED, True
+            elif overlap == "buffer-all" and busy:
+                status = RunStatus.BUFFERED
+            elif overlap == "cancel-other" and busy:
+                status = RunStatus.BUFFERED  # sent once the cancelled runs have ended
+                self.cancels += [(run_id, f"overlap cancel-other: replaced by the fire at "
+                                          f"{t.isoformat()}") for run_id in busy]
+                busy = []
+            self.fires.append(self._row(t, status, why))
+            if status != RunStatus.SKIPPED:
+                made += 1
+                busy.append(0)  # a run of this pass: open from now on
+        return made
+
+
+def _missed(late: timedelta, job: StoredJob, catch_up: timedelta | None) -> str:
+    window = "" if catch_up is None or catch_up.total_seconds() == job.misfire_grace_time \
+        else f", catch-up {catch_up.total_seconds():g}s"
+    return (f"missed by {late.total_seconds():.3f}s (grace {job.misfire_grace_time}s"
+            f"{window})")
+
+
+def _excluded_by(t: datetime, zone: tzinfo, names: Sequence[str],
+                 calendars: Mapping[str, Calendar]) -> str | None:
+    """The first of the calendars ``names`` whose dates hold ``t``'s date in ``zone``."""
+    if not names:
+        return None
+    day = t.astimezone(zone).date()
+    for name in names:
+        calendar = calendars.get(name)
+        if calendar is not None and calendar.excludes(day):
+            return name
+    return None
+
+
+def ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
 
 
 class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]

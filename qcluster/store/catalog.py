@@ -66,8 +66,14 @@ class ApplyResult:
 
 
 def first_fire(jd: JobDef, now: float) -> float | None:
-    nxt = build_trigger(jd.trigger).get_next_fire_time(None, datetime.fromtimestamp(now, UTC))
-    return None if nxt is None else float(nxt.timestamp())
+    """The job's first fire time after ``now``, and not before its ``start`` policy."""
+    start = jd.policy.start_ts
+    since = now if start is None else max(now, start)
+    nxt = build_trigger(jd.trigger).get_next_fire_time(None, datetime.fromtimestamp(since, UTC))
+    end = jd.policy.end_ts
+    if nxt is None or (end is not None and nxt.timestamp() > end):
+        return None
+    return float(nxt.timestamp())
 
 
 class _FirstFires:
@@ -81,7 +87,7 @@ class _FirstFires:
         self._known: dict[str, float | None] = {}
 
     def __call__(self, jd: JobDef) -> float | None:
-        key = json.dumps(jd.trigger, sort_keys=True)
+        key = json.dumps([jd.trigger, jd.policy.start, jd.policy.end], sort_keys=True)
         if key not in self._known:
             self._known[key] = first_fire(jd, self.now)
         return self._known[key]
@@ -141,13 +147,23 @@ def upsert_jobs(
             continue
         changes: dict[str, Any] = {**values, "version": row.version + 1, "updated_at": now,
                                    "broken": None}
-        if values["trigger"] != row.trigger and not row.paused:
+        if not row.paused and (values["trigger"] != row.trigger
+                               or _bounds(row.policy) != (jd.policy.start, jd.policy.end)
+                               or (row.next_run_time is None and values["policy"] != row.policy)):
             changes["next_run_time"] = next_fire(jd)
         conn.execute(j.update().where(j.c.id == jd.id).values(**changes))
         result.updated.append(jd.id)
     for start in range(0, len(inserts), _CHUNK):
         conn.execute(j.insert(), inserts[start : start + _CHUNK])
     return result
+
+
+def _bounds(stored: str | None) -> tuple[str | None, str | None]:
+    try:
+        policy = from_stored(stored)
+    except InputError:
+        return None, None
+    return policy.start, policy.end
 
 
 def _same_schedule(stored: str, new: dict[str, Any]) -> bool:
@@ -218,31 +234,37 @@ def remove_job(conn: Connection, job_id: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Advance:
-    """Move a job to its next fire time (``None``: no fire time left, remove it)."""
+    """Move a job to its next fire time, adding ``runs`` to its ``runs_made``. ``None``:
+    no fire time left: the job is removed, unless ``keep`` (it ended by its ``end`` or
+    ``max_runs`` policy: the row stays, with no next fire time, to be seen)."""
 
     job_id: str
     version: int
     next_run_time: float | None
+    runs: int = 0
+    keep: bool = False
 
 
 def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
     """Apply each advance only if the job's row is still at the version it read (a job
-    changed meanwhile keeps its new schedule); a job with no fire time left is deleted."""
+    changed meanwhile keeps its new schedule); a job with no fire time left is deleted
+    (unless the advance keeps it)."""
     j = schema.jobs
     moves = [
-        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time}
+        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time, "b_runs": a.runs}
         for a in advances
-        if a.next_run_time is not None
+        if a.next_run_time is not None or a.keep
     ]
     if moves:
         conn.execute(
             j.update()
             .where(j.c.id == sa.bindparam("b_id"), j.c.version == sa.bindparam("b_version"))
-            .values(next_run_time=sa.bindparam("b_next")),
+            .values(next_run_time=sa.bindparam("b_next"),
+                    runs_made=j.c.runs_made + sa.bindparam("b_runs")),
             moves,
         )
     done = [{"b_id": a.job_id, "b_version": a.version}
-            for a in advances if a.next_run_time is None]
+            for a in advances if a.next_run_time is None and not a.keep]
     if done:  # one statement for a burst of one-off jobs, not one per job
         conn.execute(
             j.delete().where(j.c.id == sa.bindparam("b_id"),

@@ -25,10 +25,12 @@ Promises, beyond APScheduler's ``BaseJobStore``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -44,11 +46,12 @@ from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, interval_problem
 from qcluster.definitions.policy import NONE, Policy, from_stored
 from qcluster.definitions.triggers import build_trigger
 from qcluster.errors import InputError, QClusterError
-from qcluster.store import catalog, schema
+from qcluster.store import calendars, catalog, schema
+from qcluster.store.calendars import Calendar
 from qcluster.store.catalog import Advance as Advance  # commit_fires takes these
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
-from qcluster.store.runs import FireRow, insert_runs
+from qcluster.store.runs import OPEN, RETRIABLE, FireRow, cancel, insert_runs
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         # spec share one, and a job removed and added again can never get a stale one.
         self._triggers: OrderedDict[str, BaseTrigger] = OrderedDict()
         self._triggers_lock = threading.Lock()
+        self._calendars: dict[str, Calendar] = {}
+        self._calendar_versions: dict[str, int] = {}
 
     # -- reads -------------------------------------------------------------------------
 
@@ -127,6 +132,38 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         with self.db.read() as conn:
             rows = conn.execute(query).all()
         return self._load_many(rows)
+
+    def open_runs(self, job_ids: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+        """The runs of ``job_ids`` that are not over, (run id, status) by job: open ones
+        (``scheduled``, ``dispatched``, ``running``, ``buffered``) and failed or timed-out
+        ones with a retry to come. What an overlap policy asks: the runs table, whose
+        ``running`` rows of dead workers recovery turns ``lost``, not a flag a crash can
+        leave set."""
+        if not job_ids:
+            return {}
+        r = schema.runs
+        found: dict[str, list[tuple[int, str]]] = {}
+        with self.db.read() as conn:
+            for start in range(0, len(job_ids), 500):
+                rows = conn.execute(
+                    sa.select(r.c.job_id, r.c.id, r.c.status)
+                    .where(r.c.job_id.in_(job_ids[start : start + 500]),
+                           sa.or_(r.c.status.in_(OPEN),
+                                  sa.and_(r.c.status.in_(RETRIABLE), r.c.retries_left > 0)))
+                    .order_by(r.c.scheduled_at))
+                for row in rows:
+                    found.setdefault(row.job_id, []).append((int(row.id), str(row.status)))
+        return found
+
+    def calendars(self) -> dict[str, Calendar]:
+        """Every exclusion calendar, read again only when one changed (a version check,
+        one small query, per call)."""
+        with self.db.read() as conn:
+            seen = calendars.versions(conn)
+            if seen != self._calendar_versions:
+                self._calendars = calendars.load_calendars(conn)
+                self._calendar_versions = {c.name: c.version for c in self._calendars.values()}
+        return self._calendars
 
     def get_next_run_time(self) -> datetime | None:
         j = schema.jobs
@@ -173,16 +210,21 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
 
     def commit_fires(
         self, epoch: int, leader: str, fires: Sequence[FireRow], advances: Sequence[Advance],
-        *, now: float | None = None,
+        *, now: float | None = None, cancels: Sequence[tuple[int, str]] = (),
     ) -> list[RunRecord]:
-        """Record ``fires`` and apply ``advances`` atomically; return the new runs to send.
-        ``now`` is the rows' ``created_at`` (:func:`qcluster.store.runs.insert_runs`).
+        """Record ``fires``, cancel the runs of ``cancels`` (run id, reason: overlap
+        ``cancel-other``; one that has finished meanwhile is left as it is) and apply
+        ``advances`` atomically; return the new runs to send. ``now`` is the rows'
+        ``created_at`` (:func:`qcluster.store.runs.insert_runs`).
 
         A fire time already recorded (by this leader or an earlier one) inserts nothing and
         is not returned. An advance applies only if the job's row version is unchanged, so
         a concurrent edit of the job wins; its fire times stay unique by the run key.
         """
         with self.db.fenced(epoch) as conn:
+            for run_id, reason in cancels:
+                with contextlib.suppress(InputError):  # it finished meanwhile: nothing to stop
+                    cancel(conn, run_id, now=time.time() if now is None else now, reason=reason)
             inserted = insert_runs(conn, fires, epoch, leader, now=now)
             catalog.apply_advances(conn, advances)
         return inserted
