@@ -1,0 +1,154 @@
+"""Job policies with real ``qcluster start`` processes across a leader kill (issue 15,
+"Done when"): a retry scheduled by the old leader runs once under the new one; an overlap
+decision holds while the leader changes; every fire time is a run row (``skipped`` with
+its reason is a row, never an absence)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, cluster
+from tests.helpers import TEST_ALLOW, TEST_SETTINGS, run_cli, wait_for, write_config
+
+pytestmark = pytest.mark.cluster
+
+#: Jobs of the test's own ([jobs] paths): each writes one JSON line per start and end.
+POLICY_JOBS = '''
+import json
+import os
+import time
+
+from qcluster import current_run
+
+
+def _line(path, **fields):
+    run = current_run()
+    data = {"job_id": run.job_id, "run_id": run.run_id, "attempt": run.attempt,
+            "scheduled_at": run.scheduled_at.timestamp(), "epoch": run.epoch, **fields}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(data) + "\\n").encode())
+    finally:
+        os.close(fd)
+
+
+def fail_first(path):
+    """Fail on the first attempt of each run, succeed on the next."""
+    _line(path, event="start", at=time.time())
+    if current_run().attempt == 1:
+        raise RuntimeError("first attempt fails")
+
+
+def busy(path, seconds):
+    """Take ``seconds``, recording when it started and ended."""
+    _line(path, event="start", at=time.time())
+    time.sleep(seconds)
+    _line(path, event="end", at=time.time())
+'''
+
+
+def policy_cluster(tmp_path: Path, url: str) -> Cluster:
+    package = tmp_path / "jobpaths" / "policyjobs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text(POLICY_JOBS)
+    config = write_config(
+        tmp_path, url, jobs={"allow": [*TEST_ALLOW, "policyjobs.*"],
+                             "paths": [str(package.parent)]},
+        scheduler={**TEST_SETTINGS["scheduler"], "misfire_grace_seconds": 10})
+    run_cli("db", "upgrade", config=config)
+    return Cluster(tmp_path, config, url)
+
+
+def lines(c: Cluster) -> list[dict[str, Any]]:
+    if not c.records.exists():
+        return []
+    return [json.loads(line) for line in c.records.read_text().splitlines() if line]
+
+
+def rows_of(c: Cluster, job_id: str) -> list[Any]:
+    return [r for r in c.runs() if r.job_id == job_id]
+
+
+def test_a_retry_scheduled_by_a_killed_leader_runs_once_under_the_next(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "retry", "--func", "policyjobs.jobs:fail_first",
+                "--every", "1h", "--kwarg", f"path={c.records}", "--retries", "2",
+                "--retry-backoff", "8s", config=c.config)
+        run_cli("jobs", "run", "retry", config=c.config)
+
+        def retry_scheduled() -> Any:
+            rows = rows_of(c, "retry")
+            return rows and rows[0].status == "scheduled" and rows[0].attempt == 2 and rows[0]
+
+        row = wait_for(retry_scheduled, timeout=30, what="attempt 2 to be scheduled",
+                       details=c.leader_logs)
+        assert row.due_at is not None and row.due_at > time.time()  # its backoff, not yet
+        assert row.epoch == old.epoch and "first attempt fails" in row.error
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        new = c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        done = wait_for(lambda: (r := rows_of(c, "retry")[0]).status == "succeeded" and r,
+                        timeout=40, what="attempt 2 to succeed", details=c.leader_logs)
+        assert done.attempt == 2 and done.retries_left == 1
+        starts = [(x["attempt"]) for x in lines(c) if x["job_id"] == "retry"]
+        assert starts == [1, 2]  # each attempt ran once
+        second = next(x for x in lines(c) if x["attempt"] == 2)
+        assert second["at"] >= row.due_at - 1.0  # after its backoff (a second's send-ahead)
+        assert new.epoch > old.epoch
+
+
+def test_overlap_skip_holds_across_a_leader_kill_and_every_fire_is_a_row(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        for w in ("w1", "w2"):
+            c.start(w, "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "slow", "--func", "policyjobs.jobs:busy", "--every", "1s",
+                "--kwarg", f"path={c.records}", "--kwarg", "seconds=3.5",
+                "--overlap", "skip", config=c.config)
+        first = wait_for(lambda: min((r.scheduled_at for r in rows_of(c, "slow")),
+                                     default=None), timeout=30, what="the first fire")
+        time.sleep(5)
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        time.sleep(9)
+        end = time.time() - 5
+        rows = wait_for(lambda: (rs := rows_of(c, "slow")) and all(
+            r.status in ("succeeded", "skipped", "missed", "failed", "lost")
+            for r in rs if r.scheduled_at <= end) and rs, timeout=40, what="runs to settle")
+        by_time = {r.scheduled_at: r for r in rows}
+        t = first
+        while t <= end:  # every fire time is a row: run, or skipped with the reason
+            assert t in by_time, f"fire {t} has no run row"
+            row = by_time[t]
+            assert row.status in ("succeeded", "skipped", "missed"), (row.status, row.error)
+            if row.status == "skipped":
+                assert "overlap skip: run" in row.error
+            t += 1.0
+        events = sorted((x for x in lines(c) if x["job_id"] == "slow"), key=lambda x: x["at"])
+        running = 0
+        for x in events:  # never two runs of the job at once, whoever led
+            running += 1 if x["event"] == "start" else -1
+            assert running <= 1, "two runs of an overlap-skip job ran at once"
+        ran = {x["run_id"] for x in events if x["event"] == "start"}
+        succeeded = {r.id for r in rows if r.status == "succeeded"}
+        assert succeeded <= ran and len(succeeded) >= 3
+        assert sum(1 for r in rows if r.status == "skipped") >= 6
