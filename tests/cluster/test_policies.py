@@ -125,15 +125,21 @@ def test_overlap_skip_holds_across_a_leader_kill_and_every_fire_is_a_row(
                 "--overlap", "skip", config=c.config)
         first = wait_for(lambda: min((r.scheduled_at for r in rows_of(c, "slow")),
                                      default=None), timeout=30, what="the first fire")
+        assert isinstance(first, float)
         time.sleep(5)
         assert old.leader_id is not None
         c.nodes[old.leader_id].kill()
         c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
         time.sleep(9)
         end = time.time() - 5
-        rows = wait_for(lambda: (rs := rows_of(c, "slow")) and all(
-            r.status in ("succeeded", "skipped", "missed", "failed", "lost")
-            for r in rs if r.scheduled_at <= end) and rs, timeout=40, what="runs to settle")
+        def settled() -> list[Any] | None:
+            rs = rows_of(c, "slow")
+            done = all(r.status in ("succeeded", "skipped", "missed", "failed", "lost")
+                       for r in rs if r.scheduled_at <= end)
+            return rs if done else None
+
+        rows = wait_for(settled, timeout=40, what="runs to settle")
+        assert isinstance(rows, list)
         by_time = {r.scheduled_at: r for r in rows}
         t = first
         while t <= end:  # every fire time is a row: run, or skipped with the reason
