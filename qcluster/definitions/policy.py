@@ -47,6 +47,7 @@ MISFIRE = ("run-once", "run-all", "skip")
 MAX_RETRIES = 100
 MAX_RUNS = 2**31 - 1
 MAX_CALENDARS = 20
+MAX_JITTER = 86400.0  # store/records.MAX_AHEAD: how far ahead a worker holds a run
 CALENDAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 #: The keys of a job's wire form that are policy fields, in the order shown.
@@ -131,6 +132,9 @@ def check_policy(data: object, *, strict: bool = True) -> Policy:
         raise InputError("end must be after start")
     if policy.timeout is not None and policy.timeout < 0.01:
         raise InputError("timeout must be at least 10ms")
+    if policy.jitter is not None and policy.jitter > MAX_JITTER:
+        raise InputError("jitter must be at most 1d (a run is held by its worker until its "
+                         "start)")
     return policy
 
 

@@ -484,6 +484,32 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
              ["jobs", "apply", str(write_job_file(tmp_path / "bad-attempts.toml", [
                  {"id": "in-bad-attempts", "func": HELLO, "every": "1s",
                   "max_attempts": "three"}]))], ("in-bad-attempts", "max_attempts")),
+        *(Case(f"policy {flag} {value}", add(f"bad-policy-{i}", "--func", HELLO, *every,
+                                              flag, value), fragments)
+          for i, (flag, value, fragments) in enumerate([
+              ("--retries", "-1", ("retries",)), ("--retries", "101", ("retries",)),
+              ("--retry-backoff", "soon", ("retry_backoff", "soon")),
+              ("--timeout", "0", ("timeout",)), ("--timeout", "5ms", ("timeout", "10ms")),
+              ("--overlap", "forbid", ("overlap", "skip", "forbid")),
+              ("--misfire", "fire-now", ("misfire", "run-once")),
+              ("--catch-up", "-5s", ("catch_up",)), ("--start", "tomorrow", ("start",)),
+              ("--end", "2026-01-01T00:00:00", ("end", "offset")),
+              ("--max-runs", "0", ("max_runs",)), ("--jitter", "2d", ("jitter", "1d")),
+              ("--exclude", "no good", ("calendar name",)),
+          ])),
+        Case("end before start", add("bad-bounds", "--func", HELLO, *every, "--start",
+                                     "2027-01-01T00:00:00Z", "--end", "2026-01-01T00:00:00Z"),
+             ("end must be after start",)),
+        Case("retry max backoff below the backoff",
+             add("bad-backoff", "--func", HELLO, *every, "--retry-backoff", "1m",
+                 "--retry-max-backoff", "10s"), ("retry_max_backoff",)),
+        Case("coalesce contradicting the misfire policy",
+             add("bad-misfire", "--func", HELLO, *every, "--no-coalesce", "--misfire",
+                 "run-once"), ("contradicts",)),
+        Case("a policy in a job file that is not a duration",
+             ["jobs", "apply", str(write_job_file(tmp_path / "bad-policy.toml", [
+                 {"id": "in-bad-policy", "func": HELLO, "every": "1s", "timeout": [1]}]))],
+             ("in-bad-policy", "timeout")),
         Case("runs cancel of an unknown run", ["runs", "cancel", "987654"], ("no run 987654",)),
         Case("runs cancel of run 0", ["runs", "cancel", "0"], ("run id",)),
         Case("runs cancel of a run id too large", ["runs", "cancel", str(2**63)], ("run id",)),
@@ -623,3 +649,31 @@ def test_start_takes_its_roles_from_config_unless_role_is_given(
         assert sorted(roles_of("from-flag")) == ["scheduler", "worker"], node.log_tail()
         node.terminate()
         assert node.wait() == 0, node.log_tail()
+
+
+def test_job_policies_from_flags_and_files_show_in_json_and_reapply_unchanged(
+    config: Path, tmp_path: Path
+) -> None:
+    run_cli("jobs", "add", "pol", "--func", HELLO, "--every", "1m", "--retries", "3",
+            "--retry-backoff", "10s", "--retry-max-backoff", "5m", "--timeout", "30s",
+            "--overlap", "buffer-one", "--misfire", "run-all", "--catch-up", "1h",
+            "--start", "2026-01-01T00:00:00+01:00", "--end", "2030-01-01T00:00:00Z",
+            "--max-runs", "100", "--jitter", "2s", config=config)
+    shown = run_json("jobs", "show", "pol", "--json", config=config)
+    assert {k: shown[k] for k in ("retries", "retry_backoff", "retry_max_backoff", "timeout",
+                                  "overlap", "misfire", "catch_up", "start", "end",
+                                  "max_runs", "jitter", "exclude", "runs_made")} == {
+        "retries": 3, "retry_backoff": 10.0, "retry_max_backoff": 300.0, "timeout": 30.0,
+        "overlap": "buffer-one", "misfire": "run-all", "catch_up": 3600.0,
+        "start": "2025-12-31T23:00:00+00:00", "end": "2030-01-01T00:00:00+00:00",
+        "max_runs": 100, "jitter": 2.0, "exclude": [], "runs_made": 0}
+    text = run_cli("jobs", "show", "pol", config=config).stdout
+    assert "buffer-one" in text and "30s" in text and "1h" in text
+    file = write_job_file(tmp_path / "pol.toml", [
+        {"id": "filed", "func": HELLO, "every": "1m", "retries": 2, "timeout": "1m30s",
+         "overlap": "skip", "misfire": "skip"}])
+    run_cli("jobs", "apply", str(file), config=config)
+    again = run_json("jobs", "apply", str(file), "--json", config=config)
+    assert (again["unchanged"], again["updated"]) == (1, 0)
+    filed = run_json("jobs", "show", "filed", "--json", config=config)
+    assert (filed["timeout"], filed["overlap"], filed["misfire"]) == (90.0, "skip", "skip")
