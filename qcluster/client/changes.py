@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from backends.base import LeaderInfo
 from qcluster.client.admin import cluster_backends, live_leader, open_db, read_state
 from qcluster.definitions.jobdefs import JobDef, check_job_id
+from qcluster.definitions.policy import defaults_from
 from qcluster.errors import INPUT_KINDS, DatabaseUnavailable, Fenced, InputError, QClusterError
 from qcluster.settings import Settings
 from qcluster.store import bounds, catalog
@@ -186,7 +187,8 @@ def run_job(settings: Settings, job_id: str) -> Outcome:
     check_job_id(job_id)
     return change(
         settings, "run_job", (job_id,),
-        lambda conn, epoch: catalog.run_now(conn, job_id, epoch, "cli")["run_id"],
+        lambda conn, epoch: catalog.run_now(
+            conn, job_id, epoch, "cli", defaults=defaults_from(settings.scheduler))["run_id"],
     )
 
 

@@ -30,6 +30,7 @@ import Pyro5.server
 from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import check_job_id, validate_job
+from qcluster.definitions.policy import Defaults
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
@@ -73,11 +74,13 @@ def _unshowable(e: BaseException) -> dict[str, Any]:
 class ControlService:
     """Job changes, made by the leader that owns the store."""
 
-    def __init__(self, db: Database, leader: LeaderRole, allow: list[str], node_id: str) -> None:
+    def __init__(self, db: Database, leader: LeaderRole, allow: list[str], node_id: str,
+                 defaults: Defaults | None = None) -> None:
         self._db = db
         self._leader = leader
         self._allow = allow
         self._node_id = node_id
+        self._defaults = Defaults() if defaults is None else defaults  # [scheduler] retries
 
     def whoami(self) -> dict[str, Any]:
         return _ok(node_id=self._node_id, leading=self._leader.active, epoch=self._leader.epoch)
@@ -119,7 +122,8 @@ class ControlService:
         def record(conn: Connection, jid: str) -> None:
             epoch = self._leader.epoch
             assert epoch is not None
-            runs.append(catalog.run_now(conn, jid, epoch, self._node_id))
+            runs.append(catalog.run_now(conn, jid, epoch, self._node_id,
+                                        defaults=self._defaults))
 
         reply = self._one(job_id, record)
         if reply["ok"]:

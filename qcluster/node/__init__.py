@@ -26,6 +26,7 @@ from types import TracebackType
 from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend
 from qcluster.definitions.jobdefs import extend_import_path
+from qcluster.definitions.policy import defaults_from
 from qcluster.errors import ConfigError, Fenced, MemberReplaced, QClusterError
 from qcluster.leader import migration
 from qcluster.leader.control import ControlService
@@ -198,7 +199,8 @@ class Node(NodeCoordination):
                                      control_uri=control_uri, secret=secret,
                                      revoke=self._revoke, drive=self._drive,
                                      lease_deadline=self._lease_deadline)
-            daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id),
+            daemon.register(ControlService(db, self.leader, list(s.jobs.allow), self.node_id,
+                                           defaults_from(s.scheduler)),
                             "qcluster.leader.control")
         self._daemon.start()
         self._beat()  # be a member before anything depends on it

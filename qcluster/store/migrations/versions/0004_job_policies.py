@@ -28,6 +28,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("retry_backoff", sa.Float, nullable=True))
         batch.add_column(sa.Column("retry_max_backoff", sa.Float, nullable=True))
     op.create_index("ix_qc_runs_job_status", "qc_runs", ["job_id", "status"])
+    op.create_index("ix_qc_runs_retry", "qc_runs", ["status"],
+                    postgresql_where=sa.text("retries_left > 0"),
+                    sqlite_where=sa.text("retries_left > 0"))
     op.create_table(
         "qc_calendars",
         sa.Column("name", sa.String(100), primary_key=True),
@@ -40,6 +43,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("qc_calendars")
+    op.drop_index("ix_qc_runs_retry", "qc_runs")
     op.drop_index("ix_qc_runs_job_status", "qc_runs")
     with op.batch_alter_table("qc_runs") as batch:
         for name in ("retry_max_backoff", "retry_backoff", "retries_left", "timeout", "due_at"):
