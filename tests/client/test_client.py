@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -330,3 +331,27 @@ def test_cancel_and_max_attempts_from_python(config: Path) -> None:
             c.cancel(bad_id)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="no run 424242"):
         c.cancel(424242)
+
+
+def test_policies_from_python_take_timedeltas_and_datetimes(config: Path, db_url: str) -> None:
+    c = Client(config)
+    start = datetime(2026, 12, 1, 9, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    c.add("pol", HELLO, every="1m", retries=2, retry_backoff=timedelta(seconds=5),
+          timeout=timedelta(minutes=2), overlap="buffer-all", misfire="skip", start=start,
+          max_runs=10, jitter=1.5)
+    shown = c.show("pol")
+    assert (shown["retries"], shown["retry_backoff"], shown["timeout"]) == (2, 5.0, 120.0)
+    assert (shown["overlap"], shown["misfire"], shown["max_runs"], shown["jitter"]) == (
+        "buffer-all", "skip", 10, 1.5)
+    assert shown["start"] == "2026-12-01T08:00:00+00:00"
+    assert c.job("x", HELLO, every="1m", timeout="30s").policy.timeout == 30.0
+    before = table_rows(db_url)
+    for call, fragment in [
+        (lambda: c.add("bad1", HELLO, every="1m", overlap="forbid"), "overlap"),
+        (lambda: c.add("bad2", HELLO, every="1m", retries=True), "retries"),
+        (lambda: c.add("bad3", HELLO, every="1m", no_such_policy=1), "no_such_policy"),
+        (lambda: c.add("bad4", HELLO, every="1m", start=datetime(2026, 1, 1)), "offset"),
+    ]:
+        with pytest.raises(InputError, match=fragment):
+            call()
+    assert table_rows(db_url) == before
