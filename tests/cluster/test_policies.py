@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.harness import Cluster, cluster
-from tests.helpers import TEST_ALLOW, TEST_SETTINGS, run_cli, wait_for, write_config
+from tests.helpers import TEST_ALLOW, TEST_SETTINGS, run_cli, run_json, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 
@@ -158,3 +158,75 @@ def test_overlap_skip_holds_across_a_leader_kill_and_every_fire_is_a_row(
         succeeded = {r.id for r in rows if r.status == "succeeded"}
         assert succeeded <= ran and len(succeeded) >= 3
         assert sum(1 for r in rows if r.status == "skipped") >= 6
+
+
+def test_misfire_policies_after_every_scheduler_was_down(tmp_path: Path, pg_url: str) -> None:
+    """Both schedulers are killed for 8 s; the next leader finds 8 s of fire times past
+    their 2 s grace, within a 60 s catch-up window: run-all runs each, run-once one,
+    skip none (recorded missed); every fire time is one row and ran at most once."""
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        c.wait_leader()
+        for policy in ("run-all", "run-once", "skip"):
+            run_cli("jobs", "add", policy, "--func", "policyjobs.jobs:busy", "--every", "1s",
+                    "--kwarg", f"path={c.records}", "--kwarg", "seconds=0",
+                    "--misfire", policy, "--misfire-grace", "2", "--catch-up", "60s",
+                    config=c.config)
+        wait_for(lambda: len({r.job_id for r in c.runs() if r.status == "succeeded"}) == 3,
+                 timeout=30, what="a run of each job")
+        down = time.time()
+        for s in ("s1", "s2"):
+            c.nodes[s].kill()
+        time.sleep(8)
+        up = time.time()
+        c.start("s1", "scheduler")
+        c.wait_leader()
+        time.sleep(4)
+        end = up - 3  # fire times well inside the gap: 2 s past their grace at restart
+        rows = {job: {r.scheduled_at: r for r in rows_of(c, job)} for job in
+                ("run-all", "run-once", "skip")}
+        gap = {job: [r for t, r in by.items() if down + 1 < t < end]
+               for job, by in rows.items()}
+        assert all(len(g) >= 4 for g in gap.values()), {k: len(v) for k, v in gap.items()}
+        wait_for(lambda: all(r.status in ("succeeded", "missed") for job in gap
+                             for r in rows_of(c, job) if r.scheduled_at < end),
+                 timeout=30, what="the gap's runs to settle")
+        final = {job: [r for r in rows_of(c, job) if down + 1 < r.scheduled_at < end]
+                 for job in gap}
+        assert {r.status for r in final["run-all"]} == {"succeeded"}
+        assert {r.status for r in final["skip"]} == {"missed"}
+        assert all("misfire policy skip" in r.error for r in final["skip"])
+        once = [r.status for r in final["run-once"]]
+        assert set(once) == {"missed"}  # coalesced into the latest, which is after `end`
+        assert all("coalesced" in r.error for r in final["run-once"])
+        started = [(x["job_id"], x["scheduled_at"]) for x in lines(c) if x["event"] == "start"]
+        assert len(started) == len(set(started))  # no fire time ran twice
+        for job, by in rows.items():  # and every second of the whole window is a row
+            times = sorted(by)
+            assert all(b - a == 1.0 for a, b in zip(times, times[1:], strict=False)), job
+
+
+def test_max_runs_holds_across_a_leader_kill(tmp_path: Path, pg_url: str) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "six", "--func", "policyjobs.jobs:busy", "--every", "1s",
+                "--kwarg", f"path={c.records}", "--kwarg", "seconds=0", "--max-runs", "6",
+                config=c.config)
+        wait_for(lambda: len(rows_of(c, "six")) >= 3, timeout=30, what="three runs")
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        time.sleep(8)
+        rows = rows_of(c, "six")
+        ran = [r for r in rows if r.status not in ("missed", "skipped")]
+        assert len(ran) == 6, [(r.scheduled_at, r.status) for r in rows]
+        job = next(j for j in run_json("jobs", "list", "--json", config=c.config)
+                   if j["id"] == "six")
+        assert (job["runs_made"], job["next_run_time"]) == (6, None)
