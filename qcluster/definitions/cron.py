@@ -12,12 +12,24 @@ Macros @yearly @annually @monthly @weekly @daily @midnight @hourly; @reboot is r
 APScheduler's own syntax, ``second=*/10 minute=5 day_of_week=mon-fri``, passes through with
 APScheduler's meaning: day_of_week 0 is MONDAY there, and dom/dow are ANDed. A bare word
 continues the previous value (``day=last fri``).
+
+Fixed-time or wall-clock (:func:`is_fixed`), for the DST rule in
+:mod:`qcluster.definitions.triggers`, told apart as cron(8) does (cronie's entry.c sets
+MIN_STAR or HR_STAR when the minute or hour field starts with ``*``): a cron is *fixed*
+unless its second, minute or hour field starts with ``*``. So ``0``, ``30``, ``1,2`` and
+``0-30/5`` are fixed; ``*`` and ``*/15`` (even ``*/60``, which means ``0``) are not. The
+seconds field is judged with the minute and hour (cron(8) has none); a 5-field line's
+second is ``0``, fixed. Macros are judged by what they stand for: ``@hourly`` is
+``0 * * * *``, wall-clock; the others start ``0 0``, fixed. In the ``key=value`` syntax a
+missing second, minute or hour is what CronTrigger makes of it: ``*`` when a finer field is
+given, else 0 (``hour=9`` is 09:00:00, fixed; ``minute=5`` is every hour, wall-clock).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -33,6 +45,7 @@ _APS_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # APScheduler: 0 
 _DAYS = {d: (i + 1) % 7 for i, d in enumerate(_APS_DAYS)}  # crontab: 0 is Sunday
 _MONTHS = {m: i + 1 for i, m in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"))}
+_TIME_KEYS = ("second", "minute", "hour")
 _ITEM = re.compile(r"(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?")
 
 
@@ -117,8 +130,17 @@ _CRON_FIELDS = (
 )
 
 
-def _crontab_fields(expr: str) -> list[dict[str, str]]:
-    """CronTrigger keyword sets for a crontab line; two sets mean 'fire when either fires'."""
+class _Cron(NamedTuple):
+    fields: list[dict[str, str]]  # CronTrigger keyword sets; two mean 'fire when either fires'
+    fixed: bool  # see is_fixed
+
+
+def _fixed(second: str, minute: str, hour: str) -> bool:
+    return not any(text.lstrip().startswith("*") for text in (second, minute, hour))
+
+
+def _crontab_fields(expr: str) -> _Cron:
+    """CronTrigger keyword sets for a crontab line, and whether it is fixed-time."""
     if expr.startswith("@"):
         if expr.lower() == "@reboot":
             raise ValueError("@reboot is not supported (a cluster has no boot)")
@@ -133,12 +155,14 @@ def _crontab_fields(expr: str) -> list[dict[str, str]]:
     aps = [field.to_aps(part) for field, part in zip(_CRON_FIELDS, parts, strict=True)]
     second, minute, hour, day, month, dow = aps
     common = {"second": second, "minute": minute, "hour": hour, "month": month}
+    fixed = _fixed(*parts[:3])  # the text as typed: "*/60" reads as "0" above, yet is not fixed
     if parts[3].startswith("*") or parts[5].startswith("*"):
-        return [{**common, "day": day, "day_of_week": dow}]
-    return [{**common, "day": day, "day_of_week": "*"}, {**common, "day": "*", "day_of_week": dow}]
+        return _Cron([{**common, "day": day, "day_of_week": dow}], fixed)
+    return _Cron([{**common, "day": day, "day_of_week": "*"},
+                  {**common, "day": "*", "day_of_week": dow}], fixed)
 
 
-def _keyword_fields(expr: str) -> list[dict[str, str]]:
+def _keyword_fields(expr: str) -> _Cron:
     """``key=value`` words, APScheduler's own field syntax, checked field by field."""
     fields: dict[str, str] = {}
     key = ""
@@ -160,7 +184,12 @@ def _keyword_fields(expr: str) -> list[dict[str, str]]:
         except (ValueError, TypeError, LookupError, OverflowError):
             raise ValueError(f"{key}={quote(value, 20)} is not a valid APScheduler "
                              f"expression") from None
-    return [fields]
+    # CronTrigger's defaults: a missing field is "*" above the finest one given, its minimum
+    # (0 for these three) below it.
+    finest = max(CronTrigger.FIELD_NAMES.index(key) for key in fields)
+    times = [fields.get(key, "0" if CronTrigger.FIELD_NAMES.index(key) > finest else "*")
+             for key in _TIME_KEYS]
+    return _Cron([fields], _fixed(*times))
 
 
 def cron_fields(expr: str) -> list[dict[str, str]]:
@@ -169,11 +198,17 @@ def cron_fields(expr: str) -> list[dict[str, str]]:
     Two sets mean 'fire when either fires' (dom OR dow); the dicts are the caller's own.
     """
     # Parsed once per distinct expression: a file of 10,000 jobs has few distinct crons.
-    return [dict(fields) for fields in _parse_cron(expr)]
+    return [dict(fields) for fields in _parse_cron(expr).fields]
+
+
+def is_fixed(expr: str) -> bool:
+    """Whether ``expr`` is a fixed-time cron (no ``*`` first in its second, minute or hour
+    field; the module doc says more), not a wall-clock one; InputError if it is invalid."""
+    return _parse_cron(expr).fixed
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_cron(expr: str) -> list[dict[str, str]]:
+def _parse_cron(expr: str) -> _Cron:
     if not expr:
         raise InputError("invalid cron expression '': it is empty")
     try:

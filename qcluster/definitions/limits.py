@@ -1,5 +1,5 @@
 """What a schedule may ask for: a minimum interval between two fires, and a fire time
-within the bounded search (:data:`~qcluster.definitions.triggers.SEARCH_YEARS`).
+within the bounded search (:data:`~qcluster.definitions.crontrigger.SEARCH_YEARS`).
 
 :func:`check_schedule` is the one check, run by ``definitions/jobdefs.validate_job`` on
 every job the CLI, the client or the control API is given; :func:`interval_problem` is
@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.triggers.cron import CronTrigger
 
 from qcluster.definitions.cron import quote
+from qcluster.definitions.crontrigger import EitherCronTrigger
 from qcluster.definitions.triggers import (
-    EitherCronTrigger,
     TriggerSpec,
     build_trigger,
     check_fires,

@@ -12,39 +12,55 @@ what goes in the database. Promises:
 The cron dialect (crontab(5), or APScheduler's own ``key=value`` syntax) is described and
 read in :mod:`qcluster.definitions.cron`.
 
-Daylight saving time, for a cron in a zone with DST (e.g. Europe/Berlin):
+Daylight saving time: a cron follows its zone's wall clock by cron(8)'s rule (cronie,
+src/cron.c, which tells "fixed-time" jobs from "wildcard" ones; see
+:func:`qcluster.definitions.cron.is_fixed`):
 
-* Spring gap (02:00-03:00 does not exist): a time in the gap fires once, shifted by the gap
-  (``30 2 * * *`` at 03:30 CEST); ``*/15`` fires at 01:45 CET, then 03:00 CEST. No day is
-  skipped; stock APScheduler 3.11.3 (issue #529) makes ``@daily`` lose the next day.
-* Autumn fold (02:00-03:00 happens twice): as in APScheduler, matching wall times fire in
-  both passes; ``30 2 * * *`` fires twice, an hourly job keeps firing every real hour.
-  A zone without DST (UTC) avoids both.
+* A fixed-time cron (no ``*`` first in its second, minute or hour field: ``30 2 * * *``,
+  ``0 1,2 * * *``, ``@daily``) fires at the first instant the clock shows its time or a
+  later one. A time skipped by a spring-forward change fires once, at the change: in
+  Europe/Berlin ``30 2 * * *`` fires at 03:00 CEST; in America/New_York ``0 1,2 * * *``
+  fires at 01:00 EST, then 03:00 EDT, and ``0 2,3 * * *`` fires once at 03:00 EDT. A time
+  repeated by a fall-back change fires in the first pass only (``0 1 * * *`` in New York at
+  01:00 EDT, not at 01:00 EST). America/Santiago skips its midnight: ``@daily`` fires at
+  01:00 that day.
+* A wall-clock cron (``*`` first: ``*/15 * * * *``, ``0 * * * *``, ``@hourly``) fires at
+  every instant whose wall time matches: a skipped time does not fire (``*/15`` in Berlin:
+  01:45 CET, then 03:00 CEST) and a repeated one fires in both passes (``0 * * * *`` in
+  New York: 01:00 EDT and 01:00 EST).
+
+No day is lost (stock APScheduler 3.11.3, issue #529, makes ``@daily`` lose the day after a
+spring-forward change) and no instant fires twice. cronie applies the rule to jumps of up to
+three hours (a longer one it takes for a clock reset); here it holds for every change in the
+tz database. :mod:`qcluster.definitions.crontrigger` implements it. A zone without DST (UTC)
+has neither case.
 
 Intervals fire at ``start + k * interval`` in real time, in whole microseconds, unaffected
 by DST.
 
-A cron's next-fire search looks at most :data:`SEARCH_YEARS` past ``max(previous, now)``,
-then raises :class:`SearchExhausted`: APScheduler 3.11 walks an impossible date (Feb 31)
-year by year to 9999 (0.26 s of CPU a call). Year 9999 or an ended ``year=`` gives None.
+A cron's next-fire search looks at most
+:data:`~qcluster.definitions.crontrigger.SEARCH_YEARS` past ``max(previous, now)``, then
+raises :class:`~qcluster.definitions.crontrigger.SearchExhausted` (its module says why).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import threading
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from qcluster.definitions.cron import cron_fields, quote
+from qcluster.definitions.cron import cron_fields, is_fixed, quote
+from qcluster.definitions.crontrigger import (
+    EitherCronTrigger,
+    SearchExhausted,
+    WallClockCronTrigger,
+)
 from qcluster.errors import InputError
 
 TriggerSpec = dict[str, Any]  # JSON-able: {"type": ..., "tz": ..., ...}; see validate_spec
@@ -59,19 +75,6 @@ _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
               "date": {"type", "at", "tz"}}
 _When = datetime | None
-
-SEARCH_YEARS = 5  # how far ahead a cron's next fire time is looked for
-SEARCH_WINDOW = timedelta(days=366 * SEARCH_YEARS)
-_search = threading.local()  # .limit: the UTC bound of the search under way on this thread
-
-
-class SearchExhausted(InputError, ValueError):
-    """No fire time within :data:`SEARCH_YEARS`: one line at the edge, set aside by the
-    leader's pass (which catches ValueError)."""
-
-
-class _PastLimit(Exception):
-    """The walk of one search went past its bound (internal)."""
 
 
 def _utc(dt: datetime) -> datetime:
@@ -134,92 +137,6 @@ def format_duration(seconds: float) -> str:
 
 
 # --- triggers ------------------------------------------------------------------------------
-
-
-class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
-    """APScheduler's CronTrigger, which never skips a day after a spring-forward change.
-
-    Returned times are normalized (a gap time comes back as the real wall time after the gap).
-    Relies on ``CronTrigger._increment_field_value``; pyproject pins APScheduler < 3.12 and
-    tests/definitions/test_triggers.py guards it.
-    """
-
-    __slots__ = ()
-
-    def _increment_field_value(self, dateval: datetime, fieldnum: int) -> tuple[datetime, int]:
-        candidate, fieldnum = super()._increment_field_value(dateval, fieldnum)
-        # APScheduler adds the wall-clock difference in UTC. Across a spring-forward gap that
-        # lands one gap-length past the wall time it aimed at (00:00 becomes 01:00), and a cron
-        # at hour 0 then rolls over to the next day (issue #529). Aim at the wall time itself.
-        target = dateval.replace(tzinfo=None) + (_utc(candidate) - _utc(dateval))
-        exact = _normalize(target.replace(tzinfo=self.timezone))
-        if _utc(dateval) < _utc(exact) < _utc(candidate):
-            candidate = exact
-        # Every step that moves the walk into a later month or year comes through here:
-        # the one place to stop a search that would walk to the year 9999.
-        limit: datetime | None = getattr(_search, "limit", None)
-        if limit is not None and _utc(candidate) > limit:
-            raise _PastLimit
-        return candidate, fieldnum
-
-    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
-        if previous_fire_time is not None:
-            # Same tzinfo as our own times: an aware time in a fold never equals one in
-            # another zone (PEP 495), which would defeat CronTrigger's "same as previous" step.
-            previous_fire_time = previous_fire_time.astimezone(self.timezone)
-        start = _utc(now if previous_fire_time is None else max(now, previous_fire_time,
-                                                                key=_utc))
-        outer = getattr(_search, "limit", None)
-        try:
-            _search.limit = start + SEARCH_WINDOW
-        except OverflowError:  # within 5 years of 9999: the walk ends there anyway
-            _search.limit = None
-        limit = _search.limit
-        try:
-            found = super().get_next_fire_time(previous_fire_time, now)
-            if found is not None and limit is not None and _utc(found) > limit:
-                raise _PastLimit  # jumped there in one step (``year=2040``): the same rule
-        except OverflowError:  # walked off year 9999
-            return None
-        except _PastLimit:
-            raise SearchExhausted(
-                f"no fire time within {SEARCH_YEARS} years after {start:%Y-%m-%d}") from None
-        finally:
-            _search.limit = outer
-        return None if found is None else _normalize(found)
-
-
-class EitherCronTrigger(OrTrigger):  # type: ignore[misc]
-    """Fires when any child fires: crontab's dom-OR-dow rule.
-
-    Unlike OrTrigger it compares UTC instants (datetimes sharing a tzinfo compare by wall
-    time, which is wrong in the autumn fold); on a tie the first child's time wins.
-    """
-
-    __slots__ = ("timezone",)
-
-    def __init__(self, triggers: list[BaseTrigger], timezone: tzinfo) -> None:
-        super().__init__(triggers)
-        self.timezone = timezone
-
-    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
-        # A child with no time within the bound (the Feb 31 half of ``0 0 31 2 1``) does not
-        # count when another has one: that one is within the bound, so it is the earliest.
-        found: list[datetime] = []
-        exhausted: SearchExhausted | None = None
-        for trigger in self.triggers:
-            try:
-                t = trigger.get_next_fire_time(previous_fire_time, now)
-            except SearchExhausted as e:
-                exhausted = e
-                continue
-            if t is not None:
-                found.append(t)
-        if found:
-            return min(found, key=_utc)
-        if exhausted is not None:
-            raise exhausted
-        return None
 
 
 class AlignedIntervalTrigger(IntervalTrigger):  # type: ignore[misc]
@@ -312,7 +229,8 @@ def build_trigger(spec: TriggerSpec) -> BaseTrigger:
     spec = validate_spec(spec)
     zone = parse_zone(spec["tz"])
     if spec["type"] == "cron":
-        triggers = [WallClockCronTrigger(**fields, timezone=zone)
+        fixed = is_fixed(spec["expr"])
+        triggers = [WallClockCronTrigger(**fields, fixed=fixed, timezone=zone)
                     for fields in cron_fields(spec["expr"])]
         return triggers[0] if len(triggers) == 1 else EitherCronTrigger(triggers, zone)
     if spec["type"] == "interval":

@@ -15,15 +15,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 
+from qcluster.definitions.crontrigger import SEARCH_YEARS, SearchExhausted
 from qcluster.definitions.jobdefs import validate_job
 from qcluster.definitions.limits import check_schedule, interval_problem, min_gap
-from qcluster.definitions.triggers import (
-    SEARCH_YEARS,
-    SearchExhausted,
-    build_trigger,
-    fire_times,
-    make_spec,
-)
+from qcluster.definitions.triggers import build_trigger, fire_times, make_spec
 from qcluster.errors import InputError
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

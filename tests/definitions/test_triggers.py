@@ -15,10 +15,9 @@ from apscheduler.triggers.cron import CronTrigger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qcluster.definitions.crontrigger import EitherCronTrigger, WallClockCronTrigger
 from qcluster.definitions.triggers import (
     AlignedIntervalTrigger,
-    EitherCronTrigger,
-    WallClockCronTrigger,
     build_trigger,
     describe,
     fire_times,
@@ -398,9 +397,10 @@ BERLIN_SPRING = datetime(2026, 3, 27, 23, tzinfo=UTC)  # 00:00 CET on Saturday 2
 BERLIN_AUTUMN = datetime(2026, 10, 24, 22, tzinfo=UTC)  # 00:00 CEST on Sunday 25 October
 
 
-def test_berlin_spring_gap_time_fires_once_shifted_by_the_gap() -> None:
+def test_berlin_spring_gap_fixed_time_fires_once_at_the_change() -> None:
+    # More in tests/definitions/test_dst.py: cron(8)'s DST rule in five zones.
     times = cron_times("30 2 * * *", n=3, tz="Europe/Berlin", start=BERLIN_SPRING)
-    assert walls(times) == ["Sat 2026-03-28 02:30:00+0100", "Sun 2026-03-29 03:30:00+0200",
+    assert walls(times) == ["Sat 2026-03-28 02:30:00+0100", "Sun 2026-03-29 03:00:00+0200",
                             "Mon 2026-03-30 02:30:00+0200"]
 
 
@@ -419,18 +419,24 @@ def test_berlin_midnight_jobs_do_not_skip_the_day_after_spring_forward(expr: str
 
 def test_stock_apscheduler_still_skips_that_day_so_our_fix_is_still_needed() -> None:
     stock = CronTrigger(hour=0, minute=0, second=0, timezone=BERLIN)
-    ours = WallClockCronTrigger(hour=0, minute=0, second=0, timezone=BERLIN)
+    ours = WallClockCronTrigger(hour=0, minute=0, second=0, fixed=True, timezone=BERLIN)
     sunday = datetime(2026, 3, 29, tzinfo=BERLIN)
     assert stock.get_next_fire_time(sunday, sunday).day == 31  # Monday 30 March lost
     assert ours.get_next_fire_time(sunday, sunday) == datetime(2026, 3, 30, tzinfo=BERLIN)
 
 
-def test_berlin_autumn_fold_fires_a_fixed_time_in_both_passes() -> None:
-    times = cron_times("30 2 * * *", n=4, tz="Europe/Berlin", start=BERLIN_AUTUMN)
-    assert walls(times) == ["Sun 2026-10-25 02:30:00+0200", "Sun 2026-10-25 02:30:00+0100",
-                            "Mon 2026-10-26 02:30:00+0100", "Tue 2026-10-27 02:30:00+0100"]
-    utc = [t.astimezone(UTC).strftime("%H:%M") for t in times[:2]]
-    assert utc == ["00:30", "01:30"]
+def test_berlin_autumn_fold_fires_a_fixed_time_in_the_first_pass_only() -> None:
+    times = cron_times("30 2 * * *", n=3, tz="Europe/Berlin", start=BERLIN_AUTUMN)
+    assert walls(times) == ["Sun 2026-10-25 02:30:00+0200", "Mon 2026-10-26 02:30:00+0100",
+                            "Tue 2026-10-27 02:30:00+0100"]
+    assert times[0].astimezone(UTC).strftime("%H:%M") == "00:30"
+
+
+def test_berlin_autumn_fold_fires_a_wall_clock_time_in_both_passes() -> None:
+    times = cron_times("*/30 2 * * *", n=5, tz="Europe/Berlin", start=BERLIN_AUTUMN)
+    assert walls(times) == ["Sun 2026-10-25 02:00:00+0200", "Sun 2026-10-25 02:30:00+0200",
+                            "Sun 2026-10-25 02:00:00+0100", "Sun 2026-10-25 02:30:00+0100",
+                            "Mon 2026-10-26 02:00:00+0100"]
 
 
 def test_berlin_autumn_fold_hourly_job_fires_every_real_hour() -> None:
@@ -440,17 +446,21 @@ def test_berlin_autumn_fold_hourly_job_fires_every_real_hour() -> None:
 
 
 def test_a_utc_previous_time_inside_the_fold_still_moves_forward() -> None:
-    trigger = build_trigger(make_spec(cron="30 2 * * *", tz="Europe/Berlin", now=NOW))
     first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST, as a job store returns it
+    trigger = build_trigger(make_spec(cron="*/30 2 * * *", tz="Europe/Berlin", now=NOW))
     second = trigger.get_next_fire_time(first, first)
-    assert second.astimezone(UTC) == datetime(2026, 10, 25, 1, 30, tzinfo=UTC)  # 02:30 CET
+    assert second.astimezone(UTC) == datetime(2026, 10, 25, 1, 0, tzinfo=UTC)  # 02:00 CET
+    trigger = build_trigger(make_spec(cron="30 2 * * *", tz="Europe/Berlin", now=NOW))
+    second = trigger.get_next_fire_time(first, first)
+    assert second.astimezone(UTC) == datetime(2026, 10, 26, 1, 30, tzinfo=UTC)  # Monday's
     stock = CronTrigger(hour=2, minute=30, timezone=BERLIN)
     assert stock.get_next_fire_time(first, first).astimezone(UTC) == first  # stuck
 
 
 def test_either_trigger_orders_fold_times_by_instant_not_wall_clock() -> None:
-    a = WallClockCronTrigger(hour=2, minute=45, timezone=BERLIN)
-    b = WallClockCronTrigger(hour=2, minute=15, timezone=BERLIN)
+    # Wall-clock children (fixed=False): their times fire in both passes of the fold.
+    a = WallClockCronTrigger(hour=2, minute=45, fixed=False, timezone=BERLIN)
+    b = WallClockCronTrigger(hour=2, minute=15, fixed=False, timezone=BERLIN)
     now = datetime(2026, 10, 25, 0, 20, tzinfo=UTC)  # 02:20 CEST, first pass
     right = datetime(2026, 10, 25, 0, 45, tzinfo=UTC)  # 02:45 CEST, before 02:15 CET
     # Compare in UTC: an aware time inside a fold never equals a time in another zone (PEP 495).

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from backends.dblock import DBLockBackend
-from qcluster.definitions.triggers import SEARCH_YEARS
+from qcluster.definitions.crontrigger import SEARCH_YEARS
 from qcluster.leader.scheduler import FireExecutor
 from qcluster.store import schema
 from qcluster.store.db import Database
