@@ -5,6 +5,7 @@ its reason is a row, never an absence)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.cluster
 
 #: Jobs of the test's own ([jobs] paths): each writes one JSON line per start and end.
 POLICY_JOBS = '''
+import itertools
 import json
 import os
 import time
@@ -206,7 +208,7 @@ def test_misfire_policies_after_every_scheduler_was_down(tmp_path: Path, pg_url:
         assert len(started) == len(set(started))  # no fire time ran twice
         for job, by in rows.items():  # and every second of the whole window is a row
             times = sorted(by)
-            assert all(b - a == 1.0 for a, b in zip(times, times[1:], strict=False)), job
+            assert all(b - a == 1.0 for a, b in itertools.pairwise(times)), job
 
 
 def test_max_runs_holds_across_a_leader_kill(tmp_path: Path, pg_url: str) -> None:
