@@ -25,7 +25,6 @@ Promises, beyond APScheduler's ``BaseJobStore``:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -51,7 +50,7 @@ from qcluster.store.calendars import Calendar
 from qcluster.store.catalog import Advance as Advance  # commit_fires takes these
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
-from qcluster.store.runs import OPEN, RETRIABLE, FireRow, cancel, insert_runs
+from qcluster.store.runs import OPEN, RETRIABLE, FireRow, cancel, give_up_retries, insert_runs
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +222,10 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         """
         with self.db.fenced(epoch) as conn:
             for run_id, reason in cancels:
-                with contextlib.suppress(InputError):  # it finished meanwhile: nothing to stop
+                try:
                     cancel(conn, run_id, now=time.time() if now is None else now, reason=reason)
+                except InputError:  # it has finished: no retry of it either
+                    give_up_retries(conn, run_id, None, reason)
             inserted = insert_runs(conn, fires, epoch, leader, now=now)
             catalog.apply_advances(conn, advances)
         return inserted

@@ -303,3 +303,14 @@ def test_a_backoff_grows_and_is_bounded() -> None:
         full = min(8.0, 2.0 ** (n - 1))
         assert full / 2 <= d <= full
     assert backoff(7, 3, 1.0, 8.0) == backoff(7, 3, 1.0, 8.0)  # reproducible
+
+
+def test_overlap_cancel_other_also_ends_a_retry_to_come(db: Database) -> None:
+    _add(db, "cf", overlap="cancel-other", retries=3)
+    first = _open_one(db, "cf", S.FAILED)
+    _fire(db, BASE + 1.1)
+    rows = _runs(db, "cf")
+    assert (rows[0].id, rows[0].status, rows[0].retries_left) == (first, "failed", 0)
+    assert "no retry: overlap cancel-other" in rows[0].error
+    out = recover_runs(db, _epoch(db), live_workers=set(), grace_seconds=30)
+    assert (out.retries, out.unbuffered) == (0, 1)

@@ -199,14 +199,15 @@ def retry_failed(conn: Connection, run_id: int, attempt: int, *, epoch: int, now
     ).rowcount > 0
 
 
-def give_up_retries(conn: Connection, run_id: int, attempt: int, why: str) -> bool:
-    """A ``failed``/``timed_out`` run with retries left gets none (its job is gone, or its
-    cancel was asked): ``retries_left = 0``, ``why`` added to its error. The status stays.
-    Whether it wrote."""
+def give_up_retries(conn: Connection, run_id: int, attempt: int | None, why: str) -> bool:
+    """A ``failed``/``timed_out`` run with retries left gets none (its job is gone, its
+    cancel was asked, or a later fire replaced it): ``retries_left = 0``, ``why`` added to
+    its error. The status stays. Only at ``attempt`` (None: whatever its attempt). Whether
+    it wrote."""
     r = schema.runs
+    at = [] if attempt is None else [r.c.attempt == attempt]
     return conn.execute(
-        r.update().where(r.c.id == run_id, r.c.attempt == attempt, status_is(RETRIABLE),
-                         r.c.retries_left > 0)
+        r.update().where(r.c.id == run_id, *at, status_is(RETRIABLE), r.c.retries_left > 0)
         .values(retries_left=0,
                 error=sa.func.coalesce(r.c.error, "") + f" (no retry: {why})")
     ).rowcount > 0
