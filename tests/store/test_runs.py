@@ -98,7 +98,7 @@ def record(db: Database, run_id: int) -> RunRecord:
 def claimed_ids(db: Database, recs: list[RunRecord], *, worker: str, session: str) -> set[int]:
     """The ids that :func:`runs.claim` took (it returns each as its row holds it)."""
     taken = runs.claim(db, recs, worker=worker, session=session)
-    assert all(taken[key]["attempt"] == key[1] for key in taken)
+    assert all(taken[key].record["attempt"] == key[1] for key in taken)
     return {run_id for run_id, _ in taken}
 
 
@@ -307,7 +307,7 @@ def test_the_claim_returns_each_run_as_its_row_holds_it(db: Database) -> None:
     lie = records.run_record(run_id, "other", "jobs.builtin:shell", '["rm", "-rf", "/"]',
                              '{"x": 1}', 5.0, 1, 2**62, True)
     taken = runs.claim(db, [lie], worker="w1", session="s1")
-    assert taken == {(run_id, 1): stored}
+    assert taken == {(run_id, 1): runs.Claimed(stored, None, None)}
     assert row(db, run_id).status == S.DISPATCHED
     other = insert(db)
     later = records.run_record(other, "job", "jobs.builtin:noop", "[]", "{}", 5.0, 2, 1, False)
