@@ -315,6 +315,31 @@ def test_the_claim_returns_each_run_as_its_row_holds_it(db: Database) -> None:
     assert row(db, other).status == S.SCHEDULED
 
 
+@pytest.mark.parametrize(("due_at", "timeout", "claimed"), [
+    (None, None, (None, None)),
+    (2000.5, 30.0, (2000.5, 30.0)),
+    (1000.0 + 3 * 86400, 0.5, (1000.0 + records.MAX_AHEAD, 0.5)),  # held a day at most
+    (1500.0, 0.0, (1500.0, None)),  # a timeout that is not positive bounds nothing
+    (1500.0, -5.0, (1500.0, None)),
+])
+def test_the_claim_returns_the_rows_start_time_and_timeout_bounded(
+    db: Database, due_at: float | None, timeout: float | None,
+    claimed: tuple[float | None, float | None],
+) -> None:
+    run_id = insert(db)
+    force_values(db, run_id, due_at=due_at, timeout=timeout)
+    (taken,) = runs.claim(db, [record(db, run_id)], worker="w1", session="s1",
+                          now=1000.0).values()
+    assert (taken.due_at, taken.timeout) == claimed
+    assert taken.start_at == (taken.record["scheduled_at"] if due_at is None else claimed[0])
+    assert len(taken.record) == 9  # the wire record is unchanged
+
+
+def force_values(db: Database, run_id: int, **values: object) -> None:
+    with db.write() as conn:
+        conn.execute(schema.runs.update().where(schema.runs.c.id == run_id).values(**values))
+
+
 # -- the run record ---------------------------------------------------------------------------
 
 

@@ -196,6 +196,22 @@ def test_the_job_sees_its_run_and_keeps_module_state_between_runs_of_its_slot(
         (made[0]["run_id"], 3, "w1"), (made[1]["run_id"], 1, "w1"), (made[2]["run_id"], 1, "w1")]
 
 
+def test_a_run_with_a_due_at_starts_then_not_at_its_fire_time(
+    db: Database, worker: Worker, tmp_path: Path
+) -> None:
+    """A jitter, a retry's backoff: the row's ``due_at`` is when it starts."""
+    run = fire(db, "identify", tmp_path / "a.json")
+    due = time.time() + 1.5
+    with db.write() as conn:
+        conn.execute(schema.runs.update().where(schema.runs.c.id == run["run_id"])
+                     .values(due_at=due))
+    assert worker.accept(1, [run]).accepted == (run["run_id"],)
+    assert row_of(db, run["run_id"]).status == S.DISPATCHED  # claimed, waiting
+    row = ended(db, run["run_id"])
+    assert row.status == S.SUCCEEDED
+    assert due <= row.started_at < due + 1.0, (row.started_at, due)
+
+
 # -- a real `qcluster start --role worker` -----------------------------------------------
 
 
