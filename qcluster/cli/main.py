@@ -317,15 +317,15 @@ def runs_cancel(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop any further attempt of a run. One not started yet is recorded cancelled and
-    never starts. A running one is NOT stopped (a running Python thread cannot be killed):
-    it goes on to its end, and gets no new attempt if its worker dies."""
+    """Stop a run. One not started yet is recorded cancelled and never starts. A running
+    one is stopped by its worker within about a heartbeat (its process group is killed)
+    and recorded cancelled; it gets no new attempt."""
     r = client(config).cancel(run_id)
     if r.status == "cancelled":
         text = f"cancelled run {r.run_id} (attempt {r.attempt}; via {r.via})"
     else:
-        text = (f"run {r.run_id} is running (attempt {r.attempt}): it is not stopped, a "
-                f"running Python thread cannot be killed, but it gets no further attempt "
+        text = (f"run {r.run_id} is running (attempt {r.attempt}): its worker stops it "
+                f"within about a second and records it cancelled; no further attempt "
                 f"(via {r.via})")
     _done(as_json, {"run_id": r.run_id, "status": r.status, "attempt": r.attempt,
                     "via": r.via}, text)

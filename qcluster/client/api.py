@@ -69,8 +69,8 @@ class RunRequested:
 @dataclasses.dataclass(frozen=True)
 class RunCancelled:
     """What :meth:`Client.cancel` did: ``status`` ``cancelled`` (it never starts) or
-    ``running`` (it goes on, a running Python thread cannot be killed, but it gets no
-    further attempt)."""
+    ``running`` (marked: its worker stops it within about a heartbeat and records it
+    ``cancelled``; no further attempt)."""
 
     run_id: int
     status: str
@@ -250,9 +250,9 @@ class Client:
 
     def cancel(self, run_id: int) -> RunCancelled:
         """Stop any further attempt of run ``run_id``: a run not started yet is recorded
-        ``cancelled`` and never starts; a running one is not stopped (a running Python
-        thread cannot be killed) but gets no new attempt. InputError for a run that does
-        not exist or has already finished."""
+        ``cancelled`` and never starts; a running one is marked, and its worker stops it
+        (its process group killed) and records it ``cancelled``; no new attempt.
+        InputError for a run that does not exist or has already finished."""
         outcome = changes.cancel_run(self.settings, run_id)
         r = outcome.result if isinstance(outcome.result, dict) else {}
         return RunCancelled(int(r.get("run_id", run_id)), str(r.get("status", "")),

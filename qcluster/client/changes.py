@@ -194,8 +194,8 @@ def run_job(settings: Settings, job_id: str) -> Outcome:
 
 def cancel_run(settings: Settings, run_id: int) -> Outcome:
     """Stop any further attempt of run ``run_id``; the result is ``{"run_id", "status",
-    "attempt"}`` with ``status`` ``cancelled`` (it never starts) or ``running`` (it goes
-    on, a running Python thread cannot be killed, and gets no new attempt). InputError
+    "attempt"}`` with ``status`` ``cancelled`` (it never starts) or ``running`` (marked:
+    its worker stops it and records it ``cancelled``; no new attempt). InputError
     for a run that does not exist or has already finished."""
     bounds.check_int(run_id, "run id", bounds.RUN_ID)
     return change(settings, "cancel_run", (run_id,),

@@ -187,7 +187,9 @@ class Node(NodeCoordination):
             self.worker = Worker(db, node_id=self.node_id, session=self.session,
                                  concurrency=s.worker.concurrency, allow=list(s.jobs.allow),
                                  lease=lease,
-                                 database_silent_after=2 * s.worker.heartbeat_seconds + 1)
+                                 database_silent_after=2 * s.worker.heartbeat_seconds + 1,
+                                 job_paths=[str(p) for p in s.jobs.paths],
+                                 cancel_check_seconds=s.worker.heartbeat_seconds)
             self.worker.start()
             self._self_fence = SelfFence(lease, self.worker.recovering)
             self._self_fence.start()

@@ -139,7 +139,8 @@ runs = Table(
     # Attempts that ended with their worker gone while the run was `running`: two is a
     # poison run, quarantined (qcluster/leader/recovery.py).
     Column("deaths", Integer, nullable=False, default=0, server_default="0"),
-    # When a cancel was asked while it ran: it is not stopped, but gets no new attempt.
+    # When a cancel was asked while it ran: its worker stops it (store/runs.cancel_asked),
+    # and it gets no new attempt.
     Column("cancel_requested", Float, nullable=True),
     # When it is to start: its fire time plus its jitter, a retry's backoff, a backfill's
     # now. NULL: at scheduled_at.

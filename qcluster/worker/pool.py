@@ -3,11 +3,14 @@
 Promises:
 
 * At most ``size`` runs at once; the others wait in order of arrival.
-* The threads are daemon threads, so a job that never returns cannot keep the process
-  alive: ``qcluster start`` exits within its shutdown grace whatever its jobs do
-  (``concurrent.futures.ThreadPoolExecutor``'s threads are joined at interpreter exit,
-  which is why it is not used). A running Python thread cannot be killed; the process
-  ends it by exiting.
+* The threads are daemon threads, so a thread stuck on a run cannot keep the process
+  alive (``concurrent.futures.ThreadPoolExecutor``'s threads are joined at interpreter
+  exit, which is why it is not used). A job's code does not run on them: each thread
+  drives the process of its slot (:mod:`qcluster.worker.slots`), which it starts and
+  which lives as long as the thread (``PR_SET_PDEATHSIG`` is bound to the thread).
+* A thread lives from its first item (or :meth:`JobPool.grow`) until
+  :meth:`JobPool.stop`; ``on_start`` runs on it first (the worker starts the thread's slot
+  process there, before any run waits for it), ``on_exit`` last (it ends that process).
 * :meth:`JobPool.stop` returns what never started and starts nothing more.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -27,10 +31,14 @@ log = logging.getLogger(__name__)
 class JobPool(Generic[T]):
     """Calls ``run(item)`` for each submitted item on one of ``size`` daemon threads."""
 
-    def __init__(self, size: int, run: Callable[[T], object], *, name: str = "qc-job") -> None:
+    def __init__(self, size: int, run: Callable[[T], object], *, name: str = "qc-job",
+                 on_start: Callable[[], object] | None = None,
+                 on_exit: Callable[[], object] | None = None) -> None:
         self._size = size
         self._run = run
         self._name = name
+        self._on_start = on_start
+        self._on_exit = on_exit
         self._queue: collections.deque[T] = collections.deque()
         self._cond = threading.Condition()
         self._stopped = False
@@ -42,12 +50,22 @@ class JobPool(Generic[T]):
             if self._stopped:
                 raise RuntimeError("the job pool is stopped")
             self._queue.append(item)
-            if len(self._threads) < self._size:  # threads are started as work comes
-                t = threading.Thread(target=self._loop, daemon=True,
-                                     name=f"{self._name}_{len(self._threads)}")
-                self._threads.append(t)
-                t.start()
+            self._add_thread()  # threads are started as work comes
             self._cond.notify()
+
+    def grow(self) -> None:
+        """Start one more thread (up to ``size``), for work that will come: a run that
+        waits for its start time."""
+        with self._cond:
+            if not self._stopped:
+                self._add_thread()
+
+    def _add_thread(self) -> None:
+        if len(self._threads) < self._size:
+            t = threading.Thread(target=self._loop, daemon=True,
+                                 name=f"{self._name}_{len(self._threads)}")
+            self._threads.append(t)
+            t.start()
 
     def stop(self) -> list[T]:
         """Start nothing more; the items that never started. Running items go on (they
@@ -58,7 +76,25 @@ class JobPool(Generic[T]):
             self._cond.notify_all()
         return waiting
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s in all for the threads to end (after :meth:`stop`);
+        whether they all did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads if t is not threading.current_thread())
+
     def _loop(self) -> None:
+        try:
+            _hook(self._on_start, "start")
+            self._serve()
+        finally:
+            _hook(self._on_exit, "exit")
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._stopped:
@@ -70,3 +106,12 @@ class JobPool(Generic[T]):
                 self._run(item)
             except BaseException:  # the run function records its own failures
                 log.exception("a job pool thread's run raised")
+
+
+def _hook(hook: Callable[[], object] | None, what: str) -> None:
+    """Run a thread's start or exit hook; what it raises is logged, never the thread's end."""
+    if hook is not None:
+        try:
+            hook()
+        except Exception:
+            log.exception("a job pool thread's %s hook raised", what)

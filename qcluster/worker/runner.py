@@ -36,27 +36,31 @@ Promises (docs/DESIGN.md invariant 4, workers fence too):
 * While its database heartbeats fail, the worker refuses every run at once (``database
   unavailable``), so that the leader sends them elsewhere rather than waiting on a claim
   that cannot commit.
-* ``stop(grace)`` returns within about ``grace`` seconds whatever the jobs do: what has
-  not started by then is given back (``scheduled`` again, for another worker), and what
-  still runs is recorded ``interrupted``. Jobs run on daemon threads
-  (:class:`~qcluster.worker.pool.JobPool`), so they do not keep the process alive.
+* A job's code runs in its slot's own process (:mod:`qcluster.worker.slots`), never in
+  the worker's: a run still running ``timeout`` seconds (its row's, from the job's policy)
+  after it started is stopped (its process group killed) and recorded ``timed_out``; a
+  running run whose row has ``cancel_requested`` is stopped within about
+  ``cancel_check_seconds`` and recorded ``cancelled``; a job whose process dies makes its
+  run ``failed`` ("its process died: ...") and costs only that slot's process.
+* A claimed run starts at its row's ``due_at`` if it has one, else at ``scheduled_at``.
+* ``stop(grace)`` returns within about ``grace`` + :data:`~qcluster.worker.slots.KILL_GRACE`
+  seconds whatever the jobs do: what has not started by then is given back (``scheduled``
+  again, for another worker), and what still runs is stopped (its process group killed)
+  and recorded ``interrupted``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from contextvars import Token
-from datetime import UTC, datetime
 from typing import Any
 
 import Pyro5.server
 
-from qcluster.definitions.jobdefs import check_func_ref, resolve_func
+from qcluster.definitions.jobdefs import check_func_ref
 from qcluster.errors import InputError, QClusterError
 from qcluster.rpc.server import refuse_call
 from qcluster.store import bounds
@@ -69,12 +73,13 @@ from qcluster.store.records import (
     from_wire,
 )
 from qcluster.store.reports import HeldReport, check_keys
-from qcluster.store.runs import RunStatus, claim, release
-from qcluster.worker.context import RunContext, enter_run, leave_run
+from qcluster.store.runs import Claimed, RunStatus, cancel_asked, claim, release
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
 from qcluster.worker.lease import ClaimLease, lease_seconds
 from qcluster.worker.outcomes import OutcomeWriter
 from qcluster.worker.pool import JobPool
+from qcluster.worker.slots import KILL_GRACE, Slot, SlotError
+from qcluster.worker.slotset import SlotSet
 from qcluster.worker.starts import StartGate
 from qcluster.worker.timer import StartTimer
 
@@ -143,11 +148,17 @@ class Worker:
         max_queue: int | None = None,
         lease: ClaimLease | None = None,
         database_silent_after: float | None = None,
+        job_paths: Sequence[str] = (),
+        cancel_check_seconds: float = 1.0,
+        kill_grace: float = KILL_GRACE,
     ) -> None:
         """``lease`` is renewed by the node's database heartbeats (by default one of
         ``lease_seconds(10)``, the default member timeout). A worker whose heartbeats
         have failed, or not answered for ``database_silent_after`` seconds, refuses runs at
-        once (``database unavailable``)."""
+        once (``database unavailable``). ``job_paths`` are ``[jobs] paths`` (already on
+        ``sys.path``; the slot processes name them in import errors); running runs are
+        checked for a cancel every ``cancel_check_seconds``; a stopped run's process group
+        gets SIGKILL ``kill_grace`` seconds after SIGTERM."""
         self.db = db
         self.node_id = node_id
         self.session = session
@@ -155,7 +166,13 @@ class Worker:
         self.allow = list(allow)
         self.max_queue = max_queue or max(1000, concurrency * 100)
         self.writer = OutcomeWriter(db, session)
-        self._pool: JobPool[RunRecord] = JobPool(concurrency, self._execute)
+        self.slots = SlotSet(lambda keys: cancel_asked(db, session, keys),
+                             check_seconds=cancel_check_seconds, job_paths=job_paths,
+                             kill_grace=kill_grace)
+        self._kill_grace = kill_grace
+        self._pool: JobPool[Claimed] = JobPool(
+            concurrency, self._execute, on_start=lambda: self._ready(self.slots.mine()),
+            on_exit=self.slots.close_mine)
         self._timer = StartTimer(self._pool.submit)
         self._stopping = threading.Event()
         self._idle = threading.Event()  # set whenever a run gives its place back
@@ -172,17 +189,23 @@ class Worker:
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._inflight = 0
         self._accepting = True
-        self._funcs: dict[str, Any] = {}
+        self._refs: dict[str, None] = {}  # references checked against [jobs] allow
 
     def start(self) -> None:
         self.writer.start()
         self._timer.start()
+        self.slots.start()
+        # One slot's process is started now, so that the first run does not wait for it;
+        # the others as work comes.
+        self._pool.grow()
 
     def stop(self, grace: float) -> None:
         """Refuse new runs; let queued and running ones go on for up to ``grace`` s; then
-        start nothing more, give back (``scheduled``) what never started, record what
-        still runs ``interrupted``, and flush outcomes. Returns in about ``grace`` s plus
-        the database writes, whatever the jobs do. Idempotent."""
+        start nothing more, give back (``scheduled``) what never started, stop what still
+        runs (SIGTERM to its process group, SIGKILL ``kill_grace`` s later) and record it
+        ``interrupted``, end the slot processes, and flush outcomes. Returns in about
+        ``grace`` + ``kill_grace`` s plus the database writes, whatever the jobs do.
+        Idempotent."""
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + grace
@@ -194,8 +217,7 @@ class Worker:
         waiting = self._timer.stop() + self._pool.stop()
         with self._lock:
             self._inflight -= len(waiting)
-            self._held.difference_update((r["run_id"], r["attempt"]) for r in waiting)
-            running = dict(self._running)
+            self._held.difference_update(c.key for c in waiting)
         try:
             given_back = release(self.db, session=self.session)
         except QClusterError as e:
@@ -203,17 +225,32 @@ class Worker:
             log.warning("could not give back the runs that did not start: %s", e)
         if given_back:
             log.info("gave back %d runs that had not started", given_back)
-        now = time.time()
         reason = (f"interrupted: the worker stopped before the run finished (shutdown "
-                  f"grace {grace:g}s; a running Python thread cannot be killed, it ends "
-                  "with the process)")
+                  f"grace {grace:g}s; its process group was stopped)")
+        stopped = self.slots.stop_all(RunStatus.INTERRUPTED, reason)
+        if stopped:
+            log.warning("stopping with %d runs still running: stopping them, recorded "
+                        "interrupted", stopped)
+        # Each run's pool thread records it once its process group is gone: SIGTERM, then
+        # SIGKILL after the kill grace.
+        deadline = time.monotonic() + self._kill_grace + 2.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._running:
+                    break
+            self._idle.wait(0.05)
+            self._idle.clear()
+        with self._lock:
+            running = dict(self._running)
+        now = time.time()
         for (run_id, attempt), started in running.items():
-            # Only a row still `running` over our claim takes it (write_outcomes filters),
-            # so a run that was starting but did not start is left alone.
+            # A thread that did not come back in time (it should not happen). Only a row
+            # still `running` over our claim takes it (write_outcomes filters), so a run
+            # that was starting but did not start is left alone.
             self.writer.finished(run_id, attempt, RunStatus.INTERRUPTED, started, now, reason)
-        if running:
-            log.warning("stopping with %d runs still running: recorded interrupted",
-                        len(running))
+        self.slots.stop_watching()
+        self.slots.kill_all()
+        self._pool.join(1.0)  # each idle thread ends its slot's process on its way out
         self.writer.stop()
 
     def inflight(self) -> int:
@@ -338,9 +375,9 @@ class Worker:
                     settled.add(i)
                     refused.append((run["run_id"], Refusal.ALREADY_CLAIMED))
                     continue
-                _note_differences(run, stored)
+                _note_differences(run, stored.record)
                 with self._lock:
-                    self._held.add((stored["run_id"], stored["attempt"]))
+                    self._held.add(stored.key)
                 self._start(stored)
                 started.add(i)
                 accepted.append(run["run_id"])
@@ -352,7 +389,7 @@ class Worker:
                     if i not in started and i not in settled:
                         self._seen.pop((run["run_id"], run["attempt"]), None)
 
-    def _claim(self, runs: list[RunRecord]) -> dict[tuple[int, int], RunRecord] | None:
+    def _claim(self, runs: list[RunRecord]) -> dict[tuple[int, int], Claimed] | None:
         """Take the runs in the database, as their rows hold them: only the claim that
         commits may run them. None when the database cannot be reached."""
         try:
@@ -361,29 +398,35 @@ class Worker:
             log.warning("could not claim %d runs: %s", len(runs), e)
             return None
 
-    def _start(self, run: RunRecord) -> None:
+    def _start(self, run: Claimed) -> None:
         """Hand a claimed run to the pool, or to the start timer if it is not due yet."""
-        if run["scheduled_at"] > time.time() + _ON_TIME:  # sent ahead: start it on time
+        if run.start_at > time.time() + _ON_TIME:  # sent ahead, or due later: start on time
             self._timer.add(run)
+            self._pool.grow()  # its slot's process starts while it waits
         else:
             self._pool.submit(run)
 
-    def _execute(self, run: RunRecord) -> None:
+    def _execute(self, claimed: Claimed) -> None:
         """Start one claimed run (if its row still lets it), run it, record how it ended;
         never raises, and gives back its place. A job's failure (or a run that cannot even
         be set up) is data: ``failed``."""
-        key = (run["run_id"], run["attempt"])
+        run = claimed.record
+        key = claimed.key
         started = time.time()
         with self._lock:
             self._running[key] = started
         try:
+            # The slot's process is up before the start commits: its start (an import of
+            # qcluster, once per slot) is not counted in the run's time.
+            slot = self.slots.mine()
+            broken = self._ready(slot)
             if not self._gate.begin(key):
                 if not self._stopping.is_set():
                     log.info("run %d (attempt %d) of job %s was not started: its row is no "
                              "longer dispatched to us (missed or cancelled)", key[0], key[1],
                              run["job_id"])
                 return
-            self._run(run, time.time())
+            self._run(claimed, time.time(), broken)
         finally:
             with self._lock:  # after _run gave its outcome to the writer
                 self._running.pop(key, None)
@@ -392,39 +435,50 @@ class Worker:
                 self._inflight -= 1
             self._idle.set()
 
-    def _run(self, run: RunRecord, started: float) -> None:
-        with self._lock:
-            self._running[(run["run_id"], run["attempt"])] = started
-            if run["recover"]:  # its code runs from here: the self-fence's business
-                self._recovering.add((run["run_id"], run["attempt"]))
-        status, error = RunStatus.SUCCEEDED, None
-        token: Token[RunContext | None] | None = None
+    def _ready(self, slot: Slot) -> str | None:
+        """Start the slot's process if it has none; None, or why it could not."""
         try:
-            token = enter_run(RunContext(
-                job_id=run["job_id"], run_id=run["run_id"],
-                scheduled_at=datetime.fromtimestamp(run["scheduled_at"], UTC),
-                attempt=run["attempt"], epoch=run["epoch"], worker_id=self.node_id,
-            ))
-            func = self._resolve(run["func"])
-            func(*json.loads(run["args"]), **json.loads(run["kwargs"]))
+            slot.ensure()
+        except SlotError as e:
+            log.warning("%s", e)
+            return str(e)
+        return None
+
+    def _run(self, claimed: Claimed, started: float, broken: str | None) -> None:
+        run, key = claimed.record, claimed.key
+        with self._lock:
+            self._running[key] = started
+            if run["recover"]:  # its code runs from here: the self-fence's business
+                self._recovering.add(key)
+        status: RunStatus = RunStatus.FAILED
+        error: str | None = broken
+        try:
+            if broken is None:
+                self._check_ref(run["func"])
+                with self.slots.running(key) as slot:
+                    status, error = slot.run(self._request(run), claimed.timeout)
         except QClusterError as e:
             status, error = RunStatus.FAILED, f"refused: {e}"
-        except BaseException as e:  # a job's failure is data, never the worker's crash
+        except Exception as e:  # a bug of ours must not stop the pool thread
+            log.exception("run %d failed in the worker", run["run_id"])
             status, error = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:4000]
-            if not isinstance(e, Exception):
-                log.warning("job %s raised %s", run["job_id"], type(e).__name__)
         finally:
-            if token is not None:
-                leave_run(token)
             finished = time.time()
             self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error)
 
-    def _resolve(self, ref: str) -> Any:
-        func = self._funcs.get(ref)
-        if func is None:
+    def _request(self, run: RunRecord) -> dict[str, Any]:
+        """The slot's ``run`` message (:mod:`qcluster.worker.frames`)."""
+        return {"op": "run", "run_id": run["run_id"], "job_id": run["job_id"],
+                "func": run["func"], "args": run["args"], "kwargs": run["kwargs"],
+                "scheduled_at": run["scheduled_at"], "attempt": run["attempt"],
+                "epoch": run["epoch"], "worker_id": self.node_id}
+
+    def _check_ref(self, ref: str) -> None:
+        """InputError unless ``ref`` is a reference ``[jobs] allow`` admits (the slot's
+        process imports it)."""
+        if ref not in self._refs:
             check_func_ref(ref, self.allow)
-            func = self._funcs[ref] = resolve_func(ref)
-        return func
+            self._refs[ref] = None
 
 
 def _note_differences(sent: RunRecord, stored: RunRecord) -> None:

@@ -1,9 +1,10 @@
-"""The worker's start timer: runs that arrived before their fire time wait here.
+"""The worker's start timer: runs that arrived before their start time wait here.
 
 Promises:
 
 * One thread and a heap, whatever the number of waiting runs; each run is handed to the
-  pool at its time (:func:`due_time`), not before.
+  pool at its time (:func:`due_time` of its ``due_at`` if its row has one, else of its
+  ``scheduled_at``: :attr:`qcluster.store.runs.Claimed.start_at`), not before.
 * The thread does not die of a time: a time that is not finite, or is more than
   :data:`~qcluster.store.records.MAX_AHEAD` ahead, is started at once (a dispatch's times
   are checked before they get here; this guards the row's values too).
@@ -21,7 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from qcluster.store.records import MAX_AHEAD, RunRecord
+from qcluster.store.records import MAX_AHEAD
+from qcluster.store.runs import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,12 @@ def due_time(scheduled_at: float, now: float) -> float:
 
 
 class StartTimer:
-    """Holds runs that arrived before their fire time (the leader's fire-ahead window) and
-    hands each to ``start`` at its time."""
+    """Holds runs that arrived before their start time (the leader's fire-ahead window, a
+    jitter, a retry's backoff) and hands each to ``start`` at its time."""
 
-    def __init__(self, start: Callable[[RunRecord], object]) -> None:
+    def __init__(self, start: Callable[[Claimed], object]) -> None:
         self._start = start
-        self._heap: list[tuple[float, int, RunRecord]] = []
+        self._heap: list[tuple[float, int, Claimed]] = []
         self._order = itertools.count()  # ties: first come, first started
         self._cond = threading.Condition()
         self._stopped = False
@@ -49,14 +51,14 @@ class StartTimer:
     def start(self) -> None:
         self._thread.start()
 
-    def add(self, run: RunRecord) -> None:
+    def add(self, run: Claimed) -> None:
         with self._cond:
-            at = due_time(run["scheduled_at"], time.time())
+            at = due_time(run.start_at, time.time())
             heapq.heappush(self._heap, (at, next(self._order), run))
             if self._heap[0][2] is run:
                 self._cond.notify()
 
-    def stop(self) -> list[RunRecord]:
+    def stop(self) -> list[Claimed]:
         """Start nothing more; the runs that were still waiting. Idempotent."""
         with self._cond:
             self._stopped = True
@@ -66,7 +68,7 @@ class StartTimer:
             self._thread.join(5.0)
         return waiting
 
-    def _take_due(self) -> list[RunRecord]:
+    def _take_due(self) -> list[Claimed]:
         """Wait for the earliest run's time (or stop); what is due then."""
         with self._cond:
             while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
@@ -88,7 +90,7 @@ class StartTimer:
                 except RuntimeError:  # the pool is shutting down: the run is left open
                     return
                 except Exception:  # one run's hand-off must not stop the others
-                    log.exception("could not start run %d", run["run_id"])
+                    log.exception("could not start run %d", run.record["run_id"])
             with self._cond:
                 if self._stopped:
                     return

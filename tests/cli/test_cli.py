@@ -358,7 +358,7 @@ def test_max_attempts_is_stored_on_the_job_and_runs_cancel_works_without_a_leade
     run_cli("jobs", "remove", "filed", config=config)
     (gone,) = run_json("runs", "list", "--json", "--job", "filed", config=config)
     assert (gone["run_id"], gone["status"]) == (other, "cancelled")
-    assert "cannot be killed" in run_cli("runs", "cancel", "--help", config=config).stdout
+    assert "process group is killed" in run_cli("runs", "cancel", "--help", config=config).stdout
 
 
 def test_config_check_and_show_never_print_the_secrets(tmp_path: Path, db_url: str) -> None:

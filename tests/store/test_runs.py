@@ -98,7 +98,7 @@ def record(db: Database, run_id: int) -> RunRecord:
 def claimed_ids(db: Database, recs: list[RunRecord], *, worker: str, session: str) -> set[int]:
     """The ids that :func:`runs.claim` took (it returns each as its row holds it)."""
     taken = runs.claim(db, recs, worker=worker, session=session)
-    assert all(taken[key]["attempt"] == key[1] for key in taken)
+    assert all(taken[key].record["attempt"] == key[1] for key in taken)
     return {run_id for run_id, _ in taken}
 
 
@@ -307,12 +307,37 @@ def test_the_claim_returns_each_run_as_its_row_holds_it(db: Database) -> None:
     lie = records.run_record(run_id, "other", "jobs.builtin:shell", '["rm", "-rf", "/"]',
                              '{"x": 1}', 5.0, 1, 2**62, True)
     taken = runs.claim(db, [lie], worker="w1", session="s1")
-    assert taken == {(run_id, 1): stored}
+    assert taken == {(run_id, 1): runs.Claimed(stored, None, None)}
     assert row(db, run_id).status == S.DISPATCHED
     other = insert(db)
     later = records.run_record(other, "job", "jobs.builtin:noop", "[]", "{}", 5.0, 2, 1, False)
     assert runs.claim(db, [later], worker="w2", session="s2") == {}  # not at that attempt
     assert row(db, other).status == S.SCHEDULED
+
+
+@pytest.mark.parametrize(("due_at", "timeout", "claimed"), [
+    (None, None, (None, None)),
+    (2000.5, 30.0, (2000.5, 30.0)),
+    (1000.0 + 3 * 86400, 0.5, (1000.0 + records.MAX_AHEAD, 0.5)),  # held a day at most
+    (1500.0, 0.0, (1500.0, None)),  # a timeout that is not positive bounds nothing
+    (1500.0, -5.0, (1500.0, None)),
+])
+def test_the_claim_returns_the_rows_start_time_and_timeout_bounded(
+    db: Database, due_at: float | None, timeout: float | None,
+    claimed: tuple[float | None, float | None],
+) -> None:
+    run_id = insert(db)
+    force_values(db, run_id, due_at=due_at, timeout=timeout)
+    (taken,) = runs.claim(db, [record(db, run_id)], worker="w1", session="s1",
+                          now=1000.0).values()
+    assert (taken.due_at, taken.timeout) == claimed
+    assert taken.start_at == (taken.record["scheduled_at"] if due_at is None else claimed[0])
+    assert len(taken.record) == 9  # the wire record is unchanged
+
+
+def force_values(db: Database, run_id: int, **values: object) -> None:
+    with db.write() as conn:
+        conn.execute(schema.runs.update().where(schema.runs.c.id == run_id).values(**values))
 
 
 # -- the run record ---------------------------------------------------------------------------

@@ -189,7 +189,9 @@ def test_a_time_that_cannot_be_waited_for_is_refused_and_the_timer_goes_on(
         with pytest.raises(ValueError, match=r"^refused: malformed run record: scheduled_at "):
             p.submit(1, [{**run, "scheduled_at": at}])
         assert p.ping()["inflight"] == 0
-        nxt = ahead(db, 0.5, 1, "next")  # the start timer must still be alive for this one
+        # The start timer must still be alive for this one. Two seconds ahead: its slot's
+        # process starts while it waits (a first start imports qcluster, about 0.5 s).
+        nxt = ahead(db, 2.0, 1, "next")
         assert p.submit(1, [nxt])["accepted"] == [nxt["run_id"]]
     (row,) = wait_runs(db, 1)
     assert row.id == nxt["run_id"] and row.status == "succeeded"

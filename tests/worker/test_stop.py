@@ -1,8 +1,8 @@
 """A worker's start and stop (issue 14, points 3 and 4): a run's code starts only once its
 row says ``running``, so a run the leader recorded missed or cancelled while it waited for
 a slot never starts; ``stop(grace)`` returns within about the grace whatever the jobs do,
-records what still runs ``interrupted`` and gives back what never started; job threads
-are daemon threads, so they never hold the process."""
+stops what still runs (its process group killed), records it ``interrupted`` and gives
+back what never started."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def test_stop_records_a_never_ending_run_interrupted_and_gives_back_the_queued_o
     assert row.error.startswith("interrupted: the worker stopped before the run finished")
     again = status(db, queued["run_id"])
     assert (again.status, again.worker, again.worker_session) == (S.SCHEDULED, None, None)
-    jobs = [t for t in threading.enumerate() if t.name.startswith("qc-job")]
-    assert jobs and all(t.daemon for t in jobs)  # the sleeping job cannot hold the process
+    # The sleeping job was stopped: no slot process, no pool thread is left to hold us.
+    assert w.slots.pids() == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("qc-job")]
 
 
 def test_a_run_recorded_missed_while_it_waited_for_a_slot_never_starts(db: Database) -> None:

@@ -15,6 +15,7 @@
   invariants 1, 3, 6, 7). A worker's writes (:func:`claim`, :func:`start`,
   :func:`write_outcomes`, :func:`release`) are not fenced (invariant 4): each is its own
   transaction, only over the worker's claim (the attempt; after the claim, its session).
+  Its one read, :func:`cancel_asked`, finds the running runs it is asked to stop.
 * A run's code starts only after :func:`start` moved its row ``dispatched`` ->
   ``running``: the leader's ``dispatched`` -> ``missed``/``cancelled`` and the worker's
   start filter on the same source status, so exactly one of them wins, and a run recorded
@@ -50,7 +51,9 @@ from qcluster.store.runs.states import (
     sources,
 )
 from qcluster.store.runs.worker import (
+    Claimed,
     Outcome,
+    cancel_asked,
     check_outcome,
     claim,
     release,
@@ -64,12 +67,14 @@ __all__ = [
     "RETRIABLE",
     "TRANSITIONS",
     "Cancelled",
+    "Claimed",
     "FireRow",
     "Outcome",
     "RunStatus",
     "Transition",
     "Writer",
     "cancel",
+    "cancel_asked",
     "cancel_job_runs",
     "check_outcome",
     "claim",

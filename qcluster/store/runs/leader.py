@@ -264,8 +264,9 @@ def unclaim(conn: Connection, run_id: int, attempt: int, session: str) -> bool:
 
 
 class Cancelled(NamedTuple):
-    """What :func:`cancel` did: ``cancelled`` (it will never start) or ``running`` (it
-    goes on, Python threads cannot be killed, but gets no further attempt)."""
+    """What :func:`cancel` did: ``cancelled`` (it will never start) or ``running`` (marked:
+    its worker stops it within about a heartbeat and records it ``cancelled``, see
+    :func:`~qcluster.store.runs.worker.cancel_asked`; it gets no further attempt)."""
 
     run_id: int
     status: RunStatus
@@ -274,9 +275,10 @@ class Cancelled(NamedTuple):
 
 def cancel(conn: Connection, run_id: int, *, now: float, reason: str) -> Cancelled:
     """Stop any further attempt of one run. ``scheduled``/``dispatched`` → ``cancelled``
-    (with ``reason``); a ``running`` one keeps running and is marked so that no new
-    attempt is made (``cancel_requested``). InputError (nothing written) for a run that
-    does not exist or has already finished."""
+    (with ``reason``); a ``running`` one is marked (``cancel_requested``), which its
+    worker reads to stop it (its process group killed, recorded ``cancelled``), and which
+    stops any new attempt. InputError (nothing written) for a run that does not exist or
+    has already finished."""
     r = schema.runs
     done = conn.execute(
         r.update().where(r.c.id == run_id, status_is(CANCEL_FROM))

@@ -1,10 +1,12 @@
 """A worker's writes to ``qc_runs``: each its own transaction, not fenced, only over the
-worker's claim (docs/DESIGN.md invariant 4). Part of :mod:`qcluster.store.runs`, the
-table's one owner."""
+worker's claim (docs/DESIGN.md invariant 4); and its one read of the table while runs
+run, :func:`cancel_asked`. Part of :mod:`qcluster.store.runs`, the table's one owner."""
 
 from __future__ import annotations
 
+import math
 import operator
+import time
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -14,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from qcluster.store import schema
 from qcluster.store.db import Database
-from qcluster.store.records import RunRecord, run_record
+from qcluster.store.records import MAX_AHEAD, RunRecord, run_record
 from qcluster.store.runs.states import (
     CLAIM_FROM,
     END_FROM,
@@ -42,38 +44,100 @@ def _id_in(db: Database, ids: list[int]) -> sa.ColumnElement[bool]:
     return r.c.id.in_(ids)
 
 
-def claim(db: Database, runs: Iterable[RunRecord], *, worker: str,
-          session: str) -> dict[tuple[int, int], RunRecord]:
+class Claimed(NamedTuple):
+    """One run a worker's claim took: the run as its row holds it (the nine keys of the
+    dispatch's wire record, unchanged), and what the row says about running it that the
+    record does not carry, each bounded by :func:`claim`."""
+
+    record: RunRecord
+    #: When to start it (its fire time plus jitter, a retry's backoff, a backfill's now),
+    #: worker wall clock; None: at ``scheduled_at``.
+    due_at: float | None
+    #: Seconds its code may run before it is stopped and recorded ``timed_out``; None: no
+    #: bound.
+    timeout: float | None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.record["run_id"], self.record["attempt"]
+
+    @property
+    def start_at(self) -> float:
+        """When it is to start: ``due_at`` if the row has one, else ``scheduled_at``."""
+        return self.record["scheduled_at"] if self.due_at is None else self.due_at
+
+
+def _due_at(value: float | None, now: float) -> float | None:
+    """A row's ``due_at`` as the worker may wait for it: None if absent or not finite (then
+    ``scheduled_at`` holds), at most :data:`MAX_AHEAD` after ``now`` (the bound
+    ``records.from_wire`` puts on ``scheduled_at``: no run holds a queue place longer)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return min(float(value), now + MAX_AHEAD)
+
+
+def _timeout(value: float | None) -> float | None:
+    """A row's ``timeout``: None (no bound) if absent, not finite or not positive."""
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def claim(db: Database, runs: Iterable[RunRecord], *, worker: str, session: str,
+          now: float | None = None) -> dict[tuple[int, int], Claimed]:
     """``scheduled`` → ``dispatched`` for ``worker``/``session``, at each run's attempt, in
     one transaction. Only one claim of a run attempt can commit.
 
     Returns what it took, keyed by (run id, attempt): each run as its row holds it
     (``UPDATE ... RETURNING`` the job, function, arguments, fire time, epoch and
-    ``recover``), which is what the worker must run, whatever the caller said. Of ``runs``
-    only the run id and the attempt are read."""
+    ``recover``), which is what the worker must run, whatever the caller said, with the
+    row's ``due_at`` (bounded to :data:`MAX_AHEAD` after ``now``, the worker's clock) and
+    ``timeout`` (:class:`Claimed`). Of ``runs`` only the run id and the attempt are read."""
     r = schema.runs
     by_attempt: dict[int, list[int]] = {}
     for run in runs:
         by_attempt.setdefault(run["attempt"], []).append(run["run_id"])
-    claimed: dict[tuple[int, int], RunRecord] = {}
+    claimed: dict[tuple[int, int], Claimed] = {}
     if not by_attempt:
         return claimed
+    now = time.time() if now is None else now
     with db.write() as conn:
-        now = db.now_expr()
+        db_now = db.now_expr()
         for attempt, ids in by_attempt.items():
             rows = conn.execute(
                 r.update()
                 .where(_id_in(db, ids), r.c.attempt == attempt, status_is(CLAIM_FROM))
                 .values(status=_S.DISPATCHED, worker=worker, worker_session=session,
-                        dispatched_at=now)
+                        dispatched_at=db_now)
                 .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs,
-                           r.c.scheduled_at, r.c.attempt, r.c.epoch, r.c.recover)
+                           r.c.scheduled_at, r.c.attempt, r.c.epoch, r.c.recover,
+                           r.c.due_at, r.c.timeout)
             )
             for row in rows:
                 stored = run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
                                     row.scheduled_at, row.attempt, row.epoch, row.recover)
-                claimed[(stored["run_id"], stored["attempt"])] = stored
+                claimed[(stored["run_id"], stored["attempt"])] = Claimed(
+                    stored, _due_at(row.due_at, now), _timeout(row.timeout))
     return claimed
+
+
+def cancel_asked(db: Database, session: str,
+                 keys: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of ``keys`` ((run id, attempt) pairs), those whose row is ``running`` over the claim
+    of ``session`` with a cancel asked (``cancel_requested``, set by ``runs cancel`` or
+    the overlap policy ``cancel-other``): what the worker is to stop. A read, one
+    statement; an empty ``keys`` reads nothing."""
+    wanted = set(keys)
+    if not wanted:
+        return set()
+    r = schema.runs
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(r.c.id, r.c.attempt)
+            .where(_id_in(db, sorted({i for i, _ in wanted})), r.c.worker_session == session,
+                   r.c.status == _S.RUNNING, r.c.cancel_requested.is_not(None))
+        ).all()
+    return {(int(row.id), int(row.attempt)) for row in rows} & wanted
 
 
 def start(db: Database, keys: Iterable[tuple[int, int]], *, session: str,
@@ -125,7 +189,7 @@ def release(db: Database, *, session: str,
 class Outcome(NamedTuple):
     """How a run attempt ended, on the worker's clock."""
 
-    status: RunStatus  # succeeded or failed
+    status: RunStatus  # one of states.ENDS: succeeded, failed, timed_out, cancelled, ...
     started: float
     finished: float
     error: str | None

@@ -1,0 +1,119 @@
+"""A slot process: ``python -m qcluster.worker.child FD PARENT_PID``, started by
+:class:`qcluster.worker.slots.Slot`. It runs the runs its worker sends over the socket
+``FD`` (:mod:`qcluster.worker.frames`), one at a time, in its main thread.
+
+Promises:
+
+* It dies with its worker: ``PR_SET_PDEATHSIG`` = SIGKILL (Linux; asked at once, then
+  the parent is checked to be still ``PARENT_PID``, so a worker that died before the ask
+  is noticed too), and it exits when its socket reaches end of file between runs.
+* It is the leader of its own session and process group (the worker starts it so), so
+  a worker that kills the group kills what the job started with it. It keeps the
+  default SIGTERM action: SIGTERM ends it, unless the job installs a handler.
+* It imports a job's function by its reference with
+  :func:`qcluster.definitions.jobdefs.resolve_func`, on the worker's import path (sent in
+  the hello: ``sys.path`` and ``[jobs] paths``), from the worker's working directory, and
+  keeps it: module state persists from one run to the next in this process. The worker
+  checks the reference against ``[jobs] allow`` before it sends a run.
+* Around each call ``current_run()`` tells the job its run; the call's return value is
+  dropped here (never sent); an exception is sent back as ``Type: message`` (at most
+  :data:`~qcluster.worker.frames.MAX_ERROR` characters), a reference it cannot import as
+  ``refused: ...``, as the worker recorded them when jobs ran in its threads.
+* Its stdin is ``/dev/null``; stdout and stderr are the worker's, flushed after each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from qcluster.errors import QClusterError
+from qcluster.worker.context import RunContext, enter_run, leave_run
+from qcluster.worker.frames import MAX_ERROR, encode, read_frame
+
+_PR_SET_PDEATHSIG = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when the worker (the thread that started us) ends, then
+    check that it has not already ended."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
+          request: dict[str, Any]) -> dict[str, Any]:
+    ctx = RunContext(
+        job_id=request["job_id"], run_id=request["run_id"],
+        scheduled_at=datetime.fromtimestamp(request["scheduled_at"], UTC),
+        attempt=request["attempt"], epoch=request["epoch"], worker_id=request["worker_id"],
+    )
+    token = enter_run(ctx)
+    try:
+        ref = request["func"]
+        func = funcs.get(ref)
+        if func is None:
+            func = funcs[ref] = resolve(ref)
+        func(*json.loads(request["args"]), **json.loads(request["kwargs"]))
+    except QClusterError as e:
+        return {"ok": False, "error": f"refused: {e}"[:MAX_ERROR]}
+    except BaseException as e:  # a job's failure is data, also SystemExit and the like
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:MAX_ERROR]}
+    finally:
+        leave_run(token)
+        for stream in (sys.stdout, sys.stderr):  # closed or replaced by the job: no matter
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+    return {"ok": True}
+
+
+def serve(sock: socket.socket) -> int:
+    """Answer the hello, then run what comes until end of file; the exit status."""
+    hello = read_frame(sock)
+    if hello is None or hello.get("op") != "hello":
+        return 2
+    sys.path[:] = [str(p) for p in hello["path"]]
+    # Imported only now, on the worker's path: it is the worker's copy of qcluster that
+    # resolves references, as it was when jobs ran in the worker's threads.
+    from qcluster.definitions.jobdefs import extend_import_path, resolve_func
+
+    extend_import_path(hello["job_paths"])
+    logging.basicConfig(level=int(hello["log_level"]), stream=sys.stderr, format=LOG_FORMAT)
+    sock.sendall(encode({"ready": os.getpid()}))
+    funcs: dict[str, Any] = {}
+    while True:
+        request = read_frame(sock)
+        if request is None:  # the worker closed the slot, or died
+            return 0
+        if request.get("op") != "run":
+            return 2
+        sock.sendall(encode(_call(funcs, resolve_func, request)))
+
+
+def main(argv: list[str]) -> int:
+    fd, parent = int(argv[1]), int(argv[2])
+    die_with_parent(parent)
+    os.set_inheritable(fd, False)  # what the job execs does not hold the worker's socket
+    sock = socket.socket(fileno=fd)
+    try:
+        return serve(sock)
+    except (OSError, EOFError):  # the worker went away mid-frame
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,65 @@
+"""Jobs for the slot tests (tests/worker/test_slots.py): each records what it can see of
+its own process in a JSON file it is given, then misbehaves as its name says."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from qcluster import current_run
+
+#: Module state: how many runs this process has made of :func:`count`.
+COUNT = 0
+
+
+def _note(path: str, **extra: object) -> None:
+    """Write this process's identity, its run's and ``extra`` to ``path`` (atomically)."""
+    run = current_run()
+    data = {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
+            "ppid": os.getppid(), "attempt": run.attempt, "run_id": run.run_id,
+            "worker": run.worker_id, **extra}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def sleep_with_child(path: str, seconds: float = 30.0) -> None:
+    """Start ``sleep 1000`` (a plain subprocess, no death signal of its own), note both
+    process ids, then sleep."""
+    child = subprocess.Popen(["sleep", "1000"])
+    _note(path, grandchild=child.pid)
+    time.sleep(seconds)
+
+
+def ignore_sigterm(path: str) -> None:
+    """Ignore SIGTERM, note, and never return: only SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _note(path)
+    while True:
+        time.sleep(0.1)
+
+
+def exit_3(path: str) -> None:
+    _note(path)
+    os._exit(3)
+
+
+def kill_self(path: str) -> None:
+    _note(path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def count(path: str) -> int:
+    """Add one to the module's counter and note it."""
+    global COUNT
+    COUNT += 1
+    _note(path, count=COUNT)
+    return COUNT
+
+
+def identify(path: str) -> None:
+    _note(path)
