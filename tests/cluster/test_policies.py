@@ -46,6 +46,13 @@ def fail_first(path):
         raise RuntimeError("first attempt fails")
 
 
+def hang(path):
+    """Record the start, then never return."""
+    _line(path, event="start", at=time.time())
+    while True:
+        time.sleep(0.1)
+
+
 def busy(path, seconds):
     """Take ``seconds``, recording when it started and ended."""
     _line(path, event="start", at=time.time())
@@ -279,3 +286,65 @@ def test_overlap_buffer_one_runs_the_waiting_fire_after_the_open_one_across_a_ki
         ends = [x["at"] for x in events if x["event"] == "end"]
         starts = [x["at"] for x in events if x["event"] == "start"]
         assert all(s >= e for s, e in zip(starts[1:], ends, strict=False))
+
+
+def test_a_timed_out_attempt_is_retried_under_the_next_leader_and_times_out_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "hangs", "--func", "policyjobs.jobs:hang", "--every", "1h",
+                "--kwarg", f"path={c.records}", "--timeout", "2s", "--retries", "1",
+                "--retry-backoff", "6s", config=c.config)
+        run_cli("jobs", "run", "hangs", config=c.config)
+        first = wait_for(lambda: (r := rows_of(c, "hangs")[0]).attempt == 2 and r,
+                         timeout=30, what="attempt 2 after the timeout", details=c.leader_logs)
+        assert first.status == "scheduled" and "timed out after 2s" in first.error
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        done = wait_for(lambda: (r := rows_of(c, "hangs")[0]).status == "timed_out"
+                        and r.attempt == 2 and r, timeout=40, what="attempt 2 to time out",
+                        details=c.leader_logs)
+        assert done.retries_left == 0 and done.error == "timed out after 2s"
+        assert 1.9 <= done.duration < 6
+        assert [x["attempt"] for x in lines(c)] == [1, 2]
+
+
+def test_overlap_cancel_other_stops_the_running_run_across_a_leader_kill(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "replace", "--func", "policyjobs.jobs:hang", "--every", "3s",
+                "--kwarg", f"path={c.records}", "--overlap", "cancel-other", config=c.config)
+        wait_for(lambda: any(r.status == "running" for r in rows_of(c, "replace")),
+                 timeout=30, what="a running run")
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        most = 0
+        deadline = time.time() + 14
+        while time.time() < deadline:  # never two runs of the job at once
+            most = max(most, sum(r.status == "running" for r in rows_of(c, "replace")))
+            time.sleep(0.2)
+        assert most == 1
+        run_cli("jobs", "remove", "replace", config=c.config)
+        rows = wait_for(lambda: (rs := rows_of(c, "replace")) and all(
+            r.status not in ("running", "dispatched", "scheduled", "buffered") for r in rs)
+            and rs, timeout=30, what="the runs to end", details=c.leader_logs)
+        assert isinstance(rows, list)
+        stopped = [r for r in rows if r.error and "cancelled while running" in r.error]
+        assert len(stopped) >= 3, [(r.status, r.error) for r in rows]
+        assert all(r.status == "cancelled" for r in stopped)
+        starts = sorted(x["at"] for x in lines(c))
+        ends = sorted(r.finished_at for r in stopped)
+        assert all(s >= e - 0.5 for s, e in zip(starts[1:], ends, strict=False))
