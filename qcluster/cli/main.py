@@ -23,6 +23,7 @@ import typer
 from qcluster import __version__
 from qcluster.cli import output
 from qcluster.cli.admin_commands import backend_app, config_app, db_app
+from qcluster.cli.calendar_commands import calendars_app
 from qcluster.cli.common import ConfigOpt, JsonOpt, client, print_json, root_config, settings
 from qcluster.client.api import Change
 from qcluster.definitions.jobfile import parse_cli_value
@@ -54,6 +55,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(backend_app, name="backend")
+app.add_typer(calendars_app, name="calendars")
 
 
 def _show_version(value: bool) -> None:

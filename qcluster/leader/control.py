@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import Pyro5.server
 from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import check_job_id, validate_job
+from qcluster.definitions.policy import check_calendar_name
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
-from qcluster.store import bounds, catalog
+from qcluster.store import bounds, calendars, catalog
 from qcluster.store.cancels import cancel_run, remove_job
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
@@ -42,6 +43,7 @@ from qcluster.store.records import RunRecord
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_CALL = 100_000
+_T = TypeVar("_T")
 
 
 def _ok(**data: Any) -> dict[str, Any]:
@@ -127,6 +129,22 @@ class ControlService:
             reply["run_id"] = reply["result"] = runs[0]["run_id"]
         return reply
 
+    def add_calendar(self, name: Any, dates: Any, replace: Any) -> dict[str, Any]:
+        """Create calendar ``name`` from ``dates`` (texts, as ``qcluster calendars add``
+        takes them); with ``replace``, set its dates. The result is ``created``,
+        ``replaced`` or ``unchanged``."""
+        if not isinstance(replace, bool):
+            return _err("input", "replace must be true or false")
+        if not isinstance(dates, list) or len(dates) > calendars.MAX_RANGES:
+            return _err("input", f"dates must be a list of at most {calendars.MAX_RANGES}")
+        return self._checked(
+            lambda: (check_calendar_name(name), calendars.parse_dates(dates)),
+            lambda conn, c: calendars.put_calendar(conn, *c, replace=replace))
+
+    def remove_calendar(self, name: Any) -> dict[str, Any]:
+        """Remove calendar ``name``; refused while a job excludes it."""
+        return self._checked(lambda: check_calendar_name(name), calendars.remove_calendar)
+
     # -- plumbing ------------------------------------------------------------------------
 
     def _apply(self, jobs: Any, *, replace: bool, prune: bool) -> dict[str, Any]:
@@ -148,13 +166,19 @@ class ControlService:
         return self._write(write)
 
     def _one(self, job_id: Any, op: Callable[[Connection, str], None]) -> dict[str, Any]:
+        return self._checked(lambda: check_job_id(job_id), op)
+
+    def _checked(self, check: Callable[[], _T], op: Callable[[Connection, _T], Any]
+                 ) -> dict[str, Any]:
+        """``op`` on what ``check`` made of the caller's data, in :meth:`_write`'s fenced
+        transaction; a refusal of ``check`` answers ``input`` and writes nothing."""
         try:
-            jid = check_job_id(job_id)
+            value = check()
         except InputError as e:
             return _refused(e)
         except _UNSHOWABLE as e:
             return _unshowable(e)
-        return self._write(lambda conn: op(conn, jid))
+        return self._write(lambda conn: op(conn, value))
 
     def _write(self, op: Callable[[Connection], Any]) -> dict[str, Any]:
         epoch = self._leader.epoch
