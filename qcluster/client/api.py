@@ -30,8 +30,9 @@ from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_pat
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
-from qcluster.errors import InputError
+from qcluster.errors import InputError, QClusterError
 from qcluster.settings import Settings, load_settings, resolve_config_path
+from qcluster.store.backfill import Counts
 
 MAX_LIMIT = 2**31 - 1
 
@@ -77,6 +78,16 @@ class RunCancelled:
     status: str
     attempt: int
     via: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Backfilled(Counts):
+    """What :meth:`Client.backfill` did (:class:`~qcluster.store.backfill.Counts`): of
+    ``fire_times`` in ``[start, end]``, ``new`` runs were scheduled, ``skipped`` recorded
+    excluded by a calendar, and ``already`` had a run. With ``via == "database"`` no
+    leader was alive and the next leader sends them."""
+
+    via: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +269,23 @@ class Client:
         """Fire a job now, once."""
         outcome = changes.run_job(self.settings, check_job_id(job_id))
         return RunRequested(job_id, int(outcome.result), outcome.via)
+
+    def backfill(self, job_id: str, start: str | datetime, end: str | datetime) -> Backfilled:
+        """Run each fire time of the job's trigger in ``[start, end]`` once: ISO 8601 text
+        or datetimes, read in the job's zone when they have no offset; ``end`` not later
+        than now; at most 10,000 fire times. A fire time that already has a run (the live
+        schedule's, or an earlier backfill's) gets none: backfilling twice writes nothing
+        the second time. New runs start now, with the job's timeout and retries; one on a
+        date the job excludes is recorded ``skipped``. Not subject to the overlap policy
+        or ``max_runs``."""
+        first, last = (t.isoformat() if isinstance(t, datetime) else t for t in (start, end))
+        outcome = changes.backfill_job(self.settings, check_job_id(job_id), first, last)
+        r = outcome.result if isinstance(outcome.result, dict) else {}
+        try:
+            return Backfilled(**{f.name: r[f.name] for f in dataclasses.fields(Counts)},
+                              via=outcome.via)
+        except (KeyError, TypeError):
+            raise QClusterError("the leader sent a malformed backfill reply") from None
 
     def cancel(self, run_id: int) -> RunCancelled:
         """Stop any further attempt of run ``run_id``: a run not started yet is recorded

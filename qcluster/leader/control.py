@@ -30,12 +30,12 @@ import Pyro5.server
 from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import check_job_id, validate_job
-from qcluster.definitions.policy import check_calendar_name
+from qcluster.definitions.policy import check_calendar_name, defaults_from
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
-from qcluster.store import bounds, calendars, catalog
+from qcluster.store import backfill, bounds, calendars, catalog
 from qcluster.store.cancels import cancel_run, remove_job
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
@@ -127,6 +127,40 @@ class ControlService:
         if reply["ok"]:
             self._leader.send(runs)
             reply["run_id"] = reply["result"] = runs[0]["run_id"]
+        return reply
+
+    def backfill_job(self, job_id: Any, start: Any, end: Any) -> dict[str, Any]:
+        """Run each fire time of a job in ``[start, end]`` (ISO 8601 texts) that has no
+        run yet (:mod:`qcluster.store.backfill`); the new runs are sent once committed.
+        The result is the counts (``fire_times``, ``new``, ``skipped``, ``already``)."""
+        try:
+            jid = check_job_id(job_id)
+            first = backfill.check_time_text(start, "--from")
+            last = backfill.check_time_text(end, "--to")
+            # Planned on a read connection first: computing 10,000 fire times must not
+            # hold the fenced transaction idle (store/backfill.py).
+            with self._db.read() as conn:
+                planned = backfill.plan(conn, jid, first, last)
+        except InputError as e:
+            return _refused(e)
+        except _UNSHOWABLE as e:
+            return _unshowable(e)
+        except QClusterError as e:
+            return _err("unavailable", str(e))
+        runs: list[RunRecord] = []
+        defaults = defaults_from(self._leader.settings.scheduler)
+
+        def write(conn: Connection) -> dict[str, Any]:
+            epoch = self._leader.epoch
+            assert epoch is not None
+            new, counts = backfill.record(conn, planned, epoch, self._node_id,
+                                          defaults=defaults)
+            runs.extend(new)
+            return counts.to_wire()
+
+        reply = self._write(write)
+        if reply["ok"]:
+            self._leader.send(runs)
         return reply
 
     def add_calendar(self, name: Any, dates: Any, replace: Any) -> dict[str, Any]:
