@@ -7,6 +7,7 @@ error prints one ``error: ...`` line on stderr and exits non-zero; no traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import typer
 from qcluster import __version__
 from qcluster.cli import output
 from qcluster.cli.admin_commands import backend_app, config_app, db_app
+from qcluster.cli.calendar_commands import calendars_app
 from qcluster.cli.common import ConfigOpt, JsonOpt, client, print_json, root_config, settings
 from qcluster.client.api import Change
 from qcluster.definitions.jobfile import parse_cli_value
@@ -54,6 +56,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(backend_app, name="backend")
+app.add_typer(calendars_app, name="calendars")
 
 
 def _show_version(value: bool) -> None:
@@ -281,6 +284,25 @@ def jobs_run(
     note = "" if r.via != "database" else "; no leader is running, it runs when one is"
     _done(as_json, {"id": job_id, "run_id": r.run_id, "via": r.via},
           f"run {r.run_id} of job {job_id} recorded (via {r.via}){note}")
+
+
+@jobs_app.command("backfill")
+def jobs_backfill(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    start: Annotated[str, typer.Option("--from", help="The first fire time (ISO 8601; "
+                                       "without an offset, in the job's zone).")],
+    end: Annotated[str, typer.Option("--to", help="The last fire time (not later than now).")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run each fire time of a job in [--from, --to] once (at most 10,000). Those that
+    already have a run get none, so a second backfill writes nothing."""
+    r = client(config).backfill(job_id, start, end)
+    skipped = f", {r.skipped} skipped (excluded by a calendar)" if r.skipped else ""
+    note = "" if r.via != "database" else "; no leader is running, they run when one is"
+    _done(as_json, {**dataclasses.asdict(r)},
+          f"job {job_id}: {r.new} new runs{skipped}, {r.already} already recorded, of "
+          f"{r.fire_times} fire times from {r.start} to {r.end} (via {r.via}){note}")
 
 
 def _done(as_json: bool, data: dict[str, Any], text: str) -> None:

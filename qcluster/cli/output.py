@@ -128,3 +128,25 @@ def _section(name: str, values: Any) -> None:
             console.print(f"{key} = {json.dumps(value)}", markup=False)
     for sub, value in nested:
         _section(sub, value)
+
+
+def calendars_table(found: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(found)} calendars")
+    for col in ("name", "ranges", "days", "first", "last", "jobs", "version"):
+        table.add_column(col)
+    for c in found:
+        table.add_row(escape(c["name"]), str(c["ranges"]), str(c["days"]), c["first"],
+                      c["last"], str(c["jobs"]), str(c["version"]))
+    console.print(table)
+
+
+def calendar_detail(cal: Mapping[str, Any]) -> None:
+    console.print(f"calendar [bold]{escape(cal['name'])}[/] (version {cal['version']}): "
+                  f"{cal['days']} days in {len(cal['dates'])} ranges")
+    for item in cal["dates"]:
+        console.print(f"  {item}", markup=False)
+    jobs = cal["jobs"]
+    plural = "" if len(jobs) == 1 else "s"
+    console.print(f"excluded by {len(jobs)} job{plural}" + (": " if jobs else ""),
+                  markup=False, end="")
+    console.print(", ".join(jobs), markup=False)

@@ -24,13 +24,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from qcluster.client import calendars as cals
 from qcluster.client import changes, reads
 from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
-from qcluster.errors import InputError
+from qcluster.errors import InputError, QClusterError
 from qcluster.settings import Settings, load_settings, resolve_config_path
+from qcluster.store.backfill import Counts
 
 MAX_LIMIT = 2**31 - 1
 
@@ -78,9 +80,29 @@ class RunCancelled:
     via: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Backfilled(Counts):
+    """What :meth:`Client.backfill` did (:class:`~qcluster.store.backfill.Counts`): of
+    ``fire_times`` in ``[start, end]``, ``new`` runs were scheduled, ``skipped`` recorded
+    excluded by a calendar, and ``already`` had a run. With ``via == "database"`` no
+    leader was alive and the next leader sends them."""
+
+    via: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalendarChange:
+    """What a calendar change did: ``status`` is created, replaced, unchanged or removed;
+    ``via`` as for :class:`Change`."""
+
+    name: str
+    status: str
+    via: str
+
+
 class Client:
     """Add, apply, list, show, pause, resume, remove and run jobs; list and cancel runs;
-    read the cluster's status.
+    add, list, show and remove exclusion calendars; read the cluster's status.
 
     ``config`` is a config file path; with neither it nor ``settings``, the file is
     ``$QCLUSTER_CONFIG``, else ``./qcluster.toml``, else the embedded defaults, as for the
@@ -248,6 +270,23 @@ class Client:
         outcome = changes.run_job(self.settings, check_job_id(job_id))
         return RunRequested(job_id, int(outcome.result), outcome.via)
 
+    def backfill(self, job_id: str, start: str | datetime, end: str | datetime) -> Backfilled:
+        """Run each fire time of the job's trigger in ``[start, end]`` once: ISO 8601 text
+        or datetimes, read in the job's zone when they have no offset; ``end`` not later
+        than now; at most 10,000 fire times. A fire time that already has a run (the live
+        schedule's, or an earlier backfill's) gets none: backfilling twice writes nothing
+        the second time. New runs start now, with the job's timeout and retries; one on a
+        date the job excludes is recorded ``skipped``. Not subject to the overlap policy
+        or ``max_runs``."""
+        first, last = (t.isoformat() if isinstance(t, datetime) else t for t in (start, end))
+        outcome = changes.backfill_job(self.settings, check_job_id(job_id), first, last)
+        r = outcome.result if isinstance(outcome.result, dict) else {}
+        try:
+            return Backfilled(**{f.name: r[f.name] for f in dataclasses.fields(Counts)},
+                              via=outcome.via)
+        except (KeyError, TypeError):
+            raise QClusterError("the leader sent a malformed backfill reply") from None
+
     def cancel(self, run_id: int) -> RunCancelled:
         """Stop any further attempt of run ``run_id``: a run not started yet is recorded
         ``cancelled`` and never starts; a running one is marked, and its worker stops it
@@ -261,6 +300,39 @@ class Client:
     def _action(self, action: str, job_id: str, past: str) -> Change:
         outcome = changes.job_action(self.settings, action, check_job_id(job_id))
         return Change(job_id, past, outcome.via)
+
+    # -- exclusion calendars ----------------------------------------------------------------
+
+    def add_calendar(self, name: str, dates: Iterable[object] = (), *,
+                     file: str | Path | None = None, replace: bool = False) -> CalendarChange:
+        """Create calendar ``name`` from ``dates`` (``"2026-12-25"``,
+        ``"2026-12-24..2026-12-26"``, :class:`datetime.date` objects or ``(first, last)``
+        pairs) and the lines of ``file`` (one date or range per line, ``#`` comments).
+        With ``replace``, an existing calendar gets these dates instead; without, an
+        existing name is refused. A job's ``exclude`` may then name it."""
+        items = cals.wire_items(dates)
+        if file is not None:
+            if not isinstance(file, str | Path):
+                raise InputError(f"file must be a path, not {type(file).__name__}")
+            items += cals.read_file(Path(file))
+        if not isinstance(replace, bool):
+            raise InputError("replace must be true or false")
+        outcome = cals.add_calendar(self.settings, name, items, replace=replace)
+        return CalendarChange(name, str(outcome.result), outcome.via)
+
+    def remove_calendar(self, name: str) -> CalendarChange:
+        """Remove calendar ``name``; InputError while a job excludes it (naming the jobs)."""
+        outcome = cals.remove_calendar(self.settings, name)
+        return CalendarChange(name, "removed", outcome.via)
+
+    def calendar(self, name: str) -> dict[str, Any]:
+        """One calendar: its ``dates`` (ranges as ``first..last``), ``days``, ``version``
+        and the ``jobs`` that exclude it. InputError if there is none."""
+        return cals.show_calendar(self.settings, name)
+
+    def calendars(self) -> list[dict[str, Any]]:
+        """Every calendar, by name, with counts of its ranges, days and jobs."""
+        return cals.list_calendars(self.settings)
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Job changes (add, apply, pause, resume, remove, run now) and run cancels, as the CLI and
-Client make them.
+"""Job changes (add, apply, pause, resume, remove, run now, backfill) and run cancels, as
+the CLI and Client make them.
 
 Job changes go to the leader's control object while a leader is alive, so that the one
 scheduler that owns the store makes them. When no leader is alive, they are written
@@ -20,11 +20,12 @@ from sqlalchemy.exc import IntegrityError
 
 from backends.base import LeaderInfo
 from qcluster.client.admin import cluster_backends, live_leader, open_db, read_state
+from qcluster.client.reads import read
 from qcluster.definitions.jobdefs import JobDef, check_job_id
 from qcluster.definitions.policy import defaults_from
 from qcluster.errors import INPUT_KINDS, DatabaseUnavailable, Fenced, InputError, QClusterError
 from qcluster.settings import Settings
-from qcluster.store import bounds, catalog
+from qcluster.store import backfill, bounds, catalog
 from qcluster.store.cancels import cancel_run as cancel_one
 from qcluster.store.cancels import remove_job
 from qcluster.store.cluster import ClusterState, read_cluster
@@ -189,6 +190,23 @@ def run_job(settings: Settings, job_id: str) -> Outcome:
         settings, "run_job", (job_id,),
         lambda conn, epoch: catalog.run_now(
             conn, job_id, epoch, "cli", defaults=defaults_from(settings.scheduler))["run_id"],
+    )
+
+
+def backfill_job(settings: Settings, job_id: str, start: str, end: str) -> Outcome:
+    """Run each fire time of ``job_id`` in ``[start, end]`` that has no run yet
+    (:mod:`qcluster.store.backfill`); the result is the counts. Checked and planned here
+    first, so a bad range is refused before any leader is asked; with no leader, the plan
+    is written fenced on the epoch read, and the next leader sends the new runs."""
+    check_job_id(job_id)
+    first = backfill.check_time_text(start, "--from")
+    last = backfill.check_time_text(end, "--to")
+    planned = read(settings, lambda conn: backfill.plan(conn, job_id, first, last))
+    defaults = defaults_from(settings.scheduler)
+    return change(
+        settings, "backfill_job", (job_id, first, last),
+        lambda conn, epoch: backfill.record(conn, planned, epoch, "cli",
+                                            defaults=defaults)[1].to_wire(),
     )
 
 

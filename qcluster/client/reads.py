@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Connection
 
 from backends.base import MemberInfo
 from qcluster.client.admin import open_db, snapshot
@@ -12,35 +15,36 @@ from qcluster.settings import Settings
 from qcluster.store import catalog
 from qcluster.store.cluster import ClusterState
 
+T = TypeVar("T")
 
-def list_jobs(settings: Settings, *, limit: int) -> list[dict[str, Any]]:
+
+def read(settings: Settings, op: Callable[[Connection], T]) -> T:
+    """``op`` on a read connection of a database opened for it, and closed after."""
     db = open_db(settings)
     try:
         with db.read() as conn:
-            return catalog.list_jobs(conn, limit=limit)
+            return op(conn)
     finally:
         db.dispose()
+
+
+def list_jobs(settings: Settings, *, limit: int) -> list[dict[str, Any]]:
+    return read(settings, lambda conn: catalog.list_jobs(conn, limit=limit))
 
 
 def show_job(settings: Settings, job_id: str) -> dict[str, Any]:
     check_job_id(job_id)
-    db = open_db(settings)
-    try:
-        with db.read() as conn:
-            job = catalog.get_job(conn, job_id)
-            job["recent_runs"] = catalog.list_runs(conn, job_id=job_id, limit=5)
-            return job
-    finally:
-        db.dispose()
+
+    def show(conn: Connection) -> dict[str, Any]:
+        job = catalog.get_job(conn, job_id)
+        job["recent_runs"] = catalog.list_runs(conn, job_id=job_id, limit=5)
+        return job
+
+    return read(settings, show)
 
 
 def list_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
-    db = open_db(settings)
-    try:
-        with db.read() as conn:
-            return catalog.list_runs(conn, **filters)
-    finally:
-        db.dispose()
+    return read(settings, lambda conn: catalog.list_runs(conn, **filters))
 
 
 def cluster_status(settings: Settings) -> dict[str, Any]:

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import Pyro5.server
 from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import check_job_id, validate_job
-from qcluster.definitions.policy import Defaults
+from qcluster.definitions.policy import Defaults, check_calendar_name, defaults_from
 from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
-from qcluster.store import bounds, catalog
+from qcluster.store import backfill, bounds, calendars, catalog
 from qcluster.store.cancels import cancel_run, remove_job
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
@@ -43,6 +43,7 @@ from qcluster.store.records import RunRecord
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_CALL = 100_000
+_T = TypeVar("_T")
 
 
 def _ok(**data: Any) -> dict[str, Any]:
@@ -80,7 +81,9 @@ class ControlService:
         self._leader = leader
         self._allow = allow
         self._node_id = node_id
-        self._defaults = Defaults() if defaults is None else defaults  # [scheduler] retries
+        # [scheduler] retries and backoff, for run now and backfill
+        self._defaults = (defaults_from(leader.settings.scheduler) if defaults is None
+                          else defaults)
 
     def whoami(self) -> dict[str, Any]:
         return _ok(node_id=self._node_id, leading=self._leader.active, epoch=self._leader.epoch)
@@ -131,6 +134,56 @@ class ControlService:
             reply["run_id"] = reply["result"] = runs[0]["run_id"]
         return reply
 
+    def backfill_job(self, job_id: Any, start: Any, end: Any) -> dict[str, Any]:
+        """Run each fire time of a job in ``[start, end]`` (ISO 8601 texts) that has no
+        run yet (:mod:`qcluster.store.backfill`); the new runs are sent once committed.
+        The result is the counts (``fire_times``, ``new``, ``skipped``, ``already``)."""
+        try:
+            jid = check_job_id(job_id)
+            first = backfill.check_time_text(start, "--from")
+            last = backfill.check_time_text(end, "--to")
+            # Planned on a read connection first: computing 10,000 fire times must not
+            # hold the fenced transaction idle (store/backfill.py).
+            with self._db.read() as conn:
+                planned = backfill.plan(conn, jid, first, last)
+        except InputError as e:
+            return _refused(e)
+        except _UNSHOWABLE as e:
+            return _unshowable(e)
+        except QClusterError as e:
+            return _err("unavailable", str(e))
+        runs: list[RunRecord] = []
+        defaults = self._defaults
+
+        def write(conn: Connection) -> dict[str, Any]:
+            epoch = self._leader.epoch
+            assert epoch is not None
+            new, counts = backfill.record(conn, planned, epoch, self._node_id,
+                                          defaults=defaults)
+            runs.extend(new)
+            return counts.to_wire()
+
+        reply = self._write(write)
+        if reply["ok"]:
+            self._leader.send(runs)
+        return reply
+
+    def add_calendar(self, name: Any, dates: Any, replace: Any) -> dict[str, Any]:
+        """Create calendar ``name`` from ``dates`` (texts, as ``qcluster calendars add``
+        takes them); with ``replace``, set its dates. The result is ``created``,
+        ``replaced`` or ``unchanged``."""
+        if not isinstance(replace, bool):
+            return _err("input", "replace must be true or false")
+        if not isinstance(dates, list) or len(dates) > calendars.MAX_RANGES:
+            return _err("input", f"dates must be a list of at most {calendars.MAX_RANGES}")
+        return self._checked(
+            lambda: (check_calendar_name(name), calendars.parse_dates(dates)),
+            lambda conn, c: calendars.put_calendar(conn, *c, replace=replace))
+
+    def remove_calendar(self, name: Any) -> dict[str, Any]:
+        """Remove calendar ``name``; refused while a job excludes it."""
+        return self._checked(lambda: check_calendar_name(name), calendars.remove_calendar)
+
     # -- plumbing ------------------------------------------------------------------------
 
     def _apply(self, jobs: Any, *, replace: bool, prune: bool) -> dict[str, Any]:
@@ -152,13 +205,19 @@ class ControlService:
         return self._write(write)
 
     def _one(self, job_id: Any, op: Callable[[Connection, str], None]) -> dict[str, Any]:
+        return self._checked(lambda: check_job_id(job_id), op)
+
+    def _checked(self, check: Callable[[], _T], op: Callable[[Connection, _T], Any]
+                 ) -> dict[str, Any]:
+        """``op`` on what ``check`` made of the caller's data, in :meth:`_write`'s fenced
+        transaction; a refusal of ``check`` answers ``input`` and writes nothing."""
         try:
-            jid = check_job_id(job_id)
+            value = check()
         except InputError as e:
             return _refused(e)
         except _UNSHOWABLE as e:
             return _unshowable(e)
-        return self._write(lambda conn: op(conn, jid))
+        return self._write(lambda conn: op(conn, value))
 
     def _write(self, op: Callable[[Connection], Any]) -> dict[str, Any]:
         epoch = self._leader.epoch

@@ -30,8 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta, tzinfo
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -39,6 +39,7 @@ from apscheduler.schedulers.base import STATE_RUNNING
 
 from qcluster.definitions.policy import Defaults, jitter_of, run_fields
 from qcluster.errors import DatabaseUnavailable, Fenced
+from qcluster.store import calendars as calendars_mod
 from qcluster.store.calendars import Calendar
 from qcluster.store.catalog import Advance
 from qcluster.store.jobstore import SqlJobStore, StoredJob
@@ -154,7 +155,7 @@ class _Plan:
                        **run_fields(self.policy, self.defaults))
 
     def make(self, open_runs: list[tuple[int, str]],
-             calendars: Mapping[str, Calendar]) -> None:
+             calendars: dict[str, Calendar]) -> None:
         job, policy, now = self.job, self.policy, self.now
         times, nxt = self._times()
         if not times:
@@ -167,11 +168,12 @@ class _Plan:
         zone = getattr(job.trigger, "timezone", UTC)
         to_run: list[datetime] = []
         for t in times:
-            excluded = _excluded_by(t, zone, policy.exclude, calendars)
+            excluded = (calendars_mod.exclusion(calendars, policy.exclude,
+                                                t.astimezone(zone).date())
+                        if policy.exclude else None)
             late = now - t
             if excluded is not None:
-                self.fires.append(self._row(t, RunStatus.SKIPPED,
-                                            f"excluded by calendar {excluded}"))
+                self.fires.append(self._row(t, RunStatus.SKIPPED, excluded))
             elif late > catch_up:
                 if t >= self.horizon:
                     self.fires.append(self._row(t, RunStatus.MISSED, _missed(late, job, catch_up)))
@@ -242,19 +244,6 @@ def _missed(late: timedelta, job: StoredJob, catch_up: timedelta | None) -> str:
         else f", catch-up {catch_up.total_seconds():g}s"
     return (f"missed by {late.total_seconds():.3f}s (grace {job.misfire_grace_time}s"
             f"{window})")
-
-
-def _excluded_by(t: datetime, zone: tzinfo, names: Sequence[str],
-                 calendars: Mapping[str, Calendar]) -> str | None:
-    """The first of the calendars ``names`` whose dates hold ``t``'s date in ``zone``."""
-    if not names:
-        return None
-    day = t.astimezone(zone).date()
-    for name in names:
-        calendar = calendars.get(name)
-        if calendar is not None and calendar.excludes(day):
-            return name
-    return None
 
 
 def ts(dt: datetime | None) -> float | None:

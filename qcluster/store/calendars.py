@@ -125,9 +125,17 @@ def put_calendar(conn: Connection, name: str, ranges: Sequence[tuple[date, date]
 
 def remove_calendar(conn: Connection, name: str) -> None:
     """Delete calendar ``name``. InputError if there is none, or if a job excludes it
-    (name them: a job would otherwise fire on the dates it was meant to skip)."""
+    (name them: a job would otherwise fire on the dates it was meant to skip).
+
+    The row is locked ``FOR UPDATE`` before the jobs are read, and :func:`missing` reads
+    it ``FOR SHARE`` (PostgreSQL; SQLite's writers are serialized anyway): a job written
+    in a concurrent transaction that names this calendar either commits first, and is
+    seen here (the removal is refused), or waits, and then finds no calendar (the job is
+    refused). Neither order leaves a job excluding a calendar that does not exist."""
     c = schema.calendars
-    if conn.execute(sa.select(c.c.name).where(c.c.name == name)).one_or_none() is None:
+    found = conn.execute(sa.select(c.c.name).where(c.c.name == name)
+                         .with_for_update()).one_or_none()
+    if found is None:
         raise InputError(f"no calendar {name!r}")
     users = jobs_using(conn, name)
     if users:
@@ -157,13 +165,15 @@ def _like_escape(text: str) -> str:
 
 
 def missing(conn: Connection, names: Iterable[str]) -> list[str]:
-    """Those of ``names`` that are no calendar, sorted."""
+    """Those of ``names`` that are no calendar, sorted. The calendars found are locked
+    ``FOR SHARE`` until the caller's transaction ends, so that none of them is removed
+    before the job that names it is committed (see :func:`remove_calendar`)."""
     wanted = set(names)
     if not wanted:
         return []
     c = schema.calendars
-    have = set(conn.execute(sa.select(c.c.name).where(c.c.name.in_(sorted(wanted))))
-               .scalars())
+    have = set(conn.execute(sa.select(c.c.name).where(c.c.name.in_(sorted(wanted)))
+                            .with_for_update(read=True)).scalars())
     return sorted(wanted - have)
 
 
@@ -185,3 +195,36 @@ def versions(conn: Connection) -> dict[str, int]:
     c = schema.calendars
     return {row.name: int(row.version) for row in conn.execute(sa.select(c.c.name,
                                                                           c.c.version))}
+
+
+# -- what the read commands show ---------------------------------------------------------
+
+
+def list_calendars(conn: Connection) -> list[dict[str, Any]]:
+    """Every calendar, by name: its version, how many ranges and days, its first and last
+    date, and how many jobs exclude it."""
+    out = []
+    for cal in sorted(load_calendars(conn).values(), key=lambda c: c.name):
+        wire = cal.to_wire()
+        out.append({"name": cal.name, "version": cal.version, "ranges": len(cal.ranges),
+                    "days": wire["days"], "first": cal.ranges[0][0].isoformat(),
+                    "last": cal.ranges[-1][1].isoformat(),
+                    "jobs": len(jobs_using(conn, cal.name))})
+    return out
+
+
+def show_calendar(conn: Connection, name: str) -> dict[str, Any]:
+    """One calendar (:meth:`Calendar.to_wire`) and the ids of the jobs that exclude it.
+    InputError if there is none."""
+    return {**get_calendar(conn, name).to_wire(), "jobs": jobs_using(conn, name)}
+
+
+def exclusion(found: dict[str, Calendar], names: Iterable[str], day: date) -> str | None:
+    """The error of a ``skipped`` run whose local date is ``day``, for a job that excludes
+    ``names``: ``"excluded by calendar NAME"`` for the first of them (in the job's order)
+    that holds ``day``; None if none does. A name missing from ``found`` holds no date."""
+    for name in names:
+        cal = found.get(name)
+        if cal is not None and cal.excludes(day):
+            return f"excluded by calendar {name}"
+    return None

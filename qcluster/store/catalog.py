@@ -45,7 +45,7 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.policy import NONE, Defaults, from_stored, run_fields
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
-from qcluster.store import schema
+from qcluster.store import calendars, schema
 from qcluster.store.db import database_now, now_expr
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
@@ -111,7 +111,10 @@ def upsert_jobs(
     conn: Connection, defs: Sequence[JobDef], *, replace: bool, now: float | None = None
 ) -> ApplyResult:
     """Create the new jobs, and (with ``replace``) update the changed ones. ``now``: by
-    default the database's time."""
+    default the database's time. InputError, nothing written, if a job excludes a
+    calendar that does not exist: checked here, in the caller's transaction, so every way
+    of writing a job (the leader's control API, the CLI's direct write) checks it, and
+    the calendar cannot be removed before this commits (``store/calendars.missing``)."""
     now = database_now(conn) if now is None else now
     j = schema.jobs
     result = ApplyResult()
@@ -120,6 +123,7 @@ def upsert_jobs(
         if jd.id in seen:
             raise InputError(f"job {jd.id!r} is given twice")
         seen.add(jd.id)
+    _check_calendars(conn, defs)
     existing: dict[str, Row[Any]] = {}
     ids = [jd.id for jd in defs]
     for start in range(0, len(ids), _CHUNK):
@@ -165,6 +169,14 @@ def _bounds(stored: str | None) -> tuple[str | None, str | None]:
         return None, None
     return policy.start, policy.end
 
+def _check_calendars(conn: Connection, defs: Sequence[JobDef]) -> None:
+    absent = set(calendars.missing(conn, {n for jd in defs for n in jd.policy.exclude}))
+    for jd in defs:
+        for name in jd.policy.exclude:
+            if name in absent:
+                raise InputError(f"job {jd.id!r} excludes calendar {name!r}, which does not "
+                                 "exist (add it first: qcluster calendars add)")
+
 
 def _same_schedule(stored: str, new: dict[str, Any]) -> bool:
     """Whether ``new`` fires at the same times as the stored spec.
@@ -188,7 +200,8 @@ def prune_jobs(conn: Connection, keep: Sequence[str]) -> list[str]:
     return gone
 
 
-def _get_row(conn: Connection, job_id: str) -> Row[Any]:
+def job_row(conn: Connection, job_id: str) -> Row[Any]:
+    """The stored row of ``job_id``; JobNotFound if there is none."""
     j = schema.jobs
     row = conn.execute(sa.select(j).where(j.c.id == job_id)).one_or_none()
     if row is None:
@@ -198,7 +211,7 @@ def _get_row(conn: Connection, job_id: str) -> Row[Any]:
 
 def pause_job(conn: Connection, job_id: str) -> None:
     j = schema.jobs
-    row = _get_row(conn, job_id)
+    row = job_row(conn, job_id)
     conn.execute(
         j.update().where(j.c.id == job_id)
         .values(paused=True, next_run_time=None, version=row.version + 1,
@@ -211,7 +224,7 @@ def resume_job(conn: Connection, job_id: str, now: float | None = None) -> None:
     pause are skipped, not made up."""
     j = schema.jobs
     now = database_now(conn) if now is None else now
-    row = _get_row(conn, job_id)
+    row = job_row(conn, job_id)
     if not row.paused:
         return
     nxt = build_trigger(json.loads(row.trigger)).get_next_fire_time(
@@ -225,7 +238,7 @@ def resume_job(conn: Connection, job_id: str, now: float | None = None) -> None:
 
 
 def remove_job(conn: Connection, job_id: str) -> None:
-    _get_row(conn, job_id)
+    job_row(conn, job_id)
     delete_job(conn, job_id)
 
 
@@ -308,7 +321,7 @@ def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
     worker starts it at once unless its own clock is behind the database's); the caller
     dispatches it. It has the job's timeout and retries (``defaults`` for those it leaves
     out); it is not subject to the overlap policy (it is asked for)."""
-    row = _get_row(conn, job_id)
+    row = job_row(conn, job_id)
     at = round(database_now(conn) if now is None else now, 6)
     fire = FireRow(job_id, row.func, row.args, row.kwargs, at,
                    RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts,
@@ -365,7 +378,7 @@ def list_jobs(conn: Connection, limit: int = 0, offset: int = 0) -> list[dict[st
 
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any]:
-    return job_view(_get_row(conn, job_id))
+    return job_view(job_row(conn, job_id))
 
 
 def run_view(row: Row[Any]) -> dict[str, Any]:

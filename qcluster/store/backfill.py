@@ -1,0 +1,197 @@
+"""Backfill: run each fire time of a job's trigger in a past range once.
+
+A backfill is a request for runs that the live schedule will never make: fire times in
+``[start, end]``, ``end`` not later than now (later ones are the live schedule's). Each
+becomes one ``qc_runs`` row keyed (job id, fire time), inserted by
+:func:`qcluster.store.runs.insert_runs` (``ON CONFLICT DO NOTHING``), so a fire time that
+already has a row, whether the live leader or an earlier backfill made it, gets no second
+one: a backfill made twice writes nothing the second time, and says so.
+
+Rules:
+
+* ``start`` and ``end`` are ISO 8601 times; one without an offset is read in the job's
+  zone (its trigger's ``tz``), as ``--at`` is (``definitions/triggers.make_spec``).
+  ``start`` after ``end``, or ``end`` later than the database's now, is refused.
+* The range is also bounded by the job's own ``start``/``end`` policy: no run outside the
+  job's window. At most :data:`MAX_FIRE_TIMES` fire times per call; a range with more is
+  refused, saying about how many it holds.
+* A new row is ``scheduled`` with ``due_at`` = now (it runs at once, not at its fire
+  time), with the job's timeout, retries, ``recover`` and ``max_attempts``; a fire time
+  whose local date lies in a calendar the job excludes is recorded ``skipped``, "excluded
+  by calendar NAME", the row a live leader writes for it.
+* Not subject to the overlap policy or ``max_runs``: it is an explicit request, as a
+  run now is (``catalog.run_now``); ``runs_made`` is not counted up.
+
+:func:`plan` reads and computes (up to 10,000 fire times of a cron take ~0.4 s); call it
+before the fenced transaction, so that the transaction is not idle that long (a session
+idle in a transaction past ``idle_in_transaction_session_timeout`` is ended). :func:`record`
+then writes, in the caller's transaction fenced on its epoch, after checking that the job
+still has the trigger the plan was made from. :func:`backfill` does both on one
+connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qcluster.definitions.policy import Defaults, from_stored, run_fields
+from qcluster.definitions.triggers import fire_times, make_spec, parse_zone
+from qcluster.errors import InputError
+from qcluster.store import calendars, catalog, schema
+from qcluster.store.db import database_now
+from qcluster.store.records import RunRecord
+from qcluster.store.runs import FireRow, RunStatus, insert_runs
+
+MAX_FIRE_TIMES = 10_000
+MAX_TIME_TEXT = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The fire times to record for ``job_id``, and the stored trigger they follow."""
+
+    job_id: str
+    trigger: str
+    start: float
+    end: float
+    times: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """What a backfill did: of ``fire_times`` in the range, ``new`` runs were scheduled,
+    ``skipped`` recorded excluded by a calendar, and ``already`` had a row (as read in the
+    writing transaction)."""
+
+    job_id: str
+    start: str
+    end: str
+    fire_times: int
+    new: int
+    skipped: int
+    already: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan(conn: Connection, job_id: str, start: str, end: str, *,
+         now: float | None = None) -> Plan:
+    """The fire times of ``job_id`` in ``[start, end]`` (see the module doc). ``now``: by
+    default the database's time. InputError, one line, for a bad range."""
+    row = catalog.job_row(conn, job_id)
+    spec = json.loads(row.trigger)
+    first, last = _instant("--from", start, spec["tz"]), _instant("--to", end, spec["tz"])
+    now = database_now(conn) if now is None else now
+    if first > last:
+        raise InputError(f"--from {_iso(first)} is after --to {_iso(last)}")
+    if last > now:
+        raise InputError(f"--to {_iso(last)} is later than now ({_iso(now)}): a backfill "
+                         "runs past fire times; later ones are the live schedule's")
+    policy = from_stored(row.policy)
+    low = first if policy.start_ts is None else max(first, policy.start_ts)
+    high = last if policy.end_ts is None else min(last, policy.end_ts)
+    found: list[datetime] = []
+    if low <= high:
+        found = fire_times(spec, _dt(low), _dt(high), MAX_FIRE_TIMES + 1)
+    if len(found) > MAX_FIRE_TIMES:
+        raise InputError(f"job {job_id!r} has more than {MAX_FIRE_TIMES:,} fire times from "
+                         f"{_iso(first)} to {_iso(last)} (about {_about(found, low, high):,})"
+                         f": backfill at most {MAX_FIRE_TIMES:,} at a time")
+    return Plan(job_id, row.trigger, first, last, tuple(t.timestamp() for t in found))
+
+
+def record(conn: Connection, planned: Plan, epoch: int, leader: str, *,
+           now: float | None = None, defaults: Defaults = catalog.DEFAULTS
+           ) -> tuple[list[RunRecord], Counts]:
+    """Insert the planned fire times that have no row yet, in the caller's transaction
+    (fenced on ``epoch``); the new ``scheduled`` runs, for the caller to send once it has
+    committed, and the counts. InputError if the job's trigger changed since the plan, or
+    it excludes a calendar that does not exist."""
+    row = catalog.job_row(conn, planned.job_id)
+    if row.trigger != planned.trigger:
+        raise InputError(f"job {planned.job_id!r} changed its trigger during the backfill; "
+                         "try again")
+    policy = from_stored(row.policy)
+    found = calendars.load_calendars(conn) if policy.exclude else {}
+    absent = [n for n in policy.exclude if n not in found]
+    if absent:
+        raise InputError(f"job {planned.job_id!r} excludes calendar {absent[0]!r}, which "
+                         "does not exist")
+    now = database_now(conn) if now is None else now
+    zone = parse_zone(json.loads(row.trigger)["tz"])
+    have = _recorded(conn, planned)
+    fields = run_fields(policy, defaults)
+    fires = []
+    for at in planned.times:
+        if at in have:
+            continue
+        why = calendars.exclusion(found, policy.exclude,
+                                  datetime.fromtimestamp(at, zone).date())
+        fires.append(FireRow(
+            row.id, row.func, row.args, row.kwargs, at,
+            RunStatus.SKIPPED if why else RunStatus.SCHEDULED, bool(row.recover), error=why,
+            max_attempts=row.max_attempts, due_at=None if why else round(now, 6), **fields))
+    runs = insert_runs(conn, fires, epoch, leader, now=now)
+    skipped = sum(f.status == RunStatus.SKIPPED for f in fires)
+    counts = Counts(row.id, _iso(planned.start), _iso(planned.end), len(planned.times),
+                    len(runs), skipped, len(planned.times) - len(runs) - skipped)
+    return runs, counts
+
+
+def backfill(conn: Connection, job_id: str, start: str, end: str, epoch: int, leader: str,
+             *, now: float | None = None, defaults: Defaults = catalog.DEFAULTS
+             ) -> tuple[list[RunRecord], Counts]:
+    """:func:`plan` and :func:`record` on one connection (the caller's fenced one)."""
+    return record(conn, plan(conn, job_id, start, end, now=now), epoch, leader, now=now,
+                  defaults=defaults)
+
+
+def check_time_text(value: object, what: str) -> str:
+    """``value`` if it is text short enough to be a time; InputError otherwise (what a
+    caller over the wire sends is checked before anything is read)."""
+    if not isinstance(value, str) or len(value) > MAX_TIME_TEXT:
+        raise InputError(f"{what} must be an ISO 8601 time such as 2026-12-01T09:00+01:00")
+    return value
+
+
+def _instant(what: str, text: str, tz: str) -> float:
+    check_time_text(text, what)
+    try:
+        spec = make_spec(at=text, tz=tz)
+    except InputError as e:
+        raise InputError(f"{what}: {e}") from None
+    return datetime.fromisoformat(spec["at"]).timestamp()
+
+
+def _recorded(conn: Connection, planned: Plan) -> set[float]:
+    if not planned.times:
+        return set()
+    r = schema.runs
+    query = sa.select(r.c.scheduled_at).where(
+        r.c.job_id == planned.job_id,
+        r.c.scheduled_at.between(planned.times[0], planned.times[-1]))
+    return {float(t) for t in conn.execute(query).scalars()}
+
+
+def _about(found: list[datetime], low: float, high: float) -> int:
+    """How many fire times ``[low, high]`` holds, from the rate of the first ones."""
+    span = found[-1].timestamp() - low
+    if span <= 0:
+        return len(found)
+    return max(len(found), round(len(found) * (high - low) / span))
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _iso(ts: float) -> str:
+    return catalog.iso(ts) or ""
+

@@ -1,0 +1,55 @@
+"""A backfill through a running leader's control API: real ``qcluster start`` processes
+(one node, scheduler and worker), SQLite and PostgreSQL. The runs it records are sent at
+once and succeed; a second backfill of the range writes nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import config_with_tables
+from tests.helpers import read_records, run_json, runs_json, start_node, wait_for
+
+pytestmark = pytest.mark.cluster
+
+RECORD = "jobs.examples:record_run"
+WAIT = 60.0
+
+
+def test_a_backfill_through_the_leader_runs_once_and_a_second_one_writes_nothing(
+    tmp_path: Path, db_url: str
+) -> None:
+    config = config_with_tables(tmp_path, db_url)
+    records = tmp_path / "hourly.jsonl"
+    with start_node(config, node_id="n1", role="all", log_path=tmp_path / "n1.log") as node:
+        def leading() -> bool:
+            assert node.running(), node.log_tail()
+            status = run_json("cluster", "status", "--json", config=config)
+            return (status["leader"] or {}).get("node_id") == "n1"
+
+        wait_for(leading, WAIT, interval=0.5, what="n1 to lead", details=node.log_tail)
+        run_json("jobs", "add", "hourly", "--func", RECORD, "--cron", "0 * * * *", "--tz",
+                 "UTC", "--kwarg", f"path={records}", "--json", config=config)
+        end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        args = ("jobs", "backfill", "hourly", "--from", (end - timedelta(hours=2)).isoformat(),
+                "--to", end.isoformat(), "--json")
+        first = run_json(*args, config=config)
+        assert (first["via"], first["fire_times"], first["new"]) == ("leader n1", 3, 3)
+
+        def succeeded() -> list[dict[str, object]] | None:
+            runs = runs_json(config, job="hourly")
+            return runs if len(runs) == 3 and all(
+                r["status"] == "succeeded" for r in runs) else None
+
+        runs = wait_for(succeeded, WAIT, interval=0.5, what="3 backfilled runs to succeed",
+                        details=node.log_tail)
+        assert runs is not None
+        assert sorted(r["scheduled_at"] for r in runs) == [
+            (end - timedelta(hours=h)).isoformat().replace("+00:00", "Z") for h in (2, 1, 0)]
+        second = run_json(*args, config=config)
+        assert (second["via"], second["new"], second["already"]) == ("leader n1", 0, 3)
+        assert len(runs_json(config, job="hourly")) == 3
+        assert sorted(r["run_id"] for r in read_records(records)) == sorted(
+            r["run_id"] for r in runs)
