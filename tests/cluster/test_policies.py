@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import time
+from datetime import UTC, datetime, timedelta
 
 from qcluster import current_run
 
@@ -348,3 +350,46 @@ def test_overlap_cancel_other_stops_the_running_run_across_a_leader_kill(
         starts = sorted(x["at"] for x in lines(c))
         ends = sorted(r.finished_at for r in stopped)
         assert all(s >= e - 0.5 for s, e in zip(starts[1:], ends, strict=False))
+
+
+def test_a_backfill_run_again_after_a_leader_kill_writes_nothing_and_one_without_a_leader_runs(
+    tmp_path: Path, pg_url: str
+) -> None:
+    c = policy_cluster(tmp_path, pg_url)
+    with cluster(tmp_path, c.config, pg_url) as c:
+        for s in ("s1", "s2"):
+            c.start(s, "scheduler")
+        c.start("w1", "worker")
+        old = c.wait_leader()
+        run_cli("jobs", "add", "daily", "--func", "policyjobs.jobs:busy", "--cron", "0 6 * * *",
+                "--kwarg", f"path={c.records}", "--kwarg", "seconds=0", config=c.config)
+        now = datetime.now(UTC)
+        args = ("jobs", "backfill", "daily", "--from", (now - timedelta(days=5)).isoformat(),
+                "--to", (now - timedelta(days=2, hours=1)).isoformat(), "--json")
+        first = run_json(*args, config=c.config)
+        assert first["new"] == first["fire_times"] >= 3 and first["via"].startswith("leader")
+        wait_for(lambda: [r.status for r in rows_of(c, "daily")] == ["succeeded"] * first["new"],
+                 timeout=30, what="the backfilled runs to succeed", details=c.leader_logs)
+        assert old.leader_id is not None
+        c.nodes[old.leader_id].kill()
+        c.wait_leader(other_than=old.leader_id, after_epoch=old.epoch)
+        second = run_json(*args, config=c.config)
+        assert (second["new"], second["already"]) == (0, first["new"])
+        for s in ("s1", "s2"):  # no leader at all: the CLI writes them, fenced
+            c.nodes[s].kill()
+        later = ("jobs", "backfill", "daily", "--from",
+                 (now - timedelta(days=2)).isoformat(), "--to",
+                 (now - timedelta(days=1)).isoformat(), "--json")
+        def written() -> Any:  # refused ("try again") until the killed leader's lease ends
+            result = run_cli(*later, config=c.config, check=False)
+            return result.returncode == 0 and json.loads(result.stdout)
+
+        third = wait_for(written, timeout=30, what="a backfill with no leader alive")
+        assert third["via"] == "database" and third["new"] == 1
+        c.start("s1", "scheduler")
+        wait_for(lambda: [r.status for r in rows_of(c, "daily")]
+                 == ["succeeded"] * (first["new"] + 1),
+                 timeout=40, what="the run backfilled with no leader to run",
+                 details=c.leader_logs)
+        started = [x["scheduled_at"] for x in lines(c) if x["event"] == "start"]
+        assert len(started) == len(set(started)) == first["new"] + 1
