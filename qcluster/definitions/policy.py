@@ -164,6 +164,8 @@ def _check(key: str, value: object) -> Any:
 
 
 def _instant(key: str, value: object) -> str:
+    if isinstance(value, datetime):  # a TOML date-time of a job file, an aware datetime
+        value = value.isoformat()
     if not isinstance(value, str):
         raise InputError(f"{key} must be an ISO 8601 time with an offset")
     try:
