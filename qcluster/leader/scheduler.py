@@ -42,7 +42,7 @@ from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.store import calendars as calendars_mod
 from qcluster.store.calendars import Calendar
 from qcluster.store.catalog import Advance
-from qcluster.store.jobstore import SqlJobStore, StoredJob
+from qcluster.store.jobstore import SqlJobStore, StoredJob, ts
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus
 
@@ -244,10 +244,6 @@ def _missed(late: timedelta, job: StoredJob, catch_up: timedelta | None) -> str:
         else f", catch-up {catch_up.total_seconds():g}s"
     return (f"missed by {late.total_seconds():.3f}s (grace {job.misfire_grace_time}s"
             f"{window})")
-
-
-def ts(dt: datetime | None) -> float | None:
-    return None if dt is None else dt.timestamp()
 
 
 class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
