@@ -143,7 +143,11 @@ _r = schema.runs
 _COLUMNS = (_r.c.id, _r.c.job_id, _r.c.func, _r.c.args, _r.c.kwargs, _r.c.scheduled_at,
             _r.c.attempt, _r.c.recover, _r.c.status, _r.c.worker, _r.c.worker_session,
             _r.c.epoch, _r.c.created_at, _r.c.max_attempts, _r.c.deaths,
-            _r.c.cancel_requested, _r.c.due_at)
+            _r.c.cancel_requested, _r.c.due_at,
+            # the job's own misfire grace (NULL: [scheduler] misfire_grace_seconds, or a
+            # removed job)
+            sa.select(schema.jobs.c.misfire_grace_seconds)
+            .where(schema.jobs.c.id == _r.c.job_id).scalar_subquery().label("job_grace"))
 #: How long before its start a run that waits (a retry's backoff) is sent.
 SEND_AHEAD = 1.0
 
@@ -226,7 +230,8 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
             out: RecoveryResult) -> None:
     """A ``scheduled`` row: sent (again) once due, unless its writer has just sent it;
     ``missed`` past its grace, counted from when it was due to start (``due_at``: a
-    jitter, a backfill) or its fire time."""
+    jitter, a backfill) or its fire time. The grace is the job's own, else ``grace``."""
+    grace = row.job_grace or grace
     due = row.scheduled_at if row.due_at is None else row.due_at
     if due > now + SEND_AHEAD:
         return  # a retry's backoff, a jitter: not yet
@@ -245,7 +250,9 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
 
 def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryResult) -> None:
     """A live worker claimed it and has not started it: missed once past the grace,
-    counted from the fire time (a first attempt) or from the retry (a later one)."""
+    counted from the fire time (a first attempt) or from the retry (a later one). The
+    grace is the job's own, else ``grace``."""
+    grace = row.job_grace or grace
     since = row.scheduled_at if row.attempt == 1 else max(row.scheduled_at, row.created_at)
     if row.due_at is not None:
         since = max(since, row.due_at)
@@ -282,7 +289,8 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
         elif row.attempt >= bound:
             again = f"no attempt left (max_attempts {bound})"
     error = reason if again is None or not row.recover else f"{again}; {reason}"
-    if not runs.mark_lost(conn, row.id, row.attempt, row.status, now=now, error=error):
+    if not runs.mark_lost(conn, row.id, row.attempt, row.status, now=now, error=error,
+                          keep_retries=row.recover and again is None):
         return  # it moved on meanwhile (finished, cancelled): nothing to recover
     out.lost += 1
     log.warning("run %d of job %s is lost: %s", row.id, row.job_id, error)

@@ -18,7 +18,7 @@ from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
 from qcluster.leader.recovery import recover_runs
 from qcluster.leader.scheduler import FireExecutor
-from qcluster.store import calendars, catalog, schema
+from qcluster.store import calendars, catalog, runs, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
@@ -314,3 +314,67 @@ def test_overlap_cancel_other_also_ends_a_retry_to_come(db: Database) -> None:
     assert "no retry: overlap cancel-other" in rows[0].error
     out = recover_runs(db, _epoch(db), live_workers=set(), grace_seconds=30)
     assert (out.retries, out.unbuffered) == (0, 1)
+
+
+@pytest.mark.parametrize("end", [S.SUCCEEDED, S.INTERRUPTED, S.CANCELLED, S.FAILED,
+                                 S.TIMED_OUT, S.MISSED, S.LOST])
+def test_only_a_run_that_can_still_be_retried_keeps_retries_left(db: Database,
+                                                                  end: RunStatus) -> None:
+    """A run ended any other way than failed or timed out gets no retry, so it shows
+    none left (and leaves the partial index of retriable rows), whichever write ends it:
+    the worker's outcome (SQLite: a statement per row; PostgreSQL: the unnest), a cancel,
+    recovery's missed past the grace or lost with its worker."""
+    _add(db, "rl", retries=2)
+    _fire(db, BASE + 0.1)
+    (row,) = _runs(db, "rl")
+    epoch = _epoch(db)
+    if end in (S.MISSED, S.LOST):
+        status = S.SCHEDULED if end == S.MISSED else S.RUNNING
+        _set(db, row.id, status=status, worker="w", worker_session="s", epoch=epoch - 1)
+        out = recover_runs(db, epoch, live_workers=set(), grace_seconds=30, now=BASE + 60)
+        assert (out.missed, out.lost) == ((1, 0) if end == S.MISSED else (0, 1))
+    elif end == S.CANCELLED:
+        with db.fenced(epoch) as conn:
+            runs.cancel(conn, row.id, now=BASE + 1, reason="cancelled: test")
+    else:
+        _set(db, row.id, status=S.RUNNING, worker="w", worker_session="s")
+        runs.write_outcomes(db, "s", {(row.id, 1): runs.Outcome(end, BASE, BASE + 1, "x")})
+    (row,) = _runs(db, "rl")
+    assert row.status == end
+    assert row.retries_left == (2 if end in runs.RETRIABLE else 0)
+
+
+def test_a_lost_recover_run_made_again_keeps_its_retries(db: Database) -> None:
+    _add(db, "rr", retries=2, recover=True)
+    _fire(db, BASE + 0.1)
+    (row,) = _runs(db, "rr")
+    _set(db, row.id, status=S.RUNNING, worker="w", worker_session="s")
+    out = recover_runs(db, _epoch(db), live_workers=set(), grace_seconds=30, now=BASE + 1)
+    (row,) = _runs(db, "rr")
+    assert (out.lost, out.retried, row.status, row.attempt, row.retries_left) == (
+        1, 1, "scheduled", 2, 2)
+
+
+@pytest.mark.parametrize("status", [S.SCHEDULED, S.DISPATCHED])
+def test_recovery_judges_an_unstarted_run_by_its_jobs_own_misfire_grace(
+    db: Database, status: RunStatus
+) -> None:
+    """Between its commit and its start, a run is missed past its job's
+    ``misfire_grace_seconds``, not the scheduler-wide default (issue 14's residual)."""
+    for job_id, grace in (("tight", 5), ("loose", 60)):
+        _add(db, job_id, misfire_grace_seconds=grace)
+    _add(db, "default")
+    _fire(db, BASE + 0.1)
+    epoch = _epoch(db)
+    for job_id in ("tight", "loose", "default"):
+        (row,) = _runs(db, job_id)
+        _set(db, row.id, status=status, epoch=epoch - 1,
+             **({"worker": "w", "worker_session": "s"} if status == S.DISPATCHED else {}))
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30, now=BASE + 20)
+    assert out.missed == 1
+    (tight,) = _runs(db, "tight")
+    assert tight.status == "missed" and "misfire grace time (5s)" in tight.error
+    assert [_runs(db, j)[0].status for j in ("loose", "default")] == [status] * 2
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30, now=BASE + 40)
+    assert out.missed == 1 and _runs(db, "default")[0].status == "missed"
+    assert _runs(db, "loose")[0].status == status

@@ -31,6 +31,7 @@ from qcluster.store.runs.states import (
     UNCLAIM_FROM,
     RunStatus,
     Writer,
+    retries_kept,
     status_is,
 )
 
@@ -145,23 +146,25 @@ def mark_missed(conn: Connection, run_id: int, attempt: int, status: RunStatus, 
     r = schema.runs
     return conn.execute(
         r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
-        .values(status=_S.MISSED, finished_at=now, error=error)
+        .values(status=_S.MISSED, finished_at=now, error=error, retries_left=0)
     ).rowcount > 0
 
 
 def mark_lost(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
-              now: float, error: str) -> bool:
+              now: float, error: str, keep_retries: bool = False) -> bool:
     """``dispatched``/``running`` → ``lost``: the claim's worker left. Only while the row
     is still at ``attempt`` and in ``status`` (what the caller read). A worker gone while
     the run was ``running`` adds one to ``deaths`` (the job's code may have killed it).
-    Whether it wrote."""
+    ``retries_left`` becomes 0 unless ``keep_retries`` (a ``recover`` run about to be
+    made again keeps them for its next attempt). Whether it wrote."""
     if status not in LOST_FROM:
         raise ValueError(f"a {status} run does not become lost")
     r = schema.runs
     died = 1 if status == _S.RUNNING else 0
     return conn.execute(
         r.update().where(r.c.id == run_id, r.c.attempt == attempt, r.c.status == status)
-        .values(status=_S.LOST, finished_at=now, error=error, deaths=r.c.deaths + died)
+        .values(status=_S.LOST, finished_at=now, error=error, deaths=r.c.deaths + died,
+                **({} if keep_retries else {"retries_left": 0}))
     ).rowcount > 0
 
 
@@ -244,7 +247,7 @@ def record_reported(conn: Connection, run_id: int, attempt: int, session: str, *
         r.update().where(r.c.id == run_id, r.c.attempt == attempt,
                          r.c.worker_session == session, status_is(REPORTED_FROM))
         .values(status=status, started_at=started, finished_at=finished,
-                duration=finished - started,
+                duration=finished - started, retries_left=retries_kept(sa.literal(status)),
                 error=note if error is None else f"{error} ({note})")
     ).rowcount > 0
 
@@ -282,7 +285,8 @@ def cancel(conn: Connection, run_id: int, *, now: float, reason: str) -> Cancell
     r = schema.runs
     done = conn.execute(
         r.update().where(r.c.id == run_id, status_is(CANCEL_FROM))
-        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now,
+                retries_left=0)
         .returning(r.c.attempt)
     ).all()
     if done:
@@ -307,7 +311,8 @@ def cancel_job_runs(conn: Connection, job_id: str, *, now: float, reason: str) -
     r = schema.runs
     cancelled = conn.execute(
         r.update().where(r.c.job_id == job_id, status_is(CANCEL_FROM))
-        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now)
+        .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now,
+                retries_left=0)
     ).rowcount
     marked = conn.execute(
         r.update().where(r.c.job_id == job_id, r.c.status == _S.RUNNING,

@@ -143,6 +143,15 @@ def status_is(statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
     return sa.or_(*(schema.runs.c.status == s for s in statuses))
 
 
+def retries_kept(status: sa.ColumnElement[str] | sa.BindParameter[str]
+                 ) -> sa.ColumnElement[int]:
+    """What ``retries_left`` becomes when a run ends as ``status``: kept for a failed or
+    timed-out attempt (recovery retries it), 0 for every other end, so that only a row that
+    can still be retried has retries left (and is in the partial index ``ix_qc_runs_retry``)."""
+    kept = sa.or_(*(status == s for s in RETRIABLE))  # no IN: it runs in executemany too
+    return sa.case((kept, schema.runs.c.retries_left), else_=0)
+
+
 def sql_status(statuses: Sequence[RunStatus]) -> str:
     """``= 'a'`` or ``IN ('a', 'b')``, for SQL text (constants of this module, never input)."""
     if len(statuses) == 1:

@@ -22,9 +22,11 @@ from qcluster.store.runs.states import (
     END_FROM,
     ENDS,
     RELEASE_FROM,
+    RETRIABLE,
     START_FROM,
     RunStatus,
     Writer,
+    retries_kept,
     sql_status,
     status_is,
 )
@@ -225,7 +227,8 @@ def _outcomes_many(conn: Connection, session: str,
         r.update().where(*mine, status_is(END_FROM))
         .values(status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
                 finished_at=sa.bindparam("b_finished"),
-                duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error")),
+                duration=sa.bindparam("b_duration"), error=sa.bindparam("b_error"),
+                retries_left=retries_kept(sa.bindparam("b_status", type_=sa.String))),
         [{"b_id": k[0], "b_attempt": k[1], "b_status": o.status, "b_started": o.started,
           "b_finished": o.finished, "b_duration": o.finished - o.started,
           "b_error": o.error} for k, o in finished.items()],
@@ -247,7 +250,8 @@ def _outcomes_unnest(conn: Connection, session: str,
 
 _UNNEST_FINISHED = sa.text(
     "UPDATE qc_runs AS r SET status = v.status, started_at = v.started, "
-    "finished_at = v.finished, duration = v.duration, error = v.error "
+    "finished_at = v.finished, duration = v.duration, error = v.error, "
+    f"retries_left = CASE WHEN v.status {sql_status(RETRIABLE)} THEN r.retries_left ELSE 0 END "
     "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]), "
     "CAST(:started AS float8[]), CAST(:finished AS float8[]), CAST(:durations AS float8[]), "
     "CAST(:errors AS text[])) AS v(id, attempt, status, started, finished, duration, error) "
