@@ -165,7 +165,7 @@ class ControlService:
 
         reply = self._write(write)
         if reply["ok"]:
-            self._leader.send(runs)
+            self._leader.send(runs, bulk=True)
         return reply
 
     def add_calendar(self, name: Any, dates: Any, replace: Any) -> dict[str, Any]:

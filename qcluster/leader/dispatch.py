@@ -20,6 +20,14 @@ dispatcher's thread. What each :class:`~qcluster.store.records.Refusal` makes it
 
 A call refused as a whole (a malformed batch, or an epoch that the worker's database does
 not hold) sets that worker aside for :data:`DOWN_FOR` and sends its runs elsewhere.
+
+Two lanes. Live runs (fires, run now, retries, recovery's resends) go first, in order.
+Bulk runs (a backfill's: thousands due at once) go only when no live run waits, and only
+into free slots: to a worker whose last reply said it runs fewer than its capacity, as
+many as it has free (a full one whose last reply is older than :data:`BULK_PROBE` is
+sent an empty batch, whose reply is its load). A backfill so never queues ahead of the live schedule
+on a worker. The bulk lane holds each (run, attempt) once: recovery hands it the unsent
+backfill runs at every pass.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ DOWN_FOR = 2.0
 SEND_WAIT = 2.0
 #: Refusals whose runs are sent again (elsewhere, or a moment later).
 SEND_AGAIN = frozenset({Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE})
+#: A full worker's load older than this is asked again (an empty batch), for the bulk lane.
+BULK_PROBE = 0.5
 
 
 class WorkerProxy(Protocol):
@@ -110,6 +120,9 @@ class Dispatcher:
         self.on_stale = on_stale
         self.sent = 0
         self._queue: collections.deque[RunRecord] = collections.deque()
+        self._bulk: collections.deque[RunRecord] = collections.deque()
+        self._bulk_keys: set[tuple[int, int]] = set()
+        self._answered: dict[str, float] = {}  # when each worker's load was last said
         self._cond = threading.Condition()
         self._enabled = threading.Event()
         self._enabled.set()
@@ -134,18 +147,34 @@ class Dispatcher:
         self._stopped.set()
         with self._cond:
             self._queue.clear()
+            self._bulk.clear()
+            self._bulk_keys.clear()
             self._cond.notify_all()
 
-    def submit(self, runs: list[RunRecord]) -> None:
+    def submit(self, runs: list[RunRecord], *, bulk: bool = False) -> None:
+        """Queue committed runs: live ones in order, ``bulk`` ones (a backfill's) in the
+        bulk lane, each (run, attempt) once."""
         if not self._enabled.is_set():
             return
         with self._cond:
-            self._queue.extend(runs)
+            if bulk:
+                self._add_bulk(runs)
+            else:
+                self._queue.extend(runs)
             self._cond.notify()
 
+    def _add_bulk(self, runs: list[RunRecord], *, front: bool = False) -> None:
+        new = [r for r in runs if (r["run_id"], r["attempt"]) not in self._bulk_keys]
+        self._bulk_keys.update((r["run_id"], r["attempt"]) for r in new)
+        if front:
+            self._bulk.extendleft(reversed(new))
+        else:
+            self._bulk.extend(new)
+
     def pending(self) -> int:
+        """Runs queued and not yet sent, in both lanes."""
         with self._cond:
-            return len(self._queue)
+            return len(self._queue) + len(self._bulk)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -155,6 +184,8 @@ class Dispatcher:
                 batch = self._take()
                 if batch:
                     self._dispatch(batch)
+                elif self._bulk:
+                    self._dispatch_bulk()
         finally:
             self._senders.shutdown(wait=True)
             with self._proxies_lock:
@@ -164,10 +195,59 @@ class Dispatcher:
 
     def _take(self) -> list[RunRecord]:
         with self._cond:
-            if not self._queue:
+            if not self._queue and not self._bulk:
                 self._cond.wait(0.5)
             n = min(len(self._queue), self.batch_size)
             return [self._queue.popleft() for _ in range(n)]
+
+    def _dispatch_bulk(self) -> None:
+        """Send bulk runs into the free slots (no live run waits); what comes back goes
+        to the front of the bulk lane. A full worker whose load is older than BULK_PROBE is
+        asked again with an empty batch (its reply is its load; it reads nothing). With
+        no free slot, wait a moment (a live run's submit ends the wait)."""
+        room, stale = self._bulk_room()
+        for uri in stale:
+            self._send_async(uri, [])
+        with self._cond:
+            if self._queue:
+                return  # a live run came: it goes first
+            n = min(sum(room.values()), len(self._bulk), self.batch_size)
+            if n == 0:
+                self._cond.wait(0.1)
+                return
+            batch = [self._bulk.popleft() for _ in range(n)]
+            self._bulk_keys.difference_update((r["run_id"], r["attempt"]) for r in batch)
+        routes: dict[str, list[RunRecord]] = {}
+        rest = iter(batch)
+        for uri, free in room.items():
+            routes[uri] = list(itertools.islice(rest, free))
+        futures = {uri: self._send_async(uri, chunk) for uri, chunk in routes.items() if chunk}
+        concurrent.futures.wait(futures.values(), timeout=SEND_WAIT)
+        again: list[RunRecord] = []
+        for uri, future in futures.items():
+            try:
+                again.extend(future.result(timeout=0) if future.done() else routes[uri])
+            except Exception:  # a bug, not a worker's answer: this thread must go on
+                log.exception("sending %d runs to worker %s failed", len(routes[uri]), uri)
+                again.extend(routes[uri])
+        if again and self._enabled.is_set():
+            with self._cond:
+                self._add_bulk(again, front=True)
+
+    def _bulk_room(self) -> tuple[dict[str, int], list[str]]:
+        """The free slots of each live worker, as its last reply said, and the full
+        workers whose load is older than BULK_PROBE (to ask again)."""
+        now = time.monotonic()
+        room: dict[str, int] = {}
+        stale: list[str] = []
+        for w in self._live_workers():
+            uri = w.uri or ""
+            free = w.capacity - int(self._load.get(uri, 0.0))
+            if free > 0:
+                room[uri] = free
+            elif now - self._answered.get(uri, -BULK_PROBE) >= BULK_PROBE:
+                stale.append(uri)
+        return room, stale
 
     def _dispatch(self, batch: list[RunRecord]) -> None:
         left = batch
@@ -293,6 +373,7 @@ class Dispatcher:
         with self._proxies_lock:
             self.sent += len(reply.accepted)
         self._load[uri] = float(reply.inflight)
+        self._answered[uri] = time.monotonic()
         if any(why == Refusal.STALE_EPOCH for _, why in reply.refused):
             log.warning("worker %s has seen a newer epoch (%d) than %d", uri, reply.epoch,
                         self.epoch)

@@ -21,7 +21,16 @@ Runs recorded but never sent (the leader died in between) are sent by the next l
 recorded ``missed`` when they are older than their misfire grace time. Runs claimed by a
 live worker that has not started them within that grace (every slot held by jobs that do
 not end) are recorded ``missed`` too: the worker's start and this write filter on the
-same ``dispatched`` status, so exactly one of them wins. Every change here is fenced on
+same ``dispatched`` status, so exactly one of them wins.
+
+Backfill runs (``qc_runs.backfill``, written by ``jobs backfill``) are the exception to
+the grace: thousands may be due at once, and they are sent in the dispatcher's bulk lane,
+as workers have free slots and after every live run (leader/dispatch.py), so a backfill
+never delays the live schedule. One waits its turn unsent for up to
+:data:`BACKFILL_WAIT` (then ``missed``), and once claimed is missed past its grace counted
+from its claim. At most :data:`BULK_PER_PASS` are handed over per pass, oldest first.
+
+Every change here is fenced on
 the leader's epoch, and made by :mod:`qcluster.store.runs`, the owner of ``qc_runs``;
 this module decides which.
 """
@@ -52,9 +61,16 @@ QUARANTINE_DEATHS = 2
 DEFAULT_MAX_ATTEMPTS = 3
 
 
+#: How long an unsent backfill run may wait for a free worker slot before it is missed.
+BACKFILL_WAIT = 86400.0
+#: Backfill runs handed to the dispatcher's bulk lane per pass (it drops the ones it has).
+BULK_PER_PASS = 2000
+
+
 @dataclasses.dataclass
 class RecoveryResult:
     resend: list[RunRecord] = dataclasses.field(default_factory=list)
+    bulk: list[RunRecord] = dataclasses.field(default_factory=list)  # backfill runs to send
     lost: int = 0
     retried: int = 0
     missed: int = 0
@@ -135,6 +151,8 @@ def recover_runs(
             elif fate == "stopped":
                 _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, reason, out)
         _unbuffer(conn, epoch, now, out)
+    out.bulk.sort(key=lambda run: run["scheduled_at"])
+    del out.bulk[BULK_PER_PASS:]
     return out
 
 
@@ -143,7 +161,7 @@ _r = schema.runs
 _COLUMNS = (_r.c.id, _r.c.job_id, _r.c.func, _r.c.args, _r.c.kwargs, _r.c.scheduled_at,
             _r.c.attempt, _r.c.recover, _r.c.status, _r.c.worker, _r.c.worker_session,
             _r.c.epoch, _r.c.created_at, _r.c.max_attempts, _r.c.deaths,
-            _r.c.cancel_requested, _r.c.due_at,
+            _r.c.cancel_requested, _r.c.due_at, _r.c.backfill, _r.c.dispatched_at,
             # the job's own misfire grace (NULL: [scheduler] misfire_grace_seconds, or a
             # removed job)
             sa.select(schema.jobs.c.misfire_grace_seconds)
@@ -238,14 +256,18 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     sent_at_once = row.due_at is None or row.due_at <= row.created_at + SEND_AHEAD
     if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED and sent_at_once:
         return  # ours and fresh: the dispatcher still has it
-    if row.attempt == 1 and now - due > grace:
-        if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,
-                            error=f"never dispatched within the misfire grace time "
-                                  f"({grace:.0f}s)"):
+    if row.backfill:  # waits its turn in the bulk lane, for up to BACKFILL_WAIT
+        limit, why = BACKFILL_WAIT, (f"backfill run never dispatched within "
+                                     f"{BACKFILL_WAIT / 3600:.0f}h: no free worker slot")
+    else:
+        limit, why = grace, f"never dispatched within the misfire grace time ({grace:.0f}s)"
+    if row.attempt == 1 and now - due > limit:
+        if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now, error=why):
             out.missed += 1
         return
-    out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                         row.scheduled_at, row.attempt, epoch, row.recover))
+    (out.bulk if row.backfill else out.resend).append(records.run_record(
+        row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at, row.attempt,
+        epoch, row.recover))
 
 
 def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryResult) -> None:
@@ -256,6 +278,8 @@ def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryRes
     since = row.scheduled_at if row.attempt == 1 else max(row.scheduled_at, row.created_at)
     if row.due_at is not None:
         since = max(since, row.due_at)
+    if row.backfill and row.dispatched_at is not None:
+        since = max(since, row.dispatched_at)  # it waited its turn unsent: from its claim
     if now - since <= grace:
         return
     if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now,

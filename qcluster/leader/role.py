@@ -264,11 +264,13 @@ class LeaderRole:
         if scheduler is not None:
             scheduler.wakeup()
 
-    def send(self, runs: list[RunRecord]) -> None:
+    def send(self, runs: list[RunRecord], *, bulk: bool = False) -> None:
+        """Hand committed runs to the dispatcher; ``bulk`` (a backfill's): in its bulk
+        lane, sent as workers have free slots, after every live run."""
         with self._lock:
             dispatcher = self.dispatcher
         if dispatcher is not None:
-            dispatcher.submit(runs)
+            dispatcher.submit(runs, bulk=bulk)
 
     def healthy(self) -> str | None:
         """Why this leader is not working, or None. The node steps down on a reason.
@@ -381,6 +383,8 @@ class LeaderRole:
         if result.resend and not term.stop.is_set():
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)
+        if result.bulk and not term.stop.is_set():
+            self.send(result.bulk, bulk=True)
         return members
 
 

@@ -152,6 +152,9 @@ runs = Table(
     Column("retries_left", Integer, nullable=False, default=0, server_default="0"),
     Column("retry_backoff", Float, nullable=True),
     Column("retry_max_backoff", Float, nullable=True),
+    # Written by `jobs backfill`: sent as workers have free slots, after live runs, and
+    # not missed for waiting its turn (leader/recovery.py, leader/dispatch.py).
+    Column("backfill", Boolean, nullable=False, default=False, server_default=sa.false()),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     Index("ix_qc_runs_status", "status"),
     Index("ix_qc_runs_job_status", "job_id", "status"),

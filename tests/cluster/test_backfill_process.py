@@ -1,6 +1,7 @@
 """A backfill through a running leader's control API: real ``qcluster start`` processes
 (one node, scheduler and worker), SQLite and PostgreSQL. The runs it records are sent at
-once and succeed; a second backfill of the range writes nothing."""
+once and succeed; a second backfill of the range writes nothing; and a backfill larger
+than the worker's slots does not hold back the live schedule."""
 
 from __future__ import annotations
 
@@ -10,12 +11,31 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import config_with_tables
-from tests.helpers import read_records, run_json, runs_json, start_node, wait_for
+from tests.helpers import (
+    TEST_SETTINGS,
+    NodeProcess,
+    read_records,
+    run_cli,
+    run_json,
+    runs_json,
+    start_node,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.cluster
 
 RECORD = "jobs.examples:record_run"
 WAIT = 60.0
+
+
+def _wait_leading(config: Path, node: NodeProcess) -> None:
+    def leading() -> bool:
+        assert node.running(), node.log_tail()
+        status = run_json("cluster", "status", "--json", config=config)
+        return (status["leader"] or {}).get("node_id") == "n1"
+
+    wait_for(leading, WAIT, interval=0.5, what="n1 to lead", details=node.log_tail)
 
 
 def test_a_backfill_through_the_leader_runs_once_and_a_second_one_writes_nothing(
@@ -24,12 +44,7 @@ def test_a_backfill_through_the_leader_runs_once_and_a_second_one_writes_nothing
     config = config_with_tables(tmp_path, db_url)
     records = tmp_path / "hourly.jsonl"
     with start_node(config, node_id="n1", role="all", log_path=tmp_path / "n1.log") as node:
-        def leading() -> bool:
-            assert node.running(), node.log_tail()
-            status = run_json("cluster", "status", "--json", config=config)
-            return (status["leader"] or {}).get("node_id") == "n1"
-
-        wait_for(leading, WAIT, interval=0.5, what="n1 to lead", details=node.log_tail)
+        _wait_leading(config, node)
         run_json("jobs", "add", "hourly", "--func", RECORD, "--cron", "0 * * * *", "--tz",
                  "UTC", "--kwarg", f"path={records}", "--json", config=config)
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -53,3 +68,38 @@ def test_a_backfill_through_the_leader_runs_once_and_a_second_one_writes_nothing
         assert len(runs_json(config, job="hourly")) == 3
         assert sorted(r["run_id"] for r in read_records(records)) == sorted(
             r["run_id"] for r in runs)
+
+
+def test_a_backfill_larger_than_the_slots_does_not_hold_back_the_live_schedule(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """80 backfilled runs of 0.4 s on a worker of 2 slots (16 s of work) while a job fires
+    every second with a misfire grace of 3 s: the backfill goes into free slots only,
+    after the live runs, so no live fire waits behind it (sent in arrival order, they
+    waited up to 16 s and were recorded missed); and every backfilled run succeeds."""
+    config = write_config(tmp_path, pg_url,
+                          worker={**TEST_SETTINGS["worker"], "concurrency": 2})
+    run_cli("db", "upgrade", config=config)
+    with start_node(config, node_id="n1", role="all", log_path=tmp_path / "n1.log") as node:
+        _wait_leading(config, node)
+        run_cli("jobs", "add", "tick", "--func", "jobs.builtin:noop", "--every", "1s",
+                "--misfire-grace", "3", config=config)
+        run_cli("jobs", "add", "old", "--func", "jobs.builtin:sleep", "--kwarg",
+                "seconds=0.4", "--cron", "* * * * *", "--tz", "UTC", config=config)
+        end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+        made = run_json("jobs", "backfill", "old", "--from",
+                        (end - timedelta(minutes=79)).isoformat(), "--to", end.isoformat(),
+                        "--json", config=config)
+        assert made["new"] == 80
+
+        def backfilled() -> list[dict[str, object]] | None:
+            runs = runs_json(config, job="old")
+            done = len(runs) >= 80 and all(r["status"] == "succeeded" for r in runs)
+            return runs if done else None
+
+        wait_for(backfilled, 120, interval=1.0, what="80 backfilled runs to succeed",
+                 details=node.log_tail)
+        ticks = runs_json(config, job="tick")
+        assert len(ticks) >= 10
+        assert [t for t in ticks if t["status"] not in ("succeeded", "scheduled",
+                                                          "dispatched", "running")] == []

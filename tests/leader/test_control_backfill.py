@@ -23,7 +23,12 @@ def sent() -> list[RunRecord]:
 @pytest.fixture
 def control(db: Database, sent: list[RunRecord]) -> ControlService:
     role = leading(db)
-    role.send = sent.extend  # type: ignore[method-assign]
+
+    def send(runs: list[RunRecord], *, bulk: bool = False) -> None:
+        assert bulk, "a backfill's runs go to the bulk lane, after the live ones"
+        sent.extend(runs)
+
+    role.send = send  # type: ignore[method-assign]
     return ControlService(db, role, ["jobs.*"], "s1")
 
 

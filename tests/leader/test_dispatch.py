@@ -379,3 +379,49 @@ def test_nothing_is_sent_after_stop_returns(
     release.set()  # the send under way returns; nothing may follow it
     time.sleep(0.5)
     assert w1.run_ids() + w2.run_ids() == [1]
+
+
+class SlotWorker(FakeWorker):
+    """A worker with ``capacity`` slots that holds what it accepts until ``finish``: its
+    replies say how many it holds (as a real worker's ``inflight``)."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        super().__init__(name, capacity, reply=self._hold)
+        self.held: list[int] = []
+
+    def _hold(self, epoch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+        self.held.extend(r["run_id"] for r in runs)
+        return accept_all(epoch, runs) | {"inflight": len(self.held),
+                                          "capacity": self.member.capacity}
+
+    def finish(self, count: int) -> None:
+        with self._lock:
+            del self.held[:count]
+
+
+def test_bulk_runs_fill_only_free_slots_and_live_runs_go_first(
+    workers: dict[str, FakeWorker], started: list[Dispatcher]
+) -> None:
+    """A backfill's runs (the bulk lane) never queue on a worker beyond its free slots,
+    so a live fire submitted while the backfill waits is sent at once; a full worker is
+    asked its load with an empty batch, and the backlog drains as its slots free up. The
+    same (run, attempt) submitted twice to the bulk lane is sent once."""
+    w = _add(workers, SlotWorker("w", capacity=2))[0]
+    assert isinstance(w, SlotWorker)
+    d, _ = _dispatcher([w])
+    d.submit(_runs(1, 10), bulk=True)
+    d.submit(_runs(1, 10), bulk=True)  # recovery hands the same ones again
+    _start(started, d)
+    wait_for(lambda: len(w.run_ids()) == 2, WAIT, 0.01, "2 bulk runs sent")
+    time.sleep(1.2)  # more than two probes' worth
+    assert w.run_ids() == [1, 2] and d.pending() == 8
+    assert any(batch == [] for batch in w.batches)  # asked its load, sent nothing
+    d.submit(_runs(100, 1))  # a live fire: not behind the 8 waiting bulk runs
+    wait_for(lambda: 100 in w.run_ids(), WAIT, 0.01, "the live run sent")
+    assert w.run_ids() == [1, 2, 100]
+    for _ in range(5):
+        w.finish(2)
+        time.sleep(0.7)
+    wait_for(lambda: len(w.run_ids()) == 11, WAIT, 0.05, "the backlog sent")
+    assert sorted(w.run_ids()) == [*range(1, 11), 100]  # each once
+    assert max(len(b) for b in w.batches) <= 2 and d.pending() == 0

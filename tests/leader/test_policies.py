@@ -16,9 +16,10 @@ from qcluster.definitions.jobdefs import validate_job
 from qcluster.definitions.policy import backoff, jitter_of
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
+from qcluster.leader import recovery
 from qcluster.leader.recovery import recover_runs
 from qcluster.leader.scheduler import FireExecutor
-from qcluster.store import calendars, catalog, runs, schema
+from qcluster.store import backfill, calendars, catalog, runs, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
@@ -378,3 +379,50 @@ def test_recovery_judges_an_unstarted_run_by_its_jobs_own_misfire_grace(
     out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30, now=BASE + 40)
     assert out.missed == 1 and _runs(db, "default")[0].status == "missed"
     assert _runs(db, "loose")[0].status == status
+
+
+# -- backfill in recovery --------------------------------------------------------------------
+
+
+def test_backfill_runs_wait_their_turn_in_the_bulk_lane_not_missed_by_the_grace(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backfill's unsent runs are handed to the dispatcher's bulk lane, oldest first and
+    at most BULK_PER_PASS per pass, and are not missed for waiting past the misfire grace
+    (thousands are due at once); only past BACKFILL_WAIT. A claimed one is judged by the
+    grace from its claim. A live run past its grace is still missed."""
+    monkeypatch.setattr(recovery, "BULK_PER_PASS", 3)
+    _add(db, "live", next_at=BASE)
+    _fire(db, BASE + 0.1)
+    jd = validate_job({"id": "bf", "func": "jobs.builtin:noop",
+                       "trigger": make_spec(cron="0 * * * *"), "misfire_grace_seconds": 5},
+                      ALLOW)
+    epoch = _epoch(db)
+    with db.fenced(epoch) as conn:
+        catalog.upsert_jobs(conn, [jd], replace=False)
+    written_at = BASE - 100
+    with db.fenced(epoch) as conn:
+        new, _ = backfill.backfill(conn, "bf", "2026-01-01T00:00Z", "2026-01-01T04:30Z",
+                                   epoch, "leader", now=written_at)
+    assert len(new) == 5 and all(r.backfill for r in _runs(db, "bf"))
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30,
+                       now=BASE + 3600)
+    assert out.missed == 1 and _runs(db, "live")[0].status == "missed"
+    assert out.resend == []
+    times = sorted(r.scheduled_at for r in _runs(db, "bf"))
+    assert [r["scheduled_at"] for r in out.bulk] == times[:3]
+    assert {r.status for r in _runs(db, "bf")} == {"scheduled"}
+    first = _runs(db, "bf")[0]
+    _set(db, first.id, status=S.DISPATCHED, worker="w", worker_session="s",
+         dispatched_at=BASE + 3600)
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30,
+                       now=BASE + 3604)
+    assert out.missed == 0 and [r["scheduled_at"] for r in out.bulk] == times[1:4]
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30,
+                       now=BASE + 3606)
+    assert out.missed == 1 and "(5s)" in _runs(db, "bf")[0].error  # the job's grace
+    out = recover_runs(db, epoch, live_workers=set(), grace_seconds=30,
+                       now=written_at + recovery.BACKFILL_WAIT + 1)
+    assert out.missed == 4 and out.bulk == []
+    assert all("backfill run never dispatched within 24h" in r.error
+               for r in _runs(db, "bf")[1:])

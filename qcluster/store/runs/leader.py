@@ -59,6 +59,7 @@ class FireRow:
     retries: int = 0
     retry_backoff: float | None = None
     retry_max_backoff: float | None = None
+    backfill: bool = False  # written by `jobs backfill` (schema.runs.c.backfill)
 
 
 def insert_runs(
@@ -87,7 +88,7 @@ def insert_runs(
          "finished_at": None if f.status in _UNFINISHED else now, "error": f.error,
          "max_attempts": f.max_attempts, "due_at": f.due_at, "timeout": f.timeout,
          "retries_left": f.retries, "retry_backoff": f.retry_backoff,
-         "retry_max_backoff": f.retry_max_backoff}
+         "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -108,7 +109,7 @@ _RUN_COLUMNS = (
     ("epoch", "bigint"), ("leader", "text"), ("created_at", "float8"),
     ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
     ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
-    ("retry_backoff", "float8"), ("retry_max_backoff", "float8"),
+    ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 _UNNEST_INSERT = sa.text(
@@ -121,7 +122,7 @@ _UNNEST_INSERT = sa.text(
 
 def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
-    PostgreSQL one column array per parameter (``unnest``): 19 parameters whatever the
+    PostgreSQL one column array per parameter (``unnest``): 20 parameters whatever the
     batch size, so the driver prepares the statement once, where a multi-row VALUES list
     of 9,500 parameters is parsed again for every batch."""
     if conn.dialect.name == "postgresql":
