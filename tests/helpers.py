@@ -511,3 +511,14 @@ def _text(data: bytes | str | None) -> str:
     if data is None:
         return ""
     return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def wait_leading(config: Path, node: NodeProcess, node_id: str = "n1",
+                 timeout: float = 60.0) -> None:
+    """Wait until ``cluster status`` names ``node_id`` (running as ``node``) the leader."""
+    def leading() -> bool:
+        assert node.running(), node.log_tail()
+        status = run_json("cluster", "status", "--json", config=config)
+        return bool((status["leader"] or {}).get("node_id") == node_id)
+
+    wait_for(leading, timeout, interval=0.5, what=f"{node_id} to lead", details=node.log_tail)

@@ -25,9 +25,8 @@ from qcluster.definitions.jobdefs import JobDef, check_job_id
 from qcluster.definitions.policy import defaults_from
 from qcluster.errors import INPUT_KINDS, DatabaseUnavailable, Fenced, InputError, QClusterError
 from qcluster.settings import Settings
-from qcluster.store import backfill, bounds, catalog
+from qcluster.store import backfill, bounds, cancels, catalog
 from qcluster.store.cancels import cancel_run as cancel_one
-from qcluster.store.cancels import remove_job
 from qcluster.store.cluster import ClusterState, read_cluster
 from qcluster.store.db import Database
 
@@ -155,24 +154,21 @@ def add_jobs(settings: Settings, defs: list[JobDef], *, replace: bool) -> Outcom
     wire = [d.to_wire() for d in defs]
     return change(
         settings, "add_jobs", (wire, replace),
-        lambda conn, _epoch: catalog.upsert_jobs(conn, defs, replace=replace).to_wire(),
+        lambda conn, _epoch: cancels.upsert_jobs(conn, defs, replace=replace).to_wire(),
     )
 
 
 def apply_jobs(settings: Settings, defs: list[JobDef], *, prune: bool) -> Outcome:
     def direct(conn: Connection, _epoch: int) -> dict[str, list[str]]:
-        result = catalog.upsert_jobs(conn, defs, replace=True)
-        if prune:
-            result.removed = catalog.prune_jobs(conn, [d.id for d in defs])
-        return result.to_wire()
+        return cancels.upsert_jobs(conn, defs, replace=True, prune=prune).to_wire()
 
     return change(settings, "apply_jobs", ([d.to_wire() for d in defs], prune), direct)
 
 
 _ONE: dict[str, Callable[[Connection, str], None]] = {
-    "pause_job": catalog.pause_job,
+    "pause_job": cancels.pause_job,  # and its runs sent ahead withdrawn
     "resume_job": catalog.resume_job,
-    "remove_job": remove_job,  # and its open runs cancelled
+    "remove_job": cancels.remove_job,  # and its open runs cancelled
 }
 
 

@@ -35,8 +35,8 @@ from qcluster.errors import INPUT_KINDS, Fenced, InputError, QClusterError
 from qcluster.leader.role import LeaderRole
 from qcluster.rpc.server import refuse_call
 from qcluster.settings import redact_text
-from qcluster.store import backfill, bounds, calendars, catalog
-from qcluster.store.cancels import cancel_run, remove_job
+from qcluster.store import backfill, bounds, calendars, cancels, catalog
+from qcluster.store.cancels import cancel_run
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 
@@ -99,13 +99,13 @@ class ControlService:
         return self._apply(jobs, replace=True, prune=prune)
 
     def pause_job(self, job_id: Any) -> dict[str, Any]:
-        return self._one(job_id, catalog.pause_job)
+        return self._one(job_id, cancels.pause_job)
 
     def resume_job(self, job_id: Any) -> dict[str, Any]:
         return self._one(job_id, catalog.resume_job)
 
     def remove_job(self, job_id: Any) -> dict[str, Any]:
-        return self._one(job_id, remove_job)
+        return self._one(job_id, cancels.remove_job)
 
     def cancel_run(self, run_id: Any) -> dict[str, Any]:
         """Stop any further attempt of one run (:func:`qcluster.store.runs.cancel`): the
@@ -197,10 +197,7 @@ class ControlService:
             return _unshowable(e)
 
         def write(conn: Connection) -> dict[str, Any]:
-            result = catalog.upsert_jobs(conn, defs, replace=replace)
-            if prune:
-                result.removed = catalog.prune_jobs(conn, [d.id for d in defs])
-            return result.to_wire()
+            return cancels.upsert_jobs(conn, defs, replace=replace, prune=prune).to_wire()
 
         return self._write(write)
 

@@ -1,28 +1,78 @@
-"""The writes that stop further attempts of runs, as the leader's control object and a
-direct change (no leader alive) both make them, on the caller's fenced connection.
+"""The job changes that also change runs, as the leader's control object and a direct
+change (no leader alive) both make them, on the caller's fenced connection.
 
 A recorded run carries its own function, arguments and ``recover`` (docs/DESIGN.md,
-``qc_runs``), so removing a job does not by itself stop its runs: :func:`remove_job`
-removes the job and cancels its open runs in one transaction. The times written
-(``finished_at``, ``cancel_requested``) are the database's, read on the connection.
+``qc_runs``), so changing a job does not by itself change its runs:
+
+* :func:`remove_job` (and ``jobs apply --prune``) removes the job and cancels its open
+  runs in one transaction;
+* every change withdraws the runs sent ahead of their fire time (``[scheduler]
+  fire_ahead_seconds``; :func:`qcluster.store.runs.withdraw`), so that a pause, an
+  update or a removal applies at once, not from the next fire. An updated job whose
+  schedule is unchanged fires the withdrawn time again, under its new definition: its
+  next fire time is set back to it.
+
+The times written (``finished_at``, ``cancel_requested``) are the database's, read on
+the connection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from qcluster.store import catalog, runs
+from qcluster.definitions.jobdefs import JobDef
+from qcluster.store import catalog, runs, schema
+from qcluster.store.catalog import ApplyResult
 from qcluster.store.db import database_now
 
 
 def remove_job(conn: Connection, job_id: str) -> None:
     """Remove a job (JobNotFound if there is none) and stop any further attempt of its
-    open runs: not started, ``cancelled``; running, no new attempt."""
+    open runs: sent ahead of their time, withdrawn; not started, ``cancelled``; running,
+    no new attempt."""
     catalog.remove_job(conn, job_id)
-    runs.cancel_job_runs(conn, job_id, now=database_now(conn),
-                         reason="cancelled: its job was removed")
+    _removed(conn, [job_id])
+
+
+def _removed(conn: Connection, job_ids: Sequence[str]) -> None:
+    now = database_now(conn)
+    runs.withdraw(conn, job_ids, now=now, reason="its job was removed")
+    for job_id in job_ids:
+        runs.cancel_job_runs(conn, job_id, now=now, reason="cancelled: its job was removed")
+
+
+def pause_job(conn: Connection, job_id: str) -> None:
+    """Pause a job (JobNotFound if there is none); its runs sent ahead are withdrawn."""
+    catalog.pause_job(conn, job_id)
+    runs.withdraw(conn, [job_id], now=database_now(conn), reason="its job was paused")
+
+
+def upsert_jobs(conn: Connection, defs: Sequence[JobDef], *, replace: bool,
+                prune: bool = False) -> ApplyResult:
+    """:func:`qcluster.store.catalog.upsert_jobs`; with ``prune``, the jobs not in
+    ``defs`` are removed as :func:`remove_job` removes one. The updated jobs' runs sent
+    ahead are withdrawn; one whose next fire time the update left as it was (the same
+    schedule) fires the earliest withdrawn time again, as it now is."""
+    j = schema.jobs
+    ids = [d.id for d in defs]
+    before = {row.id: row.next_run_time for row in conn.execute(
+        sa.select(j.c.id, j.c.next_run_time).where(j.c.id.in_(ids)))} if replace else {}
+    now = database_now(conn)
+    result = catalog.upsert_jobs(conn, defs, replace=replace, now=now)
+    withdrawn = runs.withdraw(conn, result.updated, now=now, reason="its job was updated")
+    for job_id, first in withdrawn.items():
+        row = catalog.job_row(conn, job_id)
+        if not row.paused and row.next_run_time is not None \
+                and row.next_run_time == before.get(job_id):
+            catalog.set_next_run_time(conn, job_id, first)
+    if prune:
+        result.removed = catalog.prune_jobs(conn, ids)
+        _removed(conn, result.removed)
+    return result
 
 
 def cancel_run(conn: Connection, run_id: int) -> dict[str, Any]:

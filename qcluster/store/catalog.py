@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -284,6 +284,22 @@ def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
                              j.c.version == sa.bindparam("b_version")),
             done,
         )
+
+
+def changed_jobs(conn: Connection, versions: Mapping[str, int]) -> set[str]:
+    """Of the jobs of ``versions`` (id: the version a pass read), those changed or gone
+    since, their rows locked until the caller's transaction ends (PostgreSQL ``FOR
+    UPDATE``, in id order; SQLite's one writer holds them anyway): a change that commits
+    first is seen here, one that commits later waits for this transaction, then sees its
+    runs (``store/cancels``)."""
+    j = schema.jobs
+    ids = sorted(versions)
+    now_at: dict[str, int] = {}
+    for start in range(0, len(ids), _CHUNK):
+        now_at.update((row.id, row.version) for row in conn.execute(
+            sa.select(j.c.id, j.c.version).where(j.c.id.in_(ids[start : start + _CHUNK]))
+            .order_by(j.c.id).with_for_update()))
+    return {i for i in ids if now_at.get(i) != versions[i]}
 
 
 def set_next_run_time(conn: Connection, job_id: str, next_run_time: float | None) -> bool:

@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, JobLookupError
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, interval_problem
 from qcluster.definitions.policy import NONE, Policy, from_stored
@@ -218,9 +218,13 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
 
         A fire time already recorded (by this leader or an earlier one) inserts nothing and
         is not returned. An advance applies only if the job's row version is unchanged, so
-        a concurrent edit of the job wins; its fire times stay unique by the run key.
+        a concurrent edit of the job wins; its fire times stay unique by the run key. A
+        fire ahead of its time (after ``now``: ``fire_ahead_seconds``) of a job changed
+        since the pass read it is not recorded: the change (a pause, an update) applies to
+        it, as it would have withdrawn it had it committed first (``store/cancels``).
         """
         with self.db.fenced(epoch) as conn:
+            fires = self._current(conn, fires, advances, now)
             for run_id, reason in cancels:
                 try:
                     cancel(conn, run_id, now=time.time() if now is None else now, reason=reason)
@@ -229,6 +233,19 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
             inserted = insert_runs(conn, fires, epoch, leader, now=now)
             catalog.apply_advances(conn, advances)
         return inserted
+
+    @staticmethod
+    def _current(conn: Connection, fires: Sequence[FireRow], advances: Sequence[Advance],
+                 now: float | None) -> Sequence[FireRow]:
+        if now is None:
+            return fires
+        versions = {a.job_id: a.version for a in advances}
+        ahead = {f.job_id: versions[f.job_id] for f in fires
+                 if f.scheduled_at > now and f.job_id in versions}
+        if not ahead:
+            return fires
+        changed = catalog.changed_jobs(conn, ahead)
+        return [f for f in fires if f.scheduled_at <= now or f.job_id not in changed]
 
     # -- loading ------------------------------------------------------------------------
 

@@ -13,13 +13,13 @@ import pytest
 from tests.cli.test_cli import config_with_tables
 from tests.helpers import (
     TEST_SETTINGS,
-    NodeProcess,
     read_records,
     run_cli,
     run_json,
     runs_json,
     start_node,
     wait_for,
+    wait_leading,
     write_config,
 )
 
@@ -29,22 +29,13 @@ RECORD = "jobs.examples:record_run"
 WAIT = 60.0
 
 
-def _wait_leading(config: Path, node: NodeProcess) -> None:
-    def leading() -> bool:
-        assert node.running(), node.log_tail()
-        status = run_json("cluster", "status", "--json", config=config)
-        return (status["leader"] or {}).get("node_id") == "n1"
-
-    wait_for(leading, WAIT, interval=0.5, what="n1 to lead", details=node.log_tail)
-
-
 def test_a_backfill_through_the_leader_runs_once_and_a_second_one_writes_nothing(
     tmp_path: Path, db_url: str
 ) -> None:
     config = config_with_tables(tmp_path, db_url)
     records = tmp_path / "hourly.jsonl"
     with start_node(config, node_id="n1", role="all", log_path=tmp_path / "n1.log") as node:
-        _wait_leading(config, node)
+        wait_leading(config, node)
         run_json("jobs", "add", "hourly", "--func", RECORD, "--cron", "0 * * * *", "--tz",
                  "UTC", "--kwarg", f"path={records}", "--json", config=config)
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -81,7 +72,7 @@ def test_a_backfill_larger_than_the_slots_does_not_hold_back_the_live_schedule(
                           worker={**TEST_SETTINGS["worker"], "concurrency": 2})
     run_cli("db", "upgrade", config=config)
     with start_node(config, node_id="n1", role="all", log_path=tmp_path / "n1.log") as node:
-        _wait_leading(config, node)
+        wait_leading(config, node)
         run_cli("jobs", "add", "tick", "--func", "jobs.builtin:noop", "--every", "1s",
                 "--misfire-grace", "3", config=config)
         run_cli("jobs", "add", "old", "--func", "jobs.builtin:sleep", "--kwarg",

@@ -122,6 +122,8 @@ def make(db: Database, t: Transition, run_id: int, source: RunStatus) -> object:
 def _make_fenced(conn: Any, db: Database, t: Transition, run_id: int, source: RunStatus,
                  epoch: int) -> object:
     """The leader's writes of :func:`make`, in its fenced transaction."""
+    if t.via in ("withdraw", "insert_runs"):
+        return _make_fire_ahead(conn, db, t, run_id, source, epoch)
     if t.via == "mark_missed":
         return runs.mark_missed(conn, run_id, 1, source, now=7.0, error="never sent")
     if t.via == "cancel":
@@ -147,6 +149,26 @@ def _make_fenced(conn: Any, db: Database, t: Transition, run_id: int, source: Ru
         return runs.record_reported(conn, run_id, 1, "s1", status=t.target, started=5.0,
                                     finished=6.5, error="e")
     raise AssertionError(t)
+
+
+def _make_fire_ahead(conn: Any, db: Database, t: Transition, run_id: int,
+                     source: RunStatus, epoch: int) -> object:
+    """A run sent ahead withdrawn, and a withdrawn fire time recorded again."""
+    if t.via == "withdraw":
+        return bool(runs.withdraw(conn, [row(db, run_id).job_id], now=7.0, reason="test"))
+    assert t.via == "insert_runs"  # the fire time of a withdrawn row recorded again
+    assert t.target is not None
+    was = row(db, run_id)
+    if source == S.CANCELLED:
+        conn.execute(schema.runs.update().where(schema.runs.c.id == run_id)
+                     .values(error=runs.WITHDRAWN + "test"))
+    again = FireRow(was.job_id, was.func, was.args, was.kwargs, was.scheduled_at,
+                    t.target, False, None if t.target == S.SCHEDULED else "why")
+    sent = runs.insert_runs(conn, [again], epoch, "leader")
+    now = conn.execute(sa.select(schema.runs).where(schema.runs.c.id == run_id)).one()
+    revived = now.status == t.target and now.attempt == was.attempt + 1
+    assert revived == bool(sent) or t.target != S.SCHEDULED
+    return revived
 
 
 def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
@@ -175,9 +197,11 @@ def test_every_allowed_transition_is_made_by_its_function(db: Database) -> None:
         if t.via == "claim":
             assert (after.worker, after.worker_session) == ("w2", "s2")
             assert after.dispatched_at is not None
-        if t.via in ("retry", "release", "retry_failed"):
+        if t.via in ("retry", "release", "retry_failed", "insert_runs"):
             assert after.worker is None and after.worker_session is None
             assert after.attempt == (1 if t.via == "release" else 2)
+        if t.via == "withdraw":
+            assert after.error == "withdrawn: test"
         if t.via == "retry_failed":
             assert (after.due_at, after.retries_left) == (9.0, 0)
         if t.via == "start":

@@ -39,12 +39,14 @@ from qcluster.store.runs.leader import (
     retry_failed,
     unbuffer,
     unclaim,
+    withdraw,
 )
 from qcluster.store.runs.states import (
     FINISHED,
     OPEN,
     RETRIABLE,
     TRANSITIONS,
+    WITHDRAWN,
     RunStatus,
     Transition,
     Writer,
@@ -66,6 +68,7 @@ __all__ = [
     "OPEN",
     "RETRIABLE",
     "TRANSITIONS",
+    "WITHDRAWN",
     "Cancelled",
     "Claimed",
     "FireRow",
@@ -91,5 +94,6 @@ __all__ = [
     "start",
     "unbuffer",
     "unclaim",
+    "withdraw",
     "write_outcomes",
 ]

@@ -27,11 +27,15 @@ from qcluster.store.runs.states import (
     RETRIABLE,
     RETRY_FAILED_FROM,
     RETRY_FROM,
+    REVIVE_FROM,
     UNBUFFER_FROM,
     UNCLAIM_FROM,
+    WITHDRAW_FROM,
+    WITHDRAWN,
     RunStatus,
     Writer,
     retries_kept,
+    sql_status,
     status_is,
 )
 
@@ -68,7 +72,9 @@ def insert_runs(
 ) -> list[RunRecord]:
     """Insert run rows (none → ``scheduled``, ``missed``, ``skipped`` or ``buffered``),
     skipping fire times already recorded; return the new ``scheduled`` runs, to be sent
-    once the caller commits.
+    once the caller commits. A fire time whose row was withdrawn (:func:`withdraw`) is
+    recorded again in that row, at its attempt + 1 (a worker that held the withdrawn
+    attempt drops it; the new one is new to every worker).
 
     ``now`` is ``created_at`` (and a ``missed`` row's ``finished_at``): the leader gives
     the time of its clock that judged the fires (``leader/clock.py``); by default the
@@ -99,7 +105,7 @@ def insert_runs(
                 continue
             f = by_key[(row.job_id, row.scheduled_at)]
             out.append(run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
-                                  f.scheduled_at, 1, epoch, f.recover))
+                                  f.scheduled_at, row.attempt, epoch, f.recover))
     return out
 
 
@@ -112,11 +118,19 @@ _RUN_COLUMNS = (
     ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
+#: What a withdrawn row gets when its fire time is recorded again: the new row's values,
+#: one attempt more, and no claim, start or cancel of the withdrawn attempt.
+_REVIVED = [c for c, _ in _RUN_COLUMNS if c not in ("job_id", "scheduled_at", "attempt")]
+_CLEARED = ("worker", "worker_session", "dispatched_at", "started_at", "duration",
+            "cancel_requested")
 _UNNEST_INSERT = sa.text(
-    f"INSERT INTO qc_runs ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
+    f"INSERT INTO qc_runs AS r ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
     f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
-    "ON CONFLICT (job_id, scheduled_at) DO NOTHING "
-    "RETURNING id, job_id, scheduled_at, status"
+    "ON CONFLICT (job_id, scheduled_at) DO UPDATE SET "
+    + ", ".join([*(f"{c} = EXCLUDED.{c}" for c in _REVIVED), "attempt = r.attempt + 1",
+                 "deaths = 0", *(f"{c} = NULL" for c in _CLEARED)])
+    + f" WHERE r.status {sql_status(REVIVE_FROM)} AND r.error LIKE '{WITHDRAWN}%' "
+    "RETURNING id, job_id, scheduled_at, status, attempt"
 )
 
 
@@ -128,11 +142,13 @@ def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     if conn.dialect.name == "postgresql":
         return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
     r = schema.runs
-    stmt = (
-        sqlite.insert(r)
-        .on_conflict_do_nothing(index_elements=["job_id", "scheduled_at"])
-        .returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status)
-    )
+    new = sqlite.insert(r)
+    stmt = new.on_conflict_do_update(
+        index_elements=["job_id", "scheduled_at"],
+        set_={**{c: new.excluded[c] for c in _REVIVED}, "attempt": r.c.attempt + 1,
+              "deaths": 0, **dict.fromkeys(_CLEARED)},
+        where=sa.and_(status_is(REVIVE_FROM), r.c.error.startswith(WITHDRAWN, autoescape=True)),
+    ).returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status, r.c.attempt)
     return conn.execute(stmt, rows)
 
 
@@ -215,6 +231,30 @@ def give_up_retries(conn: Connection, run_id: int, attempt: int | None, why: str
         .values(retries_left=0,
                 error=sa.func.coalesce(r.c.error, "") + f" (no retry: {why})")
     ).rowcount > 0
+
+
+def withdraw(conn: Connection, job_ids: Sequence[str], *, now: float, reason: str
+             ) -> dict[str, float]:
+    """Take back the runs of ``job_ids`` sent ahead of their fire time (``[scheduler]
+    fire_ahead_seconds``): first attempts whose fire time is after ``now`` and that have
+    not started (``scheduled``/``dispatched``/``buffered``) → ``cancelled``, with
+    ``error`` = WITHDRAWN + ``reason``. A worker that holds one drops it at its start (its
+    start filters on ``dispatched``), and the fire time may be recorded again, in the same
+    row (:func:`insert_runs`). The earliest fire time withdrawn, per job."""
+    if not job_ids:
+        return {}
+    r = schema.runs
+    taken = conn.execute(
+        r.update().where(r.c.job_id.in_(list(job_ids)), status_is(WITHDRAW_FROM),
+                         r.c.attempt == 1, r.c.scheduled_at > now)
+        .values(status=_S.CANCELLED, finished_at=now, cancel_requested=now, retries_left=0,
+                error=WITHDRAWN + reason)
+        .returning(r.c.job_id, r.c.scheduled_at)
+    ).all()
+    first: dict[str, float] = {}
+    for job_id, at in taken:
+        first[job_id] = min(at, first.get(job_id, at))
+    return first
 
 
 def unbuffer(conn: Connection, run_id: int, *, epoch: int, now: float) -> RunRecord | None:

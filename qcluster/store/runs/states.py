@@ -66,6 +66,15 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _S.MISSED, _L, "insert_runs"),  # past the grace, or coalesced
     Transition(None, _S.SKIPPED, _L, "insert_runs"),  # by a policy, with the reason
     Transition(None, _S.BUFFERED, _L, "insert_runs"),  # the job's previous run is open
+    # Sent ahead of its fire time (fire-ahead) and taken back before it came due: its job
+    # was paused, updated or removed. A worker holding it drops it at its start.
+    Transition(_S.SCHEDULED, _S.CANCELLED, _L, "withdraw"),
+    Transition(_S.DISPATCHED, _S.CANCELLED, _L, "withdraw"),
+    Transition(_S.BUFFERED, _S.CANCELLED, _L, "withdraw"),
+    # A withdrawn fire time fired again (its job resumed, or updated with that time still
+    # in its schedule): the same row, attempt + 1 (WITHDRAWN marks which rows).
+    *(Transition(_S.CANCELLED, s, _L, "insert_runs")
+      for s in (_S.SCHEDULED, _S.MISSED, _S.SKIPPED, _S.BUFFERED)),
     # Its job's open run ended (or was stopped): it is sent now.
     Transition(_S.BUFFERED, _S.SCHEDULED, _L, "unbuffer"),
     Transition(_S.BUFFERED, _S.MISSED, _L, "mark_missed"),  # waited past its grace
@@ -120,6 +129,12 @@ def sources(target: RunStatus | None, by: Writer, via: str | None = None
 
 
 CREATES = frozenset(t.target for t in TRANSITIONS if t.source is None and t.by == _L)
+assert frozenset(t.target for t in TRANSITIONS if t.via == "insert_runs") == CREATES
+#: The ``error`` prefix of a withdrawn run: only such a ``cancelled`` row is fired again.
+WITHDRAWN = "withdrawn: "
+WITHDRAW_FROM = sources(_S.CANCELLED, _L, "withdraw")
+REVIVE_FROM = tuple(s for s in RunStatus if any(
+    t.source == s for t in TRANSITIONS if t.via == "insert_runs"))
 ENDS = frozenset(t.target for t in TRANSITIONS if t.via == "write_outcomes")
 CLAIM_FROM = sources(_S.DISPATCHED, _W)
 START_FROM = sources(_S.RUNNING, _W)
