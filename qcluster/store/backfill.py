@@ -102,7 +102,7 @@ def plan(conn: Connection, job_id: str, start: str, end: str, *,
         found = fire_times(spec, _dt(low), _dt(high), MAX_FIRE_TIMES + 1)
     if len(found) > MAX_FIRE_TIMES:
         raise InputError(f"job {job_id!r} has more than {MAX_FIRE_TIMES:,} fire times from "
-                         f"{_iso(first)} to {_iso(last)} (about {_about(found, low, high):,})"
+                         f"{_iso(first)} to {_iso(last)} (about {_about(found, high):,})"
                          f": backfill at most {MAX_FIRE_TIMES:,} at a time")
     return Plan(job_id, row.trigger, first, last, tuple(t.timestamp() for t in found))
 
@@ -180,12 +180,13 @@ def _recorded(conn: Connection, planned: Plan) -> set[float]:
     return {float(t) for t in conn.execute(query).scalars()}
 
 
-def _about(found: list[datetime], low: float, high: float) -> int:
-    """How many fire times ``[low, high]`` holds, from the rate of the first ones."""
-    span = found[-1].timestamp() - low
-    if span <= 0:
+def _about(found: list[datetime], high: float) -> int:
+    """How many fire times there are up to ``high``, from the rate of the first ones
+    (counted from the first found: a range may start years before its trigger's first)."""
+    first, last = found[0].timestamp(), found[-1].timestamp()
+    if last <= first:
         return len(found)
-    return max(len(found), round(len(found) * (high - low) / span))
+    return max(len(found), 1 + round((len(found) - 1) * (high - first) / (last - first)))
 
 
 def _dt(ts: float) -> datetime:
