@@ -55,7 +55,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from qcluster.definitions.cron import cron_fields, is_fixed, quote
+from qcluster.definitions.cron import cron_fields, is_fixed, quote, quote_value
 from qcluster.definitions.crontrigger import (
     EitherCronTrigger,
     SearchExhausted,
@@ -112,9 +112,9 @@ def parse_duration(text: str | float) -> float:
                 raise InputError(f"invalid duration {quote(text)}: {hint}") from None
             seconds = sum(float(v) * _UNITS[k] for k, v in match.groupdict().items() if v)
     else:
-        seconds = float(min(text, MAX_INTERVAL + 1))  # a huge int would overflow float()
+        seconds = float(max(-1, min(text, MAX_INTERVAL + 1)))  # a huge int overflows float()
     if not math.isfinite(seconds) or not MIN_INTERVAL <= round(seconds, 6) <= MAX_INTERVAL:
-        raise InputError(f"duration {quote(str(text))} must be between 1ms and 3650d")
+        raise InputError(f"duration {quote_value(text)} must be between 1ms and 3650d")
     return round(seconds, 6)
 
 
