@@ -197,7 +197,8 @@ def backfill_job(settings: Settings, job_id: str, start: str, end: str) -> Outco
     check_job_id(job_id)
     first = backfill.check_time_text(start, "--from")
     last = backfill.check_time_text(end, "--to")
-    planned = read(settings, lambda conn: backfill.plan(conn, job_id, first, last))
+    window = read(settings, lambda conn: backfill.window(conn, job_id, first, last))
+    planned = backfill.compute(window)  # with no transaction open (store/backfill.py)
     defaults = defaults_from(settings.scheduler)
     return change(
         settings, "backfill_job", (job_id, first, last),

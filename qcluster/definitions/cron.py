@@ -54,6 +54,15 @@ def quote(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def quote_value(value: object, limit: int = 60) -> str:
+    """Any ``value`` as an error message quotes it (text as :func:`quote` does, anything
+    else by its repr); an int too long to print is "a huge number"."""
+    try:
+        return quote(value if isinstance(value, str) else repr(value), limit)
+    except ValueError:  # Python refuses to print an int of more than 4300 digits
+        return "a huge number"
+
+
 def _small_int(digits: str) -> int:  # a huge number reads as a million: out of any range
     digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 6 else 10**6

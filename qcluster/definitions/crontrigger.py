@@ -50,7 +50,13 @@ _search = threading.local()  # .limit: the bound, as a wall time, of this thread
 
 class SearchExhausted(InputError, ValueError):
     """No fire time within :data:`SEARCH_YEARS`: one line at the edge, set aside by the
-    leader's pass (which catches ValueError)."""
+    leader's pass (which catches ValueError). ``bound``: the instant (UTC) up to which
+    the search found none; a walk over a range may go on from there
+    (``definitions/triggers.fire_times``)."""
+
+    def __init__(self, message: str, bound: datetime | None = None) -> None:
+        super().__init__(message)
+        self.bound = bound
 
 
 class _PastLimit(Exception):
@@ -186,7 +192,8 @@ class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
             return None
         except _PastLimit:
             raise SearchExhausted(
-                f"no fire time within {SEARCH_YEARS} years after {origin:%Y-%m-%d}") from None
+                f"no fire time within {SEARCH_YEARS} years after {origin:%Y-%m-%d}",
+                bound) from None
         finally:
             _search.limit = outer
         return None if found is None else found.astimezone(self.timezone)

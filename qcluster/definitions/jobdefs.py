@@ -208,44 +208,47 @@ def validate_job(data: object, allow: Sequence[str], *, import_it: bool = False,
                  min_interval: float = DEFAULT_MIN_INTERVAL) -> JobDef:
     """Build a :class:`JobDef` from wire data (RPC, stored rows). InputError if malformed,
     or if its trigger fires more often than ``min_interval`` seconds or (a cron) has no
-    fire time within the bounded search (``definitions/limits.check_schedule``)."""
+    fire time within the bounded search (``definitions/limits.check_schedule``). Every
+    error after the id names the job, once (``job 'x': ...``), in the class it was raised
+    in (a NotAllowed stays one)."""
     if not isinstance(data, Mapping):
         raise InputError("a job must be a table")
     unknown = set(data) - _FIELDS
     if unknown:
         raise InputError(f"unknown job field {sorted(map(str, unknown))[0]!r}")
     job_id = check_job_id(data.get("id"))
+    try:
+        return _job(job_id, data, allow, import_it=import_it, min_interval=min_interval)
+    except InputError as e:
+        raise type(e)(f"job {job_id!r}: {e}") from None
+
+
+def _job(job_id: str, data: Mapping[str, Any], allow: Sequence[str], *, import_it: bool,
+         min_interval: float) -> JobDef:
     func = check_func_ref(data.get("func"), allow, import_it=import_it)
     trigger = validate_spec(data.get("trigger"))
-    try:
-        check_schedule(trigger, min_interval=min_interval)
-    except InputError as e:
-        raise InputError(f"job {job_id!r}: {e}") from None
+    check_schedule(trigger, min_interval=min_interval)
     args, kwargs = check_args(data.get("args", []), data.get("kwargs", {}))
     grace = data.get("misfire_grace_seconds")
     if grace is not None and (not isinstance(grace, int) or isinstance(grace, bool)
                               or not 1 <= grace <= 2**31 - 1):  # an int4 column; timedelta
-        raise InputError(f"job {job_id!r}: misfire_grace_seconds must be a whole number "
-                         "between 1 and 2147483647")
+        raise InputError("misfire_grace_seconds must be a whole number of seconds between "
+                         "1 and 2147483647")
     coalesce = data.get("coalesce")
     if coalesce is not None and not isinstance(coalesce, bool):
-        raise InputError(f"job {job_id!r}: coalesce must be true or false")
+        raise InputError("coalesce must be true or false")
     recover = data.get("recover", False)
     if not isinstance(recover, bool):
-        raise InputError(f"job {job_id!r}: recover must be true or false")
+        raise InputError("recover must be true or false")
     max_attempts = data.get("max_attempts")
     if max_attempts is not None and (not isinstance(max_attempts, int)
                                      or isinstance(max_attempts, bool)
                                      or not 1 <= max_attempts <= 2**31 - 1):  # int4 columns
-        raise InputError(f"job {job_id!r}: max_attempts must be a whole number between 1 "
-                         "and 2147483647")
-    try:
-        policy = check_policy({k: data[k] for k in POLICY_FIELDS if k in data})
-    except InputError as e:
-        raise InputError(f"job {job_id!r}: {e}") from None
+        raise InputError("max_attempts must be a whole number between 1 and 2147483647")
+    policy = check_policy({k: data[k] for k in POLICY_FIELDS if k in data})
     if coalesce is not None and policy.misfire is not None \
             and coalesce != (policy.misfire == "run-once"):
-        raise InputError(f"job {job_id!r}: coalesce = {str(coalesce).lower()} contradicts "
+        raise InputError(f"coalesce = {str(coalesce).lower()} contradicts "
                          f"misfire = {policy.misfire!r} (give one of them)")
     return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover, max_attempts,
                   policy)

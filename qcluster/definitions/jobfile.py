@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
+from qcluster.definitions.jobdefs import JOB_ID_RE, JobDef, check_func_ref, validate_job
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
@@ -58,12 +58,17 @@ def load_job_file(path: Path, *, allow: list[str], default_tz: str,
         where = f"{path}: job #{n}"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: must be a table")
-        if isinstance(entry.get("id"), str):
+        named = isinstance(entry.get("id"), str) and JOB_ID_RE.match(entry["id"])
+        if named:
             where = f"{path}: job {entry['id']!r}"
         try:
-            jd = _one(entry, allow, default_tz, min_interval)
+            wire = _wire(entry, default_tz)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
+        try:
+            jd = validate_job(wire, allow, min_interval=min_interval)
+        except InputError as e:  # past a valid id, validate_job names the job itself
+            raise type(e)(f"{path if named else where}: {e}") from None
         if jd.id in seen:
             raise InputError(f"{where}: the id is used twice")
         seen.add(jd.id)
@@ -83,8 +88,9 @@ def _check_import(func: str, allow: list[str], imported: set[str], where: str) -
     imported.add(func)
 
 
-def _one(entry: dict[str, Any], allow: list[str], default_tz: str,
-         min_interval: float) -> JobDef:
+def _wire(entry: dict[str, Any], default_tz: str) -> dict[str, Any]:
+    """The wire form of a ``[[job]]`` table (its trigger made from ``cron``/``every``/
+    ``at``/``tz``), for :func:`validate_job`."""
     unknown = set(entry) - _FIELDS
     if unknown:
         raise InputError(f"unknown field {sorted(unknown)[0]!r}")
@@ -99,7 +105,7 @@ def _one(entry: dict[str, Any], allow: list[str], default_tz: str,
     )
     wire = {k: v for k, v in entry.items() if k not in ("cron", "every", "at", "tz")}
     wire["trigger"] = spec
-    return validate_job(wire, allow, min_interval=min_interval)
+    return wire
 
 
 def _str(entry: dict[str, Any], key: str) -> str | None:

@@ -36,8 +36,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from qcluster.definitions.cron import quote
-from qcluster.definitions.triggers import parse_duration
+from qcluster.definitions.cron import quote, quote_value
+from qcluster.definitions.triggers import (
+    MAX_INTERVAL,
+    MIN_INTERVAL,
+    format_duration,
+    parse_duration,
+)
 from qcluster.errors import InputError
 
 #: Overlap policies (Temporal's ScheduleOverlapPolicy; Kubernetes: Allow, Forbid, Replace).
@@ -48,12 +53,19 @@ MAX_RETRIES = 100
 MAX_RUNS = 2**31 - 1
 MAX_CALENDARS = 20
 MAX_JITTER = 86400.0  # store/records.MAX_AHEAD: how far ahead a worker holds a run
+MIN_TIMEOUT = 0.01
+#: The range of each duration field, in seconds, and of each count.
+DURATION_RANGES = {"retry_backoff": (MIN_INTERVAL, MAX_INTERVAL),
+                   "retry_max_backoff": (MIN_INTERVAL, MAX_INTERVAL),
+                   "timeout": (MIN_TIMEOUT, MAX_INTERVAL),
+                   "catch_up": (MIN_INTERVAL, MAX_INTERVAL),
+                   "jitter": (MIN_INTERVAL, MAX_JITTER)}
+COUNT_RANGES = {"retries": (0, MAX_RETRIES), "max_runs": (1, MAX_RUNS)}
 CALENDAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 #: The keys of a job's wire form that are policy fields, in the order shown.
 FIELDS = ("retries", "retry_backoff", "retry_max_backoff", "timeout", "overlap", "misfire",
           "catch_up", "start", "end", "max_runs", "jitter", "exclude")
-_DURATIONS = ("retry_backoff", "retry_max_backoff", "timeout", "catch_up", "jitter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,27 +142,38 @@ def check_policy(data: object, *, strict: bool = True) -> Policy:
     if policy.start_ts is not None and policy.end_ts is not None \
             and policy.end_ts <= policy.start_ts:
         raise InputError("end must be after start")
-    if policy.timeout is not None and policy.timeout < 0.01:
-        raise InputError("timeout must be at least 10ms")
-    if policy.jitter is not None and policy.jitter > MAX_JITTER:
-        raise InputError("jitter must be at most 1d (a run is held by its worker until its "
-                         "start)")
     return policy
 
 
+def value_error(key: str, value: object) -> InputError:
+    """The error for a bad ``value`` of the duration or count field ``key``: one message
+    per field, whichever way the value came (``jobs add`` flags, a ``jobs apply`` file,
+    ``Client.add``, the leader's control object)."""
+    shown = quote_value(value, 30)
+    if key in COUNT_RANGES:
+        low, high = COUNT_RANGES[key]
+        return InputError(f"{key} must be a whole number from {low} to {high} (got {shown})")
+    least, most = (format_duration(b) for b in DURATION_RANGES[key])
+    return InputError(f"{key} must be a duration from {least} to {most}, such as 30s, 5m or "
+                      f"1h30m (got {shown})")
+
+
 def _check(key: str, value: object) -> Any:
-    if key in _DURATIONS:
+    if key in DURATION_RANGES:
+        low, high = DURATION_RANGES[key]
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise InputError(f"{key} must be a duration such as \"30s\"")
+            raise value_error(key, value)
         try:
-            return parse_duration(value)
-        except InputError as e:
-            raise InputError(f"{key}: {e}") from None
-    if key in ("retries", "max_runs"):
-        high = MAX_RETRIES if key == "retries" else MAX_RUNS
-        low = 0 if key == "retries" else 1
+            seconds = parse_duration(value)
+        except InputError:
+            raise value_error(key, value) from None
+        if not low <= seconds <= high:
+            raise value_error(key, value)
+        return seconds
+    if key in COUNT_RANGES:
+        low, high = COUNT_RANGES[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise InputError(f"{key} must be a whole number from {low} to {high}")
+            raise value_error(key, value)
         return value
     if key in ("overlap", "misfire"):
         allowed = OVERLAP if key == "overlap" else MISFIRE

@@ -55,7 +55,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from qcluster.definitions.cron import cron_fields, is_fixed, quote
+from qcluster.definitions.cron import cron_fields, is_fixed, quote, quote_value
 from qcluster.definitions.crontrigger import (
     EitherCronTrigger,
     SearchExhausted,
@@ -112,9 +112,9 @@ def parse_duration(text: str | float) -> float:
                 raise InputError(f"invalid duration {quote(text)}: {hint}") from None
             seconds = sum(float(v) * _UNITS[k] for k, v in match.groupdict().items() if v)
     else:
-        seconds = float(min(text, MAX_INTERVAL + 1))  # a huge int would overflow float()
+        seconds = float(max(-1, min(text, MAX_INTERVAL + 1)))  # a huge int overflows float()
     if not math.isfinite(seconds) or not MIN_INTERVAL <= round(seconds, 6) <= MAX_INTERVAL:
-        raise InputError(f"duration {quote(str(text))} must be between 1ms and 3650d")
+        raise InputError(f"duration {quote_value(text)} must be between 1ms and 3650d")
     return round(seconds, 6)
 
 
@@ -302,22 +302,35 @@ def fire_times(
     """Up to ``limit`` fire times in [start, end], ascending, as aware UTC datetimes.
 
     Walks the trigger the way APScheduler enumerates missed runs (each call given the
-    previous fire time); stops early if a trigger fails to move forward.
+    previous fire time); stops early if a trigger fails to move forward. A cron's bounded
+    search (:class:`SearchExhausted`, for a trigger that never fires) does not end the walk
+    while ``end`` lies past the bound it reached: the walk goes on from there, so a long
+    range with a gap of years (a cron's first year, 1970; a ``year=`` field) is walked
+    whole. A trigger with no fire time at all costs one search per
+    :data:`~qcluster.definitions.crontrigger.SEARCH_YEARS` of the range.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware")
     given = spec_or_trigger
     trigger = build_trigger(given) if isinstance(given, dict) else given
     times: list[datetime] = []
-    previous: datetime | None = None
+    previous: datetime | None = None  # the last fire time, given to the next call
+    last: datetime | None = None  # the last fire time, even across a search's bound
+    now = start
     while len(times) < limit:
-        now = start if previous is None else _utc(previous) + _MICROSECOND
-        found = trigger.get_next_fire_time(previous, now)
+        try:
+            found = trigger.get_next_fire_time(previous, now)
+        except SearchExhausted as e:
+            if e.bound is None or e.bound >= _utc(end):
+                break
+            previous, now = None, e.bound  # none up to the bound: search on from there
+            continue
         if found is None or _utc(found) > _utc(end):
             break
-        if previous is not None and _utc(found) <= _utc(previous):
+        if last is not None and _utc(found) <= last:
             break
         if _utc(found) >= _utc(start):
             times.append(_utc(found))
-        previous = found
+        previous, last = found, _utc(found)
+        now = last + _MICROSECOND
     return times

@@ -142,10 +142,11 @@ class ControlService:
             jid = check_job_id(job_id)
             first = backfill.check_time_text(start, "--from")
             last = backfill.check_time_text(end, "--to")
-            # Planned on a read connection first: computing 10,000 fire times must not
-            # hold the fenced transaction idle (store/backfill.py).
+            # Read on a read connection, then planned with none open: computing 10,000
+            # fire times must not hold a transaction idle (store/backfill.py).
             with self._db.read() as conn:
-                planned = backfill.plan(conn, jid, first, last)
+                window = backfill.window(conn, jid, first, last)
+            planned = backfill.compute(window)
         except InputError as e:
             return _refused(e)
         except _UNSHOWABLE as e:

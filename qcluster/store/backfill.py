@@ -22,12 +22,12 @@ Rules:
 * Not subject to the overlap policy or ``max_runs``: it is an explicit request, as a
   run now is (``catalog.run_now``); ``runs_made`` is not counted up.
 
-:func:`plan` reads and computes (up to 10,000 fire times of a cron take ~0.4 s); call it
-before the fenced transaction, so that the transaction is not idle that long (a session
-idle in a transaction past ``idle_in_transaction_session_timeout`` is ended). :func:`record`
-then writes, in the caller's transaction fenced on its epoch, after checking that the job
-still has the trigger the plan was made from. :func:`backfill` does both on one
-connection.
+:func:`window` reads what a plan needs and :func:`compute` computes it (up to 10,000 fire
+times of a cron take ~0.4 s of CPU) with no transaction open, so that none is idle that
+long (a session idle in a transaction past ``idle_in_transaction_session_timeout`` is
+ended); :func:`plan` does both. :func:`record` then writes, in the caller's transaction
+fenced on its epoch, after checking that the job still has the trigger the plan was made
+from. :func:`backfill` plans and records on one connection.
 """
 
 from __future__ import annotations
@@ -81,13 +81,26 @@ class Counts:
         return dataclasses.asdict(self)
 
 
-def plan(conn: Connection, job_id: str, start: str, end: str, *,
-         now: float | None = None) -> Plan:
-    """The fire times of ``job_id`` in ``[start, end]`` (see the module doc). ``now``: by
-    default the database's time. InputError, one line, for a bad range."""
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """What :func:`compute` needs, read from the database: the job's stored trigger, the
+    range asked for, and the part of it inside the job's own ``start``/``end``."""
+
+    job_id: str
+    trigger: str
+    first: float
+    last: float
+    low: float
+    high: float
+
+
+def window(conn: Connection, job_id: str, start: str, end: str, *,
+           now: float | None = None) -> Window:
+    """Read what a plan of ``job_id`` in ``[start, end]`` needs (see the module doc).
+    ``now``: by default the database's time. InputError, one line, for a bad range."""
     row = catalog.job_row(conn, job_id)
-    spec = json.loads(row.trigger)
-    first, last = _instant("--from", start, spec["tz"]), _instant("--to", end, spec["tz"])
+    tz = json.loads(row.trigger)["tz"]
+    first, last = _instant("--from", start, tz), _instant("--to", end, tz)
     now = database_now(conn) if now is None else now
     if first > last:
         raise InputError(f"--from {_iso(first)} is after --to {_iso(last)}")
@@ -97,14 +110,29 @@ def plan(conn: Connection, job_id: str, start: str, end: str, *,
     policy = from_stored(row.policy)
     low = first if policy.start_ts is None else max(first, policy.start_ts)
     high = last if policy.end_ts is None else min(last, policy.end_ts)
+    return Window(row.id, row.trigger, first, last, low, high)
+
+
+def compute(w: Window) -> Plan:
+    """The fire times of a :func:`window`, with no connection held: 10,000 fire times of a
+    cron take ~0.4 s of CPU, more on a loaded host, longer than a transaction may sit idle
+    (``idle_in_transaction_session_timeout``). InputError for more than
+    :data:`MAX_FIRE_TIMES`."""
     found: list[datetime] = []
-    if low <= high:
-        found = fire_times(spec, _dt(low), _dt(high), MAX_FIRE_TIMES + 1)
+    if w.low <= w.high:
+        found = fire_times(json.loads(w.trigger), _dt(w.low), _dt(w.high), MAX_FIRE_TIMES + 1)
     if len(found) > MAX_FIRE_TIMES:
-        raise InputError(f"job {job_id!r} has more than {MAX_FIRE_TIMES:,} fire times from "
-                         f"{_iso(first)} to {_iso(last)} (about {_about(found, low, high):,})"
+        raise InputError(f"job {w.job_id!r} has more than {MAX_FIRE_TIMES:,} fire times from "
+                         f"{_iso(w.first)} to {_iso(w.last)} (about {_about(found, w.high):,})"
                          f": backfill at most {MAX_FIRE_TIMES:,} at a time")
-    return Plan(job_id, row.trigger, first, last, tuple(t.timestamp() for t in found))
+    return Plan(w.job_id, w.trigger, w.first, w.last, tuple(t.timestamp() for t in found))
+
+
+def plan(conn: Connection, job_id: str, start: str, end: str, *,
+         now: float | None = None) -> Plan:
+    """:func:`window` then :func:`compute` (the callers that hold a transaction read the
+    window in it and compute after it)."""
+    return compute(window(conn, job_id, start, end, now=now))
 
 
 def record(conn: Connection, planned: Plan, epoch: int, leader: str, *,
@@ -181,12 +209,13 @@ def _recorded(conn: Connection, planned: Plan) -> set[float]:
     return {float(t) for t in conn.execute(query).scalars()}
 
 
-def _about(found: list[datetime], low: float, high: float) -> int:
-    """How many fire times ``[low, high]`` holds, from the rate of the first ones."""
-    span = found[-1].timestamp() - low
-    if span <= 0:
+def _about(found: list[datetime], high: float) -> int:
+    """How many fire times there are up to ``high``, from the rate of the first ones
+    (counted from the first found: a range may start years before its trigger's first)."""
+    first, last = found[0].timestamp(), found[-1].timestamp()
+    if last <= first:
         return len(found)
-    return max(len(found), round(len(found) * (high - low) / span))
+    return max(len(found), 1 + round((len(found) - 1) * (high - first) / (last - first)))
 
 
 def _dt(ts: float) -> datetime:

@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from qcluster.definitions.cron import quote
 from qcluster.definitions.policy import check_calendar_name, from_stored
 from qcluster.errors import InputError
 from qcluster.store import schema
@@ -55,7 +56,8 @@ def _text(first: date, last: date) -> str:
 
 def parse_dates(items: Iterable[object]) -> tuple[tuple[date, date], ...]:
     """Ranges from ``2026-12-25`` or ``2026-12-24..2026-12-26`` items (also comma lists):
-    merged and sorted. InputError (one line, quoting the item) for anything else."""
+    merged and sorted. InputError (one line, quoting the item) for anything else, an empty
+    or blank item too (``a,,b``, ``a,``, ``a, ,b``, ``""``)."""
     ranges: list[tuple[date, date]] = []
     for item in items:
         if not isinstance(item, str):
@@ -64,7 +66,8 @@ def parse_dates(items: Iterable[object]) -> tuple[tuple[date, date], ...]:
         for part in item.split(","):
             part = part.strip()
             if not part:
-                continue
+                raise InputError(f"calendar dates {quote(item, 40)} have an empty item: "
+                                 "each item, between commas, must be a date or range")
             first_text, sep, last_text = part.partition("..")
             first = _day(first_text, part)
             last = _day(last_text, part) if sep else first

@@ -64,6 +64,8 @@ def test_backfill_records_excluded_dates_skipped(config: Path) -> None:
 def test_bad_backfill_input_is_one_line_and_writes_nothing(config: Path, db_url: str) -> None:
     run_cli("jobs", "add", "hourly", "--func", HELLO, "--cron", "0 * * * *", config=config)
     run_cli("jobs", "add", "minutely", "--func", HELLO, "--cron", "* * * * *", config=config)
+    run_cli("jobs", "add", "weekdays", "--func", HELLO, "--cron", "0 9 * * 1-5",
+            config=config)
     now = datetime.now(UTC)
     past = (now - timedelta(days=1)).isoformat()
     before = rows(db_url)
@@ -77,6 +79,8 @@ def test_bad_backfill_input_is_one_line_and_writes_nothing(config: Path, db_url:
         (("hourly", "--from", "x" * 200, "--to", past), ("--from must be an ISO 8601 time",)),
         (("minutely", "--from", (now - timedelta(days=30)).isoformat(), "--to", past),
          ("more than 10,000 fire times", "about 4")),
+        (("weekdays", "--from", "1960-01-01", "--to", past),  # not "no fire time within 5 years"
+         ("more than 10,000 fire times from 1960-01-01", "about 14,")),
         (("nope", "--from", past, "--to", past), ("no job 'nope'",)),
         (("bad id!", "--from", past, "--to", past), ("invalid job id",)),
         (("hourly", "--from", past), ("--to",)),

@@ -113,7 +113,11 @@ _HUGE = "2026-01-01\n" * 200_000  # 2.2 MB: past the 1 MiB bound
     (("--dates", "2026-12-24...2026-12-26"), None, ("cannot read calendar date",)),
     (("--dates", "2026-12-24..2026-12-26..2026-12-28"), None, ("cannot read",)),
     (("--dates", "1900-01-01"), None, ("out of range",)),
-    (("--dates", ","), None, ("at least one date",)),
+    (("--dates", ","), None, ("calendar dates ','", "empty item")),
+    (("--dates", "2026-12-25,,2027-01-01"), None, ("'2026-12-25,,2027-01-01'", "empty item")),
+    (("--dates", "2026-12-25, ,2027-01-01"), None, ("empty item",)),
+    (("--dates", "2026-12-25,"), None, ("'2026-12-25,'", "empty item")),
+    (("--dates", "2026-12-25", "--dates", "  "), None, ("calendar dates '  '", "empty item")),
     ((), None, ("at least one date",)),
     (("--file", "{file}"), "2026-01-01\n2026-01-0x # typo\n", ("line 2", "2026-01-0x")),
     (("--file", "{file}"), "# only a comment\n\n", ("no dates",)),
@@ -122,7 +126,8 @@ _HUGE = "2026-01-01\n" * 200_000  # 2.2 MB: past the 1 MiB bound
     (("--file", "{missing}"), None, ("No such file",)),
     (("--file", "{dir}"), None, ("cannot read calendar file",)),
 ], ids=["month-13", "feb-30", "word", "reversed", "three-dots", "two-ranges", "too-early",
-        "empty-item", "no-dates", "file-bad-line", "file-empty", "file-huge",
+        "only-a-comma", "empty-item", "blank-item", "trailing-comma", "blank-flag",
+        "no-dates", "file-bad-line", "file-empty", "file-huge",
         "file-not-utf8", "file-missing", "file-is-a-dir"])
 def test_bad_calendar_input_is_one_line_and_writes_nothing(
     config: Path, tmp_path: Path, db_url: str, args: tuple[str, ...],

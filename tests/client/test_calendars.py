@@ -51,6 +51,9 @@ def test_python_callers_get_the_same_refusals(client: Client) -> None:
         client.add_calendar("x", [datetime(2026, 1, 1)])
     with pytest.raises(InputError, match="not int"):
         client.add_calendar("x", [20260101])
+    for dates in (["2026-12-25,,2027-01-01"], ["2026-12-25", " "], ["2026-12-25,"]):
+        with pytest.raises(InputError, match="empty item"):
+            client.add_calendar("x", dates)
     with pytest.raises(InputError, match="invalid calendar name"):
         client.add_calendar(None, ["2026-01-01"])  # type: ignore[arg-type]
     with pytest.raises(InputError, match="no calendar 'x'"):

@@ -73,6 +73,25 @@ def test_leap_day_crons_and_far_crons_within_the_bound_still_fire() -> None:
         None, NOW) == datetime(2030, 6, 1, tzinfo=UTC)
 
 
+def test_fire_times_over_a_range_is_not_cut_by_the_search_bound() -> None:
+    """The bound guards against a trigger that never fires, not against a long range: a
+    range whose start lies years before the trigger's first fire time (a cron's first
+    year is 1970; a ``year=`` field) is walked whole, and a gap longer than the bound with
+    no fire time after it in the range ends the walk with what was found."""
+    weekdays = make_spec(cron="0 9 * * 1-5", tz="UTC")
+    times = fire_times(weekdays, datetime(1960, 1, 1, tzinfo=UTC),
+                       datetime(1971, 1, 1, tzinfo=UTC), 1000)
+    assert times[0] == datetime(1970, 1, 1, 9, tzinfo=UTC) and len(times) == 261
+    later = {"type": "cron", "expr": "year=2040 month=6", "tz": "UTC"}
+    assert fire_times(later, datetime(2020, 1, 1, tzinfo=UTC), NOW, 10) == []
+    assert fire_times(later, datetime(2020, 1, 1, tzinfo=UTC),
+                      datetime(2040, 6, 1, tzinfo=UTC), 10) == [datetime(2040, 6, 1, tzinfo=UTC)]
+    never = {"type": "cron", "expr": "0 0 30 2 *", "tz": "UTC"}
+    start = time.process_time()
+    assert fire_times(never, datetime(1970, 1, 1, tzinfo=UTC), NOW, 10) == []
+    assert time.process_time() - start < 0.5
+
+
 @pytest.mark.parametrize(("kw", "gap"), [
     ({"every": "1ms"}, 0.001), ({"every": "2s"}, 2.0), ({"cron": "* * * * *"}, 60.0),
     ({"cron": "*/5 * * * * *"}, 5.0), ({"cron": "0,59 * * * * *"}, 1.0),

@@ -73,6 +73,8 @@ def test_the_leader_adds_replaces_and_removes_calendars(control: ControlService,
     ("add_calendar", ("x", [], False)),
     ("add_calendar", ("x", [20260101], False)),
     ("add_calendar", ("x", ["2026-02-30"], False)),
+    ("add_calendar", ("x", ["2026-01-01,,2026-01-03"], False)),
+    ("add_calendar", ("x", ["2026-01-01", " "], False)),
     ("add_calendar", ("x", ["2026-01-01"] * 10_001, False)),
     ("add_calendar", ("x", ["2026-01-01"], "yes")),
     ("add_calendar", ("held", ["2026-01-01"], False)),  # exists, no replace
@@ -82,7 +84,8 @@ def test_the_leader_adds_replaces_and_removes_calendars(control: ControlService,
     ("add_jobs", ([job("new", "nope")], False)),
     ("apply_jobs", ([job("ok"), job("new", "held", "nope")], True)),
 ], ids=["bad-name", "int-name", "huge-int-name", "text-not-list", "no-dates", "int-date",
-        "feb-30", "too-many", "replace-not-bool", "exists", "remove-missing", "remove-used",
+        "feb-30", "empty-item", "blank-item", "too-many", "replace-not-bool", "exists",
+        "remove-missing", "remove-used",
         "remove-list", "job-missing-calendar", "apply-missing-calendar"])
 def test_a_refused_calendar_or_job_call_answers_input_and_writes_nothing(
     control: ControlService, db: Database, call: tuple[str, tuple[Any, ...]]

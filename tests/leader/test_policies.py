@@ -177,6 +177,22 @@ def test_overlap_cancel_other_cancels_the_open_run_and_waits_for_it(db: Database
     assert first != rows[1].id
 
 
+def test_overlap_cancel_other_records_the_replaced_run_cancelled_and_superseded_ones_skipped(
+    db: Database,
+) -> None:
+    """What README's run-statuses table says: the open run a later fire replaces is
+    ``cancelled``; the fire times of one pass that a later one of the same pass supersedes
+    are ``skipped``; the latest waits (``buffered``) for the cancelled run to end."""
+    _add(db, "cs", overlap="cancel-other", misfire="run-all")
+    _open_one(db, "cs", S.SCHEDULED)
+    _fire(db, BASE + 3.1)
+    rows = _runs(db, "cs")
+    assert [r.status for r in rows] == ["cancelled", "skipped", "skipped", "buffered"]
+    assert rows[0].error.startswith("overlap cancel-other: replaced by the fire at ")
+    assert {r.error for r in rows[1:3]} == {
+        "overlap cancel-other: a later fire time replaced it in the same pass"}
+
+
 def test_overlap_cancel_other_marks_a_running_run_for_its_worker(db: Database) -> None:
     _add(db, "cr", overlap="cancel-other")
     first = _open_one(db, "cr", S.RUNNING)

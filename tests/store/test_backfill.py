@@ -154,6 +154,20 @@ def test_the_count_of_a_range_too_large_is_about_right(db: Database) -> None:
         run(db, "minutely", "2026-10-20T00:00Z", "2026-10-29T23:59Z")
 
 
+def test_a_range_from_before_the_first_fire_time_is_counted_not_cut_at_five_years(
+    db: Database,
+) -> None:
+    """Finding 1: ``--from 1960-01-01`` said "no fire time within 5 years" (the bound of
+    the next-fire search) instead of counting the range's fire times (none before 1970)."""
+    add(db, "weekdays", cron="0 9 * * 1-5")
+    with pytest.raises(InputError, match=r"more than 10,000 fire times .*\(about 14,6\d\d\)"):
+        run(db, "weekdays", "1960-01-01T00:00Z", "2026-01-01T00:00Z")
+    assert rows(db) == []
+    _runs, counts = run(db, "weekdays", "1960-01-01T00:00Z", "1971-01-01T00:00Z")
+    assert (counts.fire_times, counts.new) == (261, 261)
+    assert rows(db)[0].scheduled_at == ts("1970-01-01T09:00Z")
+
+
 def test_a_stale_writer_or_a_changed_job_writes_nothing(db: Database) -> None:
     add(db, "hourly")
     with db.read() as conn:

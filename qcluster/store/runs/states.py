@@ -23,14 +23,16 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     MISSED = "missed"
     LOST = "lost"
-    #: Asked by ``runs cancel`` or ``jobs remove`` before it started: it never starts.
+    #: Asked by ``runs cancel`` or ``jobs remove``, or replaced by a later fire (overlap
+    #: ``cancel-other``), before it started: it never starts.
     CANCELLED = "cancelled"
     #: Its worker stopped (SIGTERM) before it finished, and said so; no new attempt.
     INTERRUPTED = "interrupted"
     #: Still running at its job's ``timeout``: stopped (its process group killed).
     TIMED_OUT = "timed_out"
-    #: Not run, by a policy: overlap ``skip``/``buffer-one``, misfire ``skip``, an
-    #: exclusion calendar (``error`` says which).
+    #: Not run, by a policy: overlap ``skip``/``buffer-one``, ``cancel-other`` (a fire
+    #: time superseded by a later one of the same pass), an exclusion calendar (``error``
+    #: says which). Misfire ``skip`` records ``missed``.
     SKIPPED = "skipped"
     #: Waiting for the job's open run to end (overlap ``buffer-one``/``buffer-all``,
     #: ``cancel-other``); then ``scheduled``.
