@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, cluster, records_of
+from tests.cluster.harness import Cluster, cluster, records_of, upgrade_database
 from tests.helpers import (
     TEST_ALLOW,
     TEST_SETTINGS,
@@ -82,7 +82,7 @@ def poison_config(tmp_path: Path, url: str, **overrides: Any) -> Path:
         **overrides,
     }
     config = write_config(tmp_path, url, **sections)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     return config
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from qcluster.store.runs import OPEN
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import Cluster, upgrade_database
 from tests.conftest import fresh_pg_database
 from tests.helpers import TEST_ALLOW, TEST_SETTINGS, run_cli, run_json, wait_for, write_config
 
@@ -120,7 +120,7 @@ class PolicyCluster:
             where, url, jobs={"allow": [*TEST_ALLOW, "policyjobs.*"],
                               "paths": [str(package.parent)]},
             scheduler={**TEST_SETTINGS["scheduler"], "misfire_grace_seconds": 10})
-        run_cli("db", "upgrade", config=config)
+        upgrade_database(config)
         self._current = Cluster(where, config, url)
         return self._current
 
