@@ -21,6 +21,7 @@ from tests.helpers import (
     TEST_SETTINGS,
     assert_cli_error,
     run_cli,
+    run_cli_many,
     run_json,
     start_node,
     wait_for,
@@ -248,12 +249,13 @@ def test_runs_cancel_stops_a_running_run_and_further_attempts_and_refuses_what_i
     assert row_of(c, waiting).status == "cancelled"
     # Refused, one line, nothing written: unknown, finished, not a number.
     before = [tuple(r) for r in c.runs()]
-    assert_cli_error(run_cli("runs", "cancel", "999999", config=c.config, check=False),
-                     "no run 999999")
-    assert_cli_error(run_cli("runs", "cancel", str(waiting), config=c.config, check=False),
-                     f"run {waiting} has already finished (cancelled)")
-    assert_cli_error(run_cli("runs", "cancel", "0", config=c.config, check=False), "run id")
-    assert_cli_error(run_cli("runs", "cancel", "abc", config=c.config, check=False))
+    unknown, finished, zero, word = run_cli_many(
+        [["runs", "cancel", arg] for arg in ("999999", str(waiting), "0", "abc")],
+        config=c.config, check=False, workers=4)
+    assert_cli_error(unknown, "no run 999999")
+    assert_cli_error(finished, f"run {waiting} has already finished (cancelled)")
+    assert_cli_error(zero, "run id")
+    assert_cli_error(word)
     assert [tuple(r) for r in c.runs()] == before
     # With no leader alive, a cancel is written directly; `jobs remove` cancels the
     # removed job's open runs.
