@@ -37,6 +37,7 @@ them, not the collection of every test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -234,16 +235,24 @@ def pg_admin_url() -> Iterator[str]:
         server.close()
 
 
+@contextlib.contextmanager
+def fresh_pg_database(admin_url: str) -> Iterator[str]:
+    """SQLAlchemy URL of a new database (qct_<random>) on the server of ``admin_url``,
+    dropped at the end of the block."""
+    name = unique("qct", sep="_")
+    try:
+        url = create_database(admin_url, name)
+    except Exception as e:
+        unavailable(f"cannot create a database on {redact(admin_url)}: {e}")
+    yield url
+    drop_database(admin_url, name)
+
+
 @pytest.fixture
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """SQLAlchemy URL of a fresh PostgreSQL database (qct_<random>), dropped after the test."""
-    name = unique("qct", sep="_")
-    try:
-        url = create_database(pg_admin_url, name)
-    except Exception as e:
-        unavailable(f"cannot create a database on {redact(pg_admin_url)}: {e}")
-    yield url
-    drop_database(pg_admin_url, name)
+    with fresh_pg_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture

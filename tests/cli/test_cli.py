@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
+from tests.cluster.harness import upgrade_database
 from tests.helpers import (
     TEST_SECRET,
     NodeProcess,
@@ -54,11 +55,8 @@ def config(tmp_path: Path, db_url: str) -> Path:
 
 
 def config_with_tables(tmp_path: Path, db_url: str) -> Path:
-    from qcluster.client.admin import upgrade_db
-    from qcluster.settings import load_settings
-
     path = write_config(tmp_path, db_url)
-    upgrade_db(load_settings(path, env={}))
+    upgrade_database(path)
     return path
 
 

@@ -161,6 +161,16 @@ def cluster(tmp_path: Path, config: Path, db_url: str) -> Iterator[Cluster]:
         c.close()
 
 
+def upgrade_database(config: Path) -> None:
+    """What ``qcluster db upgrade`` does for ``config`` (the tables, and the cluster row),
+    called in this process: a CLI process would add one to three seconds to the setup of
+    every test that needs the tables. The command itself is tested in tests/cli."""
+    from qcluster.client.admin import upgrade_db
+    from qcluster.settings import load_settings
+
+    upgrade_db(load_settings(config, env={}))
+
+
 def records_of(c: Cluster) -> list[dict[str, Any]]:
     return read_records(c.records) if c.records.exists() else []
 
@@ -170,7 +180,7 @@ def run_outage(tmp_path: Path, db_url: str, overrides: dict[str, Any],
     """Two schedulers and a worker; ``stop()`` a server, see the leader step down, wait
     ``outage`` s, ``start()`` it again, see a newer leader, and check exactly-once."""
     config = write_config(tmp_path, db_url, **overrides)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, db_url) as c:
         old, jobs, first = c.start_small(2)
         leader = old.leader_id

@@ -19,9 +19,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import Cluster, upgrade_database
 from tests.cluster.netns import Lab, LabPostgres, LabRedis, LabZooKeeper, NetNode, Pki
-from tests.helpers import TEST_SETTINGS, NodeProcess, run_cli, start_node, write_config
+from tests.helpers import TEST_SETTINGS, NodeProcess, start_node, write_config
 from tests.servers import Server, drop_database
 
 #: The backends a lab cluster runs on (dblock on PostgreSQL: SQLite is one host).
@@ -92,7 +92,7 @@ class NetCluster(Cluster):
             "tls": self.pki.tls_section("cli", [lab.gateway])}, **self.overrides)
         super().__init__(tmp_path, cli, url)
         self.hosts: dict[str, NetNode] = {}
-        run_cli("db", "upgrade", config=cli)
+        upgrade_database(cli)
 
     def _coordination(self, backend: str) -> dict[str, Any]:
         if backend == "dblock":

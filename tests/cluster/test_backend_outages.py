@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import cluster, run_outage
-from tests.helpers import run_cli, wait_for, write_config
+from tests.cluster.harness import cluster, run_outage, upgrade_database
+from tests.helpers import wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 
@@ -49,7 +49,7 @@ def test_node_whose_config_names_another_backend_campaigns_on_the_clusters(
     config = write_config(tmp_path, pg_url)
     other = write_config(tmp_path, pg_url, name="zk.toml", coordination={
         "backend": "zookeeper", "zookeeper": {"hosts": list(zk.hosts), "chroot": zk.chroot}})
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         c.start("s1", "scheduler")
         first = c.wait_leader()

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of, run_outage
+from tests.cluster.harness import (
+    Cluster,
+    check_exactly_once,
+    cluster,
+    records_of,
+    run_outage,
+    upgrade_database,
+)
 from tests.helpers import TEST_SETTINGS, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
@@ -40,7 +47,7 @@ def make_config(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> tu
 @pytest.fixture(params=BACKENDS)
 def any_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     config, url = make_config(request, request.param, tmp_path)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, url) as c:
         yield c
 
@@ -169,7 +176,7 @@ def test_fire_ahead_leader_killed_every_fire_runs_once_and_never_early(
     before its scheduled time."""
     config = write_config(tmp_path, pg_url, scheduler={
         **TEST_SETTINGS["scheduler"], "fire_ahead_seconds": 0.8})
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         old, jobs, start = c.start_small(4)
         assert old.leader_id is not None

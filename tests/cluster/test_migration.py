@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, check_exactly_once, cluster, records_of
+from tests.cluster.harness import (
+    Cluster,
+    check_exactly_once,
+    cluster,
+    records_of,
+    upgrade_database,
+)
 from tests.helpers import run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
@@ -80,7 +86,7 @@ def test_migrate_to_zookeeper_and_back_under_load(
     tmp_path: Path, pg_url: str, zk: Any
 ) -> None:
     config, _ = _configs(tmp_path, pg_url, zk)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         jobs, start = _three_and_two(c, 5)
         before = c.state()
@@ -105,7 +111,7 @@ def test_migrate_to_zookeeper_and_back_under_load(
 
 def test_leader_killed_during_the_joint_phase(tmp_path: Path, pg_url: str, zk: Any) -> None:
     config, _ = _configs(tmp_path, pg_url, zk)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         jobs, start = _three_and_two(c, 5)
         command = subprocess.Popen(
@@ -141,7 +147,7 @@ def test_rolling_restart_with_edited_configs_then_a_stale_node(
 ) -> None:
     config, edited = _configs(tmp_path, pg_url, zk)
     stale = write_config(tmp_path, pg_url, name="stale.toml")  # dblock only, no ZooKeeper
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         for s in ("s1", "s2", "s3"):
             c.start(s, "scheduler")
@@ -199,7 +205,7 @@ def test_migrate_dblock_to_redis_and_back_with_the_command_killed(
     done. Then back to dblock."""
     redis = {"urls": redis_urls, "lease_seconds": 2, "key_prefix": redis_prefix}
     config = write_config(tmp_path, pg_url, coordination={"backend": "dblock", "redis": redis})
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         _, jobs, start = c.start_small(3)
         command = subprocess.Popen(
@@ -243,7 +249,7 @@ def test_the_leader_stays_visible_after_a_move_whatever_the_clis_config_names(
     back."""
     config, zk_config = _configs(tmp_path, pg_url, zk)
     plain = write_config(tmp_path, pg_url, name="plain.toml")  # dblock, no ZooKeeper
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         leader, jobs, start = c.start_small(2)
         _migrate(config, "zookeeper")

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, cluster, records_of
+from tests.cluster.harness import Cluster, cluster, records_of, upgrade_database
 from tests.helpers import (
     TEST_ALLOW,
     TEST_SETTINGS,
     assert_cli_error,
     run_cli,
+    run_cli_many,
     run_json,
     start_node,
     wait_for,
@@ -82,7 +83,7 @@ def poison_config(tmp_path: Path, url: str, **overrides: Any) -> Path:
         **overrides,
     }
     config = write_config(tmp_path, url, **sections)
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     return config
 
 
@@ -248,12 +249,13 @@ def test_runs_cancel_stops_a_running_run_and_further_attempts_and_refuses_what_i
     assert row_of(c, waiting).status == "cancelled"
     # Refused, one line, nothing written: unknown, finished, not a number.
     before = [tuple(r) for r in c.runs()]
-    assert_cli_error(run_cli("runs", "cancel", "999999", config=c.config, check=False),
-                     "no run 999999")
-    assert_cli_error(run_cli("runs", "cancel", str(waiting), config=c.config, check=False),
-                     f"run {waiting} has already finished (cancelled)")
-    assert_cli_error(run_cli("runs", "cancel", "0", config=c.config, check=False), "run id")
-    assert_cli_error(run_cli("runs", "cancel", "abc", config=c.config, check=False))
+    unknown, finished, zero, word = run_cli_many(
+        [["runs", "cancel", arg] for arg in ("999999", str(waiting), "0", "abc")],
+        config=c.config, check=False, workers=4)
+    assert_cli_error(unknown, "no run 999999")
+    assert_cli_error(finished, f"run {waiting} has already finished (cancelled)")
+    assert_cli_error(zero, "run id")
+    assert_cli_error(word)
     assert [tuple(r) for r in c.runs()] == before
     # With no leader alive, a cancel is written directly; `jobs remove` cancels the
     # removed job's open runs.

@@ -51,6 +51,7 @@ from qcluster.store.cluster import (
     take_epoch,
 )
 from qcluster.store.db import Database
+from tests.cluster.harness import upgrade_database
 from tests.conftest import DatabaseFactory, ZkNamespace
 from tests.helpers import assert_cli_error, run_cli, run_cli_many, run_json, write_config
 
@@ -605,7 +606,7 @@ def cli(tmp_path: Path, pg_url: str, zk: ZkNamespace, make_db: DatabaseFactory) 
     Members stay live for 30 s, so that one registered here outlives a CLI call."""
     config = write_config(tmp_path, pg_url, coordination=zk_coordination(zk),
                           cluster={"member_timeout_seconds": 30})
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     return CliCluster(config, make_db(pg_url, upgrade=False, cluster=None), load_settings(config))
 
 
@@ -730,7 +731,7 @@ def dead_zookeeper_config(tmp_path: Path, pg_url: str, port: int) -> Path:
     zk = {"hosts": [f"127.0.0.1:{port}"], "session_timeout": 1}
     config = write_config(tmp_path, pg_url, name="deadzk.toml",
                           coordination={"backend": "dblock", "zookeeper": zk})
-    run_cli("db", "upgrade", config=config)
+    upgrade_database(config)
     return config
 
 

@@ -20,6 +20,7 @@ from qcluster.errors import ConfigError, QClusterError
 from qcluster.leader.election import Leadership
 from qcluster.node import Node
 from qcluster.settings import load_settings
+from tests.cluster.harness import upgrade_database
 from tests.helpers import (
     assert_cli_error,
     run_cli,
@@ -103,7 +104,7 @@ def test_a_start_that_cannot_listen_is_one_error_and_holds_nothing(
 ) -> None:
     worker, fragments = CASES[case](busy_port)
     config = write_config(tmp_path, db_url, coordination=LEASE, cluster=CLUSTER, worker=worker)
-    run_cli("db", "upgrade", config=config)  # the start below meets a ready database
+    upgrade_database(config)  # the start below meets a ready database
     result = run_cli("start", "--node-id", "bad", config=config, check=False, timeout=60)
     line = assert_cli_error(result, *fragments)
     assert "internal error" not in line
