@@ -119,8 +119,7 @@ def recover_runs(
             sa.select(*_COLUMNS).where(r.c.status.in_(runs.OPEN))
         ).all()
         to_retry = conn.execute(
-            sa.select(*_COLUMNS, r.c.error, r.c.retry_backoff, r.c.retry_max_backoff,
-                      r.c.job_id.in_(sa.select(schema.jobs.c.id)).label("job_exists"))
+            sa.select(*_COLUMNS, r.c.error, r.c.retry_backoff, r.c.retry_max_backoff)
             .where(r.c.status.in_(runs.RETRIABLE), r.c.retries_left > 0)
         ).all()
     suspects: dict[str, list[Key]] = {}
@@ -162,10 +161,11 @@ _COLUMNS = (_r.c.id, _r.c.job_id, _r.c.func, _r.c.args, _r.c.kwargs, _r.c.schedu
             _r.c.attempt, _r.c.recover, _r.c.status, _r.c.worker, _r.c.worker_session,
             _r.c.epoch, _r.c.created_at, _r.c.max_attempts, _r.c.deaths,
             _r.c.cancel_requested, _r.c.due_at, _r.c.backfill, _r.c.dispatched_at,
-            # the job's own misfire grace (NULL: [scheduler] misfire_grace_seconds, or a
-            # removed job)
-            sa.select(schema.jobs.c.misfire_grace_seconds)
-            .where(schema.jobs.c.id == _r.c.job_id).scalar_subquery().label("job_grace"))
+            # the job's own misfire grace, kept by the run (by its job for a run made
+            # before 0005); NULL: [scheduler] misfire_grace_seconds
+            sa.func.coalesce(_r.c.grace, sa.select(schema.jobs.c.misfire_grace_seconds)
+                             .where(schema.jobs.c.id == _r.c.job_id).scalar_subquery())
+            .label("job_grace"))
 #: How long before its start a run that waits (a retry's backoff) is sent.
 SEND_AHEAD = 1.0
 
@@ -173,10 +173,8 @@ SEND_AHEAD = 1.0
 def _retry_failed(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResult) -> None:
     """A failed or timed-out attempt with a retry left: attempt + 1, after its backoff
     (docs/DESIGN.md, "Job policies"); none if its cancel was asked or its job is gone."""
-    why = ("its cancel was asked" if row.cancel_requested is not None
-           else None if row.job_exists else "its job was removed")
-    if why is not None:
-        runs.give_up_retries(conn, row.id, row.attempt, why)
+    if row.cancel_requested is not None:  # (a removed job's: store/cancels ended them)
+        runs.give_up_retries(conn, row.id, row.attempt, "its cancel was asked")
         return
     base = row.retry_backoff or 0.0
     delay = backoff(row.id, row.attempt, base, row.retry_max_backoff or base) if base else 0.0

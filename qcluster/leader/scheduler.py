@@ -152,7 +152,7 @@ class _Plan:
             due = t.timestamp() + shift if shift else None
         return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
                        status, qc.recover, error, qc.max_attempts, due_at=due,
-                       **run_fields(self.policy, self.defaults))
+                       grace=qc.grace, **run_fields(self.policy, self.defaults))
 
     def make(self, open_runs: list[tuple[int, str]],
              calendars: dict[str, Calendar]) -> None:

@@ -237,6 +237,14 @@ class SchedulerSettings(_Section):
     retry_backoff_seconds: float = Field(default=10.0, ge=0.001, le=86400)
     retry_max_backoff_seconds: float = Field(default=300.0, ge=0.001, le=31 * 86400)
 
+    @model_validator(mode="after")
+    def _check_backoff_bound(self) -> SchedulerSettings:
+        if self.retry_max_backoff_seconds < self.retry_backoff_seconds:
+            raise KeyedProblem("scheduler.retry_max_backoff_seconds",
+                               f"must be at least scheduler.retry_backoff_seconds "
+                               f"({self.retry_backoff_seconds:g})")
+        return self
+
     def tzinfo(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
 

@@ -166,7 +166,7 @@ def record(conn: Connection, planned: Plan, epoch: int, leader: str, *,
             row.id, row.func, row.args, row.kwargs, at,
             RunStatus.SKIPPED if why else RunStatus.SCHEDULED, bool(row.recover), error=why,
             max_attempts=row.max_attempts, due_at=None if why else round(now, 6),
-            backfill=True, **fields))
+            backfill=True, grace=row.misfire_grace_seconds, **fields))
     runs = insert_runs(conn, fires, epoch, leader, now=now)
     skipped = sum(f.status == RunStatus.SKIPPED for f in fires)
     counts = Counts(row.id, _iso(planned.start), _iso(planned.end), len(planned.times),

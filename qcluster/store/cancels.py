@@ -4,8 +4,9 @@ change (no leader alive) both make them, on the caller's fenced connection.
 A recorded run carries its own function, arguments and ``recover`` (docs/DESIGN.md,
 ``qc_runs``), so changing a job does not by itself change its runs:
 
-* :func:`remove_job` (and ``jobs apply --prune``) removes the job and cancels its open
-  runs in one transaction;
+* :func:`remove_job` (and ``jobs apply --prune``) removes the job, cancels its open runs
+  and ends its retries to come, in one transaction (a job that ended by itself, a
+  one-off after its fire, keeps its runs' retries);
 * every change withdraws the runs sent ahead of their fire time (``[scheduler]
   fire_ahead_seconds``; :func:`qcluster.store.runs.withdraw`), so that a pause, an
   update or a removal applies at once, not from the next fire. An updated job whose
@@ -43,6 +44,7 @@ def _removed(conn: Connection, job_ids: Sequence[str]) -> None:
     runs.withdraw(conn, job_ids, now=now, reason="its job was removed")
     for job_id in job_ids:
         runs.cancel_job_runs(conn, job_id, now=now, reason="cancelled: its job was removed")
+    runs.give_up_job_retries(conn, job_ids, "its job was removed")
 
 
 def pause_job(conn: Connection, job_id: str) -> None:

@@ -341,6 +341,7 @@ def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
     at = round(database_now(conn) if now is None else now, 6)
     fire = FireRow(job_id, row.func, row.args, row.kwargs, at,
                    RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts,
+                   grace=row.misfire_grace_seconds,
                    **run_fields(from_stored(row.policy), defaults))
     runs = insert_runs(conn, [fire], epoch, leader, now=at)
     if not runs:

@@ -68,6 +68,7 @@ class JobExtra:
     max_attempts: int | None = None
     policy: Policy = NONE
     runs_made: int = 0
+    grace: int | None = None  # its own misfire_grace_seconds (None: the scheduler's)
 
 
 class StoredJob(Job):  # type: ignore[misc]
@@ -289,7 +290,8 @@ class SqlJobStore(BaseJobStore):  # type: ignore[misc]
         except InputError as e:
             raise QClusterError(f"job {row.id!r} has an unreadable policy: {e}") from e
         job.qc = JobExtra(row.version, row.args, row.kwargs, bool(row.recover),
-                          row.max_attempts, policy, int(row.runs_made))
+                          row.max_attempts, policy, int(row.runs_made),
+                          row.misfire_grace_seconds)
         return job
 
     def _trigger(self, job_id: str, spec_text: str) -> BaseTrigger:

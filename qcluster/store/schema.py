@@ -155,6 +155,9 @@ runs = Table(
     # Written by `jobs backfill`: sent as workers have free slots, after live runs, and
     # not missed for waiting its turn (leader/recovery.py, leader/dispatch.py).
     Column("backfill", Boolean, nullable=False, default=False, server_default=sa.false()),
+    # The job's own misfire grace when it fired (NULL: [scheduler] misfire_grace_seconds):
+    # what recovery judges an unstarted run by, also once its job is gone.
+    Column("grace", Integer, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     Index("ix_qc_runs_status", "status"),
     Index("ix_qc_runs_job_status", "job_id", "status"),

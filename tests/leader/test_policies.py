@@ -19,7 +19,7 @@ from qcluster.errors import InputError
 from qcluster.leader import recovery
 from qcluster.leader.recovery import recover_runs
 from qcluster.leader.scheduler import FireExecutor
-from qcluster.store import backfill, calendars, catalog, runs, schema
+from qcluster.store import backfill, calendars, cancels, catalog, runs, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
@@ -307,11 +307,41 @@ def test_no_retry_for_a_cancelled_run_or_a_removed_job(db: Database) -> None:
     (row,) = _runs(db, "gone")
     _set(db, row.id, status=S.FAILED, worker="w", worker_session="s")
     with db.fenced(_epoch(db)) as conn:
-        catalog.remove_job(conn, "gone")
+        cancels.remove_job(conn, "gone")  # as jobs remove does
     out = recover_runs(db, _epoch(db), live_workers=set(), grace_seconds=30)
     (row,) = _runs(db, "gone")
     assert (out.retries, row.status, row.retries_left) == (0, "failed", 0)
     assert "no retry: its job was removed" in row.error
+
+
+def test_a_one_off_job_ended_by_its_fire_keeps_its_retries_and_its_grace(
+    db: Database,
+) -> None:
+    """An ``--at`` job's row is deleted once it has fired: not a removal. Its failed run
+    is still retried, and an unstarted one is judged by the job's own grace, which the
+    run keeps (the attack of 2026-12-02 found both lost with the row)."""
+    for job_id in ("once", "late"):
+        spec = make_spec(at=datetime.fromtimestamp(BASE, UTC).isoformat())
+        jd = validate_job({"id": job_id, "func": "jobs.builtin:noop", "trigger": spec,
+                           "retries": 2, "misfire_grace_seconds": 120}, ALLOW)
+        with db.fenced(_epoch(db)) as conn:
+            catalog.upsert_jobs(conn, [jd], replace=True)
+    _fire(db, BASE + 0.1)
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.jobs)).scalar() == 0
+    (once,), (late,) = _runs(db, "once"), _runs(db, "late")
+    assert late.grace == 120
+    epoch = _epoch(db)
+    _set(db, once.id, status=S.FAILED, worker="w", worker_session="s", error="boom")
+    _set(db, late.id, status=S.DISPATCHED, worker="w", worker_session="s", epoch=epoch - 1)
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30,
+                       now=BASE + 60)
+    assert (out.retries, out.missed) == (1, 0)
+    assert (_runs(db, "once")[0].status, _runs(db, "once")[0].attempt) == ("scheduled", 2)
+    assert _runs(db, "late")[0].status == "dispatched"  # 60 s late: within its 120 s
+    out = recover_runs(db, epoch, live_workers={("w", "s")}, grace_seconds=30,
+                       now=BASE + 121)
+    assert out.missed == 1 and "(120s)" in _runs(db, "late")[0].error
 
 
 def test_a_backoff_grows_and_is_bounded() -> None:

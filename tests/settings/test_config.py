@@ -210,6 +210,14 @@ def test_nan_and_inf_are_refused() -> None:
     assert "must be a finite number" in error_of("[runs]\nretention_days = inf\n")
 
 
+def test_a_retry_backoff_bound_below_the_backoff_is_refused() -> None:
+    assert error_of("[scheduler]\nretry_max_backoff_seconds = 1\n") == (
+        "qcluster.toml: scheduler.retry_max_backoff_seconds: must be at least "
+        "scheduler.retry_backoff_seconds (10)")
+    assert load("[scheduler]\nretry_backoff_seconds = 1\nretry_max_backoff_seconds = 1\n"
+                ).scheduler.retry_max_backoff_seconds == 1
+
+
 def test_several_problems_are_reported_on_one_line() -> None:
     message = error_of("[worker]\nport = -1\nconcurrency = 0\n")
     assert message == (

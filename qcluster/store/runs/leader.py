@@ -64,6 +64,7 @@ class FireRow:
     retry_backoff: float | None = None
     retry_max_backoff: float | None = None
     backfill: bool = False  # written by `jobs backfill` (schema.runs.c.backfill)
+    grace: int | None = None  # the job's own misfire grace; None: [scheduler]'s
 
 
 def insert_runs(
@@ -94,7 +95,8 @@ def insert_runs(
          "finished_at": None if f.status in _UNFINISHED else now, "error": f.error,
          "max_attempts": f.max_attempts, "due_at": f.due_at, "timeout": f.timeout,
          "retries_left": f.retries, "retry_backoff": f.retry_backoff,
-         "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill}
+         "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill,
+         "grace": f.grace}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -116,6 +118,7 @@ _RUN_COLUMNS = (
     ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
     ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
     ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
+    ("grace", "int"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 #: What a withdrawn row gets when its fire time is recorded again: the new row's values,
@@ -136,7 +139,7 @@ _UNNEST_INSERT = sa.text(
 
 def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
-    PostgreSQL one column array per parameter (``unnest``): 20 parameters whatever the
+    PostgreSQL one column array per parameter (``unnest``): 21 parameters whatever the
     batch size, so the driver prepares the statement once, where a multi-row VALUES list
     of 9,500 parameters is parsed again for every batch."""
     if conn.dialect.name == "postgresql":
@@ -255,6 +258,19 @@ def withdraw(conn: Connection, job_ids: Sequence[str], *, now: float, reason: st
     for job_id, at in taken:
         first[job_id] = min(at, first.get(job_id, at))
     return first
+
+
+def give_up_job_retries(conn: Connection, job_ids: Sequence[str], why: str) -> int:
+    """:func:`give_up_retries` for every run of ``job_ids`` with a retry to come (their
+    jobs were removed); how many."""
+    if not job_ids:
+        return 0
+    r = schema.runs
+    return int(conn.execute(
+        r.update().where(r.c.job_id.in_(list(job_ids)), status_is(RETRIABLE),
+                         r.c.retries_left > 0)
+        .values(retries_left=0, error=sa.func.coalesce(r.c.error, "") + f" (no retry: {why})")
+    ).rowcount)
 
 
 def unbuffer(conn: Connection, run_id: int, *, epoch: int, now: float) -> RunRecord | None:
