@@ -274,12 +274,14 @@ def give_up_job_retries(conn: Connection, job_ids: Sequence[str], why: str) -> i
 
 
 def unbuffer(conn: Connection, run_id: int, *, epoch: int, now: float) -> RunRecord | None:
-    """``buffered`` → ``scheduled``, to start now: the open run of its job has ended. The
-    record to send, or None if the row moved on (cancelled meanwhile)."""
+    """``buffered`` → ``scheduled``, to start now (or at its fire time, if that is still
+    to come: one buffered ahead of its time, fire-ahead): the open run of its job has
+    ended. The record to send, or None if the row moved on (cancelled meanwhile)."""
     r = schema.runs
     row = conn.execute(
         r.update().where(r.c.id == run_id, status_is(UNBUFFER_FROM))
-        .values(status=_S.SCHEDULED, epoch=epoch, created_at=now, due_at=now)
+        .values(status=_S.SCHEDULED, epoch=epoch, created_at=now,
+                due_at=sa.case((r.c.scheduled_at > now, r.c.scheduled_at), else_=now))
         .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
                    r.c.attempt, r.c.recover)
     ).one_or_none()
