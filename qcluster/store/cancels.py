@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from qcluster.definitions.jobdefs import JobDef
-from qcluster.store import catalog, runs, schema
+from qcluster.store import catalog, runs
 from qcluster.store.catalog import ApplyResult
 from qcluster.store.db import database_now
 
@@ -42,8 +41,7 @@ def remove_job(conn: Connection, job_id: str) -> None:
 def _removed(conn: Connection, job_ids: Sequence[str]) -> None:
     now = database_now(conn)
     runs.withdraw(conn, job_ids, now=now, reason="its job was removed")
-    for job_id in job_ids:
-        runs.cancel_job_runs(conn, job_id, now=now, reason="cancelled: its job was removed")
+    runs.cancel_job_runs(conn, job_ids, now=now, reason="cancelled: its job was removed")
     runs.give_up_job_retries(conn, job_ids, "its job was removed")
 
 
@@ -59,20 +57,14 @@ def upsert_jobs(conn: Connection, defs: Sequence[JobDef], *, replace: bool,
     ``defs`` are removed as :func:`remove_job` removes one. The updated jobs' runs sent
     ahead are withdrawn; one whose next fire time the update left as it was (the same
     schedule) fires the earliest withdrawn time again, as it now is."""
-    j = schema.jobs
-    ids = [d.id for d in defs]
-    before = {row.id: row.next_run_time for row in conn.execute(
-        sa.select(j.c.id, j.c.next_run_time).where(j.c.id.in_(ids)))} if replace else {}
     now = database_now(conn)
     result = catalog.upsert_jobs(conn, defs, replace=replace, now=now)
     withdrawn = runs.withdraw(conn, result.updated, now=now, reason="its job was updated")
-    for job_id, first in withdrawn.items():
-        row = catalog.job_row(conn, job_id)
-        if not row.paused and row.next_run_time is not None \
-                and row.next_run_time == before.get(job_id):
-            catalog.set_next_run_time(conn, job_id, first)
+    for job_id in result.kept_schedule:
+        if job_id in withdrawn:
+            catalog.set_next_run_time(conn, job_id, withdrawn[job_id])
     if prune:
-        result.removed = catalog.prune_jobs(conn, ids)
+        result.removed = catalog.prune_jobs(conn, [d.id for d in defs])
         _removed(conn, result.removed)
     return result
 

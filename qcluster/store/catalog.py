@@ -60,9 +60,13 @@ class ApplyResult:
     updated: list[str] = dataclasses.field(default_factory=list)
     unchanged: list[str] = dataclasses.field(default_factory=list)
     removed: list[str] = dataclasses.field(default_factory=list)
+    #: Of ``updated``, the jobs whose next fire time the update left as it was (the same
+    #: schedule, not paused): for ``store/cancels``, not sent.
+    kept_schedule: list[str] = dataclasses.field(default_factory=list)
 
     def to_wire(self) -> dict[str, list[str]]:
-        return dataclasses.asdict(self)
+        return {"created": self.created, "updated": self.updated,
+                "unchanged": self.unchanged, "removed": self.removed}
 
 
 def first_fire(jd: JobDef, now: float) -> float | None:
@@ -118,11 +122,7 @@ def upsert_jobs(
     now = database_now(conn) if now is None else now
     j = schema.jobs
     result = ApplyResult()
-    seen: set[str] = set()
-    for jd in defs:
-        if jd.id in seen:
-            raise InputError(f"job {jd.id!r} is given twice")
-        seen.add(jd.id)
+    _check_unique(defs)
     _check_calendars(conn, defs)
     existing: dict[str, Row[Any]] = {}
     ids = [jd.id for jd in defs]
@@ -151,15 +151,32 @@ def upsert_jobs(
             continue
         changes: dict[str, Any] = {**values, "version": row.version + 1, "updated_at": now,
                                    "broken": None}
-        if not row.paused and (values["trigger"] != row.trigger
-                               or _bounds(row.policy) != (jd.policy.start, jd.policy.end)
-                               or (row.next_run_time is None and values["policy"] != row.policy)):
+        if _reschedules(row, jd, values):
             changes["next_run_time"] = next_fire(jd)
         conn.execute(j.update().where(j.c.id == jd.id).values(**changes))
         result.updated.append(jd.id)
+        if "next_run_time" not in changes and not row.paused and row.next_run_time is not None:
+            result.kept_schedule.append(jd.id)
     for start in range(0, len(inserts), _CHUNK):
         conn.execute(j.insert(), inserts[start : start + _CHUNK])
     return result
+
+
+def _check_unique(defs: Sequence[JobDef]) -> None:
+    seen: set[str] = set()
+    for jd in defs:
+        if jd.id in seen:
+            raise InputError(f"job {jd.id!r} is given twice")
+        seen.add(jd.id)
+
+
+def _reschedules(row: Row[Any], jd: JobDef, values: dict[str, Any]) -> bool:
+    """Whether an update computes the job's next fire time again (not paused): a new
+    trigger, new start/end bounds, or a new policy for a job that had no fire time left."""
+    return not row.paused and bool(
+        values["trigger"] != row.trigger
+                or _bounds(row.policy) != (jd.policy.start, jd.policy.end)
+                or (row.next_run_time is None and values["policy"] != row.policy))
 
 
 def _bounds(stored: str | None) -> tuple[str | None, str | None]:

@@ -365,17 +365,20 @@ def cancel(conn: Connection, run_id: int, *, now: float, reason: str) -> Cancell
     raise InputError(f"run {run_id} has already finished ({found.status})")
 
 
-def cancel_job_runs(conn: Connection, job_id: str, *, now: float, reason: str) -> int:
-    """:func:`cancel` every open run of ``job_id`` (a removed job); how many it reached."""
+def cancel_job_runs(conn: Connection, job_ids: Sequence[str], *, now: float,
+                    reason: str) -> int:
+    """:func:`cancel` every open run of ``job_ids`` (removed jobs); how many it reached."""
+    if not job_ids:
+        return 0
     r = schema.runs
+    of = r.c.job_id.in_(list(job_ids))
     cancelled = conn.execute(
-        r.update().where(r.c.job_id == job_id, status_is(CANCEL_FROM))
+        r.update().where(of, status_is(CANCEL_FROM))
         .values(status=_S.CANCELLED, finished_at=now, error=reason, cancel_requested=now,
                 retries_left=0)
     ).rowcount
     marked = conn.execute(
-        r.update().where(r.c.job_id == job_id, r.c.status == _S.RUNNING,
-                         r.c.cancel_requested.is_(None))
+        r.update().where(of, r.c.status == _S.RUNNING, r.c.cancel_requested.is_(None))
         .values(cancel_requested=now)
     ).rowcount
     return int(cancelled) + int(marked)
