@@ -61,6 +61,10 @@ from qcluster.store.reports import FENCE_MARGIN, lease_seconds
 log = logging.getLogger(__name__)
 
 RECOVERY_INTERVAL = 1.0
+#: How often a term's ``qc-db-watch`` thread compares the time since the database last
+#: answered with ``database_timeout_seconds``. Its own thread: a recovery pass blocked in
+#: a connect or statement timeout must not hold the step-down back.
+WATCH_INTERVAL = 0.5
 PRUNE_INTERVAL = 3600.0
 #: How long ``stop()``, and a ``start()`` that finds the previous term's maintenance thread
 #: still alive, wait for it. It is halted first, so it only finishes the pass under way.
@@ -74,6 +78,7 @@ class _Term:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     epoch: int | None = None  # set once take_epoch has answered
     thread: threading.Thread | None = None
+    watch: threading.Thread | None = None  # the database watchdog (never joined: it only reads)
     scheduler: LeaderScheduler | None = None
     db_ok: float = dataclasses.field(default_factory=time.monotonic)
     info: LeaderInfo | None = None  # what it published
@@ -166,6 +171,7 @@ class LeaderRole:
         epoch = take_epoch(self.db, node_id=self.node_id, uri=self.control_uri, lease=lease,
                            valid_until=valid_until)
         term.epoch = epoch
+        term.db_ok = time.monotonic()
         self._check_started(term)
         term.info = LeaderInfo(self.node_id, self.control_uri, epoch, self.clock.now())
         backend.publish_leader(lease, term.info)
@@ -198,6 +204,9 @@ class LeaderRole:
             self._check_started(term)
             self.epoch, self.dispatcher, self.scheduler = epoch, dispatcher, scheduler
         dispatcher.start()
+        term.watch = threading.Thread(target=self._watch_database, args=(term,),
+                                      name="qc-db-watch", daemon=True)
+        term.watch.start()
         self._recover(term)
         term.thread = threading.Thread(target=self._maintain, args=(term,),
                                        name="qc-maintenance", daemon=True)
@@ -321,8 +330,7 @@ class LeaderRole:
             members = self._recover(term)
             if term.stop.is_set():  # halted during the pass: no step, no pruning after it
                 return
-            problem = (self.healthy() if term is self._term else None) \
-                or self._database_problem(term)
+            problem = self.healthy() if term is self._term else None
             if problem:
                 self._revoke(term, problem)
                 return
@@ -349,9 +357,19 @@ class LeaderRole:
         except QClusterError as e:
             log.warning("migration step failed (will retry): %s", e)
 
+    def _watch_database(self, term: _Term) -> None:
+        """docs/DESIGN.md invariant 5: a leader that cannot reach the shared database steps
+        down, even when its ZooKeeper session or Redis lease is fine. Apart from the
+        maintenance loop, whose recovery pass may sit in a connect timeout while the
+        database is out of reach: the step-down comes ``database_timeout_seconds`` after
+        the last answer, not after that call returns."""
+        while not term.stop.wait(WATCH_INTERVAL):
+            problem = self._database_problem(term)
+            if problem:
+                self._revoke(term, problem)
+                return
+
     def _database_problem(self, term: _Term) -> str | None:
-        # docs/DESIGN.md invariant 5: a leader that cannot reach the shared database steps
-        # down, even when its ZooKeeper session or Redis lease is fine.
         silent = time.monotonic() - term.db_ok
         if silent > self.settings.scheduler.database_timeout_seconds:
             return f"the shared database has not answered for {silent:.0f}s"

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -41,13 +42,14 @@ class _Led:
 
 
 @contextmanager
-def _leading(db: Database, backend: MemoryBackend | None = None) -> Iterator[_Led]:
+def _leading(db: Database, backend: MemoryBackend | None = None,
+             config: dict[str, Any] | None = None) -> Iterator[_Led]:
     """A LeaderRole driven by a Leadership on a memory backend, leading."""
     if backend is None:
         backend = MemoryBackend(MemoryServer(), lease_seconds=LEASE)
         backend.start()
     leader = role.LeaderRole(
-        load_settings_from_mapping({}, "test"), db, members=list, node_id="n1",
+        load_settings_from_mapping(config or {}, "test"), db, members=list, node_id="n1",
         control_uri="PYRO:qcluster.leader.control@127.0.0.1:1", secret=TEST_SECRET,
         revoke=lambda reason: leadership.revoke(reason),
     )
@@ -83,6 +85,32 @@ def _next_term(led: _Led, epoch: int) -> int:
 def db(sqlite_url: str, make_db: DatabaseFactory, monkeypatch: pytest.MonkeyPatch) -> Database:
     monkeypatch.setattr(role, "RECOVERY_INTERVAL", 0.02)
     return make_db(sqlite_url, backend="memory")
+
+
+def test_a_leader_whose_recovery_pass_hangs_on_the_database_steps_down_on_time(
+    db: Database, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14's flaky partition test: the leader cut from the database stepped down
+    only when its recovery pass came back from a connect timeout, after the cut had
+    healed. The watchdog steps it down ``database_timeout_seconds`` after the last answer,
+    while the pass is still blocked."""
+    with _leading(db, config={"scheduler": {"database_timeout_seconds": 1}}) as led:
+        hang, entered = threading.Event(), threading.Event()
+        recover = role.recover_runs
+
+        def blocked(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            hang.wait(30)  # a connect timeout far longer than the database timeout
+            return recover(*args, **kwargs)
+
+        monkeypatch.setattr(role, "recover_runs", blocked)
+        try:
+            assert entered.wait(WAIT)
+            wait_for(lambda: led.revoked, WAIT, 0.01, "the step-down")
+            assert "the shared database has not answered" in led.revoked[0]
+            assert not hang.is_set()  # the pass was still blocked when it stepped down
+        finally:
+            hang.set()
 
 
 def test_an_earlier_terms_fenced_pass_does_not_revoke_the_next_term(db: Database) -> None:
