@@ -222,9 +222,12 @@ class Client:
             defs = load_job_file(Path(source), allow=list(self.settings.jobs.allow),
                                  default_tz=self.settings.scheduler.timezone,
                                  min_interval=self.settings.scheduler.min_interval_seconds)
+            try:  # what the store refuses (a missing calendar, a long-past date) names it too
+                outcome = changes.apply_jobs(self.settings, defs, prune=prune)
+            except InputError as e:
+                raise type(e)(f"{source}: {e}") from None
         else:
-            defs = self._checked(source)
-        outcome = changes.apply_jobs(self.settings, defs, prune=prune)
+            outcome = changes.apply_jobs(self.settings, self._checked(source), prune=prune)
         r = outcome.result if isinstance(outcome.result, dict) else {}
         return Applied(created=list(r.get("created", [])), updated=list(r.get("updated", [])),
                        unchanged=list(r.get("unchanged", [])),

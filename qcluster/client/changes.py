@@ -150,17 +150,23 @@ def _try_leader(settings: Settings, state: ClusterState, method: str,
 # -- the job changes ----------------------------------------------------------------------
 
 
+def _retention(settings: Settings) -> float:
+    return settings.runs.retention_days * 86400.0
+
+
 def add_jobs(settings: Settings, defs: list[JobDef], *, replace: bool) -> Outcome:
     wire = [d.to_wire() for d in defs]
     return change(
         settings, "add_jobs", (wire, replace),
-        lambda conn, _epoch: cancels.upsert_jobs(conn, defs, replace=replace).to_wire(),
+        lambda conn, _epoch: cancels.upsert_jobs(
+            conn, defs, replace=replace, retention_seconds=_retention(settings)).to_wire(),
     )
 
 
 def apply_jobs(settings: Settings, defs: list[JobDef], *, prune: bool) -> Outcome:
     def direct(conn: Connection, _epoch: int) -> dict[str, list[str]]:
-        return cancels.upsert_jobs(conn, defs, replace=True, prune=prune).to_wire()
+        return cancels.upsert_jobs(conn, defs, replace=True, prune=prune,
+                                   retention_seconds=_retention(settings)).to_wire()
 
     return change(settings, "apply_jobs", ([d.to_wire() for d in defs], prune), direct)
 

@@ -84,6 +84,8 @@ class ControlService:
         # [scheduler] retries and backoff, for run now and backfill
         self._defaults = (defaults_from(leader.settings.scheduler) if defaults is None
                           else defaults)
+        # [runs] retention_days: a job whose first fire is older could not be recorded
+        self._retention = leader.settings.runs.retention_days * 86400.0
 
     def whoami(self) -> dict[str, Any]:
         return _ok(node_id=self._node_id, leading=self._leader.active, epoch=self._leader.epoch)
@@ -198,7 +200,8 @@ class ControlService:
             return _unshowable(e)
 
         def write(conn: Connection) -> dict[str, Any]:
-            return cancels.upsert_jobs(conn, defs, replace=replace, prune=prune).to_wire()
+            return cancels.upsert_jobs(conn, defs, replace=replace, prune=prune,
+                                       retention_seconds=self._retention).to_wire()
 
         return self._write(write)
 

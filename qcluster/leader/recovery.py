@@ -246,7 +246,10 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
             out: RecoveryResult) -> None:
     """A ``scheduled`` row: sent (again) once due, unless its writer has just sent it;
     ``missed`` past its grace, counted from when it was due to start (``due_at``: a
-    jitter, a backfill) or its fire time. The grace is the job's own, else ``grace``."""
+    jitter, a backfill) or its fire time, or from when it was written if that was later
+    (a make-up run of ``run-once``/``run-all``, a leader that fell behind: the leader
+    judged it within its catch-up window then). The grace is the job's own, else
+    ``grace``."""
     grace = row.job_grace or grace
     due = row.scheduled_at if row.due_at is None else row.due_at
     if due > now + SEND_AHEAD:
@@ -259,7 +262,7 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
                                      f"{BACKFILL_WAIT / 3600:.0f}h: no free worker slot")
     else:
         limit, why = grace, f"never dispatched within the misfire grace time ({grace:.0f}s)"
-    if row.attempt == 1 and now - due > limit:
+    if row.attempt == 1 and now - max(due, row.created_at) > limit:
         if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now, error=why):
             out.missed += 1
         return
@@ -270,10 +273,11 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
 
 def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryResult) -> None:
     """A live worker claimed it and has not started it: missed once past the grace,
-    counted from the fire time (a first attempt) or from the retry (a later one). The
-    grace is the job's own, else ``grace``."""
+    counted from the fire time, or from when the row was written if later (a retry, a
+    make-up run written late within its catch-up window). The grace is the job's own,
+    else ``grace``."""
     grace = row.job_grace or grace
-    since = row.scheduled_at if row.attempt == 1 else max(row.scheduled_at, row.created_at)
+    since = max(row.scheduled_at, row.created_at)
     if row.due_at is not None:
         since = max(since, row.due_at)
     if row.backfill and row.dispatched_at is not None:

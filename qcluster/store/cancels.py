@@ -52,13 +52,14 @@ def pause_job(conn: Connection, job_id: str) -> None:
 
 
 def upsert_jobs(conn: Connection, defs: Sequence[JobDef], *, replace: bool,
-                prune: bool = False) -> ApplyResult:
+                prune: bool = False, retention_seconds: float | None = None) -> ApplyResult:
     """:func:`qcluster.store.catalog.upsert_jobs`; with ``prune``, the jobs not in
     ``defs`` are removed as :func:`remove_job` removes one. The updated jobs' runs sent
     ahead are withdrawn; one whose next fire time the update left as it was (the same
     schedule) fires the earliest withdrawn time again, as it now is."""
     now = database_now(conn)
-    result = catalog.upsert_jobs(conn, defs, replace=replace, now=now)
+    result = catalog.upsert_jobs(conn, defs, replace=replace, now=now,
+                                 retention_seconds=retention_seconds)
     withdrawn = runs.withdraw(conn, result.updated, now=now, reason="its job was updated")
     for job_id in result.kept_schedule:
         if job_id in withdrawn:

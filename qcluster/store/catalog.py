@@ -86,15 +86,22 @@ class _FirstFires:
     (shorter than the lease, store/db.py) ends if Python keeps it waiting too long:
     10,000 jobs on a hundred schedules cost a hundred computations, not 2 s of them."""
 
-    def __init__(self, now: float) -> None:
-        self.now = now
+    def __init__(self, now: float, oldest: float | None = None) -> None:
+        self.now, self.oldest = now, oldest
         self._known: dict[str, float | None] = {}
 
     def __call__(self, jd: JobDef) -> float | None:
         key = json.dumps([jd.trigger, jd.policy.start, jd.policy.end], sort_keys=True)
         if key not in self._known:
             self._known[key] = first_fire(jd, self.now)
-        return self._known[key]
+        first = self._known[key]
+        if first is not None and self.oldest is not None and first < self.oldest:
+            days = (self.now - self.oldest) / 86400
+            when = datetime.fromtimestamp(first, UTC).isoformat()
+            raise InputError(f"job {jd.id!r}: its fire time {when} is older than the runs "
+                             f"kept ([runs] retention_days = {days:g}); its run could not "
+                             "be recorded")
+        return first
 
 
 def _row_values(jd: JobDef) -> dict[str, Any]:
@@ -112,10 +119,14 @@ def _row_values(jd: JobDef) -> dict[str, Any]:
 
 
 def upsert_jobs(
-    conn: Connection, defs: Sequence[JobDef], *, replace: bool, now: float | None = None
+    conn: Connection, defs: Sequence[JobDef], *, replace: bool, now: float | None = None,
+    retention_seconds: float | None = None,
 ) -> ApplyResult:
     """Create the new jobs, and (with ``replace``) update the changed ones. ``now``: by
-    default the database's time. InputError, nothing written, if a job excludes a
+    default the database's time. InputError, nothing written, if a job's first fire time
+    is older than ``retention_seconds`` before ``now`` (a one-off ``--at`` long past: its
+    ``missed`` row would be pruned as soon as written, and the job would vanish with no
+    record), or if a job excludes a
     calendar that does not exist: checked here, in the caller's transaction, so every way
     of writing a job (the leader's control API, the CLI's direct write) checks it, and
     the calendar cannot be removed before this commits (``store/calendars.missing``)."""
@@ -130,7 +141,7 @@ def upsert_jobs(
         for row in conn.execute(sa.select(j).where(j.c.id.in_(ids[start : start + _CHUNK]))):
             existing[row.id] = row
     inserts: list[dict[str, Any]] = []
-    next_fire = _FirstFires(now)
+    next_fire = _FirstFires(now, None if retention_seconds is None else now - retention_seconds)
     for jd in defs:
         values = _row_values(jd)
         found = existing.get(jd.id)

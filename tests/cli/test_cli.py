@@ -432,12 +432,22 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
         {"id": "fine-before", "func": HELLO, "every": "1s"},
         {"id": "too-fast-in-file", "func": HELLO, "every": "250ms"},
     ])  # fmt: skip
+    long_past = write_job_file(tmp_path / "long-past.toml", [
+        {"id": "fine-beside-it", "func": HELLO, "every": "1s"},
+        {"id": "long-past-in-file", "func": HELLO, "at": "2020-01-01T00:00:00"},
+    ])  # fmt: skip
     every = ["--every", "1m"]
     return [
         Case("malformed cron", add("bad-cron", "--func", HELLO, "--cron", "61 * * * *"),
              ("cron", "61 * * * *")),
         Case("interval below the minimum interval",
              add("too-fast", "--func", HELLO, "--every", "1ms"), ("1ms", "min_interval_seconds")),
+        Case("one-off older than the run retention",
+             add("long-past", "--func", HELLO, "--at", "2020-01-01T00:00:00"),
+             ("job 'long-past'", "2020-01-01T00:00:00+00:00", "retention_days = 7")),
+        Case("job file with a one-off older than the run retention",
+             ["jobs", "apply", str(long_past)],
+             ("long-past.toml: job 'long-past-in-file'", "retention_days = 7")),
         Case("cron that never fires", add("never", "--func", HELLO, "--cron", "0 0 30 2 *"),
              ("never fires", "0 0 30 2 *")),
         Case("job file with a job below the minimum interval",

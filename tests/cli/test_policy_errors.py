@@ -45,10 +45,11 @@ APPLY_CASES: list[tuple[dict[str, Any], str]] = [
     ({"every": "1h", "max_attempts": "three"}, "max_attempts must be a whole number"),
     ({"every": "1h", "coalesce": True, "misfire": "skip"}, "contradicts"),
     ({"every": "1h", "wrong": 1}, "unknown field 'wrong'"),
+    ({"at": "2020-01-01T00:00:00"}, "is older than the runs kept ([runs] retention_days = 7)"),
 ]
 
 
-def test_every_jobs_apply_error_names_the_job_once(
+def test_every_jobs_apply_error_names_the_job_once_and_the_file(
     config: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     files = [write_job_file(tmp_path / f"x{n}.toml", [{"id": "x", "func": HELLO, **fields}])
@@ -56,9 +57,10 @@ def test_every_jobs_apply_error_names_the_job_once(
     before = rows(sqlite_url)
     results = run_cli_many([("jobs", "apply", str(f)) for f in files], config=config,
                            check=False)
-    for (fields, fragment), result in zip(APPLY_CASES, results, strict=True):
+    for (fields, fragment), result, f in zip(APPLY_CASES, results, files, strict=True):
         line = assert_cli_error(result, fragment)
         assert line.count("job 'x'") == 1, (fields, line)
+        assert f"{f}: " in line, (fields, line)  # and the file, whoever refused it
     assert rows(sqlite_url) == before
 
 

@@ -4,6 +4,7 @@ nothing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -123,3 +124,23 @@ def test_upsert_jobs_checks_calendars_in_its_transaction(db: Database) -> None:
         calendars.put_calendar(conn, "b", calendars.parse_dates(["2026-01-02"]), replace=False)
         assert catalog.upsert_jobs(conn, defs, replace=False).created == ["j"]
         assert calendars.jobs_using(conn, "b") == ["j"]
+
+
+def test_a_one_off_job_older_than_the_run_retention_is_refused_with_nothing_written(
+    control: ControlService, db: Database,
+) -> None:
+    """Issue 15's attack: ``--at`` a year ago was accepted, and the job vanished with no
+    run row (its ``missed`` row is older than the pruning horizon). Refused now, on the
+    leader's path as on the CLI's direct one; a date inside the retention is taken."""
+    now = datetime.now(UTC)
+    old = (now - timedelta(days=8)).isoformat()  # the default retention is 7 days
+    recent = (now - timedelta(days=6)).isoformat()
+    before = snapshot(db)
+    refused = control.add_jobs([JobDef("old", HELLO, make_spec(at=old)).to_wire(),
+                                job("beside")], False)
+    assert refused["ok"] is False and refused["kind"] == "input"
+    assert refused["error"].startswith("job 'old': its fire time ")
+    assert "older than the runs kept ([runs] retention_days = 7)" in refused["error"]
+    assert snapshot(db) == before
+    assert control.add_jobs([JobDef("recent", HELLO, make_spec(at=recent)).to_wire()],
+                            False)["ok"] is True

@@ -67,10 +67,11 @@ def fire(status: RunStatus = S.SCHEDULED, recover: bool = False) -> FireRow:
 
 
 def insert(db: Database, status: RunStatus = S.SCHEDULED, recover: bool = False) -> int:
-    """A new run row (through the owner), its id."""
+    """A new run row (through the owner), its id: written at its fire time, as a leader
+    that keeps up writes it (recovery counts a grace from the later of the two)."""
     f = fire(status, recover)
     with db.fenced(epoch_of(db)) as conn:
-        runs.insert_runs(conn, [f], epoch_of(db), "leader")
+        runs.insert_runs(conn, [f], epoch_of(db), "leader", now=f.scheduled_at)
         return int(conn.execute(sa.select(schema.runs.c.id)
                                 .where(schema.runs.c.job_id == f.job_id)).scalar_one())
 
@@ -594,6 +595,33 @@ def test_a_claimed_run_no_worker_started_within_the_grace_is_missed_and_cannot_s
     assert recover_runs(db, epoch, live_workers={("w-s1", "s1")}, grace_seconds=30,
                         now=2e9).missed == 0
     assert row(db, other).status == S.RUNNING
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_a_run_written_after_its_fire_time_has_its_grace_from_when_it_was_written(
+    db: Database, claimed: bool,
+) -> None:
+    """Issue 15's attack: a ``run-once`` make-up run (1 s grace, a catch-up window) is
+    written 20 s after its fire time; recovery recorded it missed before a worker could
+    start it. Its grace now counts from when the leader wrote it, sent or claimed."""
+    epoch = new_epoch(db)
+    f = fire()
+    written = f.scheduled_at + 20
+    with db.fenced(epoch) as conn:
+        runs.insert_runs(conn, [f], epoch, "old-leader", now=written)
+    run_id = next(r.id for r in all_rows(db) if r.job_id == f.job_id)
+    new_epoch(db)  # a later leader's recovery: the row is not its dispatcher's own
+    epoch = epoch_of(db)
+    live = {("w1", "s1")}
+    if claimed:
+        assert claimed_ids(db, [record(db, run_id)], worker="w1", session="s1")
+    within = recover_runs(db, epoch, live_workers=live, grace_seconds=1, now=written + 0.5)
+    assert within.missed == 0
+    assert row(db, run_id).status == (S.DISPATCHED if claimed else S.SCHEDULED)
+    assert [r["run_id"] for r in within.resend] == ([] if claimed else [run_id])
+    past = recover_runs(db, epoch, live_workers=live, grace_seconds=1, now=written + 1.5)
+    assert past.missed == 1
+    assert row(db, run_id).status == S.MISSED
 
 
 def test_cancel_stops_every_further_attempt_and_refuses_finished_or_unknown_runs(
