@@ -127,6 +127,9 @@ def _setup_logging(*, quiet: bool = False) -> None:
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("Pyro5").setLevel(logging.WARNING)
+    # Pyro5.client logs "problem getting metadata: cannot connect" at ERROR and then raises;
+    # the dispatcher and the CLI catch that error and say which worker or leader it was.
+    logging.getLogger("Pyro5.client").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ...", per start
     for name in _DRIVER_LOGGERS:
