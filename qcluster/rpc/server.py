@@ -190,6 +190,11 @@ class _Connection:
                     daemon.handleRequest(conn)
                 except (OSError, Pyro5.errors.ConnectionClosedError):
                     break
+                except Pyro5.errors.TimeoutError:
+                    # idle past the socket timeout (a leader's proxy between batches), or
+                    # stalled mid-message: closed either way, and not worth a warning
+                    log.debug("closed the idle connection of %s", self.peer)
+                    break
                 except Exception as e:  # a protocol error: one line, then close
                     text = str(e).splitlines()[0] if str(e) else ""
                     self.server.refused(self.peer, f"closed after the handshake: "
