@@ -191,7 +191,8 @@ class Node(NodeCoordination):
                                  job_paths=[str(p) for p in s.jobs.paths],
                                  cancel_check_seconds=s.worker.heartbeat_seconds)
             self.worker.start()
-            self._self_fence = SelfFence(lease, self.worker.recovering)
+            self._self_fence = SelfFence(lease, self.worker.recovering,
+                                         before_exit=self.worker.fence_exit)
             self._self_fence.start()
             self.uri = str(daemon.register(WorkerService(self.worker), "qcluster.worker.runner"))
         if self.is_scheduler:

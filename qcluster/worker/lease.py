@@ -18,8 +18,13 @@ Promises:
 * :class:`SelfFence` checks every :data:`CHECK_SECONDS`: a worker whose lease expired
   while the code of a ``--recover`` run still runs ends its process at once
   (:data:`EXIT_SELF_FENCED`), as an HBase region server aborts when its ZooKeeper session
-  expires. A Python thread cannot be stopped any other way, and a leader that counted the
-  lease out runs that run again elsewhere. A worker whose running runs are not
+  expires: a leader that counted the lease out runs that run again elsewhere. Its last
+  act before the exit (``before_exit``, :meth:`qcluster.worker.runner.Worker.fence_exit`)
+  SIGKILLs every slot's process group, so the ``--recover`` code stops at once, then
+  writes for at most :data:`FENCE_FLUSH_SECONDS` the outcomes of runs that had already
+  finished (over this worker's own claim only: a run the leader has declared ``lost``
+  keeps that), so that a pause past the lease does not turn finished runs into ``lost``
+  ones. A worker whose running runs are not
   ``--recover`` ones goes on: those runs are never run again, only recorded ``lost``
   until their late outcome arrives.
 
@@ -37,11 +42,14 @@ from collections.abc import Callable
 
 from qcluster.store.reports import FENCE_MARGIN, lease_seconds
 
-__all__ = ["CHECK_SECONDS", "EXIT_SELF_FENCED", "FENCE_MARGIN", "ClaimLease", "SelfFence",
+__all__ = ["CHECK_SECONDS", "EXIT_SELF_FENCED", "FENCE_FLUSH_SECONDS", "FENCE_MARGIN",
+           "ClaimLease", "SelfFence",
            "lease_seconds"]
 
 log = logging.getLogger(__name__)
 
+#: How long the self-fence's last act may try to write the finished runs' outcomes.
+FENCE_FLUSH_SECONDS = 1.0
 #: How often the self-fence looks.
 CHECK_SECONDS = 0.05
 #: The exit status of a worker that ended itself (EX_TEMPFAIL: a supervisor restarts it).
@@ -74,10 +82,12 @@ class SelfFence:
     """Ends the process when the lease has expired while ``--recover`` code runs."""
 
     def __init__(self, lease: ClaimLease, recovering: Callable[[], int], *,
-                 exit: Callable[[int], object] = os._exit) -> None:
+                 exit: Callable[[int], object] = os._exit,
+                 before_exit: Callable[[float], None] | None = None) -> None:
         self.lease = lease
         self.recovering = recovering
         self._exit = exit
+        self._before_exit = before_exit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="qc-self-fence", daemon=True)
 
@@ -99,6 +109,11 @@ class SelfFence:
             "%.0fs, and %d --recover runs are still running; a leader will run them again "
             "elsewhere, so this process ends now (exit status %d)",
             self.lease.ttl - self.lease.left(), running, EXIT_SELF_FENCED)
+        if self._before_exit is not None:
+            try:
+                self._before_exit(FENCE_FLUSH_SECONDS)
+            except Exception:  # the exit must come whatever the last act did
+                log.exception("the self-fence's last act failed")
         for handler in logging.getLogger().handlers:
             handler.flush()
         self._exit(EXIT_SELF_FENCED)

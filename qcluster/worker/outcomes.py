@@ -10,6 +10,9 @@ Promises:
   not overwritten.
 * An outcome the database could not take is kept and written again (a newer one for the
   same attempt wins); the thread never dies of a database error.
+* :meth:`OutcomeWriter.seal` (the self-fence's last act) hands over what is pending and
+  writes nothing more: outcomes recorded after it (the runs the fence is killing) are
+  never written by this process.
 * :meth:`OutcomeWriter.unwritten` shows every outcome not yet committed, the batch whose
   write is under way included: what the worker reports to a leader that cannot see it
   (``qcluster.worker.runner.Worker.report``).
@@ -40,6 +43,7 @@ class OutcomeWriter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._sealed = False
         self._thread = threading.Thread(target=self._loop, name="qc-outcomes", daemon=True)
 
     def start(self) -> None:
@@ -87,8 +91,18 @@ class OutcomeWriter:
             if stopping and not self.pending():
                 return
 
+    def seal(self) -> dict[tuple[int, int], Outcome]:
+        """Stop writing; the outcomes recorded and not yet taken by a write, for the
+        caller to write. A write under way finishes (or fails) as it would have."""
+        with self._lock:
+            self._sealed = True
+            finished, self._finished = self._finished, {}
+        return finished
+
     def flush(self) -> None:
         with self._lock:
+            if self._sealed:
+                return
             finished, self._finished = self._finished, {}
             self._writing = finished
         if not finished:

@@ -73,7 +73,15 @@ from qcluster.store.records import (
     from_wire,
 )
 from qcluster.store.reports import HeldReport, check_keys
-from qcluster.store.runs import Claimed, RunStatus, cancel_asked, claim, release
+from qcluster.store.runs import (
+    Claimed,
+    Outcome,
+    RunStatus,
+    cancel_asked,
+    claim,
+    release,
+    write_outcomes,
+)
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
 from qcluster.worker.lease import ClaimLease, lease_seconds
 from qcluster.worker.outcomes import OutcomeWriter
@@ -252,6 +260,30 @@ class Worker:
         self.slots.kill_all()
         self._pool.join(1.0)  # each idle thread ends its slot's process on its way out
         self.writer.stop()
+
+    def fence_exit(self, flush_seconds: float) -> None:
+        """The self-fence's last act (``worker/lease.py``): take the finished outcomes not
+        yet written, SIGKILL every slot's process group (the ``--recover`` code stops now;
+        the failures its pool threads then record are never written), and write what was
+        taken, waiting at most ``flush_seconds`` (the database may be what is cut off)."""
+        self._stopping.set()
+        self._gate.close()  # no start of ours commits from here on
+        finished = self.writer.seal()
+        self.slots.kill_all()
+        if not finished:
+            return
+        thread = threading.Thread(target=self._write_sealed, args=(finished,),
+                                  name="qc-fence-flush", daemon=True)
+        thread.start()
+        thread.join(flush_seconds)
+
+    def _write_sealed(self, finished: dict[tuple[int, int], Outcome]) -> None:
+        try:
+            write_outcomes(self.db, self.session, finished)
+            log.warning("self-fencing: wrote the outcomes of %d finished runs", len(finished))
+        except QClusterError as e:
+            log.warning("self-fencing: could not write %d finished runs' outcomes: %s",
+                        len(finished), e)
 
     def inflight(self) -> int:
         with self._lock:

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from qcluster.rpc.pyro import proxy
 from qcluster.store.db import Database
 from qcluster.store.runs import RunStatus
-from qcluster.worker.lease import EXIT_SELF_FENCED, ClaimLease, SelfFence
+from qcluster.worker.lease import EXIT_SELF_FENCED, FENCE_FLUSH_SECONDS, ClaimLease, SelfFence
 from tests.helpers import wait_for
 from tests.worker.common import SECRET, RunningWorker, lead, record, wait_runs
 
@@ -57,6 +58,63 @@ def test_the_self_fence_ends_the_process_only_with_recover_code_running_past_the
     assert not fence.check()  # no --recover code runs: nothing will be run twice
     recovering[0] = 1
     assert fence.check() and exits == [EXIT_SELF_FENCED]
+
+
+def test_the_self_fence_does_its_last_act_before_the_exit_even_when_that_fails() -> None:
+    clock = Clock()
+    lease = ClaimLease(10.0, clock)
+    calls: list[object] = []
+
+    def last_act(seconds: float) -> None:
+        calls.append(seconds)
+        raise RuntimeError("the database is gone")
+
+    fence = SelfFence(lease, lambda: 1, exit=calls.append, before_exit=last_act)
+    clock.t += 11
+    assert fence.check()
+    assert calls == [FENCE_FLUSH_SECONDS, EXIT_SELF_FENCED]
+
+
+def test_the_fences_last_act_writes_finished_outcomes_and_kills_the_recover_code(
+    db: Database, tmp_path: Path
+) -> None:
+    """The soak's ``lost, ran 1`` ticks: a worker paused past its lease self-fenced with
+    the outcomes of finished runs still unwritten, and they were recorded ``lost``. Now the
+    fence kills the slots first, then writes what had finished, never the failures of the
+    runs it killed."""
+    from qcluster.store import schema
+
+    lead(db, 1)
+    w = RunningWorker(db, "w1")
+    try:
+        w.worker.writer.stop()  # from here on outcomes wait, as they did under SIGSTOP
+        quick = _slow_run(db, tmp_path, recover=False, sleep=0)
+        with proxy(w.uri, SECRET, 5.0) as p:
+            assert p.submit(1, quick)["accepted"] == [quick[0]["run_id"]]
+            wait_for(lambda: w.worker.writer.pending() == 1, timeout=10,
+                     what="the quick run to finish")
+            slow = record(db, 1, kwargs=json.dumps({"path": str(tmp_path / "s.jsonl"),
+                                                    "sleep": 60}), prefix="slow")
+            with db.write() as conn:
+                conn.execute(schema.runs.update().where(schema.runs.c.id == slow[0]["run_id"])
+                             .values(recover=True))
+            slow = [{**r, "recover": True} for r in slow]
+            assert p.submit(1, slow)["accepted"] == [slow[0]["run_id"]]
+            wait_for(lambda: w.worker.recovering() == 1, timeout=10,
+                     what="the --recover run's code to run")
+        pids = w.worker.slots.pids()
+        w.worker.fence_exit(5.0)
+        wait_for(lambda: w.worker.recovering() == 0, timeout=10, what="the slot to die")
+        w.worker.writer.flush()  # sealed: the killed run's failure is never written
+        with db.read() as conn:
+            rows = {r.id: r for r in conn.execute(sa.select(schema.runs))}
+        assert rows[quick[0]["run_id"]].status == S.SUCCEEDED
+        assert rows[slow[0]["run_id"]].status == S.RUNNING  # the leader's to judge: lost
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    finally:
+        w.stop()
 
 
 def _slow_run(db: Database, tmp_path: Path, *, recover: bool, sleep: float) -> list[Any]:
