@@ -186,3 +186,38 @@ def test_a_pause_committed_between_a_pass_read_and_its_commit_leaves_no_ahead_ru
         cancels.pause_job(conn, "j")
     assert _pass(db, now, store, due) == [] and _rows(db, "j") == []
     assert _next_at(db, "j") is None  # still paused: the pass's advance did not apply
+
+
+def test_a_one_off_recorded_ahead_is_removed_by_withdrawing_its_run_and_not_paused(
+    db: Database,
+) -> None:
+    """Issue 18's known limit: a one-off's row is gone once its only fire is recorded, so
+    inside the window ``jobs remove`` said "no such job" and the run went ahead. Removing
+    it now withdraws the run; pausing is refused with the run to cancel; a job that never
+    existed is still not found."""
+    from qcluster.errors import JobNotFound
+
+    at = datetime.fromtimestamp(time.time() + 15, UTC).isoformat()
+    jd = validate_job({"id": "once", "func": "jobs.builtin:noop", "trigger": make_spec(at=at)},
+                      ALLOW)
+    with db.fenced(_epoch(db)) as conn:
+        cancels.upsert_jobs(conn, [jd], replace=False)
+    sent, _ = _fire_ahead(db, "once")
+    assert len(sent) == 1
+    _claim(db, sent)
+    with db.read() as conn:
+        assert conn.execute(sa.select(schema.jobs.c.id)).all() == []  # its last fire is made
+    run_id = sent[0]["run_id"]
+    with pytest.raises(JobNotFound, match=f"run {run_id} is sent ahead of its time .*"
+                                          f"runs cancel {run_id}"), \
+            db.fenced(_epoch(db)) as conn:
+        cancels.pause_job(conn, "once")
+    assert _rows(db, "once")[0].status == S.DISPATCHED  # the refusal wrote nothing
+    with db.fenced(_epoch(db)) as conn:
+        cancels.remove_job(conn, "once")
+    (row,) = _rows(db, "once")
+    assert (row.status, row.error) == (S.CANCELLED, "withdrawn: its job was removed")
+    assert runs.start(db, [(run_id, 1)], session="s", now=row.scheduled_at) == set()
+    for change in (cancels.remove_job, cancels.pause_job):
+        with pytest.raises(JobNotFound), db.fenced(_epoch(db)) as conn:
+            change(conn, "once")  # nothing ahead any more

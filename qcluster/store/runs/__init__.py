@@ -27,6 +27,7 @@
 from qcluster.store.runs.leader import (
     Cancelled,
     FireRow,
+    ahead,
     cancel,
     cancel_job_runs,
     give_up_job_retries,
@@ -77,6 +78,7 @@ __all__ = [
     "RunStatus",
     "Transition",
     "Writer",
+    "ahead",
     "cancel",
     "cancel_asked",
     "cancel_job_runs",

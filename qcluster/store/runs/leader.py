@@ -260,6 +260,19 @@ def withdraw(conn: Connection, job_ids: Sequence[str], *, now: float, reason: st
     return first
 
 
+def ahead(conn: Connection, job_id: str, *, now: float) -> list[tuple[int, float]]:
+    """The runs of ``job_id`` that :func:`withdraw` would take back at ``now``: (run id,
+    fire time), earliest first."""
+    r = schema.runs
+    rows = conn.execute(
+        sa.select(r.c.id, r.c.scheduled_at)
+        .where(r.c.job_id == job_id, status_is(WITHDRAW_FROM), r.c.attempt == 1,
+               r.c.scheduled_at > now)
+        .order_by(r.c.scheduled_at)
+    ).all()
+    return [(int(run_id), float(at)) for run_id, at in rows]
+
+
 def give_up_job_retries(conn: Connection, job_ids: Sequence[str], why: str) -> int:
     """:func:`give_up_retries` for every run of ``job_ids`` with a retry to come (their
     jobs were removed); how many."""
