@@ -71,6 +71,10 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         self.send = send
         self.retention_seconds = retention_seconds
         self.defaults = Defaults() if defaults is None else defaults
+        #: From the last :meth:`fire`: how many of its jobs with an overlap policy wait
+        #: for a fire time still ahead, and the earliest of those times.
+        self.deferred = 0
+        self.deferred_until: datetime | None = None
 
     def _do_submit_job(self, job: StoredJob, run_times: list[datetime]) -> None:
         # APScheduler's own path (one job): route it through the same fenced batch.
@@ -87,12 +91,24 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         unplannable: list[tuple[str, str]] = []
         watched = [j.id for j in jobs if (j.qc.policy.overlap or "allow") != "allow"]
         open_runs = self.store.open_runs(watched)
+        # An overlap policy is judged at the fire time, never ahead of it: whether the
+        # previous run is still open is known only then. Such a job fires up to ``now``
+        # only; the earliest it defers is when the loop must look again.
+        judged_now = set(watched)
+        self.deferred = 0
+        self.deferred_until = None
+        if until is not None and until > now:
+            later = [j.next_run_time for j in jobs if j.id in judged_now
+                     and j.next_run_time is not None and j.next_run_time > now]
+            self.deferred = len(later)
+            self.deferred_until = min(later, default=None)
         calendars = (self.store.calendars() if any(j.qc.policy.exclude for j in jobs)
                      else {})
         for job in jobs:
             planned = len(fires), len(advances), len(cancels)
             try:
-                plan = _Plan(job, now, until or now, self.retention_seconds, self.defaults)
+                plan = _Plan(job, now, now if job.id in judged_now else until or now,
+                             self.retention_seconds, self.defaults)
                 plan.make(open_runs.get(job.id, []), calendars)
                 fires += plan.fires
                 cancels += plan.cancels
@@ -319,6 +335,7 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         return wait
 
     def _pass(self) -> float:
+        deferred: datetime | None = None
         while self.enabled.is_set():
             now = datetime.fromtimestamp(self.now(), UTC)
             due = self.store.get_due_jobs(now + self.ahead)
@@ -326,10 +343,19 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
                 break
             self.fired += self.executor.fire(due, now, now + self.ahead)
             self.last_pass = time.monotonic()
-            if len(due) < self.store.batch_size:
+            waiting = self.executor.deferred_until
+            if waiting is not None:
+                deferred = waiting if deferred is None else min(deferred, waiting)
+            # a batch of only overlap jobs waiting for their time would come back as is
+            if len(due) < self.store.batch_size or self.executor.deferred == len(due):
                 break
         nxt = self.store.get_next_run_time()
         if nxt is None:
             return self.poll_seconds
-        delay = (nxt - self.ahead - datetime.fromtimestamp(self.now(), UTC)).total_seconds()
+        now = datetime.fromtimestamp(self.now(), UTC)
+        delay = (nxt - self.ahead - now).total_seconds()
+        if deferred is not None and delay <= 0:
+            # The earliest job waits for its own fire time (an overlap policy): look again
+            # then, or within half the window, for the jobs entering it meanwhile.
+            delay = min((deferred - now).total_seconds(), self.ahead.total_seconds() / 2)
         return max(0.0, min(delay, self.poll_seconds))

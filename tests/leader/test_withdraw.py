@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from qcluster.definitions.jobdefs import validate_job
 from qcluster.definitions.triggers import make_spec
-from qcluster.leader.scheduler import FireExecutor
+from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.store import cancels, catalog, runs, schema
 from qcluster.store.cluster import read_cluster
 from qcluster.store.db import Database
@@ -221,3 +221,41 @@ def test_a_one_off_recorded_ahead_is_removed_by_withdrawing_its_run_and_not_paus
     for change in (cancels.remove_job, cancels.pause_job):
         with pytest.raises(JobNotFound), db.fenced(_epoch(db)) as conn:
             change(conn, "once")  # nothing ahead any more
+
+
+def test_an_overlap_policy_is_judged_at_the_fire_time_not_ahead_of_it(db: Database) -> None:
+    """Issue 18's known limit: with fire-ahead on, ``skip`` was decided when the run was
+    recorded, up to the window before its time, so it skipped a fire whose previous run
+    ended before it came. A job with an overlap policy now fires at its time only; a job
+    without one is still recorded ahead, and the pass says when to look again."""
+    _add(db, "skip", overlap="skip")
+    _add(db, "plain")
+    first = _next_at(db, "skip")
+    assert first is not None and _next_at(db, "plain") == first
+    sent = _pass(db, first + 0.01)  # both at their first time
+    assert sorted(r["job_id"] for r in sent) == ["plain", "skip"]
+    _claim(db, sent)
+    (open_run,) = [r for r in sent if r["job_id"] == "skip"]
+    assert runs.start(db, [(open_run["run_id"], 1)], session="s", now=first) == {
+        (open_run["run_id"], 1)}
+    epoch = _epoch(db)
+    store = SqlJobStore(db, lambda: epoch, misfire_grace_seconds=30, coalesce=True)
+    executor = FireExecutor(store, epoch, "leader", lambda _: None, retention_seconds=86400)
+    ahead = first + 10 - AHEAD + 0.5  # the second fire is inside the window
+    at, horizon = (datetime.fromtimestamp(t, UTC) for t in (ahead, ahead + AHEAD))
+    executor.fire(store.get_due_jobs(horizon), at, horizon)
+    assert [r.scheduled_at for r in _rows(db, "plain")] == [first, first + 10]
+    assert [r.scheduled_at for r in _rows(db, "skip")] == [first]  # not judged yet
+    assert executor.deferred == 1
+    assert executor.deferred_until == datetime.fromtimestamp(first + 10, UTC)
+    # the loop neither spins on it (it is "due" within the window) nor sleeps past it
+    loop = LeaderScheduler(store, executor, poll_seconds=30, on_fenced=lambda _: None,
+                           fire_ahead_seconds=AHEAD, now=lambda: ahead + 0.1)
+    assert loop._pass() == pytest.approx(AHEAD / 2)
+    assert [r.scheduled_at for r in _rows(db, "skip")] == [first]
+    # the open run ends before the second fire time comes: that fire is not skipped
+    runs.write_outcomes(db, "s", {(open_run["run_id"], 1): runs.Outcome(
+        S.SUCCEEDED, first, first + 5, None)})
+    again = _pass(db, first + 10.01)
+    assert [(r["job_id"], r["scheduled_at"]) for r in again] == [("skip", first + 10)]
+    assert [r.status for r in _rows(db, "skip")] == [S.SUCCEEDED, S.SCHEDULED]
