@@ -203,7 +203,8 @@ def backfill_job(settings: Settings, job_id: str, start: str, end: str) -> Outco
     check_job_id(job_id)
     first = backfill.check_time_text(start, "--from")
     last = backfill.check_time_text(end, "--to")
-    window = read(settings, lambda conn: backfill.window(conn, job_id, first, last))
+    window = read(settings, lambda conn: backfill.window(
+        conn, job_id, first, last, retention_seconds=_retention(settings)))
     planned = backfill.compute(window)  # with no transaction open (store/backfill.py)
     defaults = defaults_from(settings.scheduler)
     return change(

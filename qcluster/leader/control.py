@@ -147,7 +147,8 @@ class ControlService:
             # Read on a read connection, then planned with none open: computing 10,000
             # fire times must not hold a transaction idle (store/backfill.py).
             with self._db.read() as conn:
-                window = backfill.window(conn, jid, first, last)
+                window = backfill.window(conn, jid, first, last,
+                                         retention_seconds=self._retention)
             planned = backfill.compute(window)
         except InputError as e:
             return _refused(e)

@@ -95,9 +95,11 @@ class Window:
 
 
 def window(conn: Connection, job_id: str, start: str, end: str, *,
-           now: float | None = None) -> Window:
+           now: float | None = None, retention_seconds: float | None = None) -> Window:
     """Read what a plan of ``job_id`` in ``[start, end]`` needs (see the module doc).
-    ``now``: by default the database's time. InputError, one line, for a bad range."""
+    ``now``: by default the database's time. InputError, one line, for a bad range, and
+    for a ``start`` older than ``retention_seconds``: pruning (by fire time) would delete
+    its runs, and the same backfill would then run those fire times a second time."""
     row = catalog.job_row(conn, job_id)
     tz = json.loads(row.trigger)["tz"]
     first, last = _instant("--from", start, tz), _instant("--to", end, tz)
@@ -107,6 +109,11 @@ def window(conn: Connection, job_id: str, start: str, end: str, *,
     if last > now:
         raise InputError(f"--to {_iso(last)} is later than now ({_iso(now)}): a backfill "
                          "runs past fire times; later ones are the live schedule's")
+    if retention_seconds is not None and first < now - retention_seconds:
+        raise InputError(
+            f"--from {_iso(first)} is older than the runs kept ([runs] retention_days = "
+            f"{retention_seconds / 86400:g}): its runs would be pruned, and the same "
+            "backfill would run those fire times again")
     policy = from_stored(row.policy)
     low = first if policy.start_ts is None else max(first, policy.start_ts)
     high = last if policy.end_ts is None else min(last, policy.end_ts)

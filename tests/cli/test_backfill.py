@@ -66,6 +66,8 @@ def test_bad_backfill_input_is_one_line_and_writes_nothing(config: Path, db_url:
     run_cli("jobs", "add", "minutely", "--func", HELLO, "--cron", "* * * * *", config=config)
     run_cli("jobs", "add", "weekdays", "--func", HELLO, "--cron", "0 9 * * 1-5",
             config=config)
+    run_cli("jobs", "add", "secondly", "--func", HELLO, "--cron", "* * * * * *",
+            config=config)
     now = datetime.now(UTC)
     past = (now - timedelta(days=1)).isoformat()
     before = rows(db_url)
@@ -77,10 +79,14 @@ def test_bad_backfill_input_is_one_line_and_writes_nothing(config: Path, db_url:
         (("hourly", "--from", past, "--to", "2026-02-30T00:00Z"), ("--to: invalid date",)),
         (("hourly", "--from", "", "--to", past), ("--from: invalid date",)),
         (("hourly", "--from", "x" * 200, "--to", past), ("--from must be an ISO 8601 time",)),
-        (("minutely", "--from", (now - timedelta(days=30)).isoformat(), "--to", past),
-         ("more than 10,000 fire times", "about 4")),
-        (("weekdays", "--from", "1960-01-01", "--to", past),  # not "no fire time within 5 years"
-         ("more than 10,000 fire times from 1960-01-01", "about 14,")),
+        (("secondly", "--from", (now - timedelta(days=2)).isoformat(), "--to", past),
+         ("more than 10,000 fire times", "about 8")),
+        # older than [runs] retention_days: pruned, the same backfill would run it again
+        (("weekdays", "--from", "1960-01-01", "--to", past),
+         ("--from 1960-01-01", "is older than the runs kept ([runs] retention_days = 7)",
+          "run those fire times again")),
+        (("minutely", "--from", (now - timedelta(days=8)).isoformat(), "--to", past),
+         ("is older than the runs kept",)),
         (("nope", "--from", past, "--to", past), ("no job 'nope'",)),
         (("bad id!", "--from", past, "--to", past), ("invalid job id",)),
         (("hourly", "--from", past), ("--to",)),

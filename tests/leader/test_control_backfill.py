@@ -71,3 +71,20 @@ def test_a_refused_backfill_answers_input_and_writes_and_sends_nothing(
     reply = control.backfill_job(*args)
     assert reply["ok"] is False and reply["kind"] in ("input", "not_found"), reply
     assert snapshot(db) == before and sent == []
+
+
+def test_a_backfill_older_than_the_run_retention_is_refused_by_the_leader(
+    control: ControlService, db: Database, sent: list[RunRecord]
+) -> None:
+    """Issue 15's attack: pruning deleted a backfill's runs, and the same backfill then
+    ran every fire time again. The leader refuses a ``--from`` older than the runs kept;
+    one inside them is taken."""
+    hourly = {**job("hourly"), "trigger": {"type": "cron", "expr": "0 * * * *", "tz": "UTC"}}
+    assert control.add_jobs([hourly], False)["ok"]
+    start, end = hours(8 * 24)  # the default retention is 7 days
+    before = snapshot(db)
+    reply = control.backfill_job("hourly", start, end)
+    assert reply["ok"] is False and reply["kind"] == "input"
+    assert "is older than the runs kept ([runs] retention_days = 7)" in reply["error"]
+    assert snapshot(db) == before and sent == []
+    assert control.backfill_job("hourly", *hours(6 * 24))["ok"]
