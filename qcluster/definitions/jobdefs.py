@@ -246,6 +246,9 @@ def _job(job_id: str, data: Mapping[str, Any], allow: Sequence[str], *, import_i
                                      or not 1 <= max_attempts <= 2**31 - 1):  # int4 columns
         raise InputError("max_attempts must be a whole number between 1 and 2147483647")
     policy = check_policy({k: data[k] for k in POLICY_FIELDS if k in data})
+    if trigger["type"] == "date" and (policy.start is not None or policy.end is not None):
+        raise InputError("start and end bound a repeating schedule; a job with a date "
+                         "(--at) fires once, at that date")
     if coalesce is not None and policy.misfire is not None \
             and coalesce != (policy.misfire == "run-once"):
         raise InputError(f"coalesce = {str(coalesce).lower()} contradicts "

@@ -46,6 +46,10 @@ APPLY_CASES: list[tuple[dict[str, Any], str]] = [
     ({"every": "1h", "coalesce": True, "misfire": "skip"}, "contradicts"),
     ({"every": "1h", "wrong": 1}, "unknown field 'wrong'"),
     ({"at": "2020-01-01T00:00:00"}, "is older than the runs kept ([runs] retention_days = 7)"),
+    ({"at": "2099-01-01T00:00:00", "start": "2099-02-01T00:00:00Z"},
+     "start and end bound a repeating schedule"),
+    ({"at": "2099-01-01T00:00:00", "end": "2098-01-01T00:00:00Z"},
+     "a job with a date (--at) fires once"),
 ]
 
 
