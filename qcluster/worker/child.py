@@ -20,6 +20,11 @@ Promises:
   :data:`~qcluster.worker.frames.MAX_ERROR` characters), a reference it cannot import as
   ``refused: ...``, as the worker recorded them when jobs ran in its threads.
 * Its stdin is ``/dev/null``; stdout and stderr are the worker's, flushed after each run.
+* It is stopped when its worker is (Linux): a thread looks at the worker's state every
+  :data:`FREEZE_CHECK` s, and when the worker is stopped (SIGSTOP, a debugger) it stops
+  its own process group, so that a job's code never runs on while its worker cannot be
+  heard. The worker, once it runs again, continues it (SIGCONT) or, if a leader has
+  counted the run out meanwhile, kills it (:class:`qcluster.worker.slotset.SlotSet`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +60,24 @@ def die_with_parent(parent: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
+
+
+#: How often a slot process looks whether its worker is stopped.
+FREEZE_CHECK = 0.05
+
+
+def _freeze_with(parent: int) -> None:
+    """Stop this process group while ``parent`` is stopped (see the module doc)."""
+    path = f"/proc/{parent}/stat"
+    while True:
+        time.sleep(FREEZE_CHECK)
+        try:
+            with open(path) as f:
+                state = f.read().rsplit(")", 1)[-1].split()[:1]
+        except OSError:  # gone: the kernel's death signal ends this process
+            return
+        if state in (["T"], ["t"]):
+            os.killpg(os.getpgrp(), signal.SIGSTOP)
 
 
 def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
@@ -81,8 +106,12 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
     return {"ok": True}
 
 
-def serve(sock: socket.socket) -> int:
-    """Answer the hello, then run what comes until end of file; the exit status."""
+def serve(sock: socket.socket, parent: int | None = None) -> int:
+    """Answer the hello, then run what comes until end of file; the exit status. With
+    ``parent``, stopped while it is (see the module doc)."""
+    if parent is not None and os.path.exists(f"/proc/{parent}/stat"):
+        threading.Thread(target=_freeze_with, args=(parent,), name="qc-freeze",
+                         daemon=True).start()
     hello = read_frame(sock)
     if hello is None or hello.get("op") != "hello":
         return 2
@@ -110,7 +139,7 @@ def main(argv: list[str]) -> int:
     os.set_inheritable(fd, False)  # what the job execs does not hold the worker's socket
     sock = socket.socket(fileno=fd)
     try:
-        return serve(sock)
+        return serve(sock, parent)
     except (OSError, EOFError):  # the worker went away mid-frame
         return 0
 

@@ -80,13 +80,14 @@ from qcluster.store.runs import (
     cancel_asked,
     claim,
     release,
+    still_ours,
     write_outcomes,
 )
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
 from qcluster.worker.lease import ClaimLease, lease_seconds
 from qcluster.worker.outcomes import OutcomeWriter
 from qcluster.worker.pool import JobPool
-from qcluster.worker.slots import KILL_GRACE, Slot, SlotError
+from qcluster.worker.slots import KILL_GRACE, Key, Slot, SlotError
 from qcluster.worker.slotset import SlotSet
 from qcluster.worker.starts import StartGate
 from qcluster.worker.timer import StartTimer
@@ -176,7 +177,7 @@ class Worker:
         self.writer = OutcomeWriter(db, session)
         self.slots = SlotSet(lambda keys: cancel_asked(db, session, keys),
                              check_seconds=cancel_check_seconds, job_paths=job_paths,
-                             kill_grace=kill_grace)
+                             kill_grace=kill_grace, frozen=self._judge_frozen)
         self._kill_grace = kill_grace
         self._pool: JobPool[Claimed] = JobPool(
             concurrency, self._execute, on_start=lambda: self._ready(self.slots.mine()),
@@ -284,6 +285,21 @@ class Worker:
         except QClusterError as e:
             log.warning("self-fencing: could not write %d finished runs' outcomes: %s",
                         len(finished), e)
+
+    def _judge_frozen(self, keys: list[Key]) -> tuple[set[Key], set[Key]]:
+        """Runs whose slot stopped with this worker (it was paused): which to continue,
+        which to kill. Within the claim lease no leader has counted them out: all go on.
+        Past it, a ``--recover`` run waits for the self-fence (which kills it and ends
+        the process), and another goes on only if its row is still ``running`` over our
+        claim; one a leader recorded ``lost`` (its overlap policy may have started the
+        next run) or cancelled is killed. QClusterError if the database does not answer:
+        asked again at the next look, the runs still stopped."""
+        if not self.lease.expired():
+            return set(keys), set()
+        with self._lock:
+            others = [k for k in keys if k not in self._recovering]
+        ours = still_ours(self.db, self.session, others)
+        return ours, set(others) - ours
 
     def inflight(self) -> int:
         with self._lock:

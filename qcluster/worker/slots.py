@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from qcluster.store.runs import RunStatus
@@ -127,6 +128,23 @@ class Slot:
         """SIGKILL the slot's process group now, if it has a live process."""
         with self._lock:
             self._signal(signal.SIGKILL)
+
+    def frozen(self) -> bool:
+        """Whether the slot's process is stopped: it stops its own group when it sees its
+        worker stopped (``worker/child.py``), and waits for :meth:`thaw` or a kill."""
+        pid = self.pid
+        if pid is None:
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[-1].split()[:1] in (["T"], ["t"])
+
+    def thaw(self) -> None:
+        """SIGCONT the slot's process group."""
+        with self._lock:
+            self._signal(signal.SIGCONT)
 
     # -- the owning thread --------------------------------------------------------------
 

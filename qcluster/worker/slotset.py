@@ -35,10 +35,20 @@ CANCELLED_REASON = ("cancelled while running (a cancel was asked: runs cancel, o
                     "overlap policy cancel-other; its process group was stopped)")
 
 
+#: How often the thaw thread looks for slot processes stopped with their worker.
+THAW_CHECK = 0.05
+#: The error of a run killed after its worker was paused past its claim lease.
+COUNTED_OUT_REASON = ("interrupted: its worker was paused past its claim lease and a leader "
+                      "counted the run out (its process group was killed, not resumed)")
+
+
 class SlotSet:
     def __init__(self, asked: Callable[[list[Key]], set[Key]], *, check_seconds: float = 1.0,
-                 job_paths: Sequence[str] = (), kill_grace: float = KILL_GRACE) -> None:
+                 job_paths: Sequence[str] = (), kill_grace: float = KILL_GRACE,
+                 frozen: Callable[[list[Key]], tuple[set[Key], set[Key]]] | None = None,
+                 ) -> None:
         self._asked = asked
+        self._frozen = frozen
         self._check_seconds = check_seconds
         self._job_paths = list(job_paths)
         self._kill_grace = kill_grace
@@ -49,9 +59,42 @@ class SlotSet:
         self._stop_all: tuple[RunStatus, str] | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="qc-cancels", daemon=True)
+        self._thaw_thread = threading.Thread(target=self._thaw_loop, name="qc-thaw",
+                                             daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        if self._frozen is not None:
+            self._thaw_thread.start()
+
+    def _thaw_loop(self) -> None:
+        """The slots stopped with their worker (``worker/child.py``): ``frozen(keys)``
+        says which runs to continue and which to kill; the others wait (the self-fence
+        acts on ``--recover`` ones; a database that does not answer is asked again)."""
+        assert self._frozen is not None
+        while not self._stopped.wait(THAW_CHECK):
+            with self._lock:
+                active = dict(self._active)
+            stopped = {key: slot for key, slot in active.items() if slot.frozen()}
+            if not stopped:
+                continue
+            try:
+                go_on, kill = self._frozen(list(stopped))
+            except QClusterError as e:
+                log.warning("cannot decide on %d runs stopped with this worker yet: %s",
+                            len(stopped), e)
+                self._stopped.wait(0.5)
+                continue
+            except Exception:  # never let this thread die: the slots would stay stopped
+                log.exception("deciding on the stopped slots failed")
+                continue
+            for key in go_on:
+                stopped[key].thaw()
+            for key in kill:
+                if stopped[key].stop(key, RunStatus.INTERRUPTED, COUNTED_OUT_REASON):
+                    log.warning("run %d (attempt %d) was counted out while this worker was "
+                                "paused: killed, not resumed", key[0], key[1])
+                stopped[key].kill()
 
     def mine(self) -> Slot:
         slot: Slot | None = getattr(self._local, "slot", None)

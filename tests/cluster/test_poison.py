@@ -8,6 +8,7 @@ stop any further attempt."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,15 @@ def forever_in_executor(path):
     record_run(path)
     with ThreadPoolExecutor(max_workers=2) as ex:
         list(ex.map(lambda i: time.sleep(3600), range(2)))
+
+
+def tick_forever(path, out):
+    """Record the attempt, then append the time to ``out`` every 0.05 s, forever."""
+    record_run(path)
+    while True:
+        with open(out, "a") as f:
+            f.write(f"{time.time()}\\n")
+        time.sleep(0.05)
 
 
 def shell_forever(path, pidfile):
@@ -310,3 +320,47 @@ def test_a_second_process_with_a_workers_id_ends_the_first_before_its_run_is_mad
         assert status == 78, first.log_tail()
         assert "another process took it" in first.log()
         assert again[0]["started"] > ended, "attempt 2 started before the first w1 ended"
+
+
+def test_a_paused_workers_job_is_paused_with_it_and_killed_once_counted_out(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Issue 15's attack: SIGSTOP stopped the worker but not the slot process its job ran
+    in, so the job ran on while the leader counted the run out and an overlap policy
+    (or a ``--recover`` retry) started the next one beside it. The slot process now
+    stops with its worker, and once the worker runs again a run that a leader recorded
+    ``lost`` meanwhile is killed, not resumed."""
+    config = poison_config(tmp_path, pg_url)
+    out = tmp_path / "ticks.txt"
+    with cluster(tmp_path, config, pg_url) as c:
+        c.start("s1", "scheduler")
+        c.wait_leader()
+        c.start("w1", "worker")
+        run_cli("jobs", "add", "ticker", "--func", "poisonjobs.jobs:tick_forever",
+                "--every", "1h", "--overlap", "skip", "--kwarg", f"path={c.records}",
+                "--kwarg", f"out={out}", config=c.config)
+        wait_for(lambda: any(m["node_id"] == "w1" for m in run_json(
+            "cluster", "status", "--json", config=c.config)["members"]),
+            timeout=30, what="the worker to join")
+        run_id = run_now(c, "ticker")
+        wait_status(c, run_id, "running")
+        wait_for(lambda: out.exists() and out.read_text().count("\n") > 3, timeout=10,
+                 what="the job to tick")
+        worker = c.nodes["w1"]
+        os.kill(worker.pid, signal.SIGSTOP)
+        paused = time.time()
+        try:
+            lost = wait_status(c, run_id, "lost", timeout=40)
+            during = [float(t) for t in out.read_text().split()
+                      if float(t) > paused + 0.5]
+            assert during == [], f"{len(during)} ticks while its worker was stopped"
+            assert "worker w1 stopped" in lost.error
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        resumed = time.time()
+        row = wait_status(c, run_id, "interrupted", timeout=20)
+        assert "paused past its claim lease and a leader counted the run out" in row.error
+        time.sleep(1.0)
+        after = [float(t) for t in out.read_text().split() if float(t) > resumed + 0.5]
+        assert after == [], f"{len(after)} ticks after the run was counted out"
+        assert attempts_of(c, "ticker") == [1]

@@ -62,6 +62,7 @@ from qcluster.store.runs.worker import (
     claim,
     release,
     start,
+    still_ours,
     write_outcomes,
 )
 
@@ -96,6 +97,7 @@ __all__ = [
     "retry_failed",
     "sources",
     "start",
+    "still_ours",
     "unbuffer",
     "unclaim",
     "withdraw",

@@ -142,6 +142,24 @@ def cancel_asked(db: Database, session: str,
     return {(int(row.id), int(row.attempt)) for row in rows} & wanted
 
 
+def still_ours(db: Database, session: str,
+               keys: Iterable[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Of ``keys``, those whose row is still ``running`` over the claim of ``session``
+    with no cancel asked: the runs a worker resumed from a pause past its claim lease may
+    let go on (a leader has counted the others out: ``lost``, or cancelled them)."""
+    wanted = set(keys)
+    if not wanted:
+        return set()
+    r = schema.runs
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(r.c.id, r.c.attempt)
+            .where(_id_in(db, sorted({i for i, _ in wanted})), r.c.worker_session == session,
+                   r.c.status == _S.RUNNING, r.c.cancel_requested.is_(None))
+        ).all()
+    return {(int(row.id), int(row.attempt)) for row in rows} & wanted
+
+
 def start(db: Database, keys: Iterable[tuple[int, int]], *, session: str,
           now: float) -> set[tuple[int, int]]:
     """``dispatched`` → ``running`` (``started_at = now``) over the claim of ``session``,
