@@ -413,7 +413,8 @@ def test_a_backfill_run_again_after_a_leader_kill_writes_nothing_and_one_without
         run_cli("jobs", "add", "daily", "--func", "policyjobs.jobs:busy", "--cron", "0 6 * * *",
                 "--kwarg", f"path={c.records}", "--kwarg", "seconds=0", config=c.config)
         now = datetime.now(UTC)
-        args = ("jobs", "backfill", "daily", "--from", (now - timedelta(days=5)).isoformat(),
+        # 3 days 23 hours: at least three 06:00 fire times, whatever the time of day
+        args = ("jobs", "backfill", "daily", "--from", (now - timedelta(days=6)).isoformat(),
                 "--to", (now - timedelta(days=2, hours=1)).isoformat(), "--json")
         first = run_json(*args, config=c.config)
         assert first["new"] == first["fire_times"] >= 3 and first["via"].startswith("leader")

@@ -129,17 +129,7 @@ def cancel_asked(db: Database, session: str,
     of ``session`` with a cancel asked (``cancel_requested``, set by ``runs cancel`` or
     the overlap policy ``cancel-other``): what the worker is to stop. A read, one
     statement; an empty ``keys`` reads nothing."""
-    wanted = set(keys)
-    if not wanted:
-        return set()
-    r = schema.runs
-    with db.read() as conn:
-        rows = conn.execute(
-            sa.select(r.c.id, r.c.attempt)
-            .where(_id_in(db, sorted({i for i, _ in wanted})), r.c.worker_session == session,
-                   r.c.status == _S.RUNNING, r.c.cancel_requested.is_not(None))
-        ).all()
-    return {(int(row.id), int(row.attempt)) for row in rows} & wanted
+    return _running_ours(db, session, keys, cancel_asked=True)
 
 
 def still_ours(db: Database, session: str,
@@ -147,15 +137,22 @@ def still_ours(db: Database, session: str,
     """Of ``keys``, those whose row is still ``running`` over the claim of ``session``
     with no cancel asked: the runs a worker resumed from a pause past its claim lease may
     let go on (a leader has counted the others out: ``lost``, or cancelled them)."""
+    return _running_ours(db, session, keys, cancel_asked=False)
+
+
+def _running_ours(db: Database, session: str, keys: Iterable[tuple[int, int]], *,
+                  cancel_asked: bool) -> set[tuple[int, int]]:
     wanted = set(keys)
     if not wanted:
         return set()
     r = schema.runs
+    asked = r.c.cancel_requested.is_not(None) if cancel_asked \
+        else r.c.cancel_requested.is_(None)
     with db.read() as conn:
         rows = conn.execute(
             sa.select(r.c.id, r.c.attempt)
             .where(_id_in(db, sorted({i for i, _ in wanted})), r.c.worker_session == session,
-                   r.c.status == _S.RUNNING, r.c.cancel_requested.is_(None))
+                   r.c.status == _S.RUNNING, asked)
         ).all()
     return {(int(row.id), int(row.attempt)) for row in rows} & wanted
 
