@@ -339,13 +339,19 @@ QUARANTINED_RUNS = 2
 
 def _quarantine_job(conn: Any, job_id: str, run_id: int) -> None:
     """A job whose every run kills its worker would still crash-loop the cluster, one
-    run at a time: once :data:`QUARANTINED_RUNS` of its runs are quarantined, the job is
-    set aside (``broken``, with the reason; a job change clears it)."""
+    run at a time: once :data:`QUARANTINED_RUNS` of its runs are quarantined with no run
+    of it succeeding in between (by fire time), the job is set aside (``broken``, with
+    the reason; a job change clears it). A job that succeeds between two unlucky runs
+    (their workers killed by something else) is not poison, and keeps firing."""
     r = schema.runs
+    last_ok = (sa.select(sa.func.max(r.c.scheduled_at))
+               .where(r.c.job_id == job_id, r.c.status == RunStatus.SUCCEEDED)
+               .scalar_subquery())
     quarantined = conn.execute(
         sa.select(sa.func.count()).select_from(r)
         .where(r.c.job_id == job_id, r.c.status == RunStatus.LOST,
-               r.c.error.like("quarantined:%"))).scalar_one()
+               r.c.error.like("quarantined:%"),
+               r.c.scheduled_at > sa.func.coalesce(last_ok, -1.0))).scalar_one()
     if quarantined >= QUARANTINED_RUNS:
         reason = (f"quarantined: {quarantined} of its runs killed their worker on "
                   f"{QUARANTINE_DEATHS} attempts (the latest run {run_id}); fix the job and "

@@ -537,15 +537,25 @@ def test_a_job_whose_runs_keep_killing_their_worker_is_set_aside(db: Database) -
         with db.read() as conn:
             return conn.execute(sa.select(j.c.broken).where(j.c.id == "poison")).scalar_one()
 
-    for n in (1, 2):
+    def quarantine(at: float) -> None:
         with db.fenced(epoch) as conn:
-            run_id = catalog.run_now(conn, "poison", epoch, "leader", now=1000.0 + n)["run_id"]
-        for session in (f"a{n}", f"b{n}"):
+            run_id = catalog.run_now(conn, "poison", epoch, "leader", now=at)["run_id"]
+        for session in (f"a{at}", f"b{at}"):
             claim_and_start(db, run_id, session)
             recover_runs(db, epoch, live_workers=set(), grace_seconds=1e9, max_attempts=10)
         assert row(db, run_id).error.startswith("quarantined:")
-        if n == 1:
-            assert broken() is None  # one poison run: only the run is quarantined
+
+    quarantine(1001.0)
+    assert broken() is None  # one poison run: only the run is quarantined
+    # a run that succeeds in between: the two quarantined ones were bad luck (the soak's
+    # worker kills), not a poison job
+    with db.fenced(epoch) as conn:
+        ok = catalog.run_now(conn, "poison", epoch, "leader", now=1001.5)["run_id"]
+    claim_and_start(db, ok, "ok")
+    runs.write_outcomes(db, "ok", {(ok, 1): runs.Outcome(S.SUCCEEDED, 1001.5, 1001.6, None)})
+    quarantine(1002.0)
+    assert broken() is None
+    quarantine(1003.0)  # two in a row
     assert broken().startswith("quarantined: 2 of its runs killed their worker")
 
 
