@@ -71,6 +71,7 @@ MAX_INTERVAL = 3650 * 86400.0  # ten years; longer ones belong in a cron or a da
 
 _DURATION = re.compile(r"(?:(?P<d>{n})d)?(?:(?P<h>{n})h)?(?:(?P<m>{n})m(?!s))?(?:(?P<s>{n})s)?"
                        r"(?:(?P<ms>{n})ms)?".format(n=r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"))
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # plain seconds: 30, 2.5, .5
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
               "date": {"type", "at", "tz"}}
@@ -103,9 +104,9 @@ def parse_duration(text: str | float) -> float:
         raise InputError(f"invalid duration {text!r}")
     if isinstance(text, str):
         clean = "".join(text.lower().split())
-        try:
+        if _NUMBER.fullmatch(clean):
             seconds = float(clean)
-        except ValueError:
+        else:  # not float(): it takes 1e3, 1_000, inf and nan too
             match = _DURATION.fullmatch(clean)
             if not clean or not match or not any(match.groups()):
                 hint = "use e.g. 30s, 5m, 1h30m, 250ms"

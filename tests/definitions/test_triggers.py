@@ -586,7 +586,8 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "0", "-5", "0s", "5x", "m", "1m1h", "nan", "inf", "0.0001",
-                                  "9999d", True, "1.5.5s", "1e400", 10**400, None, [1]])
+                                  "9999d", True, "1.5.5s", "1e400", 10**400, None, [1],
+                                  "1e3", "1_000", "+5", "0x10", "Infinity"])
 def test_parse_duration_refuses(text: Any) -> None:
     with pytest.raises(InputError):
         parse_duration(text)
