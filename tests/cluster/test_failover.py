@@ -111,7 +111,12 @@ def test_paused_leader_commits_nothing_after_takeover(any_cluster: Cluster) -> N
     assert c.state().epoch == new.epoch, "the woken ex-leader took the cluster back"
 
 
-@pytest.mark.parametrize("recover", [True, False], ids=["recover", "no-recover"])
+@pytest.mark.parametrize(("any_cluster", "recover"), [
+    *[pytest.param(kind, True, id=f"{kind}-recover") for kind in BACKENDS],
+    # without --recover the run is only recorded lost: the backend matters less (suite time)
+    *[pytest.param(kind, False, id=f"{kind}-no-recover") for kind in ("dblock-postgresql",
+                                                                     "zookeeper")],
+], indirect=["any_cluster"])
 def test_worker_killed_mid_run(any_cluster: Cluster, recover: bool) -> None:
     c = any_cluster
     c.start("s1", "scheduler")
