@@ -20,11 +20,12 @@ Promises:
   :data:`~qcluster.worker.frames.MAX_ERROR` characters), a reference it cannot import as
   ``refused: ...``, as the worker recorded them when jobs ran in its threads.
 * Its stdin is ``/dev/null``; stdout and stderr are the worker's, flushed after each run.
-* It is stopped when its worker is (Linux): a thread looks at the worker's state every
-  :data:`FREEZE_CHECK` s, and when the worker is stopped (SIGSTOP, a debugger) it stops
-  its own process group, so that a job's code never runs on while its worker cannot be
-  heard. The worker, once it runs again, continues it (SIGCONT) or, if a leader has
-  counted the run out meanwhile, kills it (:class:`qcluster.worker.slotset.SlotSet`).
+* It is stopped when its worker is (Linux): while a job runs, a thread looks at the
+  worker's state every :data:`FREEZE_CHECK` s, and when the worker is stopped (SIGSTOP,
+  a debugger) it stops its own process group, so that a job's code never runs on while
+  its worker cannot be heard. The worker, once it runs again, continues it (SIGCONT)
+  or, if a leader has counted the run out meanwhile, kills it
+  (:class:`qcluster.worker.slotset.SlotSet`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,18 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-#: How often a slot process looks whether its worker is stopped.
-FREEZE_CHECK = 0.05
+#: How often a slot process that runs a job looks whether its worker is stopped (an
+#: idle one does not look: no job code runs in it). A leader counts a silent worker's
+#: runs out only after its claim lease, seconds later.
+FREEZE_CHECK = 0.1
+_busy = threading.Event()  # set while a job's code runs
 
 
 def _freeze_with(parent: int) -> None:
     """Stop this process group while ``parent`` is stopped (see the module doc)."""
     path = f"/proc/{parent}/stat"
     while True:
+        _busy.wait()
         time.sleep(FREEZE_CHECK)
         try:
             with open(path) as f:
@@ -88,6 +93,7 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
         attempt=request["attempt"], epoch=request["epoch"], worker_id=request["worker_id"],
     )
     token = enter_run(ctx)
+    _busy.set()
     try:
         ref = request["func"]
         func = funcs.get(ref)
@@ -99,6 +105,7 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
     except BaseException as e:  # a job's failure is data, also SystemExit and the like
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:MAX_ERROR]}
     finally:
+        _busy.clear()
         leave_run(token)
         for stream in (sys.stdout, sys.stderr):  # closed or replaced by the job: no matter
             with contextlib.suppress(OSError, ValueError, AttributeError):
