@@ -22,8 +22,11 @@ def shell(command: str | Sequence[str], timeout: float | None = None,
     ``jobs.builtin:shell`` itself (``settings/refs.NAMED_ONLY``).
     """
     argv = shlex.split(command) if isinstance(command, str) else list(command)
+    # In the slot's own process group (no process_group=0): a timeout, a cancel, and the
+    # freeze of a paused worker signal that group, so they reach the command and what it
+    # starts; a group of its own hid them from all three.
     proc = subprocess.run(_dies_with_us(argv), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, check=False, process_group=0)
+                          timeout=timeout, cwd=cwd, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         raise RuntimeError(f"exit status {proc.returncode}: {tail[-1] if tail else ''}")

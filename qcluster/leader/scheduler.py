@@ -204,22 +204,17 @@ class _Plan:
             for t in past[:-1]:
                 self.fires.append(self._row(t, RunStatus.MISSED, "coalesced into a later run"))
             to_run = past[-1:] + [t for t in to_run if t > now]
-        ended = self._bounded(to_run)
-        made = self._overlap(to_run, open_runs)
+        left = None if policy.max_runs is None else max(0, policy.max_runs - job.qc.runs_made)
+        made = self._overlap(to_run, open_runs, left)
+        ended = left is not None and made >= left
         self.advance = Advance(job.id, job.qc.version, None if ended else ts(nxt), runs=made,
                                keep=ended or (nxt is None and (policy.end is not None)))
 
-    def _bounded(self, to_run: list[datetime]) -> bool:
-        """Cut ``to_run`` at the job's ``max_runs``; whether the job has ended."""
-        most = self.policy.max_runs
-        if most is None:
-            return False
-        left = max(0, most - self.job.qc.runs_made)
-        del to_run[left:]
-        return len(to_run) >= left
-
-    def _overlap(self, to_run: list[datetime], open_runs: list[tuple[int, str]]) -> int:
-        """Record ``to_run`` under the job's overlap policy; how many will run."""
+    def _overlap(self, to_run: list[datetime], open_runs: list[tuple[int, str]],
+                 left: int | None = None) -> int:
+        """Record ``to_run`` under the job's overlap policy; how many will run. With
+        ``left`` (what ``max_runs`` leaves), no fire time is recorded once that many will
+        run: a fire time the policy skips does not use one up."""
         overlap = self.policy.overlap or "allow"
         busy = [run_id for run_id, _ in open_runs]
         buffered = any(status == RunStatus.BUFFERED for _, status in open_runs)
@@ -231,6 +226,8 @@ class _Plan:
                                             "replaced it in the same pass"))
             to_run = to_run[-1:]
         for t in to_run:
+            if left is not None and made >= left:
+                break  # the job has ended: later fire times are past its last run
             status, why = RunStatus.SCHEDULED, None
             if overlap == "skip" and busy:
                 status, why = RunStatus.SKIPPED, (f"overlap skip: run {busy[0]} of this job "

@@ -259,3 +259,26 @@ def test_an_overlap_policy_is_judged_at_the_fire_time_not_ahead_of_it(db: Databa
     again = _pass(db, first + 10.01)
     assert [(r["job_id"], r["scheduled_at"]) for r in again] == [("skip", first + 10)]
     assert [r.status for r in _rows(db, "skip")] == [S.SUCCEEDED, S.SCHEDULED]
+
+
+def test_a_fire_time_skipped_by_the_overlap_policy_does_not_use_up_max_runs(
+    db: Database,
+) -> None:
+    """Issue 15's second attack: ``--max-runs 3 --overlap skip`` ended after 2 runs; the
+    bound was applied before the overlap policy, so a skipped fire time used up a run."""
+    _add(db, "mr", overlap="skip", max_runs=2)
+    first = _next_at(db, "mr")
+    assert first is not None
+    (run,) = _pass(db, first + 0.01)
+    _claim(db, [run])
+    assert runs.start(db, [(run["run_id"], 1)], session="s", now=first) == {(run["run_id"], 1)}
+    assert _pass(db, first + 10.01) == []  # skipped: the first run is still open
+    assert _next_at(db, "mr") == first + 20  # not ended by the skip
+    runs.write_outcomes(db, "s", {(run["run_id"], 1): runs.Outcome(
+        S.SUCCEEDED, first, first + 15, None)})
+    (second,) = _pass(db, first + 20.01)
+    assert second["scheduled_at"] == first + 20
+    assert [r.status for r in _rows(db, "mr")] == [S.SUCCEEDED, S.SKIPPED, S.SCHEDULED]
+    with db.read() as conn:
+        job = catalog.job_row(conn, "mr")
+    assert (job.next_run_time, job.runs_made) == (None, 2)  # ended after its 2 runs

@@ -63,3 +63,12 @@ def count(path: str) -> int:
 
 def identify(path: str) -> None:
     _note(path)
+
+
+def shell_background(path: str) -> None:
+    """Note, then run a ``jobs.builtin:shell`` command that starts a background process
+    (its pid in ``path``.bg) and waits for it: a command left running by its job."""
+    from jobs.builtin import shell
+
+    _note(path)
+    shell(["sh", "-c", f"sleep 1000 & echo $! > {path}.bg; wait"])

@@ -109,6 +109,26 @@ def test_a_run_past_its_timeout_is_killed_with_what_it_started_and_the_slot_goes
     assert seen(tmp_path / "b.json")["pid"] not in (job["pid"], os.getpid())
 
 
+def test_a_shell_commands_background_process_goes_with_its_timed_out_run(
+    db: Database, worker: Worker, tmp_path: Path
+) -> None:
+    """Issue 15's second attack: ``jobs.builtin:shell`` put its command in a process group
+    of its own, so a timeout, a cancel or a paused worker's freeze (all signal the slot's
+    group) never reached what the command started. The command now stays in its slot's
+    group."""
+    run = fire(db, "shell_background", tmp_path / "s.json", timeout=0.5)
+    worker.accept(1, [run])
+    job = seen(tmp_path / "s.json")
+    bg = tmp_path / "s.json.bg"
+    wait_for(lambda: bg.exists() and bg.read_text().strip(), timeout=10,
+             what="the command's background process")
+    pid = int(bg.read_text())
+    assert os.getpgid(pid) == job["pgid"]  # in the slot's group, not one of its own
+    row = ended(db, run["run_id"])
+    assert (row.status, row.error) == (S.TIMED_OUT, "timed out after 0.5s"), row.error
+    wait_for(lambda: gone(pid), timeout=5, what=f"the background process {pid} to end")
+
+
 def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(
     db: Database, worker: Worker, tmp_path: Path
 ) -> None:
