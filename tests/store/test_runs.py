@@ -6,6 +6,7 @@ and no other module writes the table."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import json
 import re
@@ -684,3 +685,16 @@ def test_removing_a_job_cancels_its_open_runs(db: Database) -> None:
 def all_rows(db: Database) -> list[Any]:
     with db.read() as conn:
         return list(conn.execute(sa.select(schema.runs).order_by(schema.runs.c.id)))
+
+
+@pytest.mark.parametrize("status", [S.SKIPPED, S.MISSED, S.SCHEDULED, S.BUFFERED])
+def test_a_run_recorded_ended_has_no_retries_left(db: Database, status: RunStatus) -> None:
+    """Issue 15's second attack: ``skipped`` rows of a job with ``--retries 2`` showed
+    ``retries_left = 2``; a row that is recorded ended (skipped, missed) is never tried
+    again, so it says 0. One that is to run keeps its job's retries."""
+    epoch = new_epoch(db)
+    f = dataclasses.replace(fire(status), retries=2)
+    with db.fenced(epoch) as conn:
+        runs.insert_runs(conn, [f], epoch, "leader", now=f.scheduled_at)
+    (r,) = [r for r in all_rows(db) if r.job_id == f.job_id]
+    assert r.retries_left == (2 if status in (S.SCHEDULED, S.BUFFERED) else 0)

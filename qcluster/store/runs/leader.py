@@ -94,7 +94,8 @@ def insert_runs(
          "recover": f.recover, "epoch": epoch, "leader": leader, "created_at": now,
          "finished_at": None if f.status in _UNFINISHED else now, "error": f.error,
          "max_attempts": f.max_attempts, "due_at": f.due_at, "timeout": f.timeout,
-         "retries_left": f.retries, "retry_backoff": f.retry_backoff,
+         "retries_left": f.retries if f.status in _UNFINISHED else 0,  # ended: none
+         "retry_backoff": f.retry_backoff,
          "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill,
          "grace": f.grace}
         for f in fires
