@@ -150,23 +150,20 @@ def _try_leader(settings: Settings, state: ClusterState, method: str,
 # -- the job changes ----------------------------------------------------------------------
 
 
-def _retention(settings: Settings) -> float:
-    return settings.runs.retention_days * 86400.0
-
-
 def add_jobs(settings: Settings, defs: list[JobDef], *, replace: bool) -> Outcome:
     wire = [d.to_wire() for d in defs]
     return change(
         settings, "add_jobs", (wire, replace),
         lambda conn, _epoch: cancels.upsert_jobs(
-            conn, defs, replace=replace, retention_seconds=_retention(settings)).to_wire(),
+            conn, defs, replace=replace,
+            retention_seconds=settings.runs.retention_seconds).to_wire(),
     )
 
 
 def apply_jobs(settings: Settings, defs: list[JobDef], *, prune: bool) -> Outcome:
     def direct(conn: Connection, _epoch: int) -> dict[str, list[str]]:
         return cancels.upsert_jobs(conn, defs, replace=True, prune=prune,
-                                   retention_seconds=_retention(settings)).to_wire()
+                                   retention_seconds=settings.runs.retention_seconds).to_wire()
 
     return change(settings, "apply_jobs", ([d.to_wire() for d in defs], prune), direct)
 
@@ -204,7 +201,7 @@ def backfill_job(settings: Settings, job_id: str, start: str, end: str) -> Outco
     first = backfill.check_time_text(start, "--from")
     last = backfill.check_time_text(end, "--to")
     window = read(settings, lambda conn: backfill.window(
-        conn, job_id, first, last, retention_seconds=_retention(settings)))
+        conn, job_id, first, last, retention_seconds=settings.runs.retention_seconds))
     planned = backfill.compute(window)  # with no transaction open (store/backfill.py)
     defaults = defaults_from(settings.scheduler)
     return change(

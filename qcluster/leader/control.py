@@ -84,8 +84,8 @@ class ControlService:
         # [scheduler] retries and backoff, for run now and backfill
         self._defaults = (defaults_from(leader.settings.scheduler) if defaults is None
                           else defaults)
-        # [runs] retention_days: a job whose first fire is older could not be recorded
-        self._retention = leader.settings.runs.retention_days * 86400.0
+        # [runs] retention_days: a run older could not be recorded (it would be pruned)
+        self._retention = leader.settings.runs.retention_seconds
 
     def whoami(self) -> dict[str, Any]:
         return _ok(node_id=self._node_id, leading=self._leader.active, epoch=self._leader.epoch)

@@ -78,7 +78,6 @@ class _Term:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     epoch: int | None = None  # set once take_epoch has answered
     thread: threading.Thread | None = None
-    watch: threading.Thread | None = None  # the database watchdog (never joined: it only reads)
     scheduler: LeaderScheduler | None = None
     db_ok: float = dataclasses.field(default_factory=time.monotonic)
     info: LeaderInfo | None = None  # what it published
@@ -193,7 +192,7 @@ class LeaderRole:
             min_interval_seconds=s.scheduler.min_interval_seconds,
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
-                                retention_seconds=s.runs.retention_days * 86400,
+                                retention_seconds=s.runs.retention_seconds,
                                 defaults=defaults_from(s.scheduler))
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
@@ -204,9 +203,9 @@ class LeaderRole:
             self._check_started(term)
             self.epoch, self.dispatcher, self.scheduler = epoch, dispatcher, scheduler
         dispatcher.start()
-        term.watch = threading.Thread(target=self._watch_database, args=(term,),
-                                      name="qc-db-watch", daemon=True)
-        term.watch.start()
+        # never joined: it only reads the term's clock and ends with its stop event
+        threading.Thread(target=self._watch_database, args=(term,), name="qc-db-watch",
+                         daemon=True).start()
         self._recover(term)
         term.thread = threading.Thread(target=self._maintain, args=(term,),
                                        name="qc-maintenance", daemon=True)
@@ -339,7 +338,7 @@ class LeaderRole:
             if time.monotonic() - last_prune > PRUNE_INTERVAL and term.epoch is not None:
                 last_prune = time.monotonic()
                 try:
-                    horizon = self.clock.now() - self.settings.runs.retention_days * 86400
+                    horizon = self.clock.now() - self.settings.runs.retention_seconds
                     n = prune_runs(self.db, term.epoch, older_than=horizon)
                     if n:
                         log.info("pruned %d runs older than the retention window", n)

@@ -353,6 +353,12 @@ class RunsSettings(_Section):
     # own max_attempts wins. An int4 column holds a job's.
     max_attempts: int = Field(default=3, ge=1, le=2**31 - 1)
 
+    @property
+    def retention_seconds(self) -> float:
+        """``retention_days`` in seconds: runs older (by fire time) are pruned, so no run
+        older is written (a long-past ``--at``, a backfill ``--from``)."""
+        return self.retention_days * 86400.0
+
 
 class Settings(_Section):
     """All of qcluster's settings. Build it with the loaders; ``source`` names the file."""
