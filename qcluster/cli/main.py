@@ -345,6 +345,22 @@ def runs_list(
         output.runs_table(runs)
 
 
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[int, typer.Argument(metavar="RUN", help="The run's id (runs list).")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one run: its fields, and for each attempt the repr of what it returned and the
+    tail of what it wrote to stdout and stderr (log records included; the last
+    [runs] output_max_bytes)."""
+    run = client(config).show_run(run_id)
+    if as_json:
+        print_json(run)
+    else:
+        output.run_detail(run)
+
+
 @runs_app.command("cancel")
 def runs_cancel(
     run_id: Annotated[int, typer.Argument(metavar="RUN", help="The run's id (runs list).")],

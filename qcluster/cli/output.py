@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,22 +58,58 @@ def job_detail(job: Mapping[str, Any]) -> None:
             continue  # not set: the [scheduler] default
         if key in _DURATION_FIELDS and isinstance(value, int | float):
             value = format_duration(value)
-        table.add_row(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+        table.add_row(key, escape(json.dumps(value) if isinstance(value, list | dict)
+                                  else str(value)))
     console.print(table)
     runs_table(job.get("recent_runs", []), title="latest runs")
 
 
 def runs_table(runs: list[dict[str, Any]], title: str | None = None) -> None:
     table = Table(title=title or f"{len(runs)} runs")
-    for col in ("run", "job", "scheduled (UTC)", "status", "try", "worker", "took", "error"):
+    for col in ("run", "job", "scheduled (UTC)", "status", "try", "worker", "took", "out",
+                "error"):
         table.add_column(col)
     for r in runs:
         took = "-" if r.get("duration") is None else f"{r['duration'] * 1000:.0f} ms"
         style = _STATUS_STYLE.get(r["status"], "white")
-        table.add_row(str(r["run_id"]), r["job_id"], _t(r["scheduled_at"]),
-                      f"[{style}]{r['status']}[/]", str(r["attempt"]), r["worker"] or "-", took,
-                      (r["error"] or "")[:60])
+        table.add_row(str(r["run_id"]), escape(r["job_id"]), _t(r["scheduled_at"]),
+                      f"[{style}]{r['status']}[/]", str(r["attempt"]),
+                      escape(r["worker"] or "-"), took, "yes" if r.get("has_output") else "",
+                      escape(_printable(r["error"] or "")[:60]))
     console.print(table)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with the control characters a terminal would act on (escape sequences,
+    carriage returns) shown as ``\\x1b`` and the like; newlines and tabs kept."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def run_detail(run: Mapping[str, Any]) -> None:
+    """``runs show``: the run's fields, then what each attempt returned and wrote."""
+    table = Table(show_header=False, title=f"run {run['run_id']}")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in ("job_id", "scheduled_at", "status", "attempt", "worker", "dispatched_at",
+                "started_at", "finished_at", "duration", "error", "retries_left"):
+        value = run.get(key)
+        if key == "duration" and isinstance(value, int | float):
+            value = f"{value * 1000:.1f} ms"
+        table.add_row(key, escape(_printable("-" if value is None else str(value))))
+    console.print(table)
+    if not run["attempts"]:
+        console.print("no output kept (the run wrote nothing and returned None, or has not "
+                      "ended yet)")
+    for kept in run["attempts"]:
+        console.print(f"[bold]attempt {kept['attempt']}[/]")
+        if kept["result"] is not None:
+            console.print(f"returned: {escape(_printable(kept['result']))}")
+        if kept["output"] is not None:
+            console.print("output:")
+            console.print(_printable(kept["output"]).rstrip("\n"), markup=False)
 
 
 def cluster_view(status: Mapping[str, Any]) -> None:

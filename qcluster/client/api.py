@@ -32,6 +32,7 @@ from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError, QClusterError
 from qcluster.settings import Settings, load_settings, resolve_config_path
+from qcluster.store import bounds
 from qcluster.store.backfill import Counts
 
 MAX_LIMIT = 2**31 - 1
@@ -357,6 +358,14 @@ class Client:
             check_job_id(job)
         return reads.list_runs(self.settings, job_id=job, status=status,
                                since=_since(since), limit=_limit(limit))
+
+    def show_run(self, run_id: int) -> dict[str, Any]:
+        """Run ``run_id`` as :meth:`runs` gives it, with what its attempts kept:
+        ``attempts``, ``[{"attempt", "output", "result"}]`` (the tail of what the attempt
+        wrote to stdout and stderr, its log records included, and the repr of its return
+        value), oldest first. InputError if there is no such run."""
+        return reads.show_run(self.settings,
+                              bounds.check_int(run_id, "a run id", bounds.RUN_ID))
 
     def cluster_status(self) -> dict[str, Any]:
         """The cluster row, the live leader (or None) and the live members."""

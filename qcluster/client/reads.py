@@ -47,6 +47,10 @@ def list_runs(settings: Settings, **filters: Any) -> list[dict[str, Any]]:
     return read(settings, lambda conn: catalog.list_runs(conn, **filters))
 
 
+def show_run(settings: Settings, run_id: int) -> dict[str, Any]:
+    return read(settings, lambda conn: catalog.get_run(conn, run_id))
+
+
 def cluster_status(settings: Settings) -> dict[str, Any]:
     db = open_db(settings)
     try:

@@ -189,7 +189,8 @@ class Node(NodeCoordination):
                                  lease=lease,
                                  database_silent_after=2 * s.worker.heartbeat_seconds + 1,
                                  job_paths=[str(p) for p in s.jobs.paths],
-                                 cancel_check_seconds=s.worker.heartbeat_seconds)
+                                 cancel_check_seconds=s.worker.heartbeat_seconds,
+                                 output_max_bytes=s.runs.output_max_bytes)
             self.worker.start()
             self._self_fence = SelfFence(lease, self.worker.recovering,
                                          before_exit=self.worker.fence_exit)

@@ -352,6 +352,8 @@ class RunsSettings(_Section):
     # Attempts of one run in all (a `recover` job's retries after its worker died); a job's
     # own max_attempts wins. An int4 column holds a job's.
     max_attempts: int = Field(default=3, ge=1, le=2**31 - 1)
+    # The tail of each attempt's stdout/stderr kept (qcluster/worker/output.py); 0: none.
+    output_max_bytes: int = Field(default=65536, ge=0, le=1 << 20)
 
     @property
     def retention_seconds(self) -> float:

@@ -456,9 +456,11 @@ def list_runs(
     since: float | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Runs, newest scheduled time first. ``limit=0`` lists them all."""
-    r = schema.runs
-    query = sa.select(r).order_by(r.c.scheduled_at.desc(), r.c.id.desc())
+    """Runs, newest scheduled time first. ``limit=0`` lists them all. Each says whether
+    an attempt of it kept output or a result (``has_output``: ``runs show`` prints them)."""
+    r, o = schema.runs, schema.run_output
+    has_output = sa.exists().where(o.c.run_id == r.c.id).label("has_output")
+    query = sa.select(r, has_output).order_by(r.c.scheduled_at.desc(), r.c.id.desc())
     if job_id is not None:
         query = query.where(r.c.job_id == job_id)
     if status is not None:
@@ -467,4 +469,22 @@ def list_runs(
         query = query.where(r.c.scheduled_at >= since)
     if limit:
         query = query.limit(limit)
-    return [run_view(row) for row in conn.execute(query)]
+    return [{**run_view(row), "has_output": bool(row.has_output)}
+            for row in conn.execute(query)]
+
+
+def get_run(conn: Connection, run_id: int) -> dict[str, Any]:
+    """One run (as :func:`list_runs` gives it) with what each of its attempts kept:
+    ``attempts``, a list of ``{"attempt", "output", "result"}`` (only attempts that wrote
+    or returned something), oldest first. InputError if there is no such run."""
+    r, o = schema.runs, schema.run_output
+    row = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
+    if row is None:
+        raise InputError(f"no run {run_id} (runs list shows the runs kept)")
+    kept = conn.execute(
+        sa.select(o.c.attempt, o.c.output, o.c.result).where(o.c.run_id == run_id)
+        .order_by(o.c.attempt)
+    ).all()
+    attempts = [{"attempt": int(k.attempt), "output": k.output, "result": k.result}
+                for k in kept]
+    return {**run_view(row), "has_output": bool(attempts), "attempts": attempts}

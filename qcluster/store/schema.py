@@ -167,3 +167,16 @@ runs = Table(
           sqlite_where=sa.text("retries_left > 0")),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),
 )
+
+# The tail of what each run attempt wrote to stdout/stderr (log records included) and the
+# short repr of its return value (qcluster/worker/output.py), written with its outcome by
+# the worker of its claim; pruned with its run. A table of its own: qc_runs stays narrow
+# for the hot path, and every attempt keeps its own.
+run_output = Table(
+    "qc_run_output",
+    metadata,
+    Column("run_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("output", Text, nullable=True),
+    Column("result", Text, nullable=True),
+)

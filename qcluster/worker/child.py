@@ -16,10 +16,15 @@ Promises:
   keeps it: module state persists from one run to the next in this process. The worker
   checks the reference against ``[jobs] allow`` before it sends a run.
 * Around each call ``current_run()`` tells the job its run; the call's return value is
-  dropped here (never sent); an exception is sent back as ``Type: message`` (at most
-  :data:`~qcluster.worker.frames.MAX_ERROR` characters), a reference it cannot import as
-  ``refused: ...``, as the worker recorded them when jobs ran in its threads.
-* Its stdin is ``/dev/null``; stdout and stderr are the worker's, flushed after each run.
+  sent back as its short repr (``reprlib``: at most
+  :data:`~qcluster.worker.frames.MAX_RESULT` characters, never the object; a repr that
+  raises is sent as ``<unrepresentable Type>``); an exception is sent back as ``Type:
+  message`` (at most :data:`~qcluster.worker.frames.MAX_ERROR` characters) and its
+  traceback written to stderr, a reference it cannot import as ``refused: ...``.
+* Its stdin is ``/dev/null``; stdout and stderr are what the worker gave it (one pipe the
+  worker reads and keeps each run's tail of, :mod:`qcluster.worker.output`, or the
+  worker's own), line-buffered (a pipe would keep stdout's lines behind stderr's), and
+  flushed after each run, before the reply. Log records go to stderr.
 * It is stopped when its worker is (Linux): while a job runs, a thread looks at the
   worker's state every :data:`FREEZE_CHECK` s, and when the worker is stopped (SIGSTOP,
   a debugger) it stops its own process group, so that a job's code never runs on while
@@ -36,18 +41,20 @@ import ctypes.util
 import json
 import logging
 import os
+import reprlib
 import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from qcluster.errors import QClusterError
 from qcluster.worker.context import RunContext, enter_run, leave_run
-from qcluster.worker.frames import MAX_ERROR, encode, read_frame
+from qcluster.worker.frames import MAX_ERROR, MAX_RESULT, encode, read_frame
 
 _PR_SET_PDEATHSIG = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -99,18 +106,37 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
         func = funcs.get(ref)
         if func is None:
             func = funcs[ref] = resolve(ref)
-        func(*json.loads(request["args"]), **json.loads(request["kwargs"]))
+        value = func(*json.loads(request["args"]), **json.loads(request["kwargs"]))
     except QClusterError as e:
         return {"ok": False, "error": f"refused: {e}"[:MAX_ERROR]}
     except BaseException as e:  # a job's failure is data, also SystemExit and the like
+        with contextlib.suppress(Exception):
+            traceback.print_exc(file=sys.__stderr__)
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:MAX_ERROR]}
     finally:
         _busy.clear()
         leave_run(token)
-        for stream in (sys.stdout, sys.stderr):  # closed or replaced by the job: no matter
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                stream.flush()
-    return {"ok": True}
+                stream.flush()  # type: ignore[union-attr]  # closed, replaced: no matter
+    if value is None:
+        return {"ok": True}
+    return {"ok": True, "result": short_repr(value)}
+
+
+_REPR = reprlib.Repr()  # Python 3.12 takes these as arguments; 3.11 as attributes
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 10, 10, 10, 10
+_REPR.maxstring = _REPR.maxother = MAX_RESULT
+
+
+def short_repr(value: object) -> str:
+    """A bounded repr of a job's return value: containers cut after a few items, at most
+    :data:`MAX_RESULT` characters; never raises."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a job's own __repr__ that raises
+        text = f"<unrepresentable {type(value).__name__}>"
+    return text[:MAX_RESULT]
 
 
 def serve(sock: socket.socket, parent: int | None = None) -> int:
@@ -128,6 +154,9 @@ def serve(sock: socket.socket, parent: int | None = None) -> int:
     from qcluster.definitions.jobdefs import extend_import_path, resolve_func
 
     extend_import_path(hello["job_paths"])
+    for stream in (sys.stdout, sys.stderr):  # a pipe: lines in the order written, as a tty
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     logging.basicConfig(level=int(hello["log_level"]), stream=sys.stderr, format=LOG_FORMAT)
     sock.sendall(encode({"ready": os.getpid()}))
     funcs: dict[str, Any] = {}

@@ -17,8 +17,11 @@ The messages (keys of the map):
   "log_level": int}``; the child answers ``{"ready": pid}``;
 * parent → child, one per run: ``{"op": "run", "run_id", "job_id", "func", "args",
   "kwargs", "scheduled_at", "attempt", "epoch", "worker_id"}`` (``args``/``kwargs`` the
-  row's JSON texts); the child answers ``{"ok": true}`` or ``{"ok": false, "error":
-  "Type: message"}`` when the run is over.
+  row's JSON texts); the child answers ``{"ok": true}`` (with ``"result": "..."``, the
+  return value's short repr, at most :data:`MAX_RESULT` characters, unless it returned
+  None) or ``{"ok": false, "error": "Type: message"}`` when the run is over. A run's
+  stdout and stderr do not travel here: they are the child's fds 1 and 2, pipes the
+  worker reads (:mod:`qcluster.worker.output`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import msgpack
 MAX_FRAME = 1 << 20
 #: The longest error text a child sends back (what ``qc_runs.error`` keeps of a job's).
 MAX_ERROR = 4000
+#: The longest repr of a return value a child sends back (``qc_run_output.result``).
+MAX_RESULT = 1000
 _HEADER = struct.Struct(">I")
 
 

@@ -2,9 +2,9 @@
 
 Promises:
 
-* Outcomes (``succeeded``/``failed``/``interrupted`` with the error text and the
-  duration; ``running`` is written before the job starts, by
-  :class:`~qcluster.worker.starts.StartGate`) are written by
+* Outcomes (``succeeded``/``failed``/``interrupted`` with the error text, the duration,
+  the run's output tail and result, :mod:`qcluster.worker.output`; ``running`` is written
+  before the job starts, by :class:`~qcluster.worker.starts.StartGate`) are written by
   :func:`qcluster.store.runs.write_outcomes`, only over this worker's own claim (its
   session and the attempt), so a run that the leader has meanwhile declared ``lost`` is
   not overwritten.
@@ -50,10 +50,12 @@ class OutcomeWriter:
         self._thread.start()
 
     def finished(self, run_id: int, attempt: int, status: RunStatus, started: float,
-                 finished: float, error: str | None) -> None:
+                 finished: float, error: str | None, *, output: str | None = None,
+                 result: str | None = None) -> None:
         check_outcome(status)  # here, not in the writer thread, which must not die
         with self._lock:
-            self._finished[(run_id, attempt)] = Outcome(status, started, finished, error)
+            self._finished[(run_id, attempt)] = Outcome(status, started, finished, error,
+                                                        output, result)
         if len(self._finished) >= 500:
             self._wake.set()
 

@@ -160,6 +160,7 @@ class Worker:
         job_paths: Sequence[str] = (),
         cancel_check_seconds: float = 1.0,
         kill_grace: float = KILL_GRACE,
+        output_max_bytes: int = 0,
     ) -> None:
         """``lease`` is renewed by the node's database heartbeats (by default one of
         ``lease_seconds(10)``, the default member timeout). A worker whose heartbeats
@@ -167,7 +168,8 @@ class Worker:
         once (``database unavailable``). ``job_paths`` are ``[jobs] paths`` (already on
         ``sys.path``; the slot processes name them in import errors); running runs are
         checked for a cancel every ``cancel_check_seconds``; a stopped run's process group
-        gets SIGKILL ``kill_grace`` seconds after SIGTERM."""
+        gets SIGKILL ``kill_grace`` seconds after SIGTERM; each run keeps the last
+        ``output_max_bytes`` of its output (0: none, :mod:`qcluster.worker.output`)."""
         self.db = db
         self.node_id = node_id
         self.session = session
@@ -177,7 +179,8 @@ class Worker:
         self.writer = OutcomeWriter(db, session)
         self.slots = SlotSet(lambda keys: cancel_asked(db, session, keys),
                              check_seconds=cancel_check_seconds, job_paths=job_paths,
-                             kill_grace=kill_grace, frozen=self._judge_frozen)
+                             kill_grace=kill_grace, frozen=self._judge_frozen,
+                             output_max_bytes=output_max_bytes)
         self._kill_grace = kill_grace
         self._pool: JobPool[Claimed] = JobPool(
             concurrency, self._execute, on_start=lambda: self._ready(self.slots.mine()),
@@ -500,11 +503,13 @@ class Worker:
                 self._recovering.add(key)
         status: RunStatus = RunStatus.FAILED
         error: str | None = broken
+        output = result = None
         try:
             if broken is None:
                 self._check_ref(run["func"])
                 with self.slots.running(key) as slot:
-                    status, error = slot.run(self._request(run), claimed.timeout)
+                    status, error, output, result = slot.run(self._request(run),
+                                                             claimed.timeout)
         except QClusterError as e:
             status, error = RunStatus.FAILED, f"refused: {e}"
         except Exception as e:  # a bug of ours must not stop the pool thread
@@ -512,7 +517,8 @@ class Worker:
             status, error = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:4000]
         finally:
             finished = time.time()
-            self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error)
+            self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error,
+                                 output=output, result=result)
 
     def _request(self, run: RunRecord) -> dict[str, Any]:
         """The slot's ``run`` message (:mod:`qcluster.worker.frames`)."""

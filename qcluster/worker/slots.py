@@ -18,12 +18,15 @@ Promises:
 * A slot starts its process when first used (:meth:`Slot.ensure`), from the pool thread
   that owns it, for the slot's life: ``PR_SET_PDEATHSIG`` fires when the *thread* that
   started a child ends, and the pool's threads live as long as the pool.
-* :meth:`Slot.run` returns how the run ended, as ``(status, error)``: ``succeeded``;
+* :meth:`Slot.run` returns how the run ended, as a :class:`RunEnd`: ``succeeded``;
   ``failed`` with the job's ``Type: message``; ``failed`` with ``its process died:
   killed by SIGSEGV`` (or ``exited with status 3``) when the child ended mid-run on its
   own; or the status and reason that :meth:`Slot.stop` (or the run's ``timeout``: then
   ``timed_out``, ``timed out after 30s``) asked. A reply that arrived before the stop
-  took effect wins: the run had finished.
+  took effect wins: the run had finished. With it come the tail of what the run wrote
+  to stdout and stderr (one pipe, :mod:`qcluster.worker.output`, ``output_max_bytes``; 0: the
+  process writes to the worker's stdout and stderr directly and nothing is kept), a
+  killed run's included, and the short repr of its return value.
 * Stopping a run: SIGTERM to the slot's process group, then SIGKILL to the group
   :data:`KILL_GRACE` seconds later, or as soon as the slot's own process has exited
   (what the job started goes with it). The process is then reaped and the slot starts a
@@ -53,7 +56,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qcluster.store.runs import RunStatus
-from qcluster.worker.frames import MAX_ERROR, FrameError, FrameReader, encode
+from qcluster.worker.frames import MAX_ERROR, MAX_RESULT, FrameError, FrameReader, encode
+from qcluster.worker.output import OutputTail
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,17 @@ class Stop(NamedTuple):
     reason: str
 
 
+class RunEnd(NamedTuple):
+    """How one run ended in its slot: its status and error, the tail of what it wrote
+    (None: nothing, or output not kept), the repr of its return value (None: it returned
+    None, or did not return)."""
+
+    status: RunStatus
+    error: str | None
+    output: str | None = None
+    result: str | None = None
+
+
 def describe_exit(returncode: int) -> str:
     """``killed by SIGKILL``, ``exited with status 3``."""
     if returncode < 0:
@@ -90,10 +105,12 @@ class Slot:
     """One slot's child process, the worker's side (see the module doc)."""
 
     def __init__(self, name: str, *, job_paths: Sequence[str] = (),
-                 kill_grace: float = KILL_GRACE) -> None:
+                 kill_grace: float = KILL_GRACE, output_max_bytes: int = 0) -> None:
         self.name = name
         self.job_paths = [str(p) for p in job_paths]
         self.kill_grace = kill_grace
+        self.output_max_bytes = output_max_bytes
+        self._output: OutputTail | None = None
         self._lock = threading.Lock()  # _proc while it may be signalled, _key, _asked
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -162,28 +179,33 @@ class Slot:
         with self._lock:
             self._key, self._asked = key, None
 
-    def run(self, request: dict[str, Any], timeout: float | None) -> tuple[RunStatus, str | None]:
+    def run(self, request: dict[str, Any], timeout: float | None) -> RunEnd:
         """Run one run (``request``: the ``run`` message, see :mod:`frames`) in the slot's
         process, started by :meth:`ensure`; how it ended. Never raises for what the job or
         its process does."""
         with self._lock:
             asked = self._asked
         if asked is not None:  # stopped before it began: nothing of it ran
-            return asked.status, asked.reason
+            return RunEnd(asked.status, asked.reason)
         sock = self._sock
         assert sock is not None, "Slot.run before Slot.ensure"
+        output = self._output
+        if output is not None:
+            output.begin()
         with contextlib.suppress(OSError):  # the process is gone: its end is seen below
             sock.sendall(encode(request))
         deadline = None if timeout is None else time.monotonic() + timeout
         reply, ended, asked = self._await(sock, deadline, timeout)
         if reply is not None and not ended and asked is None:
-            return _outcome(reply)
+            return _outcome(reply, output)
         returncode = self._end()
         if reply is not None:  # it finished before the stop took effect
-            return _outcome(reply)
+            return _outcome(reply, output)
+        text = None if output is None else output.end()
         if asked is not None:
-            return asked.status, asked.reason
-        return RunStatus.FAILED, f"its process died: {ended or describe_exit(returncode)}"
+            return RunEnd(asked.status, asked.reason, text)
+        return RunEnd(RunStatus.FAILED,
+                      f"its process died: {ended or describe_exit(returncode)}", text)
 
     def close(self) -> None:
         """End the slot's process (SIGKILL to its group) and free what it holds."""
@@ -198,18 +220,27 @@ class Slot:
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
+        # One pipe for stdout and stderr (``2>&1``): the tail keeps their order.
+        pipe = os.pipe() if self.output_max_bytes > 0 else None
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "qcluster.worker.child", str(theirs.fileno()),
                  str(os.getpid())],
                 stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                stdout=None if pipe is None else pipe[1],
+                stderr=None if pipe is None else subprocess.STDOUT,
                 start_new_session=True,
             )
         except OSError as e:
             ours.close()
+            for fd in pipe or ():
+                os.close(fd)
             raise SlotError(f"could not start a slot process: {e}") from None
         finally:
             theirs.close()
+        if pipe is not None:  # the process (and what it starts) holds the write end
+            os.close(pipe[1])
+            self._output = OutputTail(self.output_max_bytes, pipe[0])
         with self._lock:
             self._proc = proc
         self._sock = ours
@@ -236,8 +267,10 @@ class Slot:
         """Wait for one reply frame; (the reply or None, why the process is done or None,
         the stop asked or None). It signals the group as a stop or the deadline asks;
         ``startup``: no stop applies, ``deadline`` is the start's."""
+        output = self._output
+        piped = set() if output is None else set(output.fds)
         poller = select.poll()
-        for fd in (sock.fileno(), self._wake_r, self._pidfd):
+        for fd in (sock.fileno(), self._wake_r, self._pidfd, *piped):
             if fd is not None:
                 poller.register(fd, select.POLLIN)
         reader = FrameReader()
@@ -253,6 +286,7 @@ class Slot:
                              stopping.kill_at(self.kill_grace), poll_exit=self._pidfd is None)
             events = poller.poll(None if wait is None else math.ceil(wait * 1000))
             exited = any(fd == self._pidfd for fd, _ in events)
+            _pump(output, events, piped, poller)
             if any(fd == self._wake_r for fd, _ in events):
                 _drain(self._wake_r)
             if any(fd == sock.fileno() for fd, _ in events):
@@ -318,6 +352,9 @@ class Slot:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._output is not None:  # what the group wrote before it died stays kept
+            self._output.close()
+            self._output = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -345,6 +382,19 @@ def _wait_for(now: float, *deadlines: float | None, poll_exit: bool) -> float | 
     return max(0.0, min(left)) if left else None
 
 
+def _pump(output: OutputTail | None, events: list[tuple[int, int]], piped: set[int],
+          poller: select.poll) -> None:
+    """Read the output pipes that ``events`` name; poll no more those at end of file."""
+    if output is None:
+        return
+    for fd, _ in events:
+        if fd in piped:
+            output.pump(fd)
+            if fd not in output.fds_open():
+                poller.unregister(fd)
+                piped.discard(fd)
+
+
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 64):
@@ -353,10 +403,13 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _outcome(reply: dict[str, Any]) -> tuple[RunStatus, str | None]:
+def _outcome(reply: dict[str, Any], output: OutputTail | None) -> RunEnd:
+    text = None if output is None else output.end()
+    result = reply.get("result")
+    result = result[:MAX_RESULT] if isinstance(result, str) else None
     if reply.get("ok") is True:
-        return RunStatus.SUCCEEDED, None
+        return RunEnd(RunStatus.SUCCEEDED, None, text, result)
     error = reply.get("error")
     if reply.get("ok") is False and isinstance(error, str):
-        return RunStatus.FAILED, error[:MAX_ERROR]
-    return RunStatus.FAILED, "its process sent a malformed reply"
+        return RunEnd(RunStatus.FAILED, error[:MAX_ERROR], text)
+    return RunEnd(RunStatus.FAILED, "its process sent a malformed reply", text)

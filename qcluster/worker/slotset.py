@@ -46,12 +46,13 @@ class SlotSet:
     def __init__(self, asked: Callable[[list[Key]], set[Key]], *, check_seconds: float = 1.0,
                  job_paths: Sequence[str] = (), kill_grace: float = KILL_GRACE,
                  frozen: Callable[[list[Key]], tuple[set[Key], set[Key]]] | None = None,
-                 ) -> None:
+                 output_max_bytes: int = 0) -> None:
         self._asked = asked
         self._frozen = frozen
         self._check_seconds = check_seconds
         self._job_paths = list(job_paths)
         self._kill_grace = kill_grace
+        self._output_max_bytes = output_max_bytes
         self._local = threading.local()
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
@@ -101,7 +102,8 @@ class SlotSet:
         if slot is None:
             with self._lock:
                 slot = Slot(f"{threading.current_thread().name}", job_paths=self._job_paths,
-                            kill_grace=self._kill_grace)
+                            kill_grace=self._kill_grace,
+                            output_max_bytes=self._output_max_bytes)
                 self._slots.append(slot)
             self._local.slot = slot
         return slot

@@ -197,6 +197,25 @@ def test_jobs_run_fires_the_job_at_once(cluster: Cluster) -> None:
     assert reply["run_id"] == run["run_id"]
 
 
+def test_runs_show_prints_what_a_run_returned_and_wrote(cluster: Cluster) -> None:
+    """Issue 17 item 1, on real nodes: the run's return value and its log record, kept
+    by the worker and read back by the CLI."""
+    cluster.assert_running()
+    run_cli("jobs", "add", "greeter", "--func", "jobs.examples:hello", "--cron", "0 0 1 1 *",
+            "--kwarg", "name=ops", config=cluster.config)
+    run_id = run_json("jobs", "run", "greeter", "--json", config=cluster.config)["run_id"]
+    (run,) = cluster.wait_runs("greeter", "greeter's run to succeed with its output",
+                               lambda rs: rs[0]["status"] == "succeeded" and rs[0]["has_output"])
+    assert run["run_id"] == run_id
+    shown = run_json("runs", "show", str(run_id), "--json", config=cluster.config)
+    text = f"hello ops from w1 (run {run_id}, attempt 1)"
+    (attempt,) = shown["attempts"]
+    assert (attempt["attempt"], attempt["result"]) == (1, repr(text))
+    assert f"INFO jobs.examples: {text}" in attempt["output"]
+    printed = run_cli("runs", "show", str(run_id), config=cluster.config).stdout
+    assert f"returned: {text!r}" in printed and f"jobs.examples: {text}" in printed
+
+
 def test_pause_stops_the_runs_and_resume_starts_them_again(cluster: Cluster) -> None:
     cluster.assert_running()
     cluster.add_every_second("pausable")

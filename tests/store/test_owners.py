@@ -29,6 +29,7 @@ _WRITES = {"insert", "update", "delete"}
 OWNERS = [
     ("jobs", "qc_jobs", "qcluster/store/catalog.py"),
     ("runs", "qc_runs", "qcluster/store/runs"),  # a package: its modules together
+    ("run_output", "qc_run_output", "qcluster/store/runs"),
     ("calendars", "qc_calendars", "qcluster/store/calendars.py"),
     ("cluster", "qc_cluster", "qcluster/store/cluster.py"),
     ("lease", "qc_lease", "backends/dblock.py"),

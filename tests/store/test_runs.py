@@ -698,3 +698,43 @@ def test_a_run_recorded_ended_has_no_retries_left(db: Database, status: RunStatu
         runs.insert_runs(conn, [f], epoch, "leader", now=f.scheduled_at)
     (r,) = [r for r in all_rows(db) if r.job_id == f.job_id]
     assert r.retries_left == (2 if status in (S.SCHEDULED, S.BUFFERED) else 0)
+
+
+def outputs(db: Database, run_id: int) -> list[tuple[int, str | None, str | None]]:
+    o = schema.run_output
+    with db.read() as conn:
+        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+            sa.select(o.c.attempt, o.c.output, o.c.result).where(o.c.run_id == run_id)
+            .order_by(o.c.attempt))]
+
+
+def test_a_runs_output_is_written_with_its_outcome_only_over_its_claim_once_and_pruned(
+    db: Database
+) -> None:
+    """Issue 17 item 1: the output goes where the outcome went (the same claim, attempt and
+    end), each attempt its own; written again (a lost commit answer) it stays as it was;
+    a claim that lost the run writes none; pruning a run takes its output."""
+    run_id = insert(db, recover=True)
+    assert claimed_ids(db, [record(db, run_id)], worker="w1", session="s1") == {run_id}
+    assert runs.start(db, [(run_id, 1)], session="s1", now=4.0) == {(run_id, 1)}
+    runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(S.FAILED, 5.0, 6.0, "E: x",
+                                                        "attempt 1 said\n", None)})
+    runs.write_outcomes(db, "s1", {(run_id, 1): Outcome(S.FAILED, 5.0, 6.0, "E: x",
+                                                        "a second write\n", None)})
+    assert outputs(db, run_id) == [(1, "attempt 1 said\n", None)]
+    runs.write_outcomes(db, "s9", {(run_id, 1): Outcome(S.SUCCEEDED, 5.0, 7.0, None,
+                                                        "not its claim", "'x'")})
+    assert outputs(db, run_id) == [(1, "attempt 1 said\n", None)]
+    quiet = insert(db)
+    assert claimed_ids(db, [record(db, quiet)], worker="w1", session="s1") == {quiet}
+    assert runs.start(db, [(quiet, 1)], session="s1", now=4.0) == {(quiet, 1)}
+    runs.write_outcomes(db, "s1", {(quiet, 1): Outcome(S.SUCCEEDED, 5.0, 6.0, None)})
+    assert outputs(db, quiet) == []
+    with db.read() as conn:
+        listed = {r["run_id"]: r["has_output"] for r in catalog.list_runs(conn, limit=0)}
+        shown = catalog.get_run(conn, run_id)
+    assert (listed[run_id], listed[quiet]) == (True, False)
+    assert shown["attempts"] == [{"attempt": 1, "output": "attempt 1 said\n", "result": None}]
+    with db.fenced(epoch_of(db)) as conn:
+        assert runs.prune(conn, older_than=row(db, run_id).scheduled_at + 0.5) >= 1
+    assert row(db, run_id) is None and outputs(db, run_id) == []

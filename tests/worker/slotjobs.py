@@ -72,3 +72,41 @@ def shell_background(path: str) -> None:
 
     _note(path)
     shell(["sh", "-c", f"sleep 1000 & echo $! > {path}.bg; wait"])
+
+
+def chatty(path: str, lines: int = 3) -> dict[str, object]:
+    """Write to stdout, stderr, a log record and a subprocess's stdout; return a dict."""
+    import logging
+    import sys
+
+    for i in range(lines):
+        print(f"out line {i}")
+    print("to stderr", file=sys.stderr)
+    logging.getLogger("chatty").warning("a log record")
+    subprocess.run(["echo", "from a command"], check=True)
+    _note(path)
+    return {"rows": lines, "path": path}
+
+
+def flood(path: str, size: int = 200_000) -> None:
+    """Write ``size`` bytes (a numbered line each 16 bytes, then a last line), NUL and an
+    escape sequence included."""
+    import sys
+
+    for i in range(size // 16):
+        sys.stdout.write(f"{i:015d}\n")
+    sys.stdout.write("bad \0 byte \x1b[2J end\n")
+    _note(path)
+
+
+def chatty_then_hang(path: str) -> None:
+    """Write a line, then sleep until killed."""
+    print("before the timeout", flush=True)
+    _note(path)
+    time.sleep(60)
+
+
+def chatty_then_fail(path: str) -> None:
+    print("working...")
+    _note(path)
+    raise ValueError("bad row 7")

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from qcluster.errors import QClusterError
 from qcluster.rpc.pyro import proxy
-from qcluster.store import runs, schema
+from qcluster.store import catalog, runs, schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
@@ -80,10 +80,16 @@ def seen(path: Path, timeout: float = 15.0) -> dict[str, Any]:
 def worker(db: Database) -> Iterator[Worker]:
     """A worker of one slot that may run the slot jobs."""
     w = Worker(db, node_id="w1", session="s-w1", concurrency=1,
-               allow=[*ALLOW, f"{JOBS}:*"])
+               allow=[*ALLOW, f"{JOBS}:*"], output_max_bytes=4096)
     w.start()
     yield w
     w.stop(grace=0)
+
+
+def kept(db: Database, run_id: int) -> list[dict[str, Any]]:
+    with db.read() as conn:
+        attempts: list[dict[str, Any]] = catalog.get_run(conn, run_id)["attempts"]
+    return attempts
 
 
 def test_a_run_past_its_timeout_is_killed_with_what_it_started_and_the_slot_goes_on(
@@ -307,3 +313,68 @@ def test_a_worker_killed_by_sigkill_leaves_no_slot_process_behind(
     proc.wait()
     wait_for(lambda: gone(job["pid"]), timeout=5, what="the slot process to end")
     os.kill(job["grandchild"], signal.SIGKILL)  # not ours to leave behind either
+
+
+def test_a_run_keeps_the_tail_of_its_output_and_the_repr_of_what_it_returned(
+    db: Database, worker: Worker, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17 item 1: stdout, stderr, log records and what a command the job runs
+    writes, in the order written, with the return value's repr; the worker's own stdout
+    and stderr still get it all."""
+    run = fire(db, "chatty", tmp_path / "a.json")
+    worker.accept(1, [run])
+    assert ended(db, run["run_id"]).status == S.SUCCEEDED
+    (attempt,) = wait_for(lambda: kept(db, run["run_id"]), timeout=10, what="the output")
+    assert attempt["attempt"] == 1
+    assert attempt["result"] == f"{{'path': {str(tmp_path / 'a.json')!r}, 'rows': 3}}"
+    out = attempt["output"]
+    order = ["out line 0", "out line 2", "to stderr", "a log record", "from a command"]
+    assert [out.index(s) for s in order] == sorted(out.index(s) for s in order), out
+    seen_by_worker = capfd.readouterr().out  # both streams, in order
+    assert seen_by_worker.index("out line 2") < seen_by_worker.index("a log record") \
+        < seen_by_worker.index("from a command")
+    nxt = fire(db, "identify", tmp_path / "b.json", job_id="quiet")  # nothing to keep
+    worker.accept(1, [nxt])
+    assert ended(db, nxt["run_id"]).status == S.SUCCEEDED
+    assert kept(db, nxt["run_id"]) == []
+
+
+def test_output_is_bounded_to_its_tail_and_safe_to_store(
+    db: Database, worker: Worker, tmp_path: Path
+) -> None:
+    run = fire(db, "flood", tmp_path / "a.json")
+    worker.accept(1, [run])
+    assert ended(db, run["run_id"]).status == S.SUCCEEDED
+    (attempt,) = wait_for(lambda: kept(db, run["run_id"]), timeout=10, what="the output")
+    out = attempt["output"]
+    head, _, tail = out.partition("\n")
+    assert head.startswith("[... ") and head.endswith(" earlier bytes not kept]"), head
+    dropped = int(head.split()[1])
+    written = 200_000 // 16 * 16 + len("bad \0 byte \x1b[2J end\n")
+    assert dropped + 4096 == written  # all counted: the last 4096 bytes kept ...
+    assert len(tail.encode()) == 4096 - 1  # ... less the NUL
+    assert tail.endswith("bad  byte \x1b[2J end\n")  # the NUL dropped, the rest as written
+    assert f"{200_000 // 16 - 1:015d}" in tail and "000000000000000\n" not in tail
+    assert attempt["result"] is None
+
+
+@pytest.mark.parametrize(("func", "timeout", "status", "line"), [
+    ("chatty_then_hang", 0.5, S.TIMED_OUT, "before the timeout"),
+    ("chatty_then_fail", None, S.FAILED, "working..."),
+])
+def test_a_timed_out_or_failed_run_keeps_what_it_wrote(
+    db: Database, worker: Worker, tmp_path: Path, func: str, timeout: float | None,
+    status: RunStatus, line: str
+) -> None:
+    run = fire(db, func, tmp_path / "a.json", timeout=timeout)
+    worker.accept(1, [run])
+    assert ended(db, run["run_id"]).status == status
+    (attempt,) = wait_for(lambda: kept(db, run["run_id"]), timeout=10, what="the output")
+    assert line in attempt["output"]
+    if status == S.FAILED:  # the traceback goes with it
+        assert "Traceback (most recent call last)" in attempt["output"]
+        assert "ValueError: bad row 7" in attempt["output"]
+    nxt = fire(db, "identify", tmp_path / "b.json", job_id="next")
+    worker.accept(1, [nxt])  # the next run of the slot does not inherit it
+    assert ended(db, nxt["run_id"]).status == S.SUCCEEDED
+    assert kept(db, nxt["run_id"]) == []

@@ -399,8 +399,9 @@ def cancel_job_runs(conn: Connection, job_ids: Sequence[str], *, now: float,
 
 
 def prune(conn: Connection, *, older_than: float) -> int:
-    """Delete the finished runs scheduled before ``older_than``; how many."""
-    r = schema.runs
-    return int(conn.execute(
-        r.delete().where(r.c.scheduled_at < older_than, r.c.status.in_(PRUNE_FROM))
-    ).rowcount)
+    """Delete the finished runs scheduled before ``older_than``, and their output; how
+    many runs."""
+    r, o = schema.runs, schema.run_output
+    old = (r.c.scheduled_at < older_than, r.c.status.in_(PRUNE_FROM))
+    conn.execute(o.delete().where(o.c.run_id.in_(sa.select(r.c.id).where(*old))))
+    return int(conn.execute(r.delete().where(*old)).rowcount)

@@ -210,6 +210,8 @@ class Outcome(NamedTuple):
     started: float
     finished: float
     error: str | None
+    output: str | None = None  # the tail of what it wrote (qcluster/worker/output.py)
+    result: str | None = None  # the short repr of its return value
 
 
 def check_outcome(status: RunStatus) -> None:
@@ -221,7 +223,10 @@ def write_outcomes(db: Database, session: str,
                    finished: Mapping[tuple[int, int], Outcome]) -> None:
     """In one transaction: ``running`` → ``succeeded``/``failed``/``interrupted`` for
     ``finished`` (keyed by run id and attempt), only over the claim of ``session``: a run
-    declared ``lost`` meanwhile, or claimed again for a later attempt, is left alone."""
+    declared ``lost`` meanwhile, or claimed again for a later attempt, is left alone.
+    With it, the output and result of those that have any, in ``qc_run_output``, only
+    where the outcome is the row's (the same attempt, session, status and end time), and
+    once: written again (a commit whose answer was lost), it is left as it is."""
     for status in {o.status for o in finished.values()}:
         check_outcome(status)
     if not finished:
@@ -231,6 +236,19 @@ def write_outcomes(db: Database, session: str,
             _outcomes_unnest(conn, session, finished)
         else:
             _outcomes_many(conn, session, finished)
+        said = [{"id": k[0], "attempt": k[1], "session": session, "status": str(o.status),
+                 "finished": o.finished, "output": o.output, "result": o.result}
+                for k, o in finished.items() if o.output is not None or o.result is not None]
+        if said:
+            conn.execute(_OUTPUT, said)
+
+
+_OUTPUT = sa.text(
+    "INSERT INTO qc_run_output (run_id, attempt, output, result) "
+    "SELECT id, attempt, :output, :result FROM qc_runs WHERE id = :id AND attempt = :attempt "
+    "AND worker_session = :session AND status = :status AND finished_at = :finished "
+    "ON CONFLICT (run_id, attempt) DO NOTHING"
+)
 
 
 def _outcomes_many(conn: Connection, session: str,
@@ -254,7 +272,8 @@ def _outcomes_unnest(conn: Connection, session: str,
                      finished: Mapping[tuple[int, int], Outcome]) -> None:
     """The update as one statement, with one array per column: building per-row
     parameters was a third of a busy worker's CPU."""
-    statuses, starts, ends, errors = map(list, zip(*finished.values(), strict=True))
+    statuses, starts, ends, errors = (list(c) for c in zip(
+        *(o[:4] for o in finished.values()), strict=True))
     conn.execute(_UNNEST_FINISHED, {
         "ids": [k[0] for k in finished], "attempts": [k[1] for k in finished],
         "statuses": statuses, "started": starts, "finished": ends,
