@@ -249,6 +249,23 @@ class QcCluster:
                              "p99": round(percentile(values, 99), 1)}
         return out
 
+    def by_second(self, prefix: str, t0: float) -> list[dict[str, float]]:
+        """Lateness of the ``prefix`` runs that started, per whole second of fire time
+        after ``t0`` (warm-up included): how long the cluster took to reach its steady
+        state, which the window's figures leave out."""
+        r = schema.runs
+        second = sa.func.floor(r.c.scheduled_at - t0)
+        late = r.c.started_at - r.c.scheduled_at
+        query = (sa.select(second.label("s"), sa.func.count(),
+                           sa.func.percentile_cont(0.5).within_group(late),
+                           sa.func.percentile_cont(0.99).within_group(late))
+                 .where(r.c.job_id.like(f"{prefix}%"), r.c.started_at.is_not(None))
+                 .group_by(second).order_by(second))
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        return [{"second": int(s), "runs": int(n), "p50_ms": round(p50 * 1000, 1),
+                 "p99_ms": round(p99 * 1000, 1)} for s, n, p50, p99 in rows]
+
     def fires(self, prefix: str, lo: float = 0.0, hi: float = 1e12) -> list[Fire]:
         """One :class:`Fire` per run row of the ``prefix`` jobs scheduled in [lo, hi)."""
         r = schema.runs

@@ -56,6 +56,7 @@ from bench.common import (
     sleep_until,
     spread_offsets,
 )
+from bench.cpu import CpuMeter
 from bench.fires import Key, account, expected_keys, undone
 from bench.qc import QcCluster, date_spec, interval_spec, job_row
 from qcluster.store import catalog
@@ -99,10 +100,14 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     sampler.reset()
     if profile is not None:
         profile("steady", opts.duration)
+    meter = CpuMeter()
+    meter.start()
     sleep_until(w1)
+    meter.stop()
     drained = _drain(cluster, prefix, w1, timeout=max(10.0, opts.duration / 2))
     result = Result("steady", SYSTEM)
     _peaks(sampler, result)
+    by_second = cluster.by_second(prefix, t0)
     cluster.remove_jobs(prefix)
     expected = expected_keys([(i, t0 + o) for i, o in zip(ids, offsets, strict=True)], w0, w1)
     # From before W0 too: a fire time of the warm-up that starts inside the window counts
@@ -117,7 +122,23 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     result.extra.update(acc.to_json(), offered_per_s=n, window_s=opts.duration,
                         stages_ms=cluster.stages(prefix, w0, w1))
     result.notes.append(_stages_note(result.extra["stages_ms"]))
+    _cpu(cluster, meter, round(acc.fires_per_s * opts.duration), result)
+    result.extra["by_second"] = by_second
     return result
+
+
+def _cpu(cluster: QcCluster, meter: CpuMeter, fires: int, result: Result) -> None:
+    """CPU per fire and share of a core of each part, over the window (bench/cpu.py):
+    the leader, each worker with its slot processes, PostgreSQL."""
+    state = cluster.state()
+    roles = {} if state is None or state.leader_id is None else {state.leader_id: "leader"}
+    per_fire = meter.per_fire_us(fires, roles)
+    result.extra["cpu_us_per_fire"] = per_fire
+    result.extra["cpu_share_pct"] = meter.shares()
+    parts = [f"{k} {v:.0f}" for k, v in per_fire.items() if k in ("leader", "w1", "w2",
+                                                                   "slots", "postgres")]
+    if parts:
+        result.notes.append("CPU µs/fire: " + ", ".join(parts))
 
 
 def burst(cluster: QcCluster, opts: Options, sampler: RssSampler,
