@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qcluster.definitions.jobdefs import resolve_func
+from qcluster.definitions.imports import resolve_func
 from qcluster.worker.context import RunContext, enter_run, leave_run
 from qcluster.worker.slots import Slot
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from qcluster.client import calendars as cals
 from qcluster.client import changes, reads
-from qcluster.definitions.jobdefs import JobDef, check_job_id, extend_import_path, validate_job
+from qcluster.definitions.imports import extend_import_path
+from qcluster.definitions.jobdefs import JobDef, check_job_id, validate_job
 from qcluster.definitions.jobfile import load_job_file
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import make_spec

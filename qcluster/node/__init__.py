@@ -25,7 +25,7 @@ from types import TracebackType
 
 from backends.base import CoordinationBackend, Lease, MemberInfo
 from backends.joint import JointBackend
-from qcluster.definitions.jobdefs import extend_import_path
+from qcluster.definitions.imports import extend_import_path
 from qcluster.definitions.policy import defaults_from
 from qcluster.errors import ConfigError, Fenced, MemberReplaced, QClusterError
 from qcluster.leader import migration

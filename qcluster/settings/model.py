@@ -318,7 +318,7 @@ class JobsSettings(_Section):
     """``[jobs]``: ``allow`` holds glob patterns, see :func:`~qcluster.settings.refs.is_allowed`;
     ``paths`` are
     directories that every process importing job code puts first on its import path
-    (:func:`~qcluster.definitions.jobdefs.extend_import_path`): relative ones are resolved
+    (:func:`~qcluster.definitions.imports.extend_import_path`): relative ones are resolved
     against the directory of the config file (``Settings.source``; the current directory when the
     settings come from no file), and each must be an existing directory."""
 

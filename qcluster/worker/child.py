@@ -11,7 +11,7 @@ Promises:
   a worker that kills the group kills what the job started with it. It keeps the
   default SIGTERM action: SIGTERM ends it, unless the job installs a handler.
 * It imports a job's function by its reference with
-  :func:`qcluster.definitions.jobdefs.resolve_func`, on the worker's import path (sent in
+  :func:`qcluster.definitions.imports.resolve_func`, on the worker's import path (sent in
   the hello: ``sys.path`` and ``[jobs] paths``), from the worker's working directory, and
   keeps it: module state persists from one run to the next in this process. The worker
   checks the reference against ``[jobs] allow`` before it sends a run.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -64,7 +63,9 @@ def die_with_parent(parent: int) -> None:
     """Ask the kernel for SIGKILL when the worker (the thread that started us) ends, then
     check that it has not already ended."""
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols, libc's among them: ctypes.util.find_library would
+        # run ldconfig, a tenth of the process's start.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
@@ -74,7 +75,13 @@ def die_with_parent(parent: int) -> None:
 #: idle one does not look: no job code runs in it). A leader counts a silent worker's
 #: runs out only after its claim lease, seconds later.
 FREEZE_CHECK = 0.1
+#: How long the watcher goes on looking, on its own clock, after the last run ended: a
+#: stream of short runs then wakes it every FREEZE_CHECK, not at each run's start (a
+#: wake of a sleeping thread costs about as much as the run itself), and a slot that is
+#: idle that long makes it wait for the next run, waking no more.
+FREEZE_LINGER = 1.0
 _busy = threading.Event()  # set while a job's code runs
+_ended = [0.0]  # time.monotonic() when the last run ended
 
 
 def _freeze_with(parent: int) -> None:
@@ -82,14 +89,19 @@ def _freeze_with(parent: int) -> None:
     path = f"/proc/{parent}/stat"
     while True:
         _busy.wait()
-        time.sleep(FREEZE_CHECK)
-        try:
-            with open(path) as f:
-                state = f.read().rsplit(")", 1)[-1].split()[:1]
-        except OSError:  # gone: the kernel's death signal ends this process
-            return
-        if state in (["T"], ["t"]):
-            os.killpg(os.getpgrp(), signal.SIGSTOP)
+        while True:
+            time.sleep(FREEZE_CHECK)
+            if not _busy.is_set():  # between runs: no job code to stop
+                if time.monotonic() - _ended[0] >= FREEZE_LINGER:
+                    break
+                continue
+            try:
+                with open(path) as f:
+                    state = f.read().rsplit(")", 1)[-1].split()[:1]
+            except OSError:  # gone: the kernel's death signal ends this process
+                return
+            if state in (["T"], ["t"]):
+                os.killpg(os.getpgrp(), signal.SIGSTOP)
 
 
 def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
@@ -115,6 +127,7 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:MAX_ERROR]}
     finally:
         _busy.clear()
+        _ended[0] = time.monotonic()
         leave_run(token)
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -151,7 +164,7 @@ def serve(sock: socket.socket, parent: int | None = None) -> int:
     sys.path[:] = [str(p) for p in hello["path"]]
     # Imported only now, on the worker's path: it is the worker's copy of qcluster that
     # resolves references, as it was when jobs ran in the worker's threads.
-    from qcluster.definitions.jobdefs import extend_import_path, resolve_func
+    from qcluster.definitions.imports import extend_import_path, resolve_func
 
     extend_import_path(hello["job_paths"])
     for stream in (sys.stdout, sys.stderr):  # a pipe: lines in the order written, as a tty

@@ -1,7 +1,7 @@
 """A user's own job package, found through ``[jobs] paths``, with a normal install.
 
-The unit tests drive :func:`~qcluster.definitions.jobdefs.extend_import_path` and the import
-errors of :func:`~qcluster.definitions.jobdefs.resolve_func` in this process. The process
+The unit tests drive :func:`~qcluster.definitions.imports.extend_import_path` and the import
+errors of :func:`~qcluster.definitions.imports.resolve_func` in this process. The process
 test builds a wheel of this project once per session, installs it (not editable) with ``pip
 install --target``, and runs that installed qcluster from an unrelated current directory,
 with a config in another directory whose ``[jobs] paths = ["../tasks"]`` names the directory
@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from qcluster.definitions import jobdefs
-from qcluster.definitions.jobdefs import check_func_ref, extend_import_path, resolve_func
+from qcluster.definitions import imports
+from qcluster.definitions.imports import extend_import_path, resolve_func
+from qcluster.definitions.jobdefs import check_func_ref
 from qcluster.errors import InputError, NotAllowed
 from tests.conftest import unavailable
 from tests.helpers import (
@@ -55,7 +56,7 @@ WAIT = 60.0  # generous: the machine is shared and small; nothing here measures 
 def clean_import_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """sys.path and the record of added paths as they were; test modules forgotten after."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(jobdefs, "_added_paths", set())
+    monkeypatch.setattr(imports, "_added_paths", set())
     before = set(sys.modules)
     yield
     for name in set(sys.modules) - before:

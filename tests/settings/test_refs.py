@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcluster.definitions.jobdefs import check_func_ref, resolve_func
+from qcluster.definitions.imports import resolve_func
+from qcluster.definitions.jobdefs import check_func_ref
 from qcluster.errors import ConfigError, InputError, NotAllowed
 from qcluster.settings import (
     MAX_REF_CHARS,
