@@ -12,6 +12,12 @@ Promises:
   :meth:`JobPool.stop`; ``on_start`` runs on it first (the worker starts the thread's slot
   process there, before any run waits for it), ``on_exit`` last (it ends that process).
 * :meth:`JobPool.stop` returns what never started and starts nothing more.
+* With ``run_many`` and ``joinable``: a thread that takes an item ``joinable`` accepts
+  also takes the next ones it accepts, up to ``max_batch`` in all, while the queue holds
+  more items than the other threads not running items could take (a backlog: none of
+  them waits for these), and calls ``run_many(items)`` once, in queue order. With no
+  backlog a thread takes one item, so a free thread never waits while another holds a
+  batch.
 """
 
 from __future__ import annotations
@@ -33,9 +39,15 @@ class JobPool(Generic[T]):
 
     def __init__(self, size: int, run: Callable[[T], object], *, name: str = "qc-job",
                  on_start: Callable[[], object] | None = None,
-                 on_exit: Callable[[], object] | None = None) -> None:
+                 on_exit: Callable[[], object] | None = None,
+                 run_many: Callable[[list[T]], object] | None = None,
+                 joinable: Callable[[T], bool] | None = None, max_batch: int = 1) -> None:
         self._size = size
         self._run = run
+        self._run_many = run_many
+        self._joinable = joinable
+        self._max_batch = max_batch if run_many is not None and joinable is not None else 1
+        self._busy = 0  # threads running items
         self._name = name
         self._on_start = on_start
         self._on_exit = on_exit
@@ -101,11 +113,25 @@ class JobPool(Generic[T]):
                     self._cond.wait()
                 if self._stopped:
                     return
-                item = self._queue.popleft()
+                items = [self._queue.popleft()]
+                free = len(self._threads) - self._busy - 1  # the others not running items
+                if self._max_batch > 1 and self._joinable is not None \
+                        and self._joinable(items[0]):
+                    while (len(items) < self._max_batch and len(self._queue) > free
+                           and self._joinable(self._queue[0])):
+                        items.append(self._queue.popleft())
+                self._busy += 1
             try:
-                self._run(item)
+                if len(items) == 1:
+                    self._run(items[0])
+                else:
+                    assert self._run_many is not None
+                    self._run_many(items)
             except BaseException:  # the run function records its own failures
                 log.exception("a job pool thread's run raised")
+            finally:
+                with self._cond:
+                    self._busy -= 1
 
 
 def _hook(hook: Callable[[], object] | None, what: str) -> None:

@@ -24,6 +24,11 @@ Promises (docs/DESIGN.md invariant 4, workers fence too):
 * A claimed run's code starts only after its row moved to ``running``
   (:class:`~qcluster.worker.starts.StartGate`): a run the leader recorded ``missed`` (no
   free slot within its grace) or ``cancelled`` while it waited is dropped, not run.
+  When due runs queue up behind busy slots, a pool thread takes up to
+  :data:`START_TOGETHER` of those whose job's last run took under :data:`SHORT_RUN`, starts
+  them in one write and runs them one after another in its slot (docs/DESIGN.md, "Short
+  runs start together"): their rows say ``running`` at most a few milliseconds before
+  their code begins, and each outcome records when its code really began.
 * Only references that match ``[jobs] allow`` run; a refused run is recorded ``failed``
   with the reason. Outcomes are written by :class:`~qcluster.worker.outcomes.OutcomeWriter`.
 * ``report(epoch, keys)`` answers a leader that cannot see this worker in the database's
@@ -95,6 +100,11 @@ from qcluster.worker.timer import StartTimer
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
+#: Due runs a pool thread may take and start in one write, when slots are all busy.
+START_TOGETHER = 8
+#: A job whose last run here took less than this (seconds) may start with others.
+SHORT_RUN = 0.002
+_DURATIONS = 100_000  # jobs whose last run time is remembered, at most
 _SEEN = 200_000
 _ON_TIME = 0.002  # a run due this close is started at once
 #: The fields a dispatch states about a run's row; if one differs, the row's value is run.
@@ -184,7 +194,9 @@ class Worker:
         self._kill_grace = kill_grace
         self._pool: JobPool[Claimed] = JobPool(
             concurrency, self._execute, on_start=lambda: self._ready(self.slots.mine()),
-            on_exit=self.slots.close_mine)
+            on_exit=self.slots.close_mine, run_many=self._execute_together,
+            joinable=self._short, max_batch=START_TOGETHER)
+        self._durations: dict[str, float] = {}  # job id -> its last run's seconds, here
         self._timer = StartTimer(self._pool.submit)
         self._stopping = threading.Event()
         self._idle = threading.Event()  # set whenever a run gives its place back
@@ -461,30 +473,48 @@ class Worker:
         """Start one claimed run (if its row still lets it), run it, record how it ended;
         never raises, and gives back its place. A job's failure (or a run that cannot even
         be set up) is data: ``failed``."""
-        run = claimed.record
-        key = claimed.key
+        self._execute_together([claimed])
+
+    def _execute_together(self, batch: list[Claimed]) -> None:
+        """:meth:`_execute` for runs of one pool thread, started in one write and run one
+        after another (see :meth:`_short`)."""
         started = time.time()
         with self._lock:
-            self._running[key] = started
+            for claimed in batch:
+                self._running[claimed.key] = started
+        done = 0
         try:
             # The slot's process is up before the start commits: its start (an import of
             # qcluster, once per slot) is not counted in the run's time.
             slot = self.slots.mine()
             broken = self._ready(slot)
-            if not self._gate.begin(key):
-                if not self._stopping.is_set():
+            moved = self._gate.begin_many(c.key for c in batch)
+            for claimed in batch:
+                if claimed.key in moved:
+                    self._run(claimed, time.time(), broken)
+                elif not self._stopping.is_set():
                     log.info("run %d (attempt %d) of job %s was not started: its row is no "
-                             "longer dispatched to us (missed or cancelled)", key[0], key[1],
-                             run["job_id"])
-                return
-            self._run(claimed, time.time(), broken)
+                             "longer dispatched to us (missed or cancelled)", claimed.key[0],
+                             claimed.key[1], claimed.record["job_id"])
+                self._done(claimed.key)
+                done += 1
         finally:
-            with self._lock:  # after _run gave its outcome to the writer
-                self._running.pop(key, None)
-                self._recovering.discard(key)
-                self._held.discard(key)
-                self._inflight -= 1
-            self._idle.set()
+            for claimed in batch[done:]:  # only if something above raised
+                self._done(claimed.key)
+
+    def _done(self, key: tuple[int, int]) -> None:
+        with self._lock:  # after _run gave its outcome to the writer
+            self._running.pop(key, None)
+            self._recovering.discard(key)
+            self._held.discard(key)
+            self._inflight -= 1
+        self._idle.set()
+
+    def _short(self, claimed: Claimed) -> bool:
+        """Whether a due run may start together with others: its job's last run here took
+        less than :data:`SHORT_RUN` (a job not yet run here may not)."""
+        last = self._durations.get(claimed.record["job_id"])
+        return last is not None and last < SHORT_RUN
 
     def _ready(self, slot: Slot) -> str | None:
         """Start the slot's process if it has none; None, or why it could not."""
@@ -519,6 +549,9 @@ class Worker:
             finished = time.time()
             self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error,
                                  output=output, result=result)
+            if len(self._durations) >= _DURATIONS:
+                self._durations.clear()
+            self._durations[run["job_id"]] = finished - started
 
     def _request(self, run: RunRecord) -> dict[str, Any]:
         """The slot's ``run`` message (:mod:`qcluster.worker.frames`)."""

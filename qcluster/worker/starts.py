@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from qcluster.errors import QClusterError
 from qcluster.store.db import Database
@@ -57,20 +57,29 @@ class StartGate:
 
     def begin(self, key: Key) -> bool:
         """Whether the run may start now (its row moved to ``running``)."""
-        while True:
-            result = self._once(key)
-            if result is not None:
-                return result
-            if self._stopping.wait(self._retry):
-                return False
+        return key in self.begin_many([key])
 
-    def _once(self, key: Key) -> bool | None:
+    def begin_many(self, keys: Iterable[Key]) -> set[Key]:
+        """Of ``keys``, the runs that may start now, written in one batch (with everyone
+        else's that waits)."""
+        wanted, moved = set(keys), set()
+        while wanted:
+            for key, result in self._once(wanted).items():
+                if result is not None:
+                    wanted.discard(key)
+                    if result:
+                        moved.add(key)
+            if wanted and self._stopping.wait(self._retry):
+                break
+        return moved
+
+    def _once(self, keys: set[Key]) -> dict[Key, bool | None]:
         with self._cond:
-            self._pending.add(key)
-            while key not in self._results:
+            self._pending |= keys
+            while not keys <= self._results.keys():
                 if self._closed:
-                    self._pending.discard(key)
-                    return False
+                    self._pending -= keys
+                    return {key: self._results.pop(key, False) for key in keys}
                 if self._writing:
                     self._cond.wait()
                     continue
@@ -84,7 +93,7 @@ class StartGate:
                     self._writing = False
                 self._results.update(answers)
                 self._cond.notify_all()
-            return self._results.pop(key)
+            return {key: self._results.pop(key) for key in keys}
 
     def _write(self, batch: set[Key]) -> dict[Key, bool | None]:
         try:

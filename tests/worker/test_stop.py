@@ -121,3 +121,39 @@ def test_the_job_pool_runs_on_daemon_threads_and_stop_returns_what_never_started
         pass
     else:
         raise AssertionError("a stopped pool took an item")
+
+
+def test_a_busy_pool_hands_a_backlog_of_joinable_items_to_one_thread_in_order() -> None:
+    """With ``run_many``: while the queue holds more items than idle threads, a thread
+    takes the joinable ones at its head together (up to ``max_batch``, in order); an item
+    that is not joinable is taken alone, and so is one an idle thread would take."""
+    release = threading.Event()
+    calls: list[list[int]] = []
+
+    def run(n: int) -> None:
+        calls.append([n])
+        if n == 0:
+            release.wait(5)
+
+    pool: JobPool[int] = JobPool(1, run, run_many=calls.append, joinable=lambda n: n != 5,
+                                 max_batch=3)
+    pool.submit(0)  # holds the only thread while the backlog builds
+    wait_for(lambda: calls == [[0]], timeout=5, what="the first item running")
+    for n in range(1, 9):
+        pool.submit(n)
+    release.set()
+    wait_for(lambda: sum(map(len, calls)) == 9, timeout=5, what="every item run")
+    assert calls == [[0], [1, 2, 3], [4], [5], [6, 7, 8]], calls
+    pool.stop()
+
+    # Two items queued at once for two threads (the lock held: neither has taken one
+    # yet): the first taken is taken alone, as the other thread is free for the second.
+    taken: list[list[int]] = []
+    pair: JobPool[int] = JobPool(2, lambda n: taken.append([n]), run_many=taken.append,
+                                 joinable=lambda n: True, max_batch=8)
+    with pair._cond:
+        pair.submit(1)
+        pair.submit(2)
+    wait_for(lambda: len(taken) == 2, timeout=5, what="both items taken")
+    assert sorted(taken) == [[1], [2]], taken
+    pair.stop()

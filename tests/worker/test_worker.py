@@ -360,3 +360,46 @@ def test_a_run_sent_ahead_is_claimed_at_once_and_started_on_time(
     (row,) = wait_runs(db, 1)
     assert row.status == "succeeded"
     assert due <= row.started_at < due + 0.5, (row.started_at, due)
+
+
+def test_short_runs_queued_behind_busy_slots_start_together_each_recording_its_own_start(
+    db: Database, workers: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog of due runs of a job known to be short: pool threads start several in
+    one write (fewer writes than there are runs per thread), run each once, one after
+    another, and each row records when its own code began, not the write's time."""
+    monkeypatch.setattr(runner, "SHORT_RUN", 60.0)  # every job that ran once is short
+    worker = workers[0].worker
+    writes: list[int] = []
+    write = worker._gate._write
+
+    def counted(batch: set[tuple[int, int]]) -> dict[tuple[int, int], bool | None]:
+        writes.append(len(batch))
+        return write(batch)
+
+    monkeypatch.setattr(worker._gate, "_write", counted)
+    lead(db, 3)
+
+    def fires(times: range) -> list[RunRecord]:
+        rows = [FireRow("short", "jobs.builtin:noop", "[]", "{}", 1000.0 + t,
+                        RunStatus.SCHEDULED, False) for t in times]
+        with db.write() as conn:
+            return insert_runs(conn, rows, 3, "leader")
+
+    with proxy(workers[0].uri, SECRET, 5.0) as p:
+        p.submit(3, fires(range(1)))  # its first run: how long the job takes
+        wait_runs(db, 1)
+        writes.clear()
+        n = 60
+        reply = p.submit(3, fires(range(1, n + 1)))
+    assert len(reply["accepted"]) == n
+    rows = wait_runs(db, n + 1)
+    assert [r.status for r in rows] == ["succeeded"] * (n + 1)
+    assert sum(writes) == n  # each run started once
+    # Without starting together, each write holds at most one run per pool thread (4).
+    assert len(writes) < n / 4, writes
+    later = sorted(rows[1:], key=lambda r: r.started_at)
+    assert len({r.started_at for r in later}) == n  # each its own start
+    at_once = [sum(1 for a in later if a.started_at <= b.started_at < a.finished_at)
+               for b in later]
+    assert max(at_once) <= 4, at_once  # one run at a time per slot, 4 slots
