@@ -44,6 +44,7 @@ from rich.console import Console
 
 from bench import aps, qc_scenarios, report
 from bench.common import SCENARIOS, SYSTEMS, Options, Result, RssSampler, machine_info
+from bench.pgstat import statements_available
 from bench.profile import Profiler
 from bench.qc import QcCluster
 
@@ -126,9 +127,11 @@ def _database(opts: Options, stack: contextlib.ExitStack) -> tuple[str, str]:
         # Durable commits by default, as in production: the tests' server turns fsync
         # off, which flatters a store that commits once per job (APScheduler's).
         fsync = "off" if opts.no_fsync else "on"
+        settings = {"fsync": fsync, "full_page_writes": fsync}
+        if statements_available():  # what the database spends its time on (bench/pgstat.py)
+            settings["shared_preload_libraries"] = "pg_stat_statements"
         try:
-            pg = stack.enter_context(PostgresServer(
-                settings={"fsync": fsync, "full_page_writes": fsync}))
+            pg = stack.enter_context(PostgresServer(settings=settings))
         except ServerError as e:
             raise SystemExit(f"error: no --db-url, and no private PostgreSQL: {e}") from e
         url, where = pg.create_database("qcbench"), f"private PostgreSQL (fsync={fsync})"

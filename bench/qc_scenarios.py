@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import pgstat
 from bench.common import (
     Lateness,
     Options,
@@ -101,9 +102,12 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     if profile is not None:
         profile("steady", opts.duration)
     meter = CpuMeter()
+    statements = pgstat.reset(cluster.db.engine)
     meter.start()
     sleep_until(w1)
     meter.stop()
+    if statements:
+        _write_statements(opts.out / "pg-statements-steady.txt", pgstat.top(cluster.db.engine))
     drained = _drain(cluster, prefix, w1, timeout=max(10.0, opts.duration / 2))
     result = Result("steady", SYSTEM)
     _peaks(sampler, result)
@@ -125,6 +129,16 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     _cpu(cluster, meter, round(acc.fires_per_s * opts.duration), result)
     result.extra["by_second"] = by_second
     return result
+
+
+def _write_statements(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The database's top statements of the window, one per line."""
+    total = sum(r["total_ms"] for r in rows) or 1.0
+    lines = [f"{r['total_ms'] / total * 100:5.1f}%  {r['total_ms']:9.1f} ms  "
+             f"{r['calls']:7d} calls  {r['mean_ms']:7.3f} ms/call  {r['rows']:8d} rows  "
+             f"{r['query']}" for r in rows]
+    path.write_text("PostgreSQL statements of the steady window, by total execution time "
+                    "(pg_stat_statements; % of these)\n" + "\n".join(lines) + "\n")
 
 
 def _cpu(cluster: QcCluster, meter: CpuMeter, fires: int, result: Result) -> None:
