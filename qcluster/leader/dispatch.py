@@ -48,6 +48,7 @@ from typing import Any, Protocol, Self
 import Pyro5.errors
 
 from backends.base import MemberInfo
+from qcluster import metrics
 from qcluster.errors import InputError
 from qcluster.rpc.pyro import proxy
 from qcluster.store.records import Refusal, RunRecord, SubmitReply, reply_from_wire, to_wire
@@ -349,19 +350,23 @@ class Dispatcher:
         if not self._enabled.is_set():
             return []  # stepped down meanwhile: the next leader sends what is left
         try:
-            raw = self._call(uri, chunk)
+            with metrics.DISPATCH_SECONDS.time():
+                raw = self._call(uri, chunk)
         except (Pyro5.errors.CommunicationError, OSError) as e:
+            metrics.DISPATCH_REFUSED.labels(reason="unreachable").inc(len(chunk))
             log.warning("worker %s unreachable (%s); trying the next one", uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
             self._drop_proxy(uri)
             return chunk
         except Exception as e:  # the worker refused the call as a whole
+            metrics.DISPATCH_REFUSED.labels(reason="refused_batch").inc(len(chunk))
             log.error("worker %s refused a batch: %s", uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
             return chunk
         try:
             reply = reply_from_wire(raw, [r["run_id"] for r in chunk])
         except InputError as e:
+            metrics.DISPATCH_REFUSED.labels(reason="bad_reply").inc(len(chunk))
             log.error("worker %s sent a reply that is not one (%s); trying the next one",
                       uri, e)
             self._down[uri] = time.monotonic() + DOWN_FOR
@@ -374,6 +379,8 @@ class Dispatcher:
             self.sent += len(reply.accepted)
         self._load[uri] = float(reply.inflight)
         self._answered[uri] = time.monotonic()
+        for why, n in collections.Counter(why for _, why in reply.refused).items():
+            metrics.DISPATCH_REFUSED.labels(reason=str(why).replace(" ", "_")).inc(n)
         if any(why == Refusal.STALE_EPOCH for _, why in reply.refused):
             log.warning("worker %s has seen a newer epoch (%d) than %d", uri, reply.epoch,
                         self.epoch)

@@ -37,6 +37,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from backends.base import CoordinationBackend, Lease
 from backends.joint import JointBackend, combine
+from qcluster import metrics
 from qcluster.errors import QClusterError
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class Leadership:
         try:
             lease = backend.try_acquire(self.node_id, self._term_lost, self.min_token())
         except QClusterError as e:
+            metrics.BACKEND_ERRORS.labels(backend=backend.name, operation="campaign").inc()
             self.status = f"cannot campaign: {e}"
             log.warning("campaign failed: %s", e)
             self._stop.wait(self.campaign_interval * 4)
@@ -237,6 +239,7 @@ class Leadership:
             self._step_down("the lease renewal did not answer before the deadline")
             return
         except QClusterError as e:
+            metrics.BACKEND_ERRORS.labels(backend=backend.name, operation="renew").inc()
             log.warning("lease renewal failed (deadline in %.1fs): %s",
                         self._deadline - self.clock(), e)
             self._lost.wait(min(0.25, max(0.0, self._deadline - self.clock())))

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from apscheduler.schedulers import SchedulerNotRunningError
 
 from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
+from qcluster import metrics
 from qcluster.definitions.policy import defaults_from
 from qcluster.errors import DatabaseUnavailable, Fenced, QClusterError
 from qcluster.leader.clock import LeaderClock
@@ -213,6 +214,9 @@ class LeaderRole:
         self._check_started(term)
         scheduler.start()
         term.started = True
+        metrics.LEADER_CHANGES.inc()
+        metrics.IS_LEADER.set(1)
+        metrics.EPOCH.set(epoch)
 
     @staticmethod
     def _check_started(term: _Term) -> None:
@@ -242,6 +246,9 @@ class LeaderRole:
             term, scheduler, dispatcher = self._term, self.scheduler, self.dispatcher
         if term is not None:
             term.stop.set()
+        metrics.IS_LEADER.set(0)
+        metrics.EPOCH.set(0)
+        metrics.LIVE_WORKERS.set(0)
         if scheduler is not None:
             scheduler.stop_firing()
         if dispatcher is not None:
@@ -397,6 +404,9 @@ class LeaderRole:
             log.warning("run recovery failed (will retry): %s", e)
             return None
         term.db_ok = time.monotonic()
+        metrics.LIVE_WORKERS.set(sum(1 for m in workers if "worker" in m.roles))
+        metrics.RECORDED_BY_LEADER.labels(status="missed").inc(result.missed)
+        metrics.RECORDED_BY_LEADER.labels(status="lost").inc(result.lost + result.quarantined)
         if result.resend and not term.stop.is_set():
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -37,6 +38,7 @@ from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
+from qcluster import metrics
 from qcluster.definitions.policy import Defaults, jitter_of, run_fields
 from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.store import calendars as calendars_mod
@@ -86,6 +88,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         number of runs sent. Lateness and misfires are judged at ``now`` (the leader's
         clock, the database's time), which is also the rows' ``created_at``."""
         fires: list[FireRow] = []
+        reasons: list[str] = []
         advances: list[Advance] = []
         cancels: list[tuple[int, str]] = []
         unplannable: list[tuple[str, str]] = []
@@ -111,6 +114,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
                              self.retention_seconds, self.defaults)
                 plan.make(open_runs.get(job.id, []), calendars)
                 fires += plan.fires
+                reasons += plan.reasons
                 cancels += plan.cancels
                 if plan.advance is not None:
                     advances.append(plan.advance)
@@ -118,12 +122,16 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
                 # A stored value no edge would accept today (a grace of 10**15 s, say, or
                 # a cron with no fire time within the bounded search: triggers.
                 # SearchExhausted) must not stop the other jobs: set it aside, say why.
-                del fires[planned[0]:], advances[planned[1]:], cancels[planned[2]:]
+                del fires[planned[0]:], reasons[planned[0]:], advances[planned[1]:]
+                del cancels[planned[2]:]
                 unplannable.append((job.id, f"cannot plan its fire times: {e}"))
         if unplannable:
             self.store.set_aside(unplannable)
         runs = self.store.commit_fires(self.epoch, self.leader, fires, advances,
                                        now=now.timestamp(), cancels=cancels)
+        for (status, reason), n in Counter(
+                zip((str(f.status) for f in fires), reasons, strict=True)).items():
+            metrics.FIRES.labels(status=status, reason=reason).inc(n)
         if runs:
             self.send(runs)
         return len(runs)
@@ -140,6 +148,7 @@ class _Plan:
         self.horizon = now - timedelta(seconds=retention)
         self.defaults = Defaults() if defaults is None else defaults
         self.fires: list[FireRow] = []
+        self.reasons: list[str] = []  # why each of fires is recorded so (metrics.REASONS)
         self.cancels: list[tuple[int, str]] = []
         self.advance: Advance | None = None
 
@@ -159,6 +168,11 @@ class _Plan:
         if nxt is not None and end is not None and nxt.timestamp() > end:
             nxt = None
         return times, nxt
+
+    def _add(self, t: datetime, status: RunStatus, reason: str,
+             error: str | None = None) -> None:
+        self.fires.append(self._row(t, status, error))
+        self.reasons.append(reason)
 
     def _row(self, t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
         job, qc = self.job, self.job.qc
@@ -189,20 +203,19 @@ class _Plan:
                         if policy.exclude else None)
             late = now - t
             if excluded is not None:
-                self.fires.append(self._row(t, RunStatus.SKIPPED, excluded))
+                self._add(t, RunStatus.SKIPPED, "excluded", excluded)
             elif late > catch_up:
                 if t >= self.horizon:
-                    self.fires.append(self._row(t, RunStatus.MISSED, _missed(late, job, catch_up)))
+                    self._add(t, RunStatus.MISSED, "late", _missed(late, job, catch_up))
             elif late > grace and misfire == "skip":
-                self.fires.append(self._row(
-                    t, RunStatus.MISSED,
-                    f"{_missed(late, job, None)}; misfire policy skip: waits for the next"))
+                self._add(t, RunStatus.MISSED, "misfire_skip",
+                          f"{_missed(late, job, None)}; misfire policy skip: waits for the next")
             else:
                 to_run.append(t)
         if misfire == "run-once":  # only fire times that have passed coalesce
             past = [t for t in to_run if t <= now]
             for t in past[:-1]:
-                self.fires.append(self._row(t, RunStatus.MISSED, "coalesced into a later run"))
+                self._add(t, RunStatus.MISSED, "coalesced", "coalesced into a later run")
             to_run = past[-1:] + [t for t in to_run if t > now]
         left = None if policy.max_runs is None else max(0, policy.max_runs - job.qc.runs_made)
         made = self._overlap(to_run, open_runs, left)
@@ -221,31 +234,31 @@ class _Plan:
         made = 0
         if overlap == "cancel-other" and len(to_run) > 1:
             for t in to_run[:-1]:
-                self.fires.append(self._row(t, RunStatus.SKIPPED,
-                                            "overlap cancel-other: a later fire time "
-                                            "replaced it in the same pass"))
+                self._add(t, RunStatus.SKIPPED, "overlap_cancel_other",
+                          "overlap cancel-other: a later fire time replaced it in the same pass")
             to_run = to_run[-1:]
         for t in to_run:
             if left is not None and made >= left:
                 break  # the job has ended: later fire times are past its last run
-            status, why = RunStatus.SCHEDULED, None
+            status, reason, why = RunStatus.SCHEDULED, "on_time", None
             if overlap == "skip" and busy:
-                status, why = RunStatus.SKIPPED, (f"overlap skip: run {busy[0]} of this job "
-                                                  "is still open")
+                status, reason, why = RunStatus.SKIPPED, "overlap_skip", (
+                    f"overlap skip: run {busy[0]} of this job is still open")
             elif overlap == "buffer-one" and busy:
                 if buffered:
-                    status, why = RunStatus.SKIPPED, ("overlap buffer-one: a run is already "
-                                                      "waiting for the open one")
+                    status, reason, why = RunStatus.SKIPPED, "overlap_buffer_one", (
+                        "overlap buffer-one: a run is already waiting for the open one")
                 else:
-                    status, buffered = RunStatus.BUFFERED, True
+                    status, reason, buffered = RunStatus.BUFFERED, "buffered", True
             elif overlap == "buffer-all" and busy:
-                status = RunStatus.BUFFERED
+                status, reason = RunStatus.BUFFERED, "buffered"
             elif overlap == "cancel-other" and busy:
-                status = RunStatus.BUFFERED  # sent once the cancelled runs have ended
+                # sent once the cancelled runs have ended
+                status, reason = RunStatus.BUFFERED, "overlap_cancel_other"
                 self.cancels += [(run_id, f"overlap cancel-other: replaced by the fire at "
                                           f"{t.isoformat()}") for run_id in busy]
                 busy = []
-            self.fires.append(self._row(t, status, why))
+            self._add(t, status, reason, why)
             if status != RunStatus.SKIPPED:
                 made += 1
                 busy.append(0)  # a run of this pass: open from now on
@@ -313,7 +326,8 @@ class LeaderScheduler(BackgroundScheduler):  # type: ignore[misc]
         if self.state != STATE_RUNNING or not self.enabled.is_set():
             return None if self.state != STATE_RUNNING else self.poll_seconds
         try:
-            wait = self._pass()
+            with metrics.PASS_SECONDS.time():
+                wait = self._pass()
         except Fenced as e:
             self.enabled.clear()
             log.warning("fire refused, this node no longer holds the epoch: %s", e)

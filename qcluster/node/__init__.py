@@ -32,6 +32,7 @@ from qcluster.leader import migration
 from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
+from qcluster.metrics import MetricsServer
 from qcluster.node.coordination import NodeCoordination
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro
 from qcluster.rpc.secret_file import embedded_secret
@@ -127,6 +128,7 @@ class Node(NodeCoordination):
         self.leadership: Leadership | None = None
         self.uri: str | None = None
         self._daemon: DaemonThread | None = None
+        self._metrics: MetricsServer | None = None
         self._heartbeats: list[threading.Thread] = []
         self._stop = threading.Event()
         self._stopped = False
@@ -171,6 +173,16 @@ class Node(NodeCoordination):
         # error (ConfigError) before the node touches the database or a backend.
         daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
         self._daemon = DaemonThread(daemon, "qc-rpc")
+        if s.metrics.port:
+            self._metrics = MetricsServer(s.metrics.host, s.metrics.port)
+            try:
+                self._metrics.start()
+            except OSError as e:
+                self._metrics = None
+                raise ConfigError(f"cannot serve metrics on {s.metrics.host}:"
+                                  f"{s.metrics.port} ([metrics]): {e.strerror or e}") from None
+            log.info("serving Prometheus metrics on http://%s:%d/metrics", s.metrics.host,
+                     s.metrics.port)
         self.db = db = Database.from_settings(s)
         if not db.is_current():
             log.info("creating or upgrading the schema of %s", db.display_url)
@@ -419,6 +431,9 @@ class Node(NodeCoordination):
             backend.stop()
         if self.db is not None:
             self.db.dispose()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._up:
             log.info("node %s stopped", self.node_id)
 

@@ -249,6 +249,30 @@ class SchedulerSettings(_Section):
         return zoneinfo.ZoneInfo(self.timezone)
 
 
+def check_host(v: str) -> str:
+    """An IP address or an RFC 1123 host name, so that a typo is a config error here
+    and not a failure to resolve when the node binds. Whether this machine has that
+    address is known only then (start reports it)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    name = v.removesuffix(".")  # a fully qualified "node1.example.com."
+    labels = name.split(".")
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    # An all-digit last label is no host name: "10.0.0.256" is a mistyped address.
+    if (len(name) > 253 or labels[-1].isdigit()
+            or not all(re.fullmatch(label, part) for part in labels)):
+        raise ValueError(
+            f"must be an IP address or a host name such as 'node1.example.com' "
+            f"(got {show(v)})"
+        )
+    return v
+
+
 class WorkerSettings(_Section):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535)
@@ -260,27 +284,7 @@ class WorkerSettings(_Section):
     @field_validator("host")
     @classmethod
     def _check_host(cls, v: str) -> str:
-        """An IP address or an RFC 1123 host name, so that a typo is a config error here
-        and not a failure to resolve when the node binds. Whether this machine has that
-        address is known only then (start reports it)."""
-        import ipaddress
-
-        try:
-            ipaddress.ip_address(v)
-            return v
-        except ValueError:
-            pass
-        name = v.removesuffix(".")  # a fully qualified "node1.example.com."
-        labels = name.split(".")
-        label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-        # An all-digit last label is no host name: "10.0.0.256" is a mistyped address.
-        if (len(name) > 253 or labels[-1].isdigit()
-                or not all(re.fullmatch(label, part) for part in labels)):
-            raise ValueError(
-                f"must be an IP address or a host name such as 'node1.example.com' "
-                f"(got {show(v)})"
-            )
-        return v
+        return check_host(v)
 
 
 class DispatchSettings(_Section):
@@ -362,6 +366,20 @@ class RunsSettings(_Section):
         return self.retention_days * 86400.0
 
 
+class MetricsSettings(_Section):
+    """``[metrics]``: the node's Prometheus endpoint (``qcluster/metrics.py``); ``port``
+    0, the default, serves none. It listens on loopback unless ``host`` says otherwise:
+    the metrics name no secret, but say what the cluster runs and how often."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=0, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        return check_host(v)
+
+
 class Settings(_Section):
     """All of qcluster's settings. Build it with the loaders; ``source`` names the file."""
 
@@ -375,6 +393,7 @@ class Settings(_Section):
     rpc: RpcSettings = RpcSettings()
     jobs: JobsSettings = JobsSettings()
     runs: RunsSettings = RunsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     _source: str = PrivateAttr(default=DEFAULTS_SOURCE)
 
     @model_validator(mode="after")

@@ -47,6 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from qcluster import metrics
 from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.settings import (
     SessionTimeouts,
@@ -146,6 +147,7 @@ class Database:
         try:
             yield
         except (OperationalError, PoolTimeout) as e:
+            metrics.DATABASE_ERRORS.inc()
             timeout = self._timeout_text(e)
             if timeout:
                 raise DatabaseUnavailable(f"database {self.display_url}: {timeout}") from e
@@ -153,6 +155,7 @@ class Database:
                 f"database {self.display_url} unavailable: {self._shown(e)}") from e
         except DBAPIError as e:
             if e.connection_invalidated:
+                metrics.DATABASE_ERRORS.inc()
                 raise DatabaseUnavailable(
                     f"database {self.display_url} unavailable: {self._shown(e)}") from e
             raise

@@ -65,6 +65,7 @@ from typing import Any
 
 import Pyro5.server
 
+from qcluster import metrics
 from qcluster.definitions.jobdefs import check_func_ref
 from qcluster.errors import InputError, QClusterError
 from qcluster.rpc.server import refuse_call
@@ -197,6 +198,7 @@ class Worker:
             on_exit=self.slots.close_mine, run_many=self._execute_together,
             joinable=self._short, max_batch=START_TOGETHER)
         self._durations: dict[str, float] = {}  # job id -> its last run's seconds, here
+        metrics.IN_FLIGHT.set_function(lambda: self._inflight)
         self._timer = StartTimer(self._pool.submit)
         self._stopping = threading.Event()
         self._idle = threading.Event()  # set whenever a run gives its place back
@@ -549,6 +551,9 @@ class Worker:
             finished = time.time()
             self.writer.finished(run["run_id"], run["attempt"], status, started, finished, error,
                                  output=output, result=result)
+            metrics.RUNS_FINISHED.labels(status=str(status)).inc()
+            metrics.LATENESS.observe(max(0.0, started - claimed.start_at))
+            metrics.RUN_SECONDS.observe(max(0.0, finished - started))
             if len(self._durations) >= _DURATIONS:
                 self._durations.clear()
             self._durations[run["job_id"]] = finished - started
