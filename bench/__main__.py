@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="qcluster's [scheduler] fire_ahead_seconds (default 0: off)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated: qcluster, apscheduler")
+    p.add_argument("--metrics", action="store_true",
+                   help="each qcluster node serves /metrics ([metrics] port), scraped every "
+                        "second during the run (what the endpoint costs)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy on the leader and a worker during qcluster's steady window")
     a = p.parse_args(argv)
@@ -99,7 +102,7 @@ def parse_args(argv: list[str] | None) -> Options:
         jobs=a.jobs or int(sizes["jobs"]), duration=a.duration or sizes["duration"],
         burst=a.burst or int(sizes["burst"]), scale=a.scale or int(sizes["scale"]),
         spread=a.spread, no_fsync=a.no_fsync, lease=a.lease, concurrency=a.concurrency,
-        profile=a.profile, fire_ahead=a.fire_ahead, aps_jobs=a.aps_jobs,
+        profile=a.profile, fire_ahead=a.fire_ahead, aps_jobs=a.aps_jobs, metrics=a.metrics,
     )
 
 

@@ -46,6 +46,7 @@ class Options:
     profile: bool
     fire_ahead: float = 0.0  # qcluster's scheduler.fire_ahead_seconds
     aps_jobs: int = 0  # steady on APScheduler: jobs every second (0: as many as qcluster)
+    metrics: bool = False  # each node serves /metrics, scraped every second
 
     @property
     def warmup(self) -> float:

@@ -128,6 +128,10 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     result.notes.append(_stages_note(result.extra["stages_ms"]))
     _cpu(cluster, meter, round(acc.fires_per_s * opts.duration), result)
     result.extra["by_second"] = by_second
+    scraper = cluster.scraper
+    if scraper is not None:
+        result.notes.append(f"/metrics of each node read every {scraper.interval:g}s: "
+                            f"{scraper.scrapes} reads, {scraper.failures} failed")
     return result
 
 
