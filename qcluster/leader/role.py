@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -330,7 +331,9 @@ class LeaderRole:
             self._revoke(term, f"the maintenance loop failed: {type(e).__name__}: {e}")
 
     def _maintain_loop(self, term: _Term) -> None:
-        last_prune = 0.0
+        # The first prune comes at the term's first pass: time.monotonic() counts from the
+        # host's boot, so 0.0 here had kept a host booted less than an hour from pruning.
+        last_prune = -math.inf
         while not term.stop.wait(RECOVERY_INTERVAL):
             self.clock.sync_if_due()  # a failure keeps the last sample (and is logged)
             members = self._recover(term)

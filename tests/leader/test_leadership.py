@@ -334,3 +334,35 @@ def test_a_quick_re_election_never_runs_two_maintenance_threads(
         sampler.join(WAIT)
     assert most == 1, f"{most} qc-maintenance threads were alive at once"
     assert _maintenance_threads(before) == []
+
+
+def test_a_new_term_prunes_at_its_first_maintenance_pass(
+    sqlite_url: str, make_db: DatabaseFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning old runs does not wait for PRUNE_INTERVAL to pass on the monotonic clock
+    (which counts from the host's boot: a leader on a host up for less than the interval
+    had pruned nothing)."""
+    monkeypatch.setattr(role, "RECOVERY_INTERVAL", 0.02)
+    monkeypatch.setattr(role, "PRUNE_INTERVAL", time.monotonic() + 3600.0)
+    pruned: list[float] = []
+    monkeypatch.setattr(role, "prune_runs",
+                        lambda db, epoch, *, older_than: pruned.append(older_than) or 0)
+    db = make_db(sqlite_url, backend="memory")
+    backend = MemoryBackend(MemoryServer(), lease_seconds=LEASE)
+    backend.start()
+    leader = role.LeaderRole(
+        load_settings_from_mapping({}, "test"), db, members=list, node_id="n1",
+        control_uri="PYRO:qcluster.leader.control@127.0.0.1:1", secret=TEST_SECRET,
+        revoke=lambda reason: None,
+    )
+    lease = backend.try_acquire("n1", lambda report: None, 0)
+    assert lease is not None
+    leader.start(lease, backend)
+    try:
+        wait_for(lambda: pruned, WAIT, 0.01, "the first prune")
+        assert len(pruned) == 1  # then not again within the interval
+        time.sleep(0.2)
+        assert len(pruned) == 1
+    finally:
+        leader.stop()
+        backend.stop()
