@@ -79,13 +79,22 @@ def runs_table(runs: list[dict[str, Any]], title: str | None = None) -> None:
     console.print(table)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 controls but newline and tab, and the bidirectional formatting characters,
+# which reorder what a terminal shows (a "Trojan Source" line).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                      r"\u2066-\u2069]")
 
 
-def _printable(text: str) -> str:
+def _printable(text: str, *, newlines: bool = True) -> str:
     """``text`` with the control characters a terminal would act on (escape sequences,
-    carriage returns) shown as ``\\x1b`` and the like; newlines and tabs kept."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    carriage returns, bidirectional overrides) shown as ``\\x1b``, ``\\u202e`` and the
+    like; tabs kept, and newlines unless ``newlines`` is False."""
+    def shown(m: re.Match[str]) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    text = _CONTROL.sub(shown, text)
+    return text if newlines else text.replace("\n", "\\n")
 
 
 def run_detail(run: Mapping[str, Any]) -> None:
@@ -105,11 +114,14 @@ def run_detail(run: Mapping[str, Any]) -> None:
                       "ended yet)")
     for kept in run["attempts"]:
         console.print(f"[bold]attempt {kept['attempt']}[/]")
-        if kept["result"] is not None:
-            console.print(f"returned: {escape(_printable(kept['result']))}")
+        if kept["result"] is not None:  # on one line: a repr's newlines cannot fake lines
+            console.print(f"returned: {escape(_printable(kept['result'], newlines=False))}",
+                          soft_wrap=True)
         if kept["output"] is not None:
             console.print("output:")
-            console.print(_printable(kept["output"]).rstrip("\n"), markup=False)
+            # As written: the terminal wraps long lines, none is cut into several.
+            console.print(_printable(kept["output"]).rstrip("\n"), markup=False,
+                          soft_wrap=True, highlight=False)
 
 
 def cluster_view(status: Mapping[str, Any]) -> None:

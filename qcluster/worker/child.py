@@ -21,6 +21,12 @@ Promises:
   raises is sent as ``<unrepresentable Type>``); an exception is sent back as ``Type:
   message`` (at most :data:`~qcluster.worker.frames.MAX_ERROR` characters) and its
   traceback written to stderr, a reference it cannot import as ``refused: ...``.
+* It runs no run after one that left something behind: replaced or closed
+  ``sys.stdout``, ``sys.stderr`` or fds 0-2, threads still running, or a process still
+  running (its own child, or an orphan of one: it is their subreaper). It replies with
+  ``retire`` saying what, and exits; the worker kills the slot's process group, so what
+  the run left is ended, and starts a new process for the next run. So a run's output
+  and its stdio are its own.
 * Its stdin is ``/dev/null``; stdout and stderr are what the worker gave it (one pipe the
   worker reads and keeps each run's tail of, :mod:`qcluster.worker.output`, or the
   worker's own), line-buffered (a pipe would keep stdout's lines behind stderr's), and
@@ -56,6 +62,7 @@ from qcluster.worker.context import RunContext, enter_run, leave_run
 from qcluster.worker.frames import MAX_ERROR, MAX_RESULT, encode, read_frame
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -67,6 +74,8 @@ def die_with_parent(parent: int) -> None:
         # run ldconfig, a tenth of the process's start.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # A job's orphans (a daemonised grandchild) become ours, so that we see them.
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -152,6 +161,52 @@ def short_repr(value: object) -> str:
     return text[:MAX_RESULT]
 
 
+class _Baseline:
+    """What this process is between runs: its stdio (the objects and the files behind
+    fds 0-2) and its threads. A run that changes one of them, or leaves a process behind,
+    would hand its damage or its output to the next run, so the process ends after it
+    and the slot starts a new one (the module doc)."""
+
+    def __init__(self) -> None:
+        self.streams = (sys.stdout, sys.stderr)
+        self.files = {fd: _identity(fd) for fd in (0, 1, 2)}
+        self.threads = threading.active_count()
+
+    def left_behind(self) -> str | None:
+        """Why the process must not run another run, or None."""
+        if (sys.stdout, sys.stderr) != self.streams or any(
+                getattr(s, "closed", True) for s in self.streams):
+            return "the run replaced or closed sys.stdout or sys.stderr"
+        for fd, was in self.files.items():
+            if _identity(fd) != was:
+                return f"the run closed or replaced its fd {fd}"
+        if threading.active_count() > self.threads:
+            return "the run left threads running"
+        if _children_left():
+            return "the run left processes running"
+        return None
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _children_left() -> bool:
+    """Whether a child of this process still runs; reaps those that ended (this
+    process is their subreaper: a job's orphans come back to it)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no child at all
+            return False
+        if pid == 0:  # one still runs
+            return True
+
+
 def serve(sock: socket.socket, parent: int | None = None) -> int:
     """Answer the hello, then run what comes until end of file; the exit status. With
     ``parent``, stopped while it is (see the module doc)."""
@@ -173,13 +228,20 @@ def serve(sock: socket.socket, parent: int | None = None) -> int:
     logging.basicConfig(level=int(hello["log_level"]), stream=sys.stderr, format=LOG_FORMAT)
     sock.sendall(encode({"ready": os.getpid()}))
     funcs: dict[str, Any] = {}
+    clean = _Baseline()
     while True:
         request = read_frame(sock)
         if request is None:  # the worker closed the slot, or died
             return 0
         if request.get("op") != "run":
             return 2
-        sock.sendall(encode(_call(funcs, resolve_func, request)))
+        reply = _call(funcs, resolve_func, request)
+        why = clean.left_behind()
+        if why is not None:
+            reply["retire"] = why[:MAX_ERROR]
+        sock.sendall(encode(reply))
+        if why is not None:
+            return 0  # the worker ends the group: what the run left goes with it
 
 
 def main(argv: list[str]) -> int:

@@ -92,6 +92,7 @@ from qcluster.store.runs import (
 from qcluster.worker.fence import EpochFence, EpochNotConfirmed, cluster_epoch
 from qcluster.worker.lease import ClaimLease, lease_seconds
 from qcluster.worker.outcomes import OutcomeWriter
+from qcluster.worker.output import flush_stdout_echo
 from qcluster.worker.pool import JobPool
 from qcluster.worker.slots import KILL_GRACE, Key, Slot, SlotError
 from qcluster.worker.slotset import SlotSet
@@ -277,6 +278,7 @@ class Worker:
         self.slots.stop_watching()
         self.slots.kill_all()
         self._pool.join(1.0)  # each idle thread ends its slot's process on its way out
+        flush_stdout_echo(1.0)
         self.writer.stop()
 
     def fence_exit(self, flush_seconds: float) -> None:

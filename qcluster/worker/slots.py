@@ -32,8 +32,11 @@ Promises:
   (what the job started goes with it). The process is then reaped and the slot starts a
   new one at its next run. The group is signalled only while its leader is unreaped, so a
   recycled process id is never signalled.
-* A process that died, broke the protocol or was stopped is never used again; a run that
-  ended normally leaves the process, and the modules it imported, for the next run.
+* A process that died, broke the protocol or was stopped is never used again, nor one
+  whose run left something behind (``retire`` in its reply: threads, processes, or its
+  stdio replaced or closed; :mod:`qcluster.worker.child`): its group is killed at once.
+  A run that ended normally and cleanly leaves the process, and the modules it
+  imported, for the next run.
 * :meth:`Slot.stop` and :meth:`Slot.kill` may be called from any thread; the rest only
   from the owning thread.
 """
@@ -197,7 +200,12 @@ class Slot:
         deadline = None if timeout is None else time.monotonic() + timeout
         reply, ended, asked = self._await(sock, deadline, timeout)
         if reply is not None and not ended and asked is None:
-            return _outcome(reply, output)
+            done = _outcome(reply, output)
+            if "retire" in reply:  # it left something behind: it goes, with its group
+                log.info("slot %s: a new process for the next run: %s", self.name,
+                         str(reply["retire"])[:200])
+                self._end()
+            return done
         returncode = self._end()
         if reply is not None:  # it finished before the stop took effect
             return _outcome(reply, output)

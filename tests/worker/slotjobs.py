@@ -110,3 +110,48 @@ def chatty_then_fail(path: str) -> None:
     print("working...")
     _note(path)
     raise ValueError("bad row 7")
+
+
+def close_stdio(path: str) -> None:
+    """Close fds 1 and 2 (what a careless daemonising job does), then note."""
+    _note(path)
+    os.close(1)
+    os.close(2)
+
+
+def replace_stdout(path: str) -> None:
+    """Swap sys.stdout for a buffer and keep it there."""
+    import io
+    import sys
+
+    _note(path)
+    sys.stdout = io.StringIO()
+
+
+def leave_thread(path: str) -> None:
+    """Start a daemon thread that goes on printing after the run ends."""
+    import threading
+
+    def chatter() -> None:
+        for i in range(200):
+            print(f"LEAK {i}", flush=True)
+            time.sleep(0.02)
+
+    threading.Thread(target=chatter, daemon=True).start()
+    _note(path)
+
+
+def leave_child(path: str) -> None:
+    """Start a process (not waited for) that goes on printing after the run ends."""
+    child = subprocess.Popen(["sh", "-c", "for i in $(seq 200); do echo LEAK $i; sleep 0.02; done"])
+    _note(path, child=child.pid)
+
+
+def flood_unterminated(path: str, size: int = 1 << 20) -> None:
+    """Write ``size`` bytes with no newline, then sleep until stopped."""
+    import sys
+
+    _note(path)
+    sys.stdout.write("x" * size)
+    sys.stdout.flush()
+    time.sleep(60)

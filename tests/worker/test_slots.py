@@ -23,6 +23,7 @@ from qcluster.store import catalog, runs, schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
+from qcluster.worker import output
 from qcluster.worker.runner import Worker
 from tests.helpers import TEST_SECRET, NodeProcess, start_node, wait_for, write_config
 from tests.worker.common import ALLOW, lead
@@ -352,8 +353,8 @@ def test_output_is_bounded_to_its_tail_and_safe_to_store(
     dropped = int(head.split()[1])
     written = 200_000 // 16 * 16 + len("bad \0 byte \x1b[2J end\n")
     assert dropped + 4096 == written  # all counted: the last 4096 bytes kept ...
-    assert len(tail.encode()) == 4096 - 1  # ... less the NUL
-    assert tail.endswith("bad  byte \x1b[2J end\n")  # the NUL dropped, the rest as written
+    assert len(tail.encode()) == 4096 + 2  # ... the NUL as U+FFFD (3 bytes)
+    assert tail.endswith("bad \ufffd byte \x1b[2J end\n")  # the rest as written
     assert f"{200_000 // 16 - 1:015d}" in tail and "000000000000000\n" not in tail
     assert attempt["result"] is None
 
@@ -378,3 +379,90 @@ def test_a_timed_out_or_failed_run_keeps_what_it_wrote(
     worker.accept(1, [nxt])  # the next run of the slot does not inherit it
     assert ended(db, nxt["run_id"]).status == S.SUCCEEDED
     assert kept(db, nxt["run_id"]) == []
+
+
+@pytest.mark.parametrize("func", ["close_stdio", "replace_stdout", "leave_thread",
+                                  "leave_child"])
+def test_a_run_that_leaves_something_behind_hands_nothing_to_the_next_run(
+    db: Database, worker: Worker, tmp_path: Path, func: str
+) -> None:
+    """A run that closes or replaces its stdio, or leaves a thread or a process running,
+    ends its slot's process: the next run has working stdio and a record of its own
+    output only (found by an outside attack on issue 17)."""
+    run = fire(db, func, tmp_path / "a.json")
+    worker.accept(1, [run])
+    assert ended(db, run["run_id"]).status == S.SUCCEEDED
+    first = seen(tmp_path / "a.json")
+    nxt = fire(db, "chatty", tmp_path / "b.json", job_id="next")
+    worker.accept(1, [nxt])
+    assert ended(db, nxt["run_id"]).status == S.SUCCEEDED
+    assert seen(tmp_path / "b.json")["pid"] != first["pid"]  # a new process
+    (attempt,) = wait_for(lambda: kept(db, nxt["run_id"]), timeout=10, what="the output")
+    assert "out line 2" in attempt["output"] and "LEAK" not in attempt["output"], attempt
+    wait_for(lambda: gone(first["pid"]), timeout=5, what="the first process to end")
+    if "child" in first:
+        wait_for(lambda: gone(first["child"]), timeout=5, what="the run's child to end")
+
+
+def test_a_stdout_nobody_reads_stops_neither_a_timeout_nor_the_slot(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's stdout is a pipe nobody reads (a node started as ``qcluster start |
+    sleep``): a job that writes more than the pipe holds still times out on time, and
+    its tail is kept (found by an outside attack on issue 17)."""
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(output, "_ECHO", output.Echo(write_end))
+    w = Worker(db, node_id="w1", session="s-w1", concurrency=1,
+               allow=[*ALLOW, f"{JOBS}:*"], output_max_bytes=4096)
+    w.start()
+    try:
+        run = fire(db, "flood_unterminated", tmp_path / "a.json", timeout=1.0)
+        began = time.monotonic()
+        w.accept(1, [run])
+        row = ended(db, run["run_id"], timeout=20)
+        assert row.status == S.TIMED_OUT, row
+        assert time.monotonic() - began < 10
+        (attempt,) = wait_for(lambda: kept(db, run["run_id"]), timeout=10, what="the output")
+        assert attempt["output"].endswith("x" * 100)
+    finally:
+        w.stop(grace=0)
+        os.close(read_end)
+
+
+def test_the_lines_of_slots_that_write_at_once_reach_the_worker_whole(tmp_path: Path) -> None:
+    """Two slots' pipes, written in pieces that end mid-line, in turns: the worker's
+    stdout gets whole lines of each, and a last line without a newline gets one."""
+    out_r, out_w = os.pipe()
+    echo = output.Echo(out_w)
+    pipes = [os.pipe() for _ in range(2)]
+    tails = [output.OutputTail(1024, r, echo=echo) for r, _ in pipes]
+    for tail in tails:
+        tail.begin()
+    for piece in ("alpha-", "one\nalpha-", "two\nalpha-three"):
+        for i, (_, w) in enumerate(pipes):
+            os.write(w, piece.replace("alpha", f"slot{i}").encode())
+            tails[i].drain()
+    kept_text = [tail.end() for tail in tails]
+    assert echo.flushed()
+    os.close(out_w)
+    lines = os.read(out_r, 1 << 16).decode().splitlines()
+    assert sorted(lines) == sorted(f"slot{i}-{n}" for i in (0, 1)
+                                   for n in ("one", "two", "three")), lines
+    assert kept_text == ["slot0-one\nslot0-two\nslot0-three", "slot1-one\nslot1-two\nslot1-three"]
+    for tail, (_, w) in zip(tails, pipes, strict=True):
+        os.close(w)
+        tail.close()
+    os.close(out_r)
+
+
+def test_a_cut_tail_starts_at_a_whole_character(tmp_path: Path) -> None:
+    """The last ``max_bytes`` may begin inside a multi-byte character: the tail starts at
+    the next whole one, and the bytes skipped are counted as not kept."""
+    r, w = os.pipe()
+    tail = output.OutputTail(7, r, echo=output.Echo(os.open(os.devnull, os.O_WRONLY)))
+    tail.begin()
+    os.write(w, "aé".encode() * 10)  # 30 bytes; the last 7 begin inside an "é"
+    text = tail.end()
+    assert text == "[... 24 earlier bytes not kept]\naéaé", text
+    os.close(w)
+    tail.close()
