@@ -17,11 +17,20 @@ Promises:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
+import sys
 import threading
+import time
 from importlib.metadata import PackageNotFoundError, version
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+log = logging.getLogger(__name__)
 
 #: Lateness and other waits, in seconds: 1 ms to 2 min (a lateness past the misfire
 #: grace is a missed run; the last bucket catches slow recoveries).
@@ -29,10 +38,6 @@ LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     10.0, 30.0, 60.0, 120.0)
 #: Durations of the leader's pass and of a dispatch call.
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-#: Why a fire time was recorded as it was: the ``reason`` label of :data:`FIRES`.
-REASONS = ("on_time", "late", "coalesced", "misfire_skip", "excluded", "overlap_skip",
-           "overlap_buffer_one", "overlap_cancel_other", "buffered")
 
 FIRES = Counter(
     "qcluster_fires", "Fire times the leader recorded, by the status they were recorded "
@@ -90,26 +95,125 @@ try:
 except PackageNotFoundError:  # a source tree that is not installed
     _VERSION = "unknown"
 BUILD.labels(version=_VERSION).set(1)
-for _status in ("scheduled", "buffered"):  # the series a dashboard expects from the start
-    FIRES.labels(status=_status, reason="on_time" if _status == "scheduled" else "buffered")
+#: Every (status, reason) a fire time is recorded with: each series exists from the start,
+#: at 0, so that a rate or a sum over it is never empty (an alert on the first miss).
+FIRE_KINDS = (("scheduled", "on_time"), ("buffered", "buffered"),
+              ("buffered", "overlap_cancel_other"), ("missed", "late"),
+              ("missed", "coalesced"), ("missed", "misfire_skip"), ("skipped", "excluded"),
+              ("skipped", "overlap_skip"), ("skipped", "overlap_buffer_one"),
+              ("skipped", "overlap_cancel_other"))
+for _status, _reason in FIRE_KINDS:
+    FIRES.labels(status=_status, reason=_reason)
 for _status in ("succeeded", "failed", "timed_out", "cancelled", "interrupted"):
     RUNS_FINISHED.labels(status=_status)
+for _status in ("missed", "lost"):
+    RECORDED_BY_LEADER.labels(status=_status)
+for _reason in ("busy", "duplicate", "already_claimed", "database_unavailable",
+                "shutting_down", "stale_epoch", "unreachable", "refused_batch", "bad_reply"):
+    DISPATCH_REFUSED.labels(reason=_reason)
+
+
+#: Connections the endpoint serves at once; more are closed at once, unanswered.
+MAX_CONNECTIONS = 16
+#: Seconds a connection may take in all (request and answer); then it is cut.
+CONNECTION_SECONDS = 10.0
+#: Seconds one read of a request may wait.
+READ_SECONDS = 5.0
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = READ_SECONDS  # each read of the request
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing per request: a scraper every few seconds would flood the node's log."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """``wsgiref``'s server with a thread per connection, as ``prometheus_client``'s own,
+    but bounded: at most :data:`MAX_CONNECTIONS` at once (the others are closed at once),
+    each cut after :data:`CONNECTION_SECONDS` in all, so that silent, slow or many peers
+    cost a bounded number of threads for a bounded time, and scrapes get through again
+    once they are gone."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        self._open: dict[socket.socket, float] = {}
+        self._open_lock = threading.Lock()
+        self._stopping = threading.Event()  # before the bind: a failed one closes the server
+        super().__init__(address, _Handler)
+        self._reaper = threading.Thread(target=self._reap, name="qc-metrics-reaper",
+                                        daemon=True)
+        self._reaper.start()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._open_lock:
+            if len(self._open) >= MAX_CONNECTIONS:
+                return False  # closed unanswered: the others are served
+            self._open[request] = time.monotonic() + CONNECTION_SECONDS
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that went away or was cut: one debug line, no traceback."""
+        log.debug("metrics request from %s ended: %s", client_address, sys.exc_info()[1])
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(0.5):
+            now = time.monotonic()
+            with self._open_lock:
+                late = [sock for sock, deadline in self._open.items() if deadline <= now]
+            for sock in late:  # its thread's read or write fails at once, and it ends
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        self._stopping.set()
+        super().server_close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MetricsServer:
-    """The ``/metrics`` endpoint: ``prometheus_client``'s threaded HTTP server (a thread
-    per connection, so a slow scraper holds only its own). :meth:`close` stops it."""
+    """The ``/metrics`` endpoint (:class:`_Server`); :meth:`close` stops it."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._server: Any = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> int:
-        """Listen and serve; the port (the one given, or the one the OS chose for 0 is not
-        used: 0 means off). OSError if the address cannot be bound."""
-        self._server, self._thread = start_http_server(self.port, addr=self.host)
-        return int(self._server.server_address[1])
+    def start(self) -> None:
+        """Listen and serve on a thread of its own; OSError if the address cannot be
+        bound (in use, not this machine's, a name that does not resolve)."""
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        server = _Server((str(address[0]), self.port), family)
+        server.set_app(make_wsgi_app())
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.5,),
+                                        name="qc-metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         if self._server is not None:

@@ -148,7 +148,7 @@ class _Plan:
         self.horizon = now - timedelta(seconds=retention)
         self.defaults = Defaults() if defaults is None else defaults
         self.fires: list[FireRow] = []
-        self.reasons: list[str] = []  # why each of fires is recorded so (metrics.REASONS)
+        self.reasons: list[str] = []  # why each of fires is recorded so (metrics.FIRE_KINDS)
         self.cancels: list[tuple[int, str]] = []
         self.advance: Advance | None = None
 

@@ -32,8 +32,9 @@ from qcluster.leader import migration
 from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
-from qcluster.metrics import MetricsServer
+from qcluster.metrics import MetricsServer, is_loopback
 from qcluster.node.coordination import NodeCoordination
+from qcluster.node.preflight import open_metrics
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro
 from qcluster.rpc.secret_file import embedded_secret
 from qcluster.settings import Settings
@@ -173,16 +174,13 @@ class Node(NodeCoordination):
         # error (ConfigError) before the node touches the database or a backend.
         daemon = AuthDaemon(secret, host=s.worker.host, port=s.worker.port)
         self._daemon = DaemonThread(daemon, "qc-rpc")
-        if s.metrics.port:
-            self._metrics = MetricsServer(s.metrics.host, s.metrics.port)
-            try:
-                self._metrics.start()
-            except OSError as e:
-                self._metrics = None
-                raise ConfigError(f"cannot serve metrics on {s.metrics.host}:"
-                                  f"{s.metrics.port} ([metrics]): {e.strerror or e}") from None
-            log.info("serving Prometheus metrics on http://%s:%d/metrics", s.metrics.host,
-                     s.metrics.port)
+        self._metrics = open_metrics(s)
+        if self._metrics is not None:
+            log.info("serving Prometheus metrics on %s", self._metrics.url)
+            if not is_loopback(s.metrics.host):
+                log.warning("the metrics endpoint listens on %s, beyond this host, with no "
+                            "login: make sure only your Prometheus can reach it",
+                            s.metrics.host)
         self.db = db = Database.from_settings(s)
         if not db.is_current():
             log.info("creating or upgrading the schema of %s", db.display_url)

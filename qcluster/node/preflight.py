@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 from qcluster.errors import ConfigError
+from qcluster.metrics import MetricsServer
 from qcluster.rpc import tls
 from qcluster.rpc.server import loopback, off_loopback_error
 from qcluster.settings import Settings
@@ -34,6 +35,25 @@ def check_node_config(settings: Settings) -> None:
             _check_loopback(settings.worker.host, settings.worker.port)
     finally:
         tls.load(None)
+    served = open_metrics(settings)  # the port is free, the address this machine's
+    if served is not None:
+        served.close()
+
+
+def open_metrics(settings: Settings) -> MetricsServer | None:
+    """Serve ``/metrics`` as ``[metrics]`` says (None: port 0, no endpoint); ConfigError
+    if its address cannot be bound (in use, not this machine's, a name that does not
+    resolve)."""
+    m = settings.metrics
+    if not m.port:
+        return None
+    server = MetricsServer(m.host, m.port)
+    try:
+        server.start()
+    except OSError as e:  # socket.gaierror too
+        raise ConfigError(f"cannot serve metrics on {m.host}:{m.port} ([metrics]): "
+                          f"{e.strerror or e}") from None
+    return server
 
 
 def _check_loopback(host: str, port: int) -> None:

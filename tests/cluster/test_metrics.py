@@ -121,13 +121,18 @@ def _version() -> str:
     return version("qcluster")
 
 
-def test_a_metrics_port_in_use_is_a_one_line_error_at_start(pg_url: str,
+def test_a_metrics_port_in_use_is_a_one_line_error_of_config_check_and_start(pg_url: str,
                                                             tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         config = write_config(tmp_path, pg_url, metrics={"port": port})
+        checked = run_cli("config", "check", config=config, check=False)
+        assert checked.returncode != 0
+        assert checked.stderr.strip().splitlines() == [
+            f"error: cannot serve metrics on 127.0.0.1:{port} ([metrics]): Address already "
+            "in use"], checked.stderr
         with start_node(config, node_id="m1", role="worker",
                         log_path=tmp_path / "m1.log") as node:
             code = node.wait(timeout=WAIT)

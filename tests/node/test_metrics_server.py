@@ -1,0 +1,61 @@
+"""The /metrics endpoint against silent and slow peers (found by an outside attack on
+issue 17): a bounded number of connections, each cut after a deadline, so that a flood
+of idle connections costs a few threads for a few seconds and scrapes get through."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from qcluster import metrics
+from tests.helpers import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def test_idle_and_slow_peers_are_bounded_and_cut_and_scrapes_get_through(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics, "CONNECTION_SECONDS", 1.0)
+    port = _free_port()
+    server = metrics.MetricsServer("127.0.0.1", port)
+    server.start()
+    before = threading.active_count()
+    idle: list[socket.socket] = []
+    try:
+        for i in range(40):  # silent peers, and peers that send half a request
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            idle.append(s)
+        time.sleep(0.3)
+        assert threading.active_count() <= before + metrics.MAX_CONNECTIONS
+        # Cut after their deadline: the scrape gets a connection and an answer.
+        text = wait_for(lambda: _scrape(port), timeout=10, interval=0.2, what="a scrape")
+        assert text is not None and "qcluster_build_info" in text
+        for s in idle:  # every idle connection was closed by the server, or never served
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
