@@ -199,6 +199,11 @@ class Slot:
             sock.sendall(encode(request))
         deadline = None if timeout is None else time.monotonic() + timeout
         reply, ended, asked = self._await(sock, deadline, timeout)
+        if reply is None and asked is None:
+            # A stop asked while the process was dying (the thaw thread's stop and kill at
+            # once: the exit can wake the loop before it reads the stop) is the stop.
+            with self._lock:
+                asked = self._asked
         if reply is not None and not ended and asked is None:
             done = _outcome(reply, output)
             if "retire" in reply:  # it left something behind: it goes, with its group

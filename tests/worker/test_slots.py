@@ -25,6 +25,7 @@ from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
 from qcluster.worker import output
 from qcluster.worker.runner import Worker
+from qcluster.worker.slots import Slot
 from tests.helpers import TEST_SECRET, NodeProcess, start_node, wait_for, write_config
 from tests.worker.common import ALLOW, lead
 
@@ -466,3 +467,38 @@ def test_a_cut_tail_starts_at_a_whole_character(tmp_path: Path) -> None:
     assert text == "[... 24 earlier bytes not kept]\naéaé", text
     os.close(w)
     tail.close()
+
+
+def test_a_stop_and_a_kill_at_once_end_the_run_as_the_stop_says() -> None:
+    """The thaw thread stops a counted-out run and kills its group at once: the process's
+    exit may wake the slot's loop before the stop's wake-up does, and the run was then
+    recorded ``failed`` ("its process died: killed by SIGKILL") instead of ``interrupted``
+    (a flaky real-process test, tests/cluster/test_poison.py). Here the stop's wake-up is
+    held back, so the exit always comes first."""
+    import threading
+
+    slot = Slot("race")
+    try:
+        slot.ensure()
+        key = (1, 1)
+        slot.assign(key)
+        request = {"op": "run", "run_id": 1, "job_id": "race", "func": "jobs.builtin:shell",
+                   "args": '["sleep 30"]', "kwargs": "{}", "scheduled_at": time.time(),
+                   "attempt": 1, "epoch": 1, "worker_id": "w"}
+        ends: list[Any] = []
+        t = threading.Thread(target=lambda: ends.append(slot.run(request, None)))
+        t.start()
+        time.sleep(0.5)  # the command runs
+        held_r, held_w = os.pipe()  # the stop's wake-up goes here: nobody polls it
+        real_w, slot._wake_w = slot._wake_w, held_w
+        try:
+            assert slot.stop(key, S.INTERRUPTED, "counted out")
+            slot.kill()
+            t.join(10)
+        finally:
+            slot._wake_w = real_w
+            os.close(held_r)
+            os.close(held_w)
+        assert [(e.status, e.error) for e in ends] == [(S.INTERRUPTED, "counted out")], ends
+    finally:
+        slot.close()
