@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -37,6 +36,7 @@ from qcluster.store import schema
 from qcluster.store.cluster import ClusterState, read_cluster
 from qcluster.store.db import Database
 from tests.helpers import NodeProcess, run_cli, start_node, wait_for, write_config
+from tests.servers.base import free_port
 
 JOB_COLUMNS = ("id", "func", "trigger", "args", "kwargs", "next_run_time", "paused",
                "misfire_grace_seconds", "coalesce", "recover", "broken", "version",
@@ -65,12 +65,6 @@ def job_row(job_id: str, func: str, trigger: str, next_run_time: float, *,
     now = time.time() if now is None else now
     return (job_id, func, trigger, json.dumps(list(args)), "{}", next_run_time, False, None,
             coalesce, False, None, 1, now, now)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Scraper:

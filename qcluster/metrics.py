@@ -178,18 +178,6 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().server_close()
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address or ``localhost``."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class MetricsServer:
     """The ``/metrics`` endpoint (:class:`_Server`); :meth:`close` stops it."""
 

@@ -32,11 +32,12 @@ from qcluster.leader import migration
 from qcluster.leader.control import ControlService
 from qcluster.leader.election import Leadership
 from qcluster.leader.role import LeaderRole
-from qcluster.metrics import MetricsServer, is_loopback
+from qcluster.metrics import MetricsServer
 from qcluster.node.coordination import NodeCoordination
 from qcluster.node.preflight import open_metrics
 from qcluster.rpc.pyro import AuthDaemon, DaemonThread, configure_pyro
 from qcluster.rpc.secret_file import embedded_secret
+from qcluster.rpc.server import loopback
 from qcluster.settings import Settings
 from qcluster.store.cluster import (
     ClusterState,
@@ -177,7 +178,7 @@ class Node(NodeCoordination):
         self._metrics = open_metrics(s)
         if self._metrics is not None:
             log.info("serving Prometheus metrics on %s", self._metrics.url)
-            if not is_loopback(s.metrics.host):
+            if s.metrics.host != "localhost" and not loopback(s.metrics.host):
                 log.warning("the metrics endpoint listens on %s, beyond this host, with no "
                             "login: make sure only your Prometheus can reach it",
                             s.metrics.host)

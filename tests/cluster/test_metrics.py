@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qcluster import metrics
 from tests.helpers import run_cli, start_node, wait_for, write_config
+from tests.servers.base import free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -25,12 +26,6 @@ WAIT = 60.0
 LABELS = {"status", "reason", "backend", "operation", "version", "le"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:

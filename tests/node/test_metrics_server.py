@@ -14,12 +14,7 @@ import pytest
 
 from qcluster import metrics
 from tests.helpers import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.servers.base import free_port
 
 
 def _scrape(port: int) -> str | None:
@@ -35,7 +30,7 @@ def test_idle_and_slow_peers_are_bounded_and_cut_and_scrapes_get_through(
 ) -> None:
     monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 4)
     monkeypatch.setattr(metrics, "CONNECTION_SECONDS", 1.0)
-    port = _free_port()
+    port = free_port()
     server = metrics.MetricsServer("127.0.0.1", port)
     server.start()
     before = threading.active_count()
