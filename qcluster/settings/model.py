@@ -34,6 +34,7 @@ from pydantic import (
 from backends.names import BackendName
 from qcluster.errors import ConfigError
 from qcluster.settings.files import read_bounded
+from qcluster.settings.passwords import hash_problem
 from qcluster.settings.private import operator_file_problem, secret_problem
 from qcluster.settings.refs import is_allowed
 from qcluster.settings.text import show, toml_type
@@ -380,6 +381,72 @@ class MetricsSettings(_Section):
         return check_host(v)
 
 
+def _stored_hash(value: str) -> str:
+    problem = hash_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+StoredHash = Annotated[str, AfterValidator(_stored_hash)]
+WebRole = Literal["viewer", "operator"]
+
+
+class WebUser(_Section):
+    """One ``[[web.users]]`` login: ``operator`` may pause, resume and run jobs;
+    ``viewer`` only reads."""
+
+    name: Word
+    password_hash: StoredHash
+    role: WebRole = "viewer"
+
+
+class WebToken(_Section):
+    """One ``[[web.tokens]]`` login by a token alone (a long random string, hashed as a
+    password is); ``name`` is who it is shown as."""
+
+    name: Word
+    token_hash: StoredHash
+    role: WebRole = "viewer"
+
+
+class WebSettings(_Section):
+    """``[web]``: the dashboard (``qcluster/web/``). ``qcluster web`` serves it; a node
+    serves it too when ``port`` is not 0 (the default: none). Nobody can use it before a
+    user or token is configured, and it listens on loopback unless ``host`` says
+    otherwise; beyond loopback it needs TLS (``tls_cert``/``tls_key``) or
+    ``behind_tls_proxy = true``, since a login sent in clear is a login given away."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=0, ge=0, le=65535)
+    users: Annotated[tuple[WebUser, ...], TUPLE] = ()
+    tokens: Annotated[tuple[WebToken, ...], TUPLE] = ()
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    behind_tls_proxy: bool = False
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    refresh_seconds: float = Field(default=2.0, ge=0.5, le=3600)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str) -> str:
+        return check_host(v)
+
+    @model_validator(mode="after")
+    def _check_logins(self) -> WebSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (set both or neither)")
+        names = [u.name for u in self.users] + [t.name for t in self.tokens]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the login name {show(twice[0])} is used twice")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
 class Settings(_Section):
     """All of qcluster's settings. Build it with the loaders; ``source`` names the file."""
 
@@ -394,6 +461,7 @@ class Settings(_Section):
     jobs: JobsSettings = JobsSettings()
     runs: RunsSettings = RunsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
     _source: str = PrivateAttr(default=DEFAULTS_SOURCE)
 
     @model_validator(mode="after")
