@@ -1,0 +1,183 @@
+"""Who may use the dashboard: logins against the hashes of ``[web] users`` and ``tokens``,
+server-side sessions, CSRF tokens and a throttle on failed logins.
+
+The constructions are the standard ones (OWASP's session, CSRF and password cheat sheets):
+
+- **Sessions** live in this process only: the cookie is 32 random bytes
+  (``secrets.token_urlsafe``), and the store keeps its SHA-256, never the value, so a
+  memory dump gives no usable cookie. A session ends ``[web] session_hours`` after login
+  or at logout, and a new id is issued at login (no fixation). A restart logs everyone
+  out. At most :data:`MAX_SESSIONS` are kept (the oldest go first).
+- **CSRF**: each session has its own random token; every change (a POST) must carry it in
+  the form, compared in constant time. The login form, before any session, uses the
+  signed double-submit pattern: a random pre-login cookie and, in the form, its HMAC
+  under a key made at start. Cookies are also ``SameSite=Strict``, and a POST whose
+  ``Origin`` is another site is refused whatever it carries.
+- **Logins**: scrypt (``settings/passwords.py``); an unknown name is checked against a
+  dummy hash, so the time does not tell which names exist. Checks run at most
+  :data:`CONCURRENT_CHECKS` at once (each takes 128 MiB), and after :data:`MAX_FAILURES`
+  failures in :data:`FAILURE_WINDOW` seconds from one address, or for one name, logins
+  from it are refused until the window has passed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+
+from qcluster.settings import Settings
+from qcluster.settings.passwords import dummy_hash, verify
+
+MAX_SESSIONS = 10_000
+CONCURRENT_CHECKS = 2
+MAX_FAILURES = 5
+FAILURE_WINDOW = 60.0
+MAX_THROTTLED_KEYS = 100_000
+
+VIEWER = "viewer"
+OPERATOR = "operator"
+
+
+@dataclasses.dataclass
+class Session:
+    user: str
+    role: str
+    csrf: str
+    expires: float
+
+    @property
+    def may_change(self) -> bool:
+        return self.role == OPERATOR
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class Sessions:
+    """The live sessions, by the SHA-256 of their cookie."""
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self._lock = threading.Lock()
+        self._by_digest: collections.OrderedDict[str, Session] = collections.OrderedDict()
+
+    def create(self, user: str, role: str) -> tuple[str, Session]:
+        cookie = secrets.token_urlsafe(32)
+        session = Session(user, role, secrets.token_urlsafe(32),
+                          time.monotonic() + self.lifetime)
+        with self._lock:
+            self._by_digest[_digest(cookie)] = session
+            while len(self._by_digest) > MAX_SESSIONS:
+                self._by_digest.popitem(last=False)
+        return cookie, session
+
+    def get(self, cookie: str | None) -> Session | None:
+        if not cookie or len(cookie) > 128:
+            return None
+        key = _digest(cookie)
+        with self._lock:
+            session = self._by_digest.get(key)
+            if session is not None and session.expires <= time.monotonic():
+                del self._by_digest[key]
+                return None
+            return session
+
+    def drop(self, cookie: str | None) -> None:
+        if cookie and len(cookie) <= 128:
+            with self._lock:
+                self._by_digest.pop(_digest(cookie), None)
+
+
+class LoginForms:
+    """The login form's CSRF token: the HMAC of a random pre-login cookie under a key
+    made when the process started (signed double-submit)."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def new_cookie(self) -> str:
+        return secrets.token_urlsafe(32)
+
+    def token(self, cookie: str) -> str:
+        return hmac.new(self._key, cookie.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, cookie: str | None, token: str | None) -> bool:
+        if not cookie or not token or len(cookie) > 128 or len(token) > 128:
+            return False
+        return hmac.compare_digest(self.token(cookie), token)
+
+
+def same_token(expected: str, given: str | None) -> bool:
+    return given is not None and len(given) <= 128 and hmac.compare_digest(
+        expected.encode(), given.encode())
+
+
+class Throttle:
+    """Failed logins per key (an address, a name) in the last :data:`FAILURE_WINDOW`
+    seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> collections.deque[float] | None:
+        times = self._failures.get(key)
+        while times and times[0] <= now - FAILURE_WINDOW:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def blocked(self, *keys: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return any(len(self._recent(k, now) or ()) >= MAX_FAILURES for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) >= MAX_THROTTLED_KEYS:  # a flood of names: start over
+                self._failures.clear()
+            for k in keys:
+                self._failures.setdefault(k, collections.deque(maxlen=MAX_FAILURES)).append(now)
+
+
+class Logins:
+    """Checks a user/password or a token against the config's hashes."""
+
+    def __init__(self, settings: Settings) -> None:
+        web = settings.web
+        self._users = {u.name: (u.password_hash, u.role) for u in web.users}
+        self._tokens: list[tuple[str, str, str]] = [(t.name, t.token_hash, t.role)
+                                                    for t in web.tokens]
+        hashes = [u.password_hash for u in web.users] + [t.token_hash for t in web.tokens]
+        self._dummy = dummy_hash(hashes[0] if hashes else None)
+        self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._users or self._tokens)
+
+    def user(self, name: str, password: str) -> tuple[str, str] | None:
+        """(name, role) if ``password`` is ``name``'s, else None."""
+        stored, role = self._users.get(name, (self._dummy, ""))
+        with self._checks:
+            ok = verify(password, stored)
+        return (name, role) if ok and role else None
+
+    def token(self, token: str) -> tuple[str, str] | None:
+        """(name, role) of the token's entry, else None. Every entry is checked, so the
+        time does not tell how far down the list a token matched."""
+        found = None
+        with self._checks:
+            for name, stored, role in self._tokens or [("", self._dummy, "")]:
+                if verify(token, stored) and role and found is None:
+                    found = (name, role)
+        return found
