@@ -77,6 +77,11 @@ def config_check(config: ConfigOpt = None) -> None:
 
     s = settings(config)
     check_node_config(s)
+    if s.web.port:
+        from qcluster.web.server import bind, check_web
+
+        check_web(s)
+        bind(s.web.host, s.web.port).close()  # free, and an address of this machine
     where = admin.check_database(s)
     print(f"ok: {s.source} is valid; database {where} answers")
 

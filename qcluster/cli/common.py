@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,3 +51,20 @@ def settings(config: Path | None) -> Settings:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def setup_logging(*, quiet: bool = False) -> None:
+    level = os.environ.get("QCLUSTER_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("Pyro5").setLevel(logging.WARNING)
+    # Pyro5.client logs "problem getting metadata: cannot connect" at ERROR and then raises;
+    # the dispatcher and the CLI catch that error and say which worker or leader it was.
+    logging.getLogger("Pyro5.client").setLevel(logging.CRITICAL)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ...", per start
+    for name in DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+DRIVER_LOGGERS = ("kazoo", "backends.zookeeper.kazoo")  # the second: kazoo, through a filter

@@ -25,7 +25,17 @@ from qcluster import __version__
 from qcluster.cli import output
 from qcluster.cli.admin_commands import backend_app, config_app, db_app
 from qcluster.cli.calendar_commands import calendars_app
-from qcluster.cli.common import ConfigOpt, JsonOpt, client, print_json, root_config, settings
+from qcluster.cli.common import (
+    DRIVER_LOGGERS,
+    ConfigOpt,
+    JsonOpt,
+    client,
+    print_json,
+    root_config,
+    settings,
+    setup_logging,
+)
+from qcluster.cli.web_commands import web
 from qcluster.client.api import Change
 from qcluster.definitions.jobfile import parse_cli_value
 from qcluster.errors import InputError, QClusterError
@@ -57,6 +67,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(backend_app, name="backend")
 app.add_typer(calendars_app, name="calendars")
+app.command("web")(web)
 
 
 def _show_version(value: bool) -> None:
@@ -101,7 +112,12 @@ def start(
     s = settings(config)
     if roles is None:
         roles = s.node.roles
-    _setup_logging(quiet=demo)
+    setup_logging(quiet=demo)
+    dashboard = None
+    if s.web.port:  # bound first: a port in use or a missing login stops the start here
+        from qcluster.web.server import WebServer
+
+        dashboard = WebServer(s)
     node = Node(s, node_id=node_id, roles=roles)
 
     def _signal(signum: int, _frame: FrameType | None) -> None:
@@ -116,27 +132,16 @@ def start(
             run_demo(s, node)
         else:
             node.start()
+            if dashboard is not None:
+                dashboard.start()
+                logging.getLogger("qcluster.web").info("serving the dashboard on %s",
+                                                       dashboard.url)
             node.wait()
     finally:
+        if dashboard is not None:
+            dashboard.close()
         node.stop()
         _NODE_RAN.set()
-
-
-def _setup_logging(*, quiet: bool = False) -> None:
-    level = os.environ.get("QCLUSTER_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("Pyro5").setLevel(logging.WARNING)
-    # Pyro5.client logs "problem getting metadata: cannot connect" at ERROR and then raises;
-    # the dispatcher and the CLI catch that error and say which worker or leader it was.
-    logging.getLogger("Pyro5.client").setLevel(logging.CRITICAL)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ...", per start
-    for name in _DRIVER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-_DRIVER_LOGGERS = ("kazoo", "backends.zookeeper.kazoo")  # the second: kazoo, through a filter
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -441,7 +446,7 @@ def _exit_now(code: object) -> None:
 def _main(argv: list[str] | None) -> None:
     # A command prints one line per problem: a driver's own connection chatter (kazoo
     # retrying an unreachable server) stays out of it. `start` sets up real logging.
-    for name in _DRIVER_LOGGERS:
+    for name in DRIVER_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         app(args=argv, prog_name="qcluster", standalone_mode=False)
