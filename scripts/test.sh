@@ -3,7 +3,8 @@
 #
 # 1. Installs the Debian packages of the test servers (postgresql, zookeeper, redis-server)
 #    and of the fault lab (iproute2 for network namespaces, faketime for clock skew; see
-#    tests/cluster/netns.py) when one is missing and we are root; apt-get update runs only
+#    tests/cluster/netns.py), and chromium with chromium-driver for the dashboard's browser
+#    test, when one is missing and we are root; apt-get update runs only
 #    then. Not root: says what is missing and goes on (those tests skip, or fail when
 #    CI=true).
 # 2. Brings the Python environment to the lock: pip install -r requirements/test.txt
@@ -44,6 +45,8 @@ have_zookeeper() { [[ -f /usr/share/java/zookeeper.jar || -n "${ZOOKEEPER_HOME:-
 have_redis() { command -v redis-server >/dev/null || [[ -x /usr/bin/redis-server ]]; }
 have_iproute2() { command -v ip >/dev/null || [[ -x /usr/sbin/ip || -x /sbin/ip ]]; }
 have_faketime() { compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; }
+have_chromium() { command -v chromium >/dev/null || [[ -x /usr/bin/chromium ]]; }
+have_chromedriver() { command -v chromedriver >/dev/null || [[ -x /usr/bin/chromedriver ]]; }
 
 missing=()
 have_postgres || missing+=(postgresql)
@@ -51,6 +54,8 @@ have_zookeeper || missing+=(zookeeper)
 have_redis || missing+=(redis-server)
 have_iproute2 || missing+=(iproute2)
 have_faketime || missing+=(faketime)
+have_chromium || missing+=(chromium)
+have_chromedriver || missing+=(chromium-driver)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
