@@ -61,3 +61,26 @@ def test_quick_benchmark_reports_every_scenario_on_both_systems(
     assert scale["jobs"] == 100
     assert scale["first_fire_after_win_s"] is not None
     assert len(scale["jobs_list_cli_s"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_web_benchmark_reads_every_page_of_a_filled_store(pg_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.web", "--db-url", pg_url, "--jobs", "150",
+         "--runs", "3000", "--repeat", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    where = f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, where
+    report = json.loads((out / "web.json").read_text())
+    assert [r["database"].split()[0] for r in report["results"]] == ["PostgreSQL", "SQLite"]
+    for result in report["results"]:
+        pages = {p["page"]: p for p in result["pages"]}
+        assert {"cluster", "jobs", "runs (trouble)", "run with 2 KiB output"} <= set(pages)
+        for page in pages.values():
+            assert page["status"] == 200 and page["bytes"] > 500, page
+            assert 0 < page["p50_ms"] <= page["max_ms"], page
+        # the last page of 150 jobs is page 2, with 50 of them
+        assert pages["jobs, last page"]["path"] == "/jobs?page=2"
