@@ -29,6 +29,8 @@ TROUBLE = (RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.LOST, RunStatus.MISS
            RunStatus.INTERRUPTED)
 OPEN = (RunStatus.DISPATCHED, RunStatus.RUNNING)
 JOB_FILTERS = ("all", "active", "paused", "broken", "failing")
+#: The runs page's job search looks at the runs of at most this many matching jobs.
+MAX_MATCHED_JOBS = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +136,14 @@ def runs_page(conn: Connection, *, statuses: Sequence[str], job: str = "",
     has_output = sa.exists().where(o.c.run_id == r.c.id).label("has_output")
     query = sa.select(r, has_output).where(r.c.status.in_(statuses))
     if job:
-        query = query.where(r.c.job_id.like(_like(job), escape="\\"))
+        # The ids of the jobs that match, first (qc_jobs is small), then their runs by the
+        # (job_id, status) index: a LIKE on qc_runs itself scans every run newest first,
+        # 300 ms with 1,000,000 runs when few match (bench/web.py). An exact id always
+        # finds its runs, also those of a removed job.
+        j = schema.jobs
+        ids = set(conn.execute(sa.select(j.c.id).where(j.c.id.like(_like(job), escape="\\"))
+                               .limit(MAX_MATCHED_JOBS)).scalars()) | {job}
+        query = query.where(r.c.job_id.in_(sorted(ids)))
     rows = conn.execute(query.order_by(r.c.scheduled_at.desc(), r.c.id.desc()).limit(limit))
     return [{**with_lateness(row), "has_output": bool(row.has_output)} for row in rows]
 
