@@ -123,7 +123,8 @@ def run_rows(jobs: int, runs: int, now: float) -> Iterator[tuple[Any, ...]]:
         worker = None if status == RunStatus.MISSED else f"w{1 + j % 2}"
         yield (job_id(j), at, "jobs.builtin:noop", "[]", "{}", str(status), 1, False, 1, "s1",
                worker, None if worker is None else "bench", at, at, started, finished,
-               None if finished is None else finished - started, error, 0, 0, False)
+               None if finished is None or started is None else finished - started, error,
+               0, 0, False)
 
 
 def fill(db_url: str, jobs: int, runs: int) -> dict[str, float]:
