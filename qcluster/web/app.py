@@ -289,7 +289,7 @@ class Dashboard:
 
     async def jobs(self, request: Request) -> Response:
         params = request.query_params
-        search = params.get("q", "")[:MAX_SEARCH]
+        search = _search(params.get("q", ""))
         status = params.get("status", "all")
         if status not in queries.JOB_FILTERS:
             status = "all"
@@ -342,7 +342,7 @@ class Dashboard:
         params = request.query_params
         wanted = [s for s in params.getlist("status") if s in tuple(RunStatus)]
         statuses = wanted or list(queries.TROUBLE)
-        job = params.get("job", "")[:MAX_SEARCH]
+        job = _search(params.get("job", ""))
 
         def render(session: auth.Session) -> Response:
             with self.db.read() as conn:
@@ -358,6 +358,8 @@ class Dashboard:
 
         def render(session: auth.Session) -> Response:
             try:
+                if not (text.isascii() and text.isdigit()):  # not "٣", "+3" or " 3"
+                    raise ValueError(text)
                 run_id = bounds.check_int(int(text), "a run id", bounds.RUN_ID)
                 with self.db.read() as conn:
                     run = catalog.get_run(conn, run_id)
@@ -422,8 +424,14 @@ class Dashboard:
             return self.refused(request, session, str(e), 503)
 
 
+def _search(text: str) -> str:
+    """A search box's text, without control characters (PostgreSQL refuses a NUL in a
+    string: a 500 before), bounded."""
+    return "".join(c for c in text if c >= " " and c != "\x7f")[:MAX_SEARCH]
+
+
 def _page_number(text: str | None) -> int:
-    if text is None or not text.isdigit() or len(text) > 7:
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 7:
         return 1
     return max(1, int(text))
 

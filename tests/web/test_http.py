@@ -180,6 +180,11 @@ def test_odd_query_parameters_fall_back_to_the_defaults(served: Served) -> None:
         assert r.status == 200, query
     assert "tick" not in c.get("/jobs?q=%25").body.split("<tbody>")[1].split("</tbody>")[0]
     assert c.get("/runs?status=nonsense&job=%27%3B--").status == 200
+    # A superscript two is a digit to str.isdigit, not to int (a 500 before); a NUL is
+    # refused by PostgreSQL (a 500) and is dropped from the search.
+    for path in ["/jobs?page=%C2%B2", "/jobs?q=%00", "/runs?job=%00ti", "/jobs?q=ti%00ck"]:
+        assert c.get(path).status == 200, path
+    assert "tick" in c.get("/jobs?q=ti%00ck").body
 
 
 def test_every_response_carries_the_security_headers(served: Served) -> None:
