@@ -241,3 +241,33 @@ def test_logout_ends_the_session_on_the_server(served: Served) -> None:
     replay = served.client()
     replay.cookies[SESSION_COOKIE] = cookie  # the old cookie, kept by an attacker
     assert replay.get("/jobs").status == 303
+
+
+@pytest.mark.parametrize("cap", [1, 500])
+def test_the_runs_search_finds_the_same_runs_by_job_ids_or_beyond_the_cap_by_like(
+        served: Served, monkeypatch: pytest.MonkeyPatch, cap: int) -> None:
+
+    from qcluster.store import schema
+    from qcluster.web import queries
+
+    api = Api(settings=served.settings)
+    for job_id in ("tick-a", "tick-b", "other"):
+        api.add(job_id, "jobs.builtin:noop", every="1h")
+    engine = served.server.dashboard.db.engine
+    rows = [{"job_id": job_id, "scheduled_at": 1000.0 + i, "func": "jobs.builtin:noop",
+             "args": "[]", "kwargs": "{}", "status": "failed", "epoch": 1, "leader": "n1",
+             "created_at": 1000.0}
+            for i, job_id in enumerate(["tick-a", "tick-b", "other", "tick-gone"])]
+    with engine.begin() as conn:
+        conn.execute(schema.runs.insert(), rows)
+    monkeypatch.setattr(queries, "MAX_MATCHED_JOBS", cap)
+    with engine.connect() as conn:
+        def found(job: str) -> list[str]:
+            return [r["job_id"] for r in queries.runs_page(conn, statuses=["failed"],
+                                                           job=job)]
+        # 2 stored jobs match "tick": beyond a cap of 1 the LIKE on the runs finds the
+        # removed job's run too; under the cap, the stored jobs' runs alone.
+        assert found("tick") == (["tick-gone", "tick-b", "tick-a"] if cap == 1
+                                 else ["tick-b", "tick-a"])
+        assert found("tick-gone") == ["tick-gone"]  # a removed job, by its whole id
+        assert found("other") == ["other"] and found("nothing") == []
