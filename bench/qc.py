@@ -67,6 +67,22 @@ def job_row(job_id: str, func: str, trigger: str, next_run_time: float, *,
             coalesce, False, None, 1, now, now)
 
 
+def copy_rows(db: Database, table: str, columns: Sequence[str],
+              rows: Iterable[tuple[Any, ...]]) -> int:
+    """COPY ``rows`` (tuples in ``columns`` order) into ``table`` in one transaction, on
+    PostgreSQL; return how many."""
+    n = 0
+    with db.engine.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur, cur.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+                n += 1
+        raw.commit()
+    return n
+
+
 class Scraper:
     """``--metrics``: reads every node's ``/metrics`` once a second, as a Prometheus with
     a 1 s scrape interval would (15 s is usual: this is 15 times its cost)."""
@@ -227,16 +243,7 @@ class QcCluster:
 
     def insert_jobs(self, rows: Iterable[tuple[Any, ...]]) -> int:
         """COPY ``rows`` (see :func:`job_row`) into ``qc_jobs`` in one transaction."""
-        n = 0
-        with self.db.engine.connect() as conn:
-            raw: Any = conn.connection.driver_connection
-            with raw.cursor() as cur, cur.copy(
-                    f"COPY qc_jobs ({', '.join(JOB_COLUMNS)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-                    n += 1
-            raw.commit()
-        return n
+        return copy_rows(self.db, "qc_jobs", JOB_COLUMNS, rows)
 
     def execute(self, sql: str, **params: Any) -> Any:
         with self.db.engine.begin() as conn:

@@ -39,7 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from bench.common import machine_info, percentile, redact
-from bench.qc import JOB_COLUMNS, interval_spec, job_row
+from bench.qc import JOB_COLUMNS, copy_rows, interval_spec, job_row
 from qcluster.definitions.triggers import validate_spec
 from qcluster.settings.passwords import MIN_LOG2_N, hash_password
 from qcluster.store import schema
@@ -60,6 +60,10 @@ RUN_COLUMNS = ("job_id", "scheduled_at", "func", "args", "kwargs", "status", "at
 #: (status, share of runs): what the runs are, in proportion.
 MIX = ((RunStatus.SUCCEEDED, 0.94), (RunStatus.FAILED, 0.03), (RunStatus.TIMED_OUT, 0.01),
        (RunStatus.MISSED, 0.01), (RunStatus.LOST, 0.01))
+ERRORS = {RunStatus.FAILED: "RuntimeError: the report could not be built",
+          RunStatus.TIMED_OUT: "timed out after 60 s",
+          RunStatus.MISSED: "missed: no live worker within the grace",
+          RunStatus.LOST: "lost: its worker died"}
 OUTPUT = ("line of output from a run that went wrong somewhere\n" * 40)[:2048]
 
 
@@ -116,10 +120,7 @@ def run_rows(jobs: int, runs: int, now: float) -> Iterator[tuple[Any, ...]]:
         late = rng.uniform(0.005, 0.2)
         started = None if status in (RunStatus.MISSED, RunStatus.LOST) else at + late
         finished = None if started is None else started + rng.uniform(0.01, 2.0)
-        error = {RunStatus.FAILED: "RuntimeError: the report could not be built",
-                 RunStatus.TIMED_OUT: "timed out after 60 s",
-                 RunStatus.MISSED: "missed: no live worker within the grace",
-                 RunStatus.LOST: "lost: its worker died"}.get(status)
+        error = ERRORS.get(status)
         worker = None if status == RunStatus.MISSED else f"w{1 + j % 2}"
         yield (job_id(j), at, "jobs.builtin:noop", "[]", "{}", str(status), 1, False, 1, "s1",
                worker, None if worker is None else "bench", at, at, started, finished,
@@ -139,8 +140,8 @@ def fill(db_url: str, jobs: int, runs: int) -> dict[str, float]:
             conn.execute(sa.text("DELETE FROM qc_runs"))
             conn.execute(sa.text("DELETE FROM qc_jobs"))
         if db.engine.dialect.name == "postgresql":
-            _copy(db, "qc_jobs", JOB_COLUMNS, job_rows(jobs, now))
-            _copy(db, "qc_runs", RUN_COLUMNS, run_rows(jobs, runs, now))
+            copy_rows(db, "qc_jobs", JOB_COLUMNS, job_rows(jobs, now))
+            copy_rows(db, "qc_runs", RUN_COLUMNS, run_rows(jobs, runs, now))
         else:
             _insert(db, "qc_jobs", JOB_COLUMNS, job_rows(jobs, now))
             _insert(db, "qc_runs", RUN_COLUMNS, run_rows(jobs, runs, now))
@@ -155,17 +156,6 @@ def fill(db_url: str, jobs: int, runs: int) -> dict[str, float]:
     finally:
         db.dispose()
     return took
-
-
-def _copy(db: Database, table: str, columns: tuple[str, ...],
-          rows: Iterator[tuple[Any, ...]]) -> None:
-    with db.engine.connect() as conn:
-        raw: Any = conn.connection.driver_connection
-        with raw.cursor() as cur, cur.copy(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        raw.commit()
 
 
 def _insert(db: Database, table: str, columns: tuple[str, ...],
