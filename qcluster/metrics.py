@@ -17,6 +17,7 @@ Promises:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
@@ -114,9 +115,11 @@ for _reason in ("busy", "duplicate", "already_claimed", "database_unavailable",
 
 
 #: Connections the endpoint serves at once; more are closed at once, unanswered.
-MAX_CONNECTIONS = 16
+MAX_CONNECTIONS = 64
+#: Connections one address may hold at once (a scraper needs one).
+MAX_PER_ADDRESS = 4
 #: Seconds a connection may take in all (request and answer); then it is cut.
-CONNECTION_SECONDS = 10.0
+CONNECTION_SECONDS = 5.0
 #: Seconds one read of a request may wait.
 READ_SECONDS = 5.0
 
@@ -130,17 +133,19 @@ class _Handler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     """``wsgiref``'s server with a thread per connection, as ``prometheus_client``'s own,
-    but bounded: at most :data:`MAX_CONNECTIONS` at once (the others are closed at once),
-    each cut after :data:`CONNECTION_SECONDS` in all, so that silent, slow or many peers
-    cost a bounded number of threads for a bounded time, and scrapes get through again
-    once they are gone."""
+    but bounded: at most :data:`MAX_CONNECTIONS` at once and :data:`MAX_PER_ADDRESS`
+    from one address (the others are closed at once), each cut after
+    :data:`CONNECTION_SECONDS` in all, so that silent, slow or many peers cost a bounded
+    number of threads for a bounded time, and one address's cannot keep a scraper's
+    out."""
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
-        self._open: dict[socket.socket, float] = {}
+        self._open: dict[socket.socket, tuple[float, str]] = {}
+        self._by_address: collections.Counter[str] = collections.Counter()
         self._open_lock = threading.Lock()
         self._stopping = threading.Event()  # before the bind: a failed one closes the server
         super().__init__(address, _Handler)
@@ -149,15 +154,21 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._reaper.start()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = str(client_address[0]) if client_address else ""
         with self._open_lock:
-            if len(self._open) >= MAX_CONNECTIONS:
+            if len(self._open) >= MAX_CONNECTIONS or self._by_address[peer] >= MAX_PER_ADDRESS:
                 return False  # closed unanswered: the others are served
-            self._open[request] = time.monotonic() + CONNECTION_SECONDS
+            self._open[request] = (time.monotonic() + CONNECTION_SECONDS, peer)
+            self._by_address[peer] += 1
         return True
 
     def shutdown_request(self, request: Any) -> None:
         with self._open_lock:
-            self._open.pop(request, None)
+            entry = self._open.pop(request, None)
+            if entry is not None:
+                self._by_address[entry[1]] -= 1
+                if self._by_address[entry[1]] <= 0:
+                    del self._by_address[entry[1]]
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -168,7 +179,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         while not self._stopping.wait(0.5):
             now = time.monotonic()
             with self._open_lock:
-                late = [sock for sock, deadline in self._open.items() if deadline <= now]
+                late = [sock for sock, (deadline, _peer) in self._open.items()
+                        if deadline <= now]
             for sock in late:  # its thread's read or write fails at once, and it ends
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

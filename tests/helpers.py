@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -522,3 +523,15 @@ def wait_leading(config: Path, node: NodeProcess, node_id: str = "n1",
         return bool((status["leader"] or {}).get("node_id") == node_id)
 
     wait_for(leading, timeout, interval=0.5, what=f"{node_id} to lead", details=node.log_tail)
+
+
+def closed_by_peer(sockets: Iterable[socket.socket], settle: float = 0.5) -> int:
+    """How many of ``sockets`` the server has closed ``settle`` seconds from now (the
+    others are still open and silent)."""
+    time.sleep(settle)
+    closed = 0
+    for s in sockets:
+        s.settimeout(0.02)
+        with contextlib.suppress(TimeoutError):
+            closed += s.recv(1) == b""
+    return closed

@@ -94,7 +94,7 @@ def _root(
 def start(
     config: ConfigOpt = None,
     role: Annotated[str | None, typer.Option(
-        help="all, scheduler or worker (default: [node] roles, both).")] = None,
+        help="all, scheduler or worker (default: \\[node] roles, both).")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
     demo: Annotated[bool, typer.Option(help="Add the example jobs and show their runs.")] = False,
 ) -> None:
@@ -166,7 +166,7 @@ def jobs_add(
     misfire_grace: Annotated[int | None, typer.Option(help="Seconds a fire may be late.")] = None,
     coalesce: Annotated[bool | None, typer.Option("--coalesce/--no-coalesce")] = None,
     max_attempts: Annotated[int | None, typer.Option(
-        help="Attempts of one run in all, with --recover (default: [runs] max_attempts).",
+        help="Attempts of one run in all, with --recover (default: \\[runs] max_attempts).",
     )] = None,
     retries: Annotated[str | None, typer.Option(
         help="Try a failed or timed-out run again this many times (0-100).")] = None,
@@ -227,7 +227,7 @@ def _whole(text: str | None) -> int | str | None:
 
 @jobs_app.command("apply")
 def jobs_apply(
-    file: Annotated[Path, typer.Argument(metavar="FILE.toml", help="[[job]] definitions.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE.toml", help="\\[\\[job]] definitions.")],
     prune: Annotated[bool, typer.Option(help="Remove jobs the file does not name.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -358,7 +358,7 @@ def runs_show(
 ) -> None:
     """Show one run: its fields, and for each attempt the repr of what it returned and the
     tail of what it wrote to stdout and stderr (log records included; the last
-    [runs] output_max_bytes)."""
+    \\[runs] output_max_bytes)."""
     run = client(config).show_run(run_id)
     if as_json:
         print_json(run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import format_duration
+from qcluster.settings.text import printable
 from qcluster.store.cluster import Phase
 from qcluster.store.runs import RunStatus
 
@@ -75,26 +75,8 @@ def runs_table(runs: list[dict[str, Any]], title: str | None = None) -> None:
         table.add_row(str(r["run_id"]), escape(r["job_id"]), _t(r["scheduled_at"]),
                       f"[{style}]{r['status']}[/]", str(r["attempt"]),
                       escape(r["worker"] or "-"), took, "yes" if r.get("has_output") else "",
-                      escape(_printable(r["error"] or "")[:60]))
+                      escape(printable(r["error"] or "")[:60]))
     console.print(table)
-
-
-# C0 and C1 controls but newline and tab, and the bidirectional formatting characters,
-# which reorder what a terminal shows (a "Trojan Source" line).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
-                      r"\u2066-\u2069]")
-
-
-def _printable(text: str, *, newlines: bool = True) -> str:
-    """``text`` with the control characters a terminal would act on (escape sequences,
-    carriage returns, bidirectional overrides) shown as ``\\x1b``, ``\\u202e`` and the
-    like; tabs kept, and newlines unless ``newlines`` is False."""
-    def shown(m: re.Match[str]) -> str:
-        c = ord(m.group())
-        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-    text = _CONTROL.sub(shown, text)
-    return text if newlines else text.replace("\n", "\\n")
 
 
 def run_detail(run: Mapping[str, Any]) -> None:
@@ -107,7 +89,7 @@ def run_detail(run: Mapping[str, Any]) -> None:
         value = run.get(key)
         if key == "duration" and isinstance(value, int | float):
             value = f"{value * 1000:.1f} ms"
-        table.add_row(key, escape(_printable("-" if value is None else str(value))))
+        table.add_row(key, escape(printable("-" if value is None else str(value))))
     console.print(table)
     if not run["attempts"]:
         console.print("no output kept (the run wrote nothing and returned None, or has not "
@@ -115,12 +97,12 @@ def run_detail(run: Mapping[str, Any]) -> None:
     for kept in run["attempts"]:
         console.print(f"[bold]attempt {kept['attempt']}[/]")
         if kept["result"] is not None:  # on one line: a repr's newlines cannot fake lines
-            console.print(f"returned: {escape(_printable(kept['result'], newlines=False))}",
+            console.print(f"returned: {escape(printable(kept['result'], newlines=False))}",
                           soft_wrap=True)
         if kept["output"] is not None:
             console.print("output:")
             # As written: the terminal wraps long lines, none is cut into several.
-            console.print(_printable(kept["output"]).rstrip("\n"), markup=False,
+            console.print(printable(kept["output"]).rstrip("\n"), markup=False,
                           soft_wrap=True, highlight=False)
 
 

@@ -20,12 +20,12 @@ MIN_PASSWORD_CHARS = 12
 
 def web(
     config: ConfigOpt = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on (else [web] host).")]
+    host: Annotated[str | None, typer.Option(help="Address to listen on (else \\[web] host).")]
     = None,
     port: Annotated[int | None, typer.Option(
-        min=0, max=65535, help="Port (else [web] port, else 8321; 0: any free one).")] = None,
+        min=0, max=65535, help="Port (else \\[web] port, else 8321; 0: any free one).")] = None,
 ) -> None:
-    """Serve the web dashboard (needs [web] users or tokens)."""
+    """Serve the web dashboard (needs \\[web] users or tokens)."""
     from qcluster.settings.model import check_host
     from qcluster.web.server import DEFAULT_PORT, WebServer
 

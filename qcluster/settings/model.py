@@ -424,6 +424,8 @@ class WebSettings(_Section):
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
     behind_tls_proxy: bool = False
+    allowed_hosts: Annotated[tuple[str, ...], TUPLE] = ()
+    trusted_proxies: Annotated[tuple[str, ...], TUPLE] = ()
     session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     refresh_seconds: float = Field(default=2.0, ge=0.5, le=3600)
 
@@ -431,6 +433,24 @@ class WebSettings(_Section):
     @classmethod
     def _check_host(cls, v: str) -> str:
         return check_host(v)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_host(h).lower().removesuffix(".") for h in v)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                raise ValueError("must be IP addresses or networks such as '10.0.0.0/8' "
+                                 f"(got {show(entry)})") from None
+        return v
 
     @model_validator(mode="after")
     def _check_logins(self) -> WebSettings:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -29,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -46,6 +50,7 @@ from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import fire_times
 from qcluster.errors import InputError, QClusterError
 from qcluster.settings import Settings
+from qcluster.settings.text import printable
 from qcluster.store import bounds, catalog
 from qcluster.store.db import Database
 from qcluster.store.runs.states import RunStatus
@@ -57,6 +62,7 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "qc_session"
 LOGIN_COOKIE = "qc_login"
 MAX_BODY = 64 * 1024
+MAX_HEAD = 16 * 1024  # a request's line and headers
 MAX_FIELDS = 1000
 PAGE_SIZE = 100
 MAX_SEARCH = 200
@@ -83,59 +89,127 @@ SECURITY_HEADERS = {
 
 
 class Guard:
-    """ASGI middleware: the security headers on every response (HSTS too under TLS), and
-    request bodies bounded to :data:`MAX_BODY` bytes (413 beyond, before the app reads
-    them)."""
+    """ASGI middleware, before the app sees a request:
 
-    def __init__(self, app: ASGIApp, *, tls: bool) -> None:
+    - a head over :data:`MAX_HEAD` bytes is refused (431: h11 bounds only a head that
+      arrives in pieces);
+    - a ``Host`` that is not an IP address, ``localhost``, this machine's name or one of
+      ``[web] allowed_hosts`` is refused (400), so that a page whose name was rebound to
+      this address (DNS rebinding) cannot reach the login;
+    - the body is read whole first, at most :data:`MAX_BODY` bytes (413 beyond, chunked
+      or not) within :data:`BODY_SECONDS` (408), so the app never meets a slow or huge
+      one;
+    - and every response gets the security headers (HSTS too under TLS)."""
+
+    def __init__(self, app: ASGIApp, *, tls: bool, allowed_hosts: tuple[str, ...]) -> None:
         self.app = app
         self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
         if tls:
             self.headers.append((b"strict-transport-security", b"max-age=31536000"))
+        names = {"localhost", socket.gethostname(), socket.getfqdn(), *allowed_hosts}
+        self.hosts = {n.lower().removesuffix(".") for n in names if n}
+
+    def host_allowed(self, host: bytes | None) -> bool:
+        if host is None:  # HTTP/1.0: no browser sends that
+            return True
+        text = host.decode("latin-1").strip().lower()
+        if text.startswith("["):  # an IPv6 address, maybe with a port
+            return _is_ip(text[1:].partition("]")[0])
+        name, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+        if port and not (port.isascii() and port.isdigit()):
+            return False
+        return _is_ip(name) or name.removesuffix(".") in self.hosts
+
+    def refusal(self, scope: Scope) -> tuple[str, int] | None:
+        """Why the request's head is refused, and the status; None if it is not."""
+        headers = scope.get("headers", ())
+        size = sum(len(k) + len(v) for k, v in headers)
+        if size + len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) > (
+                MAX_HEAD):
+            return "request header fields too large", 431
+        fields = dict(headers)
+        if not self.host_allowed(fields.get(b"host")):
+            return ("unknown host name in the Host header (a name of this dashboard goes in "
+                    "[web] allowed_hosts)", 400)
+        length = fields.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return "request body too large", 413
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers", ())).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            await PlainTextResponse("request body too large", 413)(scope, receive, send)
-            return
-        received = 0
-        deadline = asyncio.get_running_loop().time() + BODY_SECONDS
-
-        async def bounded_receive() -> Message:
-            nonlocal received
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
-            except TimeoutError:
-                raise _TooSlow from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > MAX_BODY:
-                    raise _TooLarge
-            return message
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *self.headers]
             await send(message)
 
+        refused = self.refusal(scope)
+        if refused is None:
+            try:
+                body: Message | None = await _whole_body(receive)
+            except _Refused as e:
+                refused = e.args
+            else:
+                if body is None:  # the peer went away
+                    return
+        if refused is not None:
+            await PlainTextResponse(*refused)(scope, receive, send_with_headers)
+            return
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send_with_headers)
+
+
+class _Refused(Exception):
+    pass
+
+
+async def _whole_body(receive: Receive) -> Message | None:
+    """The request's body as one message, read within :data:`BODY_SECONDS` and at most
+    :data:`MAX_BODY` bytes (:class:`_Refused` with the answer); None if the peer left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BODY_SECONDS
+    chunks: list[bytes] = []
+    received, more = 0, True
+    while more:
         try:
-            await self.app(scope, bounded_receive, send_with_headers)
-        except _TooLarge:
-            await PlainTextResponse("request body too large", 413)(scope, receive, send)
-        except _TooSlow:
-            await PlainTextResponse("request body too slow", 408)(scope, receive, send)
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+        except TimeoutError:
+            raise _Refused("request body too slow", 408) from None
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > MAX_BODY:
+            raise _Refused("request body too large", 413)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
 
-class _TooLarge(Exception):
-    pass
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
-class _TooSlow(Exception):
-    pass
+def _shown(value: Any) -> Any:
+    """Jinja's finalize: text is shown with its control and bidirectional characters
+    escaped (``\u202e``), as the CLI shows it, so an output cannot reorder the page."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return printable(value)
+    return value
 
 
 class Dashboard:
@@ -153,7 +227,7 @@ class Dashboard:
         self._cluster: tuple[float, dict[str, Any]] | None = None
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
-            autoescape=True, undefined=jinja2.StrictUndefined)
+            autoescape=True, undefined=jinja2.StrictUndefined, finalize=_shown)
         self.templates.filters.update(ago=words.ago, when=words.when, secs=words.seconds)
 
     @property
@@ -163,6 +237,7 @@ class Dashboard:
         return self._db
 
     def close(self) -> None:
+        self.logins.close()
         if self._db is not None:
             self._db.dispose()
             self._db = None
@@ -171,8 +246,10 @@ class Dashboard:
 
     def page(self, request: Request, name: str, session: auth.Session | None,
              status: int = 200, **context: Any) -> HTMLResponse:
+        refreshing = request.headers.get("x-refresh") is not None  # refresh.js: <main> only
         html = self.templates.get_template(name).render(
             session=session, path=request.url.path, version=__version__,
+            notice=session.take_notice() if session and not refreshing else "",
             cluster_name=self.settings.cluster.name,
             refresh=self.settings.web.refresh_seconds, now=time.time(), **context)
         return HTMLResponse(html, status)
@@ -218,7 +295,7 @@ class Dashboard:
                                 "site: open the login page again.", 403)
         name, password, token = (form.get(k, "") for k in ("user", "password", "token"))
         address = request.client.host if request.client else "?"
-        keys = (f"address:{address}", f"user:{name}") if name else (f"address:{address}",)
+        limits = auth.login_limits(address, name)
         nxt = _safe_next(form.get("next"))
 
         def again(message: str, status: int) -> Response:
@@ -226,21 +303,25 @@ class Dashboard:
             return self.page(request, "login.html", None, status,
                              form=self.login_forms.token(cookie), next=nxt, error=message)
 
-        if self.throttle.blocked(*keys):
-            return again(f"Too many failed logins: wait {auth.FAILURE_WINDOW:g} seconds.", 429)
         if token and (name or password):
             return again("Give a user and password, or a token, not both.", 400)
+        stamp = self.throttle.reserve(limits)  # counted before the check: see auth.py
+        if stamp is None:
+            return again(f"Too many failed logins: wait {auth.FAILURE_WINDOW:g} seconds.", 429)
         try:
-            who = (await run_in_threadpool(self.logins.token, token) if token else
-                   await run_in_threadpool(self.logins.user, name, password)
-                   if name and password else None)
+            who = (await self.logins.check(name, password, token)
+                   if token or (name and password) else None)
+        except auth.Busy:
+            self.throttle.succeeded(limits, stamp)  # not checked, so not a failure
+            return again("The dashboard is busy checking other logins: try again in a few "
+                         "seconds.", 503)
         except ValueError:
             who = None
         if who is None:
-            self.throttle.failed(*keys)
             log.warning("dashboard: failed login from %s%s", address,
                         f" as {name!r}" if name else " by token")
             return again("Wrong user, password or token.", 401)
+        self.throttle.succeeded(limits, stamp)
         self.sessions.drop(request.cookies.get(SESSION_COOKIE))
         value, session = self.sessions.create(*who)
         log.info("dashboard: %s (%s) logged in from %s", session.user, session.role, address)
@@ -305,8 +386,7 @@ class Dashboard:
             pages = max(1, math.ceil(found.total / PAGE_SIZE))
             return self.page(request, "jobs.html", session, jobs=found.jobs,
                              total=found.total, search=search, chosen=status,
-                             filters=queries.JOB_FILTERS, page=page, pages=pages,
-                             notice=params.get("notice", "")[:300])
+                             filters=queries.JOB_FILTERS, page=page, pages=pages)
 
         return await self._read(request, render)
 
@@ -394,9 +474,8 @@ class Dashboard:
         notice = f"{action}: {len(done)} done"
         if failed:
             notice += "; " + "; ".join(failed[:3]) + (" ..." if len(failed) > 3 else "")
-        sep = "&" if "?" in back else "?"
-        return RedirectResponse(f"{back}{sep}{urllib.parse.urlencode({'notice': notice})}",
-                                303)
+        session.notice = notice[:600]  # shown on the next page; never taken from a URL
+        return RedirectResponse(back, 303)
 
     def _apply(self, action: str, ids: list[str]) -> tuple[list[str], list[str]]:
         done: list[str] = []
@@ -462,9 +541,14 @@ async def _form_list(request: Request) -> dict[str, list[str]]:
             "application/x-www-form-urlencoded"):
         return {}
     try:
-        return urllib.parse.parse_qs(body.decode("utf-8"), max_num_fields=MAX_FIELDS,
-                                     strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}
+    if text.count("&") >= MAX_FIELDS:  # parse_qs would say only ValueError
+        raise HTTPException(413, f"a form has at most {MAX_FIELDS} fields")
+    try:
+        return urllib.parse.parse_qs(text, max_num_fields=MAX_FIELDS, strict_parsing=False)
+    except ValueError:
         return {}
 
 
@@ -495,7 +579,7 @@ def build_app(settings: Settings) -> tuple[ASGIApp, Dashboard]:
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _error})
-    return Guard(app, tls=settings.web.tls), d
+    return Guard(app, tls=settings.web.tls, allowed_hosts=settings.web.allowed_hosts), d
 
 
 async def _not_found(_request: Request, _exc: Exception) -> Response:

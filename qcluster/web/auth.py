@@ -14,28 +14,43 @@ The constructions are the standard ones (OWASP's session, CSRF and password chea
   under a key made at start. Cookies are also ``SameSite=Strict``, and a POST whose
   ``Origin`` is another site is refused whatever it carries.
 - **Logins**: scrypt (``settings/passwords.py``); an unknown name is checked against a
-  dummy hash, so the time does not tell which names exist. Checks run at most
-  :data:`CONCURRENT_CHECKS` at once (each takes 128 MiB), and after :data:`MAX_FAILURES`
-  failures in :data:`FAILURE_WINDOW` seconds from one address, or for one name, logins
-  from it are refused until the window has passed.
+  dummy hash, so the time does not tell which names exist. Checks run on a pool of their
+  own, :data:`CONCURRENT_CHECKS` at once (each takes 128 MiB), so that a flood of logins
+  never holds the threads the pages are read on; beyond :data:`MAX_WAITING_CHECKS`
+  waiting, a login is refused at once (503).
+- **Throttle** (:class:`Throttle`): an attempt is counted *before* its check, and
+  forgotten when it succeeds, so that logins sent in parallel cannot all be checked
+  before the first failure counts. In :data:`FAILURE_WINDOW` seconds there may be
+  :data:`PAIR_FAILURES` failures for one name from one address, :data:`ADDRESS_FAILURES`
+  from one address (a password tried on many names) and :data:`NAME_FAILURES` for one
+  name (guessed from many addresses). The right password from another address is not
+  locked out by a guesser's 5 failures; locking out a name takes a flood that the log
+  shows. Behind a proxy the address is the client's, from ``X-Forwarded-For``, only when
+  the peer is one of ``[web] trusted_proxies``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import hmac
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 
 from qcluster.settings import Settings
 from qcluster.settings.passwords import dummy_hash, verify
 
 MAX_SESSIONS = 10_000
 CONCURRENT_CHECKS = 2
-MAX_FAILURES = 5
+MAX_WAITING_CHECKS = 16
+PAIR_FAILURES = 5
+ADDRESS_FAILURES = 30
+NAME_FAILURES = 100
 FAILURE_WINDOW = 60.0
 MAX_THROTTLED_KEYS = 100_000
 
@@ -49,6 +64,11 @@ class Session:
     role: str
     csrf: str
     expires: float
+    notice: str = ""  # shown once, on the next page (what a change did)
+
+    def take_notice(self) -> str:
+        notice, self.notice = self.notice, ""
+        return notice
 
     @property
     def may_change(self) -> bool:
@@ -118,35 +138,59 @@ def same_token(expected: str, given: str | None) -> bool:
         expected.encode(), given.encode())
 
 
+class Busy(Exception):
+    """More logins wait for a check than :data:`MAX_WAITING_CHECKS`."""
+
+
+Limits = Sequence[tuple[str, int]]
+
+
+def login_limits(address: str, name: str) -> Limits:
+    """The throttle's keys and their limits for a login as ``name`` (empty: by token)
+    from ``address``."""
+    who = f"user:{name}" if name else "token"
+    return ((f"pair:{address}:{who}", PAIR_FAILURES),
+            (f"address:{address}", ADDRESS_FAILURES),
+            *(((f"user:{name}", NAME_FAILURES),) if name else ()))
+
+
 class Throttle:
-    """Failed logins per key (an address, a name) in the last :data:`FAILURE_WINDOW`
-    seconds."""
+    """Login attempts per key in the last :data:`FAILURE_WINDOW` seconds: :meth:`reserve`
+    counts one before it is checked, :meth:`succeeded` forgets it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._failures: dict[str, collections.deque[float]] = {}
+        self._attempts: dict[str, collections.deque[float]] = {}
 
     def _recent(self, key: str, now: float) -> collections.deque[float] | None:
-        times = self._failures.get(key)
+        times = self._attempts.get(key)
         while times and times[0] <= now - FAILURE_WINDOW:
             times.popleft()
         if times is not None and not times:
-            del self._failures[key]
+            del self._attempts[key]
             return None
         return times
 
-    def blocked(self, *keys: str) -> bool:
+    def reserve(self, limits: Limits) -> float | None:
+        """Count an attempt under every key, and return its stamp; None (nothing
+        counted) if a key is at its limit."""
         now = time.monotonic()
         with self._lock:
-            return any(len(self._recent(k, now) or ()) >= MAX_FAILURES for k in keys)
+            if any(len(self._recent(k, now) or ()) >= limit for k, limit in limits):
+                return None
+            if len(self._attempts) >= MAX_THROTTLED_KEYS:  # a flood of keys: start over
+                self._attempts.clear()
+            for k, _limit in limits:
+                self._attempts.setdefault(k, collections.deque()).append(now)
+        return now
 
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
+    def succeeded(self, limits: Limits, stamp: float) -> None:
+        """Forget the attempt :meth:`reserve` stamped: it was not a failure."""
         with self._lock:
-            if len(self._failures) >= MAX_THROTTLED_KEYS:  # a flood of names: start over
-                self._failures.clear()
-            for k in keys:
-                self._failures.setdefault(k, collections.deque(maxlen=MAX_FAILURES)).append(now)
+            for k, _limit in limits:
+                times = self._attempts.get(k)
+                if times is not None and stamp in times:
+                    times.remove(stamp)
 
 
 class Logins:
@@ -159,25 +203,43 @@ class Logins:
                                                     for t in web.tokens]
         hashes = [u.password_hash for u in web.users] + [t.token_hash for t in web.tokens]
         self._dummy = dummy_hash(hashes[0] if hashes else None)
-        self._checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            CONCURRENT_CHECKS, thread_name_prefix="qc-web-login")
+        self._waiting = 0  # checks running or waiting; changed on the event loop only
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def configured(self) -> bool:
         return bool(self._users or self._tokens)
 
+    async def check(self, name: str, password: str, token: str) -> tuple[str, str] | None:
+        """(name, role) for a login by ``token``, else by ``name`` and ``password``; None
+        if it is wrong. Checked on this object's own pool; :class:`Busy` when too many
+        already wait."""
+        if self._waiting >= CONCURRENT_CHECKS + MAX_WAITING_CHECKS:
+            raise Busy
+        self._waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            if token:
+                return await loop.run_in_executor(self._pool, self.token, token)
+            return await loop.run_in_executor(self._pool, self.user, name, password)
+        finally:
+            self._waiting -= 1
+
     def user(self, name: str, password: str) -> tuple[str, str] | None:
         """(name, role) if ``password`` is ``name``'s, else None."""
         stored, role = self._users.get(name, (self._dummy, ""))
-        with self._checks:
-            ok = verify(password, stored)
+        ok = verify(password, stored)
         return (name, role) if ok and role else None
 
     def token(self, token: str) -> tuple[str, str] | None:
         """(name, role) of the token's entry, else None. Every entry is checked, so the
         time does not tell how far down the list a token matched."""
         found = None
-        with self._checks:
-            for name, stored, role in self._tokens or [("", self._dummy, "")]:
-                if verify(token, stored) and role and found is None:
-                    found = (name, role)
+        for name, stored, role in self._tokens or [("", self._dummy, "")]:
+            if verify(token, stored) and role and found is None:
+                found = (name, role)
         return found

@@ -5,61 +5,107 @@ in use or an address this machine does not have is a one-line error at start.
 ``[web] port`` set runs it in a thread beside the node (:meth:`WebServer.start`).
 
 Peers are bounded: a connection that has not sent a whole request head within
-:data:`HEAD_SECONDS` is closed, a head is at most 16 KiB (h11), a body at most
-``web/app.MAX_BODY`` bytes and read within :data:`BODY_SECONDS`, an idle keep-alive
-connection is closed after 5 s, and beyond :data:`MAX_CONNECTIONS` at once the server
-answers 503 at once rather than queue. An asyncio server: a slow peer holds a socket,
-not a thread.
+:data:`HEAD_SECONDS` of its start or of its last answer is closed, a head is at most
+``web/app.MAX_HEAD`` bytes, a body at most ``web/app.MAX_BODY`` bytes and read within
+``web/app.BODY_SECONDS``, an idle keep-alive connection is closed after 5 s, one address
+may hold at most :data:`MAX_PER_ADDRESS` connections (more are closed at once; a trusted
+proxy's are not counted), and beyond :data:`MAX_CONNECTIONS` at once the server answers
+503 at once rather than queue. An asyncio server: a slow peer holds a socket, not a
+thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qcluster.errors import ConfigError
 from qcluster.settings import Settings
-from qcluster.web.app import build_app
+from qcluster.web.app import MAX_HEAD, build_app
 
 log = logging.getLogger(__name__)
 
-HEAD_SECONDS = 10.0
-BODY_SECONDS = 10.0
+HEAD_SECONDS = 5.0
 MAX_CONNECTIONS = 256
+MAX_PER_ADDRESS = 32
 DEFAULT_PORT = 8321
 
 
 class _BoundedH11(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose first request head has not
-    arrived within :data:`HEAD_SECONDS` (uvicorn itself waits for ever)."""
+    """uvicorn's h11 protocol, closing a connection whose next request head has not
+    arrived within :data:`HEAD_SECONDS` (uvicorn waits for ever while bytes trickle
+    in), and one from an address that already holds :data:`MAX_PER_ADDRESS`. A subclass
+    per server (:func:`_protocol`) holds that server's counts."""
 
+    open_by_address: ClassVar[collections.Counter[str]]
+    trusted: ClassVar[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]
     _head_timer: asyncio.TimerHandle | None = None
+    _counted: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        peer = self.client[0] if self.client else ""
+        if not _within(peer, self.trusted):
+            if self.open_by_address[peer] >= MAX_PER_ADDRESS:
+                self.transport.close()
+                return
+            self.open_by_address[peer] += 1
+            self._counted = peer
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
 
     def _head_too_slow(self) -> None:
-        if self.cycle is None:
+        if self.cycle is None or self.cycle.response_complete:  # no request being served
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next head, too, within HEAD_SECONDS
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
+        if self._counted is not None:
+            self.open_by_address[self._counted] -= 1
+            if self.open_by_address[self._counted] <= 0:
+                del self.open_by_address[self._counted]
+            self._counted = None
         super().connection_lost(exc)
+
+
+def _protocol(settings: Settings) -> type[_BoundedH11]:
+    trusted = tuple(ipaddress.ip_network(p) for p in settings.web.trusted_proxies)
+    return type("BoundedH11", (_BoundedH11,), {
+        "open_by_address": collections.Counter(), "trusted": trusted})
+
+
+def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                          ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
 
 
 def check_web(settings: Settings, host: str | None = None) -> None:
     """ConfigError unless ``[web]`` can be served safely on ``host`` (else ``[web]
-    host``): a login configured, and TLS (or a TLS proxy said to be in front) beyond
-    loopback."""
+    host``): a login configured, TLS files that load and match (or a TLS proxy said to
+    be in front) beyond loopback."""
     web = settings.web
     host = web.host if host is None else host
     if not web.users and not web.tokens:
@@ -70,6 +116,17 @@ def check_web(settings: Settings, host: str | None = None) -> None:
         raise ConfigError(
             f"the dashboard's host {host} is beyond loopback without TLS: set tls_cert and "
             "tls_key, or behind_tls_proxy = true if a TLS proxy serves it")
+    if web.tls:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(web.tls_cert), str(web.tls_key))
+        except ssl.SSLError as e:  # reason None: "PEM lib", the files are no PEM
+            raise ConfigError(f"[web] tls_cert {web.tls_cert} and tls_key {web.tls_key} do "
+                              "not load as a PEM certificate and its key: "
+                              f"{e.reason or 'not PEM'}") from None
+        except OSError as e:
+            raise ConfigError(f"[web] tls_cert {web.tls_cert} or tls_key {web.tls_key} "
+                              f"cannot be read: {e.strerror or e}") from None
 
 
 def _loopback(host: str) -> bool:
@@ -119,10 +176,11 @@ class WebServer:
         if web.tls:
             options.update(ssl_certfile=str(web.tls_cert), ssl_keyfile=str(web.tls_key))
         config = uvicorn.Config(
-            self.app, http=_BoundedH11, log_level="warning", access_log=False,
+            self.app, http=_protocol(settings), log_level="warning", access_log=False,
             lifespan="on", timeout_keep_alive=5, limit_concurrency=MAX_CONNECTIONS,
-            h11_max_incomplete_event_size=16 * 1024, server_header=False,
-            forwarded_allow_ips="", proxy_headers=False, **options)
+            h11_max_incomplete_event_size=MAX_HEAD, server_header=False,
+            proxy_headers=bool(web.trusted_proxies),
+            forwarded_allow_ips=list(web.trusted_proxies) or "", **options)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self.scheme = "https" if web.tls else "http"

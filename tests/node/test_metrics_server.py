@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from qcluster import metrics
-from tests.helpers import wait_for
+from tests.helpers import closed_by_peer, wait_for
 from tests.servers.base import free_port
 
 
@@ -50,6 +50,33 @@ def test_idle_and_slow_peers_are_bounded_and_cut_and_scrapes_get_through(
             s.settimeout(5)
             with contextlib.suppress(ConnectionResetError):
                 assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+def test_one_address_cannot_hold_the_connections_a_scraper_needs(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 silent connections from one address held every slot for their 10 s, and each
+    returned at once: scrapes starved for as long as the peer liked."""
+    monkeypatch.setattr(metrics, "CONNECTION_SECONDS", 60.0)
+    port = free_port()
+    server = metrics.MetricsServer("127.0.0.1", port)
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(metrics.MAX_CONNECTIONS + 8):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert closed_by_peer(idle) == len(idle) - metrics.MAX_PER_ADDRESS  # only its share is held
+        with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                      source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := other.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200") and b"qcluster_build_info" in answer
     finally:
         for s in idle:
             s.close()

@@ -3,6 +3,7 @@ PostgreSQL database, and a small HTTP client that keeps cookies and follows noth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import re
@@ -56,13 +57,16 @@ class Client:
     """HTTP/1.1 to the dashboard with a cookie jar; redirects are returned, not
     followed."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, source: str | None = None) -> None:
         self.port = port
+        self.source = source  # a loopback address of its own (127.0.0.2): another peer
         self.cookies: dict[str, str] = {}
 
     def request(self, method: str, path: str, form: dict[str, str | list[str]] | None = None,
                 headers: dict[str, str] | None = None, body: bytes | None = None) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=30,
+            source_address=None if self.source is None else (self.source, 0))
         h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
         if self.cookies:
             h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -112,13 +116,13 @@ class Served:
     def port(self) -> int:
         return self.server.port
 
-    def client(self) -> Client:
-        return Client(self.port)
+    def client(self, source: str | None = None) -> Client:
+        return Client(self.port, source)
 
 
-@pytest.fixture
-def served(sqlite_url: str, tmp_path: Path) -> Iterator[Served]:
-    settings = web_settings(sqlite_url)
+@contextlib.contextmanager
+def serving(settings: Settings) -> Iterator[Served]:
+    """A dashboard over ``settings`` in a thread of this process, closed at the end."""
     from qcluster.client.admin import open_db
 
     open_db(settings).dispose()  # the embedded database, created
@@ -129,3 +133,9 @@ def served(sqlite_url: str, tmp_path: Path) -> Iterator[Served]:
         yield Served(server, settings)
     finally:
         server.close()
+
+
+@pytest.fixture
+def served(sqlite_url: str, tmp_path: Path) -> Iterator[Served]:
+    with serving(web_settings(sqlite_url)) as s:
+        yield s

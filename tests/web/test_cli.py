@@ -74,6 +74,8 @@ def test_a_new_token_is_printed_with_a_hash_that_verifies_it() -> None:
                 {"name": "ops", "password_hash": HASH}]}, "ops"),
     ({"tls_cert": "/nonexistent.pem"}, "tls_key"),
     ({"refresh_seconds": 0.1}, "refresh_seconds"),
+    ({"allowed_hosts": ["evil example"]}, "allowed_hosts"),
+    ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies"),
     ({"port": 70000}, "port"),
 ])
 def test_config_check_refuses_a_bad_web_section_in_one_line(
@@ -94,3 +96,52 @@ def test_config_check_refuses_a_web_port_in_use(tmp_path: Path, sqlite_url: str)
             "users": [{"name": "ops", "password_hash": HASH, "role": "viewer"}]})
         line = one_line_error(run_cli("config", "check", config=config, check=False))
     assert "web" in line.lower()
+
+
+def test_tls_files_that_do_not_load_are_refused_before_serving(tmp_path: Path,
+                                                               sqlite_url: str) -> None:
+    """They passed ``config check``, and ``qcluster start`` ran on with a traceback in the
+    dashboard's thread and no dashboard."""
+    cert = tmp_path / "web.crt"
+    key = tmp_path / "web.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n"
+                    "-----END CERTIFICATE-----\n")
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    config = write_config(tmp_path, sqlite_url, web={
+        "port": free_port(), "tls_cert": str(cert), "tls_key": str(key),
+        "users": [{"name": "ops", "password_hash": HASH, "role": "operator"}]})
+    for command in (("config", "check"), ("web",), ("start",)):
+        line = one_line_error(run_cli(*command, config=config, check=False, timeout=60))
+        assert "tls_cert" in line and "web.crt" in line, (command, line)
+
+
+def test_help_texts_keep_their_config_section_names() -> None:
+    """rich markup took ``[web]`` for a style and dropped it from the help."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from qcluster.cli.main import app
+
+    root = get_command(app)
+    runner = CliRunner()
+
+    def walk(command: Any, path: list[str]) -> Any:
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    seen = 0
+    for path in walk(root, []):
+        shown = " ".join(runner.invoke(app, [*path, "--help"], terminal_width=400)
+                         .output.split())
+        for section in ("[web]", "[node]", "[runs]", "[[job]]"):
+            command = root
+            for name in path:
+                command = command.commands[name]
+            texts = [command.help or ""] + [getattr(p, "help", None) or ""
+                                            for p in command.params]
+            if any(section in t.replace("\\", "") for t in texts):
+                seen += 1
+                assert section in shown, (path, section)
+    assert seen >= 5

@@ -5,15 +5,20 @@ without stalling anyone else."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import socket
+import threading
 import time
 
 import pytest
 
 from qcluster.client.api import Client as Api
+from qcluster.web import auth
 from qcluster.web import server as web_server
-from qcluster.web.app import SECURITY_HEADERS, SESSION_COOKIE
-from tests.web.conftest import PASSWORD, TOKEN, Served
+from qcluster.web.app import MAX_FIELDS, SECURITY_HEADERS, SESSION_COOKIE
+from tests.helpers import closed_by_peer, wait_for
+from tests.web.conftest import PASSWORD, TOKEN, Served, serving, web_settings
 
 PAGES = ["/", "/jobs", "/jobs/tick", "/runs", "/runs/1", "/runs?status=failed"]
 
@@ -69,13 +74,84 @@ def test_wrong_passwords_unknown_users_and_bad_tokens_are_refused(served: Served
     assert 'id="user">robot<' in c.get("/jobs").body
 
 
-def test_failed_logins_are_throttled_per_address(served: Served) -> None:
+def test_failed_logins_are_throttled_per_address_and_name(served: Served) -> None:
     c = served.client()
-    for _ in range(5):
+    for _ in range(auth.PAIR_FAILURES):
         assert c.login("ops", "wrong password").status == 401
-    r = c.login("ops", PASSWORD)  # the right one too, until the window has passed
+    r = c.login("ops", PASSWORD)  # the right one too, from there, until the window passed
     assert r.status == 429 and "Too many failed logins" in r.body
     assert SESSION_COOKIE not in c.cookies
+    # A guesser's failures do not lock the name out for everyone: ops, from another
+    # address, logs in; and the guesser's address may still log in as another name.
+    other = served.client("127.0.0.2")
+    assert other.login("ops", PASSWORD).status == 303
+    assert served.client().login("viewer", PASSWORD).status == 303
+
+
+def test_the_throttle_counts_parallel_logins_before_their_checks(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 wrong passwords sent at once were all checked (the failure was counted after
+    the check): now an attempt is counted before, so at most PAIR_FAILURES are checked,
+    while a page is still served to a user logged in before."""
+    reader = served.client("127.0.0.3")
+    reader.login()
+    release = threading.Event()
+    checked: list[str] = []
+    running = [0, 0]  # now, most at once
+    lock = threading.Lock()
+
+    def slow_verify(password: str, stored: str) -> bool:
+        with lock:
+            checked.append(password)
+            running[0] += 1
+            running[1] = max(running)
+        release.wait(30)
+        with lock:
+            running[0] -= 1
+        return False
+
+    monkeypatch.setattr(auth, "verify", slow_verify)
+    clients = [served.client() for _ in range(30)]
+    forms = [c.get("/login").field("csrf") for c in clients]
+
+    def attempt(i: int) -> int:
+        return clients[i].post("/login", {"csrf": forms[i], "user": "ops",
+                                          "password": f"guess {i}"}).status
+
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        statuses = pool.map(attempt, range(30))
+        wait_for(lambda: len(checked) >= auth.CONCURRENT_CHECKS, 10, what="checks")
+        # Every check is held, yet the pages are read: they do not wait for the checks.
+        assert reader.get("/jobs").status == 200
+        release.set()
+        counted = sorted(statuses)
+    assert counted.count(401) == auth.PAIR_FAILURES, counted
+    assert counted.count(429) == 30 - auth.PAIR_FAILURES, counted
+    assert len(checked) == auth.PAIR_FAILURES and running[1] <= auth.CONCURRENT_CHECKS
+
+
+def test_logins_beyond_the_waiting_checks_are_refused_at_once(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(auth, "verify", lambda _p, _s: release.wait(30) and False)
+    count = auth.CONCURRENT_CHECKS + auth.MAX_WAITING_CHECKS + 6
+    # One name each, from addresses of their own: no throttle stops them first.
+    clients = [served.client(f"127.0.1.{i + 1}") for i in range(count)]
+    forms = [c.get("/login").field("csrf") for c in clients]
+
+    def attempt(i: int) -> int:
+        return clients[i].post("/login", {"csrf": forms[i], "user": f"u{i}",
+                                          "password": "guess"}).status
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(attempt, i) for i in range(count)]
+        # While every check is held, those beyond the running and waiting ones are
+        # answered at once.
+        wait_for(lambda: sum(f.done() for f in futures) >= 6, 20, what="refusals")
+        assert all(f.result() == 503 for f in futures if f.done())
+        release.set()
+        statuses = sorted(f.result(30) for f in futures)
+    assert statuses == [401] * (count - 6) + [503] * 6, statuses
 
 
 def test_the_login_form_needs_its_csrf_token_and_our_origin(served: Served) -> None:
@@ -118,7 +194,7 @@ def test_a_change_needs_the_sessions_csrf_token_and_our_origin(served: Served) -
     assert api.show("tick")["paused"] is False
     r = c.post("/jobs/action", {"action": "pause", "job": "tick", "csrf": c.csrf(),
                                 "back": "/jobs"})
-    assert r.status == 303 and r.location.startswith("/jobs?notice=")
+    assert r.status == 303 and r.location == "/jobs"
     assert api.show("tick")["paused"] is True
     assert "pause: 1 done" in c.get(r.location).body
     r = c.post("/jobs/action", {"action": "resume", "job": "tick", "csrf": c.csrf()})
@@ -271,3 +347,131 @@ def test_the_runs_search_finds_the_same_runs_by_job_ids_or_beyond_the_cap_by_lik
                                  else ["tick-b", "tick-a"])
         assert found("tick-gone") == ["tick-gone"]  # a removed job, by its whole id
         assert found("other") == ["other"] and found("nothing") == []
+
+
+def test_behind_a_trusted_proxy_logins_are_throttled_per_client(sqlite_url: str) -> None:
+    settings = web_settings(sqlite_url, trusted_proxies=["127.0.0.1"])
+    with serving(settings) as served:
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        c = served.client()
+        for _ in range(auth.PAIR_FAILURES):
+            page = c.get("/login")
+            assert c.post("/login", {"csrf": page.field("csrf"), "user": "ops",
+                                     "password": "wrong"}, headers=guesser).status == 401
+        page = c.get("/login")
+        assert c.post("/login", {"csrf": page.field("csrf"), "user": "ops",
+                                 "password": PASSWORD}, headers=guesser).status == 429
+        # Another client behind the same proxy is not the guesser.
+        ops = served.client()
+        page = ops.get("/login")
+        assert ops.post("/login", {"csrf": page.field("csrf"), "user": "ops",
+                                   "password": PASSWORD},
+                        headers={"X-Forwarded-For": "198.51.100.2"}).status == 303
+        # A peer that is not a trusted proxy cannot pick its address by the header.
+        liar = served.client("127.0.0.2")
+        for i in range(auth.PAIR_FAILURES):
+            page = liar.get("/login")
+            assert liar.post("/login", {"csrf": page.field("csrf"), "user": "ops",
+                                        "password": "wrong"},
+                             headers={"X-Forwarded-For": f"192.0.2.{i}"}).status == 401
+        page = liar.get("/login")
+        assert liar.post("/login", {"csrf": page.field("csrf"), "user": "ops",
+                                    "password": PASSWORD}).status == 429
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example", 400), ("evil.example:{port}", 400), ("127.0.0.1.nip.io", 400),
+    ("localhost.evil.example", 400), ("127.0.0.1:{port}", 200), ("localhost:{port}", 200),
+    ("[::1]:{port}", 200), ("LOCALHOST", 200), ("dash.example.org", 200),
+    ("dash.example.org:443", 200), ("127.0.0.1:x", 400)])
+def test_a_host_header_of_a_name_not_ours_is_refused(sqlite_url: str, host: str,
+                                                     status: int) -> None:
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends
+    ``Host: evil.example``; it gets no login page to post to."""
+    with serving(web_settings(sqlite_url, allowed_hosts=["dash.example.org"])) as served:
+        r = served.client().get("/login", headers={"Host": host.format(port=served.port)})
+        assert r.status == status, (host, r.body)
+        if status == 400:
+            assert "allowed_hosts" in r.body and "csrf" not in r.body
+
+
+def test_a_huge_head_a_chunked_huge_body_and_too_many_fields_are_refused(
+        served: Served) -> None:
+    c = served.client()
+    c.login()
+    r = c.get("/jobs", headers={"X-Padding": "x" * 100_000})
+    assert r.status == 431
+    # Chunked (no Content-Length): counted as it comes, and refused before the app.
+    conn = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    try:
+        conn.sendall(f"POST /jobs/action HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n"
+                     "Content-Type: application/x-www-form-urlencoded\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"a" * 16384
+        with contextlib.suppress(OSError):  # the server may close before all is sent
+            for _ in range(6):
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.sendall(b"0\r\n\r\n")
+        head = conn.recv(65536).decode()
+    finally:
+        conn.close()
+    assert head.startswith("HTTP/1.1 413"), head[:200]
+    form = {f"f{i}": "1" for i in range(MAX_FIELDS + 5)}
+    form.update(action="pause", job="tick", csrf=c.csrf())
+    r = c.post("/jobs/action", form)
+    assert r.status == 413 and "fields" in r.body and "CSRF" not in r.body
+
+
+def test_a_notice_is_the_sessions_own_and_shown_once(served: Served) -> None:
+    api = add_tick(served)
+    c = served.client()
+    c.login()
+    assert "Call +1" not in c.get("/jobs?notice=Call+%2B1+555+0100").body  # not from a URL
+    r = c.post("/jobs/action", {"action": "pause", "job": "tick", "csrf": c.csrf(),
+                                "back": "/jobs/tick"})
+    assert r.status == 303 and r.location == "/jobs/tick"
+    assert api.show("tick")["paused"] is True
+    assert 'id="notice">pause: 1 done<' in c.get("/jobs/tick").body
+    assert 'id="notice"' not in c.get("/jobs/tick").body  # once
+    other = served.client()
+    other.login()
+    assert 'id="notice"' not in other.get("/jobs").body
+
+
+def test_control_and_bidi_characters_are_shown_escaped(served: Served) -> None:
+    c = served.client()
+    c.login()
+    body = c.get("/jobs?q=abc%E2%80%AEfed").body  # U+202E, RIGHT-TO-LEFT OVERRIDE
+    assert "\u202e" not in body and "abc\\u202efed" in body
+
+
+def test_one_address_cannot_hold_every_connection(served: Served,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_server, "HEAD_SECONDS", 60.0)
+    held = [socket.create_connection(("127.0.0.1", served.port))
+            for _ in range(web_server.MAX_PER_ADDRESS + 8)]
+    try:
+        assert closed_by_peer(held) == 8  # the ones beyond the address's share, at once
+        assert served.client("127.0.0.2").get("/login").status == 200
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: served.client().get("/login").status == 200, 10, what="room again")
+
+
+def test_a_second_request_head_trickled_in_is_cut(served: Served,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_server, "HEAD_SECONDS", 1.0)
+    conn = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    try:
+        conn.sendall(f"GET /login HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n\r\n"
+                     .encode())
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(40):  # a byte every 0.25 s: the keep-alive timer never fires
+                conn.sendall(b"X")
+                time.sleep(0.25)
+        assert time.monotonic() - started < 9  # cut at HEAD_SECONDS (1 s), not after 10
+    finally:
+        conn.close()
