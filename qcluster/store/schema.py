@@ -159,7 +159,9 @@ runs = Table(
     # what recovery judges an unstarted run by, also once its job is gone.
     Column("grace", Integer, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
-    Index("ix_qc_runs_status", "status"),
+    # By status, then fire time: the dashboard's "failing in 24 h" reads it alone
+    # (migrations/versions/0007); queries by status alone read its prefix.
+    Index("ix_qc_runs_status_time", "status", "scheduled_at", "job_id"),
     Index("ix_qc_runs_job_status", "job_id", "status"),
     # The few rows with a retry to come, read by every recovery pass (a partial index: the
     # failed rows of the retention window do not weigh on it).

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import markupsafe
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -99,10 +98,14 @@ class Guard:
     - the body is read whole first, at most :data:`MAX_BODY` bytes (413 beyond, chunked
       or not) within :data:`BODY_SECONDS` (408), so the app never meets a slow or huge
       one;
+    - from a peer in ``[web] trusted_proxies``, the client is the last address of
+      ``X-Forwarded-For`` that is not one of them (what the nearest trusted proxy saw);
     - and every response gets the security headers (HSTS too under TLS)."""
 
-    def __init__(self, app: ASGIApp, *, tls: bool, allowed_hosts: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, *, tls: bool, allowed_hosts: tuple[str, ...],
+                 trusted_proxies: tuple[str, ...]) -> None:
         self.app = app
+        self.trusted = trusted_networks(trusted_proxies)
         self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
         if tls:
             self.headers.append((b"strict-transport-security", b"max-age=31536000"))
@@ -147,6 +150,8 @@ class Guard:
             await send(message)
 
         refused = self.refusal(scope)
+        if self.trusted and scope.get("client"):
+            scope["client"] = forwarded_client(scope, self.trusted)
         if refused is None:
             try:
                 body: Message | None = await _whole_body(receive)
@@ -196,6 +201,39 @@ async def _whole_body(receive: Receive) -> Message | None:
     return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def trusted_networks(entries: tuple[str, ...]) -> Networks:
+    return tuple(ipaddress.ip_network(e) for e in entries)
+
+
+def within(address: str, networks: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
+def forwarded_client(scope: Scope, trusted: Networks) -> tuple[str, int]:
+    """The request's client: its peer, or, from a trusted proxy, the last address of
+    ``X-Forwarded-For`` that is not a trusted proxy's (the entries before it are the
+    client's own word)."""
+    peer: tuple[str, int] = tuple(scope["client"])
+    if not within(peer[0], trusted):
+        return peer
+    values = [v.decode("latin-1") for k, v in scope.get("headers", ())
+              if k == b"x-forwarded-for"]
+    hops = [h.strip() for h in ",".join(values).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_ip(hop):
+            return peer  # a proxy of ours wrote nonsense: the proxy it is
+        if not within(hop, trusted):
+            return (hop, 0)
+    return peer
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -207,7 +245,7 @@ def _is_ip(text: str) -> bool:
 def _shown(value: Any) -> Any:
     """Jinja's finalize: text is shown with its control and bidirectional characters
     escaped (``\u202e``), as the CLI shows it, so an output cannot reorder the page."""
-    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+    if isinstance(value, str) and not hasattr(value, "__html__"):  # not Markup
         return printable(value)
     return value
 
@@ -579,7 +617,9 @@ def build_app(settings: Settings) -> tuple[ASGIApp, Dashboard]:
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _error})
-    return Guard(app, tls=settings.web.tls, allowed_hosts=settings.web.allowed_hosts), d
+    web = settings.web
+    return Guard(app, tls=web.tls, allowed_hosts=web.allowed_hosts,
+                 trusted_proxies=web.trusted_proxies), d
 
 
 async def _not_found(_request: Request, _exc: Exception) -> Response:

@@ -2,7 +2,8 @@
 few index lookups, so that a page stays fast with 10,000 jobs and 1,000,000 runs kept.
 
 - A jobs page is one page of ``qc_jobs`` by id (the filters are on ``qc_jobs`` itself, or
-  on the failures of the last 24 h by the ``status`` index), then, for its jobs alone, the
+  on the failures of the last 24 h by the (``status``, ``scheduled_at``, ``job_id``)
+  index alone), then, for its jobs alone, the
   last run of each (the unique (``job_id``, ``scheduled_at``) index, read backwards, once
   per job) and the counts of the last 24 h (the same index, a range per job).
 - A job's runs, and the runs page, read the newest rows first by an index, with a limit.

@@ -30,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qcluster.errors import ConfigError
 from qcluster.settings import Settings
-from qcluster.web.app import MAX_HEAD, build_app
+from qcluster.web.app import MAX_HEAD, Networks, build_app, trusted_networks, within
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ class _BoundedH11(H11Protocol):
     per server (:func:`_protocol`) holds that server's counts."""
 
     open_by_address: ClassVar[collections.Counter[str]]
-    trusted: ClassVar[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]
+    trusted: ClassVar[Networks]
     _head_timer: asyncio.TimerHandle | None = None
     _counted: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         peer = self.client[0] if self.client else ""
-        if not _within(peer, self.trusted):
+        if not within(peer, self.trusted):
             if self.open_by_address[peer] >= MAX_PER_ADDRESS:
                 self.transport.close()
                 return
@@ -88,18 +88,9 @@ class _BoundedH11(H11Protocol):
 
 
 def _protocol(settings: Settings) -> type[_BoundedH11]:
-    trusted = tuple(ipaddress.ip_network(p) for p in settings.web.trusted_proxies)
     return type("BoundedH11", (_BoundedH11,), {
-        "open_by_address": collections.Counter(), "trusted": trusted})
-
-
-def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
-                                          ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in n for n in networks)
+        "open_by_address": collections.Counter(),
+        "trusted": trusted_networks(settings.web.trusted_proxies)})
 
 
 def check_web(settings: Settings, host: str | None = None) -> None:
@@ -179,8 +170,7 @@ class WebServer:
             self.app, http=_protocol(settings), log_level="warning", access_log=False,
             lifespan="on", timeout_keep_alive=5, limit_concurrency=MAX_CONNECTIONS,
             h11_max_incomplete_event_size=MAX_HEAD, server_header=False,
-            proxy_headers=bool(web.trusted_proxies),
-            forwarded_allow_ips=list(web.trusted_proxies) or "", **options)
+            proxy_headers=False, forwarded_allow_ips="", **options)  # app.Guard reads them
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self.scheme = "https" if web.tls else "http"

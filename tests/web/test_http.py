@@ -475,3 +475,20 @@ def test_a_second_request_head_trickled_in_is_cut(served: Served,
         assert time.monotonic() - started < 9  # cut at HEAD_SECONDS (1 s), not after 10
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(("header", "client"), [
+    (None, "10.0.0.5"), ("203.0.113.7", "203.0.113.7"),
+    ("198.51.100.1, 203.0.113.7", "203.0.113.7"),  # the first is the client's own word
+    ("203.0.113.7, 10.0.0.9", "203.0.113.7"),  # a second proxy of ours in between
+    ("not-an-address", "10.0.0.5"), ("10.0.0.8", "10.0.0.5")])
+def test_the_client_behind_trusted_proxies_is_the_last_untrusted_hop(
+        header: str | None, client: str) -> None:
+    from qcluster.web.app import forwarded_client, trusted_networks
+
+    headers = [] if header is None else [(b"x-forwarded-for", header.encode())]
+    trusted = trusted_networks(("10.0.0.0/24",))
+    assert forwarded_client({"client": ("10.0.0.5", 4000), "headers": headers},
+                            trusted)[0] == client
+    assert forwarded_client({"client": ("192.0.2.1", 4000), "headers": headers},
+                            trusted)[0] == "192.0.2.1"  # not a proxy of ours: ignored
