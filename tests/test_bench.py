@@ -84,3 +84,14 @@ def test_web_benchmark_reads_every_page_of_a_filled_store(pg_url: str, tmp_path:
             assert 0 < page["p50_ms"] <= page["max_ms"], page
         # the last page of 150 jobs is page 2, with 50 of them
         assert pages["jobs, last page"]["path"] == "/jobs?page=2"
+
+
+def test_scrape_benchmark_reports_the_cost_of_a_scrape(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.scrape", "--scrapes", "20", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "scrape.json").read_text())
+    assert report["scrapes"] == 20 and report["bytes"] > 5000
+    assert report["cpu_us_per_scrape"] > 0 and 0 < report["core_share"] < 1
+    assert "of a core" in done.stdout
