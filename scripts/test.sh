@@ -85,6 +85,9 @@ pip_quiet=(--quiet --disable-pip-version-check)
 say "$PYTHON: pip install -r $lock; pip install --no-deps --no-build-isolation -e ."
 "$PYTHON" -m pip install "${pip_quiet[@]}" -r "$lock" </dev/null
 "$PYTHON" -m pip install "${pip_quiet[@]}" --no-deps --no-build-isolation -e . </dev/null
+# Byte-compiled once here: with PYTHONDONTWRITEBYTECODE set (as on some CI machines) every
+# node, slot and command the tests start would compile qcluster from source again.
+"$PYTHON" -m compileall -q qcluster backends jobs tests bench >/dev/null </dev/null
 extra=$("$PYTHON" scripts/unlocked.py "$lock")
 [[ -z $extra ]] || say "warning: installed here but not in $lock (a fresh machine lacks them): $extra"
 

@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
+from tests import forkcli
+
 T = TypeVar("T")
 
 #: The RPC secret of every config that :func:`write_config` writes (at least 32 bytes, as
@@ -231,16 +233,23 @@ def run_cli(
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m qcluster *args`` with ``QCLUSTER_CONFIG=config``; return its output.
+    The process is forked from one that has imported qcluster (``tests/forkcli.py``)
+    when its environment allows.
 
     With ``check``, a non-zero exit fails the test with the command and both outputs. A
     command that outlives ``timeout`` is killed and fails the test either way.
     """
     command = qcluster_command(*args)
+    full_env = cli_env(config, env)
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-            env=cli_env(config, env), stdin=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
+        if forkcli.forkable(full_env, cli_env(None), subprocess.DEVNULL):
+            result = forkcli.run(args, env=full_env, baseline=cli_env(None), cwd=cwd,
+                                 timeout=timeout)
+        else:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                env=full_env, stdin=subprocess.DEVNULL, check=False,
+            )  # fmt: skip
     except subprocess.TimeoutExpired as e:
         raise AssertionError(
             f"`qcluster {' '.join(args)}` did not finish within {timeout}s\n"
