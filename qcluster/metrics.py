@@ -31,6 +31,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
+from qcluster.peers import client_key
+
 log = logging.getLogger(__name__)
 
 #: Lateness and other waits, in seconds: 1 ms to 2 min (a lateness past the misfire
@@ -115,13 +117,13 @@ for _reason in ("busy", "duplicate", "already_claimed", "database_unavailable",
 
 
 #: Connections the endpoint serves at once; more are closed at once, unanswered.
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 128
 #: Connections one address may hold at once (a scraper needs one).
 MAX_PER_ADDRESS = 4
 #: Seconds a connection may take in all (request and answer); then it is cut.
-CONNECTION_SECONDS = 5.0
+CONNECTION_SECONDS = 3.0
 #: Seconds one read of a request may wait.
-READ_SECONDS = 5.0
+READ_SECONDS = 2.0
 
 
 class _Handler(WSGIRequestHandler):
@@ -154,7 +156,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._reaper.start()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        peer = str(client_address[0]) if client_address else ""
+        peer = client_key(str(client_address[0])) if client_address else ""
         with self._open_lock:
             if len(self._open) >= MAX_CONNECTIONS or self._by_address[peer] >= MAX_PER_ADDRESS:
                 return False  # closed unanswered: the others are served
@@ -190,6 +192,17 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().server_close()
 
 
+def _only_metrics(app: Any) -> Any:
+    """``app`` at ``/metrics`` (and ``/``, where prometheus_client answers too), 404
+    elsewhere."""
+    def serve(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+        return app(environ, start_response)
+    return serve
+
+
 class MetricsServer:
     """The ``/metrics`` endpoint (:class:`_Server`); :meth:`close` stops it."""
 
@@ -204,7 +217,7 @@ class MetricsServer:
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         server = _Server((str(address[0]), self.port), family)
-        server.set_app(make_wsgi_app())
+        server.set_app(_only_metrics(make_wsgi_app()))
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, args=(0.5,),
                                         name="qc-metrics", daemon=True)

@@ -48,7 +48,7 @@ def hash_password_command(
         "--new-token", help="Make a random token and print it with its hash.")] = False,
 ) -> None:
     """Print the hash of a password (read from the terminal, or one line of stdin) for
-    [[web.users]] password_hash, or make a token for [[web.tokens]] token_hash."""
+    \\[\\[web.users]] password_hash, or make a token for \\[\\[web.tokens]] token_hash."""
     if new_token:
         token = secrets.token_urlsafe(32)
         print(f"token (give it to its user; it is not stored): {token}")

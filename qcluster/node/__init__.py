@@ -356,7 +356,8 @@ class Node(NodeCoordination):
 
     def member_info(self) -> MemberInfo:
         s = self.settings
-        status = self.leadership.status if self.leadership is not None else "worker"
+        status = (self.leadership.status if self.leadership is not None
+                  else "starting" if self.is_scheduler else "worker")
         state = self._state
         if (self.is_scheduler and state is not None and state.phase == Phase.STABLE
                 and state.backend != s.coordination.backend and self._honoured):

@@ -446,10 +446,13 @@ class WebSettings(_Section):
 
         for entry in v:
             try:
-                ipaddress.ip_network(entry)
+                net = ipaddress.ip_network(entry)
             except ValueError:
                 raise ValueError("must be IP addresses or networks such as '10.0.0.0/8' "
                                  f"(got {show(entry)})") from None
+            if net.prefixlen < (8 if net.version == 4 else 32):
+                raise ValueError(f"{show(entry)} trusts too much of the internet: every client "
+                                 "in it could name its own address; list your proxies")
         return v
 
     @model_validator(mode="after")

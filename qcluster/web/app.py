@@ -26,7 +26,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,13 @@ class Guard:
       ``X-Forwarded-For`` that is not one of them (what the nearest trusted proxy saw);
     - and every response gets the security headers (HSTS too under TLS)."""
 
-    def __init__(self, app: ASGIApp, *, tls: bool, allowed_hosts: tuple[str, ...],
-                 trusted_proxies: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, *, tls: bool, behind_tls_proxy: bool,
+                 allowed_hosts: tuple[str, ...], trusted_proxies: tuple[str, ...]) -> None:
         self.app = app
         self.trusted = trusted_networks(trusted_proxies)
+        self.behind_tls_proxy = behind_tls_proxy
         self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-        if tls:
+        if tls or behind_tls_proxy:
             self.headers.append((b"strict-transport-security", b"max-age=31536000"))
         names = {"localhost", socket.gethostname(), socket.getfqdn(), *allowed_hosts}
         self.hosts = {n.lower().removesuffix(".") for n in names if n}
@@ -116,8 +117,11 @@ class Guard:
         if host is None:  # HTTP/1.0: no browser sends that
             return True
         text = host.decode("latin-1").strip().lower()
-        if text.startswith("["):  # an IPv6 address, maybe with a port
-            return _is_ip(text[1:].partition("]")[0])
+        if text.startswith("["):  # an IPv6 address, maybe with a port, and nothing more
+            address, _, rest = text[1:].partition("]")
+            port = rest.removeprefix(":")
+            return (_is_ip(address) and (rest == "" or rest.startswith(":"))
+                    and ((port == "" and rest == "") or (port.isascii() and port.isdigit())))
         name, _, port = text.rpartition(":") if ":" in text else (text, "", "")
         if port and not (port.isascii() and port.isdigit()):
             return False
@@ -131,6 +135,9 @@ class Guard:
                 MAX_HEAD):
             return "request header fields too large", 431
         fields = dict(headers)
+        if b"transfer-encoding" in fields and b"content-length" in fields:
+            # RFC 9112 6.3: a proxy in front may frame it by the other one (smuggling)
+            return "request with both Content-Length and Transfer-Encoding", 400
         if not self.host_allowed(fields.get(b"host")):
             return ("unknown host name in the Host header (a name of this dashboard goes in "
                     "[web] allowed_hosts)", 400)
@@ -138,6 +145,14 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return "request body too large", 413
         return None
+
+    def as_the_client_sees_it(self, scope: Scope) -> None:
+        """Behind a TLS proxy the scheme is https (so redirects stay on it); from a
+        trusted proxy the client is the one it names."""
+        if self.behind_tls_proxy:
+            scope["scheme"] = "https"
+        if self.trusted and scope.get("client"):
+            scope["client"] = forwarded_client(scope, self.trusted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,8 +165,7 @@ class Guard:
             await send(message)
 
         refused = self.refusal(scope)
-        if self.trusted and scope.get("client"):
-            scope["client"] = forwarded_client(scope, self.trusted)
+        self.as_the_client_sees_it(scope)
         if refused is None:
             try:
                 body: Message | None = await _whole_body(receive)
@@ -160,8 +174,9 @@ class Guard:
             else:
                 if body is None:  # the peer went away
                     return
-        if refused is not None:
-            await PlainTextResponse(*refused)(scope, receive, send_with_headers)
+        if refused is not None:  # and the connection closed: what follows is not trusted
+            await PlainTextResponse(*refused, headers={"connection": "close"})(
+                scope, receive, send_with_headers)
             return
 
         async def replay() -> Message:
@@ -298,6 +313,9 @@ class Dashboard:
 
     # -- sessions ------------------------------------------------------------------------
 
+    def same_origin(self, request: Request) -> bool:
+        return _same_origin(request, self.settings.web.allowed_hosts)
+
     def session_of(self, request: Request) -> auth.Session | None:
         return self.sessions.get(request.cookies.get(SESSION_COOKIE))
 
@@ -328,7 +346,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         form = await _form(request)
         cookie = request.cookies.get(LOGIN_COOKIE)
-        if not _same_origin(request) or not self.login_forms.check(cookie, form.get("csrf")):
+        if not self.same_origin(request) or not self.login_forms.check(cookie, form.get("csrf")):
             return self.refused(request, None, "The login form expired or came from another "
                                 "site: open the login page again.", 403)
         name, password, token = (form.get(k, "") for k in ("user", "password", "token"))
@@ -348,7 +366,7 @@ class Dashboard:
             return again(f"Too many failed logins: wait {auth.FAILURE_WINDOW:g} seconds.", 429)
         try:
             who = (await self.logins.check(name, password, token)
-                   if token or (name and password) else None)
+                   if token or (name and password and len(name) <= auth.MAX_NAME) else None)
         except auth.Busy:
             self.throttle.succeeded(limits, stamp)  # not checked, so not a failure
             return again("The dashboard is busy checking other logins: try again in a few "
@@ -357,7 +375,7 @@ class Dashboard:
             who = None
         if who is None:
             log.warning("dashboard: failed login from %s%s", address,
-                        f" as {name!r}" if name else " by token")
+                        f" as {name[:auth.MAX_NAME]!r}" if name else " by token")
             return again("Wrong user, password or token.", 401)
         self.throttle.succeeded(limits, stamp)
         self.sessions.drop(request.cookies.get(SESSION_COOKIE))
@@ -373,7 +391,7 @@ class Dashboard:
         session = self.session_of(request)
         if session is not None:
             form = await _form(request)
-            if not _same_origin(request) or not auth.same_token(session.csrf,
+            if not self.same_origin(request) or not auth.same_token(session.csrf,
                                                                 form.get("csrf")):
                 return self.refused(request, session, "Refused: the form's CSRF token is "
                                     "missing or wrong. Reload the page.", 403)
@@ -450,7 +468,8 @@ class Dashboard:
         if job["paused"] or job["next_run_time"] is None:
             return []
         start = datetime.fromisoformat(job["next_run_time"].replace("Z", "+00:00"))
-        end = start.replace(year=min(start.year + 10, 9999))
+        # Ten years on, by days: replace(year=) fails on 29 February (a 500 before).
+        end = start + min(timedelta(days=3653), datetime.max.replace(tzinfo=start.tzinfo) - start)
         try:
             return fire_times(job["trigger_spec"], start, end, NEXT_FIRES)
         except (ValueError, OverflowError, QClusterError):
@@ -494,7 +513,7 @@ class Dashboard:
             return self.refused(request, None, "Log in first.", 403)
         form = await _form_list(request)
         csrf = form.get("csrf", [""])[0]
-        if not _same_origin(request) or not auth.same_token(session.csrf, csrf):
+        if not self.same_origin(request) or not auth.same_token(session.csrf, csrf):
             return self.refused(request, session, "Refused: the form's CSRF token is missing "
                                 "or wrong. Reload the page.", 403)
         if not session.may_change:
@@ -563,14 +582,18 @@ def _safe_next(target: str | None) -> str:
     return target[:2000]
 
 
-def _same_origin(request: Request) -> bool:
-    """False when the browser says the request came from a page of another site."""
+def _same_origin(request: Request, names: tuple[str, ...]) -> bool:
+    """False when the browser says the request came from a page of another site: one
+    whose origin is neither the ``Host`` asked for nor a name of ``[web] allowed_hosts``
+    (a proxy in front may send its own Host)."""
     origin = request.headers.get("origin")
     if origin is None:  # not sent by every browser for a same-origin form: the token decides
         return True
     host = request.headers.get("host", "")
     parts = urllib.parse.urlsplit(origin)
-    return parts.scheme in ("http", "https") and parts.netloc == host
+    if parts.scheme not in ("http", "https"):
+        return False
+    return parts.netloc == host or (parts.hostname or "").lower() in names
 
 
 async def _form_list(request: Request) -> dict[str, list[str]]:
@@ -618,8 +641,8 @@ def build_app(settings: Settings) -> tuple[ASGIApp, Dashboard]:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _error})
     web = settings.web
-    return Guard(app, tls=web.tls, allowed_hosts=web.allowed_hosts,
-                 trusted_proxies=web.trusted_proxies), d
+    return Guard(app, tls=web.tls, behind_tls_proxy=web.behind_tls_proxy,
+                 allowed_hosts=web.allowed_hosts, trusted_proxies=web.trusted_proxies), d
 
 
 async def _not_found(_request: Request, _exc: Exception) -> Response:

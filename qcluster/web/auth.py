@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from qcluster.peers import client_key
 from qcluster.settings import Settings
 from qcluster.settings.passwords import dummy_hash, verify
 
@@ -52,7 +53,8 @@ PAIR_FAILURES = 5
 ADDRESS_FAILURES = 30
 NAME_FAILURES = 100
 FAILURE_WINDOW = 60.0
-MAX_THROTTLED_KEYS = 100_000
+MAX_THROTTLED_KEYS = 50_000
+MAX_NAME = 64  # a login name is a Word: longer is refused unchecked
 
 VIEWER = "viewer"
 OPERATOR = "operator"
@@ -148,6 +150,8 @@ Limits = Sequence[tuple[str, int]]
 def login_limits(address: str, name: str) -> Limits:
     """The throttle's keys and their limits for a login as ``name`` (empty: by token)
     from ``address``."""
+    address = client_key(address)
+    name = name[:MAX_NAME]
     who = f"user:{name}" if name else "token"
     return ((f"pair:{address}:{who}", PAIR_FAILURES),
             (f"address:{address}", ADDRESS_FAILURES),
@@ -160,15 +164,22 @@ class Throttle:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._attempts: dict[str, collections.deque[float]] = {}
+        # By the time of each key's last attempt, oldest first: the keys whose last
+        # attempt left the window are at the front, and go (:meth:`_sweep`).
+        self._attempts: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict())
+
+    def _sweep(self, now: float) -> None:
+        while self._attempts:
+            times = next(iter(self._attempts.values()))
+            if times and times[-1] > now - FAILURE_WINDOW:
+                return
+            self._attempts.popitem(last=False)
 
     def _recent(self, key: str, now: float) -> collections.deque[float] | None:
         times = self._attempts.get(key)
         while times and times[0] <= now - FAILURE_WINDOW:
             times.popleft()
-        if times is not None and not times:
-            del self._attempts[key]
-            return None
         return times
 
     def reserve(self, limits: Limits) -> float | None:
@@ -176,12 +187,14 @@ class Throttle:
         counted) if a key is at its limit."""
         now = time.monotonic()
         with self._lock:
+            self._sweep(now)
             if any(len(self._recent(k, now) or ()) >= limit for k, limit in limits):
                 return None
-            if len(self._attempts) >= MAX_THROTTLED_KEYS:  # a flood of keys: start over
-                self._attempts.clear()
             for k, _limit in limits:
                 self._attempts.setdefault(k, collections.deque()).append(now)
+                self._attempts.move_to_end(k)
+            while len(self._attempts) > MAX_THROTTLED_KEYS:  # the least recent go first
+                self._attempts.popitem(last=False)
         return now
 
     def succeeded(self, limits: Limits, stamp: float) -> None:

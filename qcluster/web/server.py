@@ -29,14 +29,15 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qcluster.errors import ConfigError
+from qcluster.peers import client_key
 from qcluster.settings import Settings
 from qcluster.web.app import MAX_HEAD, Networks, build_app, trusted_networks, within
 
 log = logging.getLogger(__name__)
 
 HEAD_SECONDS = 5.0
-MAX_CONNECTIONS = 256
-MAX_PER_ADDRESS = 32
+MAX_CONNECTIONS = 512
+MAX_PER_ADDRESS = 16
 DEFAULT_PORT = 8321
 
 
@@ -53,8 +54,9 @@ class _BoundedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        peer = self.client[0] if self.client else ""
-        if not within(peer, self.trusted):
+        raw = self.client[0] if self.client else ""
+        peer = client_key(raw)
+        if not within(raw, self.trusted):
             if self.open_by_address[peer] >= MAX_PER_ADDRESS:
                 self.transport.close()
                 return

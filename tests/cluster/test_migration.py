@@ -176,9 +176,13 @@ def test_rolling_restart_with_edited_configs_then_a_stale_node(
         c.start("s4", "scheduler")
         wait_for(lambda: "[coordination.zookeeper]" in c.nodes["s4"].log(), timeout=20,
                  what="s4 to say why it does not campaign")
-        status = json.loads(run_cli("cluster", "status", "--json", config=edited).stdout)
-        s4 = next(m for m in status["members"] if m["node_id"] == "s4")
-        assert "runs the zookeeper backend" in s4["status"], s4
+
+        def s4_member() -> dict[str, Any] | None:  # its status, from its next heartbeat
+            status = json.loads(run_cli("cluster", "status", "--json", config=edited).stdout)
+            s4 = next(m for m in status["members"] if m["node_id"] == "s4")
+            return s4 if "runs the zookeeper backend" in s4["status"] else None
+
+        s4 = wait_for(s4_member, timeout=20, what="s4's status to say why")
         assert s4["config_version"] == 0
         leader = c.state()
         assert leader.leader_id is not None

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -80,4 +81,18 @@ def test_one_address_cannot_hold_the_connections_a_scraper_needs(
     finally:
         for s in idle:
             s.close()
+        server.close()
+
+
+
+def test_only_the_metrics_path_answers() -> None:
+    port = free_port()
+    server = metrics.MetricsServer("127.0.0.1", port)
+    server.start()
+    try:
+        assert "qcluster_build_info" in (_scrape(port) or "")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/../etc/passwd", timeout=5)
+        assert e.value.code == 404
+    finally:
         server.close()
