@@ -50,6 +50,7 @@ import Pyro5.errors
 from backends.base import MemberInfo
 from qcluster import metrics
 from qcluster.errors import InputError
+from qcluster.leader.routing import Router, make_router
 from qcluster.rpc.pyro import proxy
 from qcluster.store.records import Refusal, RunRecord, SubmitReply, reply_from_wire, to_wire
 
@@ -103,7 +104,7 @@ class Dispatcher:
         epoch: int,
         secret: str,
         timeout: float,
-        strategy: str,
+        strategy: str | Router,
         batch_size: int,
         members: Callable[[], list[MemberInfo]],
         on_stale: Callable[[str], None],
@@ -115,7 +116,7 @@ class Dispatcher:
         self.secret = secret
         self.timeout = timeout
         self.connect: Connect = connect or self._pyro_proxy
-        self.strategy = strategy
+        self.router = make_router(strategy) if isinstance(strategy, str) else strategy
         self.batch_size = batch_size
         self.members = members
         self.on_stale = on_stale
@@ -134,7 +135,6 @@ class Dispatcher:
         self._down: dict[str, float] = {}
         self._load: dict[str, float] = {}
         self._proxies: dict[str, _Connection] = {}
-        self._rr = itertools.count()
         self._proxies_lock = threading.Lock()
         self._busy: set[str] = set()  # workers with a call under way
         self._senders = ThreadPoolExecutor(8, thread_name_prefix="qc-send")
@@ -252,41 +252,53 @@ class Dispatcher:
 
     def _dispatch(self, batch: list[RunRecord]) -> None:
         left = batch
+        # Workers that gave runs back in this call (full, or not answering): what they gave
+        # back goes to the others first, whatever the router would choose.
+        passed: set[str] = set()
         while left and self._enabled.is_set():
-            workers = self._live_workers()
+            workers = [w for w in self._live_workers() if w.uri not in passed]
             if not workers:
-                log.warning("no live worker for %d runs; waiting", len(left))
-                self._requeue(left, delay=0.5)
+                if not passed:
+                    log.warning("no live worker for %d runs; waiting", len(left))
+                self._requeue(left, delay=0.2 if passed else 0.5)
                 return
-            retry: list[RunRecord] = []
             routes = self._route(left, workers)
+            routed = {(r["run_id"], r["attempt"]) for chunk in routes.values() for r in chunk}
+            retry = [r for r in left if (r["run_id"], r["attempt"]) not in routed]
             # Send to every worker at once: each call waits for that worker's claim in the
             # database, and those waits should overlap, not add up.
             futures = {uri: self._send_async(uri, chunk) for uri, chunk in routes.items()}
             concurrent.futures.wait(futures.values(), timeout=SEND_WAIT)
+            before = len(passed)
             for uri, chunk in routes.items():
-                future = futures[uri]
-                if not future.done():
-                    # A worker whose claim hangs (its database path stalled) must not hold
-                    # the runs of every other worker: its runs go elsewhere now, and it
-                    # gets none until it answers. A late claim that commits is harmless:
-                    # only one claim of a run attempt commits.
-                    log.warning("worker %s has not answered within %gs; sending its %d runs "
-                                "elsewhere", uri, SEND_WAIT, len(chunk))
-                    retry.extend(chunk)
-                    continue
-                try:
-                    retry.extend(future.result())
-                except Exception:  # a bug, not a worker's answer: this thread must go on
-                    log.exception("sending %d runs to worker %s failed", len(chunk), uri)
-                    self._down[uri] = time.monotonic() + DOWN_FOR
-                    retry.extend(chunk)
+                given_back = self._answer(uri, chunk, futures[uri])
+                if given_back:
+                    passed.add(uri)
+                    retry.extend(given_back)
             if not self._enabled.is_set():
                 return
-            if len(retry) == len(left) and retry:
-                self._requeue(retry, delay=0.2)
+            if len(passed) == before and len(retry) == len(left) and retry:
+                self._requeue(retry, delay=0.2)  # routed to nobody: try again later
                 return
             left = retry
+
+    def _answer(self, uri: str, chunk: list[RunRecord],
+                future: concurrent.futures.Future[list[RunRecord]]) -> list[RunRecord]:
+        """The runs of ``chunk`` that ``uri`` gave back, from its answer."""
+        if not future.done():
+            # A worker whose claim hangs (its database path stalled) must not hold the runs
+            # of every other worker: its runs go elsewhere now, and it gets none until it
+            # answers. A late claim that commits is harmless: only one claim of a run
+            # attempt commits.
+            log.warning("worker %s has not answered within %gs; sending its %d runs "
+                        "elsewhere", uri, SEND_WAIT, len(chunk))
+            return chunk
+        try:
+            return future.result()
+        except Exception:  # a bug, not a worker's answer: this thread must go on
+            log.exception("sending %d runs to worker %s failed", len(chunk), uri)
+            self._down[uri] = time.monotonic() + DOWN_FOR
+            return chunk
 
     def _send_async(self, uri: str, chunk: list[RunRecord]) -> concurrent.futures.Future[
             list[RunRecord]]:
@@ -326,23 +338,20 @@ class Dispatcher:
     def _route(
         self, runs: list[RunRecord], workers: list[MemberInfo]
     ) -> dict[str, list[RunRecord]]:
+        """Each worker's share, by ``[dispatch] strategy`` (``leader/routing.py``); a run a
+        router leaves out, or gives to no worker of ``workers``, waits for the next try."""
+        ordered = sorted(workers, key=lambda w: w.node_id)
+        uris = {w.uri for w in ordered}
+        seen: set[tuple[int, int]] = set()  # a run given twice goes to the first only
         out: dict[str, list[RunRecord]] = {}
-        if self.strategy == "least_loaded":
-            load = {w.uri or "": self._load.get(w.uri or "", 0.0) for w in workers}
-            cap = {w.uri or "": float(max(1, w.capacity)) for w in workers}
-            for run in runs:
-                uri = min(load, key=lambda u: load[u] / cap[u])
-                load[uri] += 1
-                out.setdefault(uri, []).append(run)
-            return out
-        # round robin: consecutive slices, starting at the next worker in turn
-        k = len(workers)
-        first = next(self._rr)
-        size = -(-len(runs) // k)
-        for i in range(k):
-            chunk = runs[i * size : (i + 1) * size]
-            if chunk:
-                out.setdefault(workers[(first + i) % k].uri or "", []).extend(chunk)
+        for uri, chunk in self.router.route(runs, ordered, dict(self._load)).items():
+            if uri not in uris:
+                continue
+            for run in chunk:
+                key = (run["run_id"], run["attempt"])
+                if key not in seen:
+                    seen.add(key)
+                    out.setdefault(uri, []).append(run)
         return out
 
     def _send(self, uri: str, chunk: list[RunRecord]) -> list[RunRecord]:

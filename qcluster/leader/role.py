@@ -52,6 +52,7 @@ from qcluster.leader.clock import LeaderClock
 from qcluster.leader.dispatch import Dispatcher
 from qcluster.leader.liveness import SessionJudge
 from qcluster.leader.recovery import prune_runs, recover_runs
+from qcluster.leader.routing import make_router
 from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.settings import Settings
 from qcluster.store.cluster import take_epoch
@@ -120,6 +121,7 @@ class LeaderRole:
         on ``db``), kept across terms."""
         self.settings = settings
         self.db = db
+        self.router = make_router(settings.dispatch.strategy)  # ConfigError: at start
         self.clock = LeaderClock(db) if clock is None else clock
         self.members = members
         # The members a run may go to: those the shared database lists (a worker that
@@ -179,7 +181,7 @@ class LeaderRole:
         log.info("leading the cluster at epoch %d", epoch)
         dispatcher = Dispatcher(
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
-            strategy=s.dispatch.strategy, batch_size=s.dispatch.batch_size,
+            strategy=self.router, batch_size=s.dispatch.batch_size,
             members=self.workers, on_stale=lambda reason: self._revoke(term, reason),
         )
         term.judge = SessionJudge(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 from qcluster.errors import ConfigError
+from qcluster.leader.routing import make_router
 from qcluster.metrics import MetricsServer
 from qcluster.rpc import tls
 from qcluster.rpc.server import loopback, off_loopback_error
@@ -35,6 +36,8 @@ def check_node_config(settings: Settings) -> None:
             _check_loopback(settings.worker.host, settings.worker.port)
     finally:
         tls.load(None)
+    if "scheduler" in settings.node.roles:
+        make_router(settings.dispatch.strategy)  # a router class of the user's: it loads
     served = open_metrics(settings)  # the port is free, the address this machine's
     if served is not None:
         served.close()

@@ -288,9 +288,21 @@ class WorkerSettings(_Section):
         return check_host(v)
 
 
+#: The routers of ``leader/routing.py``; ``module:Class`` names one of the user's.
+DISPATCH_STRATEGIES = ("round_robin", "least_loaded", "consistent_hash", "first", "random")
+
+
 class DispatchSettings(_Section):
-    strategy: Literal["round_robin", "least_loaded"] = "round_robin"
+    strategy: str = "round_robin"
     batch_size: int = Field(default=500, ge=1, le=100_000)
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, v: str) -> str:
+        if v in DISPATCH_STRATEGIES or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
+            return v
+        raise ValueError(f"must be one of {', '.join(DISPATCH_STRATEGIES)}, or a router "
+                         f"class as 'package.module:Class' (got {show(v)})")
 
 
 class TlsSettings(_Section):
