@@ -39,7 +39,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -50,7 +50,7 @@ import Pyro5.errors
 from backends.base import MemberInfo
 from qcluster import metrics
 from qcluster.errors import InputError
-from qcluster.leader.routing import Router, make_router
+from qcluster.leader.routing import RoundRobin, Router, make_router
 from qcluster.rpc.pyro import proxy
 from qcluster.store.records import Refusal, RunRecord, SubmitReply, reply_from_wire, to_wire
 
@@ -117,6 +117,7 @@ class Dispatcher:
         self.timeout = timeout
         self.connect: Connect = connect or self._pyro_proxy
         self.router = make_router(strategy) if isinstance(strategy, str) else strategy
+        self._fallback = RoundRobin()
         self.batch_size = batch_size
         self.members = members
         self.on_stale = on_stale
@@ -341,18 +342,12 @@ class Dispatcher:
         """Each worker's share, by ``[dispatch] strategy`` (``leader/routing.py``); a run a
         router leaves out, or gives to no worker of ``workers``, waits for the next try."""
         ordered = sorted(workers, key=lambda w: w.node_id)
-        uris = {w.uri for w in ordered}
-        seen: set[tuple[int, int]] = set()  # a run given twice goes to the first only
-        out: dict[str, list[RunRecord]] = {}
-        for uri, chunk in self.router.route(runs, ordered, dict(self._load)).items():
-            if uri not in uris:
-                continue
-            for run in chunk:
-                key = (run["run_id"], run["attempt"])
-                if key not in seen:
-                    seen.add(key)
-                    out.setdefault(uri, []).append(run)
-        return out
+        try:
+            return _checked(self.router.route(runs, ordered, dict(self._load)), runs, ordered)
+        except Exception as e:  # a user's router: its bug must not stop the dispatch
+            log.error("the router %s failed (%s: %s); this batch goes round robin",
+                      type(self.router).__name__, type(e).__name__, e)
+            return _checked(self._fallback.route(runs, ordered, {}), runs, ordered)
 
     def _send(self, uri: str, chunk: list[RunRecord]) -> list[RunRecord]:
         """Send one chunk; return the runs to try elsewhere."""
@@ -439,3 +434,23 @@ class Dispatcher:
             c.close()
         except Exception:  # releasing a broken proxy: nothing to do
             log.debug("proxy release failed", exc_info=True)
+
+
+def _checked(routes: Mapping[str, Sequence[RunRecord]], runs: list[RunRecord],
+             workers: list[MemberInfo]) -> dict[str, list[RunRecord]]:
+    """What a router said, kept to the batch's own runs and the workers offered: a run
+    given twice goes to the first only, one left out waits for the next try."""
+    uris = {w.uri for w in workers}
+    by_key = {(r["run_id"], r["attempt"]): r for r in runs}
+    out: dict[str, list[RunRecord]] = {}
+    for uri, chunk in routes.items():
+        if not isinstance(uri, str) or uri not in uris:
+            continue
+        for run in chunk:
+            run_id, attempt = (run.get("run_id"), run.get("attempt")) if isinstance(
+                run, dict) else (None, None)
+            found = (by_key.pop((run_id, attempt), None)
+                     if isinstance(run_id, int) and isinstance(attempt, int) else None)
+            if found is not None:
+                out.setdefault(uri, []).append(found)
+    return out

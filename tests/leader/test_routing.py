@@ -166,3 +166,37 @@ def test_config_check_refuses_a_router_class_that_does_not_load(tmp_path: Path,
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert "strategy" in lines[0] and "no_such_module_here" in lines[0]
+
+
+class Raises:
+    def route(self, runs: Sequence[Any], offered: Sequence[MemberInfo],
+              load: Mapping[str, float]) -> dict[str, list[Any]]:
+        raise RuntimeError("a bug in a user's router")
+
+
+class Garbage:
+    calls = 0
+
+    def route(self, runs: Sequence[Any], offered: Sequence[MemberInfo],
+              load: Mapping[str, float]) -> Any:
+        Garbage.calls += 1
+        if Garbage.calls == 1:
+            return [1, 2, 3]  # not a mapping
+        forged = {**runs[0], "run_id": 999, "func": "os:system"}
+        return {offered[0].uri: [forged, None, {"run_id": [1]}, *runs], 5: []} \
+            if Garbage.calls == 2 else {offered[0].uri: list(runs)}
+
+
+@pytest.mark.parametrize("router", ["Raises", "Garbage"])
+def test_a_router_that_raises_or_returns_garbage_stops_no_run(
+        workers: dict[str, FakeWorker], started: list[Dispatcher],  # noqa: F811
+        router: str) -> None:
+    a, b = FakeWorker("a"), FakeWorker("b")
+    _add(workers, a, b)
+    Garbage.calls = 0
+    d, _ = _dispatcher([a, b], strategy=f"{__name__}:{router}")
+    d.submit(_runs(1, 6))
+    _start(started, d)
+    wait_for(lambda: d.sent == 6, WAIT, 0.01, "6 runs accepted")
+    sent = sorted(a.run_ids() + b.run_ids())
+    assert sent == list(range(1, 7))  # each once; the forged run 999 never went out
