@@ -118,6 +118,7 @@ class Dispatcher:
         self.connect: Connect = connect or self._pyro_proxy
         self.router = make_router(strategy) if isinstance(strategy, str) else strategy
         self._fallback = RoundRobin()
+        self._quiet_until = 0.0  # the next "routed nothing" warning, not before
         self.batch_size = batch_size
         self.members = members
         self.on_stale = on_stale
@@ -188,6 +189,10 @@ class Dispatcher:
                     self._dispatch(batch)
                 elif self._bulk:
                     self._dispatch_bulk()
+        except BaseException as e:  # a bug: a leader that sends nothing must not lead
+            log.critical("the dispatcher stopped (%s: %s): stepping down", type(e).__name__, e)
+            self.on_stale(f"the dispatcher stopped: {type(e).__name__}")
+            raise
         finally:
             self._senders.shutdown(wait=True)
             with self._proxies_lock:
@@ -343,8 +348,13 @@ class Dispatcher:
         router leaves out, or gives to no worker of ``workers``, waits for the next try."""
         ordered = sorted(workers, key=lambda w: w.node_id)
         try:
-            return _checked(self.router.route(runs, ordered, dict(self._load)), runs, ordered)
-        except Exception as e:  # a user's router: its bug must not stop the dispatch
+            routes = _checked(self.router.route(runs, ordered, dict(self._load)), runs, ordered)
+            if not routes and time.monotonic() >= self._quiet_until:
+                self._quiet_until = time.monotonic() + 10.0
+                log.warning("the router %s gave none of %d runs to the %d live workers; "
+                            "they wait", type(self.router).__name__, len(runs), len(ordered))
+            return routes
+        except (Exception, SystemExit) as e:  # a user's router: its bug must not stop us
             log.error("the router %s failed (%s: %s); this batch goes round robin",
                       type(self.router).__name__, type(e).__name__, e)
             return _checked(self._fallback.route(runs, ordered, {}), runs, ordered)

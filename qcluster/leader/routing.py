@@ -138,10 +138,10 @@ def make_router(strategy: str) -> Router:
         made = resolve_func(strategy)()
     except InputError as e:
         raise ConfigError(f"[dispatch] strategy {strategy!r}: {e}") from None
-    except Exception as e:  # the user's constructor
+    except (Exception, SystemExit) as e:  # the user's constructor
         raise ConfigError(f"[dispatch] strategy {strategy!r} could not be made: "
                           f"{type(e).__name__}: {e}") from None
-    if not isinstance(made, Router):
+    if not isinstance(made, Router) or not callable(getattr(made, "route", None)):
         raise ConfigError(f"[dispatch] strategy {strategy!r} has no route(runs, workers, "
                           "load) method")
     return made

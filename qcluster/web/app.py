@@ -220,14 +220,28 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 def trusted_networks(entries: tuple[str, ...]) -> Networks:
-    return tuple(ipaddress.ip_network(e) for e in entries)
+    """``[web] trusted_proxies`` as networks; IPv4 written as IPv6 (``::ffff:10.0.0.5``) as
+    the IPv4 one, since :func:`within` sees a mapped peer as IPv4."""
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for entry in entries:
+        net = ipaddress.ip_network(entry)
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/"
+                                       f"{net.prefixlen - 96}")
+        out.append(net)
+    return tuple(out)
 
 
 def within(address: str, networks: Networks) -> bool:
+    """Whether ``address`` is in one of ``networks``; an IPv4-mapped IPv6 address (a
+    dual-stack listener's view of an IPv4 peer) as its IPv4 address."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in n for n in networks)
 
 
@@ -250,6 +264,8 @@ def forwarded_client(scope: Scope, trusted: Networks) -> tuple[str, int]:
 
 
 def _is_ip(text: str) -> bool:
+    if "%" in text:  # a zone id ("fe80::1%eth0"): no browser sends one in a Host
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:

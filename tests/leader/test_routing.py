@@ -200,3 +200,56 @@ def test_a_router_that_raises_or_returns_garbage_stops_no_run(
     wait_for(lambda: d.sent == 6, WAIT, 0.01, "6 runs accepted")
     sent = sorted(a.run_ids() + b.run_ids())
     assert sent == list(range(1, 7))  # each once; the forged run 999 never went out
+
+
+class RouteIsNotAMethod:
+    route = 5
+
+
+class ExitsWhenMade:
+    def __init__(self) -> None:
+        raise SystemExit(3)
+
+
+class ExitsWhenRouting:
+    def route(self, runs: Sequence[Any], offered: Sequence[MemberInfo],
+              load: Mapping[str, float]) -> Any:
+        raise SystemExit(3)
+
+
+@pytest.mark.parametrize("router", ["RouteIsNotAMethod", "ExitsWhenMade"])
+def test_a_router_class_that_cannot_route_is_refused_in_one_line(router: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        routing.make_router(f"{__name__}:{router}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_router_that_exits_still_stops_no_run(
+        workers: dict[str, FakeWorker], started: list[Dispatcher]) -> None:  # noqa: F811
+    (a,) = _add(workers, FakeWorker("a"))
+    d, stale = _dispatcher([a], strategy=f"{__name__}:ExitsWhenRouting")
+    d.submit(_runs(1, 3))
+    _start(started, d)
+    wait_for(lambda: d.sent == 3, WAIT, 0.01, "3 runs accepted")
+    assert stale == []
+
+
+@pytest.mark.parametrize(("entry", "ok"), [
+    ("::ffff:0:0/96", False), ("::/32", False), ("::ffff:10.0.0.0/104", True),
+    ("::ffff:0.0.0.0/100", False), ("10.0.0.0/8", True), ("2001:db8::/48", True)])
+def test_trusted_proxies_written_as_ipv6_are_judged_as_the_ipv4_they_name(
+        entry: str, ok: bool) -> None:
+    mapping = {"web": {"trusted_proxies": [entry]}}
+    if ok:
+        load_settings_from_mapping(mapping, "t.toml")
+    else:
+        with pytest.raises(ConfigError):
+            load_settings_from_mapping(mapping, "t.toml")
+
+
+def test_a_mapped_peer_matches_its_ipv4_proxy_entry() -> None:
+    from qcluster.web.app import trusted_networks, within
+
+    assert within("::ffff:127.0.0.5", trusted_networks(("127.0.0.5",)))
+    assert within("127.0.0.5", trusted_networks(("::ffff:127.0.0.5",)))
+    assert not within("::ffff:127.0.0.6", trusted_networks(("127.0.0.5",)))

@@ -386,7 +386,8 @@ def test_behind_a_trusted_proxy_logins_are_throttled_per_client(sqlite_url: str)
     ("localhost.evil.example", 400), ("127.0.0.1:{port}", 200), ("localhost:{port}", 200),
     ("[::1]:{port}", 200), ("LOCALHOST", 200), ("dash.example.org", 200),
     ("dash.example.org:443", 200), ("127.0.0.1:x", 400), ("[::1]evil.example", 400),
-    ("[::1]:80evil", 400), ("[::1]", 200)])
+    ("[::1]:80evil", 400), ("[::1]", 200), ("[::1%evil.example]", 400),
+    ("[fe80::1%25evil.example]", 400)])
 def test_a_host_header_of_a_name_not_ours_is_refused(sqlite_url: str, host: str,
                                                      status: int) -> None:
     """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends
