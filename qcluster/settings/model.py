@@ -454,22 +454,15 @@ class WebSettings(_Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _check_proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        import ipaddress
+        from qcluster.peers import network_of, too_wide
 
         for entry in v:
             try:
-                net = ipaddress.ip_network(entry)
+                net = network_of(entry)
             except ValueError:
                 raise ValueError("must be IP addresses or networks such as '10.0.0.0/8' "
                                  f"(got {show(entry)})") from None
-            mapped = ipaddress.IPv6Network("::ffff:0:0/96")
-            if net.version == 6 and (net.subnet_of(mapped) or net.supernet_of(mapped)):
-                # IPv4 written as IPv6: judged as the IPv4 it names (all of it, if wider)
-                net = ipaddress.ip_network(
-                    f"{ipaddress.ip_address(int(net.network_address) & 0xFFFFFFFF)}/"
-                    f"{max(0, net.prefixlen - 96)}", strict=False)
-            if net.prefixlen < (8 if net.version == 4 else 32) or (
-                    net.version == 6 and net.supernet_of(mapped)):
+            if too_wide(net):
                 raise ValueError(f"{show(entry)} trusts too much of the internet: every client "
                                  "in it could name its own address; list your proxies")
         return v

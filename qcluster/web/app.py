@@ -48,6 +48,7 @@ from qcluster.definitions.jobdefs import check_job_id
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.triggers import fire_times
 from qcluster.errors import InputError, QClusterError
+from qcluster.peers import Networks, trusted_networks, within
 from qcluster.settings import Settings
 from qcluster.settings.text import printable
 from qcluster.store import bounds, catalog
@@ -214,35 +215,6 @@ async def _whole_body(receive: Receive) -> Message | None:
         chunks.append(chunk)
         more = message.get("more_body", False)
     return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def trusted_networks(entries: tuple[str, ...]) -> Networks:
-    """``[web] trusted_proxies`` as networks; IPv4 written as IPv6 (``::ffff:10.0.0.5``) as
-    the IPv4 one, since :func:`within` sees a mapped peer as IPv4."""
-    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
-    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for entry in entries:
-        net = ipaddress.ip_network(entry)
-        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
-            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/"
-                                       f"{net.prefixlen - 96}")
-        out.append(net)
-    return tuple(out)
-
-
-def within(address: str, networks: Networks) -> bool:
-    """Whether ``address`` is in one of ``networks``; an IPv4-mapped IPv6 address (a
-    dual-stack listener's view of an IPv4 peer) as its IPv4 address."""
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in n for n in networks)
 
 
 def forwarded_client(scope: Scope, trusted: Networks) -> tuple[str, int]:

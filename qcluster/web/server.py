@@ -29,9 +29,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qcluster.errors import ConfigError
-from qcluster.peers import client_key
+from qcluster.peers import Networks, client_key, trusted_networks, within
 from qcluster.settings import Settings
-from qcluster.web.app import MAX_HEAD, Networks, build_app, trusted_networks, within
+from qcluster.web.app import MAX_HEAD, build_app
 
 log = logging.getLogger(__name__)
 

@@ -111,20 +111,27 @@ class LeavesOut:
         return out
 
 
+def _through_two_workers(fakes: dict[str, FakeWorker], running: list[Dispatcher],
+                         router: str, count: int) -> list[int]:
+    """Send ``count`` runs with this module's ``router`` over two fake workers; the run
+    ids each was sent, once all were accepted."""
+    a, b = FakeWorker("a"), FakeWorker("b")
+    _add(fakes, a, b)
+    d, _ = _dispatcher([a, b], strategy=f"{__name__}:{router}")
+    d.submit(_runs(1, count))
+    _start(running, d)
+    wait_for(lambda: d.sent == count, WAIT, 0.01, f"{count} runs accepted")
+    return a.run_ids() + b.run_ids()
+
+
 class NotARouter:
     pass
 
 
 def test_a_users_router_loses_and_doubles_nothing(
         workers: dict[str, FakeWorker], started: list[Dispatcher]) -> None:  # noqa: F811
-    a, b = FakeWorker("a"), FakeWorker("b")
-    _add(workers, a, b)
     LeavesOut.calls = 0
-    d, _ = _dispatcher([a, b], strategy=f"{__name__}:LeavesOut")
-    d.submit(_runs(1, 10))
-    _start(started, d)
-    wait_for(lambda: d.sent == 10, WAIT, 0.01, "10 runs accepted")
-    sent = collections.Counter(a.run_ids() + b.run_ids())
+    sent = collections.Counter(_through_two_workers(workers, started, "LeavesOut", 10))
     assert sorted(sent) == list(range(1, 11)) and set(sent.values()) == {1}
 
 
@@ -191,14 +198,8 @@ class Garbage:
 def test_a_router_that_raises_or_returns_garbage_stops_no_run(
         workers: dict[str, FakeWorker], started: list[Dispatcher],  # noqa: F811
         router: str) -> None:
-    a, b = FakeWorker("a"), FakeWorker("b")
-    _add(workers, a, b)
     Garbage.calls = 0
-    d, _ = _dispatcher([a, b], strategy=f"{__name__}:{router}")
-    d.submit(_runs(1, 6))
-    _start(started, d)
-    wait_for(lambda: d.sent == 6, WAIT, 0.01, "6 runs accepted")
-    sent = sorted(a.run_ids() + b.run_ids())
+    sent = sorted(_through_two_workers(workers, started, router, 6))
     assert sent == list(range(1, 7))  # each once; the forged run 999 never went out
 
 
@@ -248,7 +249,7 @@ def test_trusted_proxies_written_as_ipv6_are_judged_as_the_ipv4_they_name(
 
 
 def test_a_mapped_peer_matches_its_ipv4_proxy_entry() -> None:
-    from qcluster.web.app import trusted_networks, within
+    from qcluster.peers import trusted_networks, within
 
     assert within("::ffff:127.0.0.5", trusted_networks(("127.0.0.5",)))
     assert within("127.0.0.5", trusted_networks(("::ffff:127.0.0.5",)))

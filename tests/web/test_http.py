@@ -488,7 +488,8 @@ def test_a_second_request_head_trickled_in_is_cut(served: Served,
     ("not-an-address", "10.0.0.5"), ("10.0.0.8", "10.0.0.5")])
 def test_the_client_behind_trusted_proxies_is_the_last_untrusted_hop(
         header: str | None, client: str) -> None:
-    from qcluster.web.app import forwarded_client, trusted_networks
+    from qcluster.peers import trusted_networks
+    from qcluster.web.app import forwarded_client
 
     headers = [] if header is None else [(b"x-forwarded-for", header.encode())]
     trusted = trusted_networks(("10.0.0.0/24",))
