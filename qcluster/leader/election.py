@@ -1,7 +1,10 @@
 """The follow/lead loop, written once for every backend.
 
 A follower campaigns (``try_acquire``) every ``campaign_interval``. On winning it calls
-``on_elected(lease)``, which takes the epoch and starts the schedule. A leader renews at
+``on_elected(lease)``, which takes the epoch and starts the schedule, on a thread of its own
+(``qc-term-start``): the loop renews the lease meanwhile, so a start that takes longer than
+the lease (a first recovery pass that asks a silent worker for seconds) does not lose it.
+The node's status is "leader" once that call has returned. A leader renews at
 a third of the lease's validity and keeps a local *monotonic* deadline: the moment the
 acquire or the last successful renew was sent, plus the validity, minus a margin. It
 steps down when:
@@ -13,7 +16,8 @@ steps down when:
 * the deadline passes, whether renews fail or hang (renews run on their own thread, so a
   server that stops answering cannot hold the loop past the deadline).
 
-Stepping down calls ``halt()`` (stop firing and dispatching, non-blocking), then
+Stepping down calls ``halt()`` (stop firing and dispatching, non-blocking), waits (at most
+``START_JOIN_SECONDS``) for a start still under way, which halts at its next step, then
 ``on_revoked(reason)`` (tear the leader's parts down), then releases the lease, which the
 backend checks against the owner.
 
@@ -41,6 +45,10 @@ from qcluster import metrics
 from qcluster.errors import QClusterError
 
 log = logging.getLogger(__name__)
+
+#: How long a step-down waits for a term's start still under way (halted, it stops at its
+#: next step; each step is bounded by a database, backend or RPC timeout).
+START_JOIN_SECONDS = 5.0
 
 
 class Leadership:
@@ -82,6 +90,9 @@ class Leadership:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._renewer = ThreadPoolExecutor(1, thread_name_prefix="qc-renew")
+        # One thread: a term's start never runs beside the previous term's.
+        self._starter = ThreadPoolExecutor(1, thread_name_prefix="qc-term-start")
+        self._starting: Future[None] | None = None  # on_elected, until the loop sees it end
         self._thread = threading.Thread(target=self._run, name="qc-leadership", daemon=True)
 
     @property
@@ -104,6 +115,7 @@ class Leadership:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._renewer.shutdown(wait=False, cancel_futures=True)
+        self._starter.shutdown(wait=False, cancel_futures=True)
 
     def revoke(self, reason: str) -> None:
         """Give up leadership from any thread (e.g. a write was fenced). Non-blocking."""
@@ -201,14 +213,31 @@ class Leadership:
         self._renewed_at = sent
         self._deadline = sent + lease.valid_for - self._margin(lease)
         log.info("won the %s lease (token %d)", lease.backend, lease.token)
-        try:
-            self.on_elected(lease)
-        except Exception as e:
-            log.warning("could not start leading: %s", e)
-            self._step_down(f"could not start leading: {e}")
-            self._stop.wait(self.campaign_interval * 4)
-            return
-        self.status = "leader"
+        self.status = "starting to lead"
+        starting = self._starter.submit(self._start_term, lease)
+        self._starting = starting
+        starting.add_done_callback(lambda _: self._poke.set())
+
+    def _start_term(self, lease: Lease) -> None:
+        """``on_elected`` on the ``qc-term-start`` thread. A lease lost before this thread
+        got to it starts nothing (a loss during the call halts the term it installed)."""
+        if self._lost.is_set():
+            raise QClusterError(f"the lease was lost before the term started "
+                                f"({self._lost_reason or 'stopping'})")
+        self.on_elected(lease)
+
+    def _started(self) -> bool:
+        """Take the ended start's outcome: "leader", or step down. Whether it leads."""
+        starting, self._starting = self._starting, None
+        assert starting is not None
+        error = starting.exception()
+        if error is None:
+            self.status = "leader"
+            return True
+        log.warning("could not start leading: %s", error)
+        self._step_down(f"could not start leading: {error}")
+        self._stop.wait(self.campaign_interval * 4)
+        return False
 
     def _hold(self) -> None:
         lease, backend = self.lease, self.backend
@@ -224,7 +253,10 @@ class Leadership:
             self._step_down("the lease was not renewed before its deadline")
             return
         if poked:
-            self._reshape()
+            if self._starting is not None and self._starting.done() and not self._started():
+                return  # the start failed: stepped down
+            if self._starting is None:  # a reshape waits until the term has started
+                self._reshape()
             if self.lease is None:  # it stepped down
                 return
             if self.clock() < self._renewed_at + self.lease.valid_for / 3:
@@ -325,6 +357,13 @@ class Leadership:
     def _step_down(self, reason: str) -> None:
         lease, backend = self.lease, self.backend
         self.halt()  # step down first: nothing is fired or sent after this line
+        starting, self._starting = self._starting, None
+        if starting is not None:  # halted, the start ends at its next step
+            with contextlib.suppress(Exception):
+                starting.exception(timeout=START_JOIN_SECONDS)
+            if not starting.done():
+                log.warning("the term's start has not ended %gs after the halt",
+                            START_JOIN_SECONDS)
         self.lease = None
         self._lost.set()
         self.status = f"stepped down: {reason}"

@@ -156,16 +156,20 @@ class LeaderRole:
         previous term's maintenance thread is still alive after a bounded wait: a new term
         never runs beside the previous one. The caller steps down and campaigns again."""
         s = self.settings
+        # The new term is installed first: a halt() from here on stops this one (its steps
+        # check), not only the previous one, which was halted when it ended.
+        term = _Term()
         with self._lock:
-            previous = self._term
+            previous, self._term = self._term, term
         if previous is not None and not previous.join():
+            with self._lock:  # the next start waits for that thread again
+                if self._term is term:
+                    self._term = previous
             raise QClusterError(
                 "the previous term's maintenance pass has not ended after "
                 f"{MAINTENANCE_JOIN_SECONDS:g}s (a database or backend call that hangs)"
             )
-        term = _Term()
-        with self._lock:
-            self._term = term
+        self._check_started(term)
         # The clock first: no pass, recovery or published time of this term on a clock
         # that was never read. A failed sample keeps the last one (a short outage); with
         # none at all the database is out of reach, and take_epoch would fail too.

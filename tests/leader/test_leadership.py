@@ -151,6 +151,55 @@ def test_a_lost_lease_halts_at_once_then_steps_down_and_campaigns_again() -> Non
         assert again.token > first.token
 
 
+def _slow_start(node: _Node, gate: threading.Event) -> threading.Event:
+    """Make ``node``'s ``on_elected`` record itself, then wait for ``gate`` (at most WAIT);
+    the event returned is set once it has returned."""
+    done = threading.Event()
+
+    def on_elected(lease: Lease) -> None:
+        node._record("elected", lease)
+        gate.wait(WAIT)
+        node._record("started", None)
+        done.set()
+
+    node.leadership.on_elected = on_elected
+    return done
+
+
+def test_a_term_start_longer_than_the_lease_keeps_it_renewed() -> None:
+    """on_elected runs on its own thread: the loop renews meanwhile (before, a first
+    recovery pass that asked a silent worker for 2 s lost a 2 s lease, again and again)."""
+    with _cluster("n1") as (server, (node,)):
+        gate = threading.Event()
+        done = _slow_start(node, gate)
+        node.leadership.start()
+        wait_for(lambda: node.leases(), WAIT, 0.01, "the win")
+        assert node.leadership.status == "starting to lead"
+        time.sleep(LEASE * 2.5)  # the lease ends unless it is renewed while the start waits
+        assert node.kinds() == ["elected"] and node.leadership.leading
+        assert _probe(server).try_acquire("intruder", LossRecorder()) is None
+        gate.set()
+        assert done.wait(WAIT)
+        wait_for(lambda: node.leadership.status == "leader", WAIT, 0.01, "status leader")
+        assert node.kinds() == ["elected", "started"]
+
+
+def test_a_lease_lost_while_the_term_starts_waits_for_the_start_then_steps_down() -> None:
+    with _cluster("n1") as (_server, (node,)):
+        gate = threading.Event()
+        done = _slow_start(node, gate)
+        node.leadership.start()
+        wait_for(lambda: node.leases(), WAIT, 0.01, "the win")
+        assert node.backend.lose_lease("taken away by the test")
+        time.sleep(0.3)
+        assert node.kinds() == ["elected", "halt", "halt"]  # on_lost's, then the step-down's
+        gate.set()  # the halted start returns: only then is the term torn down
+        assert node.wait_revoked() == "taken away by the test"
+        assert done.is_set()
+        kinds = node.kinds()
+        assert kinds.index("started") < kinds.index("revoked")
+
+
 def test_an_expired_session_steps_the_leader_down_and_another_node_takes_over() -> None:
     campaigning = threading.Event()
     campaigning.set()
