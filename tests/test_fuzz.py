@@ -60,9 +60,9 @@ from hypothesis import strategies as st
 
 from qcluster.cli.main import main as cli_main
 from qcluster.client.admin import upgrade_db
-from qcluster.definitions.jobdefs import JOB_ID_RE, JobDef
+from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.jobfile import load_job_file
-from qcluster.definitions.triggers import make_spec
+from qcluster.definitions.triggers import JOB_ID_RE, make_spec
 from qcluster.errors import INPUT_KINDS, ConfigError, InputError
 from qcluster.leader.control import ControlService
 from qcluster.leader.role import LeaderRole

@@ -154,6 +154,10 @@ def jobs_add(
     cron: Annotated[str | None, typer.Option(help="Cron expression (crontab(5)).")] = None,
     every: Annotated[str | None, typer.Option(help="Interval: 30s, 5m, 1h.")] = None,
     at: Annotated[str | None, typer.Option(help="One run at this ISO 8601 time.")] = None,
+    after: Annotated[list[str] | None, typer.Option(
+        "--after", metavar="JOB[:success|failure|always]",
+        help="Run after this job's run (default: when it succeeded); repeatable: after all "
+             "of them, for the same fire time.")] = None,
     arg: Annotated[
         list[str] | None, typer.Option("--arg", help="Positional (JSON or text).")
     ] = None,
@@ -204,7 +208,7 @@ def jobs_add(
         if not sep or not key:
             raise InputError(f"invalid --kwarg {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_cli_value(value)
-    done = c.add(job_id, func, cron=cron, every=every, at=at, tz=tz,
+    done = c.add(job_id, func, cron=cron, every=every, at=at, after=after or None, tz=tz,
                  args=[parse_cli_value(a) for a in arg or []], kwargs=kwargs,
                  replace=replace, recover=recover, misfire_grace=misfire_grace,
                  coalesce=coalesce, max_attempts=max_attempts, retries=_whole(retries),

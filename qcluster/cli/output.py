@@ -52,9 +52,9 @@ def job_detail(job: Mapping[str, Any]) -> None:
     table.add_column("value")
     for key in ("func", "trigger", "next_run_time", "paused", "args", "kwargs", "recover",
                 "max_attempts", "misfire_grace_seconds", "coalesce", *POLICY_FIELDS,
-                "runs_made", "broken"):
+                "runs_made", "broken", "children"):
         value = job.get(key)
-        if key in POLICY_FIELDS and value in (None, []):
+        if key in (*POLICY_FIELDS, "children") and value in (None, []):
             continue  # not set: the [scheduler] default
         if key in _DURATION_FIELDS and isinstance(value, int | float):
             value = format_duration(value)
@@ -85,7 +85,7 @@ def run_detail(run: Mapping[str, Any]) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in ("job_id", "scheduled_at", "status", "attempt", "worker", "dispatched_at",
-                "started_at", "finished_at", "duration", "error", "retries_left"):
+                "started_at", "finished_at", "duration", "error", "retries_left", "parent_run"):
         value = run.get(key)
         if key == "duration" and isinstance(value, int | float):
             value = f"{value * 1000:.1f} ms"

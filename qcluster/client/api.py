@@ -139,6 +139,7 @@ class Client:
         cron: str | None = None,
         every: str | float | timedelta | None = None,
         at: str | datetime | None = None,
+        after: Sequence[str] | None = None,
         tz: str | None = None,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
@@ -150,12 +151,15 @@ class Client:
         **policy: Any,
     ) -> Change:
         """Add one job, with exactly one of ``cron``, ``every`` (``"30s"``, seconds or a
-        timedelta) and ``at`` (an ISO 8601 time or an aware datetime). With ``replace``, a
+        timedelta), ``at`` (an ISO 8601 time or an aware datetime) and ``after`` (parent
+        job ids, each ``"A"`` or ``"A:success|failure|always"``: the job runs once per
+        fire of its parents, when their runs of that fire time have ended so). With ``replace``, a
         job of the same id is replaced (its schedule kept if the trigger is unchanged);
         without, an existing id is refused. ``policy``: the fields of
         :mod:`qcluster.definitions.policy` (``retries=3, timeout="30s", overlap="skip"``;
         durations as text, seconds or timedeltas, times as ISO text or aware datetimes)."""
-        jd = self.job(job_id, func, cron=cron, every=every, at=at, tz=tz, args=args,
+        jd = self.job(job_id, func, cron=cron, every=every, at=at, after=after, tz=tz,
+                      args=args,
                       kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
                       coalesce=coalesce, max_attempts=max_attempts, **policy)
         outcome = changes.add_jobs(self.settings, [jd], replace=replace)
@@ -172,6 +176,7 @@ class Client:
         cron: str | None = None,
         every: str | float | timedelta | None = None,
         at: str | datetime | None = None,
+        after: Sequence[str] | None = None,
         tz: str | None = None,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
@@ -197,7 +202,12 @@ class Client:
                              f"timedelta, not {type(every).__name__}")
         if isinstance(at, datetime):
             at = at.isoformat()
-        trigger = make_spec(cron=cron, every=every, at=at, tz=tz,
+        if after is not None and (isinstance(after, str) or not isinstance(after, Sequence)
+                                  or not all(isinstance(a, str) for a in after)):
+            raise InputError('after must be a list of parent job ids, e.g. ["extract", '
+                             '"load:failure"]')
+        trigger = make_spec(cron=cron, every=every, at=at, after=list(after or []) or None,
+                            tz=tz,
                             default_tz=self.settings.scheduler.timezone)
         wire: dict[str, Any] = {"id": job_id, "func": func, "trigger": trigger,
                 "args": list(args) if isinstance(args, list | tuple) else args,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,11 +18,10 @@ from qcluster.definitions.imports import resolve_func
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL, check_schedule
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
 from qcluster.definitions.policy import NONE, Policy, check_policy
-from qcluster.definitions.triggers import TriggerSpec, validate_spec
+from qcluster.definitions.triggers import JOB_ID_RE, TriggerSpec, validate_spec
 from qcluster.errors import InputError, NotAllowed
 from qcluster.settings import is_allowed, is_func_ref, named_only, ref_problem
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 MAX_ARGS_BYTES = 64 * 1024
 MAX_ARGS_DEPTH = 16
 
@@ -158,6 +156,8 @@ def _job(job_id: str, data: Mapping[str, Any], allow: Sequence[str], *, import_i
                                      or not 1 <= max_attempts <= 2**31 - 1):  # int4 columns
         raise InputError("max_attempts must be a whole number between 1 and 2147483647")
     policy = check_policy({k: data[k] for k in POLICY_FIELDS if k in data})
+    if trigger["type"] == "after":
+        _check_after(job_id, trigger, policy, coalesce)
     if trigger["type"] == "date" and (policy.start is not None or policy.end is not None):
         raise InputError("start and end bound a repeating schedule; a job with a date "
                          "(--at) fires once, at that date")
@@ -167,6 +167,23 @@ def _job(job_id: str, data: Mapping[str, Any], allow: Sequence[str], *, import_i
                          f"misfire = {policy.misfire!r} (give one of them)")
     return JobDef(job_id, func, trigger, args, kwargs, grace, coalesce, recover, max_attempts,
                   policy)
+
+
+#: Policies about a schedule's fire times: a job that runs after others has none.
+_SCHEDULE_ONLY = ("overlap", "misfire", "catch_up", "start", "end", "max_runs", "jitter",
+                  "exclude")
+
+
+def _check_after(job_id: str, trigger: TriggerSpec, policy: Policy,
+                 coalesce: bool | None) -> None:
+    if any(p["job"] == job_id for p in trigger["parents"]):
+        raise InputError("a job cannot run after itself")
+    given = [f for f in _SCHEDULE_ONLY if getattr(policy, f) not in (None, ())]
+    if coalesce is not None:
+        given.append("coalesce")
+    if given:
+        raise InputError(f"{given[0]} applies to a schedule's fire times; a job that runs "
+                         "after others has none (it runs once per parent fire)")
 
 
 def _short(value: object) -> str:

@@ -1,6 +1,7 @@
 """``jobs apply`` files: an array of ``[[job]]`` tables, checked whole before any write.
 
-Fields: ``id``, ``func``, one of ``cron``/``every``/``at``, and optional ``tz``,
+Fields: ``id``, ``func``, one of ``cron``/``every``/``at``/``after`` (a list of parent
+job ids, each ``"A"`` or ``"A:success|failure|always"``), and optional ``tz``,
 ``args``, ``kwargs``, ``recover``, ``max_attempts``, ``misfire_grace_seconds``,
 ``coalesce``, and the policy fields of :mod:`qcluster.definitions.policy` (``retries``,
 ``retry_backoff``, ``timeout``, ``overlap``, ``misfire``, ``catch_up``, ``start``, ``end``,
@@ -15,14 +16,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from qcluster.definitions.jobdefs import JOB_ID_RE, JobDef, check_func_ref, validate_job
+from qcluster.definitions.jobdefs import JobDef, check_func_ref, validate_job
 from qcluster.definitions.limits import DEFAULT_MIN_INTERVAL
 from qcluster.definitions.policy import FIELDS as POLICY_FIELDS
-from qcluster.definitions.triggers import make_spec
+from qcluster.definitions.triggers import JOB_ID_RE, make_spec
 from qcluster.errors import InputError
 from qcluster.settings import read_bounded
 
-_FIELDS = {"id", "func", "cron", "every", "at", "tz", "args", "kwargs", "recover",
+_FIELDS = {"id", "func", "cron", "every", "at", "after", "tz", "args", "kwargs", "recover",
            "max_attempts", "misfire_grace_seconds", "coalesce", *POLICY_FIELDS}
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -99,11 +100,15 @@ def _wire(entry: dict[str, Any], default_tz: str) -> dict[str, Any]:
             raise InputError(f"{key} must be a string")
     if "every" in entry and not isinstance(entry["every"], str | int | float):
         raise InputError("every must be a duration such as \"30s\"")
+    after = entry.get("after")
+    if after is not None and (not isinstance(after, list) or not after
+                              or not all(isinstance(a, str) for a in after)):
+        raise InputError('after must be a list of parent job ids, e.g. ["extract"]')
     spec = make_spec(
         cron=_str(entry, "cron"), every=entry.get("every"), at=_str(entry, "at"),
-        tz=_str(entry, "tz"), default_tz=default_tz,
+        after=after, tz=_str(entry, "tz"), default_tz=default_tz,
     )
-    wire = {k: v for k, v in entry.items() if k not in ("cron", "every", "at", "tz")}
+    wire = {k: v for k, v in entry.items() if k not in ("cron", "every", "at", "after", "tz")}
     wire["trigger"] = spec
     return wire
 

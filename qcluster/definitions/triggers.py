@@ -38,6 +38,10 @@ has neither case.
 Intervals fire at ``start + k * interval`` in real time, in whole microseconds, unaffected
 by DST.
 
+An ``after`` spec (``jobs add B --after A``) has no fire time of its own: its job runs when
+its parents' runs end (``parents``: each a job id and a condition, :data:`CONDITIONS`), as
+the leader's chain pass decides (``leader/chains.py``, docs/DESIGN.md "Dependent jobs").
+
 A cron's next-fire search looks at most
 :data:`~qcluster.definitions.crontrigger.SEARCH_YEARS` past ``max(previous, now)``, then
 raises :class:`~qcluster.definitions.crontrigger.SearchExhausted` (its module says why).
@@ -74,7 +78,13 @@ _DURATION = re.compile(r"(?:(?P<d>{n})d)?(?:(?P<h>{n})h)?(?:(?P<m>{n})m(?!s))?(?
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # plain seconds: 30, 2.5, .5
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SPEC_KEYS = {"cron": {"type", "expr", "tz"}, "interval": {"type", "seconds", "start", "tz"},
-              "date": {"type", "at", "tz"}}
+              "date": {"type", "at", "tz"}, "after": {"type", "parents", "tz"}}
+#: A job id (``definitions/jobdefs.check_job_id`` says so to the user).
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+#: When a child runs after a parent's run: it succeeded; it ended failed, timed out, lost
+#: or interrupted (its code ran and did not succeed); or either.
+CONDITIONS = ("success", "failure", "always")
+MAX_PARENTS = 20
 _When = datetime | None
 
 
@@ -203,7 +213,8 @@ def validate_spec(spec: object) -> TriggerSpec:
         raise InputError(f"trigger spec must be an object, got {type(spec).__name__}")
     kind = spec.get("type")
     if not isinstance(kind, str) or kind not in _SPEC_KEYS:
-        raise InputError(f"unknown trigger type {kind!r} (expected cron, interval or date)")
+        raise InputError(f"unknown trigger type {kind!r} (expected cron, interval, date or "
+                         "after)")
     if set(spec) != _SPEC_KEYS[kind]:
         raise InputError(f"a {kind} trigger spec has exactly the keys "
                          f"{', '.join(sorted(_SPEC_KEYS[kind]))}")
@@ -221,8 +232,48 @@ def validate_spec(spec: object) -> TriggerSpec:
         _parse_at(spec["start"], zone, need_offset=True)  # build_trigger moves it into tz
         return {"type": "interval", "seconds": parse_duration(seconds),
                 "start": start.isoformat(), "tz": tz}
+    if kind == "after":
+        return {"type": "after", "parents": _parents(spec["parents"]), "tz": tz}
     at = _parse_at(_string(spec, "at"), zone, need_offset=True)
     return {"type": "date", "at": at.isoformat(), "tz": tz}
+
+
+def _parents(value: object) -> list[dict[str, str]]:
+    """The canonical parents of an ``after`` spec: ``{"job", "on"}`` each, by job id."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PARENTS:
+        raise InputError(f"an after trigger names 1 to {MAX_PARENTS} parent jobs")
+    out: dict[str, str] = {}
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"job", "on"}:
+            raise InputError('each parent of an after trigger is {"job": ID, "on": CONDITION}')
+        job, on = item["job"], item["on"]
+        if not isinstance(job, str) or not JOB_ID_RE.match(job):
+            raise InputError(f"invalid parent job id {quote_value(job)}")
+        if on not in CONDITIONS:
+            raise InputError(f"invalid condition {quote_value(on)} for parent {job!r}: "
+                             f"use {', '.join(CONDITIONS)}")
+        if job in out:
+            raise InputError(f"parent job {job!r} is given twice")
+        out[job] = on
+    return [{"job": job, "on": out[job]} for job in sorted(out)]
+
+
+def parse_after(text: str) -> dict[str, str]:
+    """``A`` or ``A:success|failure|always`` (what ``--after`` takes) as a parent. A job
+    id may hold ``:``; the part after the last one is a condition only if it is one."""
+    job, sep, on = text.strip().rpartition(":")
+    if not sep or on not in CONDITIONS:
+        job, on = text.strip(), "success"
+    return {"job": job, "on": on}
+
+
+class AfterTrigger(BaseTrigger):  # type: ignore[misc]
+    """No fire time of its own: an ``after`` job's runs are recorded by the chain pass."""
+
+    __slots__ = ()
+
+    def get_next_fire_time(self, previous_fire_time: _When, now: datetime) -> _When:
+        return None
 
 
 def build_trigger(spec: TriggerSpec) -> BaseTrigger:
@@ -237,12 +288,14 @@ def build_trigger(spec: TriggerSpec) -> BaseTrigger:
     if spec["type"] == "interval":
         start = datetime.fromisoformat(spec["start"]).astimezone(zone)
         return AlignedIntervalTrigger(seconds=spec["seconds"], start_date=start, timezone=zone)
+    if spec["type"] == "after":
+        return AfterTrigger()
     return DateTrigger(run_date=datetime.fromisoformat(spec["at"]), timezone=zone)
 
 
 def make_spec(*, cron: str | None = None, every: str | float | None = None,
-              at: str | None = None, tz: str | None = None, default_tz: str = "UTC",
-              now: datetime | None = None) -> TriggerSpec:
+              at: str | None = None, after: list[str] | None = None, tz: str | None = None,
+              default_tz: str = "UTC", now: datetime | None = None) -> TriggerSpec:
     """A canonical spec from what a user typed (exactly one of cron, every, at).
 
     ``tz`` (default ``default_tz``) is the job's zone: crons run on its wall clock and an
@@ -251,14 +304,17 @@ def make_spec(*, cron: str | None = None, every: str | float | None = None,
     after ``now`` (``0 0 31 2 *``) is refused. A date in the past is allowed; the scheduler's
     misfire policy deals with it.
     """
-    if sum(x is not None for x in (cron, every, at)) != 1:
-        raise InputError("give exactly one of --cron, --every, --at")
+    if sum(x is not None for x in (cron, every, at, after or None)) != 1:
+        raise InputError("give exactly one of --cron, --every, --at, --after")
     if now is None:
         now = datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     zone_name = (default_tz if tz is None else tz).strip()
     zone = parse_zone(zone_name)
+    if after:
+        return validate_spec({"type": "after", "parents": [parse_after(a) for a in after],
+                              "tz": zone_name})
     if cron is not None:
         spec = validate_spec({"type": "cron", "expr": cron, "tz": zone_name})
         check_fires(spec, now)
@@ -294,6 +350,9 @@ def describe(spec: TriggerSpec) -> str:
         return f"cron {spec['expr']} ({spec['tz']})"
     if spec["type"] == "interval":
         return f"every {format_duration(spec['seconds'])}"
+    if spec["type"] == "after":
+        return "after " + ", ".join(p["job"] if p["on"] == "success" else f"{p['job']} ({p['on']})"
+                                    for p in spec["parents"])
     return f"at {spec['at']}"
 
 

@@ -44,7 +44,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from qcluster.definitions.policy import backoff
+from qcluster.definitions.policy import Defaults, backoff
+from qcluster.leader.chains import chain_runs
 from qcluster.leader.liveness import Judge, Kind, Verdict
 from qcluster.store import catalog, records, runs, schema
 from qcluster.store.db import Database
@@ -80,6 +81,8 @@ class RecoveryResult:
     unclaimed: int = 0  # claimed by a worker that stopped before starting them: sent again
     retries: int = 0  # failed or timed-out attempts given a new one (their backoff later)
     unbuffered: int = 0  # buffered runs whose job's open run ended: sent now
+    #: Dependent jobs' runs recorded by the chain pass, by status (leader/chains.py).
+    chained: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _all_stopped(suspects: Mapping[str, Sequence[Key]],
@@ -96,6 +99,8 @@ def recover_runs(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     now: float | None = None,
     judge: Judge | None = None,
+    leader: str = "leader",
+    defaults: Defaults | None = None,
 ) -> RecoveryResult:
     """One recovery pass. ``live_workers`` are the (node id, session) pairs that the
     database lists as live; ``judge`` decides about the sessions of the other claims (a
@@ -110,7 +115,11 @@ def recover_runs(
     ``now``, what staleness and the grace are judged by and what is written, is by default
     the database's time, read in the fenced transaction (after the judge's calls, however
     long they took): the clock that ``created_at`` and the fire times are on, whichever
-    host leads (docs/DESIGN.md invariant 8)."""
+    host leads (docs/DESIGN.md invariant 8).
+
+    Last in the same transaction, the chain pass (:mod:`qcluster.leader.chains`) records
+    the runs of dependent jobs whose parents' runs have ended (``leader``: the node id
+    it writes; ``defaults``: the ``[scheduler]`` policies of their rows)."""
     r = schema.runs
     out = RecoveryResult()
     live = set(live_workers)
@@ -150,6 +159,10 @@ def recover_runs(
             elif fate == "stopped":
                 _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, reason, out)
         _unbuffer(conn, epoch, now, out)
+        chained = chain_runs(conn, epoch, leader, now=now, grace=grace_seconds,
+                             defaults=defaults or Defaults())
+        out.resend.extend(chained.send)
+        out.chained = chained.recorded
     out.bulk.sort(key=lambda run: run["scheduled_at"])
     del out.bulk[BULK_PER_PASS:]
     return out

@@ -405,7 +405,8 @@ class LeaderRole:
             result = recover_runs(self.db, epoch, live_workers=live,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
                                   max_attempts=self.settings.runs.max_attempts,
-                                  judge=term.judge)
+                                  judge=term.judge, leader=self.node_id,
+                                  defaults=defaults_from(self.settings.scheduler))
         except Fenced as e:
             self._revoke(term, f"recovery was fenced: {e}")
             return None
@@ -416,6 +417,8 @@ class LeaderRole:
         metrics.LIVE_WORKERS.set(sum(1 for m in workers if "worker" in m.roles))
         metrics.RECORDED_BY_LEADER.labels(status="missed").inc(result.missed)
         metrics.RECORDED_BY_LEADER.labels(status="lost").inc(result.lost + result.quarantined)
+        for status, count in result.chained.items():
+            metrics.FIRES.labels(status=status, reason="after_parents").inc(count)
         if result.resend and not term.stop.is_set():
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)

@@ -170,7 +170,103 @@ def upsert_jobs(
             result.kept_schedule.append(jd.id)
     for start in range(0, len(inserts), _CHUNK):
         conn.execute(j.insert(), inserts[start : start + _CHUNK])
+    _write_edges(conn, defs)
     return result
+
+
+# -- dependent jobs: the qc_job_deps edges, written with their child ---------------------
+
+
+def _write_edges(conn: Connection, defs: Sequence[JobDef]) -> None:
+    """The edges of the jobs ``defs`` wrote: each job's own (as a child) are replaced by
+    those of its ``after`` trigger. InputError (the caller's transaction rolls back) if
+    a parent is no job, or if an edge closes a cycle. On PostgreSQL a transaction-scoped
+    advisory lock serializes the writers of edges, so that two adds that each close half
+    of a cycle cannot both pass the check."""
+    d = schema.job_deps
+    new = {jd.id: jd.trigger["parents"] for jd in defs if jd.trigger["type"] == "after"}
+    if not new and conn.execute(sa.select(d.c.child_id).limit(1)).first() is None:
+        return  # no dependent jobs anywhere: nothing to replace (the common case)
+    if new and conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EDGES_LOCK})
+    ids = [jd.id for jd in defs]
+    for start in range(0, len(ids), _CHUNK):
+        conn.execute(d.delete().where(d.c.child_id.in_(ids[start : start + _CHUNK])))
+    if not new:
+        return
+    parents = sorted({p["job"] for ps in new.values() for p in ps})
+    j = schema.jobs
+    known: set[str] = set()
+    for start in range(0, len(parents), _CHUNK):
+        known.update(conn.execute(sa.select(j.c.id).where(
+            j.c.id.in_(parents[start : start + _CHUNK]))).scalars())
+    for child, ps in new.items():
+        for p in ps:
+            if p["job"] not in known:
+                raise InputError(f"job {child!r} runs after {p['job']!r}, which is no job "
+                                 "(add it first, or in the same file)")
+    rows = [{"child_id": c, "parent_id": p["job"], "condition": p["on"]}
+            for c, ps in new.items() for p in ps]
+    for start in range(0, len(rows), _CHUNK):
+        conn.execute(d.insert(), rows[start : start + _CHUNK])
+    _check_acyclic(conn, list(new))
+
+
+#: The advisory lock key of edge writers (any fixed 64-bit number: "qcdeps" in ASCII).
+_EDGES_LOCK = 0x716364657073
+
+
+def _check_acyclic(conn: Connection, children: Sequence[str]) -> None:
+    """InputError naming the cycle if one of ``children`` is its own ancestor. The graph
+    was acyclic before, so a cycle goes through a new edge, from a child written now."""
+    d = schema.job_deps
+    up: dict[str, list[str]] = {}
+    for child, parent in conn.execute(sa.select(d.c.child_id, d.c.parent_id)):
+        up.setdefault(child, []).append(parent)
+    for child in children:
+        path = _path_up(up, child, child)
+        if path is not None:
+            raise InputError("a cycle of dependent jobs: " + " -> ".join(
+                repr(x) for x in [child, *path]) + " (each runs after the next)")
+
+
+def _path_up(up: Mapping[str, list[str]], start: str, target: str) -> list[str] | None:
+    """The ancestors from ``start`` up to ``target`` (a depth-first walk, each job once)."""
+    stack: list[tuple[str, list[str]]] = [(start, [])]
+    seen: set[str] = set()
+    while stack:
+        node, path = stack.pop()
+        for parent in up.get(node, ()):
+            if parent == target:
+                return [*path, parent]
+            if parent not in seen:
+                seen.add(parent)
+                stack.append((parent, [*path, parent]))
+    return None
+
+
+def children_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Of ``job_ids``, each one's children (the jobs that run after it)."""
+    d = schema.job_deps
+    out: dict[str, list[str]] = {}
+    ids = list(job_ids)
+    for start in range(0, len(ids), _CHUNK):
+        for child, parent in conn.execute(
+                sa.select(d.c.child_id, d.c.parent_id)
+                .where(d.c.parent_id.in_(ids[start : start + _CHUNK]))
+                .order_by(d.c.child_id)):
+            out.setdefault(parent, []).append(child)
+    return out
+
+
+def _check_no_orphans(conn: Connection, removed: Sequence[str]) -> None:
+    """InputError if a job that stays runs after one of ``removed``."""
+    gone = set(removed)
+    for parent, children in children_of(conn, removed).items():
+        staying = [c for c in children if c not in gone]
+        if staying:
+            raise InputError(f"job {staying[0]!r} runs after {parent!r}: remove or change "
+                             f"{staying[0]!r} first (or remove both at once)")
 
 
 def _check_unique(defs: Sequence[JobDef]) -> None:
@@ -223,8 +319,11 @@ def prune_jobs(conn: Connection, keep: Sequence[str]) -> list[str]:
     j = schema.jobs
     keep_set = set(keep)
     gone = [i for i in conn.execute(sa.select(j.c.id)).scalars() if i not in keep_set]
+    _check_no_orphans(conn, gone)
+    d = schema.job_deps
     for start in range(0, len(gone), _CHUNK):
         conn.execute(j.delete().where(j.c.id.in_(gone[start : start + _CHUNK])))
+        conn.execute(d.delete().where(d.c.child_id.in_(gone[start : start + _CHUNK])))
     return gone
 
 
@@ -266,7 +365,9 @@ def resume_job(conn: Connection, job_id: str, now: float | None = None) -> None:
 
 
 def remove_job(conn: Connection, job_id: str) -> None:
+    """Remove a job a user named: InputError if another job runs after it."""
     job_row(conn, job_id)
+    _check_no_orphans(conn, [job_id])
     delete_job(conn, job_id)
 
 
@@ -343,11 +444,16 @@ def set_next_run_time(conn: Connection, job_id: str, next_run_time: float | None
 
 
 def delete_job(conn: Connection, job_id: str) -> bool:
-    """Delete one job; whether it existed."""
+    """Delete one job and its edges as a child; whether it existed. Its edges as a parent
+    stay: a one-off parent's row goes once it has fired, and its children still run after
+    that run."""
+    d = schema.job_deps
+    conn.execute(d.delete().where(d.c.child_id == job_id))
     return bool(conn.execute(schema.jobs.delete().where(schema.jobs.c.id == job_id)).rowcount)
 
 
 def delete_all_jobs(conn: Connection) -> None:
+    conn.execute(schema.job_deps.delete())
     conn.execute(schema.jobs.delete())
 
 
@@ -423,7 +529,9 @@ def list_jobs(conn: Connection, limit: int = 0, offset: int = 0) -> list[dict[st
 
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any]:
-    return job_view(job_row(conn, job_id))
+    """One job, with ``children``: the jobs that run after it."""
+    return {**job_view(job_row(conn, job_id)),
+            "children": children_of(conn, [job_id]).get(job_id, [])}
 
 
 def run_view(row: Row[Any]) -> dict[str, Any]:
@@ -445,6 +553,7 @@ def run_view(row: Row[Any]) -> dict[str, Any]:
         "due_at": iso(row.due_at),
         "timeout": row.timeout,
         "retries_left": int(row.retries_left),
+        "parent_run": None if row.parent_run is None else int(row.parent_run),
     }
 
 

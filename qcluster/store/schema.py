@@ -158,6 +158,11 @@ runs = Table(
     # The job's own misfire grace when it fired (NULL: [scheduler] misfire_grace_seconds):
     # what recovery judges an unstarted run by, also once its job is gone.
     Column("grace", Integer, nullable=True),
+    # The run of its parent whose end recorded this one (a dependent job's run; else NULL).
+    Column("parent_run", BigInteger, nullable=True),
+    # TRUE: its job had children when it was recorded, and the leader has not decided their
+    # runs yet (leader/chains.py); NULL once decided, or for a job with none.
+    Column("chain", Boolean, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     # By status, then fire time: the dashboard's "failing in 24 h" reads it alone
     # (migrations/versions/0007); queries by status alone read its prefix.
@@ -168,6 +173,20 @@ runs = Table(
     Index("ix_qc_runs_retry", "status", postgresql_where=sa.text("retries_left > 0"),
           sqlite_where=sa.text("retries_left > 0")),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),
+    # The runs whose children are still to be decided: a handful, read by every chain pass.
+    Index("ix_qc_runs_chain", "chain", postgresql_where=sa.text("chain"),
+          sqlite_where=sa.text("chain")),
+)
+
+# Dependent jobs: one row per (child, parent) edge, written with the child job from its
+# ``after`` trigger (store/catalog.py). ``condition``: success, failure or always.
+job_deps = Table(
+    "qc_job_deps",
+    metadata,
+    Column("child_id", String(200), primary_key=True),
+    Column("parent_id", String(200), primary_key=True),
+    Column("condition", String(16), nullable=False),
+    Index("ix_qc_job_deps_parent", "parent_id"),
 )
 
 # The tail of what each run attempt wrote to stdout/stderr (log records included) and the

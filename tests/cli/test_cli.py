@@ -527,6 +527,19 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
              ["jobs", "apply", str(write_job_file(tmp_path / "bad-policy.toml", [
                  {"id": "in-bad-policy", "func": HELLO, "every": "1s", "timeout": [1]}]))],
              ("in-bad-policy", "timeout")),
+        Case("--after a job that does not exist",
+             add("after-ghost", "--func", HELLO, "--after", "ghost"), ("'ghost'", "no job")),
+        Case("--after beside --every", add("after-every", "--func", HELLO, *every, "--after",
+                                           "seed"), ("exactly one",)),
+        Case("--after itself", add("after-self", "--func", HELLO, "--after", "after-self"),
+             ("itself",)),
+        Case("a schedule's policy on a job that runs after another",
+             add("after-jitter", "--func", HELLO, "--after", "seed", "--jitter", "2s"),
+             ("jitter",)),
+        Case("after in a job file that is not a list",
+             ["jobs", "apply", str(write_job_file(tmp_path / "bad-after.toml", [
+                 {"id": "in-bad-after", "func": HELLO, "after": "seed"}]))],
+             ("in-bad-after", "after must be a list")),
         Case("runs cancel of an unknown run", ["runs", "cancel", "987654"], ("no run 987654",)),
         Case("runs cancel of run 0", ["runs", "cancel", "0"], ("run id",)),
         Case("runs cancel of a run id too large", ["runs", "cancel", str(2**63)], ("run id",)),
@@ -540,14 +553,15 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
 
 
 def table_rows(db_url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the job, run and cluster tables: a write of any kind changes these."""
+    """Every row of the job, run, cluster and job dependency tables: a write of any kind
+    changes these."""
     engine = sa.create_engine(db_url)
     try:
         with engine.connect() as conn:
             return {
                 table: [tuple(row) for row in conn.execute(
                     sa.text(f"SELECT * FROM {table} ORDER BY 1"))]
-                for table in ("qc_jobs", "qc_runs", "qc_cluster")
+                for table in ("qc_jobs", "qc_runs", "qc_cluster", "qc_job_deps")
             }
     finally:
         engine.dispose()
@@ -694,3 +708,30 @@ def test_job_policies_from_flags_and_files_show_in_json_and_reapply_unchanged(
     assert (again["unchanged"], again["updated"]) == (1, 0)
     filed = run_json("jobs", "show", "filed", "--json", config=config)
     assert (filed["timeout"], filed["overlap"], filed["misfire"]) == (90.0, "skip", "skip")
+
+
+def test_dependent_jobs_from_flags_and_files_show_their_parents_and_children(
+    config: Path, tmp_path: Path
+) -> None:
+    run_cli("jobs", "add", "extract", "--func", HELLO, "--cron", "0 2 * * *", config=config)
+    run_cli("jobs", "add", "load", "--func", HELLO, "--after", "extract", "--retries", "2",
+            config=config)
+    file = write_job_file(tmp_path / "chain.toml", [
+        {"id": "report", "func": HELLO, "after": ["load", "extract:always"]},
+        {"id": "alert", "func": HELLO, "after": ["load:failure"]}])
+    run_cli("jobs", "apply", str(file), config=config)
+    load = run_json("jobs", "show", "load", "--json", config=config)
+    assert load["trigger_spec"]["parents"] == [{"job": "extract", "on": "success"}]
+    assert (load["trigger"], load["next_run_time"], load["retries"]) == (
+        "after extract", None, 2)
+    assert load["children"] == ["alert", "report"]
+    report = run_json("jobs", "show", "report", "--json", config=config)
+    assert report["trigger"] == "after extract (always), load"
+    assert "after extract (always), load" in run_cli("jobs", "list", config=config).stdout
+    again = run_json("jobs", "apply", str(file), "--json", config=config)
+    assert again["unchanged"] == 2
+    result = run_cli("jobs", "remove", "load", config=config, check=False)
+    assert_cli_error(result, "runs after 'load'")
+    run_cli("jobs", "run", "load", config=config)  # a child may be run by hand too
+    (run,) = run_json("runs", "list", "--job", "load", "--json", config=config)
+    assert run["parent_run"] is None

@@ -508,7 +508,7 @@ def test_make_spec_stores_normalized_whitespace_and_the_default_zone() -> None:
 def test_make_spec_needs_exactly_one_kind(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InputError) as info:
         make_spec(**kwargs, now=NOW)
-    assert str(info.value) == "give exactly one of --cron, --every, --at"
+    assert str(info.value) == "give exactly one of --cron, --every, --at, --after"
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ OWNERS = [
     ("runs", "qc_runs", "qcluster/store/runs"),  # a package: its modules together
     ("run_output", "qc_run_output", "qcluster/store/runs"),
     ("calendars", "qc_calendars", "qcluster/store/calendars.py"),
+    ("job_deps", "qc_job_deps", "qcluster/store/catalog.py"),
     ("cluster", "qc_cluster", "qcluster/store/cluster.py"),
     ("lease", "qc_lease", "backends/dblock.py"),
     ("members", "qc_members", "backends/dblock.py"),

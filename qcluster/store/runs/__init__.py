@@ -10,7 +10,7 @@
 * The leader's writes (:func:`insert_runs`, :func:`mark_missed`, :func:`mark_lost`,
   :func:`retry`, :func:`retry_failed`, :func:`give_up_retries`, :func:`unbuffer`,
   :func:`record_reported`, :func:`cancel`, :func:`cancel_job_runs`,
-  :func:`prune`) run on the
+  :func:`chain_decided`, :func:`prune`) run on the
   caller's connection, in the transaction it fenced on its epoch (docs/DESIGN.md
   invariants 1, 3, 6, 7). A worker's writes (:func:`claim`, :func:`start`,
   :func:`write_outcomes`, :func:`release`) are not fenced (invariant 4): each is its own
@@ -30,6 +30,7 @@ from qcluster.store.runs.leader import (
     ahead,
     cancel,
     cancel_job_runs,
+    chain_decided,
     give_up_job_retries,
     give_up_retries,
     insert_runs,
@@ -83,6 +84,7 @@ __all__ = [
     "cancel",
     "cancel_asked",
     "cancel_job_runs",
+    "chain_decided",
     "check_outcome",
     "claim",
     "give_up_job_retries",

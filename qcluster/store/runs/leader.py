@@ -65,6 +65,7 @@ class FireRow:
     retry_max_backoff: float | None = None
     backfill: bool = False  # written by `jobs backfill` (schema.runs.c.backfill)
     grace: int | None = None  # the job's own misfire grace; None: [scheduler]'s
+    parent_run: int | None = None  # a dependent job's run: the parent run that decided it
 
 
 def insert_runs(
@@ -88,6 +89,9 @@ def insert_runs(
         raise ValueError(f"a run is not recorded as {', '.join(sorted(map(str, refused)))}")
     if now is None:
         now = database_now(conn)
+    # The jobs that have children now: their runs are marked for the chain pass (a child
+    # added after this read runs from its parent's next recorded fire time on).
+    parents = set(conn.execute(sa.select(schema.job_deps.c.parent_id).distinct()).scalars())
     rows = [
         {"job_id": f.job_id, "scheduled_at": f.scheduled_at, "func": f.func,
          "args": f.args_json, "kwargs": f.kwargs_json, "status": f.status, "attempt": 1,
@@ -97,7 +101,8 @@ def insert_runs(
          "retries_left": f.retries if f.status in _UNFINISHED else 0,  # ended: none
          "retry_backoff": f.retry_backoff,
          "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill,
-         "grace": f.grace}
+         "grace": f.grace, "parent_run": f.parent_run,
+         "chain": True if f.job_id in parents else None}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -119,7 +124,7 @@ _RUN_COLUMNS = (
     ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
     ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
     ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
-    ("grace", "int"),
+    ("grace", "int"), ("parent_run", "bigint"), ("chain", "bool"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 #: What a withdrawn row gets when its fire time is recorded again: the new row's values,
@@ -140,9 +145,9 @@ _UNNEST_INSERT = sa.text(
 
 def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     """Insert ``rows``, skipping recorded fire times; the inserted rows come back. On
-    PostgreSQL one column array per parameter (``unnest``): 21 parameters whatever the
+    PostgreSQL one column array per parameter (``unnest``): 23 parameters whatever the
     batch size, so the driver prepares the statement once, where a multi-row VALUES list
-    of 9,500 parameters is parsed again for every batch."""
+    of 11,500 parameters is parsed again for every batch."""
     if conn.dialect.name == "postgresql":
         return conn.execute(_UNNEST_INSERT, {c: [row[c] for row in rows] for c, _ in _RUN_COLUMNS})
     r = schema.runs
@@ -154,6 +159,15 @@ def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
         where=sa.and_(status_is(REVIVE_FROM), r.c.error.startswith(WITHDRAWN, autoescape=True)),
     ).returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status, r.c.attempt)
     return conn.execute(stmt, rows)
+
+
+def chain_decided(conn: Connection, run_ids: Sequence[int]) -> None:
+    """Clear the ``chain`` mark of these runs: every child of theirs has its run row
+    (``leader/chains.py``). Any status: the mark says nothing about the run itself."""
+    r = schema.runs
+    ids = list(run_ids)
+    for start in range(0, len(ids), 500):
+        conn.execute(r.update().where(r.c.id.in_(ids[start:start + 500])).values(chain=None))
 
 
 def mark_missed(conn: Connection, run_id: int, attempt: int, status: RunStatus, *,
