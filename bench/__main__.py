@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--metrics", action="store_true",
                    help="each qcluster node serves /metrics ([metrics] port), scraped every "
                         "second during the run (what the endpoint costs)")
+    p.add_argument("--children", type=float, default=0.0,
+                   help="steady: this share of --jobs more jobs (0.1: 10%%), each running "
+                        "after one of the jobs (jobs add --after): what the leader's "
+                        "dependency checks cost")
     p.add_argument("--profile", action="store_true",
                    help="py-spy on the leader and a worker during qcluster's steady window")
     a = p.parse_args(argv)
@@ -103,6 +107,7 @@ def parse_args(argv: list[str] | None) -> Options:
         burst=a.burst or int(sizes["burst"]), scale=a.scale or int(sizes["scale"]),
         spread=a.spread, no_fsync=a.no_fsync, lease=a.lease, concurrency=a.concurrency,
         profile=a.profile, fire_ahead=a.fire_ahead, aps_jobs=a.aps_jobs, metrics=a.metrics,
+        children=a.children,
     )
 
 
@@ -161,7 +166,7 @@ def _cleanup(url: str) -> None:
             for table in APS_TABLES:
                 conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
             if sa.inspect(conn).has_table("qc_jobs"):
-                conn.execute(sa.text("TRUNCATE qc_jobs, qc_runs"))
+                conn.execute(sa.text("TRUNCATE qc_jobs, qc_runs, qc_job_deps"))
     finally:
         engine.dispose()
 

@@ -47,6 +47,7 @@ class Options:
     fire_ahead: float = 0.0  # qcluster's scheduler.fire_ahead_seconds
     aps_jobs: int = 0  # steady on APScheduler: jobs every second (0: as many as qcluster)
     metrics: bool = False  # each node serves /metrics, scraped every second
+    children: float = 0.0  # steady: this share of --jobs more, each running after one job
 
     @property
     def warmup(self) -> float:

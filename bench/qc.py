@@ -245,6 +245,39 @@ class QcCluster:
         """COPY ``rows`` (see :func:`job_row`) into ``qc_jobs`` in one transaction."""
         return copy_rows(self.db, "qc_jobs", JOB_COLUMNS, rows)
 
+    def insert_children(self, parents: Sequence[str], prefix: str) -> list[str]:
+        """One job per parent, running after it (an ``after`` trigger, no fire time of its
+        own), with its ``qc_job_deps`` edge: ``prefix`` and the parent's index."""
+        ids = [f"{prefix}{i:07d}" for i in range(len(parents))]
+        now = time.time()
+        rows = []
+        for child, parent in zip(ids, parents, strict=True):
+            spec = json.dumps(validate_spec({"type": "after", "tz": "UTC", "parents": [
+                {"job": parent, "on": "success"}]}), sort_keys=True)
+            rows.append((child, "jobs.builtin:noop", spec, "[]", "{}", None, False, None,
+                         None, False, None, 1, now, now))
+        copy_rows(self.db, "qc_jobs", JOB_COLUMNS, rows)
+        copy_rows(self.db, "qc_job_deps", ("child_id", "parent_id", "condition"),
+                  ((c, p, "success") for c, p in zip(ids, parents, strict=True)))
+        return ids
+
+    def chained(self, prefix: str, lo: float, hi: float) -> dict[str, Any]:
+        """The runs of the ``prefix`` children of fire times in [lo, hi): how many by
+        status, and the delay from the parent run's end to the child's start, ms."""
+        rows = self.execute(
+            "SELECT c.status, c.started_at - p.finished_at FROM qc_runs c LEFT JOIN qc_runs p "
+            "ON p.id = c.parent_run WHERE c.job_id LIKE :p AND c.scheduled_at >= :lo AND "
+            "c.scheduled_at < :hi", p=f"{prefix}%", lo=lo, hi=hi).all()
+        statuses: dict[str, int] = {}
+        for status, _ in rows:
+            statuses[status] = statuses.get(status, 0) + 1
+        delays = sorted(d * 1000 for _, d in rows if d is not None)
+        out: dict[str, Any] = {"runs": len(rows), "by_status": statuses}
+        if delays:
+            out["delay_ms"] = {"p50": round(percentile(delays, 50), 1),
+                               "p99": round(percentile(delays, 99), 1)}
+        return out
+
     def execute(self, sql: str, **params: Any) -> Any:
         with self.db.engine.begin() as conn:
             return conn.execute(sa.text(sql), params)
@@ -255,6 +288,8 @@ class QcCluster:
         for attempt in range(5):
             try:
                 self.execute("DELETE FROM qc_jobs WHERE id LIKE :p", p=f"{prefix}%")
+                self.execute("DELETE FROM qc_job_deps WHERE child_id LIKE :p",
+                             p=f"{prefix}%")
                 return
             except sa.exc.OperationalError as e:
                 if type(e.orig).__name__ != "DeadlockDetected" or attempt == 4:

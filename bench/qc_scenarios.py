@@ -87,6 +87,11 @@ def _peaks(sampler: RssSampler, result: Result) -> None:
     result.extra["worker_peak_rss_mb"] = [sampler.peak("w1"), sampler.peak("w2")]
 
 
+#: The ids of ``--children`` jobs: not under the steady jobs' prefix, which the accounting
+#: of fire times reads.
+CHILD_PREFIX = "child-"
+
+
 def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
            profile: Profile | None = None) -> Result:
     prefix, n = "steady-", opts.jobs
@@ -95,6 +100,9 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     ids = [f"{prefix}{i:07d}" for i in range(n)]
     cluster.insert_jobs(job_row(i, "jobs.builtin:noop", interval_spec(1.0, t0 + o), t0 + o)
                         for i, o in zip(ids, offsets, strict=True))
+    kids = round(n * opts.children)
+    if kids:  # spread over the jobs: every k-th job has a child
+        cluster.insert_children(ids[:: max(1, n // kids)][:kids], CHILD_PREFIX)
     w0 = t0 + opts.warmup
     w1 = w0 + opts.duration
     sleep_until(w0)
@@ -112,6 +120,15 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     result = Result("steady", SYSTEM)
     _peaks(sampler, result)
     by_second = cluster.by_second(prefix, t0)
+    if kids:
+        _drain(cluster, CHILD_PREFIX, w1, timeout=10.0)
+        result.extra["children"] = chained = cluster.chained(CHILD_PREFIX, w0, w1)
+        delay = chained.get("delay_ms", {})
+        result.notes.append(
+            f"{kids} children ({opts.children:.0%}): {chained['runs']} runs "
+            f"{chained['by_status']}, parent end -> child start p50 {delay.get('p50')} ms, "
+            f"p99 {delay.get('p99')} ms")
+        cluster.remove_jobs(CHILD_PREFIX)
     cluster.remove_jobs(prefix)
     expected = expected_keys([(i, t0 + o) for i, o in zip(ids, offsets, strict=True)], w0, w1)
     # From before W0 too: a fire time of the warm-up that starts inside the window counts

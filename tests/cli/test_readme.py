@@ -17,7 +17,7 @@ from qcluster import RunContext
 from qcluster.definitions.policy import COUNT_RANGES, DURATION_RANGES
 from qcluster.definitions.triggers import format_duration
 from tests.cli.test_cli import config_with_tables
-from tests.helpers import assert_cli_error, run_cli, run_json, write_config
+from tests.helpers import assert_cli_error, cli_env, run_cli, run_json, write_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -108,3 +108,24 @@ def test_the_run_statuses_table_quotes_the_reasons_the_leader_writes() -> None:
         assert reason.strip() in " ".join(source.split()).replace('" "', ""), reason
         assert reason.strip() in table[status], status
     assert "misfire `skip` records `missed`" in table["skipped"].lower()
+
+
+def test_the_dependent_jobs_example_runs_as_written(tmp_path: Path, sqlite_url: str) -> None:
+    text = README[README.index("\n### Dependent jobs\n"):]
+    text = text[:text.index("\n## ")]
+    example = commands(blocks(text, "sh")[0])
+    package = tmp_path / "code" / "acme_tasks"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "etl.py").write_text("".join(f"def {name}() -> None:\n    pass\n"
+                                            for name in ("extract", "load", "report", "alert")))
+    config_with_tables(tmp_path, sqlite_url)
+    config = write_config(tmp_path, sqlite_url, jobs={"allow": ["acme_tasks.*"]})
+    env = {**cli_env(config), "PYTHONPATH": str(tmp_path / "code")}
+    for command in example:
+        run_cli(*command[1:], config=config, env=env)
+    extract = run_json("jobs", "show", "extract", "--json", config=config)
+    assert extract["children"] == ["load", "report"]
+    report = run_json("jobs", "show", "report", "--json", config=config)
+    assert report["trigger_spec"]["parents"] == [{"job": "extract", "on": "always"},
+                                                 {"job": "load", "on": "success"}]

@@ -226,8 +226,10 @@ def test_an_error_in_the_maintenance_pass_gives_the_lease_up(
             raise RuntimeError("a bug in the pass")
 
         monkeypatch.setattr(role, "recover_runs", broken)
-        wait_for(lambda: led.revoked, WAIT, 0.01, "the step-down")
-        assert "RuntimeError: a bug in the pass" in led.revoked[0]
+        # Any step-down for that reason (on a loaded machine a 1 s lease may also miss a
+        # renewal first; the node then leads again, and its pass fails again).
+        wait_for(lambda: [r for r in led.revoked if "RuntimeError: a bug in the pass" in r],
+                 WAIT * 2, 0.01, "the step-down for the error")
 
 
 def test_a_wakeup_before_the_scheduler_started_is_harmless() -> None:
