@@ -120,6 +120,13 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     result = Result("steady", SYSTEM)
     _peaks(sampler, result)
     by_second = cluster.by_second(prefix, t0)
+    cluster.remove_jobs(prefix)
+    expected = expected_keys([(i, t0 + o) for i, o in zip(ids, offsets, strict=True)], w0, w1)
+    # From before W0 too: a fire time of the warm-up that starts inside the window counts
+    # in the rate, as it does for APScheduler.
+    acc = account(cluster.fires(prefix, w0 - 60, w1), expected, w0, w1)
+    result.fires_per_s, result.lateness = acc.fires_per_s, acc.lateness
+    result.notes = [f"{n} jobs every 1s{' spread' if opts.spread else ''}", *acc.notes()]
     if kids:
         _drain(cluster, CHILD_PREFIX, w1, timeout=10.0)
         result.extra["children"] = chained = cluster.chained(CHILD_PREFIX, w0, w1)
@@ -129,13 +136,6 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
             f"{chained['by_status']}, parent end -> child start p50 {delay.get('p50')} ms, "
             f"p99 {delay.get('p99')} ms")
         cluster.remove_jobs(CHILD_PREFIX)
-    cluster.remove_jobs(prefix)
-    expected = expected_keys([(i, t0 + o) for i, o in zip(ids, offsets, strict=True)], w0, w1)
-    # From before W0 too: a fire time of the warm-up that starts inside the window counts
-    # in the rate, as it does for APScheduler.
-    acc = account(cluster.fires(prefix, w0 - 60, w1), expected, w0, w1)
-    result.fires_per_s, result.lateness = acc.fires_per_s, acc.lateness
-    result.notes = [f"{n} jobs every 1s{' spread' if opts.spread else ''}", *acc.notes()]
     if profile is not None:
         result.notes.append("under py-spy")
     if not drained:

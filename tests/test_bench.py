@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--quick", "--jobs", "10", "--duration", "1", "--burst", "20", "--scale", "100",
-        "--lease", "2"]
+        "--lease", "2", "--children", "0.2"]
 
 
 @pytest.mark.slow
@@ -56,6 +56,9 @@ def test_quick_benchmark_reports_every_scenario_on_both_systems(
             extra = r["extra"]
             assert extra["expected"] > 0 and extra["ran"] > 0, label
             assert extra["duplicates"] >= 0 and extra["absent"] >= 0, label
+
+    children = found[("steady", "qcluster")]["extra"]["children"]  # 2 jobs after others
+    assert children["runs"] > 0 and children["by_status"].get("succeeded", 0) > 0, children
 
     scale = found[("scale", "qcluster")]["extra"]
     assert scale["jobs"] == 100
