@@ -71,9 +71,21 @@ def ended(row: Any) -> bool:
     return not (row.status == RunStatus.CANCELLED and (row.error or "").startswith(WITHDRAWN))
 
 
+def ready(conn: Connection) -> bool:
+    """Whether a marked run has left the open statuses (a chain pass has work, perhaps):
+    one read of the partial index, so a leader can ask often."""
+    r = schema.runs
+    waits = sa.and_(r.c.status.in_(RETRIABLE), r.c.retries_left > 0)  # a retry to come
+    return conn.execute(sa.select(r.c.id).where(sa.text("chain"), r.c.status.not_in(OPEN),
+                                                sa.not_(waits)).limit(1)).first() is not None
+
+
 def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: float,
                defaults: Defaults) -> ChainResult:
-    """One chain pass, in the caller's transaction fenced on ``epoch``."""
+    """One chain pass, in the caller's transaction fenced on ``epoch``. The leader runs
+    one at the end of every recovery pass, and between those every
+    ``leader/role.CHAIN_INTERVAL`` when :func:`ready` says there is work, so a child
+    starts soon after its parent ends."""
     r, d = schema.runs, schema.job_deps
     out = ChainResult()
     marked = conn.execute(

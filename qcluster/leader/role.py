@@ -48,6 +48,7 @@ from backends.base import CoordinationBackend, LeaderInfo, Lease, MemberInfo
 from qcluster import metrics
 from qcluster.definitions.policy import defaults_from
 from qcluster.errors import DatabaseUnavailable, Fenced, QClusterError
+from qcluster.leader import chains
 from qcluster.leader.clock import LeaderClock
 from qcluster.leader.dispatch import Dispatcher
 from qcluster.leader.liveness import SessionJudge
@@ -64,6 +65,9 @@ from qcluster.store.reports import FENCE_MARGIN, lease_seconds
 log = logging.getLogger(__name__)
 
 RECOVERY_INTERVAL = 1.0
+#: How often, between two recovery passes, the leader looks for ended runs whose children
+#: are to be decided (leader/chains.py): a child starts this soon after its parent ends.
+CHAIN_INTERVAL = 0.2
 #: How often a term's ``qc-db-watch`` thread compares the time since the database last
 #: answered with ``database_timeout_seconds``. Its own thread: a recovery pass blocked in
 #: a connect or statement timeout must not hold the step-down back.
@@ -340,7 +344,12 @@ class LeaderRole:
         # The first prune comes at the term's first pass: time.monotonic() counts from the
         # host's boot, so 0.0 here had kept a host booted less than an hour from pruning.
         last_prune = -math.inf
-        while not term.stop.wait(RECOVERY_INTERVAL):
+        due = time.monotonic() + RECOVERY_INTERVAL
+        while not term.stop.wait(max(0.0, min(CHAIN_INTERVAL, due - time.monotonic()))):
+            if time.monotonic() < due:
+                self._chain(term)
+                continue
+            due = time.monotonic() + RECOVERY_INTERVAL
             self.clock.sync_if_due()  # a failure keeps the last sample (and is logged)
             members = self._recover(term)
             if term.stop.is_set():  # halted during the pass: no step, no pruning after it
@@ -360,6 +369,31 @@ class LeaderRole:
                         log.info("pruned %d runs older than the retention window", n)
                 except QClusterError as e:
                     log.warning("run pruning failed: %s", e)
+
+    def _chain(self, term: _Term) -> None:
+        """A chain pass between two recovery passes, if a marked run has ended."""
+        epoch = term.epoch
+        if epoch is None or term.stop.is_set():
+            return
+        try:
+            with self.db.read() as conn:
+                if not chains.ready(conn):
+                    return
+            with self.db.fenced(epoch) as conn:
+                result = chains.chain_runs(
+                    conn, epoch, self.node_id, now=self.db.now(conn),
+                    grace=self.settings.scheduler.misfire_grace_seconds,
+                    defaults=defaults_from(self.settings.scheduler))
+        except Fenced as e:
+            self._revoke(term, f"a chain pass was fenced: {e}")
+            return
+        except QClusterError as e:
+            log.warning("chain pass failed (will retry): %s", e)
+            return
+        for status, count in result.recorded.items():
+            metrics.FIRES.labels(status=status, reason="after_parents").inc(count)
+        if result.send and not term.stop.is_set():
+            self.send(result.send)
 
     def _drive(self, term: _Term, members: list[MemberInfo]) -> None:
         epoch = term.epoch

@@ -14,11 +14,15 @@ import sqlalchemy as sa
 from qcluster.definitions.jobdefs import validate_job
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
+from qcluster.leader import role
 from qcluster.leader.recovery import RecoveryResult, recover_runs
 from qcluster.store import cancels, catalog, schema
 from qcluster.store.db import Database
 from qcluster.store.runs import RunStatus
+from tests.conftest import DatabaseFactory
+from tests.helpers import wait_for
 from tests.leader.test_policies import ALLOW, BASE, _add, _epoch, _fire, _runs, _set
+from tests.leader.test_terms import _leading
 
 S = RunStatus
 
@@ -191,3 +195,22 @@ def test_a_dependency_written_both_ways_at_once_is_refused_once(db: Database) ->
     with pytest.raises(InputError, match="a cycle"):
         _write(db, _def("a", "b"), _def("b", "a"))
     assert _edges(db) == []
+
+
+def test_a_leader_decides_a_child_between_two_recovery_passes(
+        sqlite_url: str, make_db: DatabaseFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no recovery pass for an hour, the leader's chain pass (every CHAIN_INTERVAL,
+    when a marked run has ended) still records the child soon after its parent ends."""
+    monkeypatch.setattr(role, "RECOVERY_INTERVAL", 3600.0)
+    db = make_db(sqlite_url, backend="memory")
+    _add(db, "a", next_at=BASE + 3600)
+    _child(db, "b", "a")
+    with _leading(db) as led:
+        epoch = led.leader.epoch
+        assert epoch is not None
+        with db.fenced(epoch) as conn:
+            parent = catalog.run_now(conn, "a", epoch, "cli")["run_id"]
+        _set(db, parent, status=S.SUCCEEDED, finished_at=BASE)
+        b = wait_for(lambda: _runs(db, "b"), 5.0, 0.02, "b's run")[0]
+        assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
+        assert not led.revoked
