@@ -101,9 +101,11 @@ def _wire(entry: dict[str, Any], default_tz: str) -> dict[str, Any]:
     if "every" in entry and not isinstance(entry["every"], str | int | float):
         raise InputError("every must be a duration such as \"30s\"")
     after = entry.get("after")
-    if after is not None and (not isinstance(after, list) or not after
+    if after is not None and (not isinstance(after, list)
                               or not all(isinstance(a, str) for a in after)):
         raise InputError('after must be a list of parent job ids, e.g. ["extract"]')
+    if after == []:
+        raise InputError('after is empty: name at least one parent job, e.g. ["extract"]')
     spec = make_spec(
         cron=_str(entry, "cron"), every=entry.get("every"), at=_str(entry, "at"),
         after=after, tz=_str(entry, "tz"), default_tz=default_tz,

@@ -262,6 +262,9 @@ def parse_after(text: str) -> dict[str, str]:
     """``A`` or ``A:success|failure|always`` (what ``--after`` takes) as a parent. A job
     id may hold ``:``; the part after the last one is a condition only if it is one."""
     job, sep, on = text.strip().rpartition(":")
+    if sep and on not in CONDITIONS and on.lower() in CONDITIONS:
+        raise InputError(f"invalid condition {quote_value(on)} in {quote_value(text)}: "
+                         f"conditions are lowercase ({', '.join(CONDITIONS)})")
     if not sep or on not in CONDITIONS:
         job, on = text.strip(), "success"
     return {"job": job, "on": on}

@@ -55,10 +55,16 @@ MEETS = {"success": (RunStatus.SUCCEEDED,), "failure": _FAILURE,
          "always": (RunStatus.SUCCEEDED, *_FAILURE)}
 
 
+#: Where a pass that read :data:`PER_PASS` marked runs stopped (fire time, run id): the
+#: next pass reads on from there. None: the pass read to the end; the next starts over.
+Cursor = tuple[float, int]
+
+
 @dataclasses.dataclass
 class ChainResult:
     send: list[RunRecord] = dataclasses.field(default_factory=list)  # scheduled children
     recorded: dict[str, int] = dataclasses.field(default_factory=dict)  # by status
+    cursor: Cursor | None = None
 
 
 def ended(row: Any) -> bool:
@@ -71,27 +77,40 @@ def ended(row: Any) -> bool:
     return not (row.status == RunStatus.CANCELLED and (row.error or "").startswith(WITHDRAWN))
 
 
-def ready(conn: Connection) -> bool:
-    """Whether a marked run has left the open statuses (a chain pass has work, perhaps):
-    one read of the partial index, so a leader can ask often."""
+def ready(conn: Connection, since: float) -> bool:
+    """Whether a marked run has ended at or after ``since`` (its ``finished_at``): a chain
+    pass has new work. One read of the partial index, so a leader can ask often; runs
+    that wait (a join whose other parent has not run) do not make it ask again."""
     r = schema.runs
     waits = sa.and_(r.c.status.in_(RETRIABLE), r.c.retries_left > 0)  # a retry to come
-    return conn.execute(sa.select(r.c.id).where(sa.text("chain"), r.c.status.not_in(OPEN),
-                                                sa.not_(waits)).limit(1)).first() is not None
+    return conn.execute(sa.select(r.c.id).where(
+        sa.text("chain"), r.c.status.not_in(OPEN), sa.not_(waits), r.c.finished_at >= since,
+    ).limit(1)).first() is not None
 
 
 def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: float,
-               defaults: Defaults) -> ChainResult:
+               defaults: Defaults, after: Cursor | None = None,
+               since: float | None = None) -> ChainResult:
     """One chain pass, in the caller's transaction fenced on ``epoch``. The leader runs
     one at the end of every recovery pass, and between those every
     ``leader/role.CHAIN_INTERVAL`` when :func:`ready` says there is work, so a child
-    starts soon after its parent ends."""
+    starts soon after its parent ends.
+
+    It reads at most :data:`PER_PASS` marked runs, by fire time from ``after`` (the
+    previous pass's :attr:`ChainResult.cursor`), so that runs which wait for long (a join
+    whose other parent has no run yet, within a long grace; a withdrawn run) cannot hold
+    the others back: every marked run is read within a few passes. ``since``: only runs
+    that ended then or later (the passes between two recovery passes)."""
     r, d = schema.runs, schema.job_deps
     out = ChainResult()
-    marked = conn.execute(
-        sa.select(*_RUN).where(sa.text("chain"), r.c.status.not_in(OPEN))
-        .order_by(r.c.scheduled_at).limit(PER_PASS)
-    ).all()
+    query = sa.select(*_RUN).where(sa.text("chain"), r.c.status.not_in(OPEN))
+    if since is not None:
+        query = query.where(r.c.finished_at >= since)
+    if after is not None:
+        query = query.where(sa.tuple_(r.c.scheduled_at, r.c.id) > sa.tuple_(*after))
+    marked = conn.execute(query.order_by(r.c.scheduled_at, r.c.id).limit(PER_PASS)).all()
+    if len(marked) == PER_PASS:
+        out.cursor = (float(marked[-1].scheduled_at), int(marked[-1].id))
     done = [m for m in marked if ended(m)]
     if not done:
         return out

@@ -83,6 +83,7 @@ class RecoveryResult:
     unbuffered: int = 0  # buffered runs whose job's open run ended: sent now
     #: Dependent jobs' runs recorded by the chain pass, by status (leader/chains.py).
     chained: dict[str, int] = dataclasses.field(default_factory=dict)
+    chain_cursor: tuple[float, int] | None = None  # where its read of marked runs stopped
 
 
 def _all_stopped(suspects: Mapping[str, Sequence[Key]],
@@ -101,6 +102,7 @@ def recover_runs(
     judge: Judge | None = None,
     leader: str = "leader",
     defaults: Defaults | None = None,
+    chain_after: tuple[float, int] | None = None,
 ) -> RecoveryResult:
     """One recovery pass. ``live_workers`` are the (node id, session) pairs that the
     database lists as live; ``judge`` decides about the sessions of the other claims (a
@@ -119,7 +121,8 @@ def recover_runs(
 
     Last in the same transaction, the chain pass (:mod:`qcluster.leader.chains`) records
     the runs of dependent jobs whose parents' runs have ended (``leader``: the node id
-    it writes; ``defaults``: the ``[scheduler]`` policies of their rows)."""
+    it writes; ``defaults``: the ``[scheduler]`` policies of their rows; ``chain_after``:
+    where the previous pass's read of marked runs stopped, ``chain_cursor`` of its result)."""
     r = schema.runs
     out = RecoveryResult()
     live = set(live_workers)
@@ -160,9 +163,9 @@ def recover_runs(
                 _orphaned(conn, row, epoch, now, row.max_attempts or max_attempts, reason, out)
         _unbuffer(conn, epoch, now, out)
         chained = chain_runs(conn, epoch, leader, now=now, grace=grace_seconds,
-                             defaults=defaults or Defaults())
+                             defaults=defaults or Defaults(), after=chain_after)
         out.resend.extend(chained.send)
-        out.chained = chained.recorded
+        out.chained, out.chain_cursor = chained.recorded, chained.cursor
     out.bulk.sort(key=lambda run: run["scheduled_at"])
     del out.bulk[BULK_PER_PASS:]
     return out

@@ -68,6 +68,9 @@ RECOVERY_INTERVAL = 1.0
 #: How often, between two recovery passes, the leader looks for ended runs whose children
 #: are to be decided (leader/chains.py): a child starts this soon after its parent ends.
 CHAIN_INTERVAL = 0.2
+#: How far back each of those looks past the previous one (a late commit, a worker's clock
+#: a little behind): what it misses, the next recovery pass reads anyway.
+CHAIN_MARGIN = 2.0
 #: How often a term's ``qc-db-watch`` thread compares the time since the database last
 #: answered with ``database_timeout_seconds``. Its own thread: a recovery pass blocked in
 #: a connect or statement timeout must not hold the step-down back.
@@ -90,6 +93,8 @@ class _Term:
     info: LeaderInfo | None = None  # what it published
     judge: SessionJudge | None = None  # whether a silent worker has stopped (recovery)
     started: bool = False  # its scheduler was started (the health check waits for it)
+    chain_after: tuple[float, int] | None = None  # where the last chain read stopped
+    chain_since: float | None = None  # the database's time of the last check between passes
     ended: bool = False  # stop() has torn it down (and joined its thread once)
 
     def join(self) -> bool:
@@ -377,13 +382,19 @@ class LeaderRole:
             return
         try:
             with self.db.read() as conn:
-                if not chains.ready(conn):
+                now = self.db.now(conn)
+                # Runs that ended since the last check, with a margin: an outcome's
+                # finished_at is its worker's time, and its commit comes a moment later.
+                since = (now if term.chain_since is None else term.chain_since) - CHAIN_MARGIN
+                if not chains.ready(conn, since):
+                    term.chain_since = now
                     return
             with self.db.fenced(epoch) as conn:
                 result = chains.chain_runs(
                     conn, epoch, self.node_id, now=self.db.now(conn),
                     grace=self.settings.scheduler.misfire_grace_seconds,
-                    defaults=defaults_from(self.settings.scheduler))
+                    defaults=defaults_from(self.settings.scheduler), since=since)
+            term.chain_since = now
         except Fenced as e:
             self._revoke(term, f"a chain pass was fenced: {e}")
             return
@@ -440,7 +451,8 @@ class LeaderRole:
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
                                   max_attempts=self.settings.runs.max_attempts,
                                   judge=term.judge, leader=self.node_id,
-                                  defaults=defaults_from(self.settings.scheduler))
+                                  defaults=defaults_from(self.settings.scheduler),
+                                  chain_after=term.chain_after)
         except Fenced as e:
             self._revoke(term, f"recovery was fenced: {e}")
             return None
@@ -448,6 +460,7 @@ class LeaderRole:
             log.warning("run recovery failed (will retry): %s", e)
             return None
         term.db_ok = time.monotonic()
+        term.chain_after = result.chain_cursor
         metrics.LIVE_WORKERS.set(sum(1 for m in workers if "worker" in m.roles))
         metrics.RECORDED_BY_LEADER.labels(status="missed").inc(result.missed)
         metrics.RECORDED_BY_LEADER.labels(status="lost").inc(result.lost + result.quarantined)

@@ -101,7 +101,11 @@ def window(conn: Connection, job_id: str, start: str, end: str, *,
     for a ``start`` older than ``retention_seconds``: pruning (by fire time) would delete
     its runs, and the same backfill would then run those fire times a second time."""
     row = catalog.job_row(conn, job_id)
-    tz = json.loads(row.trigger)["tz"]
+    spec = json.loads(row.trigger)
+    if spec.get("type") == "after":
+        raise InputError(f"job {job_id!r} runs after other jobs and has no fire times of its "
+                         "own: backfill its parents, and it runs after each of their runs")
+    tz = spec["tz"]
     first, last = _instant("--from", start, tz), _instant("--to", end, tz)
     now = database_now(conn) if now is None else now
     if first > last:

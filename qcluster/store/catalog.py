@@ -266,7 +266,7 @@ def _check_no_orphans(conn: Connection, removed: Sequence[str]) -> None:
         staying = [c for c in children if c not in gone]
         if staying:
             raise InputError(f"job {staying[0]!r} runs after {parent!r}: remove or change "
-                             f"{staying[0]!r} first (or remove both at once)")
+                             f"{staying[0]!r} first (or both in one jobs apply --prune)")
 
 
 def _check_unique(defs: Sequence[JobDef]) -> None:

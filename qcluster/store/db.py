@@ -125,7 +125,11 @@ class Database:
                 prepare_sqlite_file(path)
         try:
             self.engine: Engine = sa.create_engine(url, **kwargs)
-        except Exception as e:  # an unknown driver, a driver not installed, a bad argument
+        except ModuleNotFoundError as e:  # the driver is an extra (pyproject.toml)
+            extra = " (pip install 'qcluster[postgres]')" if self.dialect == "postgresql" else ""
+            raise DatabaseUnavailable(f"cannot use database {self.display_url}: the driver "
+                                      f"{e.name or ''} is not installed{extra}") from None
+        except Exception as e:  # an unknown driver, a bad argument
             raise DatabaseUnavailable(
                 f"cannot use database {self.display_url}: {self._shown(e)}") from None
         if self.dialect == "sqlite":

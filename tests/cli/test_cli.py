@@ -278,6 +278,10 @@ def test_jobs_apply_of_ten_thousand_jobs_finishes(
         for n in range(10_000)
     ]
     job_file = write_job_file(tmp_path / "bulk.toml", jobs)
+    # The default lease (10 s), as users run it: the tests' 2 s lease gives sessions 1.6 s
+    # of idle time in a transaction, which a busy test machine (3 test processes and
+    # their nodes on 2 cores) exceeded between two statements of this long transaction.
+    config = write_config(tmp_path, db_url, coordination={"dblock": {"lease_seconds": 10}})
     started = time.monotonic()
     result = apply(config, job_file)
     took = time.monotonic() - started
@@ -536,6 +540,13 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
         Case("a schedule's policy on a job that runs after another",
              add("after-jitter", "--func", HELLO, "--after", "seed", "--jitter", "2s"),
              ("jitter",)),
+        Case("a condition in capitals",
+             add("after-case", "--func", HELLO, "--after", "seed:Success"),
+             ("'Success'", "lowercase")),
+        Case("an empty after in a job file",
+             ["jobs", "apply", str(write_job_file(tmp_path / "empty-after.toml", [
+                 {"id": "in-empty-after", "func": HELLO, "after": []}]))],
+             ("in-empty-after", "after is empty")),
         Case("after in a job file that is not a list",
              ["jobs", "apply", str(write_job_file(tmp_path / "bad-after.toml", [
                  {"id": "in-bad-after", "func": HELLO, "after": "seed"}]))],
@@ -732,6 +743,9 @@ def test_dependent_jobs_from_flags_and_files_show_their_parents_and_children(
     assert again["unchanged"] == 2
     result = run_cli("jobs", "remove", "load", config=config, check=False)
     assert_cli_error(result, "runs after 'load'")
+    result = run_cli("jobs", "backfill", "load", "--from", "2026-01-01T00:00Z", "--to",
+                     "2026-01-02T00:00Z", config=config, check=False)
+    assert_cli_error(result, "runs after other jobs", "backfill its parents")
     run_cli("jobs", "run", "load", config=config)  # a child may be run by hand too
     (run,) = run_json("runs", "list", "--job", "load", "--json", config=config)
     assert run["parent_run"] is None

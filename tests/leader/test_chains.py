@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from qcluster.definitions.jobdefs import validate_job
 from qcluster.definitions.triggers import make_spec
 from qcluster.errors import InputError
-from qcluster.leader import role
+from qcluster.leader import chains, role
 from qcluster.leader.recovery import RecoveryResult, recover_runs
 from qcluster.store import cancels, catalog, schema
 from qcluster.store.db import Database
@@ -214,3 +214,31 @@ def test_a_leader_decides_a_child_between_two_recovery_passes(
         b = wait_for(lambda: _runs(db, "b"), 5.0, 0.02, "b's run")[0]
         assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
         assert not led.revoked
+
+
+def test_runs_that_wait_for_long_do_not_hold_back_the_other_chains(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join whose other parent never runs, within a grace of years, leaves its parent's
+    runs marked: more of them than a pass reads must not stop every other chain (found by
+    an outside look: 5,000 such runs stopped every child of the cluster)."""
+    monkeypatch.setattr(chains, "PER_PASS", 3)
+    _add(db, "p")
+    _add(db, "z", next_at=BASE + 86400)
+    _child(db, "j", "p", "z", misfire_grace_seconds=2**31 - 1)
+    _add(db, "a")
+    _child(db, "b", "a")
+    epoch = _epoch(db)
+    with db.fenced(epoch) as conn:
+        stuck = [catalog.run_now(conn, "p", epoch, "cli", now=BASE + i)["run_id"]
+                 for i in range(7)]
+        parent = catalog.run_now(conn, "a", epoch, "cli", now=BASE + 10)["run_id"]
+    for run_id in [*stuck, parent]:
+        _set(db, run_id, status=S.SUCCEEDED, finished_at=BASE + 11)
+    cursor = None
+    for n in range(4):  # 8 marked runs, 3 a pass: the last is read by the third pass
+        result = recover_runs(db, epoch, live_workers=set(), grace_seconds=30,
+                              now=BASE + 12 + n, leader="n1", chain_after=cursor)
+        cursor = result.chain_cursor
+    b = _only(db, "b")
+    assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
+    assert not _runs(db, "j")  # still waiting for z, within its grace

@@ -8,6 +8,7 @@ steps down and campaigns again rather than hanging, and leads once the lock is g
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -207,3 +208,13 @@ def test_a_lease_that_ran_out_while_waiting_for_the_row_takes_no_epoch(
                           valid_until=time.monotonic() + LEASE) == 1
     finally:
         backend.stop()
+
+
+def test_a_driver_that_is_not_installed_is_one_line_that_names_the_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg: ModuleNotFoundError
+    with pytest.raises(DatabaseUnavailable) as info:
+        Database("postgresql+psycopg://qc@127.0.0.1/qc")
+    assert str(info.value) == ("cannot use database postgresql+psycopg://qc@127.0.0.1/qc: the "
+                               "driver psycopg is not installed (pip install "
+                               "'qcluster[postgres]')")
