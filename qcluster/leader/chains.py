@@ -107,7 +107,9 @@ def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: 
     if since is not None:
         query = query.where(r.c.finished_at >= since)
     if after is not None:
-        query = query.where(sa.tuple_(r.c.scheduled_at, r.c.id) > sa.tuple_(*after))
+        at, run_id = after
+        query = query.where(sa.tuple_(r.c.scheduled_at, r.c.id)
+                            > sa.tuple_(sa.literal(at), sa.literal(run_id)))
     marked = conn.execute(query.order_by(r.c.scheduled_at, r.c.id).limit(PER_PASS)).all()
     if len(marked) == PER_PASS:
         out.cursor = (float(marked[-1].scheduled_at), int(marked[-1].id))
