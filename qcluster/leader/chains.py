@@ -39,9 +39,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from qcluster.definitions.policy import Defaults, from_stored, run_fields
+from qcluster.definitions.policy import Defaults
 from qcluster.errors import InputError
-from qcluster.store import schema
+from qcluster.store import catalog, schema
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import RETRIABLE, FireRow, RunStatus, chain_decided, insert_runs
 from qcluster.store.runs.states import OPEN, WITHDRAWN
@@ -77,15 +77,24 @@ def ended(row: Any) -> bool:
     return not (row.status == RunStatus.CANCELLED and (row.error or "").startswith(WITHDRAWN))
 
 
+def _marked_and_ended() -> sa.ColumnElement[bool]:
+    """:func:`ended` in SQL, for the runs still marked (read through the partial index)."""
+    r = schema.runs
+    return sa.and_(
+        sa.text("chain"), r.c.status.not_in(OPEN),
+        sa.not_(sa.and_(r.c.status.in_(RETRIABLE), r.c.retries_left > 0)),  # a retry to come
+        sa.not_(sa.and_(r.c.status == RunStatus.CANCELLED,
+                        sa.func.coalesce(r.c.error, "").startswith(WITHDRAWN,
+                                                                    autoescape=True))))
+
+
 def ready(conn: Connection, since: float) -> bool:
     """Whether a marked run has ended at or after ``since`` (its ``finished_at``): a chain
     pass has new work. One read of the partial index, so a leader can ask often; runs
     that wait (a join whose other parent has not run) do not make it ask again."""
     r = schema.runs
-    waits = sa.and_(r.c.status.in_(RETRIABLE), r.c.retries_left > 0)  # a retry to come
     return conn.execute(sa.select(r.c.id).where(
-        sa.text("chain"), r.c.status.not_in(OPEN), sa.not_(waits), r.c.finished_at >= since,
-    ).limit(1)).first() is not None
+        _marked_and_ended(), r.c.finished_at >= since).limit(1)).first() is not None
 
 
 def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: float,
@@ -103,7 +112,7 @@ def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: 
     that ended then or later (the passes between two recovery passes)."""
     r, d = schema.runs, schema.job_deps
     out = ChainResult()
-    query = sa.select(*_RUN).where(sa.text("chain"), r.c.status.not_in(OPEN))
+    query = sa.select(*_RUN).where(_marked_and_ended())
     if since is not None:
         query = query.where(r.c.finished_at >= since)
     if after is not None:
@@ -113,8 +122,7 @@ def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: 
     marked = conn.execute(query.order_by(r.c.scheduled_at, r.c.id).limit(PER_PASS)).all()
     if len(marked) == PER_PASS:
         out.cursor = (float(marked[-1].scheduled_at), int(marked[-1].id))
-    done = [m for m in marked if ended(m)]
-    if not done:
+    if not marked:
         return out
     down: dict[str, list[str]] = {}
     up: dict[str, list[tuple[str, str]]] = {}
@@ -122,7 +130,7 @@ def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: 
             sa.select(d.c.child_id, d.c.parent_id, d.c.condition)):
         down.setdefault(parent, []).append(child)
         up.setdefault(child, []).append((parent, condition))
-    wanted = {(c, m.scheduled_at) for m in done for c in down.get(m.job_id, ())}
+    wanted = {(c, m.scheduled_at) for m in marked for c in down.get(m.job_id, ())}
     needed = wanted | {(p, at) for c, at in wanted for p, _ in up[c]}
     runs = _runs_at(conn, needed)
     jobs = _jobs(conn, sorted({c for c, _ in wanted}))
@@ -139,7 +147,7 @@ def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: 
     for fire in fires:
         out.recorded[fire.status] = out.recorded.get(fire.status, 0) + 1
     decided = set(runs) | {(f.job_id, f.scheduled_at) for f in fires}
-    clear = [m.id for m in done
+    clear = [m.id for m in marked
              if all((c, m.scheduled_at) in decided for c in down.get(m.job_id, ()))]
     chain_decided(conn, clear)
     return out
@@ -210,10 +218,9 @@ def _decide(job: Any, at: float, parents: Sequence[tuple[str, str]],
 def _fire(job: Any, at: float, status: RunStatus, defaults: Defaults, parent_run: int | None,
           now: float, error: str | None) -> FireRow:
     try:
-        policy = run_fields(from_stored(job.policy), defaults)
-    except InputError:
-        policy = run_fields(from_stored(None), defaults)
-    return FireRow(job.id, job.func, job.args, job.kwargs, at, status, bool(job.recover),
-                   error=error, max_attempts=job.max_attempts,
-                   due_at=now if status == RunStatus.SCHEDULED else None,
-                   grace=job.misfire_grace_seconds, parent_run=parent_run, **policy)
+        return catalog.fire_row(job, at, status, defaults, error=error, parent_run=parent_run,
+                                due_at=now if status == RunStatus.SCHEDULED else None)
+    except InputError as e:  # not run on policies it does not have: recorded, with why
+        return FireRow(job.id, job.func, job.args, job.kwargs, at, RunStatus.SKIPPED,
+                       bool(job.recover), parent_run=parent_run,
+                       error=f"{job.id!r} has an unreadable policy: {e}"[:2000])

@@ -131,6 +131,7 @@ class LeaderRole:
         self.settings = settings
         self.db = db
         self.router = make_router(settings.dispatch.strategy)  # ConfigError: at start
+        self.defaults = defaults_from(settings.scheduler)  # what a job's run leaves out
         self.clock = LeaderClock(db) if clock is None else clock
         self.members = members
         # The members a run may go to: those the shared database lists (a worker that
@@ -210,7 +211,7 @@ class LeaderRole:
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_seconds,
-                                defaults=defaults_from(s.scheduler))
+                                defaults=self.defaults)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
                                     fire_ahead_seconds=s.scheduler.fire_ahead_seconds,
@@ -393,7 +394,7 @@ class LeaderRole:
                 result = chains.chain_runs(
                     conn, epoch, self.node_id, now=self.db.now(conn),
                     grace=self.settings.scheduler.misfire_grace_seconds,
-                    defaults=defaults_from(self.settings.scheduler), since=since)
+                    defaults=self.defaults, since=since)
             term.chain_since = now
         except Fenced as e:
             self._revoke(term, f"a chain pass was fenced: {e}")
@@ -401,8 +402,7 @@ class LeaderRole:
         except QClusterError as e:
             log.warning("chain pass failed (will retry): %s", e)
             return
-        for status, count in result.recorded.items():
-            metrics.FIRES.labels(status=status, reason="after_parents").inc(count)
+        _count_chained(result.recorded)
         if result.send and not term.stop.is_set():
             self.send(result.send)
 
@@ -451,8 +451,7 @@ class LeaderRole:
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
                                   max_attempts=self.settings.runs.max_attempts,
                                   judge=term.judge, leader=self.node_id,
-                                  defaults=defaults_from(self.settings.scheduler),
-                                  chain_after=term.chain_after)
+                                  defaults=self.defaults, chain_after=term.chain_after)
         except Fenced as e:
             self._revoke(term, f"recovery was fenced: {e}")
             return None
@@ -464,14 +463,19 @@ class LeaderRole:
         metrics.LIVE_WORKERS.set(sum(1 for m in workers if "worker" in m.roles))
         metrics.RECORDED_BY_LEADER.labels(status="missed").inc(result.missed)
         metrics.RECORDED_BY_LEADER.labels(status="lost").inc(result.lost + result.quarantined)
-        for status, count in result.chained.items():
-            metrics.FIRES.labels(status=status, reason="after_parents").inc(count)
+        _count_chained(result.chained)
         if result.resend and not term.stop.is_set():
             log.info("sending %d recorded runs again", len(result.resend))
             self.send(result.resend)
         if result.bulk and not term.stop.is_set():
             self.send(result.bulk, bulk=True)
         return members
+
+
+def _count_chained(recorded: dict[str, int]) -> None:
+    """Dependent jobs' runs a chain pass recorded, by status (docs/METRICS.md)."""
+    for status, count in recorded.items():
+        metrics.FIRES.labels(status=status, reason="after_parents").inc(count)
 
 
 def _shutdown(scheduler: LeaderScheduler) -> None:

@@ -465,6 +465,16 @@ def set_broken(conn: Connection, broken: Sequence[tuple[str, str]]) -> None:
         conn.execute(j.update().where(j.c.id == job_id).values(broken=reason[:2000]))
 
 
+def fire_row(row: Row[Any], at: float, status: RunStatus, defaults: Defaults,
+             **fields: Any) -> FireRow:
+    """A run of the job of ``row`` (a ``qc_jobs`` row) at fire time ``at``, with the job's
+    timeout, retries and grace (``defaults`` for those it leaves out); ``fields``: the
+    other :class:`FireRow` fields. InputError if its policy cannot be read."""
+    return FireRow(row.id, row.func, row.args, row.kwargs, at, status, bool(row.recover),
+                   max_attempts=row.max_attempts, grace=row.misfire_grace_seconds,
+                   **run_fields(from_stored(row.policy), defaults), **fields)
+
+
 def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
             now: float | None = None, defaults: Defaults = DEFAULTS) -> RunRecord:
     """Record a run of ``job_id`` scheduled for now (by default the database's time: a
@@ -473,11 +483,8 @@ def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
     out); it is not subject to the overlap policy (it is asked for)."""
     row = job_row(conn, job_id)
     at = round(database_now(conn) if now is None else now, 6)
-    fire = FireRow(job_id, row.func, row.args, row.kwargs, at,
-                   RunStatus.SCHEDULED, bool(row.recover), max_attempts=row.max_attempts,
-                   grace=row.misfire_grace_seconds,
-                   **run_fields(from_stored(row.policy), defaults))
-    runs = insert_runs(conn, [fire], epoch, leader, now=at)
+    runs = insert_runs(conn, [fire_row(row, at, RunStatus.SCHEDULED, defaults)], epoch,
+                       leader, now=at)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")
     return runs[0]

@@ -242,3 +242,17 @@ def test_runs_that_wait_for_long_do_not_hold_back_the_other_chains(
     b = _only(db, "b")
     assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
     assert not _runs(db, "j")  # still waiting for z, within its grace
+
+
+def test_a_child_whose_policy_cannot_be_read_is_skipped_with_the_reason(db: Database) -> None:
+    _add(db, "a")
+    _child(db, "b", "a")
+    with db.write() as conn:  # a row written by hand, or by a newer version
+        conn.execute(schema.jobs.update().where(schema.jobs.c.id == "b")
+                     .values(policy='{"retries": "many"}'))
+    _fire(db, BASE)
+    parent = _end(db, "a")
+    _pass(db, BASE + 2)
+    b = _only(db, "b")
+    assert (b.status, b.parent_run) == (S.SKIPPED, parent)
+    assert b.error.startswith("'b' has an unreadable policy: ")
