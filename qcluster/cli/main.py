@@ -197,6 +197,15 @@ def jobs_add(
         help="Start each run up to this long after its fire time (fixed per fire).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
         help="A calendar (qcluster calendars) whose dates are skipped; repeatable.")] = None,
+    tags: Annotated[list[str] | None, typer.Option(
+        "--tags", metavar="TAG[,TAG...]",
+        help="Run only on a live worker with all these \\[worker] tags; repeatable.")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="An affinity group: every run of its jobs goes to one worker while it "
+             "lives.")] = None,
+    route: Annotated[str | None, typer.Option(
+        help="This job's routing: round-robin, least-loaded, consistent-hash, first, "
+             "random (default: \\[dispatch] strategy).")] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -215,7 +224,9 @@ def jobs_add(
                  retry_backoff=retry_backoff, retry_max_backoff=retry_max_backoff,
                  timeout=timeout, overlap=overlap, misfire=misfire, catch_up=catch_up,
                  start=start_at, end=end_at, max_runs=_whole(max_runs), jitter=jitter,
-                 exclude=[n for item in exclude or [] for n in item.split(",")])
+                 exclude=[n for item in exclude or [] for n in item.split(",")],
+                 tags=[n for item in tags or [] for n in item.split(",")], group=group,
+                 route=route)
     _done(as_json, {"id": done.job_id, "status": done.status, "via": done.via},
           f"{done.status} job {done.job_id} (via {done.via})")
 

@@ -52,9 +52,9 @@ def job_detail(job: Mapping[str, Any]) -> None:
     table.add_column("value")
     for key in ("func", "trigger", "next_run_time", "paused", "args", "kwargs", "recover",
                 "max_attempts", "misfire_grace_seconds", "coalesce", *POLICY_FIELDS,
-                "runs_made", "broken", "children"):
+                "group_worker", "runs_made", "broken", "children"):
         value = job.get(key)
-        if key in (*POLICY_FIELDS, "children") and value in (None, []):
+        if key in (*POLICY_FIELDS, "children", "group_worker") and value in (None, []):
             continue  # not set: the [scheduler] default
         if key in _DURATION_FIELDS and isinstance(value, int | float):
             value = format_duration(value)
@@ -112,12 +112,22 @@ def cluster_view(status: Mapping[str, Any]) -> None:
     console.print(f"cluster [bold]{status['cluster']}[/] on [bold]{status['backend']}[/] "
                   f"(phase {status['phase']}), epoch {status['epoch']}, leader: {who}")
     table = Table(title=f"{len(status['members'])} live members")
-    for col in ("node", "roles", "uri", "capacity", "status", "last seen (UTC)"):
+    for col in ("node", "roles", "uri", "capacity", "tags", "status", "last seen (UTC)"):
         table.add_column(col)
     for m in status["members"]:
         table.add_row(escape(m["node_id"]), ",".join(m["roles"]), escape(m["uri"] or "-"),
-                      str(m["capacity"]), escape(m["status"]), _t(m["last_seen"]))
+                      str(m["capacity"]), escape(",".join(m.get("tags", [])) or "-"),
+                      escape(m["status"]), _t(m["last_seen"]))
     console.print(table)
+    placed = status.get("groups", [])
+    if placed:
+        groups = Table(title=f"{len(placed)} affinity groups")
+        for col in ("group", "worker", "since (UTC)", "moves"):
+            groups.add_column(col)
+        for g in placed:
+            groups.add_row(escape(g["name"]), escape(g["worker"]), _t(g["since"]),
+                           str(g["moves"]))
+        console.print(groups)
 
 
 def backend_view(status: Mapping[str, Any]) -> None:

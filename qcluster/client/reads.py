@@ -12,7 +12,7 @@ from qcluster.client.admin import open_db, snapshot
 from qcluster.definitions.jobdefs import check_job_id
 from qcluster.leader import migration
 from qcluster.settings import Settings
-from qcluster.store import catalog
+from qcluster.store import catalog, groups
 from qcluster.store.cluster import ClusterState
 
 T = TypeVar("T")
@@ -55,6 +55,8 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
     db = open_db(settings)
     try:
         state, info, members = snapshot(settings, db)
+        with db.read() as conn:
+            placed = groups.list_groups(conn)
     finally:
         db.dispose()
     leader = None
@@ -70,12 +72,13 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         "epoch": state.epoch,
         "leader": leader,
         "members": [member_view(m) for m in members],
+        "groups": [{**g, "since": catalog.iso(g["since"])} for g in placed],
     }
 
 
 def member_view(m: MemberInfo) -> dict[str, Any]:
     return {"node_id": m.node_id, "roles": list(m.roles), "uri": m.uri,
-            "capacity": m.capacity, "backends": list(m.backends),
+            "capacity": m.capacity, "tags": list(m.tags), "backends": list(m.backends),
             "config_version": m.config_version, "status": m.status,
             "last_seen": catalog.iso(m.last_seen)}
 

@@ -59,7 +59,7 @@ class JobDef:
 
 
 def check_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise InputError(
             f"invalid job id {_short(job_id)}: use 1-200 letters, digits and _ . : @ / -"
         )

@@ -59,7 +59,7 @@ def load_job_file(path: Path, *, allow: list[str], default_tz: str,
         where = f"{path}: job #{n}"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: must be a table")
-        named = isinstance(entry.get("id"), str) and JOB_ID_RE.match(entry["id"])
+        named = isinstance(entry.get("id"), str) and JOB_ID_RE.fullmatch(entry["id"])
         if named:
             where = f"{path}: job {entry['id']!r}"
         try:

@@ -23,7 +23,16 @@ left out (None) takes the ``[scheduler]`` default, read by the leader when it fi
 * ``jitter`` (seconds): each run starts up to that much after its fire time, by a hash of
   the job id and the fire time, so every leader computes the same delay;
 * ``exclude``: names of calendars (``qcluster calendars``); a fire time on one of their
-  dates (in the job's zone) is recorded ``skipped``, naming the calendar.
+  dates (in the job's zone) is recorded ``skipped``, naming the calendar;
+* ``tags``: the worker tags a run needs (``[worker] tags``): it goes only to a live worker
+  that has them all, else waits within its grace and is recorded ``missed``, saying so;
+* ``group``: an affinity group: every run of every job of the group goes to the one
+  worker the group sits on while it lives (``qc_groups``; docs/DESIGN.md, "Routing");
+* ``route``: the job's own routing strategy (one of the built-in ``[dispatch] strategy``
+  names), for its runs instead of the cluster's.
+
+The last three are the run's *routing*: a run row keeps them as it was fired
+(``qc_runs.routing``, :func:`routing_text`), and the leader's dispatcher reads them there.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +53,7 @@ from qcluster.definitions.triggers import (
     parse_duration,
 )
 from qcluster.errors import InputError
+from qcluster.settings.model import DISPATCH_STRATEGIES
 
 #: Overlap policies (Temporal's ScheduleOverlapPolicy; Kubernetes: Allow, Forbid, Replace).
 OVERLAP = ("allow", "skip", "buffer-one", "buffer-all", "cancel-other")
@@ -62,10 +72,20 @@ DURATION_RANGES = {"retry_backoff": (MIN_INTERVAL, MAX_INTERVAL),
                    "jitter": (MIN_INTERVAL, MAX_JITTER)}
 COUNT_RANGES = {"retries": (0, MAX_RETRIES), "max_runs": (1, MAX_RUNS)}
 CALENDAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+#: A worker tag, as ``[worker] tags`` spells one (settings/validators.Word).
+TAG_RE = re.compile(r"[A-Za-z0-9][\w.:-]{0,63}", re.ASCII)
+MAX_TAGS = 20
+GROUP_NAME_RE = CALENDAR_NAME_RE
+#: The strategies a job may ask for (``route``): the built-in ones, not a class of the
+#: user's (that is the cluster's ``[dispatch] strategy``, loaded where the leader runs).
+ROUTES = DISPATCH_STRATEGIES
 
 #: The keys of a job's wire form that are policy fields, in the order shown.
 FIELDS = ("retries", "retry_backoff", "retry_max_backoff", "timeout", "overlap", "misfire",
-          "catch_up", "start", "end", "max_runs", "jitter", "exclude")
+          "catch_up", "start", "end", "max_runs", "jitter", "exclude", "tags", "group",
+          "route")
+#: The fields that say where a run goes, not when (kept by each run row: ``routing``).
+ROUTING_FIELDS = ("tags", "group", "route")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +104,30 @@ class Policy:
     max_runs: int | None = None
     jitter: float | None = None
     exclude: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # sorted, each once
+    group: str | None = None
+    route: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """Every field, as JSON data (``exclude`` a list)."""
+        """Every field, as JSON data (``exclude`` and ``tags`` lists)."""
         out = dataclasses.asdict(self)
         out["exclude"] = list(self.exclude)
+        out["tags"] = list(self.tags)
         return out
 
     def stored(self) -> str | None:
         """The ``qc_jobs.policy`` text: the fields given, as sorted JSON; None if none."""
         given = {k: v for k, v in self.to_wire().items() if v not in (None, [])}
         return json.dumps(given, sort_keys=True) if given else None
+
+    def routing_text(self) -> str | None:
+        """What a run of this job keeps of where it goes (``qc_runs.routing``): the
+        routing fields given, as sorted JSON; None (every run of most jobs) if none."""
+        if not (self.tags or self.group or self.route):
+            return None
+        given = {"tags": list(self.tags), "group": self.group, "route": self.route}
+        return json.dumps({k: v for k, v in given.items() if v not in (None, [])},
+                          sort_keys=True, separators=(",", ":"))
 
     @property
     def start_ts(self) -> float | None:
@@ -132,7 +165,7 @@ def check_policy(data: object, *, strict: bool = True) -> Policy:
     values: dict[str, Any] = {}
     for key in FIELDS:
         value = data.get(key)
-        if value is None or (key == "exclude" and value in ([], ())):
+        if value is None or (key in ("exclude", "tags") and value in ([], ())):
             continue
         values[key] = _check(key, value)
     policy = Policy(**values)
@@ -183,7 +216,42 @@ def _check(key: str, value: object) -> Any:
         return value
     if key in ("start", "end"):
         return _instant(key, value)
+    if key in _ROUTING_CHECKS:
+        return _ROUTING_CHECKS[key](value)
     return _calendars(value)
+
+
+def _group(value: object) -> str:
+    if not isinstance(value, str) or not GROUP_NAME_RE.fullmatch(value):
+        raise InputError(f"invalid group name {quote(str(value), 40)}: use 1-100 letters, "
+                         "digits and _ . -")
+    return value
+
+
+def _route(value: object) -> str:
+    """A built-in strategy's name, as ``[dispatch] strategy`` spells it (a ``-`` for
+    each ``_`` is taken too: ``consistent-hash``)."""
+    name = value.replace("-", "_") if isinstance(value, str) else value
+    if not isinstance(name, str) or name not in ROUTES:
+        shown = ", ".join(r.replace("_", "-") for r in ROUTES)
+        raise InputError(f"route must be one of {shown} (got {quote(str(value), 30)})")
+    return name
+
+
+def check_tags(value: object) -> tuple[str, ...]:
+    """Tags a job asks for: a list (or a comma-separated text) of tag names, each as
+    ``[worker] tags`` spells one; sorted, each once."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise InputError("tags must be a list of tag names")
+    clean = tuple(sorted({n.strip() for n in names}))
+    for name in clean:
+        if not TAG_RE.fullmatch(name):
+            raise InputError(f"invalid tag {quote(name, 40)}: use 1-64 letters, digits and "
+                             "_ . : - (as [worker] tags)")
+    if len(clean) > MAX_TAGS:
+        raise InputError(f"tags names more than {MAX_TAGS} tags")
+    return clean
 
 
 def _instant(key: str, value: object) -> str:
@@ -216,10 +284,14 @@ def _calendars(value: object) -> tuple[str, ...]:
 
 
 def check_calendar_name(name: object) -> str:
-    if not isinstance(name, str) or not CALENDAR_NAME_RE.match(name):
+    if not isinstance(name, str) or not CALENDAR_NAME_RE.fullmatch(name):
         raise InputError(f"invalid calendar name {quote(str(name), 40)}: use 1-100 letters, "
                          "digits and _ . -")
     return name
+
+
+_ROUTING_CHECKS: dict[str, Callable[[object], Any]] = {
+    "tags": check_tags, "group": _group, "route": _route}
 
 
 def fraction(*parts: object) -> float:
@@ -254,14 +326,15 @@ class Defaults:
 
 def run_fields(policy: Policy, defaults: Defaults) -> dict[str, Any]:
     """What a run row of a job with ``policy`` holds of it (``store/runs.FireRow``'s
-    ``timeout``, ``retries``, ``retry_backoff``, ``retry_max_backoff``)."""
+    ``timeout``, ``retries``, ``retry_backoff``, ``retry_max_backoff``, ``routing``)."""
     retries = defaults.retries if policy.retries is None else policy.retries
     base = defaults.retry_backoff if policy.retry_backoff is None else policy.retry_backoff
     most = (defaults.retry_max_backoff if policy.retry_max_backoff is None
             else policy.retry_max_backoff)
     return {"timeout": policy.timeout, "retries": retries,
             "retry_backoff": base if retries else None,
-            "retry_max_backoff": max(base, most) if retries else None}
+            "retry_max_backoff": max(base, most) if retries else None,
+            "routing": policy.routing_text()}
 
 
 def defaults_from(scheduler: Any) -> Defaults:

@@ -247,7 +247,7 @@ def _parents(value: object) -> list[dict[str, str]]:
         if not isinstance(item, dict) or set(item) != {"job", "on"}:
             raise InputError('each parent of an after trigger is {"job": ID, "on": CONDITION}')
         job, on = item["job"], item["on"]
-        if not isinstance(job, str) or not JOB_ID_RE.match(job):
+        if not isinstance(job, str) or not JOB_ID_RE.fullmatch(job):
             raise InputError(f"invalid parent job id {quote_value(job)}")
         if on not in CONDITIONS:
             raise InputError(f"invalid condition {quote_value(on)} for parent {job!r}: "

@@ -28,6 +28,22 @@ many as it has free (a full one whose last reply is older than :data:`BULK_PROBE
 sent an empty batch, whose reply is its load). A backfill so never queues ahead of the live schedule
 on a worker. The bulk lane holds each (run, attempt) once: recovery hands it the unsent
 backfill runs at every pass.
+
+A run's *routing* (``RunRecord["routing"]``, its row's; docs/DESIGN.md, "Routing") narrows
+where it may go, and no run waits on another's account (the loop never sleeps for one):
+
+* ``tags``: only to a live worker that declares them all. While a live worker has them
+  but is busy or full, the run is *held* and tried again in :data:`HOLD_FOR`; while none
+  has them, it is *parked* until the member list changes (for at most :data:`PARK_FOR`:
+  recovery sends an unsent run again every pass, and records it ``missed`` past its grace,
+  saying no live worker has those tags).
+* ``route``: the job's own strategy (``leader/routing.py``), over the workers it may use.
+* ``group``: to the worker its affinity group sits on (``store/groups.py``), held while
+  that worker is busy or full, never sent to another while it is a live member. A group
+  with no worker yet, or whose worker is no longer a live member, is placed on one (the
+  live worker with the group's tags of highest rendezvous weight for the group), written
+  fenced through ``groups`` before any of its runs is sent there; so every run of the
+  group goes to one worker, and a new leader reads the same placement.
 """
 
 from __future__ import annotations
@@ -50,9 +66,18 @@ import Pyro5.errors
 from backends.base import MemberInfo
 from qcluster import metrics
 from qcluster.errors import InputError
-from qcluster.leader.routing import RoundRobin, Router, make_router
+from qcluster.leader.routing import STRATEGIES, RoundRobin, Router, make_router, rendezvous
 from qcluster.rpc.pyro import proxy
-from qcluster.store.records import Refusal, RunRecord, SubmitReply, reply_from_wire, to_wire
+from qcluster.store.records import (
+    ANYWHERE,
+    Refusal,
+    Routing,
+    RunRecord,
+    SubmitReply,
+    reply_from_wire,
+    routing_of,
+    to_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +89,16 @@ SEND_WAIT = 2.0
 SEND_AGAIN = frozenset({Refusal.BUSY, Refusal.SHUTTING_DOWN, Refusal.UNAVAILABLE})
 #: A full worker's load older than this is asked again (an empty batch), for the bulk lane.
 BULK_PROBE = 0.1  # at 0.5 s, 8 idle slots of quick runs drained 16 backfill runs a second
+#: A held run (its group's worker, or every worker with its tags, busy or full) is tried
+#: again this soon, without holding up any other run.
+HOLD_FOR = 0.05
+#: How long a parked run (no live worker has its tags) waits for the member list to
+#: change; recovery hands it over again meanwhile (every pass, until its grace ends).
+PARK_FOR = 30.0
+#: Parked runs kept at most (the others are dropped: recovery sends them again).
+PARK_MAX = 100_000
+#: A group whose placement could not be read or written is tried again this soon.
+GROUP_RETRY = 1.0
 
 
 class WorkerProxy(Protocol):
@@ -83,6 +118,24 @@ class WorkerProxy(Protocol):
 
 #: Makes the connection to the worker at a URI (not yet connected: the first call does).
 Connect = Callable[[str], WorkerProxy]
+
+
+class Groups(Protocol):
+    """Where affinity groups sit (``qc_groups``), for the leader of one epoch."""
+
+    def load(self) -> dict[str, str]:
+        """Every group's worker (node id). QClusterError if it cannot be read."""
+        ...
+
+    def place(self, group: str, node_id: str) -> None:
+        """Record that ``group`` sits on ``node_id``, fenced on the leader's epoch (the
+        leader steps down on a stale one). Raises if it was not written."""
+        ...
+
+
+#: Why a run was not routed in one try: held (tried again soon) or parked (no live
+#: worker has its tags: waits for the member list to change).
+_HOLD, _PARK = "hold", "park"
 
 
 @dataclass
@@ -109,9 +162,11 @@ class Dispatcher:
         members: Callable[[], list[MemberInfo]],
         on_stale: Callable[[str], None],
         connect: Connect | None = None,
+        groups: Groups | None = None,
     ) -> None:
         """``connect`` makes the connection to a worker's URI; by default an authenticated
-        Pyro5 proxy (``qcluster.rpc.pyro.proxy`` with ``secret`` and ``timeout``)."""
+        Pyro5 proxy (``qcluster.rpc.pyro.proxy`` with ``secret`` and ``timeout``).
+        ``groups``: where affinity groups sit; without it, a run of a group waits (held)."""
         self.epoch = epoch
         self.secret = secret
         self.timeout = timeout
@@ -140,6 +195,16 @@ class Dispatcher:
         self._proxies_lock = threading.Lock()
         self._busy: set[str] = set()  # workers with a call under way
         self._senders = ThreadPoolExecutor(8, thread_name_prefix="qc-send")
+        # Runs of a routing that could not go now (module doc): by (run id, attempt).
+        self._held: dict[tuple[int, int], RunRecord] = {}
+        self._held_until = 0.0
+        self._parked: dict[tuple[int, int], tuple[RunRecord, float]] = {}
+        self._members_seen: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+        self.groups = groups
+        self._placed: dict[str, str] | None = None  # group -> node id, once read
+        self._groups_retry = 0.0
+        self._routers: dict[str, Router] = {}  # a job's own strategy's router
+        self._quiet: dict[str, float] = {}  # a warning's next time, by its kind
 
     def start(self) -> None:
         self._thread.start()
@@ -152,6 +217,8 @@ class Dispatcher:
             self._queue.clear()
             self._bulk.clear()
             self._bulk_keys.clear()
+            self._held.clear()
+            self._parked.clear()
             self._cond.notify_all()
 
     def submit(self, runs: list[RunRecord], *, bulk: bool = False) -> None:
@@ -175,15 +242,22 @@ class Dispatcher:
             self._bulk.extend(new)
 
     def pending(self) -> int:
-        """Runs queued and not yet sent, in both lanes."""
+        """Runs queued and not yet sent, in both lanes, held or parked."""
         with self._cond:
-            return len(self._queue) + len(self._bulk)
+            return len(self._queue) + len(self._bulk) + len(self._held) + len(self._parked)
+
+    def placements(self) -> dict[str, str]:
+        """The affinity groups this dispatcher has read or placed: group -> node id."""
+        with self._cond:
+            return dict(self._placed or {})
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
             while self._enabled.is_set():
+                if self._parked:
+                    self._live_workers()  # a member list read again may unpark them
                 batch = self._take()
                 if batch:
                     self._dispatch(batch)
@@ -202,10 +276,62 @@ class Dispatcher:
 
     def _take(self) -> list[RunRecord]:
         with self._cond:
+            self._release_held()
             if not self._queue and not self._bulk:
-                self._cond.wait(0.5)
+                wait = 0.5
+                if self._held:
+                    wait = max(0.0, min(wait, self._held_until - time.monotonic()))
+                self._cond.wait(wait)
+                self._release_held()
             n = min(len(self._queue), self.batch_size)
             return [self._queue.popleft() for _ in range(n)]
+
+    def _release_held(self) -> None:
+        """Held runs whose wait is over go to the front of the queue (under the lock)."""
+        if self._held and time.monotonic() >= self._held_until:
+            self._queue.extendleft(reversed(list(self._held.values())))
+            self._held.clear()
+
+    def _hold(self, runs: list[RunRecord], delay: float = HOLD_FOR) -> None:
+        with self._cond:
+            if not self._enabled.is_set():
+                return
+            if not self._held:
+                self._held_until = time.monotonic() + delay
+            self._held.update(((r["run_id"], r["attempt"]), r) for r in runs)
+
+    def _park(self, runs: list[RunRecord]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if not self._enabled.is_set():
+                return
+            for r in runs:
+                if len(self._parked) >= PARK_MAX:
+                    break
+                self._parked.setdefault((r["run_id"], r["attempt"]), (r, now))
+            parked = len(self._parked)
+        self._warn("park", f"{parked} runs wait for a live worker with their tags "
+                           "(recorded missed past their misfire grace)")
+
+    def _unpark(self, changed: bool) -> None:
+        """The member list was read again: if it ``changed``, every parked run is tried
+        again; runs parked longer than PARK_FOR are dropped (recovery has them)."""
+        now = time.monotonic()
+        with self._cond:
+            if changed:
+                runs = [r for r, _ in self._parked.values()]
+                self._parked.clear()
+                self._queue.extendleft(reversed(runs))
+            else:
+                for key in [k for k, (_, at) in self._parked.items() if now - at > PARK_FOR]:
+                    del self._parked[key]
+
+    def _warn(self, kind: str, message: str) -> None:
+        """Log ``message`` at most every 10 s per ``kind``."""
+        now = time.monotonic()
+        if now >= self._quiet.get(kind, 0.0):
+            self._quiet[kind] = now + 10.0
+            log.warning("%s", message)
 
     def _dispatch_bulk(self) -> None:
         """Send bulk runs into the free slots (no live run waits); what comes back goes
@@ -224,11 +350,16 @@ class Dispatcher:
                 return
             batch = [self._bulk.popleft() for _ in range(n)]
             self._bulk_keys.difference_update((r["run_id"], r["attempt"]) for r in batch)
-        routes: dict[str, list[RunRecord]] = {}
-        rest = iter(batch)
-        for uri, free in room.items():
-            routes[uri] = list(itertools.islice(rest, free))
+        routes, later = self._fill(batch, room)
+        if later:  # to the back: the runs behind them may go meanwhile
+            with self._cond:
+                self._bulk_keys.update((r["run_id"], r["attempt"]) for r in later)
+                self._bulk.extend(later)
         futures = {uri: self._send_async(uri, chunk) for uri, chunk in routes.items() if chunk}
+        if not futures:
+            with self._cond:
+                self._cond.wait(0.1)
+            return
         concurrent.futures.wait(futures.values(), timeout=SEND_WAIT)
         again: list[RunRecord] = []
         for uri, future in futures.items():
@@ -240,6 +371,28 @@ class Dispatcher:
         if again and self._enabled.is_set():
             with self._cond:
                 self._add_bulk(again, front=True)
+
+    def _fill(self, batch: list[RunRecord], room: dict[str, int]
+              ) -> tuple[dict[str, list[RunRecord]], list[RunRecord]]:
+        """The bulk runs of ``batch`` for each worker's free slots (``room``, by URI), each
+        to a worker its routing allows; and those that fit in none now."""
+        if not any("routing" in r for r in batch):
+            rest = iter(batch)
+            return {uri: list(itertools.islice(rest, free)) for uri, free in room.items()}, []
+        free = dict(room)
+        members = sorted((w for w in self._workers if w.uri in free), key=lambda w: w.node_id)
+        routes: dict[str, list[RunRecord]] = {}
+        later: list[RunRecord] = []
+        for run in batch:
+            want = routing_of(run.get("routing"))
+            offered = members if want == ANYWHERE else self._offered(want, members)[0]
+            uri = next((w.uri for w in offered if w.uri and free.get(w.uri, 0) > 0), None)
+            if uri is None:
+                later.append(run)
+                continue
+            free[uri] -= 1
+            routes.setdefault(uri, []).append(run)
+        return routes, later
 
     def _bulk_room(self) -> tuple[dict[str, int], list[str]]:
         """The free slots of each live worker, as its last reply said, and the full
@@ -268,9 +421,12 @@ class Dispatcher:
                     log.warning("no live worker for %d runs; waiting", len(left))
                 self._requeue(left, delay=0.2 if passed else 0.5)
                 return
-            routes = self._route(left, workers)
+            routes, aside = self._route(left, workers)
             routed = {(r["run_id"], r["attempt"]) for chunk in routes.values() for r in chunk}
-            retry = [r for r in left if (r["run_id"], r["attempt"]) not in routed]
+            retry = [r for r in left
+                     if (r["run_id"], r["attempt"]) not in routed | aside]
+            if not routes and not retry:
+                return  # every run was held or parked
             # Send to every worker at once: each call waits for that worker's claim in the
             # database, and those waits should overlap, not add up.
             futures = {uri: self._send_async(uri, chunk) for uri, chunk in routes.items()}
@@ -334,6 +490,9 @@ class Dispatcher:
                     m for m in self.members() if "worker" in m.roles and m.uri and m.capacity > 0
                 ]
                 self._workers_at = now
+                seen = frozenset((m.node_id, tuple(m.tags)) for m in self._workers)
+                self._unpark(changed=seen != self._members_seen)
+                self._members_seen = seen
             except Exception as e:  # membership reads go through a backend: keep the old list
                 log.warning("cannot list workers: %s", e)
         with self._proxies_lock:
@@ -343,21 +502,119 @@ class Dispatcher:
 
     def _route(
         self, runs: list[RunRecord], workers: list[MemberInfo]
-    ) -> dict[str, list[RunRecord]]:
-        """Each worker's share, by ``[dispatch] strategy`` (``leader/routing.py``); a run a
+    ) -> tuple[dict[str, list[RunRecord]], set[tuple[int, int]]]:
+        """Each worker's share: by each run's routing (module doc), then by its job's
+        strategy or ``[dispatch] strategy`` (``leader/routing.py``); and the (run id,
+        attempt) of the runs that cannot go now, held or parked (in no share). A run a
         router leaves out, or gives to no worker of ``workers``, waits for the next try."""
         ordered = sorted(workers, key=lambda w: w.node_id)
+        if not any("routing" in r for r in runs):
+            return self._by_router(self.router, runs, ordered), set()
+        by_routing: dict[Routing, list[RunRecord]] = {}
+        for r in runs:
+            by_routing.setdefault(routing_of(r.get("routing")), []).append(r)
+        out: dict[str, list[RunRecord]] = {}
+        held: list[RunRecord] = []
+        parked: list[RunRecord] = []
+        for want, chunk in by_routing.items():
+            offered, fate = self._offered(want, ordered)
+            if fate == _HOLD:
+                held.extend(chunk)
+            elif fate == _PARK:
+                parked.extend(chunk)
+            else:
+                router = self.router if want.route is None else self._router(want.route)
+                for uri, share in self._by_router(router, chunk, offered).items():
+                    out.setdefault(uri, []).extend(share)
+        if held:
+            self._hold(held, GROUP_RETRY if time.monotonic() < self._groups_retry
+                       else HOLD_FOR)
+        if parked:
+            self._park(parked)
+        return out, {(r["run_id"], r["attempt"]) for r in (*held, *parked)}
+
+    def _by_router(self, router: Router, runs: list[RunRecord],
+                   ordered: list[MemberInfo]) -> dict[str, list[RunRecord]]:
         try:
-            routes = _checked(self.router.route(runs, ordered, dict(self._load)), runs, ordered)
+            routes = _checked(router.route(runs, ordered, dict(self._load)), runs, ordered)
             if not routes and time.monotonic() >= self._quiet_until:
                 self._quiet_until = time.monotonic() + 10.0
                 log.warning("the router %s gave none of %d runs to the %d live workers; "
-                            "they wait", type(self.router).__name__, len(runs), len(ordered))
+                            "they wait", type(router).__name__, len(runs), len(ordered))
             return routes
         except (Exception, SystemExit) as e:  # a user's router: its bug must not stop us
             log.error("the router %s failed (%s: %s); this batch goes round robin",
-                      type(self.router).__name__, type(e).__name__, e)
+                      type(router).__name__, type(e).__name__, e)
             return _checked(self._fallback.route(runs, ordered, {}), runs, ordered)
+
+    def _router(self, name: str) -> Router:
+        """The router of a job's own ``route`` (a built-in strategy; else the cluster's)."""
+        router = self._routers.get(name)
+        if router is None:
+            made = STRATEGIES.get(name)
+            router = self._routers[name] = made() if made is not None else self.router
+        return router
+
+    def _offered(self, want: Routing, ordered: list[MemberInfo]
+                 ) -> tuple[list[MemberInfo], str | None]:
+        """The workers of ``ordered`` (live, free now) that runs of routing ``want`` may
+        go to; or none, and whether they are held or parked."""
+        if want == ANYWHERE:
+            return ordered, None
+        if want.group is not None:
+            node = self._group_worker(want)
+            if node is None:
+                return [], _HOLD if self._some_member_has(want.tags) else _PARK
+            if not any(w.node_id == node and want.tags <= set(w.tags) for w in self._workers):
+                return [], _PARK  # its group's worker lacks its tags: until members change
+            able = [w for w in ordered if w.node_id == node]
+            return (able, None) if able else ([], _HOLD)
+        able = [w for w in ordered if want.tags <= set(w.tags)]
+        if able:
+            return able, None
+        # Not now: held while a live member could take them (busy, full, set aside a
+        # moment), parked while none can.
+        return [], _HOLD if self._some_member_has(want.tags) else _PARK
+
+    def _some_member_has(self, tags: frozenset[str]) -> bool:
+        return any(tags <= set(w.tags) for w in self._workers)
+
+    def _group_worker(self, want: Routing) -> str | None:
+        """The node id of the live worker that ``want.group`` sits on, placing (or
+        moving) the group first if it sits on none; None if that cannot be done now."""
+        group = want.group
+        assert group is not None
+        if self._placed is None:
+            if self.groups is None or time.monotonic() < self._groups_retry:
+                return None
+            try:
+                self._placed = dict(self.groups.load())
+            except Exception as e:  # a database that does not answer: try again soon
+                self._groups_retry = time.monotonic() + GROUP_RETRY
+                self._warn("groups", f"cannot read where affinity groups sit: {e}")
+                return None
+        live = {w.node_id: w for w in self._workers}
+        node = self._placed.get(group)
+        if node is not None and node in live:
+            return node
+        able = [w for w in self._workers if want.tags <= set(w.tags)]
+        if not able or self.groups is None or time.monotonic() < self._groups_retry:
+            return None
+        chosen = max(able, key=lambda w: rendezvous(group, w.node_id)).node_id
+        try:
+            self.groups.place(group, chosen)
+        except Exception as e:  # not written: no run of the group goes anywhere yet
+            self._groups_retry = time.monotonic() + GROUP_RETRY
+            self._warn("groups", f"cannot place affinity group {group!r}: {e}")
+            return None
+        with self._cond:
+            self._placed[group] = chosen
+        if node is None:
+            log.info("affinity group %r is placed on worker %s", group, chosen)
+        else:
+            log.warning("affinity group %r moves from worker %s (not a live member) to %s",
+                        group, node, chosen)
+        return chosen
 
     def _send(self, uri: str, chunk: list[RunRecord]) -> list[RunRecord]:
         """Send one chunk; return the runs to try elsewhere."""

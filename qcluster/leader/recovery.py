@@ -47,7 +47,7 @@ import sqlalchemy as sa
 from qcluster.definitions.policy import Defaults, backoff
 from qcluster.leader.chains import chain_runs
 from qcluster.leader.liveness import Judge, Kind, Verdict
-from qcluster.store import catalog, records, runs, schema
+from qcluster.store import catalog, groups, records, runs, schema
 from qcluster.store.db import Database
 from qcluster.store.records import RunRecord
 from qcluster.store.reports import Key
@@ -103,6 +103,7 @@ def recover_runs(
     leader: str = "leader",
     defaults: Defaults | None = None,
     chain_after: tuple[float, int] | None = None,
+    worker_tags: Mapping[str, frozenset[str]] | None = None,
 ) -> RecoveryResult:
     """One recovery pass. ``live_workers`` are the (node id, session) pairs that the
     database lists as live; ``judge`` decides about the sessions of the other claims (a
@@ -122,7 +123,10 @@ def recover_runs(
     Last in the same transaction, the chain pass (:mod:`qcluster.leader.chains`) records
     the runs of dependent jobs whose parents' runs have ended (``leader``: the node id
     it writes; ``defaults``: the ``[scheduler]`` policies of their rows; ``chain_after``:
-    where the previous pass's read of marked runs stopped, ``chain_cursor`` of its result)."""
+    where the previous pass's read of marked runs stopped, ``chain_cursor`` of its result).
+
+    ``worker_tags`` (node id -> tags, of the live workers) explains a run that asked for
+    tags and is missed: whether any live worker has them."""
     r = schema.runs
     out = RecoveryResult()
     live = set(live_workers)
@@ -150,7 +154,7 @@ def recover_runs(
             _retry_failed(conn, row, epoch, now, out)
         for row in open_runs:
             if row.status == RunStatus.SCHEDULED:
-                _unsent(conn, row, epoch, now, grace_seconds, out)
+                _unsent(conn, row, epoch, now, grace_seconds, out, worker_tags)
                 continue
             if row.status == RunStatus.BUFFERED:
                 continue
@@ -177,6 +181,7 @@ _COLUMNS = (_r.c.id, _r.c.job_id, _r.c.func, _r.c.args, _r.c.kwargs, _r.c.schedu
             _r.c.attempt, _r.c.recover, _r.c.status, _r.c.worker, _r.c.worker_session,
             _r.c.epoch, _r.c.created_at, _r.c.max_attempts, _r.c.deaths,
             _r.c.cancel_requested, _r.c.due_at, _r.c.backfill, _r.c.dispatched_at,
+            _r.c.routing,
             # the job's own misfire grace, kept by the run (by its job for a run made
             # before 0005); NULL: [scheduler] misfire_grace_seconds
             sa.func.coalesce(_r.c.grace, sa.select(schema.jobs.c.misfire_grace_seconds)
@@ -205,7 +210,7 @@ def _retry_failed(conn: Any, row: Any, epoch: int, now: float, out: RecoveryResu
     if due <= now + SEND_AHEAD:
         out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args,
                                              row.kwargs, row.scheduled_at, row.attempt + 1,
-                                             epoch, row.recover))
+                                             epoch, row.recover, row.routing))
 
 
 def _unbuffer(conn: Any, epoch: int, now: float, out: RecoveryResult) -> None:
@@ -259,7 +264,7 @@ def _fate(conn: Any, row: Any, verdict: Verdict, out: RecoveryResult) -> tuple[s
 
 
 def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
-            out: RecoveryResult) -> None:
+            out: RecoveryResult, worker_tags: Mapping[str, frozenset[str]] | None) -> None:
     """A ``scheduled`` row: sent (again) once due, unless its writer has just sent it;
     ``missed`` past its grace, counted from when it was due to start (``due_at``: a
     jitter, a backfill) or its fire time, or from when it was written if that was later
@@ -279,12 +284,36 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     else:
         limit, why = grace, f"never dispatched within the misfire grace time ({grace:.0f}s)"
     if row.attempt == 1 and now - max(due, row.created_at) > limit:
+        why += _unroutable(conn, row.routing, worker_tags)
         if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now, error=why):
             out.missed += 1
+            if row.routing is not None:
+                log.warning("run %d of job %s is missed: %s", row.id, row.job_id, why)
         return
     (out.bulk if row.backfill else out.resend).append(records.run_record(
         row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at, row.attempt,
-        epoch, row.recover))
+        epoch, row.recover, row.routing))
+
+
+def _unroutable(conn: Any, text: str | None,
+                worker_tags: Mapping[str, frozenset[str]] | None) -> str:
+    """Why a run of routing ``text`` (its row's) could not be sent, if its routing says
+    ("": it says nothing): no live worker with its tags, or its group's worker lacks them."""
+    want = records.routing_of(text)
+    if worker_tags is None or want == records.ANYWHERE:
+        return ""
+    tags = ", ".join(sorted(want.tags))
+    if want.group is not None:
+        node = groups.placements(conn, [want.group]).get(want.group)
+        if node is None or node not in worker_tags:
+            return f": its affinity group {want.group!r} has no live worker"
+        if not want.tags <= worker_tags[node]:
+            return (f": its affinity group {want.group!r} sits on worker {node}, which lacks "
+                    f"the tags {tags}")
+        return f": its affinity group {want.group!r} sits on worker {node}"
+    if want.tags and not any(want.tags <= have for have in worker_tags.values()):
+        return f": no live worker has the tags {tags}"
+    return ""
 
 
 def _not_started(conn: Any, row: Any, now: float, grace: float, out: RecoveryResult) -> None:
@@ -346,7 +375,8 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
         return  # a cancel committed in between
     out.retried += 1
     out.resend.append(records.run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
-                                         row.scheduled_at, row.attempt + 1, epoch, row.recover))
+                                         row.scheduled_at, row.attempt + 1, epoch, row.recover,
+                                         row.routing))
 
 
 #: Runs of one job quarantined after which the job itself is set aside.

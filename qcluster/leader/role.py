@@ -56,6 +56,7 @@ from qcluster.leader.recovery import prune_runs, recover_runs
 from qcluster.leader.routing import make_router
 from qcluster.leader.scheduler import FireExecutor, LeaderScheduler
 from qcluster.settings import Settings
+from qcluster.store import groups
 from qcluster.store.cluster import take_epoch
 from qcluster.store.db import Database
 from qcluster.store.jobstore import SqlJobStore
@@ -197,6 +198,7 @@ class LeaderRole:
             epoch=epoch, secret=self.secret, timeout=s.rpc.timeout_seconds,
             strategy=self.router, batch_size=s.dispatch.batch_size,
             members=self.workers, on_stale=lambda reason: self._revoke(term, reason),
+            groups=_Groups(self, term),
         )
         term.judge = SessionJudge(
             self.db, epoch=epoch, secret=self.secret, margin=FENCE_MARGIN,
@@ -447,7 +449,8 @@ class LeaderRole:
             if term.stop.is_set():  # halted while the backend answered: write nothing
                 return None
             live = {(m.node_id, m.session) for m in workers}
-            result = recover_runs(self.db, epoch, live_workers=live,
+            tags = {m.node_id: frozenset(m.tags) for m in workers if "worker" in m.roles}
+            result = recover_runs(self.db, epoch, live_workers=live, worker_tags=tags,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
                                   max_attempts=self.settings.runs.max_attempts,
                                   judge=term.judge, leader=self.node_id,
@@ -470,6 +473,30 @@ class LeaderRole:
         if result.bulk and not term.stop.is_set():
             self.send(result.bulk, bulk=True)
         return members
+
+
+class _Groups:
+    """Where affinity groups sit, for ``term``'s dispatcher (``leader/dispatch.Groups``):
+    read from ``qc_groups``, and written fenced on the term's epoch. A fenced write steps
+    the term down."""
+
+    def __init__(self, role: LeaderRole, term: _Term) -> None:
+        self.role, self.term = role, term
+
+    def load(self) -> dict[str, str]:
+        with self.role.db.read() as conn:
+            return groups.placements(conn)
+
+    def place(self, group: str, node_id: str) -> None:
+        epoch = self.term.epoch
+        if epoch is None or self.term.stop.is_set():
+            raise QClusterError("this term has ended")
+        try:
+            with self.role.db.fenced(epoch) as conn:
+                groups.place(conn, group, node_id, epoch=epoch, now=self.role.db.now(conn))
+        except Fenced as e:
+            self.role._revoke(self.term, f"placing a group was fenced: {e}")
+            raise
 
 
 def _count_chained(recorded: dict[str, int]) -> None:

@@ -45,7 +45,7 @@ from qcluster.definitions.jobdefs import JobDef
 from qcluster.definitions.policy import NONE, Defaults, from_stored, run_fields
 from qcluster.definitions.triggers import build_trigger, describe
 from qcluster.errors import InputError, JobExists, JobNotFound
-from qcluster.store import calendars, schema
+from qcluster.store import calendars, groups, schema
 from qcluster.store.db import database_now, now_expr
 from qcluster.store.records import RunRecord
 from qcluster.store.runs import FireRow, RunStatus, insert_runs
@@ -536,9 +536,12 @@ def list_jobs(conn: Connection, limit: int = 0, offset: int = 0) -> list[dict[st
 
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any]:
-    """One job, with ``children``: the jobs that run after it."""
-    return {**job_view(job_row(conn, job_id)),
-            "children": children_of(conn, [job_id]).get(job_id, [])}
+    """One job, with ``children``: the jobs that run after it; and ``group_worker``: the
+    worker its affinity group sits on (None: no group, or not placed yet)."""
+    view = job_view(job_row(conn, job_id))
+    group = view.get("group")
+    return {**view, "children": children_of(conn, [job_id]).get(job_id, []),
+            "group_worker": groups.placements(conn, [group]).get(group) if group else None}
 
 
 def run_view(row: Row[Any]) -> dict[str, Any]:

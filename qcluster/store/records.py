@@ -5,6 +5,8 @@ import each other: the layers of pyproject.toml). Promises:
 * A :class:`RunRecord` is its own wire form, a map of exactly its nine keys as every
   version sends it; :func:`from_wire` is the one check of a record from a peer (types,
   bounds, sizes; one-line InputError), and it raises nothing else, whatever the input.
+  Its one other key, ``routing``, is the leader's own (where the run may go:
+  :class:`Routing`), and never travels (:func:`to_wire` leaves it out).
 * A :class:`SubmitReply` is the one answer to ``submit``: every run of the batch is either
   accepted or refused with a :class:`Refusal`. :func:`reply_from_wire` is the one check of a
   reply from a peer: exactly its keys, each of its type and range, each run that was sent
@@ -14,12 +16,14 @@ import each other: the layers of pyproject.toml). Promises:
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypedDict, get_type_hints
+from typing import Any, NotRequired, TypedDict, get_type_hints
 
 from qcluster.errors import InputError
 from qcluster.store import bounds
@@ -47,9 +51,12 @@ class RunRecord(TypedDict):
     attempt: int
     epoch: int  # the epoch that recorded the row, or that sent it; shown to the job
     recover: bool
+    #: The leader's own, never sent: its row's ``routing`` (:func:`routing_of`), if any.
+    routing: NotRequired[str]
 
 
-_FIELDS: dict[str, Any] = get_type_hints(RunRecord)
+_FIELDS: dict[str, Any] = {k: v for k, v in get_type_hints(RunRecord).items()
+                           if k != "routing"}
 _KEYS = frozenset(_FIELDS)
 #: The bound of each integer: the qc_runs column it is stored in or compared with.
 _INTS = {"run_id": bounds.RUN_ID, "attempt": bounds.ATTEMPT, "epoch": SENT_EPOCH}
@@ -59,16 +66,60 @@ _MAX_TEXT = {"job_id": 200, "func": 400, "args": 65536, "kwargs": 65536}
 def run_record(
     run_id: int, job_id: str, func: str, args_json: str, kwargs_json: str,
     scheduled_at: float, attempt: int, epoch: int, recover: bool,
+    routing: str | None = None,
 ) -> RunRecord:
     """The record of one run, from the values of its row (plain Python types)."""
-    return {"run_id": int(run_id), "job_id": job_id, "func": func, "args": args_json,
-            "kwargs": kwargs_json, "scheduled_at": float(scheduled_at),
-            "attempt": int(attempt), "epoch": int(epoch), "recover": bool(recover)}
+    run: RunRecord = {"run_id": int(run_id), "job_id": job_id, "func": func,
+                      "args": args_json, "kwargs": kwargs_json,
+                      "scheduled_at": float(scheduled_at), "attempt": int(attempt),
+                      "epoch": int(epoch), "recover": bool(recover)}
+    if routing is not None:
+        run["routing"] = routing
+    return run
 
 
 def to_wire(run: RunRecord) -> Mapping[str, Any]:
-    """What travels: the record itself, whose keys are the wire format."""
-    return run
+    """What travels: the record itself, whose keys are the wire format, without the
+    leader's ``routing``."""
+    if "routing" not in run:
+        return run
+    return {k: v for k, v in run.items() if k != "routing"}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a run may go, as its job asked when it fired (``qc_runs.routing``; the
+    fields of ``definitions/policy``): only to a live worker with every one of ``tags``;
+    to the worker its affinity ``group`` sits on; by the strategy ``route`` (a built-in
+    ``[dispatch] strategy`` name) instead of the cluster's."""
+
+    tags: frozenset[str] = frozenset()
+    group: str | None = None
+    route: str | None = None
+
+
+ANYWHERE = Routing()
+#: A ``routing`` text that cannot be read (a row changed by hand): a tag that no worker
+#: can declare (it has spaces), so the run goes nowhere and is missed, saying so.
+UNREADABLE = Routing(frozenset({"(unreadable routing)"}))
+
+
+@functools.lru_cache(maxsize=4096)
+def routing_of(text: str | None) -> Routing:
+    """The :class:`Routing` of a run's ``routing`` text (a leader wrote it from a checked
+    policy; one it cannot read is :data:`UNREADABLE`, never :data:`ANYWHERE`)."""
+    if not text:
+        return ANYWHERE
+    try:
+        data = json.loads(text)
+        tags = data.get("tags", [])
+        group, route = data.get("group"), data.get("route")
+    except (ValueError, AttributeError, RecursionError):
+        return UNREADABLE
+    if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+            and isinstance(group, str | None) and isinstance(route, str | None)):
+        return UNREADABLE
+    return Routing(frozenset(tags), group, route)
 
 
 def from_wire(data: object, *, now: float | None = None) -> RunRecord:

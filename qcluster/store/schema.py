@@ -163,6 +163,9 @@ runs = Table(
     # TRUE: its job had children when it was recorded, and the leader has not decided their
     # runs yet (leader/chains.py); NULL once decided, or for a job with none.
     Column("chain", Boolean, nullable=True),
+    # Where the run may go, as its job asked when it fired: its tags, affinity group and
+    # routing strategy as JSON (definitions/policy.routing_text); NULL: anywhere.
+    Column("routing", Text, nullable=True),
     UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
     # By status, then fire time: the dashboard's "failing in 24 h" reads it alone
     # (migrations/versions/0007); queries by status alone read its prefix.
@@ -187,6 +190,19 @@ job_deps = Table(
     Column("parent_id", String(200), primary_key=True),
     Column("condition", String(16), nullable=False),
     Index("ix_qc_job_deps_parent", "parent_id"),
+)
+
+# Affinity groups (a job's ``group``): the worker each sits on, placed by the leader's
+# dispatcher when the group's first run is sent, and moved (fenced, by the leader of
+# ``epoch``) only when that worker is no longer a live member (store/groups.py).
+groups = Table(
+    "qc_groups",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("worker", String(200), nullable=False),  # its node id
+    Column("placed_at", Float, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("moves", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # The tail of what each run attempt wrote to stdout/stderr (log records included) and the

@@ -32,6 +32,7 @@ OWNERS = [
     ("run_output", "qc_run_output", "qcluster/store/runs"),
     ("calendars", "qc_calendars", "qcluster/store/calendars.py"),
     ("job_deps", "qc_job_deps", "qcluster/store/catalog.py"),
+    ("groups", "qc_groups", "qcluster/store/groups.py"),
     ("cluster", "qc_cluster", "qcluster/store/cluster.py"),
     ("lease", "qc_lease", "backends/dblock.py"),
     ("members", "qc_members", "backends/dblock.py"),

@@ -66,6 +66,7 @@ class FireRow:
     backfill: bool = False  # written by `jobs backfill` (schema.runs.c.backfill)
     grace: int | None = None  # the job's own misfire grace; None: [scheduler]'s
     parent_run: int | None = None  # a dependent job's run: the parent run that decided it
+    routing: str | None = None  # where it may go (definitions/policy.routing_text)
 
 
 def insert_runs(
@@ -102,7 +103,7 @@ def insert_runs(
          "retry_backoff": f.retry_backoff,
          "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill,
          "grace": f.grace, "parent_run": f.parent_run,
-         "chain": True if f.job_id in parents else None}
+         "chain": True if f.job_id in parents else None, "routing": f.routing}
         for f in fires
     ]
     by_key = {(f.job_id, f.scheduled_at): f for f in fires}
@@ -113,7 +114,7 @@ def insert_runs(
                 continue
             f = by_key[(row.job_id, row.scheduled_at)]
             out.append(run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
-                                  f.scheduled_at, row.attempt, epoch, f.recover))
+                                  f.scheduled_at, row.attempt, epoch, f.recover, f.routing))
     return out
 
 
@@ -124,7 +125,7 @@ _RUN_COLUMNS = (
     ("finished_at", "float8"), ("error", "text"), ("max_attempts", "int"),
     ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
     ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
-    ("grace", "int"), ("parent_run", "bigint"), ("chain", "bool"),
+    ("grace", "int"), ("parent_run", "bigint"), ("chain", "bool"), ("routing", "text"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 #: What a withdrawn row gets when its fire time is recorded again: the new row's values,
@@ -311,12 +312,12 @@ def unbuffer(conn: Connection, run_id: int, *, epoch: int, now: float) -> RunRec
         .values(status=_S.SCHEDULED, epoch=epoch, created_at=now,
                 due_at=sa.case((r.c.scheduled_at > now, r.c.scheduled_at), else_=now))
         .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs, r.c.scheduled_at,
-                   r.c.attempt, r.c.recover)
+                   r.c.attempt, r.c.recover, r.c.routing)
     ).one_or_none()
     if row is None:
         return None
     return run_record(row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at,
-                      row.attempt, epoch, row.recover)
+                      row.attempt, epoch, row.recover, row.routing)
 
 
 def record_reported(conn: Connection, run_id: int, attempt: int, session: str, *,
