@@ -517,7 +517,23 @@ def refusal_cases(tmp_path: Path, db_url: str, closed_port: int) -> list[Case]:
               ("--end", "2026-01-01T00:00:00", ("end", "offset")),
               ("--max-runs", "0", ("max_runs",)), ("--jitter", "2d", ("jitter", "1d")),
               ("--exclude", "no good", ("calendar name",)),
+              ("--tags", "no good", ("invalid tag", "no good")),
+              ("--tags", ",".join(f"t{n}" for n in range(21)), ("more than 20 tags",)),
+              ("--tags", "gpü", ("invalid tag",)),
+              ("--group", "etl\n", ("invalid group name",)),
+              ("--group", "x" * 101, ("invalid group name",)),
+              ("--route", "nearest", ("route must be one of", "consistent-hash")),
           ])),
+        Case("routing fields of the wrong type in a job file",
+             ["jobs", "apply", str(write_job_file(tmp_path / "bad-routing.toml", [
+                 {"id": "in-bad-routing", "func": HELLO, "every": "1s", "tags": [1]}]))],
+             ("in-bad-routing", "tags must be a list")),
+        Case("a group that is not text in a job file",
+             ["jobs", "apply", str(write_job_file(tmp_path / "bad-group.toml", [
+                 {"id": "in-bad-group", "func": HELLO, "every": "1s", "group": 5}]))],
+             ("in-bad-group", "invalid group name")),
+        Case("a job id with a newline at its end", add("bad-id\n", "--func", HELLO, *every),
+             ("invalid job id",)),
         Case("end before start", add("bad-bounds", "--func", HELLO, *every, "--start",
                                      "2027-01-01T00:00:00Z", "--end", "2026-01-01T00:00:00Z"),
              ("end must be after start",)),
@@ -572,7 +588,8 @@ def table_rows(db_url: str) -> dict[str, list[tuple[Any, ...]]]:
             return {
                 table: [tuple(row) for row in conn.execute(
                     sa.text(f"SELECT * FROM {table} ORDER BY 1"))]
-                for table in ("qc_jobs", "qc_runs", "qc_cluster", "qc_job_deps")
+                for table in ("qc_jobs", "qc_runs", "qc_cluster", "qc_job_deps",
+                              "qc_groups")
             }
     finally:
         engine.dispose()
@@ -691,6 +708,29 @@ def test_start_takes_its_roles_from_config_unless_role_is_given(
         assert sorted(roles_of("from-flag")) == ["scheduler", "worker"], node.log_tail()
         node.terminate()
         assert node.wait() == 0, node.log_tail()
+
+
+def test_routing_from_flags_and_files_shows_in_json_and_reapplies_unchanged(
+    config: Path, tmp_path: Path
+) -> None:
+    run_cli("jobs", "add", "routed", "--func", HELLO, "--every", "1m", "--tags", "gpu,eu",
+            "--tags", "gpu", "--group", "etl", "--route", "consistent-hash", config=config)
+    shown = run_json("jobs", "show", "routed", "--json", config=config)
+    assert {k: shown[k] for k in ("tags", "group", "route", "group_worker")} == {
+        "tags": ["eu", "gpu"], "group": "etl", "route": "consistent_hash",
+        "group_worker": None}  # sorted, each once; placed when its first run is sent
+    text = run_cli("jobs", "show", "routed", config=config).stdout
+    assert "etl" in text and "consistent_hash" in text
+    file = write_job_file(tmp_path / "routed.toml", [
+        {"id": "filed-routed", "func": HELLO, "every": "1m", "tags": ["gpu"], "group": "etl",
+         "route": "first"}])
+    run_cli("jobs", "apply", str(file), config=config)
+    again = run_json("jobs", "apply", str(file), "--json", config=config)
+    assert (again["unchanged"], again["updated"]) == (1, 0)
+    filed = run_json("jobs", "show", "filed-routed", "--json", config=config)
+    assert (filed["tags"], filed["group"], filed["route"]) == (["gpu"], "etl", "first")
+    status = run_json("cluster", "status", "--json", config=config)
+    assert status["groups"] == []  # no run of the group has been sent
 
 
 def test_job_policies_from_flags_and_files_show_in_json_and_reapply_unchanged(
