@@ -91,6 +91,10 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="steady: this share of --jobs more jobs (0.1: 10%%), each running "
                         "after one of the jobs (jobs add --after): what the leader's "
                         "dependency checks cost")
+    p.add_argument("--tagged", type=float, default=0.0,
+                   help="steady: this share of the jobs (0.1: 10%%) asks for the tag "
+                        "'bench' (jobs add --tags), which both workers have: what routing "
+                        "by tags costs the dispatcher")
     p.add_argument("--profile", action="store_true",
                    help="py-spy on the leader and a worker during qcluster's steady window")
     a = p.parse_args(argv)
@@ -107,7 +111,7 @@ def parse_args(argv: list[str] | None) -> Options:
         burst=a.burst or int(sizes["burst"]), scale=a.scale or int(sizes["scale"]),
         spread=a.spread, no_fsync=a.no_fsync, lease=a.lease, concurrency=a.concurrency,
         profile=a.profile, fire_ahead=a.fire_ahead, aps_jobs=a.aps_jobs, metrics=a.metrics,
-        children=a.children,
+        children=a.children, tagged=a.tagged,
     )
 
 

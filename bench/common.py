@@ -48,6 +48,7 @@ class Options:
     aps_jobs: int = 0  # steady on APScheduler: jobs every second (0: as many as qcluster)
     metrics: bool = False  # each node serves /metrics, scraped every second
     children: float = 0.0  # steady: this share of --jobs more, each running after one job
+    tagged: float = 0.0  # steady: this share of the jobs asks for a tag (both workers have it)
 
     @property
     def warmup(self) -> float:

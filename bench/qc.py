@@ -42,6 +42,8 @@ JOB_COLUMNS = ("id", "func", "trigger", "args", "kwargs", "next_run_time", "paus
                "misfire_grace_seconds", "coalesce", "recover", "broken", "version",
                "created_at", "updated_at")
 WORKERS = ("w1", "w2")
+#: The tag of ``--tagged`` jobs, which every worker has.
+TAG = "bench"
 SCHEDULERS = ("s1", "s2")
 
 
@@ -127,7 +129,8 @@ class QcCluster:
                           "fire_ahead_seconds": opts.fire_ahead},
             "coordination": {"dblock": {"lease_seconds": opts.lease}},
             "cluster": {"member_timeout_seconds": 10.0},
-            "worker": {"heartbeat_seconds": 1.0, "concurrency": opts.concurrency},
+            "worker": {"heartbeat_seconds": 1.0, "concurrency": opts.concurrency,
+                       "tags": [TAG] if opts.tagged else []},
         }
         self.config = write_config(tmp, db_url, **self._sections)
         self.db = Database(db_url)
@@ -244,6 +247,15 @@ class QcCluster:
     def insert_jobs(self, rows: Iterable[tuple[Any, ...]]) -> int:
         """COPY ``rows`` (see :func:`job_row`) into ``qc_jobs`` in one transaction."""
         return copy_rows(self.db, "qc_jobs", JOB_COLUMNS, rows)
+
+    def tag_jobs(self, ids: Sequence[str]) -> None:
+        """These jobs ask for :data:`TAG` (a policy of ``tags``), before they first fire."""
+        policy = json.dumps({"tags": [TAG]}, sort_keys=True)
+        j = schema.jobs
+        with self.db.write() as conn:
+            for start in range(0, len(ids), 1000):
+                conn.execute(j.update().where(j.c.id.in_(list(ids[start:start + 1000])))
+                             .values(policy=policy))
 
     def insert_children(self, parents: Sequence[str], prefix: str) -> list[str]:
         """One job per parent, running after it (an ``after`` trigger, no fire time of its

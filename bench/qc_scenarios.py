@@ -100,6 +100,9 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     ids = [f"{prefix}{i:07d}" for i in range(n)]
     cluster.insert_jobs(job_row(i, "jobs.builtin:noop", interval_spec(1.0, t0 + o), t0 + o)
                         for i, o in zip(ids, offsets, strict=True))
+    tagged = round(n * opts.tagged)
+    if tagged:  # spread over the jobs: every k-th one asks for the tag
+        cluster.tag_jobs(ids[:: max(1, n // tagged)][:tagged])
     kids = round(n * opts.children)
     if kids:  # spread over the jobs: every k-th job has a child
         cluster.insert_children(ids[:: max(1, n // kids)][:kids], CHILD_PREFIX)
@@ -126,7 +129,8 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     # in the rate, as it does for APScheduler.
     acc = account(cluster.fires(prefix, w0 - 60, w1), expected, w0, w1)
     result.fires_per_s, result.lateness = acc.fires_per_s, acc.lateness
-    result.notes = [f"{n} jobs every 1s{' spread' if opts.spread else ''}", *acc.notes()]
+    result.notes = [f"{n} jobs every 1s{' spread' if opts.spread else ''}"
+                    f"{f', {opts.tagged:.0%} of them tagged' if tagged else ''}", *acc.notes()]
     if kids:
         _drain(cluster, CHILD_PREFIX, w1, timeout=10.0)
         result.extra["children"] = chained = cluster.chained(CHILD_PREFIX, w0, w1)

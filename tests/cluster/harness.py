@@ -43,13 +43,16 @@ class Cluster:
         self.nodes: dict[str, NodeProcess] = {}
         self.records = tmp_path / "records.jsonl"
 
-    def start(self, node_id: str, role: str, config: Path | None = None) -> NodeProcess:
-        """Start node ``node_id`` with ``role``, on ``config`` (default: the cluster's)."""
+    def start(self, node_id: str, role: str) -> NodeProcess:
+        return self.start_with(node_id, role, self.config)
+
+    def start_with(self, node_id: str, role: str, config: Path) -> NodeProcess:
+        """Start node ``node_id`` with ``role`` on a config of its own."""
         old = self.nodes.get(node_id)
         if old is not None:
             old.close()
         log = self.tmp_path / f"{node_id}.{int(time.time() * 1000)}.log"
-        node = start_node(config or self.config, node_id=node_id, role=role, log_path=log)
+        node = start_node(config, node_id=node_id, role=role, log_path=log)
         self.nodes[node_id] = node
         return node
 

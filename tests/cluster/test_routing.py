@@ -43,9 +43,9 @@ def test_tags_route_runs_and_a_missing_tag_is_missed_then_runs_when_a_worker_has
     upgrade_database(config)
     with cluster(tmp_path, config, pg_url) as c:
         c.start("s1", "scheduler")
-        c.start("gpu", "worker", _worker_config(tmp_path, pg_url, "gpu", "gpu"))
-        c.start("plain", "worker", _worker_config(tmp_path, pg_url, "plain"))
-        c.start("both", "worker", _worker_config(tmp_path, pg_url, "both", "gpu", "eu"))
+        c.start_with("gpu", "worker", _worker_config(tmp_path, pg_url, "gpu", "gpu"))
+        c.start_with("plain", "worker", _worker_config(tmp_path, pg_url, "plain"))
+        c.start_with("both", "worker", _worker_config(tmp_path, pg_url, "both", "gpu", "eu"))
         c.wait_leader()
         path = str(c.records)
         jobs = [{"id": "g", "func": "jobs.examples:record_run", "every": "1s",
@@ -63,7 +63,7 @@ def test_tags_route_runs_and_a_missing_tag_is_missed_then_runs_when_a_worker_has
         assert {m["node_id"]: sorted(m["tags"]) for m in status["members"]
                 if "worker" in m["roles"]} == {"gpu": ["gpu"], "plain": [], "both": ["eu", "gpu"]}
         joined = time.time()
-        c.start("tpu", "worker", _worker_config(tmp_path, pg_url, "tpu", "tpu"))
+        c.start_with("tpu", "worker", _worker_config(tmp_path, pg_url, "tpu", "tpu"))
         wait_for(lambda: [r for r in c.runs() if r.job_id == "t" and r.status == "succeeded"],
                  timeout=30, what="a run of t, on the worker with tpu")
         time.sleep(2)
