@@ -156,8 +156,9 @@ class Client:
         fire of its parents, when their runs of that fire time have ended so). With ``replace``, a
         job of the same id is replaced (its schedule kept if the trigger is unchanged);
         without, an existing id is refused. ``policy``: the fields of
-        :mod:`qcluster.definitions.policy` (``retries=3, timeout="30s", overlap="skip"``;
-        durations as text, seconds or timedeltas, times as ISO text or aware datetimes)."""
+        :mod:`qcluster.definitions.policy` (``retries=3, timeout="30s", overlap="skip"``,
+        ``tags=["gpu"], group="etl", route="first"``; durations as text, seconds or
+        timedeltas, times as ISO text or aware datetimes)."""
         jd = self.job(job_id, func, cron=cron, every=every, at=at, after=after, tz=tz,
                       args=args,
                       kwargs=kwargs, recover=recover, misfire_grace=misfire_grace,
