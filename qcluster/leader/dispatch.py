@@ -310,8 +310,8 @@ class Dispatcher:
                     break
                 self._parked.setdefault((r["run_id"], r["attempt"]), (r, now))
             parked = len(self._parked)
-        self._warn("park", f"{parked} runs wait for a live worker with their tags "
-                           "(recorded missed past their misfire grace)")
+        self._warn("park", f"{parked} runs wait for a live worker that their tags or "
+                           "group allow (recorded missed past their misfire grace)")
 
     def _unpark(self, changed: bool) -> None:
         """The member list was read again: if it ``changed``, every parked run is tried

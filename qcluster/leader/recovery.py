@@ -275,14 +275,14 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     due = row.scheduled_at if row.due_at is None else row.due_at
     if due > now + SEND_AHEAD:
         return  # a retry's backoff, a jitter: not yet
-    sent_at_once = row.due_at is None or row.due_at <= row.created_at + SEND_AHEAD
-    if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED and sent_at_once:
-        return  # ours and fresh: the dispatcher still has it
     if row.backfill:  # waits its turn in the bulk lane, for up to BACKFILL_WAIT
         limit, why = BACKFILL_WAIT, (f"backfill run never dispatched within "
                                      f"{BACKFILL_WAIT / 3600:.0f}h: no free worker slot")
     else:
         limit, why = grace, f"never dispatched within the misfire grace time ({grace:.0f}s)"
+    # Past its grace first, fresh or not: a grace shorter than STALE_SCHEDULED (a run held
+    # or parked by its routing, a dispatcher that fell behind) is judged at the next pass.
+    # The worker's claim filters on `scheduled` too: of the two, one writes.
     if row.attempt == 1 and now - max(due, row.created_at) > limit:
         why += _unroutable(conn, row.routing, worker_tags)
         if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now, error=why):
@@ -290,6 +290,9 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
             if row.routing is not None:
                 log.warning("run %d of job %s is missed: %s", row.id, row.job_id, why)
         return
+    sent_at_once = row.due_at is None or row.due_at <= row.created_at + SEND_AHEAD
+    if row.epoch == epoch and row.created_at > now - STALE_SCHEDULED and sent_at_once:
+        return  # ours and fresh: the dispatcher still has it
     (out.bulk if row.backfill else out.resend).append(records.run_record(
         row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at, row.attempt,
         epoch, row.recover, row.routing))

@@ -66,3 +66,21 @@ def test_a_placement_is_read_back_and_a_move_is_counted(db: Database) -> None:
         assert groups.placements(conn, ["ml", "none"]) == {"ml": "w2"}
         assert [(g["name"], g["worker"], g["moves"]) for g in groups.list_groups(conn)] == [
             ("etl", "w3", 1), ("ml", "w2", 0)]
+
+
+def test_a_grace_shorter_than_the_resend_delay_is_kept(db: Database) -> None:
+    """An outside look found runs that waited for their tags starting 5 s late with a 1 s
+    grace: recovery let a fresh row be (the dispatcher has it) before judging its grace."""
+    _add(db, "g", tags=["tpu"], misfire_grace_seconds=2)
+    _fire(db, BASE)
+    (row,) = _runs(db, "g")
+    _set(db, row.id, created_at=BASE)  # written at its fire time, by this epoch
+    recover_runs(db, _epoch(db), live_workers=[], grace_seconds=60, now=BASE + 1.5,
+                 worker_tags={})
+    assert _runs(db, "g")[0].status == "scheduled"  # within its grace: left to the dispatcher
+    recover_runs(db, _epoch(db), live_workers=[], grace_seconds=60, now=BASE + 3,
+                 worker_tags={})
+    (row,) = _runs(db, "g")
+    assert (row.status, row.error) == (
+        "missed", "never dispatched within the misfire grace time (2s): no live worker has "
+                  "the tags tpu")
