@@ -115,9 +115,10 @@ def test_a_group_shares_one_worker_and_moves_together_when_it_is_killed(
         c.nodes[first.leader_id].kill()  # the new leader reads where the group sits
         c.wait_leader(other_than=first.leader_id, after_epoch=first.epoch)
         time.sleep(6)
-        rows = c.wait_settled(time.time() - 4)
-        records = records_of(c)
+        c.wait_settled(time.time() - 4)
         status = run_json("cluster", "status", "--json", config=config)
+        records = records_of(c)
+        rows = c.runs()  # read after the records: every run a record names has its row
     third = ({"w1", "w2", "w3"} - {home, new_home}).pop()
     ran_on = {(r["job_id"], r["worker"]) for r in records}
     assert not [j for j, w in ran_on if w == third], "a run of the group left its worker"
@@ -127,8 +128,8 @@ def test_a_group_shares_one_worker_and_moves_together_when_it_is_killed(
     assert [(g["name"], g["worker"], g["moves"]) for g in status["groups"]] == [
         ("etl", new_home, 1)]
     assert len({(r["run_id"], r["attempt"]) for r in records}) == len(records)
-    by_row = {(r.id, r.attempt) for r in rows}
-    assert all((r["run_id"], r["attempt"]) in by_row for r in records)
+    attempts = {r.id: r.attempt for r in rows}  # a recovered run is at a later attempt
+    assert all(r["attempt"] <= attempts[r["run_id"]] for r in records)
 
 
 def _placed(c: Cluster) -> str | None:

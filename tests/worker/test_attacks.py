@@ -117,7 +117,10 @@ def test_an_epoch_the_cluster_row_does_not_hold_is_refused_and_the_leader_goes_o
         with pytest.raises(ValueError, match=rf"^refused: epoch {huge} is not confirmed: "
                                              r"the cluster row is at 3$"):
             p.submit(huge, target)
-        assert p.submit(huge, []) == {"accepted": [], "refused": [], **p.ping()}
+        reply, load = p.submit(huge, []), p.ping()
+        # (The first run may end between the two calls: its slot is the one difference.)
+        assert reply.pop("inflight") <= 1 and load.pop("inflight") <= 1
+        assert reply == {"accepted": [], "refused": [], **load}
         assert p.ping()["epoch"] == 3 and p.ping()["inflight"] <= 1
     assert row_of(db, target[0]["run_id"]).status == "scheduled"  # not claimed
     # The real leader's dispatcher sends the target next: taken, and no one steps down.
