@@ -44,7 +44,8 @@ def record_run(path: str, sleep: float = 0.0) -> None:
     line = json.dumps({
         "job_id": run.job_id, "run_id": run.run_id, "attempt": run.attempt,
         "scheduled_at": run.scheduled_at.timestamp(), "epoch": run.epoch,
-        "worker": run.worker_id, "started": time.time(),
+        "worker": run.worker_id, "started": time.time(), "shard": run.shard,
+        "shards": run.shards,
     }) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -105,7 +105,8 @@ FIRE_KINDS = (("scheduled", "on_time"), ("buffered", "buffered"),
               ("missed", "coalesced"), ("missed", "misfire_skip"), ("skipped", "excluded"),
               ("skipped", "overlap_skip"), ("skipped", "overlap_buffer_one"),
               ("skipped", "overlap_cancel_other"), ("scheduled", "after_parents"),
-              ("skipped", "after_parents"), ("missed", "after_parents"))
+              ("skipped", "after_parents"), ("missed", "after_parents"),
+              ("missed", "no_worker"))
 for _status, _reason in FIRE_KINDS:
     FIRES.labels(status=_status, reason=_reason)
 for _status in ("succeeded", "failed", "timed_out", "cancelled", "interrupted"):

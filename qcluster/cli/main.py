@@ -206,6 +206,12 @@ def jobs_add(
     route: Annotated[str | None, typer.Option(
         help="This job's routing: round-robin, least-loaded, consistent-hash, first, "
              "random (default: \\[dispatch] strategy).")] = None,
+    shards: Annotated[str | None, typer.Option(
+        help="Each fire time is this many runs (2-1000), spread over the workers; "
+             "current_run() gives shard and shards.")] = None,
+    broadcast: Annotated[bool, typer.Option(
+        "--broadcast", help="Each fire time is one run per live worker (with its "
+                            "--tags).")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -226,7 +232,7 @@ def jobs_add(
                  start=start_at, end=end_at, max_runs=_whole(max_runs), jitter=jitter,
                  exclude=[n for item in exclude or [] for n in item.split(",")],
                  tags=[n for item in tags or [] for n in item.split(",")], group=group,
-                 route=route)
+                 route=route, shards=_whole(shards), broadcast=broadcast or None)
     _done(as_json, {"id": done.job_id, "status": done.status, "via": done.via},
           f"{done.status} job {done.job_id} (via {done.via})")
 

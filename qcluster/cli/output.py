@@ -72,7 +72,8 @@ def runs_table(runs: list[dict[str, Any]], title: str | None = None) -> None:
     for r in runs:
         took = "-" if r.get("duration") is None else f"{r['duration'] * 1000:.0f} ms"
         style = _STATUS_STYLE.get(r["status"], "white")
-        table.add_row(str(r["run_id"]), escape(r["job_id"]), _t(r["scheduled_at"]),
+        job = r["job_id"] + (f" [{r['slot']}]" if r.get("slot") else "")  # a shard's
+        table.add_row(str(r["run_id"]), escape(job), _t(r["scheduled_at"]),
                       f"[{style}]{r['status']}[/]", str(r["attempt"]),
                       escape(r["worker"] or "-"), took, "yes" if r.get("has_output") else "",
                       escape(printable(r["error"] or "")[:60]))
@@ -85,7 +86,8 @@ def run_detail(run: Mapping[str, Any]) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key in ("job_id", "scheduled_at", "status", "attempt", "worker", "dispatched_at",
-                "started_at", "finished_at", "duration", "error", "retries_left", "parent_run"):
+                "started_at", "finished_at", "duration", "error", "retries_left", "parent_run",
+                "slot"):
         value = run.get(key)
         if key == "duration" and isinstance(value, int | float):
             value = f"{value * 1000:.1f} ms"

@@ -184,6 +184,9 @@ def _check_after(job_id: str, trigger: TriggerSpec, policy: Policy,
     if given:
         raise InputError(f"{given[0]} applies to a schedule's fire times; a job that runs "
                          "after others has none (it runs once per parent fire)")
+    if policy.shards is not None or policy.broadcast:
+        raise InputError("a job that runs after others runs once per parent fire time; it "
+                         "cannot be sharded or broadcast (its parents can)")
 
 
 def _short(value: object) -> str:

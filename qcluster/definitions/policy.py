@@ -29,7 +29,14 @@ left out (None) takes the ``[scheduler]`` default, read by the leader when it fi
 * ``group``: an affinity group: every run of every job of the group goes to the one
   worker the group sits on while it lives (``qc_groups``; docs/DESIGN.md, "Routing");
 * ``route``: the job's own routing strategy (one of the built-in ``[dispatch] strategy``
-  names), for its runs instead of the cluster's.
+  names), for its runs instead of the cluster's;
+* ``shards`` (2-1000): each fire time is that many runs, one per shard, spread over the
+  workers; ``current_run()`` gives ``shard`` and ``shards``;
+* ``broadcast``: each fire time is one run per live worker that has the job's tags.
+
+A fire time of a sharded or broadcast job is several run rows, told apart by their
+*slot* (``qc_runs.slot``: ``"3/8"`` for shard 3 of 8, ``"@w1"`` for worker w1's run;
+``""`` for the one run of every other job), so each is recorded once.
 
 The last three are the run's *routing*: a run row keeps them as it was fired
 (``qc_runs.routing``, :func:`routing_text`), and the leader's dispatcher reads them there.
@@ -61,6 +68,7 @@ OVERLAP = ("allow", "skip", "buffer-one", "buffer-all", "cancel-other")
 MISFIRE = ("run-once", "run-all", "skip")
 MAX_RETRIES = 100
 MAX_RUNS = 2**31 - 1
+MAX_SHARDS = 1000
 MAX_CALENDARS = 20
 MAX_JITTER = 86400.0  # store/records.MAX_AHEAD: how far ahead a worker holds a run
 MIN_TIMEOUT = 0.01
@@ -70,7 +78,8 @@ DURATION_RANGES = {"retry_backoff": (MIN_INTERVAL, MAX_INTERVAL),
                    "timeout": (MIN_TIMEOUT, MAX_INTERVAL),
                    "catch_up": (MIN_INTERVAL, MAX_INTERVAL),
                    "jitter": (MIN_INTERVAL, MAX_JITTER)}
-COUNT_RANGES = {"retries": (0, MAX_RETRIES), "max_runs": (1, MAX_RUNS)}
+COUNT_RANGES = {"retries": (0, MAX_RETRIES), "max_runs": (1, MAX_RUNS),
+                "shards": (2, MAX_SHARDS)}
 CALENDAR_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 #: A worker tag, as ``[worker] tags`` spells one (settings/validators.Word).
 TAG_RE = re.compile(r"[A-Za-z0-9][\w.:-]{0,63}", re.ASCII)
@@ -83,7 +92,7 @@ ROUTES = DISPATCH_STRATEGIES
 #: The keys of a job's wire form that are policy fields, in the order shown.
 FIELDS = ("retries", "retry_backoff", "retry_max_backoff", "timeout", "overlap", "misfire",
           "catch_up", "start", "end", "max_runs", "jitter", "exclude", "tags", "group",
-          "route")
+          "route", "shards", "broadcast")
 #: The fields that say where a run goes, not when (kept by each run row: ``routing``).
 ROUTING_FIELDS = ("tags", "group", "route")
 
@@ -107,6 +116,8 @@ class Policy:
     tags: tuple[str, ...] = ()  # sorted, each once
     group: str | None = None
     route: str | None = None
+    shards: int | None = None
+    broadcast: bool | None = None  # True, or None
 
     def to_wire(self) -> dict[str, Any]:
         """Every field, as JSON data (``exclude`` and ``tags`` lists)."""
@@ -120,14 +131,24 @@ class Policy:
         given = {k: v for k, v in self.to_wire().items() if v not in (None, [])}
         return json.dumps(given, sort_keys=True) if given else None
 
-    def routing_text(self) -> str | None:
+    def routing_text(self, worker: str | None = None) -> str | None:
         """What a run of this job keeps of where it goes (``qc_runs.routing``): the
-        routing fields given, as sorted JSON; None (every run of most jobs) if none."""
-        if not (self.tags or self.group or self.route):
+        routing fields given, and ``worker`` (a broadcast run's own worker), as sorted
+        JSON; None (every run of most jobs) if none."""
+        if not (self.tags or self.group or self.route or worker):
             return None
-        given = {"tags": list(self.tags), "group": self.group, "route": self.route}
+        given = {"tags": list(self.tags), "group": self.group, "route": self.route,
+                 "worker": worker}
         return json.dumps({k: v for k, v in given.items() if v not in (None, [])},
                           sort_keys=True, separators=(",", ":"))
+
+    def slots(self) -> list[str]:
+        """The slots of a sharded job's fire time (``"0/N"`` ... ``"N-1/N"``); ``[""]``
+        for a job of one run per fire time. A broadcast job's come from its live workers
+        (:func:`broadcast_slot`)."""
+        if self.shards is None:
+            return [""]
+        return [f"{i}/{self.shards}" for i in range(self.shards)]
 
     @property
     def start_ts(self) -> float | None:
@@ -175,6 +196,12 @@ def check_policy(data: object, *, strict: bool = True) -> Policy:
     if policy.start_ts is not None and policy.end_ts is not None \
             and policy.end_ts <= policy.start_ts:
         raise InputError("end must be after start")
+    if policy.broadcast and policy.shards is not None:
+        raise InputError("a job is either broadcast (a run on every live worker) or sharded "
+                         "(shards runs spread over them), not both")
+    if policy.broadcast and policy.group is not None:
+        raise InputError("a broadcast job runs on every live worker; an affinity group keeps "
+                         "its jobs on one (give one of broadcast and group)")
     return policy
 
 
@@ -238,6 +265,19 @@ def _route(value: object) -> str:
     return name
 
 
+def broadcast_slot(node_id: str) -> str:
+    """The slot of a broadcast job's run on worker ``node_id``."""
+    return f"@{node_id}"
+
+
+def shard_of(slot: str) -> tuple[int, int] | None:
+    """(shard, shards) of a sharded run's slot; None for any other slot."""
+    shard, sep, shards = slot.partition("/")
+    if not sep or not shard.isdigit() or not shards.isdigit():
+        return None
+    return int(shard), int(shards)
+
+
 def check_tags(value: object) -> tuple[str, ...]:
     """Tags a job asks for: a list (or a comma-separated text) of tag names, each as
     ``[worker] tags`` spells one; sorted, each once."""
@@ -290,8 +330,14 @@ def check_calendar_name(name: object) -> str:
     return name
 
 
+def _broadcast(value: object) -> bool | None:
+    if not isinstance(value, bool):
+        raise InputError("broadcast must be true or false")
+    return value or None
+
+
 _ROUTING_CHECKS: dict[str, Callable[[object], Any]] = {
-    "tags": check_tags, "group": _group, "route": _route}
+    "tags": check_tags, "group": _group, "route": _route, "broadcast": _broadcast}
 
 
 def fraction(*parts: object) -> float:

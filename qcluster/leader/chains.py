@@ -158,14 +158,17 @@ _RUN = (_r.c.id, _r.c.job_id, _r.c.scheduled_at, _r.c.status, _r.c.retries_left,
         _r.c.error, _r.c.finished_at)
 
 
-def _runs_at(conn: Connection, keys: set[tuple[str, float]]) -> dict[tuple[str, float], Any]:
+def _runs_at(conn: Connection, keys: set[tuple[str, float]]
+             ) -> dict[tuple[str, float], list[Any]]:
+    """The runs of each (job, fire time) of ``keys`` that has any: one for most jobs,
+    one per slot for a sharded or broadcast job's."""
     r = schema.runs
-    found: dict[tuple[str, float], Any] = {}
+    found: dict[tuple[str, float], list[Any]] = {}
     ordered = sorted(keys)
     for start in range(0, len(ordered), _CHUNK):
         for row in conn.execute(sa.select(*_RUN).where(
                 sa.tuple_(r.c.job_id, r.c.scheduled_at).in_(ordered[start:start + _CHUNK]))):
-            found[(row.job_id, row.scheduled_at)] = row
+            found.setdefault((row.job_id, row.scheduled_at), []).append(row)
     return found
 
 
@@ -179,25 +182,29 @@ def _jobs(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
 
 
 def _decide(job: Any, at: float, parents: Sequence[tuple[str, str]],
-            runs: Mapping[tuple[str, float], Any], *, now: float, grace: float,
+            runs: Mapping[tuple[str, float], list[Any]], *, now: float, grace: float,
             defaults: Defaults) -> FireRow | None:
-    """The child run of ``job`` for fire time ``at``, or None to wait."""
+    """The child run of ``job`` for fire time ``at``, or None to wait. A parent with
+    several runs of the fire time (shards, a broadcast) counts once all of them ended,
+    and meets the condition when each of them does."""
     last: Any = None
     absent: list[str] = []
     for parent, condition in parents:
-        run = runs.get((parent, at))
-        if run is None:
+        found = runs.get((parent, at))
+        if not found:
             absent.append(parent)
             continue
-        if not ended(run):
+        if not all(ended(run) for run in found):
             return None
-        if run.status not in MEETS[condition]:
-            what = ("its code did not run" if run.status not in MEETS["always"]
-                    else f"{job.id!r} runs after it on {condition}")
-            return _fire(job, at, RunStatus.SKIPPED, defaults, run.id, now,
-                         f"after {parent!r}: its run {run.id} ended {run.status} ({what})")
-        if last is None or (run.finished_at or 0.0) >= (last.finished_at or 0.0):
-            last = run
+        for run in sorted(found, key=lambda r: r.id):
+            if run.status not in MEETS[condition]:
+                what = ("its code did not run" if run.status not in MEETS["always"]
+                        else f"{job.id!r} runs after it on {condition}")
+                return _fire(job, at, RunStatus.SKIPPED, defaults, run.id, now,
+                             f"after {parent!r}: its run {run.id} ended {run.status} "
+                             f"({what})")
+            if last is None or (run.finished_at or 0.0) >= (last.finished_at or 0.0):
+                last = run
     if absent:
         wait = job.misfire_grace_seconds or grace
         if now - at <= wait:

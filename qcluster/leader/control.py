@@ -127,8 +127,8 @@ class ControlService:
         def record(conn: Connection, jid: str) -> None:
             epoch = self._leader.epoch
             assert epoch is not None
-            runs.append(catalog.run_now(conn, jid, epoch, self._node_id,
-                                        defaults=self._defaults))
+            runs.extend(catalog.run_now_all(conn, jid, epoch, self._node_id,
+                                            defaults=self._defaults))
 
         reply = self._one(job_id, record)
         if reply["ok"]:

@@ -38,6 +38,8 @@ where it may go, and no run waits on another's account (the loop never sleeps fo
   recovery sends an unsent run again every pass, and records it ``missed`` past its grace,
   saying no live worker has those tags).
 * ``route``: the job's own strategy (``leader/routing.py``), over the workers it may use.
+* ``worker``: a broadcast job's run goes to that worker only: held while it is busy,
+  parked while it is not a live member (missed past its grace, saying so).
 * ``group``: to the worker its affinity group sits on (``store/groups.py``), held while
   that worker is busy or full, never sent to another while it is a live member. A group
   with no worker yet, or whose worker is no longer a live member, is placed on one (the
@@ -561,6 +563,12 @@ class Dispatcher:
         go to; or none, and whether they are held or parked."""
         if want == ANYWHERE:
             return ordered, None
+        if want.worker is not None:  # a broadcast job's run: on its own worker only
+            able = [w for w in ordered if w.node_id == want.worker]
+            if able:
+                return able, None
+            live = any(w.node_id == want.worker for w in self._workers)
+            return [], _HOLD if live else _PARK
         if want.group is not None:
             node = self._group_worker(want)
             if node is None:

@@ -306,6 +306,9 @@ def _unroutable(conn: Any, text: str | None,
     if worker_tags is None or want == records.ANYWHERE:
         return ""
     tags = ", ".join(sorted(want.tags))
+    if want.worker is not None:
+        return ("" if want.worker in worker_tags
+                else f": its worker {want.worker} (a broadcast run) is not a live member")
     if want.group is not None:
         node = groups.placements(conn, [want.group]).get(want.group)
         if node is None or node not in worker_tags:

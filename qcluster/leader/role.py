@@ -213,7 +213,7 @@ class LeaderRole:
         )
         executor = FireExecutor(store, epoch, self.node_id, dispatcher.submit,
                                 retention_seconds=s.runs.retention_seconds,
-                                defaults=self.defaults)
+                                defaults=self.defaults, workers=self.workers)
         scheduler = LeaderScheduler(store, executor, poll_seconds=s.scheduler.poll_seconds,
                                     on_fenced=lambda reason: self._revoke(term, reason),
                                     fire_ahead_seconds=s.scheduler.fire_ahead_seconds,

@@ -38,8 +38,9 @@ from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 
+from backends.base import MemberInfo
 from qcluster import metrics
-from qcluster.definitions.policy import Defaults, jitter_of, run_fields
+from qcluster.definitions.policy import Defaults, broadcast_slot, jitter_of, run_fields
 from qcluster.errors import DatabaseUnavailable, Fenced
 from qcluster.store import calendars as calendars_mod
 from qcluster.store.calendars import Calendar
@@ -65,8 +66,11 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         *,
         retention_seconds: float,
         defaults: Defaults | None = None,
+        workers: Callable[[], list[MemberInfo]] | None = None,
     ) -> None:
+        """``workers``: the live members, read when a broadcast job fires."""
         super().__init__()
+        self.workers = workers
         self.store = store
         self.epoch = epoch
         self.leader = leader
@@ -77,6 +81,16 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         #: for a fire time still ahead, and the earliest of those times.
         self.deferred = 0
         self.deferred_until: datetime | None = None
+
+    def _live_workers(self) -> list[MemberInfo]:
+        """The live workers a broadcast job's fire time runs on (none when unknown)."""
+        if self.workers is None:
+            return []
+        try:
+            return [w for w in self.workers() if "worker" in w.roles and w.capacity > 0]
+        except Exception as e:  # membership reads go through a backend
+            log.warning("cannot list the workers for broadcast jobs: %s", e)
+            raise DatabaseUnavailable(f"cannot list the workers: {e}") from None
 
     def _do_submit_job(self, job: StoredJob, run_times: list[datetime]) -> None:
         # APScheduler's own path (one job): route it through the same fenced batch.
@@ -107,11 +121,16 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
             self.deferred_until = min(later, default=None)
         calendars = (self.store.calendars() if any(j.qc.policy.exclude for j in jobs)
                      else {})
+        live = self._live_workers() if any(j.qc.policy.broadcast for j in jobs) else []
         for job in jobs:
             planned = len(fires), len(advances), len(cancels)
+            slots = None
+            if job.qc.policy.broadcast:
+                tags = set(job.qc.policy.tags)
+                slots = sorted(broadcast_slot(w.node_id) for w in live if tags <= set(w.tags))
             try:
                 plan = _Plan(job, now, now if job.id in judged_now else until or now,
-                             self.retention_seconds, self.defaults)
+                             self.retention_seconds, self.defaults, slots)
                 plan.make(open_runs.get(job.id, []), calendars)
                 fires += plan.fires
                 reasons += plan.reasons
@@ -143,8 +162,11 @@ class _Plan:
     with the reason, never an absence; and the job's advance."""
 
     def __init__(self, job: StoredJob, now: datetime, until: datetime, retention: float,
-                 defaults: Defaults) -> None:
+                 defaults: Defaults, slots: list[str] | None = None) -> None:
+        """``slots``: the runs of each fire time (``definitions/policy.Policy.slots``; a
+        broadcast job's, one per live worker with its tags: possibly none)."""
         self.job, self.now, self.until, self.policy = job, now, until, job.qc.policy
+        self.slots = self.policy.slots() if slots is None else slots
         self.horizon = now - timedelta(seconds=retention)
         self.defaults = Defaults() if defaults is None else defaults
         self.fires: list[FireRow] = []
@@ -171,18 +193,31 @@ class _Plan:
 
     def _add(self, t: datetime, status: RunStatus, reason: str,
              error: str | None = None) -> None:
-        self.fires.append(self._row(t, status, error))
-        self.reasons.append(reason)
+        """Record fire time ``t``: a run to be run is one row per slot (a sharded or
+        broadcast job's); one that is not (missed, skipped) is one row."""
+        runs = status in (RunStatus.SCHEDULED, RunStatus.BUFFERED)
+        slots = self.slots if runs else [""]
+        if not slots:  # a broadcast job with no live worker that has its tags
+            slots, status, reason = [""], RunStatus.MISSED, "no_worker"
+            error = ("broadcast: no live worker has its tags" if self.policy.tags
+                     else "broadcast: no live worker")
+        for slot in slots:
+            self.fires.append(self._row(t, status, error, slot))
+            self.reasons.append(reason)
 
-    def _row(self, t: datetime, status: RunStatus, error: str | None = None) -> FireRow:
+    def _row(self, t: datetime, status: RunStatus, error: str | None = None,
+             slot: str = "") -> FireRow:
         job, qc = self.job, self.job.qc
         due = None
         if status in (RunStatus.SCHEDULED, RunStatus.BUFFERED):
             shift = jitter_of(job.id, t.timestamp(), self.policy.jitter)
             due = t.timestamp() + shift if shift else None
+        fields = run_fields(self.policy, self.defaults)
+        if slot.startswith("@"):  # a broadcast job's run: on that worker only
+            fields["routing"] = self.policy.routing_text(worker=slot[1:])
         return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
                        status, qc.recover, error, qc.max_attempts, due_at=due,
-                       grace=qc.grace, **run_fields(self.policy, self.defaults))
+                       grace=qc.grace, slot=slot, **fields)
 
     def make(self, open_runs: list[tuple[int, str]],
              calendars: dict[str, Calendar]) -> None:

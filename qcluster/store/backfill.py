@@ -105,6 +105,9 @@ def window(conn: Connection, job_id: str, start: str, end: str, *,
     if spec.get("type") == "after":
         raise InputError(f"job {job_id!r} runs after other jobs and has no fire times of its "
                          "own: backfill its parents, and it runs after each of their runs")
+    if from_stored(row.policy).broadcast:
+        raise InputError(f"job {job_id!r} is broadcast: its runs are one per worker live at "
+                         "each fire time, which a backfill cannot know")
     tz = spec["tz"]
     first, last = _instant("--from", start, tz), _instant("--to", end, tz)
     now = database_now(conn) if now is None else now
@@ -158,6 +161,8 @@ def record(conn: Connection, planned: Plan, epoch: int, leader: str, *,
         raise InputError(f"job {planned.job_id!r} changed its trigger during the backfill; "
                          "try again")
     policy = from_stored(row.policy)
+    if policy.broadcast:
+        raise InputError(f"job {planned.job_id!r} became broadcast during the backfill")
     found = calendars.load_calendars(conn) if policy.exclude else {}
     absent = [n for n in policy.exclude if n not in found]
     if absent:
@@ -167,21 +172,23 @@ def record(conn: Connection, planned: Plan, epoch: int, leader: str, *,
     zone = parse_zone(json.loads(row.trigger)["tz"])
     have = _recorded(conn, planned)
     fields = run_fields(policy, defaults)
-    fires = []
+    fires: list[FireRow] = []
     for at in planned.times:
         if at in have:
             continue
         why = calendars.exclusion(found, policy.exclude,
                                   datetime.fromtimestamp(at, zone).date())
-        fires.append(FireRow(
+        fires.extend(FireRow(
             row.id, row.func, row.args, row.kwargs, at,
             RunStatus.SKIPPED if why else RunStatus.SCHEDULED, bool(row.recover), error=why,
             max_attempts=row.max_attempts, due_at=None if why else round(now, 6),
-            backfill=True, grace=row.misfire_grace_seconds, **fields))
+            backfill=True, grace=row.misfire_grace_seconds, slot=slot, **fields)
+            for slot in ([""] if why else policy.slots()))
     runs = insert_runs(conn, fires, epoch, leader, now=now)
     skipped = sum(f.status == RunStatus.SKIPPED for f in fires)
+    new = len({run["scheduled_at"] for run in runs})  # fire times: a shard's are several runs
     counts = Counts(row.id, _iso(planned.start), _iso(planned.end), len(planned.times),
-                    len(runs), skipped, len(planned.times) - len(runs) - skipped)
+                    new, skipped, len(planned.times) - new - skipped)
     return runs, counts
 
 

@@ -481,13 +481,25 @@ def run_now(conn: Connection, job_id: str, epoch: int, leader: str,
     worker starts it at once unless its own clock is behind the database's); the caller
     dispatches it. It has the job's timeout and retries (``defaults`` for those it leaves
     out); it is not subject to the overlap policy (it is asked for)."""
+    return run_now_all(conn, job_id, epoch, leader, now, defaults)[0]
+
+
+def run_now_all(conn: Connection, job_id: str, epoch: int, leader: str,
+                now: float | None = None, defaults: Defaults = DEFAULTS) -> list[RunRecord]:
+    """:func:`run_now`, every run it recorded: one per shard of a sharded job. A
+    broadcast job is refused (InputError): its runs are one per live worker, which the
+    leader knows when it fires, not a change."""
     row = job_row(conn, job_id)
+    policy = from_stored(row.policy)
+    if policy.broadcast:
+        raise InputError(f"job {job_id!r} is broadcast (a run on every live worker at each "
+                         "fire time); it cannot be run by hand")
     at = round(database_now(conn) if now is None else now, 6)
-    runs = insert_runs(conn, [fire_row(row, at, RunStatus.SCHEDULED, defaults)], epoch,
-                       leader, now=at)
+    runs = insert_runs(conn, [fire_row(row, at, RunStatus.SCHEDULED, defaults, slot=slot)
+                              for slot in policy.slots()], epoch, leader, now=at)
     if not runs:
         raise InputError(f"job {job_id!r} already has a run at this instant; try again")
-    return runs[0]
+    return runs
 
 
 # -- queries -----------------------------------------------------------------------------
@@ -564,6 +576,7 @@ def run_view(row: Row[Any]) -> dict[str, Any]:
         "timeout": row.timeout,
         "retries_left": int(row.retries_left),
         "parent_run": None if row.parent_run is None else int(row.parent_run),
+        "slot": row.slot,  # "" but for a shard ("3/8") or a broadcast run ("@w1")
     }
 
 

@@ -91,11 +91,13 @@ class Routing:
     """Where a run may go, as its job asked when it fired (``qc_runs.routing``; the
     fields of ``definitions/policy``): only to a live worker with every one of ``tags``;
     to the worker its affinity ``group`` sits on; by the strategy ``route`` (a built-in
-    ``[dispatch] strategy`` name) instead of the cluster's."""
+    ``[dispatch] strategy`` name) instead of the cluster's; only to ``worker``, a
+    broadcast job's run on that worker."""
 
     tags: frozenset[str] = frozenset()
     group: str | None = None
     route: str | None = None
+    worker: str | None = None  # a broadcast job's run: this worker's (its node id) only
 
 
 ANYWHERE = Routing()
@@ -113,13 +115,13 @@ def routing_of(text: str | None) -> Routing:
     try:
         data = json.loads(text)
         tags = data.get("tags", [])
-        group, route = data.get("group"), data.get("route")
+        group, route, worker = data.get("group"), data.get("route"), data.get("worker")
     except (ValueError, AttributeError, RecursionError):
         return UNREADABLE
     if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)
-            and isinstance(group, str | None) and isinstance(route, str | None)):
+            and all(isinstance(v, str | None) for v in (group, route, worker))):
         return UNREADABLE
-    return Routing(frozenset(tags), group, route)
+    return Routing(frozenset(tags), group, route, worker)
 
 
 def from_wire(data: object, *, now: float | None = None) -> RunRecord:

@@ -166,7 +166,10 @@ runs = Table(
     # Where the run may go, as its job asked when it fired: its tags, affinity group and
     # routing strategy as JSON (definitions/policy.routing_text); NULL: anywhere.
     Column("routing", Text, nullable=True),
-    UniqueConstraint("job_id", "scheduled_at", name="uq_qc_runs_job_time"),
+    # Which run of its fire time it is: "" (the one run of most jobs), "3/8" (shard 3 of
+    # 8), "@w1" (a broadcast job's run on worker w1); part of the run's key.
+    Column("slot", String(210), nullable=False, default="", server_default=""),
+    UniqueConstraint("job_id", "scheduled_at", "slot", name="uq_qc_runs_job_time_slot"),
     # By status, then fire time: the dashboard's "failing in 24 h" reads it alone
     # (migrations/versions/0007); queries by status alone read its prefix.
     Index("ix_qc_runs_status_time", "status", "scheduled_at", "job_id"),

@@ -119,6 +119,7 @@ def _call(funcs: dict[str, Any], resolve: Callable[[str], Any],
         job_id=request["job_id"], run_id=request["run_id"],
         scheduled_at=datetime.fromtimestamp(request["scheduled_at"], UTC),
         attempt=request["attempt"], epoch=request["epoch"], worker_id=request["worker_id"],
+        shard=request.get("shard"), shards=request.get("shards"),
     )
     token = enter_run(ctx)
     _busy.set()

@@ -17,6 +17,10 @@ class RunContext:
     attempt: int
     epoch: int
     worker_id: str
+    #: A sharded job's run (``jobs add --shards N``): which shard, from 0, and how many;
+    #: None for every other job's.
+    shard: int | None = None
+    shards: int | None = None
 
 
 _current: ContextVar[RunContext | None] = ContextVar("qcluster_current_run", default=None)

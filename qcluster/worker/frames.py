@@ -16,8 +16,9 @@ The messages (keys of the map):
 * parent → child, once: ``{"op": "hello", "path": [...], "job_paths": [...],
   "log_level": int}``; the child answers ``{"ready": pid}``;
 * parent → child, one per run: ``{"op": "run", "run_id", "job_id", "func", "args",
-  "kwargs", "scheduled_at", "attempt", "epoch", "worker_id"}`` (``args``/``kwargs`` the
-  row's JSON texts); the child answers ``{"ok": true}`` (with ``"result": "..."``, the
+  "kwargs", "scheduled_at", "attempt", "epoch", "worker_id", "shard", "shards"}``
+  (``args``/``kwargs`` the row's JSON texts; ``shard``/``shards`` None but for a sharded
+  job's run); the child answers ``{"ok": true}`` (with ``"result": "..."``, the
   return value's short repr, at most :data:`MAX_RESULT` characters, unless it returned
   None) or ``{"ok": false, "error": "Type: message"}`` when the run is over. A run's
   stdout and stderr do not travel here: they are the child's fds 1 and 2, pipes the

@@ -67,6 +67,7 @@ import Pyro5.server
 
 from qcluster import metrics
 from qcluster.definitions.jobdefs import check_func_ref
+from qcluster.definitions.policy import shard_of
 from qcluster.errors import InputError, QClusterError
 from qcluster.rpc.server import refuse_call
 from qcluster.store import bounds
@@ -542,8 +543,8 @@ class Worker:
             if broken is None:
                 self._check_ref(run["func"])
                 with self.slots.running(key) as slot:
-                    status, error, output, result = slot.run(self._request(run),
-                                                             claimed.timeout)
+                    status, error, output, result = slot.run(
+                        self._request(run, claimed.slot), claimed.timeout)
         except QClusterError as e:
             status, error = RunStatus.FAILED, f"refused: {e}"
         except Exception as e:  # a bug of ours must not stop the pool thread
@@ -560,12 +561,15 @@ class Worker:
                 self._durations.clear()
             self._durations[run["job_id"]] = finished - started
 
-    def _request(self, run: RunRecord) -> dict[str, Any]:
-        """The slot's ``run`` message (:mod:`qcluster.worker.frames`)."""
+    def _request(self, run: RunRecord, slot: str = "") -> dict[str, Any]:
+        """The slot's ``run`` message (:mod:`qcluster.worker.frames`); a sharded run's
+        ``shard`` and ``shards`` from its row's ``slot``."""
+        shard, shards = shard_of(slot) or (None, None)
         return {"op": "run", "run_id": run["run_id"], "job_id": run["job_id"],
                 "func": run["func"], "args": run["args"], "kwargs": run["kwargs"],
                 "scheduled_at": run["scheduled_at"], "attempt": run["attempt"],
-                "epoch": run["epoch"], "worker_id": self.node_id}
+                "epoch": run["epoch"], "worker_id": self.node_id, "shard": shard,
+                "shards": shards}
 
     def _check_ref(self, ref: str) -> None:
         """InputError unless ``ref`` is a reference ``[jobs] allow`` admits (the slot's

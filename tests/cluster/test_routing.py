@@ -13,6 +13,7 @@ the group where it is. Every attempt ran once.
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,73 @@ def _placed(c: Cluster) -> str | None:
     with c.db.read() as conn:
         return conn.execute(sa.text("SELECT worker FROM qc_groups WHERE name = 'etl'")
                             ).scalar_one_or_none()
+
+
+def test_broadcast_runs_on_every_live_worker_and_one_that_joins_gets_the_next_fire(
+        pg_url: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pg_url)
+    upgrade_database(config)
+    with cluster(tmp_path, config, pg_url) as c:
+        for name, role in (("s1", "scheduler"), ("w1", "worker"), ("w2", "worker")):
+            c.start(name, role)
+        c.wait_leader()
+        path = str(c.records)
+        run_cli("jobs", "add", "sweep", "--func", "jobs.examples:record_run", "--every", "1s",
+                "--broadcast", "--kwarg", f"path={path}", config=config)
+        wait_for(lambda: len(records_of(c)) >= 6, timeout=30, what="broadcast runs")
+        joined = time.time()
+        c.start("w3", "worker")
+        wait_for(lambda: [r for r in records_of(c) if r["worker"] == "w3"], timeout=30,
+                 what="a run on the worker that joined")
+        time.sleep(3)
+        c.wait_settled(time.time() - 3)
+        records = records_of(c)
+        rows = c.runs()
+    by_time: dict[float, list[str]] = {}
+    for r in records:
+        by_time.setdefault(r["scheduled_at"], []).append(r["worker"])
+    assert all(len(ws) == len(set(ws)) for ws in by_time.values()), "a worker ran one twice"
+    before = [sorted(ws) for t, ws in by_time.items() if t < joined - 1]
+    assert before and all(ws == ["w1", "w2"] for ws in before), before
+    last = max(by_time)
+    assert sorted(by_time[last]) == ["w1", "w2", "w3"], by_time[last]
+    assert {r.slot for r in rows} <= {"@w1", "@w2", "@w3"}
+    keys = [(r.scheduled_at, r.slot) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert len({(r["run_id"], r["attempt"]) for r in records}) == len(records)
+
+
+def test_a_sharded_parent_runs_every_shard_and_its_child_once_per_fire(
+        pg_url: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pg_url)
+    upgrade_database(config)
+    with cluster(tmp_path, config, pg_url) as c:
+        for name, role in (("s1", "scheduler"), ("w1", "worker"), ("w2", "worker"),
+                           ("w3", "worker")):
+            c.start(name, role)
+        c.wait_leader()
+        path = str(c.records)
+        jobs = [{"id": "idx", "func": "jobs.examples:record_run", "every": "2s", "shards": 4,
+                 "kwargs": {"path": path, "sleep": 0.3}},
+                {"id": "report", "func": "jobs.examples:record_run", "after": ["idx"],
+                 "kwargs": {"path": path}}]
+        run_cli("jobs", "apply", str(write_job_file(tmp_path / "jobs.toml", jobs)),
+                config=config)
+        wait_for(lambda: len([r for r in records_of(c) if r["job_id"] == "report"]) >= 4,
+                 timeout=40, what="four reports")
+        time.sleep(1)
+        c.wait_settled(time.time() - 3)
+        records = records_of(c)
+        rows = c.runs()
+    shards: dict[float, list[tuple[int, int]]] = {}
+    for r in records:
+        if r["job_id"] == "idx":
+            shards.setdefault(r["scheduled_at"], []).append((r["shard"], r["shards"]))
+    reports = collections.Counter(r["scheduled_at"] for r in records if r["job_id"] == "report")
+    assert reports and all(n == 1 for n in reports.values()), reports
+    for at in reports:  # each report came after all four shards of its fire time
+        assert sorted(shards[at]) == [(i, 4) for i in range(4)], (at, shards.get(at))
+        ends = [r.finished_at for r in rows if r.job_id == "idx" and r.scheduled_at == at]
+        (child,) = [r for r in rows if r.job_id == "report" and r.scheduled_at == at]
+        assert child.started_at >= max(ends)
+    assert len({w for r in records if r["job_id"] == "idx" for w in [r["worker"]]}) > 1

@@ -67,6 +67,7 @@ class FireRow:
     grace: int | None = None  # the job's own misfire grace; None: [scheduler]'s
     parent_run: int | None = None  # a dependent job's run: the parent run that decided it
     routing: str | None = None  # where it may go (definitions/policy.routing_text)
+    slot: str = ""  # which run of its fire time: a shard, a broadcast worker (schema)
 
 
 def insert_runs(
@@ -103,16 +104,17 @@ def insert_runs(
          "retry_backoff": f.retry_backoff,
          "retry_max_backoff": f.retry_max_backoff, "backfill": f.backfill,
          "grace": f.grace, "parent_run": f.parent_run,
-         "chain": True if f.job_id in parents else None, "routing": f.routing}
+         "chain": True if f.job_id in parents else None, "routing": f.routing,
+         "slot": f.slot}
         for f in fires
     ]
-    by_key = {(f.job_id, f.scheduled_at): f for f in fires}
+    by_key = {(f.job_id, f.scheduled_at, f.slot): f for f in fires}
     out: list[RunRecord] = []
     for start in range(0, len(rows), 500):
         for row in _insert_returning(conn, rows[start : start + 500]):
             if row.status != _S.SCHEDULED:
                 continue
-            f = by_key[(row.job_id, row.scheduled_at)]
+            f = by_key[(row.job_id, row.scheduled_at, row.slot)]
             out.append(run_record(row.id, f.job_id, f.func, f.args_json, f.kwargs_json,
                                   f.scheduled_at, row.attempt, epoch, f.recover, f.routing))
     return out
@@ -126,21 +128,23 @@ _RUN_COLUMNS = (
     ("due_at", "float8"), ("timeout", "float8"), ("retries_left", "int"),
     ("retry_backoff", "float8"), ("retry_max_backoff", "float8"), ("backfill", "bool"),
     ("grace", "int"), ("parent_run", "bigint"), ("chain", "bool"), ("routing", "text"),
+    ("slot", "text"),
 )
 _UNFINISHED = (_S.SCHEDULED, _S.BUFFERED)
 #: What a withdrawn row gets when its fire time is recorded again: the new row's values,
 #: one attempt more, and no claim, start or cancel of the withdrawn attempt.
-_REVIVED = [c for c, _ in _RUN_COLUMNS if c not in ("job_id", "scheduled_at", "attempt")]
+_REVIVED = [c for c, _ in _RUN_COLUMNS
+            if c not in ("job_id", "scheduled_at", "slot", "attempt")]
 _CLEARED = ("worker", "worker_session", "dispatched_at", "started_at", "duration",
             "cancel_requested")
 _UNNEST_INSERT = sa.text(
     f"INSERT INTO qc_runs AS r ({', '.join(c for c, _ in _RUN_COLUMNS)}) "
     f"SELECT * FROM unnest({', '.join(f'CAST(:{c} AS {t}[])' for c, t in _RUN_COLUMNS)}) "
-    "ON CONFLICT (job_id, scheduled_at) DO UPDATE SET "
+    "ON CONFLICT (job_id, scheduled_at, slot) DO UPDATE SET "
     + ", ".join([*(f"{c} = EXCLUDED.{c}" for c in _REVIVED), "attempt = r.attempt + 1",
                  "deaths = 0", *(f"{c} = NULL" for c in _CLEARED)])
     + f" WHERE r.status {sql_status(REVIVE_FROM)} AND r.error LIKE '{WITHDRAWN}%' "
-    "RETURNING id, job_id, scheduled_at, status, attempt"
+    "RETURNING id, job_id, scheduled_at, slot, status, attempt"
 )
 
 
@@ -154,11 +158,11 @@ def _insert_returning(conn: Connection, rows: list[dict[str, Any]]) -> Any:
     r = schema.runs
     new = sqlite.insert(r)
     stmt = new.on_conflict_do_update(
-        index_elements=["job_id", "scheduled_at"],
+        index_elements=["job_id", "scheduled_at", "slot"],
         set_={**{c: new.excluded[c] for c in _REVIVED}, "attempt": r.c.attempt + 1,
               "deaths": 0, **dict.fromkeys(_CLEARED)},
         where=sa.and_(status_is(REVIVE_FROM), r.c.error.startswith(WITHDRAWN, autoescape=True)),
-    ).returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.status, r.c.attempt)
+    ).returning(r.c.id, r.c.job_id, r.c.scheduled_at, r.c.slot, r.c.status, r.c.attempt)
     return conn.execute(stmt, rows)
 
 

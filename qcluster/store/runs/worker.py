@@ -58,6 +58,9 @@ class Claimed(NamedTuple):
     #: Seconds its code may run before it is stopped and recorded ``timed_out``; None: no
     #: bound.
     timeout: float | None
+    #: Which run of its fire time (``qc_runs.slot``): ``""``, a shard's ``"3/8"``, a
+    #: broadcast run's ``"@w1"``.
+    slot: str = ""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -111,7 +114,8 @@ def claim(db: Database, runs: Iterable[RunRecord], *, worker: str, session: str,
             stored = run_record(row.id, row.job_id, row.func, row.args, row.kwargs,
                                 row.scheduled_at, row.attempt, row.epoch, row.recover)
             claimed[(stored["run_id"], stored["attempt"])] = Claimed(
-                stored, _due_at(row.due_at, now), _timeout(row.timeout))
+                stored, _due_at(row.due_at, now), _timeout(row.timeout),
+                row.slot if isinstance(row.slot, str) else "")
     return claimed
 
 
@@ -125,7 +129,7 @@ _CLAIM = sa.text(
     "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS v(id, attempt) "
     f"WHERE r.id = v.id AND r.attempt = v.attempt AND r.status {sql_status(CLAIM_FROM)} "
     "RETURNING r.id, r.job_id, r.func, r.args, r.kwargs, r.scheduled_at, r.attempt, "
-    "r.epoch, r.recover, r.due_at, r.timeout"
+    "r.epoch, r.recover, r.due_at, r.timeout, r.slot"
 )
 _START = sa.text(
     "UPDATE qc_runs AS r SET status = 'running', started_at = :now "
@@ -149,7 +153,7 @@ def _claim_each(db: Database, conn: Connection, keys: list[tuple[int, int]], *,
                     dispatched_at=db_now)
             .returning(r.c.id, r.c.job_id, r.c.func, r.c.args, r.c.kwargs,
                        r.c.scheduled_at, r.c.attempt, r.c.epoch, r.c.recover,
-                       r.c.due_at, r.c.timeout)
+                       r.c.due_at, r.c.timeout, r.c.slot)
         ).all()
     return rows
 
