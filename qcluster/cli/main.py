@@ -240,10 +240,9 @@ def jobs_add(
 def _whole(text: str | None) -> int | str | None:
     """A count flag's value: the number it spells, else the text, which the policy check
     refuses with the message a job file or ``Client.add`` gets."""
-    try:
-        return None if text is None else int(text)
-    except ValueError:
-        return text
+    if text is not None and re.fullmatch(r"-?[0-9]+", text, re.ASCII):
+        return int(text)  # (int() takes "+5", " 3" and other scripts' digits too)
+    return text
 
 
 @jobs_app.command("apply")

@@ -227,15 +227,16 @@ def _unbuffer(conn: Any, epoch: int, now: float, out: RecoveryResult) -> None:
         .group_by(r.c.job_id)
     ).all()
     for job_id, at in oldest:
-        run_id = conn.execute(sa.select(r.c.id).where(
-            r.c.job_id == job_id, r.c.scheduled_at == at,
-            r.c.status == RunStatus.BUFFERED)).scalar_one_or_none()
-        record = None if run_id is None else runs.unbuffer(conn, run_id, epoch=epoch, now=now)
-        if record is not None:
-            out.unbuffered += 1
-            out.resend.append(record)
-            log.info("run %d of job %s is sent: the job's previous run has ended",
-                     record["run_id"], job_id)
+        # Every run of that fire time: one, or one per slot (a sharded or broadcast job's).
+        for run_id in conn.execute(sa.select(r.c.id).where(
+                r.c.job_id == job_id, r.c.scheduled_at == at,
+                r.c.status == RunStatus.BUFFERED).order_by(r.c.id)).scalars():
+            record = runs.unbuffer(conn, run_id, epoch=epoch, now=now)
+            if record is not None:
+                out.unbuffered += 1
+                out.resend.append(record)
+                log.info("run %d of job %s is sent: the job's previous run has ended",
+                         record["run_id"], job_id)
 
 
 def _fate(conn: Any, row: Any, verdict: Verdict, out: RecoveryResult) -> tuple[str, str]:
@@ -283,7 +284,8 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     # Past its grace first, fresh or not: a grace shorter than STALE_SCHEDULED (a run held
     # or parked by its routing, a dispatcher that fell behind) is judged at the next pass.
     # The worker's claim filters on `scheduled` too: of the two, one writes.
-    if row.attempt == 1 and now - max(due, row.created_at) > limit:
+    pinned = _pinned_gone(row.routing, worker_tags)  # a retry of it can go nowhere else
+    if (row.attempt == 1 or pinned) and now - max(due, row.created_at) > limit:
         why += _unroutable(conn, row.routing, worker_tags)
         if runs.mark_missed(conn, row.id, row.attempt, row.status, now=now, error=why):
             out.missed += 1
@@ -296,6 +298,15 @@ def _unsent(conn: Any, row: Any, epoch: int, now: float, grace: float,
     (out.bulk if row.backfill else out.resend).append(records.run_record(
         row.id, row.job_id, row.func, row.args, row.kwargs, row.scheduled_at, row.attempt,
         epoch, row.recover, row.routing))
+
+
+def _pinned_gone(text: str | None, worker_tags: Mapping[str, frozenset[str]] | None) -> bool:
+    """Whether a run of routing ``text`` may go to one worker only (a broadcast run) and
+    that worker is not a live member."""
+    if text is None or worker_tags is None:
+        return False
+    worker = records.routing_of(text).worker
+    return worker is not None and worker not in worker_tags
 
 
 def _unroutable(conn: Any, text: str | None,
@@ -359,7 +370,9 @@ def _orphaned(conn: Any, row: Any, epoch: int, now: float, bound: int, why: str,
     deaths = row.deaths + (1 if died else 0)
     again = None  # why there is no new attempt, for a recover job
     if row.recover:
-        if deaths >= QUARANTINE_DEATHS:
+        if records.routing_of(row.routing).worker is not None:
+            again = "a broadcast run: its worker is gone, and no other runs it"
+        elif deaths >= QUARANTINE_DEATHS:
             again = f"quarantined: its worker died on {deaths} attempts"
         elif row.cancel_requested is not None:
             again = "cancelled: no further attempt"

@@ -199,8 +199,8 @@ class _Plan:
         slots = self.slots if runs else [""]
         if not slots:  # a broadcast job with no live worker that has its tags
             slots, status, reason = [""], RunStatus.MISSED, "no_worker"
-            error = ("broadcast: no live worker has its tags" if self.policy.tags
-                     else "broadcast: no live worker")
+            error = (f"broadcast: no live worker has its tags {', '.join(self.policy.tags)}"
+                     if self.policy.tags else "broadcast: no live worker")
         for slot in slots:
             self.fires.append(self._row(t, status, error, slot))
             self.reasons.append(reason)

@@ -97,7 +97,7 @@ def test_a_broadcast_fire_time_is_one_run_per_live_worker_with_its_tags(
     ((_, slot, status),) = [x for x in _slots(db, "sweep") if x[0] == 2]
     assert (slot, status) == ("", "missed")
     (row,) = [r for r in _runs(db, "sweep") if r.scheduled_at == BASE + 2]
-    assert row.error == "broadcast: no live worker has its tags"
+    assert row.error == "broadcast: no live worker has its tags linux"
     with db.fenced(_epoch(db)) as conn, pytest.raises(InputError, match="broadcast"):
         catalog.run_now_all(conn, "sweep", _epoch(db), "leader")
 
@@ -115,6 +115,45 @@ def test_a_broadcast_run_whose_worker_left_is_missed_naming_it(db: Database) -> 
     assert errors["@w1"] == ("missed", "never dispatched within the misfire grace time (5s): "
                              "its worker w1 (a broadcast run) is not a live member")
     assert errors["@w2"] == ("missed", "never dispatched within the misfire grace time (5s)")
+
+
+def test_a_buffered_fire_time_of_a_sharded_job_is_sent_whole(db: Database) -> None:
+    """An outside look stopped every leader with it: the buffered runs of one fire time
+    were looked up as one row (MultipleResultsFound in every recovery pass)."""
+    _add(db, "idx", shards=3, overlap="buffer-one")
+    _fire(db, BASE)
+    _fire(db, BASE + 1)  # the first fire time's shards still open: its shards wait
+    assert [st for t, _, st in _slots(db, "idx") if t == 1] == ["buffered"] * 3
+    for r in _runs(db, "idx")[:3]:
+        _set(db, r.id, status=S.SUCCEEDED, finished_at=BASE + 1.5, retries_left=0)
+    result = _pass(db, BASE + 2)
+    assert result.unbuffered == 3 and len(result.resend) == 3
+    assert [st for t, _, st in _slots(db, "idx") if t == 1] == ["scheduled"] * 3
+
+
+def test_a_broadcast_run_whose_worker_died_is_lost_not_sent_elsewhere(db: Database) -> None:
+    """An outside look: a --recover broadcast run whose worker was killed got attempt 2,
+    still pinned to the dead worker, and stayed scheduled for ever."""
+    from qcluster.leader.recovery import recover_runs
+
+    _add(db, "sweep", broadcast=True, recover=True, retries=2)
+    _fire_with(db, BASE, [_worker("w1"), _worker("w2")])
+    one, two = _runs(db, "sweep")
+    _set(db, one.id, status=S.RUNNING, worker="w1", worker_session="w1-s", started_at=BASE)
+    _set(db, two.id, status=S.FAILED, worker="w2", worker_session="w2-s",
+         finished_at=BASE + 1)  # a retry to come, pinned to w2
+    recover_runs(db, _epoch(db), live_workers=[], grace_seconds=5, now=BASE + 2,
+                 worker_tags={})
+    one, two = _runs(db, "sweep")
+    assert (one.status, one.attempt) == ("lost", 1)
+    assert one.error.startswith("a broadcast run: its worker is gone, and no other runs it")
+    assert (two.status, two.attempt) == ("scheduled", 2)  # its retry, on w2 only
+    recover_runs(db, _epoch(db), live_workers=[], grace_seconds=5, now=BASE + 60,
+                 worker_tags={})
+    (_, two) = _runs(db, "sweep")
+    assert (two.status, two.error) == (
+        "missed", "never dispatched within the misfire grace time (5s): its worker w2 (a "
+                  "broadcast run) is not a live member")
 
 
 @pytest.mark.parametrize(("last", "child"), [(S.SUCCEEDED, "scheduled"),
