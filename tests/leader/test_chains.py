@@ -211,7 +211,8 @@ def test_a_leader_decides_a_child_between_two_recovery_passes(
         with db.fenced(epoch) as conn:
             parent = catalog.run_now(conn, "a", epoch, "cli")["run_id"]
         _set(db, parent, status=S.SUCCEEDED, finished_at=BASE)
-        b = wait_for(lambda: _runs(db, "b"), 5.0, 0.02, "b's run")[0]
+        # (an upper bound: a recovery pass would come in an hour; 5 s flaked under CI load)
+        b = wait_for(lambda: _runs(db, "b"), 20.0, 0.02, "b's run")[0]
         assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
         assert not led.revoked
 
