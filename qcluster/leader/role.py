@@ -389,9 +389,11 @@ class LeaderRole:
                 # Runs that ended since the last check, with a margin: an outcome's
                 # finished_at is its worker's time, and its commit comes a moment later.
                 since = (now if term.chain_since is None else term.chain_since) - CHAIN_MARGIN
-                if not chains.ready(conn, since):
-                    term.chain_since = now
-                    return
+                ready = chains.ready(conn, since)
+            term.db_ok = time.monotonic()  # it answered (the watch counts from here)
+            if not ready:
+                term.chain_since = now
+                return
             with self.db.fenced(epoch) as conn:
                 result = chains.chain_runs(
                     conn, epoch, self.node_id, now=self.db.now(conn),
