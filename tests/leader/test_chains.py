@@ -6,6 +6,7 @@ leader and a worker killed mid-chain is in tests/cluster/test_chains.py."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -210,9 +211,10 @@ def test_a_leader_decides_a_child_between_two_recovery_passes(
         assert epoch is not None
         with db.fenced(epoch) as conn:
             parent = catalog.run_now(conn, "a", epoch, "cli")["run_id"]
-        _set(db, parent, status=S.SUCCEEDED, finished_at=BASE)
-        # (an upper bound: a recovery pass would come in an hour; 5 s flaked under CI load)
-        b = wait_for(lambda: _runs(db, "b"), 20.0, 0.02, "b's run")[0]
+        # Ended now: BASE is a time near the test module's import, minutes before this
+        # runs in a long suite, older than what the check between passes reads.
+        _set(db, parent, status=S.SUCCEEDED, finished_at=time.time())
+        b = wait_for(lambda: _runs(db, "b"), 10.0, 0.02, "b's run")[0]
         assert (b.parent_run, b.status) == (parent, S.SCHEDULED)
         assert not led.revoked
 
