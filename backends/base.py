@@ -122,6 +122,11 @@ class MemberInfo:
     status: str = ""  # a one-line status, e.g. why a node does not campaign
     last_seen: float | None = None  # filled in by the backend on read
 
+    @property
+    def takes_runs(self) -> bool:
+        """Whether runs can be sent to it: a worker, with an RPC address and a slot."""
+        return "worker" in self.roles and bool(self.uri) and self.capacity > 0
+
 
 class CoordinationBackend(abc.ABC):
     """A small set of atomic operations that leadership and membership are built on."""

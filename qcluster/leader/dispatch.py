@@ -175,7 +175,6 @@ class Dispatcher:
         self.connect: Connect = connect or self._pyro_proxy
         self.router = make_router(strategy) if isinstance(strategy, str) else strategy
         self._fallback = RoundRobin()
-        self._quiet_until = 0.0  # the next "routed nothing" warning, not before
         self.batch_size = batch_size
         self.members = members
         self.on_stale = on_stale
@@ -488,9 +487,7 @@ class Dispatcher:
         now = time.monotonic()
         if now - self._workers_at > REFRESH_WORKERS:
             try:
-                self._workers = [
-                    m for m in self.members() if "worker" in m.roles and m.uri and m.capacity > 0
-                ]
+                self._workers = [m for m in self.members() if m.takes_runs]
                 self._workers_at = now
                 seen = frozenset((m.node_id, tuple(m.tags)) for m in self._workers)
                 self._unpark(changed=seen != self._members_seen)
@@ -539,10 +536,10 @@ class Dispatcher:
                    ordered: list[MemberInfo]) -> dict[str, list[RunRecord]]:
         try:
             routes = _checked(router.route(runs, ordered, dict(self._load)), runs, ordered)
-            if not routes and time.monotonic() >= self._quiet_until:
-                self._quiet_until = time.monotonic() + 10.0
-                log.warning("the router %s gave none of %d runs to the %d live workers; "
-                            "they wait", type(router).__name__, len(runs), len(ordered))
+            if not routes:
+                self._warn("router", f"the router {type(router).__name__} gave none of "
+                                     f"{len(runs)} runs to the {len(ordered)} live workers; "
+                                     "they wait")
             return routes
         except (Exception, SystemExit) as e:  # a user's router: its bug must not stop us
             log.error("the router %s failed (%s: %s); this batch goes round robin",

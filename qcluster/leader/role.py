@@ -451,7 +451,7 @@ class LeaderRole:
             if term.stop.is_set():  # halted while the backend answered: write nothing
                 return None
             live = {(m.node_id, m.session) for m in workers}
-            tags = {m.node_id: frozenset(m.tags) for m in workers if "worker" in m.roles}
+            tags = {m.node_id: frozenset(m.tags) for m in workers if m.takes_runs}
             result = recover_runs(self.db, epoch, live_workers=live, worker_tags=tags,
                                   grace_seconds=self.settings.scheduler.misfire_grace_seconds,
                                   max_attempts=self.settings.runs.max_attempts,

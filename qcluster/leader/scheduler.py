@@ -87,7 +87,7 @@ class FireExecutor(BaseExecutor):  # type: ignore[misc]
         if self.workers is None:
             return []
         try:
-            return [w for w in self.workers() if "worker" in w.roles and w.capacity > 0]
+            return [w for w in self.workers() if w.takes_runs]
         except Exception as e:  # membership reads go through a backend
             log.warning("cannot list the workers for broadcast jobs: %s", e)
             raise DatabaseUnavailable(f"cannot list the workers: {e}") from None
@@ -169,6 +169,7 @@ class _Plan:
         self.slots = self.policy.slots() if slots is None else slots
         self.horizon = now - timedelta(seconds=retention)
         self.defaults = Defaults() if defaults is None else defaults
+        self.fields = run_fields(self.policy, self.defaults)  # what each of its rows keeps
         self.fires: list[FireRow] = []
         self.reasons: list[str] = []  # why each of fires is recorded so (metrics.FIRE_KINDS)
         self.cancels: list[tuple[int, str]] = []
@@ -212,9 +213,9 @@ class _Plan:
         if status in (RunStatus.SCHEDULED, RunStatus.BUFFERED):
             shift = jitter_of(job.id, t.timestamp(), self.policy.jitter)
             due = t.timestamp() + shift if shift else None
-        fields = run_fields(self.policy, self.defaults)
+        fields = self.fields
         if slot.startswith("@"):  # a broadcast job's run: on that worker only
-            fields["routing"] = self.policy.routing_text(worker=slot[1:])
+            fields = {**fields, "routing": self.policy.routing_text(worker=slot[1:])}
         return FireRow(job.id, job.func_ref, qc.args_json, qc.kwargs_json, t.timestamp(),
                        status, qc.recover, error, qc.max_attempts, due_at=due,
                        grace=qc.grace, slot=slot, **fields)
