@@ -93,8 +93,11 @@ def ready(conn: Connection, since: float) -> bool:
     pass has new work. One read of the partial index, so a leader can ask often; runs
     that wait (a join whose other parent has not run) do not make it ask again."""
     r = schema.runs
+    # In the index's order: a LIMIT without it let a planner with no statistics yet (a
+    # new table) read the whole table (migrations/versions/0010).
     return conn.execute(sa.select(r.c.id).where(
-        _marked_and_ended(), r.c.finished_at >= since).limit(1)).first() is not None
+        _marked_and_ended(), r.c.finished_at >= since)
+        .order_by(r.c.scheduled_at, r.c.id).limit(1)).first() is not None
 
 
 def chain_runs(conn: Connection, epoch: int, leader: str, *, now: float, grace: float,

@@ -179,8 +179,9 @@ runs = Table(
     Index("ix_qc_runs_retry", "status", postgresql_where=sa.text("retries_left > 0"),
           sqlite_where=sa.text("retries_left > 0")),
     Index("ix_qc_runs_scheduled_at", "scheduled_at"),
-    # The runs whose children are still to be decided: a handful, read by every chain pass.
-    Index("ix_qc_runs_chain", "chain", postgresql_where=sa.text("chain"),
+    # The runs whose children are still to be decided: a handful, read by every chain pass
+    # in this order (migrations/versions/0010: so the planner reads it, never the table).
+    Index("ix_qc_runs_chain_time", "scheduled_at", "id", postgresql_where=sa.text("chain"),
           sqlite_where=sa.text("chain")),
 )
 
