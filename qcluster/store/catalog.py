@@ -390,29 +390,50 @@ class Advance:
 def apply_advances(conn: Connection, advances: Sequence[Advance]) -> None:
     """Apply each advance only if the job's row is still at the version it read (a job
     changed meanwhile keeps its new schedule); a job with no fire time left is deleted
-    (unless the advance keeps it)."""
+    (unless the advance keeps it). Rows are taken in job id order, as every writer of
+    many job rows takes them (no deadlock between two such writers)."""
+    ordered = sorted(advances, key=lambda a: a.job_id)
+    moves = [a for a in ordered if a.next_run_time is not None or a.keep]
+    done = [a for a in ordered if a.next_run_time is None and not a.keep]
+    if conn.dialect.name == "postgresql":
+        # One statement of column arrays, whatever the count: a pass advances up to
+        # [scheduler] batch_size jobs, and one UPDATE per job (executemany) was 15% of the
+        # leader's CPU at 2,000 fires/s (issue 18).
+        if moves:
+            conn.execute(_ADVANCE, {"ids": [a.job_id for a in moves],
+                                    "versions": [a.version for a in moves],
+                                    "nexts": [a.next_run_time for a in moves],
+                                    "runs": [a.runs for a in moves]})
+        if done:
+            conn.execute(_ENDED, {"ids": [a.job_id for a in done],
+                                  "versions": [a.version for a in done]})
+        return
     j = schema.jobs
-    moves = [
-        {"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time, "b_runs": a.runs}
-        for a in advances
-        if a.next_run_time is not None or a.keep
-    ]
     if moves:
         conn.execute(
             j.update()
             .where(j.c.id == sa.bindparam("b_id"), j.c.version == sa.bindparam("b_version"))
             .values(next_run_time=sa.bindparam("b_next"),
                     runs_made=j.c.runs_made + sa.bindparam("b_runs")),
-            moves,
+            [{"b_id": a.job_id, "b_version": a.version, "b_next": a.next_run_time,
+              "b_runs": a.runs} for a in moves],
         )
-    done = [{"b_id": a.job_id, "b_version": a.version}
-            for a in advances if a.next_run_time is None and not a.keep]
     if done:  # one statement for a burst of one-off jobs, not one per job
         conn.execute(
             j.delete().where(j.c.id == sa.bindparam("b_id"),
                              j.c.version == sa.bindparam("b_version")),
-            done,
+            [{"b_id": a.job_id, "b_version": a.version} for a in done],
         )
+
+
+_ADVANCE = sa.text(
+    "UPDATE qc_jobs AS j SET next_run_time = v.next, runs_made = j.runs_made + v.runs "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:versions AS int[]), CAST(:nexts AS float8[]), "
+    "CAST(:runs AS int[])) AS v(id, version, next, runs) "
+    "WHERE j.id = v.id AND j.version = v.version")
+_ENDED = sa.text(
+    "DELETE FROM qc_jobs AS j USING unnest(CAST(:ids AS text[]), CAST(:versions AS int[])) "
+    "AS v(id, version) WHERE j.id = v.id AND j.version = v.version")
 
 
 def changed_jobs(conn: Connection, versions: Mapping[str, int]) -> set[str]:

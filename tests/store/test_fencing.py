@@ -143,6 +143,25 @@ def test_run_rows_and_job_advances_commit_together(db: Database) -> None:
         assert conn.execute(sa.select(schema.jobs.c.next_run_time)).scalar_one() == nrt
 
 
+def test_advances_apply_only_at_the_version_read(db: Database) -> None:
+    """A pass's advances (one statement of arrays on PostgreSQL): a job still at the
+    version the pass read moves on and counts its runs, one changed since keeps its own
+    schedule, one with no fire time left is deleted unless kept."""
+    for job_id in ("a", "b", "c", "d", "e"):
+        add_job(db, job_id)
+    with db.write() as conn:
+        conn.execute(schema.jobs.update().where(schema.jobs.c.id == "b")
+                     .values(version=2, next_run_time=7.0))
+        catalog.apply_advances(conn, [
+            Advance("e", 1, 500.0, runs=1), Advance("a", 1, 100.0, runs=3),
+            Advance("b", 1, 200.0, runs=1), Advance("c", 1, None),
+            Advance("d", 1, None, runs=1, keep=True)])
+    with db.read() as conn:
+        rows = {r.id: (r.next_run_time, r.runs_made) for r in conn.execute(
+            sa.select(schema.jobs.c.id, schema.jobs.c.next_run_time, schema.jobs.c.runs_made))}
+    assert rows == {"a": (100.0, 3), "b": (7.0, 0), "d": (None, 1), "e": (500.0, 1)}
+
+
 def test_job_rows_hold_readable_data_not_pickle(db: Database) -> None:
     add_job(db, "j", "30s")
     with db.read() as conn:
