@@ -47,7 +47,11 @@ Promises (docs/DESIGN.md invariant 4, workers fence too):
   running run whose row has ``cancel_requested`` is stopped within about
   ``cancel_check_seconds`` and recorded ``cancelled``; a job whose process dies makes its
   run ``failed`` ("its process died: ...") and costs only that slot's process.
-* A claimed run starts at its row's ``due_at`` if it has one, else at ``scheduled_at``.
+* A claimed run starts at its row's ``due_at`` if it has one, else at ``scheduled_at``,
+  never before. One that arrived ahead of that time (the leader's fire-ahead window, a
+  jitter, a retry's backoff) has its start written up to :data:`START_LEAD` before it,
+  so that the write is not part of its lateness; its code begins at its time
+  (docs/DESIGN.md, "Starts written ahead").
 * ``stop(grace)`` returns within about ``grace`` + :data:`~qcluster.worker.slots.KILL_GRACE`
   seconds whatever the jobs do: what has not started by then is given back (``scheduled``
   again, for another worker), and what still runs is stopped (its process group killed)
@@ -110,6 +114,9 @@ SHORT_RUN = 0.002
 _DURATIONS = 100_000  # jobs whose last run time is remembered, at most
 _SEEN = 200_000
 _ON_TIME = 0.002  # a run due this close is started at once
+#: How long before its time a run that waited for it has its start written (its row
+#: says ``running`` this long, at most, before its code begins).
+START_LEAD = 0.05
 #: The fields a dispatch states about a run's row; if one differs, the row's value is run.
 _STATED = ("job_id", "func", "args", "kwargs", "scheduled_at", "recover")
 
@@ -201,7 +208,7 @@ class Worker:
             joinable=self._short, max_batch=START_TOGETHER)
         self._durations: dict[str, float] = {}  # job id -> its last run's seconds, here
         metrics.IN_FLIGHT.set_function(lambda: self._inflight)
-        self._timer = StartTimer(self._pool.submit)
+        self._timer = StartTimer(self._pool.submit, lead=START_LEAD)
         self._stopping = threading.Event()
         self._idle = threading.Event()  # set whenever a run gives its place back
         self._gate = StartGate(db, session, self._stopping)
@@ -496,6 +503,7 @@ class Worker:
             moved = self._gate.begin_many(c.key for c in batch)
             for claimed in batch:
                 if claimed.key in moved:
+                    _wait_until(claimed.start_at)  # written ahead: its code begins on time
                     self._run(claimed, time.time(), broken)
                 elif not self._stopping.is_set():
                     log.info("run %d (attempt %d) of job %s was not started: its row is no "
@@ -577,6 +585,15 @@ class Worker:
         if ref not in self._refs:
             check_func_ref(ref, self.allow)
             self._refs[ref] = None
+
+
+def _wait_until(at: float) -> None:
+    """Sleep until ``at`` (the wall clock's), if it is to come: at most :data:`START_LEAD`
+    for a run the timer handed over early, and the longest a run's start can have been
+    written ahead of it."""
+    wait = at - time.time()
+    if wait > 0:
+        time.sleep(min(wait, START_LEAD))
 
 
 def _note_differences(sent: RunRecord, stored: RunRecord) -> None:

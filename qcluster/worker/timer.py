@@ -3,8 +3,10 @@
 Promises:
 
 * One thread and a heap, whatever the number of waiting runs; each run is handed to the
-  pool at its time (:func:`due_time` of its ``due_at`` if its row has one, else of its
-  ``scheduled_at``: :attr:`qcluster.store.runs.Claimed.start_at`), not before.
+  pool ``lead`` seconds before its time (:func:`due_time` of its ``due_at`` if its row
+  has one, else of its ``scheduled_at``: :attr:`qcluster.store.runs.Claimed.start_at`),
+  not earlier: the worker records its start in that moment and begins its code at its
+  time, not before (``worker/runner.py``).
 * The thread does not die of a time: a time that is not finite, or is more than
   :data:`~qcluster.store.records.MAX_AHEAD` ahead, is started at once (a dispatch's times
   are checked before they get here; this guards the row's values too).
@@ -40,8 +42,9 @@ class StartTimer:
     """Holds runs that arrived before their start time (the leader's fire-ahead window, a
     jitter, a retry's backoff) and hands each to ``start`` at its time."""
 
-    def __init__(self, start: Callable[[Claimed], object]) -> None:
+    def __init__(self, start: Callable[[Claimed], object], *, lead: float = 0.0) -> None:
         self._start = start
+        self._lead = lead
         self._heap: list[tuple[float, int, Claimed]] = []
         self._order = itertools.count()  # ties: first come, first started
         self._cond = threading.Condition()
@@ -69,15 +72,17 @@ class StartTimer:
         return waiting
 
     def _take_due(self) -> list[Claimed]:
-        """Wait for the earliest run's time (or stop); what is due then."""
+        """Wait for the earliest run's time less the lead (or stop); what is due by then."""
         with self._cond:
-            while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
-                wait = self._heap[0][0] - time.time() if self._heap else None
+            lead = self._lead
+            while not self._stopped and (not self._heap
+                                         or self._heap[0][0] - lead > time.time()):
+                wait = self._heap[0][0] - lead - time.time() if self._heap else None
                 self._cond.wait(wait)
             if self._stopped:
                 return []
             due = []
-            now = time.time()
+            now = time.time() + lead
             while self._heap and self._heap[0][0] <= now:
                 due.append(heapq.heappop(self._heap)[2])
             return due
