@@ -1,6 +1,6 @@
 """``python -m bench``: qcluster against bare APScheduler 3.11, on one PostgreSQL, in one run.
 
-    python -m bench all                       # full size (about 8 minutes on 2 cores)
+    python -m bench all                       # full size (about 15 minutes on 2 cores)
     python -m bench all --quick               # small settings (under 2 minutes)
     python -m bench steady burst --db-url postgresql+psycopg://user@host/scratch
     python -m bench steady --jobs 5000 --spread --profile
@@ -9,7 +9,9 @@
 Scenarios (see ``bench/qc_scenarios.py`` and ``bench/aps.py`` for exactly what each one
 measures): ``steady`` (``--jobs`` interval jobs every second for ``--duration`` s),
 ``burst`` (``--burst`` jobs due at one instant), ``failover`` (the steady load with the
-leader killed by SIGKILL), ``scale`` (``--scale`` stored jobs; qcluster only). Each runs on
+leader killed by SIGKILL), ``sweep`` (the steady load at rising job counts, 10 s each:
+the highest rate with p99 lateness under 100 ms, ``bench/sweep.py``), ``scale``
+(``--scale`` stored jobs; qcluster only). Each runs on
 qcluster (a real cluster: a leader, a standby and two workers, as ``qcluster start``
 processes) and on bare APScheduler (a child process with a ``SQLAlchemyJobStore``).
 
@@ -42,7 +44,7 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 
-from bench import aps, qc_scenarios, report
+from bench import aps, qc_scenarios, report, sweep
 from bench.common import SCENARIOS, SYSTEMS, Options, Result, RssSampler, machine_info
 from bench.pgstat import statements_available
 from bench.profile import Profiler
@@ -51,7 +53,8 @@ from bench.qc import QcCluster
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"jobs": 2000, "duration": 60.0, "burst": 10_000, "scale": 1_000_000}
 QUICK = {"jobs": 200, "duration": 10.0, "burst": 1000, "scale": 20_000}
-APS_TABLES = ("aps_bench_steady", "aps_bench_burst", "aps_bench_failover")
+APS_TABLES = ("aps_bench_steady", "aps_bench_burst", "aps_bench_failover",
+              "aps_bench_sweep")
 
 # Piped output (a CI log, a file) gets a width that fits the table on one line per row.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -194,10 +197,33 @@ def run(opts: Options, argv: list[str]) -> dict[str, Any]:
                 if name in opts.scenarios:
                     fn = functools.partial(getattr(aps, name), opts, url, tmp, sampler)
                     results.append(_attempt(name, aps.SYSTEM, fn, opts.out))
+            if "sweep" in opts.scenarios:
+                step = functools.partial(aps.steady, db_url=url, tmp=tmp, sampler=sampler)
+                results.append(_attempt("sweep", aps.SYSTEM, functools.partial(
+                    sweep.sweep, aps.SYSTEM, opts, lambda o, n: step(o, name=n)), opts.out))
         if "qcluster" in opts.systems:
             results += _qcluster(opts, url, tmp, sampler, stack)
+    _compare(results)
     return report.build(machine, opts.to_json(), results, started, time.time() - began,
                         argv)
+
+
+def _compare(results: list[Result]) -> None:
+    """What a user compares, noted on qcluster's rows: at equal load (steady), APScheduler's
+    lateness over qcluster's at each quantile; in the sweep, qcluster's highest rate under
+    the bound over APScheduler's."""
+    by = {(r.scenario, r.system): r for r in results if r.error is None}
+    qc, ap = by.get(("steady", qc_scenarios.SYSTEM)), by.get(("steady", aps.SYSTEM))
+    if qc and ap and qc.lateness and ap.lateness:
+        ratios = [f"{k} {getattr(ap.lateness, k) / max(getattr(qc.lateness, k), 1e-3):.1f}x"
+                  for k in ("p50", "p95", "p99", "max")]
+        qc.notes.append("APScheduler's lateness over qcluster's: " + ", ".join(ratios))
+        qc.extra["aps_over_qcluster"] = ratios
+    qc, ap = by.get(("sweep", qc_scenarios.SYSTEM)), by.get(("sweep", aps.SYSTEM))
+    if qc and ap and qc.fires_per_s:
+        ratio = (f"{qc.fires_per_s / ap.fires_per_s:.1f}x APScheduler's"
+                 if ap.fires_per_s else "APScheduler kept none of the steps under the bound")
+        qc.notes.append(f"highest rate under the bound: {ratio}")
 
 
 def _qcluster(opts: Options, url: str, tmp: Path, sampler: RssSampler,
@@ -222,6 +248,8 @@ def _qcluster(opts: Options, url: str, tmp: Path, sampler: RssSampler,
         "steady": lambda: qc_scenarios.steady(cluster, opts, sampler, hook),
         "burst": lambda: qc_scenarios.burst(cluster, opts, sampler, hook),
         "failover": lambda: qc_scenarios.failover(cluster, opts, sampler, tmp),
+        "sweep": lambda: sweep.sweep(system, opts, lambda o, n: qc_scenarios.steady(
+            cluster, o, sampler, name=n)),
         "scale": lambda: qc_scenarios.scale(cluster, opts, sampler),
     }
     results = [_attempt(name, system, runs[name], opts.out) for name in opts.scenarios]

@@ -224,11 +224,14 @@ def _starts(n: int, spread: bool, t0: float) -> list[tuple[str, float]]:
     return [(f"aps-{i:07d}", t0 + o) for i, o in enumerate(offsets(n, spread))]
 
 
-def steady(opts: Options, db_url: str, tmp: Path, sampler: RssSampler) -> Result:
-    records = tmp / "aps-steady.txt"
+def steady(opts: Options, db_url: str, tmp: Path, sampler: RssSampler, *,
+           name: str = "steady") -> Result:
+    """``name``: its records' (a sweep's steps, bench/sweep.py, each have their own, and
+    share one table)."""
+    records = tmp / f"aps-{name}.txt"
     n = opts.aps_jobs or opts.jobs
-    child = _Child(opts, db_url, "steady", records, opts.out / "logs" / "aps-steady.log",
-                   n=n)
+    child = _Child(opts, db_url, "steady" if name == "steady" else "sweep", records,
+                   opts.out / "logs" / f"aps-{name}.log", n=n)
     sampler.track("aps", child.proc.pid)
     try:
         t0 = _wait_first(records, "T")

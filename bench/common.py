@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-SCENARIOS = ("steady", "burst", "failover", "scale")
+SCENARIOS = ("steady", "burst", "failover", "sweep", "scale")
 SYSTEMS = ("qcluster", "apscheduler")
 #: Scenarios that only make sense for qcluster (bare APScheduler has no leader to fail
 #: over to and keeps no job list that a CLI could page through).

@@ -38,12 +38,15 @@ def reset(engine: Engine) -> bool:
 def top(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
     """The statements of this database by total execution time since :func:`reset`."""
     query = sa.text(
-        "SELECT calls, total_exec_time, rows, query FROM pg_stat_statements "
+        "SELECT calls, total_exec_time, max_exec_time, shared_blks_hit + shared_blks_read, "
+        "rows, query FROM pg_stat_statements "
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "ORDER BY total_exec_time DESC LIMIT :limit")
     with contextlib.suppress(sa.exc.DBAPIError), engine.connect() as conn:
         rows = conn.execute(query, {"limit": limit}).all()
         return [{"calls": int(c), "total_ms": round(float(t), 1),
-                 "mean_ms": round(float(t) / max(1, int(c)), 3), "rows": int(r),
-                 "query": " ".join(str(q).split())[:160]} for c, t, r, q in rows]
+                 "mean_ms": round(float(t) / max(1, int(c)), 3),
+                 "max_ms": round(float(m), 1), "blocks_per_call": int(b) // max(1, int(c)),
+                 "rows": int(r), "query": " ".join(str(q).split())[:400]}
+                for c, t, m, b, r, q in rows]
     return []

@@ -93,8 +93,9 @@ CHILD_PREFIX = "child-"
 
 
 def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
-           profile: Profile | None = None) -> Result:
-    prefix, n = "steady-", opts.jobs
+           profile: Profile | None = None, *, name: str = "steady") -> Result:
+    """``name``: the jobs' prefix (a sweep's steps, bench/sweep.py, each have their own)."""
+    prefix, n = f"{name}-", opts.jobs
     t0 = _start_time(n)
     offsets = spread_offsets(n, opts.spread)
     ids = [f"{prefix}{i:07d}" for i in range(n)]
@@ -118,7 +119,7 @@ def steady(cluster: QcCluster, opts: Options, sampler: RssSampler,
     sleep_until(w1)
     meter.stop()
     if statements:
-        _write_statements(opts.out / "pg-statements-steady.txt", pgstat.top(cluster.db.engine))
+        _write_statements(opts.out / f"pg-statements-{name}.txt", pgstat.top(cluster.db.engine))
     drained = _drain(cluster, prefix, w1, timeout=max(10.0, opts.duration / 2))
     result = Result("steady", SYSTEM)
     _peaks(sampler, result)
@@ -160,7 +161,8 @@ def _write_statements(path: Path, rows: list[dict[str, Any]]) -> None:
     """The database's top statements of the window, one per line."""
     total = sum(r["total_ms"] for r in rows) or 1.0
     lines = [f"{r['total_ms'] / total * 100:5.1f}%  {r['total_ms']:9.1f} ms  "
-             f"{r['calls']:7d} calls  {r['mean_ms']:7.3f} ms/call  {r['rows']:8d} rows  "
+             f"{r['calls']:7d} calls  {r['mean_ms']:7.3f} ms/call  {r['max_ms']:7.1f} max  "
+             f"{r['blocks_per_call']:6d} blk/call  {r['rows']:8d} rows  "
              f"{r['query']}" for r in rows]
     path.write_text("PostgreSQL statements of the steady window, by total execution time "
                     "(pg_stat_statements; % of these)\n" + "\n".join(lines) + "\n")
