@@ -101,6 +101,15 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--profile", action="store_true",
                    help="py-spy on the leader and a worker during qcluster's steady window")
     a = p.parse_args(argv)
+    for flag in ("jobs", "duration", "burst", "scale", "concurrency", "lease"):
+        value = getattr(a, flag)
+        if value is not None and not value > 0:
+            p.error(f"--{flag} must be above 0, not {value}")
+    for flag in ("aps_jobs", "fire_ahead", "children", "tagged"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be below 0")
+    if a.tagged > 1:
+        p.error("--tagged is a share of the jobs: 0 to 1")
     names = set(a.scenarios)
     unknown = names - {*SCENARIOS, "all"}
     systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
